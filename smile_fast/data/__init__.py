@@ -1,0 +1,1 @@
+"""Datasets as (path, label) file lists, subset protocols, the demo generator and the loaders."""
