@@ -1,0 +1,45 @@
+"""Helpers shared by the ops: how `lam` is carried and how memory formats are kept."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def lam_as_tensor(lam: float | Tensor, device: torch.device) -> Tensor:
+    """Return `lam` as a 0-d float32 tensor on `device`.
+
+    The ops read lam from memory rather than baking it into the graph, so that `torch.compile`
+    does not recompile each step when the trainer passes a new 0-d tensor lam.
+    """
+    if isinstance(lam, Tensor):
+        if lam.dim() != 0:
+            raise ValueError(f"lam must be a Python float or a 0-d tensor, got a tensor of shape {tuple(lam.shape)}")
+        return lam.detach().to(device=device, dtype=torch.float32)
+    return torch.tensor(float(lam), dtype=torch.float32, device=device)
+
+
+def check_perm(perm: Tensor, batch: int) -> None:
+    """Raise a clear error when `perm` is not a long tensor [batch]."""
+    if perm.dtype != torch.long or perm.dim() != 1 or perm.shape[0] != batch:
+        raise ValueError(f"perm must be a long tensor [{batch}], got {perm.dtype} {tuple(perm.shape)}")
+
+
+def batch_outer_dense(tensor: Tensor) -> bool:
+    """True when each sample is one contiguous chunk of memory, laid out like its batch neighbours.
+
+    NCHW-contiguous and channels-last tensors both qualify, which lets a kernel treat a
+    [B, ...] tensor as [B, N] flat rows whatever the inner layout is.
+    """
+    if tensor.is_contiguous():
+        return True
+    return tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
+
+
+def like_layout(tensor: Tensor, reference: Tensor) -> Tensor:
+    """Return `tensor` with the same strides as `reference` (copying only when they differ)."""
+    if tensor.stride() == reference.stride():
+        return tensor
+    out = torch.empty_like(reference, dtype=tensor.dtype)
+    out.copy_(tensor)
+    return out
