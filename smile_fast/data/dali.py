@@ -1,0 +1,410 @@
+"""NVIDIA DALI loaders: the same batches as data/torchvision.py, decoded and cropped by DALI.
+
+On a GPU the JPEG decode runs on the device (`decoders.image(device="mixed")`: nvJPEG, with the
+hardware decoder on A100/H100) and resize, crop, flip and normalization run as GPU kernels, so the
+training step is not held back by 16 CPU cores doing PIL work. On a CPU-only machine the same
+pipeline runs with CPU operators (`device_id=None`), which is how CI tests it.
+
+What is shared with the torchvision path, so that the two cannot drift apart:
+- the files and their order: an `external_source` fed from the TrainBatchPlan (training) or from
+  the `samples[rank::world_size]` shard (evaluation), so `--resume` and several ranks work alike;
+- the transform: built from the same TransformSpec. The output size of the resize and the crop
+  window are computed here in Python with torchvision's own rules (shorter side: the long side is
+  truncated, `int(size * long / short)`; center crop: `int(round((size - crop) / 2))`; random crop:
+  a uniform integer offset) and handed to DALI as per-sample arguments, so DALI crops exactly where
+  torchvision could have. The random draws come from each sample's augmentation seed in the plan,
+  so a seeded run repeats exactly;
+- the files DALI would stop on: checked up front with images.check_images and skipped with a count.
+
+`fn.decoders.image_random_crop` is not used: it picks a random area and aspect ratio on the
+*original* image (Inception-style RandomResizedCrop) and then resizes that, while the spec asks for a
+fixed-size crop out of an image first resized to 256 (Resize -> RandomCrop 224). Emulating the
+spec with a decoder ROI would change the border pixels (the resize filter would no longer see the
+pixels just outside the window), so decode -> resize -> crop is kept: it is the spec.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smile_fast.data.sampler import TrainBatchPlan
+from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
+from smile_fast.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install smile-fast[dali]"
+
+# File signatures of the formats DALI's decoder reads (JPEG, PNG, BMP, TIFF, WebP, PNM, JPEG 2000).
+# Anything else that PIL opens (GIFs named .jpg in MIT-Indoor-67, for instance) would stop the
+# pipeline, so it is decoded with PIL and handed to DALI re-encoded as a lossless PNG.
+_DALI_SIGNATURES = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"\x00\x00\x00\x0cjP  ",
+    b"\xffO\xffQ",
+)
+
+
+@functools.cache
+def dali_available() -> bool:
+    """True when NVIDIA DALI and its PyTorch plugin import here."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception:  # a broken install raises more than ImportError (OSError on a missing library)
+        return False
+    return True
+
+
+def require_dali() -> None:
+    """Raise a one-line UserError with the install command when DALI is missing."""
+    if not dali_available():
+        raise UserError(
+            f"the DALI loader needs NVIDIA DALI, which is not installed: {INSTALL_HINT} (or --loader torchvision)"
+        )
+
+
+# --- geometry: torchvision's rules, computed once per sample ---------------------------------------
+
+
+def resized_size(spec: TransformSpec, height: int, width: int) -> tuple[int, int]:
+    """(height, width) after the spec's Resize, with torchvision's rounding (the long side is truncated)."""
+    if spec.resize == "square":
+        return spec.resize_size, spec.resize_size
+    if width <= height:
+        return int(spec.resize_size * height / width), spec.resize_size
+    return spec.resize_size, int(spec.resize_size * width / height)
+
+
+def crop_window(spec: TransformSpec, height: int, width: int, augment_seed: int | None) -> tuple[int, int, bool]:
+    """(top, left, mirror) of the crop in the resized image of size (height, width).
+
+    Training (augment_seed given): a uniform integer offset on each axis and a coin flip, drawn from
+    the sample's augmentation seed, as RandomCrop and RandomHorizontalFlip draw them. Test: the
+    centre, rounded as torchvision's CenterCrop rounds, and no flip.
+    """
+    crop = spec.crop_size
+    if augment_seed is None:
+        return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0)), False
+    draws = random.Random(augment_seed)
+    top = draws.randint(0, height - crop)
+    left = draws.randint(0, width - crop)
+    return top, left, draws.random() < 0.5
+
+
+def _relative_position(offset: int, size: int, crop: int) -> np.ndarray:
+    """crop_mirror_normalize's crop_pos for an integer offset: DALI takes anchor = round(pos * (size - crop))."""
+    return np.array(offset / (size - crop) if size > crop else 0.0, dtype=np.float32)
+
+
+def read_encoded(path: str) -> tuple[np.ndarray, int, int]:
+    """A file's bytes as DALI's decoder input (uint8 [N]), with the stored image's (height, width).
+
+    The size comes from the header (PIL parses it from the bytes already in memory; about 20 us),
+    not from EXIF orientation: load_rgb does not rotate, and the DALI decoder is told not to either.
+    """
+    from PIL import Image
+
+    data = Path(path).read_bytes()
+    if data.startswith(_DALI_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+        return np.frombuffer(data, dtype=np.uint8), height, width
+    from smile_fast.data.images import load_rgb
+
+    image = load_rgb(path)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return np.frombuffer(buffer.getvalue(), dtype=np.uint8), image.height, image.width
+
+
+def _checked(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[str]]:
+    """images.check_images with smile-fast's cache folder; logs what it skips."""
+    from smile_fast.data.demo import default_cache_dir
+    from smile_fast.data.images import check_images
+
+    good, bad = check_images(list(samples), default_cache_dir())
+    if bad:
+        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        logger.warning("skipping %d unreadable image file(s): %s", len(bad), shown)
+    return good, bad
+
+
+# --- the pipeline -----------------------------------------------------------------------------------
+
+
+def _resolve_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"the DALI loader runs on cpu or cuda devices, not {device.type!r}; use --loader torchvision")
+    return device
+
+
+def _build_pipeline(
+    source: Callable[[], tuple[list, ...]],
+    spec: TransformSpec,
+    batch_size: int,
+    device: torch.device,
+    num_threads: int,
+    channels_last: bool,
+    output_uint8: bool,
+    seed: int,
+    prefetch_queue_depth: int,
+):
+    """A built DALI pipeline whose one output is the batch of crops.
+
+    `source()` returns the next batch's per-sample lists: encoded bytes, resized height and width (float32
+    scalars), crop position y and x (float32, relative), mirror flag (int32). Output: float32
+    [B, 3, crop, crop] (or [B, crop, crop, 3] when channels_last or output_uint8), normalized unless
+    output_uint8.
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    on_gpu = device.type == "cuda"
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device.index if on_gpu else None,
+        seed=seed,
+        prefetch_queue_depth=prefetch_queue_depth,
+    )
+    def pipeline():
+        encoded, height, width, position_y, position_x, mirror = fn.external_source(
+            source=source, num_outputs=6, batch=True
+        )
+        # adjust_orientation=False: load_rgb (the torchvision path) ignores EXIF orientation too.
+        images = fn.decoders.image(
+            encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False
+        )
+        # Linear with antialiasing is PIL's bilinear filter (support widened by the scale when shrinking),
+        # which is what torchvision's Resize does on a PIL image.
+        images = fn.resize(images, resize_y=height, resize_x=width, interp_type=types.INTERP_LINEAR, antialias=True)
+        crop = (spec.crop_size, spec.crop_size)
+        if output_uint8:
+            return fn.crop_mirror_normalize(
+                images,
+                crop=crop,
+                crop_pos_x=position_x,
+                crop_pos_y=position_y,
+                mirror=mirror,
+                dtype=types.UINT8,
+                output_layout="HWC",
+            )
+        return fn.crop_mirror_normalize(
+            images,
+            crop=crop,
+            crop_pos_x=position_x,
+            crop_pos_y=position_y,
+            mirror=mirror,
+            dtype=types.FLOAT,
+            mean=[255.0 * value for value in IMAGENET_MEAN],
+            std=[255.0 * value for value in IMAGENET_STD],
+            # HWC makes the batch NHWC, i.e. channels-last NCHW after a free permute.
+            output_layout="HWC" if channels_last else "CHW",
+        )
+
+    built = pipeline()
+    built.build()
+    return built
+
+
+class _SampleFeeder:
+    """Turns (path, augment seed or None) lists into the external_source's per-sample lists."""
+
+    def __init__(self, spec: TransformSpec, seed: int):
+        self.spec = spec
+        self.seed = seed
+
+    def __call__(self, items: Sequence[tuple[str, int | None]]) -> tuple[list, ...]:
+        columns: tuple[list, ...] = ([], [], [], [], [], [])
+        for path, augment_seed in items:
+            encoded, height, width = read_encoded(path)
+            out_height, out_width = resized_size(self.spec, height, width)
+            draw_seed = None if augment_seed is None else augment_seed ^ self.seed
+            top, left, mirror = crop_window(self.spec, out_height, out_width, draw_seed)
+            crop = self.spec.crop_size
+            columns[0].append(encoded)
+            columns[1].append(np.array(out_height, dtype=np.float32))
+            columns[2].append(np.array(out_width, dtype=np.float32))
+            columns[3].append(_relative_position(top, out_height, crop))
+            columns[4].append(_relative_position(left, out_width, crop))
+            columns[5].append(np.array(mirror, dtype=np.int32))
+        return columns
+
+
+def _to_torch(batch, device: torch.device, channels_last: bool, output_uint8: bool) -> torch.Tensor:
+    """Copy one DALI output batch into a fresh torch tensor on `device` (DALI reuses its buffers)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    dense = batch.as_tensor()
+    target = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(dense, target, cuda_stream=stream)
+    if output_uint8 or not channels_last:
+        return target
+    return target.permute(0, 3, 1, 2)
+
+
+class DaliTrainLoader:
+    """Training batches from DALI, read in the TrainBatchPlan's order.
+
+    Same contract as data/torchvision.py's TorchvisionTrainLoader. `iterate(start)` yields, forever,
+    (images, labels) for iterations start, start + 1, ...:
+    images: float32 [B, 3, crop, crop] normalized with ImageNet mean/std, on `device`, channels-last
+        (a permuted view of an NHWC buffer) when `channels_last`; with `output_uint8`, uint8
+        [B, crop, crop, 3] (NHWC) unnormalized, for smile_fast.ops.mixup_normalize_uint8;
+    labels: int64 [B] on `device`.
+
+    num_workers: DALI CPU threads when `num_threads` is not given (the torchvision loader's worker count).
+    pin_memory: accepted for the shared constructor shape; DALI writes straight to the device.
+    seed: mixed into every sample's augmentation seed (0 keeps the plan's draws as they are) and
+        given to the DALI pipeline.
+    prefetch_queue_depth: batches DALI prepares ahead of the one being consumed.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        spec: TransformSpec,
+        plan: TrainBatchPlan,
+        device: torch.device | str,
+        num_workers: int = 2,
+        channels_last: bool = False,
+        pin_memory: bool | None = None,
+        *,
+        num_threads: int | None = None,
+        output_uint8: bool = False,
+        seed: int = 0,
+        prefetch_queue_depth: int = 2,
+    ):
+        require_dali()
+        if plan.num_samples != len(samples):
+            raise ValueError(f"the plan covers {plan.num_samples} samples but {len(samples)} were given")
+        self.spec = spec
+        self.plan = plan
+        self.device = _resolve_device(device)
+        self.num_threads = max(1, num_threads if num_threads is not None else num_workers)
+        self.channels_last = channels_last
+        self.output_uint8 = output_uint8
+        self.seed = seed
+        self.prefetch_queue_depth = prefetch_queue_depth
+        good, bad = _checked(samples)
+        if not good:
+            raise UserError(f"none of the {len(samples)} training images can be read; check the dataset files")
+        self.skipped_files = len(bad)
+        # The plan indexes the list it was built for, so a bad file keeps its slot and reads the next
+        # readable sample of the list instead; batches keep their size and the plan stays valid.
+        self._samples = self._fill_bad_slots(list(samples), set(bad))
+
+    @staticmethod
+    def _fill_bad_slots(samples: list[tuple[str, int]], bad: set[str]) -> list[tuple[str, int]]:
+        if not bad:
+            return samples
+        count = len(samples)
+        filled = list(samples)
+        for index, (path, _) in enumerate(samples):
+            if path in bad:
+                step = 1
+                while samples[(index + step) % count][0] in bad:
+                    step += 1
+                filled[index] = samples[(index + step) % count]
+        return filled
+
+    def iterate(self, start_iteration: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) for iterations start_iteration, start_iteration + 1, ... (never ends)."""
+        feeder = _SampleFeeder(self.spec, self.seed)
+        pending_labels: deque[list[int]] = deque()
+        next_iteration = start_iteration
+
+        def source() -> tuple[list, ...]:
+            # DALI calls this in order, up to prefetch_queue_depth batches ahead of the consumer.
+            nonlocal next_iteration
+            batch = [self._samples[index] + (augment_seed,) for index, augment_seed in self.plan.batch(next_iteration)]
+            next_iteration += 1
+            pending_labels.append([label for _, label, _ in batch])
+            return feeder([(path, augment_seed) for path, _, augment_seed in batch])
+
+        pipeline = _build_pipeline(
+            source,
+            self.spec,
+            self.plan.batch_size,
+            self.device,
+            self.num_threads,
+            self.channels_last,
+            self.output_uint8,
+            self.seed,
+            self.prefetch_queue_depth,
+        )
+        try:
+            while True:
+                (images,) = pipeline.run()
+                labels = torch.tensor(pending_labels.popleft(), dtype=torch.int64).to(self.device, non_blocking=True)
+                yield _to_torch(images, self.device, self.channels_last, self.output_uint8), labels
+        finally:
+            del pipeline
+
+
+def dali_eval_batches(
+    samples: Sequence[tuple[str, int]],
+    spec: TransformSpec,
+    batch_size: int,
+    device: torch.device | str,
+    num_workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    channels_last: bool = False,
+    *,
+    num_threads: int | None = None,
+    output_uint8: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every readable image of this rank's shard `samples[rank::world_size]` exactly once, in order.
+
+    Yields (images, labels): float32 [b, 3, crop, crop] normalized (channels-last view of NHWC when
+    `channels_last`; uint8 [b, crop, crop, 3] with `output_uint8`) and int64 [b], on `device`, with
+    b = batch_size except for a smaller last batch, which is kept: nothing is padded, so no image is
+    counted twice. Unreadable files are skipped with a warning.
+    """
+    require_dali()
+    device = _resolve_device(device)
+    shard, _ = _checked(list(samples)[rank::world_size])
+    batches = [shard[start : start + batch_size] for start in range(0, len(shard), batch_size)]
+    if not batches:
+        return
+    feeder = _SampleFeeder(spec, seed=0)
+    position = 0
+
+    def source() -> tuple[list, ...]:
+        nonlocal position
+        if position >= len(batches):
+            raise StopIteration
+        batch = batches[position]
+        position += 1
+        return feeder([(path, None) for path, _ in batch])
+
+    threads = max(1, num_threads if num_threads is not None else num_workers)
+    pipeline = _build_pipeline(source, spec, batch_size, device, threads, channels_last, output_uint8, 0, 2)
+    try:
+        for batch in batches:
+            (images,) = pipeline.run()
+            labels = torch.tensor([label for _, label in batch], dtype=torch.int64).to(device, non_blocking=True)
+            yield _to_torch(images, device, channels_last, output_uint8), labels
+    finally:
+        del pipeline
