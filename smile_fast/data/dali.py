@@ -132,11 +132,11 @@ def read_encoded(path: str) -> tuple[np.ndarray, int, int]:
 
 
 def _checked(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[str]]:
-    """images.check_images with smile-fast's cache folder; logs what it skips."""
+    """images.check_images with the cache folder the engine uses (a second check only stats the files); logs skips."""
     from smile_fast.data.demo import default_cache_dir
     from smile_fast.data.images import check_images
 
-    good, bad = check_images(list(samples), default_cache_dir())
+    good, bad = check_images(list(samples), default_cache_dir() / "image-checks")
     if bad:
         shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
         logger.warning("skipping %d unreadable image file(s): %s", len(bad), shown)

@@ -1,0 +1,337 @@
+"""The DALI loaders (CPU-only pipelines here) against the torchvision path and the spec's transform.
+
+Labels in most datasets below are the sample's own index, so a batch's labels say exactly which
+files it holds (coverage and sharding checks need nothing else).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from smile_fast.data import dali
+from smile_fast.data.sampler import TrainBatchPlan
+from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec, build_torchvision_transform
+from smile_fast.errors import UserError
+
+needs_dali = pytest.mark.skipif(
+    not dali.dali_available(), reason="NVIDIA DALI is not installed (pip install smile-fast[dali])"
+)
+
+# Small sizes keep the suite fast on 2 cores; one test runs the spec's real 256/224 sizes.
+SMALL_TRAIN = TransformSpec("shorter", resize_size=64, crop_size=56, train=True)
+SMALL_TEST = TransformSpec("shorter", resize_size=64, crop_size=56, train=False)
+# (width, height): landscape, portrait, square, one smaller than the resize (upscaled), odd sizes.
+VARIED_SIZES = [(120, 90), (90, 120), (100, 100), (57, 80), (161, 107), (70, 129)]
+# One grey level in normalized units, for the channel with the largest scale (smallest std).
+GREY_LEVEL = 1.0 / 255.0 / min(IMAGENET_STD)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """check_images' cache goes to the test's folder, not the user's home."""
+    monkeypatch.setenv("SMILE_FAST_CACHE", str(tmp_path / "cache"))
+
+
+def _write_images(folder: Path, count: int, sizes=VARIED_SIZES, seed: int = 0) -> list[tuple[str, int]]:
+    """`count` JPEGs cycling through `sizes`, labelled with their own index.
+
+    Each is one random colour plus strong per-pixel noise: a stationary texture, so that any crop of
+    an image has about the same channel mean and std as any other crop (the two loaders draw
+    different crops, and their statistics must still agree), while the noise makes the std depend
+    on how the resize filters it (a loader that skipped antialiasing would show a larger std).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for index in range(count):
+        width, height = sizes[index % len(sizes)]
+        colour = rng.uniform(40, 215, size=3)
+        pixels = np.clip(colour + rng.normal(0, 40, size=(height, width, 3)), 0, 255).astype(np.uint8)
+        path = folder / f"image_{index:03d}.jpg"
+        Image.fromarray(pixels).save(path, quality=92)
+        samples.append((str(path), index))
+    return samples
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[tuple[str, int]]:
+    return _write_images(tmp_path_factory.mktemp("dali_images"), 24)
+
+
+def _reference(path: str, spec: TransformSpec, top: int, left: int, mirror: bool) -> torch.Tensor:
+    """The spec's transform with torchvision's functional ops and an explicit crop window: float32 [3, crop, crop]."""
+    from torchvision.transforms import functional as F
+
+    from smile_fast.data.images import load_rgb
+
+    image = load_rgb(path)
+    height, width = dali.resized_size(spec, image.height, image.width)
+    image = F.crop(F.resize(image, [height, width]), top, left, spec.crop_size, spec.crop_size)
+    if mirror:
+        image = F.hflip(image)
+    return F.normalize(F.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _take(iterator, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    batches = [next(iterator) for _ in range(count)]
+    iterator.close()
+    return batches
+
+
+# --- without DALI ------------------------------------------------------------------------------------
+
+
+def test_missing_dali_is_one_user_error_with_the_install_line(monkeypatch, images):
+    monkeypatch.setattr(dali, "dali_available", lambda: False)
+    with pytest.raises(UserError, match=r"pip install smile-fast\[dali\]"):
+        dali.require_dali()
+    plan = TrainBatchPlan(len(images), 4, seed=0)
+    with pytest.raises(UserError, match=r"pip install smile-fast\[dali\]"):
+        dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu")
+    with pytest.raises(UserError, match=r"pip install smile-fast\[dali\]"):
+        next(dali.dali_eval_batches(images, SMALL_TEST, 4, "cpu"))
+
+
+# --- geometry: torchvision's rules ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resize", ["shorter", "square"])
+@pytest.mark.parametrize("width, height", [(500, 375), (375, 500), (333, 500), (500, 333), (256, 256), (57, 80)])
+def test_resized_size_and_center_crop_follow_torchvision(resize, width, height):
+    from torchvision import transforms as T
+
+    spec = TransformSpec(resize, resize_size=256, crop_size=224, train=False)
+    image = Image.new("RGB", (width, height))
+    size = 256 if resize == "shorter" else (256, 256)
+    resized = T.Resize(size)(image)
+    assert dali.resized_size(spec, height, width) == (resized.height, resized.width)
+
+    # Mark one pixel per row/column so the crop's offset can be read back from torchvision's CenterCrop.
+    marks = np.zeros((resized.height, resized.width, 3), dtype=np.uint8)
+    marks[:, :, 0] = (np.arange(resized.width) % 256)[None, :]
+    marks[:, :, 1] = (np.arange(resized.height) % 256)[:, None]
+    cropped = np.asarray(T.CenterCrop(224)(Image.fromarray(marks)))
+    top, left, mirror = dali.crop_window(spec, resized.height, resized.width, augment_seed=None)
+    assert (left % 256, top % 256, mirror) == (int(cropped[0, 0, 0]), int(cropped[0, 0, 1]), False)
+
+
+def test_random_crop_window_is_uniform_over_every_offset_and_flips_half():
+    spec = TransformSpec("square", resize_size=20, crop_size=16)
+    windows = [dali.crop_window(spec, 20, 23, augment_seed=seed) for seed in range(4000)]
+    assert {top for top, _, _ in windows} == set(range(5))  # 0 .. 20 - 16 inclusive, as RandomCrop draws
+    assert {left for _, left, _ in windows} == set(range(8))
+    flips = sum(mirror for _, _, mirror in windows) / len(windows)
+    assert 0.45 < flips < 0.55
+    assert dali.crop_window(spec, 20, 23, 7) == dali.crop_window(spec, 20, 23, 7)
+
+
+# --- the pipeline against the spec's transform -------------------------------------------------------
+
+
+@needs_dali
+def test_train_batches_match_the_torchvision_transform_pixel_for_pixel(images):
+    """Given the same crop window, DALI's decode + resize + crop + flip + normalize equals torchvision's.
+
+    Both decode with libjpeg-turbo; the resize filters (PIL bilinear with antialiasing, DALI linear
+    with antialiasing) round differently, by at most 1 grey level in practice (measured: mean 0.17,
+    max 1 level at 500x375 -> 224). The bounds allow 3 levels at any pixel and half a level on average.
+    """
+    spec = SMALL_TRAIN
+    plan = TrainBatchPlan(len(images), 8, seed=3)
+    loader = dali.DaliTrainLoader(images, spec, plan, "cpu", num_threads=2)
+    ((batch, labels),) = _take(loader.iterate(0), 1)
+    for slot, (index, augment_seed) in enumerate(plan.batch(0)):
+        path, label = images[index]
+        assert labels[slot].item() == label
+        with Image.open(path) as image:
+            height, width = dali.resized_size(spec, image.height, image.width)
+        top, left, mirror = dali.crop_window(spec, height, width, augment_seed)
+        difference = (batch[slot] - _reference(path, spec, top, left, mirror)).abs()
+        assert difference.max().item() <= 3 * GREY_LEVEL, f"sample {index}: max difference {difference.max():.4f}"
+        assert difference.mean().item() <= 0.5 * GREY_LEVEL, f"sample {index}: mean difference {difference.mean():.4f}"
+
+
+@needs_dali
+def test_spec_sizes_on_photo_sized_jpegs(tmp_path):
+    """The spec's real sizes (Resize 256 shorter side, crop 224) on 500x375 / 375x500 JPEGs, and a square resize."""
+    samples = _write_images(tmp_path / "photos", 4, sizes=[(500, 375), (375, 500)])
+    for resize in ("shorter", "square"):
+        spec = TransformSpec(resize, train=False)
+        ((batch, labels),) = list(dali.dali_eval_batches(samples, spec, 4, "cpu", num_threads=2))
+        assert batch.shape == (4, 3, 224, 224) and labels.tolist() == [0, 1, 2, 3]
+        for slot, (path, _) in enumerate(samples):
+            with Image.open(path) as image:
+                height, width = dali.resized_size(spec, image.height, image.width)
+            top, left, _ = dali.crop_window(spec, height, width, None)
+            difference = (batch[slot] - _reference(path, spec, top, left, False)).abs()
+            assert difference.max().item() <= 3 * GREY_LEVEL and difference.mean().item() <= 0.5 * GREY_LEVEL
+
+
+@needs_dali
+def test_dali_and_torchvision_loaders_agree_on_labels_layout_and_statistics(images):
+    """Same plan: identical labels, shapes and channels-last layout; per-channel mean/std within tolerance.
+
+    The two loaders draw different crops and flips, so pixels differ; the images are a stationary
+    texture (see _write_images), so crop position barely moves a channel's statistics. Measured
+    here: |mean difference| about 0.005 and |std difference| about 0.004 (normalized units) over
+    96 images; the tolerance, 0.03 (about 1.7 grey levels), is 6x that and still far below what a
+    wrong normalization (mean/std swapped, no /255: > 0.3) or a missing antialias filter (the
+    noise's std would grow by > 0.1) gives.
+    """
+    from smile_fast.data.torchvision import TorchvisionTrainLoader
+
+    plan = TrainBatchPlan(len(images), 8, seed=5)
+    from_dali = _take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", channels_last=True).iterate(0), 12)
+    from_torchvision = _take(
+        TorchvisionTrainLoader(
+            images, SMALL_TRAIN, plan, torch.device("cpu"), num_workers=0, channels_last=True
+        ).iterate(0),
+        12,
+    )
+    for (dali_images, dali_labels), (tv_images, tv_labels) in zip(from_dali, from_torchvision):
+        assert torch.equal(dali_labels, tv_labels)
+        assert dali_labels.dtype == torch.int64 and dali_images.dtype == torch.float32
+        assert dali_images.shape == tv_images.shape == (8, 3, 56, 56)
+        assert dali_images.is_contiguous(memory_format=torch.channels_last)
+        assert tv_images.is_contiguous(memory_format=torch.channels_last)
+    dali_all = torch.cat([images for images, _ in from_dali])
+    tv_all = torch.cat([images for images, _ in from_torchvision])
+    dali_mean, tv_mean = dali_all.mean(dim=(0, 2, 3)), tv_all.mean(dim=(0, 2, 3))
+    dali_std, tv_std = dali_all.std(dim=(0, 2, 3)), tv_all.std(dim=(0, 2, 3))
+    assert torch.allclose(dali_mean, tv_mean, atol=0.03), f"means {dali_mean} vs {tv_mean}"
+    assert torch.allclose(dali_std, tv_std, atol=0.03), f"stds {dali_std} vs {tv_std}"
+
+
+@needs_dali
+def test_eval_matches_torchvision_eval_batches(images):
+    """Center crops are deterministic on both paths: same labels in the same order, same pixels (1-2 levels)."""
+    from smile_fast.data.torchvision import eval_batches
+
+    from_dali = list(dali.dali_eval_batches(images, SMALL_TEST, 5, "cpu", channels_last=True))
+    from_torchvision = list(eval_batches(images, SMALL_TEST, 5, torch.device("cpu"), num_workers=0, channels_last=True))
+    assert [labels.tolist() for _, labels in from_dali] == [labels.tolist() for _, labels in from_torchvision]
+    for (dali_images, _), (tv_images, _) in zip(from_dali, from_torchvision):
+        assert dali_images.shape == tv_images.shape
+        assert dali_images.is_contiguous(memory_format=torch.channels_last)
+        assert (dali_images - tv_images).abs().max().item() <= 3 * GREY_LEVEL
+
+
+# --- order, seeds, resume, shards -----------------------------------------------------------------------
+
+
+@needs_dali
+def test_seeded_runs_repeat_exactly_and_resume_continues_the_same_stream(images):
+    plan = TrainBatchPlan(len(images), 6, seed=11)
+    first = _take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu").iterate(0), 4)
+    again = _take(
+        dali.DaliTrainLoader(images, SMALL_TRAIN, TrainBatchPlan(len(images), 6, seed=11), "cpu").iterate(0), 4
+    )
+    resumed = _take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu").iterate(2), 2)
+    for (a_images, a_labels), (b_images, b_labels) in zip(first, again):
+        assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+    for (a_images, a_labels), (b_images, b_labels) in zip(first[2:], resumed):
+        assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+    # Labels follow the plan (label = sample index here), iterations 0..3 straddling an epoch boundary.
+    for iteration, (_, labels) in enumerate(first):
+        assert labels.tolist() == [index for index, _ in plan.batch(iteration)]
+    other_seed = _take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", seed=1).iterate(0), 1)
+    assert torch.equal(other_seed[0][1], first[0][1]) and not torch.equal(other_seed[0][0], first[0][0])
+
+
+@needs_dali
+def test_two_ranks_train_on_disjoint_samples(images):
+    per_rank = []
+    for rank in (0, 1):
+        plan = TrainBatchPlan(len(images), 4, seed=2, rank=rank, world_size=2)
+        batches = _take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu").iterate(0), plan.batches_per_epoch)
+        per_rank.append([index for _, labels in batches for index in labels.tolist()])
+    assert not set(per_rank[0]) & set(per_rank[1])
+    # One epoch of 3 global batches of 8 covers all 24 samples once.
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(len(images)))
+
+
+@needs_dali
+def test_eval_shards_cover_every_test_image_exactly_once_with_a_partial_last_batch(tmp_path):
+    samples = _write_images(tmp_path / "odd", 23)
+    seen = []
+    for rank in (0, 1):
+        batches = list(dali.dali_eval_batches(samples, SMALL_TEST, 5, "cpu", rank=rank, world_size=2))
+        shard_size = len(samples[rank::2])  # 12 and 11: batches of 5, 5 and the rest, nothing padded
+        assert [len(labels) for _, labels in batches] == [5, 5, shard_size - 10]
+        assert all(images.shape[0] == len(labels) for images, labels in batches)
+        seen += [index for _, labels in batches for index in labels.tolist()]
+    assert sorted(seen) == list(range(23))
+
+
+# --- bad files, formats, output options -----------------------------------------------------------------
+
+
+@needs_dali
+def test_corrupt_files_are_skipped_with_a_count(tmp_path):
+    samples = _write_images(tmp_path / "mixed", 10)
+    truncated = tmp_path / "mixed" / "truncated.jpg"
+    truncated.write_bytes(Path(samples[0][0]).read_bytes()[:300])
+    not_an_image = tmp_path / "mixed" / "notes.jpg"
+    not_an_image.write_text("not a picture")
+    samples += [(str(truncated), 100), (str(not_an_image), 101)]
+
+    plan = TrainBatchPlan(len(samples), 4, seed=0)
+    loader = dali.DaliTrainLoader(samples, SMALL_TRAIN, plan, "cpu")
+    assert loader.skipped_files == 2
+    labels = [
+        label
+        for _, batch_labels in _take(loader.iterate(0), 2 * plan.batches_per_epoch)
+        for label in batch_labels.tolist()
+    ]
+    assert len(labels) == 2 * plan.batches_per_epoch * 4
+    assert not {100, 101} & set(labels)
+
+    evaluated = [
+        label for _, batch in dali.dali_eval_batches(samples, SMALL_TEST, 4, "cpu") for label in batch.tolist()
+    ]
+    assert evaluated == list(range(10))
+
+
+@needs_dali
+def test_formats_dali_cannot_decode_are_re_encoded(tmp_path):
+    """A GIF named .jpg (as MIT-Indoor-67 has) would stop a DALI pipeline; it is decoded through PIL instead."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "actually_a_gif.jpg"
+    Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).convert("P").save(path, format="GIF")
+    ((batch, labels),) = list(dali.dali_eval_batches([(str(path), 3)], SMALL_TEST, 2, "cpu"))
+    top, left, _ = dali.crop_window(SMALL_TEST, *dali.resized_size(SMALL_TEST, 80, 100), None)
+    assert labels.tolist() == [3]
+    assert (batch[0] - _reference(str(path), SMALL_TEST, top, left, False)).abs().max().item() <= 3 * GREY_LEVEL
+
+
+@needs_dali
+def test_uint8_output_is_unnormalized_nhwc_of_the_same_crops(images):
+    plan = TrainBatchPlan(len(images), 8, seed=4)
+    ((raw, raw_labels),) = _take(
+        dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", output_uint8=True).iterate(0), 1
+    )
+    ((normalized, labels),) = _take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu").iterate(0), 1)
+    assert raw.dtype == torch.uint8 and raw.shape == (8, 56, 56, 3) and raw.is_contiguous()
+    assert torch.equal(raw_labels, labels)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    by_hand = (raw.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    assert torch.allclose(by_hand, normalized, atol=1e-5)
+    assert normalized.is_contiguous()  # channels_last=False: plain NCHW, as the torchvision loader gives
+
+
+@needs_dali
+def test_square_resize_and_torchvision_transform_object_agree_on_eval(images):
+    """build_torchvision_transform itself (not only the functional reference) gives DALI's eval crops."""
+    spec = TransformSpec("square", resize_size=64, crop_size=56, train=False)
+    transform = build_torchvision_transform(spec)
+    ((batch, _),) = list(dali.dali_eval_batches(images[:6], spec, 6, "cpu"))
+    for slot, (path, _) in enumerate(images[:6]):
+        with Image.open(path) as image:
+            expected = transform(image.convert("RGB"))
+        assert (batch[slot] - expected).abs().max().item() <= 3 * GREY_LEVEL
