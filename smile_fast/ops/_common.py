@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -42,4 +44,44 @@ def like_layout(tensor: Tensor, reference: Tensor) -> Tensor:
         return tensor
     out = torch.empty_like(reference, dtype=tensor.dtype)
     out.copy_(tensor)
+    return out
+
+
+def use_triton(tensor: Tensor) -> bool:
+    """Dispatch policy: CUDA tensors run the Triton kernels; CPU tensors run the PyTorch reference,
+    except under TRITON_INTERPRET=1 where the kernels run on CPU tensors (how CI tests them)."""
+    from smile_fast.kernels import has_triton, triton_interpret_enabled
+
+    if not has_triton():
+        return False
+    if tensor.device.type == "cuda":
+        return True
+    return tensor.device.type == "cpu" and triton_interpret_enabled()
+
+
+def copy_into_empty_like(value: Tensor, layout: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A new tensor with `torch.empty_like(layout)`'s strides holding `value`.
+
+    Custom ops promise their fake implementation's strides; the reference paths go through this
+    so that the real outputs have exactly those strides.
+    """
+    out = torch.empty_like(layout, dtype=dtype if dtype is not None else layout.dtype)
+    out.copy_(value)
+    return out
+
+
+def run_on_batch_outer_dense(
+    layout: Tensor, inputs: list[Tensor], launch: Callable[[list[Tensor], Tensor], None]
+) -> Tensor:
+    """Allocate `torch.empty_like(layout)` and fill it with `launch(dense_inputs, out)`.
+
+    The kernels index [B, N] flat rows, so every input is brought to the output's strides
+    (no copy in the usual case where they already match); an output whose samples are not dense
+    chunks is computed in a contiguous buffer and copied.
+    """
+    out = torch.empty_like(layout)
+    target = out if batch_outer_dense(out) else torch.empty(layout.shape, dtype=layout.dtype, device=layout.device)
+    launch([like_layout(tensor, target) for tensor in inputs], target)
+    if target is not out:
+        out.copy_(target)
     return out

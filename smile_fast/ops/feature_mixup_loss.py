@@ -7,7 +7,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from smile_fast.ops._common import check_perm, lam_as_tensor
+from smile_fast.ops._common import (
+    batch_outer_dense,
+    check_perm,
+    copy_into_empty_like,
+    lam_as_tensor,
+    like_layout,
+    run_on_batch_outer_dense,
+    use_triton,
+)
 
 FeatureLossForm = Literal["official", "paper"]
 
@@ -57,8 +65,109 @@ def feature_mixup_loss_reference(
     return difference.square().sum(dim=1).mean()
 
 
+def _feature_mixup_loss_backward_reference(
+    student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, coef: Tensor
+) -> Tensor:
+    """`coef * (student - mixed teacher)` in student's dtype and strides."""
+    teacher = teacher_feat.float()
+    mixed_teacher = lam * teacher + (1.0 - lam) * teacher.index_select(0, perm)
+    return copy_into_empty_like(coef * (student_feat.float() - mixed_teacher), student_feat)
+
+
+@torch.library.custom_op("smile_fast::feature_mixup_loss", mutates_args=())
+def _feature_mixup_loss_op(student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, form: str) -> Tensor:
+    if not use_triton(student_feat):
+        return feature_mixup_loss_reference(student_feat, teacher_feat, perm, lam, form)  # type: ignore[arg-type]
+    from smile_fast.kernels.feature_mixup_loss import feature_partial_count, launch_feature_mixup_loss_forward
+
+    student = student_feat if batch_outer_dense(student_feat) else student_feat.contiguous()
+    teacher = like_layout(teacher_feat, student)
+    batch = student.shape[0]
+    n_per_sample = student.numel() // batch if batch else 0
+    partial_sums = torch.zeros(feature_partial_count(batch, n_per_sample), dtype=torch.float32, device=student.device)
+    launch_feature_mixup_loss_forward(student, teacher, perm, lam, partial_sums)
+    squared_norm = partial_sums.sum()
+    if form == "official":
+        height, width = student_feat.shape[-2:]
+        return squared_norm.sqrt() / (height * width)
+    return squared_norm / batch
+
+
+@_feature_mixup_loss_op.register_fake
+def _feature_mixup_loss_fake(
+    student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, form: str
+) -> Tensor:
+    return student_feat.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("smile_fast::feature_mixup_loss_backward", mutates_args=())
+def _feature_mixup_loss_backward_op(
+    student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, coef: Tensor
+) -> Tensor:
+    if not use_triton(student_feat):
+        return _feature_mixup_loss_backward_reference(student_feat, teacher_feat, perm, lam, coef)
+    from smile_fast.kernels.feature_mixup_loss import launch_feature_mixup_loss_backward
+
+    return run_on_batch_outer_dense(
+        student_feat,
+        [student_feat, teacher_feat],
+        lambda dense, out: launch_feature_mixup_loss_backward(dense[0], dense[1], perm, lam, coef, out),
+    )
+
+
+@_feature_mixup_loss_backward_op.register_fake
+def _feature_mixup_loss_backward_fake(
+    student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, coef: Tensor
+) -> Tensor:
+    return torch.empty_like(student_feat)
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    student_feat, teacher_feat, perm, lam, form = inputs
+    ctx.form = form
+    ctx.save_for_backward(student_feat, teacher_feat, perm, lam, output)
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+    student_feat, teacher_feat, perm, lam, loss = ctx.saved_tensors
+    grad = grad.float()
+    if ctx.form == "official":
+        # loss = ||d|| / (H*W), so d loss / d d = d / (||d|| * H*W) = d / (loss * (H*W)^2); at ||d|| = 0 the
+        # gradient is defined as zero (SMILE_SPEC.md) instead of the 0/0 = NaN of the formula.
+        area = student_feat.shape[-2] * student_feat.shape[-1]
+        safe_loss = torch.where(loss > 0, loss, torch.ones_like(loss))
+        coef = torch.where(loss > 0, grad / (safe_loss * area * area), torch.zeros_like(grad))
+    else:
+        coef = grad * (2.0 / student_feat.shape[0])
+    grad_student = _feature_mixup_loss_backward_op(student_feat, teacher_feat, perm, lam, coef.contiguous())
+    return grad_student, None, None, None, None
+
+
+_feature_mixup_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def feature_mixup_loss(
     student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: float | Tensor, form: FeatureLossForm = "official"
 ) -> Tensor:
-    """Feature mixup loss; see `feature_mixup_loss_reference` for the forms and shapes."""
-    return feature_mixup_loss_reference(student_feat, teacher_feat, perm, lam, form)
+    """Feature mixup loss, fused on GPU: the mixed teacher map is never written to memory.
+
+    official: `||student - (lam*t + (1-lam)*t[perm])||_F / (H*W)` over the whole [B, C, H, W] tensor
+    (not squared, not divided by B); zero gradient (not NaN) where the norm is zero.
+    paper: pooled [B, C] inputs, `mean_b ||student[b] - (lam*t + (1-lam)*t[perm])[b]||^2`.
+
+    Args:
+        student_feat: [B, C, H, W] (official) or [B, C] (paper), NCHW or channels-last; gets the gradient.
+        teacher_feat: same shape; never receives a gradient.
+        perm: long [B].
+        lam: Python float or 0-d tensor.
+        form: "official" or "paper".
+
+    Returns:
+        0-d float32 loss.
+    """
+    _check_form(student_feat, teacher_feat, form)
+    check_perm(perm, student_feat.shape[0])
+    device = student_feat.device
+    return _feature_mixup_loss_op(
+        student_feat, teacher_feat.detach().to(device), perm.to(device), lam_as_tensor(lam, device), form
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smile_fast.ops._common import check_perm, lam_as_tensor
+from smile_fast.ops._common import check_perm, copy_into_empty_like, lam_as_tensor, run_on_batch_outer_dense, use_triton
 
 
 def mixup_batch_reference(x: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:
@@ -24,11 +24,49 @@ def mixup_batch_reference(x: Tensor, perm: Tensor, lam: float | Tensor) -> Tenso
     x32 = x.float()
     mixed = lam_t * x32 + (1.0 - lam_t) * x32.index_select(0, perm)
     # empty_like keeps x's strides, so a channels-last batch stays channels-last.
-    out = torch.empty_like(x)
-    out.copy_(mixed)
-    return out
+    return copy_into_empty_like(mixed, x)
+
+
+@torch.library.custom_op("smile_fast::mixup_batch", mutates_args=())
+def _mixup_batch_op(x: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    if not use_triton(x):
+        return mixup_batch_reference(x, perm, lam)
+    from smile_fast.kernels.mixup_batch import launch_mixup_batch
+
+    return run_on_batch_outer_dense(x, [x], lambda dense, out: launch_mixup_batch(dense[0], perm, lam, out))
+
+
+@_mixup_batch_op.register_fake
+def _mixup_batch_fake(x: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _mixup_batch_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    _, perm, lam = inputs
+    ctx.save_for_backward(perm, lam)
+
+
+def _mixup_batch_backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
+    # d out[b] / d x[j] = lam [b == j] + (1 - lam) [perm[b] == j]; index_add sums repeated partners.
+    perm, lam = ctx.saved_tensors
+    grad32 = grad.float()
+    grad_x = (lam * grad32).index_add(0, perm, (1.0 - lam) * grad32)
+    return grad_x.to(grad.dtype), None, None
+
+
+_mixup_batch_op.register_autograd(_mixup_batch_backward, setup_context=_mixup_batch_setup_context)
 
 
 def mixup_batch(x: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:
-    """Batch mixup `lam * x + (1 - lam) * x[perm]`; see `mixup_batch_reference` for shapes."""
-    return mixup_batch_reference(x, perm, lam)
+    """Batch mixup `lam * x + (1 - lam) * x[perm]`, fused (one kernel) on GPU.
+
+    Args:
+        x: [B, ...] float32/bfloat16/float16, NCHW or channels-last.
+        perm: long [B].
+        lam: Python float or 0-d tensor (a device tensor avoids recompiling under torch.compile).
+
+    Returns:
+        [B, ...] in x's dtype and memory format; differentiable with respect to x.
+    """
+    check_perm(perm, x.shape[0])
+    return _mixup_batch_op(x, perm.to(x.device), lam_as_tensor(lam, x.device))

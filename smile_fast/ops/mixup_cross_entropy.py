@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smile_fast.ops._common import check_perm, lam_as_tensor
+from smile_fast.ops._common import check_perm, copy_into_empty_like, lam_as_tensor, use_triton
 
 
 def mixup_cross_entropy_reference(logits: Tensor, target: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:
@@ -28,6 +28,85 @@ def mixup_cross_entropy_reference(logits: Tensor, target: Tensor, perm: Tensor, 
     return -(lam_t * own + (1.0 - lam_t) * partner).mean()
 
 
+def mixup_cross_entropy_backward_reference(
+    grad_loss: Tensor, logits: Tensor, target: Tensor, perm: Tensor, lam: Tensor
+) -> Tensor:
+    """d loss / d logits = (softmax(logits) - lam*onehot(t) - (1-lam)*onehot(t[perm])) * grad_loss / B, [B, K]."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    mixed_onehot = torch.zeros_like(probs)
+    mixed_onehot.scatter_add_(1, target.unsqueeze(1), lam.expand(target.shape[0], 1))
+    mixed_onehot.scatter_add_(1, target.index_select(0, perm).unsqueeze(1), (1.0 - lam).expand(target.shape[0], 1))
+    grad = (probs - mixed_onehot) * (grad_loss.float() / logits.shape[0])
+    return copy_into_empty_like(grad, torch.empty(logits.shape, dtype=logits.dtype, device=logits.device))
+
+
+def _unit_stride_rows(tensor: Tensor) -> Tensor:
+    """The kernels walk rows with a row stride but need unit stride along the classes."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+@torch.library.custom_op("smile_fast::mixup_cross_entropy", mutates_args=())
+def _mixup_cross_entropy_op(logits: Tensor, target: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    if not use_triton(logits):
+        return mixup_cross_entropy_reference(logits, target, perm, lam)
+    from smile_fast.kernels.mixup_cross_entropy import launch_mixup_cross_entropy_forward
+
+    row_loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    launch_mixup_cross_entropy_forward(_unit_stride_rows(logits), target, perm, lam, row_loss)
+    return row_loss.mean()
+
+
+@_mixup_cross_entropy_op.register_fake
+def _mixup_cross_entropy_fake(logits: Tensor, target: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    return logits.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("smile_fast::mixup_cross_entropy_backward", mutates_args=())
+def _mixup_cross_entropy_backward_op(
+    grad_loss: Tensor, logits: Tensor, target: Tensor, perm: Tensor, lam: Tensor
+) -> Tensor:
+    if not use_triton(logits):
+        return mixup_cross_entropy_backward_reference(grad_loss, logits, target, perm, lam)
+    from smile_fast.kernels.mixup_cross_entropy import launch_mixup_cross_entropy_backward
+
+    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    launch_mixup_cross_entropy_backward(
+        grad_loss.float().contiguous(), _unit_stride_rows(logits), target, perm, lam, grad_logits
+    )
+    return grad_logits
+
+
+@_mixup_cross_entropy_backward_op.register_fake
+def _mixup_cross_entropy_backward_fake(
+    grad_loss: Tensor, logits: Tensor, target: Tensor, perm: Tensor, lam: Tensor
+) -> Tensor:
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    logits, target, perm, lam = ctx.saved_tensors
+    return _mixup_cross_entropy_backward_op(grad, logits, target, perm, lam), None, None, None
+
+
+_mixup_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def mixup_cross_entropy(logits: Tensor, target: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:
-    """Mixup cross-entropy; see `mixup_cross_entropy_reference` for shapes."""
-    return mixup_cross_entropy_reference(logits, target, perm, lam)
+    """Mixup cross-entropy `lam*CE(logits, t) + (1-lam)*CE(logits, t[perm])`, batch mean, fused on GPU.
+
+    Args:
+        logits: [B, K] float32/bfloat16/float16; the only input that receives a gradient.
+        target: long [B] class indices in [0, K).
+        perm: long [B].
+        lam: Python float or 0-d tensor.
+
+    Returns:
+        0-d float32 loss.
+    """
+    check_perm(perm, logits.shape[0])
+    device = logits.device
+    return _mixup_cross_entropy_op(logits, target.to(device), perm.to(device), lam_as_tensor(lam, device))

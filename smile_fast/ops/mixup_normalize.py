@@ -7,12 +7,23 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from smile_fast.ops._common import check_perm, lam_as_tensor
+from smile_fast.ops._common import check_perm, copy_into_empty_like, lam_as_tensor, use_triton
+
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_images(images: Tensor) -> None:
+def _check_inputs(images: Tensor, mean: Sequence[float], std: Sequence[float], out_dtype: torch.dtype) -> None:
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std must have 3 values each, got {len(mean)} and {len(std)}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+
+
+def _empty_channels_last(images: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, 3, H, W] whose memory is laid out like the NHWC input, i.e. channels-last."""
+    return torch.empty(images.shape, dtype=dtype, device=images.device).permute(0, 3, 1, 2)
 
 
 def mixup_normalize_uint8_reference(
@@ -36,7 +47,7 @@ def mixup_normalize_uint8_reference(
         (clean, mixed): each [B, 3, H, W] in channels-last memory format and `out_dtype`;
         clean = (x/255 - mean)/std, mixed = lam*clean + (1-lam)*clean[perm].
     """
-    _check_images(images)
+    _check_inputs(images, mean, std, out_dtype)
     check_perm(perm, images.shape[0])
     lam_t = lam_as_tensor(lam, images.device)
     mean_t = torch.tensor(list(mean), dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
@@ -45,9 +56,31 @@ def mixup_normalize_uint8_reference(
     clean = (pixels - mean_t) / std_t
     mixed = lam_t * clean + (1.0 - lam_t) * clean.index_select(0, perm)
     return (
-        clean.to(out_dtype).contiguous(memory_format=torch.channels_last),
-        mixed.to(out_dtype).contiguous(memory_format=torch.channels_last),
+        copy_into_empty_like(clean, _empty_channels_last(images, out_dtype)),
+        copy_into_empty_like(mixed, _empty_channels_last(images, out_dtype)),
     )
+
+
+@torch.library.custom_op("smile_fast::mixup_normalize_uint8", mutates_args=())
+def _mixup_normalize_uint8_op(
+    images: Tensor, perm: Tensor, lam: Tensor, mean: list[float], std: list[float], out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    if not use_triton(images):
+        return mixup_normalize_uint8_reference(images, perm, lam, mean, std, out_dtype)
+    from smile_fast.kernels.mixup_normalize import launch_mixup_normalize
+
+    images = images.contiguous()
+    clean = _empty_channels_last(images, out_dtype)
+    mixed = _empty_channels_last(images, out_dtype)
+    launch_mixup_normalize(images, perm, lam, mean, std, clean, mixed)
+    return clean, mixed
+
+
+@_mixup_normalize_uint8_op.register_fake
+def _mixup_normalize_uint8_fake(
+    images: Tensor, perm: Tensor, lam: Tensor, mean: list[float], std: list[float], out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    return _empty_channels_last(images, out_dtype), _empty_channels_last(images, out_dtype)
 
 
 def mixup_normalize_uint8(
@@ -58,5 +91,28 @@ def mixup_normalize_uint8(
     std: Sequence[float],
     out_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
-    """Normalize and mix a uint8 NHWC batch; see `mixup_normalize_uint8_reference` for shapes."""
-    return mixup_normalize_uint8_reference(images, perm, lam, mean, std, out_dtype)
+    """Normalize a uint8 NHWC loader batch and mix it, in one pass over the pixels (one kernel on GPU).
+
+    Args:
+        images: uint8 [B, H, W, 3].
+        perm: long [B].
+        lam: Python float or 0-d tensor.
+        mean, std: three floats each, 0..1 scale (ImageNet: (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).
+        out_dtype: float32, bfloat16 or float16 (the AMP dtype saves a cast before the network).
+
+    Returns:
+        (clean, mixed), each [B, 3, H, W], channels-last memory format, `out_dtype`:
+        clean = (x/255 - mean)/std (the teacher's input), mixed = lam*clean + (1-lam)*clean[perm]
+        (the student's input). No gradient (the input is integer).
+    """
+    _check_inputs(images, mean, std, out_dtype)
+    check_perm(perm, images.shape[0])
+    device = images.device
+    return _mixup_normalize_uint8_op(
+        images,
+        perm.to(device),
+        lam_as_tensor(lam, device),
+        [float(m) for m in mean],
+        [float(s) for s in std],
+        out_dtype,
+    )

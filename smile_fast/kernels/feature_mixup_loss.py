@@ -1,0 +1,108 @@
+"""Triton kernels for the feature mixup loss: the mixed teacher map is never written to memory.
+
+Forward: each program reads a chunk of the student's sample b and of the teacher's samples b and
+perm[b], forms `d = s - (lam * t_b + (1 - lam) * t_perm(b))` in registers and writes one partial
+sum of d^2. Backward: the same reads, and `grad = coef * d` written in the student's dtype, where
+`coef` (a 0-d tensor from the caller) carries the form's scaling and the upstream gradient.
+"""
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from smile_fast.kernels import record_launch
+
+FEATURE_BLOCK = 2048
+FEATURE_NUM_WARPS = 4
+
+
+@triton.jit
+def _feature_mixup_loss_fwd_kernel(
+    student_ptr, teacher_ptr, perm_ptr, lam_ptr, partial_ptr, n_per_sample, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_per_sample
+    partner = tl.load(perm_ptr + row)
+    lam = tl.load(lam_ptr)
+    own_start = row.to(tl.int64) * n_per_sample
+    partner_start = partner.to(tl.int64) * n_per_sample
+    student = tl.load(student_ptr + own_start + offsets, mask=mask, other=0.0).to(tl.float32)
+    teacher = tl.load(teacher_ptr + own_start + offsets, mask=mask, other=0.0).to(tl.float32)
+    partner_teacher = tl.load(teacher_ptr + partner_start + offsets, mask=mask, other=0.0).to(tl.float32)
+    difference = student - (lam * teacher + (1.0 - lam) * partner_teacher)
+    # One partial per program, summed afterwards: deterministic, unlike a float atomic_add.
+    tl.store(partial_ptr + row * tl.num_programs(1) + chunk, tl.sum(difference * difference, axis=0))
+
+
+@triton.jit
+def _feature_mixup_loss_bwd_kernel(
+    student_ptr, teacher_ptr, perm_ptr, lam_ptr, coef_ptr, grad_ptr, n_per_sample, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_per_sample
+    partner = tl.load(perm_ptr + row)
+    lam = tl.load(lam_ptr)
+    coef = tl.load(coef_ptr)
+    own_start = row.to(tl.int64) * n_per_sample
+    partner_start = partner.to(tl.int64) * n_per_sample
+    student = tl.load(student_ptr + own_start + offsets, mask=mask).to(tl.float32)
+    teacher = tl.load(teacher_ptr + own_start + offsets, mask=mask).to(tl.float32)
+    partner_teacher = tl.load(teacher_ptr + partner_start + offsets, mask=mask).to(tl.float32)
+    difference = student - (lam * teacher + (1.0 - lam) * partner_teacher)
+    tl.store(grad_ptr + own_start + offsets, (coef * difference).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def feature_partial_count(batch: int, n_per_sample: int) -> int:
+    """Length of the float32 partial-sum buffer `launch_feature_mixup_loss_forward` fills."""
+    return batch * triton.cdiv(n_per_sample, FEATURE_BLOCK)
+
+
+def launch_feature_mixup_loss_forward(
+    student: Tensor, teacher: Tensor, perm: Tensor, lam: Tensor, partial_sums: Tensor
+) -> None:
+    """Fill `partial_sums` (float32, `feature_partial_count(B, N)`) with partial sums of d^2.
+
+    Args:
+        student, teacher: [B, ...] with the same strides, each sample one dense chunk of N elements.
+        perm: long [B]. lam: 0-d float32.
+    """
+    batch = student.shape[0]
+    n_per_sample = student.numel() // batch if batch else 0
+    if n_per_sample == 0:
+        return
+    n_chunks = triton.cdiv(n_per_sample, FEATURE_BLOCK)
+    _feature_mixup_loss_fwd_kernel[(batch, n_chunks)](
+        student, teacher, perm, lam, partial_sums, n_per_sample, BLOCK=FEATURE_BLOCK, num_warps=FEATURE_NUM_WARPS
+    )
+    record_launch("feature_mixup_loss_fwd")
+
+
+def launch_feature_mixup_loss_backward(
+    student: Tensor, teacher: Tensor, perm: Tensor, lam: Tensor, coef: Tensor, grad_student: Tensor
+) -> None:
+    """Write `coef * (student - mixed teacher)` into `grad_student` (same strides as student).
+
+    Args:
+        coef: 0-d float32, the upstream gradient times the form's d loss / d difference factor.
+    """
+    batch = student.shape[0]
+    n_per_sample = student.numel() // batch if batch else 0
+    if n_per_sample == 0:
+        return
+    n_chunks = triton.cdiv(n_per_sample, FEATURE_BLOCK)
+    _feature_mixup_loss_bwd_kernel[(batch, n_chunks)](
+        student,
+        teacher,
+        perm,
+        lam,
+        coef,
+        grad_student,
+        n_per_sample,
+        BLOCK=FEATURE_BLOCK,
+        num_warps=FEATURE_NUM_WARPS,
+    )
+    record_launch("feature_mixup_loss_bwd")

@@ -1,0 +1,87 @@
+"""Triton kernel: uint8 NHWC batch -> normalized clean and mixed batches in one pass."""
+
+from collections.abc import Sequence
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from smile_fast.kernels import record_launch
+
+MIXUP_NORMALIZE_BLOCK = 2048
+MIXUP_NORMALIZE_NUM_WARPS = 4
+
+
+@triton.jit
+def _mixup_normalize_fwd_kernel(
+    images_ptr,
+    perm_ptr,
+    lam_ptr,
+    clean_ptr,
+    mixed_ptr,
+    n_per_sample,
+    scale0,
+    scale1,
+    scale2,
+    shift0,
+    shift1,
+    shift2,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_per_sample
+    # NHWC: the channel is the offset modulo 3, whatever the chunk boundaries are.
+    channel = offsets % 3
+    scale = tl.where(channel == 0, scale0, tl.where(channel == 1, scale1, scale2))
+    shift = tl.where(channel == 0, shift0, tl.where(channel == 1, shift1, shift2))
+    partner = tl.load(perm_ptr + row)
+    lam = tl.load(lam_ptr)
+    own_start = row.to(tl.int64) * n_per_sample
+    partner_start = partner.to(tl.int64) * n_per_sample
+    own = tl.load(images_ptr + own_start + offsets, mask=mask).to(tl.float32) * scale + shift
+    other = tl.load(images_ptr + partner_start + offsets, mask=mask).to(tl.float32) * scale + shift
+    tl.store(clean_ptr + own_start + offsets, own.to(clean_ptr.dtype.element_ty), mask=mask)
+    mixed = lam * own + (1.0 - lam) * other
+    tl.store(mixed_ptr + own_start + offsets, mixed.to(mixed_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_mixup_normalize(
+    images: Tensor,
+    perm: Tensor,
+    lam: Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    clean: Tensor,
+    mixed: Tensor,
+) -> None:
+    """Fill `clean` and `mixed` from a uint8 batch.
+
+    Args:
+        images: uint8 [B, H, W, 3], contiguous.
+        perm: long [B]; lam: 0-d float32, both on images' device.
+        mean, std: three floats each (0..1 scale).
+        clean, mixed: [B, 3, H, W] channels-last (memory NHWC, like images), any float dtype.
+    """
+    batch = images.shape[0]
+    n_per_sample = images.numel() // batch if batch else 0
+    if n_per_sample == 0:
+        return
+    # (x / 255 - mean) / std == x * scale + shift: one multiply-add per element.
+    scales = [1.0 / (255.0 * s) for s in std]
+    shifts = [-m / s for m, s in zip(mean, std, strict=True)]
+    n_chunks = triton.cdiv(n_per_sample, MIXUP_NORMALIZE_BLOCK)
+    _mixup_normalize_fwd_kernel[(batch, n_chunks)](
+        images,
+        perm,
+        lam,
+        clean,
+        mixed,
+        n_per_sample,
+        *scales,
+        *shifts,
+        BLOCK=MIXUP_NORMALIZE_BLOCK,
+        num_warps=MIXUP_NORMALIZE_NUM_WARPS,
+    )
+    record_launch("mixup_normalize")

@@ -1,0 +1,268 @@
+"""Triton kernels for the soft mixup losses against mixed teacher probabilities, forward and backward.
+
+Both losses compare the student's softmax with `q = lam * softmax(t_b) + (1 - lam) * softmax(t_perm(b))`:
+- soft cross-entropy (official form): sum_k -q_k * log_softmax(s)_k;
+- soft MSE (paper form): sum_k (softmax(s)_k - q_k)^2.
+Gradients go to the student logits only. Each program handles one sample: three log-sum-exps
+(student row, teacher row, partner teacher row), then one or two more passes over those rows.
+"""
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from smile_fast.kernels import record_launch
+from smile_fast.kernels._rows import _row_logsumexp, row_block_size
+
+
+@triton.jit
+def _soft_mixup_cross_entropy_fwd_kernel(
+    student_ptr,
+    teacher_ptr,
+    perm_ptr,
+    lam_ptr,
+    row_loss_ptr,
+    n_classes,
+    student_stride,
+    teacher_stride,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    partner = tl.load(perm_ptr + row)
+    student_row = student_ptr + row.to(tl.int64) * student_stride
+    teacher_row = teacher_ptr + row.to(tl.int64) * teacher_stride
+    partner_row = teacher_ptr + partner.to(tl.int64) * teacher_stride
+    student_lse = _row_logsumexp(student_row, n_classes, BLOCK)
+    teacher_lse = _row_logsumexp(teacher_row, n_classes, BLOCK)
+    partner_lse = _row_logsumexp(partner_row, n_classes, BLOCK)
+    lam = tl.load(lam_ptr)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_classes, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_classes
+        student = tl.load(student_row + cols, mask=mask, other=0.0).to(tl.float32)
+        teacher = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        partner_teacher = tl.load(partner_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        q = lam * tl.exp(teacher - teacher_lse) + (1.0 - lam) * tl.exp(partner_teacher - partner_lse)
+        # Padding columns have q = 0 and student = 0, so they add nothing.
+        acc += q * (student - student_lse)
+    tl.store(row_loss_ptr + row, -tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _soft_mixup_cross_entropy_bwd_kernel(
+    student_ptr,
+    teacher_ptr,
+    perm_ptr,
+    lam_ptr,
+    grad_loss_ptr,
+    grad_student_ptr,
+    n_classes,
+    student_stride,
+    teacher_stride,
+    grad_stride,
+    inv_batch,
+    BLOCK: tl.constexpr,
+):
+    # d/ds of sum_k -q_k log_softmax(s)_k is softmax(s) * sum(q) - q = softmax(s) - q.
+    row = tl.program_id(0)
+    partner = tl.load(perm_ptr + row)
+    student_row = student_ptr + row.to(tl.int64) * student_stride
+    teacher_row = teacher_ptr + row.to(tl.int64) * teacher_stride
+    partner_row = teacher_ptr + partner.to(tl.int64) * teacher_stride
+    grad_row = grad_student_ptr + row.to(tl.int64) * grad_stride
+    student_lse = _row_logsumexp(student_row, n_classes, BLOCK)
+    teacher_lse = _row_logsumexp(teacher_row, n_classes, BLOCK)
+    partner_lse = _row_logsumexp(partner_row, n_classes, BLOCK)
+    lam = tl.load(lam_ptr)
+    scale = tl.load(grad_loss_ptr).to(tl.float32) * inv_batch
+    for start in range(0, n_classes, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_classes
+        student = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        teacher = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        partner_teacher = tl.load(partner_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        q = lam * tl.exp(teacher - teacher_lse) + (1.0 - lam) * tl.exp(partner_teacher - partner_lse)
+        grad = (tl.exp(student - student_lse) - q) * scale
+        tl.store(grad_row + cols, grad.to(grad_student_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _soft_mixup_mse_fwd_kernel(
+    student_ptr,
+    teacher_ptr,
+    perm_ptr,
+    lam_ptr,
+    row_loss_ptr,
+    n_classes,
+    student_stride,
+    teacher_stride,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    partner = tl.load(perm_ptr + row)
+    student_row = student_ptr + row.to(tl.int64) * student_stride
+    teacher_row = teacher_ptr + row.to(tl.int64) * teacher_stride
+    partner_row = teacher_ptr + partner.to(tl.int64) * teacher_stride
+    student_lse = _row_logsumexp(student_row, n_classes, BLOCK)
+    teacher_lse = _row_logsumexp(teacher_row, n_classes, BLOCK)
+    partner_lse = _row_logsumexp(partner_row, n_classes, BLOCK)
+    lam = tl.load(lam_ptr)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_classes, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_classes
+        student = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        teacher = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        partner_teacher = tl.load(partner_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        q = lam * tl.exp(teacher - teacher_lse) + (1.0 - lam) * tl.exp(partner_teacher - partner_lse)
+        residual = tl.exp(student - student_lse) - q
+        acc += residual * residual
+    tl.store(row_loss_ptr + row, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _soft_mixup_mse_bwd_kernel(
+    student_ptr,
+    teacher_ptr,
+    perm_ptr,
+    lam_ptr,
+    grad_loss_ptr,
+    grad_student_ptr,
+    n_classes,
+    student_stride,
+    teacher_stride,
+    grad_stride,
+    inv_batch,
+    BLOCK: tl.constexpr,
+):
+    # With p = softmax(s) and r = p - q: d/ds_j sum_k r_k^2 = 2 * p_j * (r_j - sum_k p_k r_k).
+    row = tl.program_id(0)
+    partner = tl.load(perm_ptr + row)
+    student_row = student_ptr + row.to(tl.int64) * student_stride
+    teacher_row = teacher_ptr + row.to(tl.int64) * teacher_stride
+    partner_row = teacher_ptr + partner.to(tl.int64) * teacher_stride
+    grad_row = grad_student_ptr + row.to(tl.int64) * grad_stride
+    student_lse = _row_logsumexp(student_row, n_classes, BLOCK)
+    teacher_lse = _row_logsumexp(teacher_row, n_classes, BLOCK)
+    partner_lse = _row_logsumexp(partner_row, n_classes, BLOCK)
+    lam = tl.load(lam_ptr)
+    scale = 2.0 * tl.load(grad_loss_ptr).to(tl.float32) * inv_batch
+    dot_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_classes, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_classes
+        student = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        teacher = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        partner_teacher = tl.load(partner_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        probs = tl.exp(student - student_lse)
+        q = lam * tl.exp(teacher - teacher_lse) + (1.0 - lam) * tl.exp(partner_teacher - partner_lse)
+        dot_acc += probs * (probs - q)
+    dot = tl.sum(dot_acc, axis=0)
+    for start in range(0, n_classes, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_classes
+        student = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        teacher = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        partner_teacher = tl.load(partner_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        probs = tl.exp(student - student_lse)
+        q = lam * tl.exp(teacher - teacher_lse) + (1.0 - lam) * tl.exp(partner_teacher - partner_lse)
+        grad = probs * ((probs - q) - dot) * scale
+        tl.store(grad_row + cols, grad.to(grad_student_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_forward(
+    kernel, name: str, student: Tensor, teacher: Tensor, perm: Tensor, lam: Tensor, row_loss: Tensor
+) -> None:
+    batch, n_classes = student.shape
+    if batch == 0:
+        return
+    kernel[(batch,)](
+        student,
+        teacher,
+        perm,
+        lam,
+        row_loss,
+        n_classes,
+        student.stride(0),
+        teacher.stride(0),
+        BLOCK=row_block_size(n_classes),
+        num_warps=4,
+    )
+    record_launch(name)
+
+
+def _launch_backward(
+    kernel,
+    name: str,
+    grad_loss: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    perm: Tensor,
+    lam: Tensor,
+    grad_student: Tensor,
+) -> None:
+    batch, n_classes = student.shape
+    if batch == 0:
+        return
+    kernel[(batch,)](
+        student,
+        teacher,
+        perm,
+        lam,
+        grad_loss,
+        grad_student,
+        n_classes,
+        student.stride(0),
+        teacher.stride(0),
+        grad_student.stride(0),
+        1.0 / batch,
+        BLOCK=row_block_size(n_classes),
+        num_warps=4,
+    )
+    record_launch(name)
+
+
+def launch_soft_mixup_cross_entropy_forward(
+    student: Tensor, teacher: Tensor, perm: Tensor, lam: Tensor, row_loss: Tensor
+) -> None:
+    """Fill `row_loss` (float32 [B]) with sum_k -q_k log_softmax(student)_k per sample.
+
+    Args:
+        student, teacher: [B, K], unit stride along K. perm: long [B]. lam: 0-d float32.
+    """
+    _launch_forward(
+        _soft_mixup_cross_entropy_fwd_kernel, "soft_mixup_cross_entropy_fwd", student, teacher, perm, lam, row_loss
+    )
+
+
+def launch_soft_mixup_cross_entropy_backward(
+    grad_loss: Tensor, student: Tensor, teacher: Tensor, perm: Tensor, lam: Tensor, grad_student: Tensor
+) -> None:
+    """Fill `grad_student` [B, K] with d(batch-mean soft CE)/d student times `grad_loss` (0-d)."""
+    _launch_backward(
+        _soft_mixup_cross_entropy_bwd_kernel,
+        "soft_mixup_cross_entropy_bwd",
+        grad_loss,
+        student,
+        teacher,
+        perm,
+        lam,
+        grad_student,
+    )
+
+
+def launch_soft_mixup_mse_forward(
+    student: Tensor, teacher: Tensor, perm: Tensor, lam: Tensor, row_loss: Tensor
+) -> None:
+    """Fill `row_loss` (float32 [B]) with ||softmax(student)_b - q_b||^2 per sample."""
+    _launch_forward(_soft_mixup_mse_fwd_kernel, "soft_mixup_mse_fwd", student, teacher, perm, lam, row_loss)
+
+
+def launch_soft_mixup_mse_backward(
+    grad_loss: Tensor, student: Tensor, teacher: Tensor, perm: Tensor, lam: Tensor, grad_student: Tensor
+) -> None:
+    """Fill `grad_student` [B, K] with d(batch-mean soft MSE)/d student times `grad_loss` (0-d)."""
+    _launch_backward(
+        _soft_mixup_mse_bwd_kernel, "soft_mixup_mse_bwd", grad_loss, student, teacher, perm, lam, grad_student
+    )
