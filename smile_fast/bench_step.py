@@ -1,0 +1,242 @@
+"""`smile-fast bench step`: step time of finetune, mixup and SMILE with the same stack, same card.
+
+Synthetic data (random images and labels resident on the device) isolates the training step from
+the loader. Each method gets its own freshly built models, `warmup` untimed steps (compilation,
+cuDNN autotuning, allocator growth), then `steps` timed steps, each synchronized so that the host
+clock brackets the device work; the median step time is reported.
+
+`--baseline eager-fp32` adds the SMILE step the way the authors' code runs it: fp32, NCHW, eager,
+the feature map taken by a forward hook, an unfolded teacher, plain PyTorch losses and a
+per-parameter EMA loop. It is the reference for the speed-up figure.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from smile_fast.config import build_config
+from smile_fast.engine import resolve_device
+from smile_fast.methods import build_method, step_generator
+from smile_fast.methods.base import folded_beta
+from smile_fast.models import build_models, build_source_model
+from smile_fast.step import TrainingStep
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(run_one, device: torch.device, steps: int, warmup: int) -> list[float]:
+    for iteration in range(warmup):
+        run_one(iteration)
+    _synchronize(device)
+    times = []
+    for iteration in range(warmup, warmup + steps):
+        start = time.perf_counter()
+        run_one(iteration)
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _synthetic_batch(batch_size: int, image_size: int, num_classes: int, device: torch.device, channels_last: bool):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+    images = images.to(device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device)
+
+
+def time_method(
+    method_name: str,
+    *,
+    model: str,
+    batch_size: int,
+    image_size: int,
+    amp: bool,
+    amp_dtype: str,
+    channels_last: bool,
+    compile: bool,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    num_classes: int = 200,
+) -> list[float]:
+    """Per-step seconds of `steps` timed iterations of one method with the product's TrainingStep."""
+    config = build_config(
+        overrides=dict(
+            dataset="demo",
+            method=method_name,
+            model=model,
+            weights="none",
+            batch_size=batch_size,
+            iters=10**9,
+            amp=amp,
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
+            compile=compile,
+            device=str(device),
+        )
+    )
+    method = build_method(method_name, config.alpha, config.gamma_fe, config.gamma_fc, config.smile_form)
+    torch.manual_seed(0)
+    student, source, _ = build_models(model, num_classes, "none", with_aux_head=method.uses_teacher, log=lambda m: None)
+    step = TrainingStep(config, method, student, source, device)
+    step.finalize()
+    images, labels = _synthetic_batch(batch_size, image_size, num_classes, device, channels_last)
+    return _time_steps(lambda iteration: step(iteration, images, labels), device, steps, warmup)
+
+
+def time_authors_style_smile(
+    *,
+    model: str,
+    batch_size: int,
+    image_size: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    num_classes: int = 200,
+) -> list[float]:
+    """SMILE as the authors' code runs it: fp32, NCHW, eager, hooks, unfolded teacher, per-parameter EMA."""
+    torch.manual_seed(0)
+    source, _ = build_source_model(model, "none", log=lambda m: None)
+    student = copy.deepcopy(source)
+    student.fc2 = copy.deepcopy(source.fc)
+    student.fc = torch.nn.Linear(source.fc.in_features, num_classes)
+    teacher = copy.deepcopy(source).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    student.to(device).train()
+    teacher.to(device)
+    captured: dict[str, torch.Tensor] = {}
+    student.layer4.register_forward_hook(lambda module, inputs, output: captured.__setitem__("student", output))
+    teacher.layer4.register_forward_hook(lambda module, inputs, output: captured.__setitem__("teacher", output))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    images, labels = _synthetic_batch(batch_size, image_size, num_classes, device, channels_last=False)
+    teacher_params = [p for name, p in teacher.named_parameters() if not name.startswith("fc.")]
+    student_params = [p for name, p in student.named_parameters() if not name.startswith(("fc.", "fc2."))]
+
+    def run_one(iteration: int) -> None:
+        generator = step_generator(0, iteration)
+        lam = folded_beta(generator, 0.2)
+        perm = torch.from_numpy(generator.permutation(batch_size)).to(device)
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+            teacher_features = captured["teacher"]
+        mixed = lam * images + (1 - lam) * images[perm]
+        logits = student(mixed)
+        features = captured["student"]
+        aux_logits = student.fc2(torch.flatten(student.avgpool(features), 1))
+        loss_mxp = lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, labels[perm])
+        target_features = lam * teacher_features + (1 - lam) * teacher_features[perm]
+        loss_fe = torch.norm(features - target_features) / (features.shape[2] * features.shape[3])
+        probs = F.softmax(teacher_logits, dim=1)
+        mixed_probs = lam * probs + (1 - lam) * probs[perm]
+        loss_fc = -(mixed_probs * F.log_softmax(aux_logits, dim=1)).sum(dim=1).mean()
+        loss = loss_mxp + 0.01 * loss_fe + 0.1 * loss_fc
+        optimizer.zero_grad()
+        loss.backward()
+        if iteration % 10 == 0:
+            with torch.no_grad():
+                for t, s in zip(teacher_params, student_params):
+                    t.mul_(0.999).add_(s, alpha=0.001)
+        optimizer.step()
+
+    return _time_steps(run_one, device, steps, warmup)
+
+
+def run_step_benchmark(
+    *,
+    model: str = "resnet50",
+    batch_size: int = 48,
+    image_size: int = 224,
+    amp: bool = False,
+    amp_dtype: str = "bfloat16",
+    channels_last: bool | None = None,
+    compile: bool = False,
+    device: str = "auto",
+    steps: int = 20,
+    warmup: int = 5,
+    methods: tuple[str, ...] = ("finetune", "mixup", "smile"),
+    baseline: str | None = None,
+) -> dict[str, Any]:
+    """Time each method's step; returns the figures `smile-fast bench step --json` writes."""
+    device_obj = resolve_device(device)
+    if channels_last is None:
+        channels_last = device_obj.type == "cuda"
+    settings = dict(
+        model=model,
+        batch_size=batch_size,
+        image_size=image_size,
+        amp=amp,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+        compile=compile,
+        device=device_obj,
+        steps=steps,
+        warmup=warmup,
+    )
+    result: dict[str, Any] = {
+        "device_name": torch.cuda.get_device_name(device_obj) if device_obj.type == "cuda" else "cpu",
+        "device": str(device_obj),
+        "model": model,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "amp": amp,
+        "amp_dtype": amp_dtype if amp else "float32",
+        "channels_last": channels_last,
+        "compile": compile,
+        "steps": steps,
+        "warmup": warmup,
+        "torch_version": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    for name in methods:
+        times = time_method(name, **settings)
+        median = statistics.median(times)
+        result[f"{name}_ms_per_step"] = 1000.0 * median
+        result[f"{name}_images_per_sec"] = batch_size / median
+    if "finetune" in methods and "smile" in methods:
+        result["smile_over_finetune"] = result["smile_ms_per_step"] / result["finetune_ms_per_step"]
+    if baseline == "eager-fp32":
+        times = time_authors_style_smile(
+            model=model, batch_size=batch_size, image_size=image_size, device=device_obj, steps=steps, warmup=warmup
+        )
+        median = statistics.median(times)
+        result["eager_fp32_smile_ms_per_step"] = 1000.0 * median
+        result["eager_fp32_smile_images_per_sec"] = batch_size / median
+        if "smile" in methods:
+            result["smile_speedup_over_eager_fp32"] = (
+                result["eager_fp32_smile_ms_per_step"] / result["smile_ms_per_step"]
+            )
+    return result
+
+
+def format_step_table(result: dict[str, Any]) -> str:
+    """A short table: method, ms/step, images/s, and the ratios."""
+    lines = [
+        f"{result['model']} batch {result['batch_size']} at {result['image_size']} px on {result['device_name']} "
+        f"({result['amp_dtype']}, channels_last={result['channels_last']}, compile={result['compile']})",
+        f"{'method':<22} {'ms/step':>9} {'images/s':>10}",
+    ]
+    for key in result:
+        if key.endswith("_ms_per_step"):
+            name = key[: -len("_ms_per_step")]
+            lines.append(f"{name:<22} {result[key]:>9.2f} {result[name + '_images_per_sec']:>10.1f}")
+    if "smile_over_finetune" in result:
+        lines.append(f"SMILE / finetune step time: {result['smile_over_finetune']:.3f}")
+    if "smile_speedup_over_eager_fp32" in result:
+        lines.append(
+            f"SMILE full stack speed-up over eager fp32 authors' style: {result['smile_speedup_over_eager_fp32']:.2f}x"
+        )
+    return "\n".join(lines)

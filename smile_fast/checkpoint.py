@@ -1,0 +1,57 @@
+"""Checkpoints that are never half-written and never execute code when read.
+
+Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the old
+checkpoint: a run killed mid-write, or a full disk, leaves the previous checkpoint intact.
+Reads use `weights_only=True`, which refuses pickles that would run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smile_fast.errors import UserError
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> None:
+    """torch.save `state` to `path` through a temp file + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(state, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        # Whatever stopped the write (full disk, signal, bug), the old checkpoint stays as it was.
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a smile-fast checkpoint safely; a run folder may be given instead of its last.pt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass a run folder or its last.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else "unsafe content"
+        raise UserError(f"refused to load {path}: not a plain smile-fast checkpoint ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or "student" not in state or "config" not in state:
+        raise UserError(f"{path} is not a smile-fast checkpoint (no student weights or config in it)")
+    return state

@@ -1,0 +1,306 @@
+"""`smile-fast` subcommands (argparse), nothing else: each one parses, then calls into the package.
+
+A user error (bad flag, missing data, unreadable weights) is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from smile_fast.config import (
+    AMP_DTYPES,
+    DATASET_CHOICES,
+    FORM_CHOICES,
+    LOADER_CHOICES,
+    METHOD_CHOICES,
+)
+from smile_fast.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, where to look) and exit status 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _integer(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    return value
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    flag = parser.add_argument
+    flag("-c", "--config", help="YAML file of settings (flags given here override it)")
+    flag("--dataset", choices=DATASET_CHOICES, help="dataset (default: demo, the embedded offline demo)")
+    flag("--data-dir", help="folder holding the dataset's official layout")
+    flag("--method", choices=METHOD_CHOICES, help="training objective (default: smile)")
+    flag("--smile-form", choices=FORM_CHOICES, help="official (the authors' code, default) or paper (the equations)")
+    flag(
+        "--model", help="backbone: resnet18, resnet34, resnet50 (default for real datasets), resnet101, efficientnet_b4"
+    )
+    flag("--weights", help="auto (default), imagenet, none, or a path to a state_dict")
+    flag("--iters", type=_integer, help="training iterations (default 9000; 150 for the demo)")
+    flag("--batch-size", type=_integer, help="images per step per process (default 48; 32 for the demo)")
+    flag("--lr", type=float, help="learning rate (default 0.01; 0.001 for indoor67)")
+    flag("--seed", type=int, help="seed for initialisation, subsets, batches and mixing (default 0)")
+    flag("--sample-rate", type=float, help="keep this share of each class's training images (0 < R <= 1)")
+    flag("--class-fraction", type=float, help="keep this share of the classes (C:X%% protocol)")
+    flag("--train-samples", type=_integer, help="draw this many training images from the kept classes")
+    flag("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (bfloat16 by default)")
+    flag("--amp-dtype", choices=AMP_DTYPES)
+    flag("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format")
+    flag("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile student and teacher")
+    flag("--loader", choices=LOADER_CHOICES, help="auto (DALI on a GPU when installed), dali or torchvision")
+    flag("--workers", type=int, help="loader worker processes / threads (default: min(8, CPUs))")
+    flag("--device", help="auto (default), cpu, cuda or cuda:N")
+    flag("--eval-every", type=_integer, help="evaluate every N iterations (and at the end)")
+    flag("--log-every", type=_integer, help="log a metrics row every N iterations (default 10)")
+    flag("--out", help="run folder (default runs/<time>-<dataset>-<method>)")
+    flag("--resume", help="continue a stopped run: its run folder or last.pt")
+    flag("--alpha", type=float, help="Beta(alpha, alpha) for lam (default 0.2)")
+    flag("--gamma-fe", type=float, help="weight of the feature mixup loss (default 0.01)")
+    flag("--gamma-fc", type=float, help="weight of the source-label mixup loss (default 0.1)")
+    flag("--ema-decay", type=float, help="mean-teacher EMA decay (default 0.999)")
+    flag("--ema-every", type=_integer, help="EMA update interval in iterations (default 10)")
+    flag("--no-progress", action="store_true", help="no progress bar")
+
+
+TRAIN_KEYS = (
+    "dataset",
+    "data_dir",
+    "method",
+    "smile_form",
+    "model",
+    "weights",
+    "iters",
+    "batch_size",
+    "lr",
+    "seed",
+    "sample_rate",
+    "class_fraction",
+    "train_samples",
+    "amp",
+    "amp_dtype",
+    "channels_last",
+    "compile",
+    "loader",
+    "workers",
+    "device",
+    "eval_every",
+    "log_every",
+    "out",
+    "resume",
+    "alpha",
+    "gamma_fe",
+    "gamma_fc",
+    "ema_decay",
+    "ema_every",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="smile-fast", description="Fast, faithful SMILE fine-tuning of pre-trained classifiers.")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    train = commands.add_parser("train", help="fine-tune (no arguments: the embedded offline demo with SMILE)")
+    _add_train_flags(train)
+
+    evaluate = commands.add_parser("eval", help="test top-1 of a checkpoint")
+    evaluate.add_argument("checkpoint", help="a run folder or its last.pt")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--data-dir", help="dataset folder, if it moved since training")
+
+    bench = commands.add_parser("bench", help="measure speed on the current device")
+    bench_commands = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
+    step = bench_commands.add_parser("step", help="finetune vs mixup vs SMILE step time on synthetic data")
+    step.add_argument("--model", default="resnet50")
+    step.add_argument("--batch-size", type=_integer, default=48)
+    step.add_argument("--image-size", type=_integer, default=224)
+    step.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
+    step.add_argument("--amp-dtype", choices=AMP_DTYPES, default="bfloat16")
+    step.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA"
+    )
+    step.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    step.add_argument("--device", default="auto")
+    step.add_argument("--steps", type=_integer, default=20, help="timed steps per method")
+    step.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
+    step.add_argument("--methods", default="finetune,mixup,smile")
+    step.add_argument("--baseline", choices=("eager-fp32",), help="also time the authors'-style SMILE step")
+    step.add_argument("--json", help="write the results as JSON here")
+
+    loader = bench_commands.add_parser("loader", help="images/s of a loader through the full train transform")
+    loader.add_argument("--loader", choices=("dali", "torchvision"), default="torchvision")
+    loader.add_argument("--dataset", choices=DATASET_CHOICES, default="demo")
+    loader.add_argument("--data-dir")
+    loader.add_argument("--device", default="auto")
+    loader.add_argument("--batch-size", type=_integer, default=48)
+    loader.add_argument("--iterations", type=_integer, default=30)
+    loader.add_argument("--warmup", type=int, default=5)
+    loader.add_argument("--workers", type=int, default=None)
+    loader.add_argument("--json", help="write the results as JSON here")
+
+    data = commands.add_parser("data", help="prepare the demo or verify a dataset folder")
+    data_commands = data.add_subparsers(dest="data_command", parser_class=_Parser)
+    data_commands.add_parser("prepare", help="generate the embedded demo dataset in the cache")
+    verify = data_commands.add_parser("verify", help="check a dataset folder: layout, counts, unreadable files")
+    verify.add_argument("--dataset", choices=DATASET_CHOICES, required=True)
+    verify.add_argument("--data-dir")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from smile_fast.config import build_config, load_yaml
+    from smile_fast.engine import train
+
+    yaml_values = load_yaml(args.config) if args.config else {}
+    overrides = {key: getattr(args, key) for key in TRAIN_KEYS}
+    config = build_config(yaml_values, overrides)
+    summary = train(config, progress=not args.no_progress)
+    _print_summary_table(summary)
+    return 0
+
+
+def _print_summary_table(summary: dict) -> None:
+    top1 = summary["test_top1"]
+    rows = [
+        ("method", summary["method"] + (f" ({summary['smile_form']})" if summary.get("smile_form") else "")),
+        ("iterations", str(summary["iters"])),
+        ("test top-1", f"{top1:.2f}%" if top1 is not None else "n/a"),
+        ("images/s", f"{summary['train_images_per_sec']:.1f}"),
+        ("run folder", summary["run_dir"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print()
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from smile_fast.engine import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, device=args.device, data_dir=args.data_dir)
+    print(
+        f"test top-1 {result['test_top1']:.2f}% on {result['test_images']} images "
+        f"(checkpoint at iteration {result['iteration']})"
+    )
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "step":
+        from smile_fast.bench_step import format_step_table, run_step_benchmark
+
+        result = run_step_benchmark(
+            model=args.model,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            amp=args.amp,
+            amp_dtype=args.amp_dtype,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            device=args.device,
+            steps=args.steps,
+            warmup=args.warmup,
+            methods=tuple(m for m in args.methods.split(",") if m),
+            baseline=args.baseline,
+        )
+        print(format_step_table(result))
+    elif args.bench_command == "loader":
+        result = _bench_loader(args)
+        print(
+            f"{result['loader']} on {result['device_name']}: {result['images_per_sec']:.1f} images/s "
+            f"(batch {result['batch_size']}, {result['iterations']} batches)"
+        )
+    else:
+        raise UserError("choose a benchmark: `smile-fast bench step` or `smile-fast bench loader`")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _bench_loader(args: argparse.Namespace) -> dict:
+    import os
+
+    from smile_fast.config import build_config
+    from smile_fast.data.loader_bench import run_loader_benchmark
+    from smile_fast.engine import _prepare_data, resolve_device
+
+    config = build_config(overrides={"dataset": args.dataset, "data_dir": args.data_dir, "device": args.device})
+    splits, train_spec, _ = _prepare_data(config, print)
+    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    return run_loader_benchmark(
+        args.loader,
+        splits.train,
+        train_spec,
+        args.batch_size,
+        resolve_device(args.device),
+        args.iterations,
+        args.warmup,
+        workers,
+    )
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "prepare":
+        from smile_fast.data.demo import demo_dataset_root
+
+        print(f"demo dataset ready at {demo_dataset_root()}")
+    elif args.data_command == "verify":
+        from smile_fast.data.datasets import verify_dataset
+
+        if args.dataset == "demo":
+            from smile_fast.data.demo import demo_dataset_root
+
+            print(verify_dataset("imagefolder", demo_dataset_root()))
+        else:
+            if not args.data_dir:
+                raise UserError(f"--data-dir is required to verify --dataset {args.dataset}")
+            print(verify_dataset(args.dataset, args.data_dir))
+    else:
+        raise UserError("choose `smile-fast data prepare` or `smile-fast data verify --dataset D --data-dir DIR`")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        if not argv:
+            argv = ["train"]  # `smile-fast` alone runs the demo, like `smile-fast train`
+        args = parser.parse_args(argv)
+        if args.command == "train":
+            return _cmd_train(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
+        if args.command == "bench":
+            return _cmd_bench(args)
+        if args.command == "data":
+            return _cmd_data(args)
+        parser.print_help()
+        return 2
+    except UserError as error:
+        print(f"smile-fast: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("smile-fast: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - TrainingStopped carries its own exit code and message
+        from smile_fast.engine import TrainingStopped
+
+        if isinstance(error, TrainingStopped):
+            print(f"smile-fast: {error}", file=sys.stderr)
+            return error.exit_code
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

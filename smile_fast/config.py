@@ -1,0 +1,215 @@
+"""Every training setting in one dataclass: defaults, per-dataset resolution, YAML, validation.
+
+Precedence: built-in defaults < the YAML file (`-c/--config`) < command-line flags. Settings left
+unset (None) are resolved from the dataset: the paper's protocol for the paper's datasets
+(ResNet-50, batch 48, 9,000 iterations, lr 0.01), a CPU-sized run for the embedded demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smile_fast.errors import UserError
+
+DATASET_CHOICES = ("demo", "cub", "cars", "aircraft", "indoor67", "food101", "imagefolder")
+METHOD_CHOICES = ("finetune", "mixup", "cutmix", "smile")
+FORM_CHOICES = ("official", "paper")
+WEIGHTS_KEYWORDS = ("auto", "imagenet", "none")
+LOADER_CHOICES = ("auto", "dali", "torchvision")
+AMP_DTYPES = ("bfloat16", "float16")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    dataset: str = "demo"
+    data_dir: str | None = None
+    method: str = "smile"
+    smile_form: str = "official"
+    model: str | None = None  # resnet50 for the paper's datasets, resnet18 for the demo
+    weights: str = "auto"
+    # schedule (SMILE_SPEC.md's published hyper-parameters)
+    iters: int | None = None  # 9,000 (15,000 for food101); 150 for the demo
+    batch_size: int | None = None  # per process; 48 (the paper), 32 for the demo
+    lr: float | None = None  # 0.01 (0.001 for indoor67)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_decay_fraction: float = 2.0 / 3.0  # lr divided by lr_decay_factor after this share of the iterations
+    lr_decay_factor: float = 10.0
+    seed: int = 0
+    # data protocols
+    sample_rate: float | None = None
+    class_fraction: float | None = None
+    train_samples: int | None = None
+    resize_size: int | None = None  # 256 (72 for the demo)
+    crop_size: int | None = None  # 224 (64 for the demo)
+    # SMILE
+    alpha: float = 0.2
+    gamma_fe: float = 0.01
+    gamma_fc: float = 0.1
+    ema_decay: float = 0.999
+    ema_every: int = 10
+    cutmix_probability: float = 0.5
+    # speed
+    amp: bool = False
+    amp_dtype: str = "bfloat16"
+    channels_last: bool = False
+    compile: bool = False
+    fold_teacher_bn: bool = True
+    teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
+    loader: str = "auto"
+    workers: int | None = None
+    device: str = "auto"
+    # bookkeeping
+    eval_every: int | None = None  # evaluate every N iterations (and always at the end)
+    log_every: int = 10
+    eval_batch_size: int | None = None
+    out: str | None = None
+    resume: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config; unknown keys are an error (a typo must not silently do nothing)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of setting: value")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - FIELD_NAMES)
+    if unknown:
+        raise UserError(
+            f"unknown setting(s) in {path}: {', '.join(unknown)}; valid ones: {', '.join(sorted(FIELD_NAMES))}"
+        )
+    return data
+
+
+def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < YAML < overrides (flags given on the command line), then resolve and validate."""
+    values: dict[str, Any] = {}
+    values.update(yaml_values or {})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for key, value in values.items():
+        values[key] = _coerce(key, value, types[key])
+    return resolve(TrainConfig(**values))
+
+
+def _coerce(key: str, value: Any, type_text: str) -> Any:
+    """Check a YAML value's type against the field (YAML has no schema); ints are accepted for floats."""
+    if value is None:
+        return None
+    base = type_text.split("|")[0].strip()
+    wanted = {"int": int, "float": float, "str": str, "bool": bool}.get(base)
+    if wanted is None:
+        return value
+    if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if wanted is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+        raise UserError(f"setting {key!r} must be a {base}, got {value!r}")
+    return value
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Fill dataset-dependent defaults, then validate every value (UserError on the first bad one)."""
+    demo = config.dataset == "demo"
+    if config.model is None:
+        config.model = "resnet18" if demo else "resnet50"
+    if config.iters is None:
+        config.iters = 150 if demo else (15_000 if config.dataset == "food101" else 9_000)
+    if config.batch_size is None:
+        config.batch_size = 32 if demo else 48
+    if config.lr is None:
+        config.lr = 0.001 if config.dataset == "indoor67" else 0.01
+    if config.resize_size is None:
+        config.resize_size = 72 if demo else 256
+    if config.crop_size is None:
+        config.crop_size = 64 if demo else 224
+    if config.eval_every is None:
+        config.eval_every = 50 if demo else 1_000
+    if config.eval_batch_size is None:
+        config.eval_batch_size = max(config.batch_size, 64)
+    validate(config)
+    return config
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def validate(config: TrainConfig) -> None:
+    _check(
+        config.dataset in DATASET_CHOICES,
+        f"unknown dataset {config.dataset!r}; choose one of {', '.join(DATASET_CHOICES)}",
+    )
+    _check(
+        config.dataset == "demo" or bool(config.data_dir),
+        f"--data-dir is required for --dataset {config.dataset} (the folder holding its official layout)",
+    )
+    _check(
+        config.method in METHOD_CHOICES, f"unknown method {config.method!r}; choose one of {', '.join(METHOD_CHOICES)}"
+    )
+    _check(config.smile_form in FORM_CHOICES, f"--smile-form must be one of {', '.join(FORM_CHOICES)}")
+    _check(config.iters >= 1, f"--iters must be at least 1, got {config.iters}")
+    _check(config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}")
+    _check(
+        config.batch_size >= 2 or config.method in ("finetune",),
+        f"--method {config.method} mixes pairs of images and needs --batch-size of at least 2",
+    )
+    _check(config.lr > 0, f"--lr must be positive, got {config.lr}")
+    _check(config.momentum >= 0 and config.weight_decay >= 0, "momentum and weight decay must be non-negative")
+    _check(0 < config.lr_decay_fraction <= 1, "lr_decay_fraction must be in (0, 1]")
+    _check(config.lr_decay_factor >= 1, "lr_decay_factor must be at least 1")
+    if config.sample_rate is not None:
+        _check(0 < config.sample_rate <= 1, f"--sample-rate must be in (0, 1], got {config.sample_rate}")
+    if config.class_fraction is not None:
+        _check(0 < config.class_fraction <= 1, f"--class-fraction must be in (0, 1], got {config.class_fraction}")
+    if config.train_samples is not None:
+        _check(config.train_samples >= 1, f"--train-samples must be at least 1, got {config.train_samples}")
+    _check(
+        config.sample_rate is None or config.class_fraction is None,
+        "--sample-rate and --class-fraction are two different protocols; give one of them",
+    )
+    _check(config.alpha > 0, f"alpha must be positive, got {config.alpha}")
+    _check(config.gamma_fe >= 0 and config.gamma_fc >= 0, "gamma_fe and gamma_fc must be non-negative")
+    _check(0 <= config.ema_decay <= 1, f"ema_decay must be in [0, 1], got {config.ema_decay}")
+    _check(config.ema_every >= 1, f"ema_every must be at least 1, got {config.ema_every}")
+    _check(0 <= config.cutmix_probability <= 1, "cutmix_probability must be in [0, 1]")
+    _check(config.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}")
+    _check(config.loader in LOADER_CHOICES, f"--loader must be one of {', '.join(LOADER_CHOICES)}")
+    _check(config.workers is None or config.workers >= 0, "--workers must be 0 or more")
+    _check(config.eval_every >= 1, f"--eval-every must be at least 1, got {config.eval_every}")
+    _check(config.log_every >= 1, f"--log-every must be at least 1, got {config.log_every}")
+    _check(config.eval_batch_size >= 1, "--eval-batch-size must be at least 1")
+    _check(
+        0 < config.crop_size <= config.resize_size,
+        f"crop size ({config.crop_size}) must be positive and at most the resize size ({config.resize_size})",
+    )
+    from smile_fast.models import SUPPORTED_MODELS
+
+    _check(
+        config.model in SUPPORTED_MODELS,
+        f"unsupported --model {config.model!r}; choose one of {', '.join(SUPPORTED_MODELS)}",
+    )
+    if config.weights not in WEIGHTS_KEYWORDS:
+        _check(
+            Path(config.weights).is_file(), f"--weights {config.weights}: no such file (or use auto, imagenet, none)"
+        )

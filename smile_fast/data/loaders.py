@@ -1,0 +1,86 @@
+"""Pick a loader (`--loader auto|dali|torchvision`) and build train/eval batch sources from file lists."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from smile_fast.data.sampler import TrainBatchPlan
+from smile_fast.data.transforms import TransformSpec
+from smile_fast.errors import UserError
+
+
+def choose_loader(kind: str, device: torch.device) -> str:
+    """`auto` picks DALI when it is installed and usable here, else torchvision."""
+    from smile_fast.data import dali
+
+    if kind == "torchvision":
+        return "torchvision"
+    if kind == "dali":
+        dali.require_dali()
+        return "dali"
+    if kind == "auto":
+        return "dali" if dali.dali_available() and device.type == "cuda" else "torchvision"
+    raise UserError(f"unknown loader {kind!r}; choose auto, dali or torchvision")
+
+
+def build_train_loader(
+    kind: str,
+    samples,
+    spec: TransformSpec,
+    plan: TrainBatchPlan,
+    device: torch.device,
+    workers: int,
+    channels_last: bool,
+    seed: int,
+):
+    """A loader object with `iterate(start_iteration)` and `skipped_files` (see data/torchvision.py)."""
+    if kind == "dali":
+        from smile_fast.data.dali import DaliTrainLoader
+
+        return DaliTrainLoader(
+            samples, spec, plan, device, num_threads=max(workers, 1), channels_last=channels_last, seed=seed
+        )
+    from smile_fast.data.torchvision import TorchvisionTrainLoader
+
+    return TorchvisionTrainLoader(samples, spec, plan, device, num_workers=workers, channels_last=channels_last)
+
+
+def eval_batches(
+    kind: str,
+    samples,
+    spec: TransformSpec,
+    batch_size: int,
+    device: torch.device,
+    workers: int,
+    rank: int,
+    world_size: int,
+    channels_last: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every test image of this rank's shard exactly once."""
+    if kind == "dali":
+        from smile_fast.data.dali import dali_eval_batches
+
+        return dali_eval_batches(
+            samples,
+            spec,
+            batch_size,
+            device,
+            num_threads=max(workers, 1),
+            rank=rank,
+            world_size=world_size,
+            channels_last=channels_last,
+        )
+    from smile_fast.data.torchvision import eval_batches as torchvision_eval_batches
+
+    return torchvision_eval_batches(
+        samples,
+        spec,
+        batch_size,
+        device,
+        num_workers=workers,
+        rank=rank,
+        world_size=world_size,
+        channels_last=channels_last,
+    )

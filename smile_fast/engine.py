@@ -1,0 +1,506 @@
+"""The training loop: devices and ranks, precision, channels-last, compile, evaluation, checkpoints and
+the run folder. Methods compute losses; this module owns everything around them.
+
+Order inside one iteration (SMILE_SPEC.md): forward and backward on the mixed batch, then, every
+`ema_every` iterations, the teacher's EMA update from the student as it is *before* this
+iteration's optimizer step, then the optimizer step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smile_fast.checkpoint import load_checkpoint, save_atomic
+from smile_fast.config import TrainConfig, build_config
+from smile_fast.data.sampler import TrainBatchPlan
+from smile_fast.data.transforms import TransformSpec
+from smile_fast.errors import UserError
+from smile_fast.methods import build_method
+from smile_fast.models import build_models
+from smile_fast.runlog import MetricsLog, default_run_dir, plot_curves, write_config, write_summary
+from smile_fast.step import TrainingStep, lr_at
+
+
+class TrainingStopped(Exception):
+    """The run stopped before its last iteration; `exit_code` says why (the message says what to do)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def setup_distributed(device_name: str, timeout_minutes: float = 10.0) -> tuple[DistributedContext, torch.device]:
+    """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on CPUs).
+
+    The collective timeout makes a crashed rank end every other rank with an error instead of a hang.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext(), resolve_device(device_name)
+    import torch.distributed as dist
+
+    context = DistributedContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(device_name, context.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return context, device
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT ask the loop to stop at the next step boundary (checkpoint, then exit)."""
+
+    def __init__(self):
+        self.requested = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. a test runner thread): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def _prepare_data(config: TrainConfig, log) -> tuple[Any, TransformSpec, TransformSpec]:
+    from smile_fast.data.datasets import load_dataset
+    from smile_fast.data.subsets import apply_class_subset, apply_sample_rate
+
+    if config.dataset == "demo":
+        from smile_fast.data.demo import demo_dataset_root
+
+        splits = load_dataset("imagefolder", demo_dataset_root())
+    else:
+        splits = load_dataset(config.dataset, config.data_dir)
+    if config.sample_rate is not None:
+        splits = apply_sample_rate(splits, config.sample_rate, config.seed)
+    if config.class_fraction is not None or config.train_samples is not None:
+        splits = apply_class_subset(splits, config.class_fraction or 1.0, config.train_samples, config.seed)
+    train_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=True)
+    test_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=False)
+    return splits, train_spec, test_spec
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SMILE_FAST_CACHE", Path.home() / ".cache" / "smile-fast"))
+
+
+class Trainer:
+    """Builds everything a run needs from a TrainConfig and runs it; `run()` returns the summary."""
+
+    def __init__(self, config: TrainConfig, log=None, progress: bool = True):
+        self.started = time.perf_counter()
+        self.resume_state: dict[str, Any] | None = None
+        if config.resume:
+            self.resume_state = load_checkpoint(config.resume)
+            saved = dict(self.resume_state["config"])
+            saved["resume"] = config.resume
+            saved["device"] = config.device  # the one setting a resumed run may change
+            saved["out"] = str(Path(config.resume) if Path(config.resume).is_dir() else Path(config.resume).parent)
+            config = build_config(saved)
+        self.config = config
+        self.dist, self.device = setup_distributed(config.device)
+        self._log = log or (lambda message: print(message, file=sys.stderr))
+        self.progress = progress and self.dist.is_main
+        torch.manual_seed(config.seed)
+        self._build()
+
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            self._log(message)
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _build(self) -> None:
+        config, device = self.config, self.device
+        from smile_fast.data.images import check_images
+        from smile_fast.data.loaders import build_train_loader, choose_loader
+        from smile_fast.data.subsets import read_manifest, write_manifest
+
+        splits, self.train_spec, self.test_spec = _prepare_data(config, self.log)
+        self.num_classes = len(splits.classes)
+        self.run_dir = Path(config.out) if config.out else default_run_dir(config.dataset, config.method)
+        manifest = self.run_dir / "manifest.txt"
+        if self.resume_state is not None and manifest.is_file():
+            train_samples = read_manifest(manifest)  # exactly the files the stopped run trained on
+        else:
+            train_samples = splits.train
+        cache = _cache_dir() / "image-checks"
+        train_samples, bad_train = check_images(train_samples, cache)
+        self.test_samples, bad_test = check_images(splits.test, cache)
+        self.skipped_up_front = len(bad_train) + len(bad_test)
+        if self.skipped_up_front:
+            self.log(f"skipping {self.skipped_up_front} unreadable image(s) (e.g. {(bad_train + bad_test)[0]})")
+        if not train_samples:
+            raise UserError("no readable training images are left after the subset protocol and image checks")
+        self.train_samples = train_samples
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume_state is None:
+                write_manifest(manifest, train_samples)
+            write_config(self.run_dir, config.to_dict())
+
+        self.method = build_method(
+            config.method, config.alpha, config.gamma_fe, config.gamma_fc, config.smile_form, config.cutmix_probability
+        )
+        student, source, self.weights_description = build_models(
+            config.model, self.num_classes, config.weights, with_aux_head=self.method.uses_teacher, log=self.log
+        )
+        self.log(
+            f"model {config.model}, weights: {self.weights_description}; {self.num_classes} classes, "
+            f"{len(train_samples)} training / {len(self.test_samples)} test images; device {device}"
+        )
+        self.step = TrainingStep(config, self.method, student, source, device, self.dist)
+        del source
+        self.student, self.teacher = self.step.student, self.step.teacher
+        self.optimizer, self.scaler = self.step.optimizer, self.step.scaler
+        self.start_iteration = 0
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+        self.step.finalize()
+
+        self.loader_kind = choose_loader(config.loader, device)
+        workers = config.workers if config.workers is not None else min(8, os.cpu_count() or 1)
+        self.workers = workers
+        self.plan = TrainBatchPlan(
+            len(train_samples), config.batch_size, config.seed, self.dist.rank, self.dist.world_size
+        )
+        self.train_loader = build_train_loader(
+            self.loader_kind,
+            train_samples,
+            self.train_spec,
+            self.plan,
+            device,
+            workers,
+            config.channels_last,
+            config.seed,
+        )
+        self.metrics = (
+            MetricsLog(self.run_dir / "metrics.csv", resume=self.resume_state is not None)
+            if self.dist.is_main
+            else None
+        )
+        if self.metrics is not None and self.resume_state is not None:
+            self.metrics.drop_from(self.start_iteration)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        if self.teacher is not None:
+            self.teacher.load_teacher_state(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self.start_iteration = int(state["iteration"])
+        self.previous_wall = float(state.get("wall_seconds", 0.0))
+        self.previous_train_seconds = float(state.get("train_seconds", 0.0))
+        self.log(f"resuming {self.run_dir} at iteration {self.start_iteration}")
+
+    def _autocast(self):
+        return self.step.autocast()
+
+    def train_step(self, iteration: int, images: torch.Tensor, labels: torch.Tensor):
+        return self.step(iteration, images, labels)
+
+    # --------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Top-1 (%) of fc1 on the test split; with several ranks every image is counted exactly once."""
+        from smile_fast.data.loaders import eval_batches
+
+        self.student.eval()
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        total = torch.zeros((), dtype=torch.int64, device=self.device)
+        batches = eval_batches(
+            self.loader_kind,
+            self.test_samples,
+            self.test_spec,
+            self.config.eval_batch_size,
+            self.device,
+            self.workers,
+            self.dist.rank,
+            self.dist.world_size,
+            self.config.channels_last,
+        )
+        for images, labels in batches:
+            with self._autocast():
+                logits = self.student.classify(images)
+            correct += (logits.argmax(dim=1) == labels).sum()
+            total += labels.numel()
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(correct)
+            dist.all_reduce(total)
+        self.student.train()
+        if total.item() == 0:
+            raise UserError("the test split is empty; nothing to evaluate")
+        return 100.0 * correct.item() / total.item()
+
+    # --------------------------------------------------------------------------- checkpoints
+    def save(self, next_iteration: int, wall: float, train_seconds: float) -> None:
+        if not self.dist.is_main:
+            return
+        state = {
+            "format": "smile-fast-checkpoint-v1",
+            "iteration": next_iteration,
+            "config": self.config.to_dict(),
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.teacher_state() if self.teacher is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "num_classes": self.num_classes,
+            "wall_seconds": wall,
+            "train_seconds": train_seconds,
+        }
+        save_atomic(state, self.run_dir / "last.pt")
+
+    def _stop_agreed(self, stop: _StopSignal) -> bool:
+        """All ranks stop at the same step boundary when any of them was signalled."""
+        if not self.dist.enabled:
+            return bool(stop.requested)
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if stop.requested else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ------------------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        previous_wall = getattr(self, "previous_wall", 0.0)
+        train_seconds = getattr(self, "previous_train_seconds", 0.0)
+        global_batch = config.batch_size * self.dist.world_size
+        progress = _progress_bar(config.iters, self.start_iteration, enabled=self.progress)
+        batches = self.train_loader.iterate(self.start_iteration)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        part_sums: dict[str, torch.Tensor] = {}
+        interval_images, interval_start = 0, time.perf_counter()
+        nonfinite_checks = 0
+        top1 = None
+        last_good_iteration = self.start_iteration
+        self.student.train()
+        with _StopSignal() as stop:
+            iteration = self.start_iteration
+            while iteration < config.iters:
+                images, labels = next(batches)
+                loss, parts = self.train_step(iteration, images, labels)
+                loss_sum += loss.float()
+                for name, value in parts.items():
+                    part_sums[name] = part_sums.get(name, 0.0) + value.float()
+                interval_images += global_batch
+                iteration += 1
+                progress.update(1)
+
+                at_log = iteration % config.log_every == 0 or iteration == config.iters
+                at_eval = iteration % config.eval_every == 0 or iteration == config.iters
+                if at_log or at_eval:
+                    steps = (iteration - 1) % config.log_every + 1
+                    mean_loss = loss_sum.item() / steps  # the one host sync of the interval
+                    elapsed = time.perf_counter() - interval_start
+                    train_seconds += elapsed
+                    images_per_sec = interval_images / max(elapsed, 1e-9)
+                    if not math.isfinite(mean_loss):
+                        nonfinite_checks += 1
+                        # With fp16 the gradient scaler skips overflowing steps and lowers its scale:
+                        # give it three log intervals to recover before declaring the run diverged.
+                        if not self.scaler.is_enabled() or nonfinite_checks >= 3:
+                            raise TrainingStopped(
+                                f"the loss became {mean_loss} before iteration {iteration}; the last good checkpoint "
+                                f"(iteration {last_good_iteration}) is kept in {self.run_dir}; try a lower --lr "
+                                "or --amp-dtype bfloat16",
+                                exit_code=3,
+                            )
+                    else:
+                        nonfinite_checks = 0
+                    row = {
+                        "iteration": iteration,
+                        "lr": lr_at(config, iteration - 1),
+                        "loss": mean_loss,
+                        "images_per_sec": images_per_sec,
+                        "wall_seconds": previous_wall + time.perf_counter() - self.started,
+                    }
+                    row.update({name: float(value) / steps for name, value in part_sums.items()})
+                    if at_eval:
+                        top1 = self.evaluate()
+                        row["test_top1"] = top1
+                    if self.metrics is not None:
+                        self.metrics.append(row)
+                    progress.set_postfix(
+                        loss=f"{mean_loss:.3f}",
+                        lr=f"{row['lr']:.2g}",
+                        img_s=f"{images_per_sec:.0f}",
+                        **({"top1": f"{top1:.1f}"} if top1 is not None else {}),
+                    )
+                    if at_eval and math.isfinite(mean_loss):
+                        self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
+                        last_good_iteration = iteration
+                    loss_sum.zero_()
+                    part_sums = {}
+                    interval_images, interval_start = 0, time.perf_counter()
+
+                if iteration < config.iters and self._stop_agreed(stop):
+                    train_seconds += time.perf_counter() - interval_start
+                    self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
+                    progress.close()
+                    raise TrainingStopped(
+                        f"stopped by signal at iteration {iteration}; checkpoint written; continue with "
+                        f"`smile-fast train --resume {self.run_dir}`",
+                        exit_code=0,
+                    )
+        progress.close()
+        return self._finish(top1, train_seconds, previous_wall)
+
+    def _finish(self, top1: float | None, train_seconds: float, previous_wall: float) -> dict[str, Any]:
+        config = self.config
+        trained = config.iters  # images per second over the whole run, evaluation excluded
+        summary = {
+            "method": config.method,
+            "smile_form": config.smile_form if config.method == "smile" else None,
+            "dataset": config.dataset,
+            "model": config.model,
+            "weights": self.weights_description,
+            "iters": config.iters,
+            "batch_size": config.batch_size,
+            "world_size": self.dist.world_size,
+            "test_top1": top1,
+            "train_images_per_sec": trained * config.batch_size * self.dist.world_size / max(train_seconds, 1e-9),
+            "wall_seconds": previous_wall + time.perf_counter() - self.started,
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "loader": self.loader_kind,
+            "train_images": len(self.train_samples),
+            "test_images": len(self.test_samples),
+            "skipped_files": self.skipped_up_front + getattr(self.train_loader, "skipped_files", 0),
+            "amp": config.amp,
+            "channels_last": config.channels_last,
+            "compile": config.compile,
+            "seed": config.seed,
+            "run_dir": str(self.run_dir),
+        }
+        if self.dist.is_main:
+            write_summary(self.run_dir, summary)
+            plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
+        return summary
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, desc="train", unit="it", dynamic_ncols=True, file=sys.stderr
+    )
+
+
+def train(config: TrainConfig, log=None, progress: bool = True) -> dict[str, Any]:
+    """Run one training job and return its summary (also written to the run folder's summary.json)."""
+    trainer = Trainer(config, log=log, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.dist.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = None) -> dict[str, Any]:
+    """Test top-1 of a checkpoint's student on its dataset's test split."""
+    from smile_fast.data.images import check_images
+    from smile_fast.data.loaders import eval_batches
+
+    state = load_checkpoint(path)
+    values = dict(state["config"])
+    values.update(resume=None, out=None, device=device)
+    if data_dir:
+        values["data_dir"] = data_dir
+    config = build_config(values)
+    device_obj = resolve_device(config.device)
+    splits, _, test_spec = _prepare_data(config, print)
+    student, _, _ = build_models(config.model, len(splits.classes), "none", with_aux_head=state["teacher"] is not None)
+    student.load_state_dict(state["student"])
+    student.to(device_obj).eval()
+    test_samples, _ = check_images(splits.test, _cache_dir() / "image-checks")
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in eval_batches(
+            "torchvision",
+            test_samples,
+            test_spec,
+            config.eval_batch_size,
+            device_obj,
+            min(4, os.cpu_count() or 1),
+            0,
+            1,
+            False,
+        ):
+            correct += int((student.classify(images).argmax(1) == labels).sum())
+            total += labels.numel()
+    return {
+        "checkpoint": str(path),
+        "iteration": int(state["iteration"]),
+        "test_top1": 100.0 * correct / max(total, 1),
+        "test_images": total,
+    }
+
+
+__all__ = ["Trainer", "TrainingStopped", "evaluate_checkpoint", "lr_at", "train"]

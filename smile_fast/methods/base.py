@@ -1,0 +1,82 @@
+"""What every training objective shares: the per-step mixing draw and the method interface.
+
+A method turns (images, labels, student, teacher, mix draw) into a scalar loss and a few logged
+numbers, and nothing else: the engine owns precision, devices, the optimizer and the teacher's EMA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class MixDraw:
+    """One step's mixing randomness.
+
+    lam: the mixing weight as a Python float (for logging and host-side decisions).
+    lam_tensor: the same value as a 0-d float32 tensor on the device; kernels and compiled code read
+        it from memory so that a new lam does not trigger a recompilation.
+    perm: long tensor [B] on the device, the partner of each sample.
+    box: (top, left, height, width) of CutMix's pasted box, or None.
+    applied: False when a stochastic method (CutMix with probability 0.5) skips mixing this step.
+    """
+
+    lam: float
+    lam_tensor: torch.Tensor
+    perm: torch.Tensor
+    box: tuple[int, int, int, int] | None = None
+    applied: bool = True
+
+
+def step_generator(seed: int, iteration: int, rank: int = 0) -> np.random.Generator:
+    """The RNG for one step's mixing draw: a pure function of (seed, iteration, rank).
+
+    Deriving it from the iteration rather than carrying one RNG through the run means a resumed
+    run draws exactly the lams and permutations the uninterrupted run would have drawn, with no
+    RNG state to save.
+    """
+    return np.random.default_rng([seed, iteration, rank, 0x5E11E])
+
+
+def folded_beta(generator: np.random.Generator, alpha: float) -> float:
+    """lam ~ Beta(alpha, alpha), folded into [0.5, 1] (lam = max(lam, 1 - lam)) as SMILE's code does."""
+    lam = float(generator.beta(alpha, alpha))
+    return max(lam, 1.0 - lam)
+
+
+def draw_mixup(generator: np.random.Generator, batch_size: int, alpha: float, device: torch.device) -> MixDraw:
+    """One lam per batch (folded to >= 0.5) and one permutation per step, used everywhere in that step."""
+    lam = folded_beta(generator, alpha)
+    perm = torch.from_numpy(generator.permutation(batch_size)).to(device, non_blocking=True)
+    return MixDraw(lam, torch.tensor(lam, dtype=torch.float32, device=device), perm)
+
+
+def teacher_outputs(pending) -> tuple[torch.Tensor, torch.Tensor]:
+    """Join a teacher call's result: a (features, logits) pair, or an object whose `wait()` returns one
+    (the engine's side-stream teacher, whose forward overlaps the student's)."""
+    wait = getattr(pending, "wait", None)
+    return wait() if callable(wait) else pending
+
+
+class Method:
+    """Base class: subclasses set `name` and `uses_teacher` and implement `loss`.
+
+    Methods call the student through its forward (`student(images)`), never another method of it:
+    DistributedDataParallel synchronizes gradients only for work that went through forward.
+    """
+
+    name = "base"
+    uses_teacher = False
+
+    def draw(self, generator: np.random.Generator, images: torch.Tensor) -> MixDraw | None:
+        """The step's mixing draw, or None for methods that do not mix."""
+        return None
+
+    def loss(
+        self, images, labels, student, teacher, draw: MixDraw | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """images [B, 3, H, W]; labels long [B]. Returns (scalar loss, {name: detached scalar} to log)."""
+        raise NotImplementedError

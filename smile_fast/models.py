@@ -1,0 +1,285 @@
+"""Backbones that expose the feature map, the pooled vector and SMILE's two heads; weights loading;
+BatchNorm folding for the frozen teacher.
+
+The student (`SmileNet`) returns everything SMILE needs from one forward pass, so no forward hooks
+are needed to reach the feature map (the authors' code uses hooks; hooks break `torch.compile`
+graphs and cost a Python call per step).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smile_fast.errors import UserError
+
+# torchvision constructor name -> (weights enum name, name of the last Linear in the model).
+# IMAGENET1K_V1 is the weight set the paper's ResNet-50 results were produced with (76.1% top-1),
+# not the newer V2 recipe, so `--weights imagenet` loads V1 for faithfulness.
+SUPPORTED_MODELS = {
+    "resnet18": ("ResNet18_Weights", "IMAGENET1K_V1"),
+    "resnet34": ("ResNet34_Weights", "IMAGENET1K_V1"),
+    "resnet50": ("ResNet50_Weights", "IMAGENET1K_V1"),
+    "resnet101": ("ResNet101_Weights", "IMAGENET1K_V1"),
+    "efficientnet_b4": ("EfficientNet_B4_Weights", "IMAGENET1K_V1"),
+}
+
+
+@dataclass
+class StudentOutput:
+    """features [B, C, H, W]; pooled [B, C]; logits [B, num_classes] (fc1);
+    aux_logits [B, num_source] (fc2), or None for a student built without the auxiliary head."""
+
+    features: torch.Tensor
+    pooled: torch.Tensor
+    logits: torch.Tensor
+    aux_logits: torch.Tensor | None
+
+
+class Backbone(nn.Module):
+    """The convolutional trunk of a torchvision classifier: image [B, 3, H, W] -> feature map [B, C, h, w]."""
+
+    def __init__(self, trunk: nn.Module, feature_dim: int):
+        super().__init__()
+        self.trunk = trunk
+        self.feature_dim = feature_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images)
+
+
+class SmileNet(nn.Module):
+    """Student: backbone, global average pool, fc1 (new target head) and fc2 (auxiliary source head).
+
+    fc2 starts as a copy of the pre-trained model's own classifier and is trained (SMILE_SPEC.md);
+    only fc1 is used for evaluation. Methods that never read fc2 (finetune, mixup, cutmix) build the
+    student without it (`source_head=None`), so that every parameter takes part in every step: DDP
+    then needs no unused-parameter search, and no dead weights sit in the optimizer.
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, source_head: nn.Linear | None):
+        super().__init__()
+        self.backbone = backbone
+        self.fc1 = nn.Linear(backbone.feature_dim, num_classes)
+        self.fc2 = copy.deepcopy(source_head) if source_head is not None else None
+
+    def forward(self, images: torch.Tensor) -> StudentOutput:
+        features = self.backbone(images)
+        pooled = features.mean(dim=(2, 3))
+        aux_logits = self.fc2(pooled) if self.fc2 is not None else None
+        return StudentOutput(features, pooled, self.fc1(pooled), aux_logits)
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Target-class logits [B, num_classes], the only output used at evaluation."""
+        return self.fc1(self.backbone(images).mean(dim=(2, 3)))
+
+
+class SourceNet(nn.Module):
+    """The pre-trained model itself (backbone + its original fc); the mean teacher is one of these."""
+
+    def __init__(self, backbone: nn.Module, fc: nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.fc = fc
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (feature map [B, C, h, w], source logits [B, num_source])."""
+        features = self.backbone(images)
+        return features, self.fc(features.mean(dim=(2, 3)))
+
+
+def _split_torchvision(model: nn.Module, name: str) -> tuple[Backbone, nn.Linear]:
+    """Cut a torchvision classifier into (trunk up to the last feature map, final Linear)."""
+    if name.startswith("resnet"):
+        trunk = nn.Sequential(
+            model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4
+        )
+        return Backbone(trunk, model.fc.in_features), model.fc
+    if name.startswith("efficientnet"):
+        linear = model.classifier[1]
+        return Backbone(model.features, linear.in_features), linear
+    raise UserError(f"unsupported model {name!r}; choose one of: {', '.join(SUPPORTED_MODELS)}")
+
+
+def _cached_weights_file(weights) -> Path:
+    """Where torch.hub keeps the file of a torchvision weights enum."""
+    filename = os.path.basename(weights.url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _clean_state_dict(loaded) -> dict[str, torch.Tensor]:
+    """Accept a bare state_dict or the common wrappers ({'state_dict': ...}, {'model': ...}); drop DDP prefixes."""
+    if isinstance(loaded, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in loaded and isinstance(loaded[key], dict):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise UserError(
+            "the weights file does not hold a state_dict of tensors; save it with torch.save(model.state_dict())"
+        )
+    return {k.removeprefix("module."): v for k, v in loaded.items()}
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a local state_dict safely: `weights_only=True` refuses pickles that would run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist; pass --weights imagenet, none, auto or a state_dict path")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
+        raise UserError(
+            f"refused to load {path}: it is not a plain tensor checkpoint ({first_line[:160]}); "
+            "only state_dicts saved with torch.save are accepted"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise UserError(f"cannot read weights file {path}: {str(error).splitlines()[0][:200]}") from None
+    return _clean_state_dict(loaded)
+
+
+def build_source_model(name: str, weights: str = "auto", log=print) -> tuple[nn.Module, str]:
+    """Build a torchvision classifier with the requested weights.
+
+    weights: "imagenet" (torchvision's weights API and cache; fails if neither cached nor downloadable),
+      "auto" (ImageNet when cached or downloadable, else one line saying so and random init),
+      "none" (random init) or a path to a local state_dict (a 365-way Places365 head is accepted).
+    Returns (model, description of the weights actually loaded).
+    """
+    import torchvision
+
+    if name not in SUPPORTED_MODELS:
+        raise UserError(f"unsupported model {name!r}; choose one of: {', '.join(SUPPORTED_MODELS)}")
+    enum_name, member = SUPPORTED_MODELS[name]
+    tv_weights = getattr(getattr(torchvision.models, enum_name), member)
+
+    if weights in ("imagenet", "auto"):
+        cached = _cached_weights_file(tv_weights).is_file()
+        try:
+            model = getattr(torchvision.models, name)(weights=tv_weights, progress=sys.stderr.isatty())
+            return model, f"imagenet ({enum_name}.{member}{', cached' if cached else ', downloaded'})"
+        except Exception as error:  # noqa: BLE001 - any download failure (no network, proxy, disk) lands here
+            reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+            if weights == "imagenet":
+                raise UserError(
+                    f"cannot get ImageNet weights for {name} (not in {_cached_weights_file(tv_weights).parent} "
+                    f"and the download failed: {reason}); copy {os.path.basename(tv_weights.url)} there "
+                    "or pass --weights none/PATH"
+                ) from None
+            log(f"ImageNet weights for {name} are not cached and cannot be downloaded ({reason}); using random init")
+            return getattr(torchvision.models, name)(weights=None), "none (ImageNet weights unavailable)"
+    if weights == "none":
+        return getattr(torchvision.models, name)(weights=None), "none"
+
+    state = load_weights_file(weights)
+    fc_key = "fc.weight" if name.startswith("resnet") else "classifier.1.weight"
+    num_source = state[fc_key].shape[0] if fc_key in state else 1000
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_source)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"weights file {weights} does not match {name}: {len(missing)} missing keys "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
+        )
+    return model, f"file {weights} ({num_source}-way source head)"
+
+
+def build_models(
+    name: str, num_classes: int, weights: str = "auto", with_aux_head: bool = True, log=print
+) -> tuple[SmileNet, SourceNet, str]:
+    """Student (with fc2 copied from the source head when `with_aux_head`) and the pre-trained source
+    model (the teacher's starting point)."""
+    model, description = build_source_model(name, weights, log=log)
+    backbone, source_head = _split_torchvision(model, name)
+    student = SmileNet(copy.deepcopy(backbone), num_classes, source_head if with_aux_head else None)
+    source = SourceNet(backbone, source_head)
+    return student, source, description
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm folding. The teacher is always in eval mode, so each BatchNorm after a convolution is
+# an affine map with constants: folding it into the convolution's weight and bias removes one
+# full read and write of every activation (53 BatchNorms in ResNet-50).
+
+
+def conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """Names of (Conv2d, BatchNorm2d) pairs where the BatchNorm directly follows the convolution.
+
+    Recognised: consecutive children of an nn.Sequential (ResNet stem, downsample, EfficientNet's
+    Conv2dNormActivation), and sibling attributes `convN` / `bnN` (torchvision ResNet blocks).
+    """
+    pairs = []
+    for parent_name, parent in module.named_modules():
+        prefix = f"{parent_name}." if parent_name else ""
+        children = list(parent.named_children())
+        if isinstance(parent, nn.Sequential):
+            for (name_a, a), (name_b, b) in zip(children, children[1:]):
+                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                    pairs.append((prefix + name_a, prefix + name_b))
+        else:
+            named = dict(children)
+            for name, child in children:
+                if isinstance(child, nn.Conv2d) and name.startswith("conv"):
+                    bn_name = "bn" + name[len("conv") :]
+                    if isinstance(named.get(bn_name), nn.BatchNorm2d):
+                        pairs.append((prefix + name, prefix + bn_name))
+    return pairs
+
+
+class FoldedBackbone(nn.Module):
+    """An inference-only copy of a backbone with every conv+BN pair folded into one biased conv.
+
+    `refresh(source)` recomputes the folded weights from the (EMA-updated) unfolded backbone; the
+    fold is exact up to float rounding.
+    """
+
+    def __init__(self, source: nn.Module):
+        super().__init__()
+        self.folded = copy.deepcopy(source).eval()
+        self.pairs = conv_bn_pairs(self.folded)
+        for conv_name, bn_name in self.pairs:
+            conv = self.folded.get_submodule(conv_name)
+            if conv.bias is None:
+                conv.bias = nn.Parameter(
+                    torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device)
+                )
+            _set_submodule(self.folded, bn_name, nn.Identity())
+        for parameter in self.folded.parameters():
+            parameter.requires_grad_(False)
+        self.refresh(source)
+
+    @torch.no_grad()
+    def refresh(self, source: nn.Module) -> None:
+        for conv_name, bn_name in self.pairs:
+            conv = source.get_submodule(conv_name)
+            bn = source.get_submodule(bn_name)
+            target = self.folded.get_submodule(conv_name)
+            scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+            bias = bn.bias.float() - bn.running_mean.float() * scale
+            if conv.bias is not None:
+                bias = bias + conv.bias.float() * scale
+            target.weight.copy_(conv.weight.float() * scale.view(-1, 1, 1, 1))
+            target.bias.copy_(bias)
+        # Parameters of layers that have no BatchNorm partner (none in ResNets) follow the source.
+        folded_names = {name for pair in self.pairs for name in pair}
+        for name, parameter in source.named_parameters():
+            owner = name.rsplit(".", 1)[0]
+            if owner not in folded_names:
+                self.folded.get_parameter(name).copy_(parameter)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.folded(images)
+
+
+def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

@@ -1,0 +1,105 @@
+"""The run folder's human-readable files: config.yaml, metrics.csv, summary.json, curves.png."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def default_run_dir(dataset: str, method: str) -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{dataset}-{method}"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    import yaml
+
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+class MetricsLog:
+    """Appends one CSV row per log interval (and one per evaluation), with a fixed set of columns."""
+
+    COLUMNS = (
+        "iteration",
+        "lr",
+        "loss",
+        "l_mxp",
+        "l_fe",
+        "l_fc",
+        "ce",
+        "ce_mix",
+        "images_per_sec",
+        "test_top1",
+        "wall_seconds",
+    )
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        if not (resume and path.is_file()):
+            with path.open("w", newline="") as stream:
+                csv.writer(stream).writerow(self.COLUMNS)
+
+    def drop_from(self, iteration: int) -> None:
+        """Remove rows logged at or after `iteration` (written after the checkpoint a resume restarts from)."""
+        if not self.path.is_file():
+            return
+        with self.path.open(newline="") as stream:
+            rows = list(csv.reader(stream))
+        kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) < iteration]
+        with self.path.open("w", newline="") as stream:
+            csv.writer(stream).writerows(kept)
+
+    def append(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as stream:
+            csv.writer(stream).writerow([_format(row.get(column)) for column in self.COLUMNS])
+
+    def rows(self) -> list[dict[str, str]]:
+        with self.path.open(newline="") as stream:
+            return list(csv.DictReader(stream))
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def plot_curves(metrics_path: Path, out_path: Path) -> None:
+    """Training loss and test top-1 against iterations, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with metrics_path.open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    loss_points = [(int(r["iteration"]), float(r["loss"])) for r in rows if r.get("loss")]
+    acc_points = [(int(r["iteration"]), float(r["test_top1"])) for r in rows if r.get("test_top1")]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    if loss_points:
+        left.plot(*zip(*loss_points), color="tab:blue")
+    left.set(title="training loss", xlabel="iteration", ylabel="loss")
+    if acc_points:
+        right.plot(*zip(*acc_points), marker="o", color="tab:green")
+    right.set(title="test top-1 (%)", xlabel="iteration", ylabel="top-1 (%)")
+    figure.tight_layout()
+    temp = out_path.with_name(f".{out_path.name}.tmp.png")
+    figure.savefig(temp, dpi=100)
+    plt.close(figure)
+    os.replace(temp, out_path)

@@ -1,0 +1,131 @@
+"""One training iteration with the whole speed stack, shared by the trainer and `smile-fast bench step`.
+
+The stack: AMP (bf16, or fp16 with a gradient scaler), channels-last, torch.compile of student and
+teacher, fused SGD on CUDA, a BatchNorm-folded teacher whose forward runs on a side CUDA stream,
+and lam/perm handed to compiled code as device tensors so that a new lam never recompiles.
+Both the trainer and the step benchmark run exactly this code, so the benchmark measures the
+product, not a copy of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from smile_fast.config import TrainConfig
+from smile_fast.methods import Method, step_generator
+from smile_fast.models import SmileNet, SourceNet
+from smile_fast.teacher import MeanTeacher
+
+
+def lr_at(config: TrainConfig, iteration: int) -> float:
+    """Step schedule: lr until `lr_decay_fraction` of the iterations, then lr / lr_decay_factor (no warm-up)."""
+    decay_start = int(math.floor(config.iters * config.lr_decay_fraction))
+    return config.lr / config.lr_decay_factor if iteration >= decay_start else config.lr
+
+
+class _PendingTeacher:
+    """The teacher's outputs, still being computed on a side stream; `wait()` joins the main stream to it."""
+
+    def __init__(self, features: torch.Tensor, logits: torch.Tensor, stream, device: torch.device):
+        self._outputs = (features, logits)
+        self._stream = stream
+        self._device = device
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        main = torch.cuda.current_stream(self._device)
+        main.wait_stream(self._stream)
+        for tensor in self._outputs:
+            # Allocated on the side stream, freed after use on the main one: tell the allocator.
+            tensor.record_stream(main)
+        return self._outputs
+
+
+class SideStreamTeacher:
+    """Launches the teacher's forward on a side CUDA stream; SMILE then launches the student's forward
+    and joins the teacher's outputs only when its losses need them, so the two forwards overlap."""
+
+    def __init__(self, teacher, device: torch.device):
+        self.teacher = teacher
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def __call__(self, images: torch.Tensor) -> _PendingTeacher:
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)  # the batch was produced on the main stream
+        with torch.cuda.stream(self.stream):
+            features, logits = self.teacher(images)
+        images.record_stream(self.stream)
+        return _PendingTeacher(features, logits, self.stream, self.device)
+
+
+class TrainingStep:
+    """Owns student, teacher, optimizer and scaler on `device`; `__call__` runs one iteration.
+
+    Call `finalize()` after any state is restored (resume), before the first step: it wraps the
+    student in DDP and compiles, which must see the restored weights.
+    """
+
+    def __init__(
+        self, config: TrainConfig, method: Method, student: SmileNet, source: SourceNet, device: torch.device, dist=None
+    ):
+        self.config = config
+        self.method = method
+        self.device = device
+        self.dist = dist
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.student = student.to(device=device, memory_format=memory_format)
+        self.teacher: MeanTeacher | None = None
+        if method.uses_teacher:
+            self.teacher = MeanTeacher(source, config.ema_decay, config.ema_every, config.fold_teacher_bn)
+            self.teacher.to(device=device, memory_format=memory_format)
+        self.optimizer = torch.optim.SGD(
+            self.student.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.momentum > 0,
+            weight_decay=config.weight_decay,
+            fused=True if device.type == "cuda" else None,
+        )
+        self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[config.amp_dtype]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp and self.amp_dtype == torch.float16)
+        self.train_model = self.student
+        self.teacher_forward = self.teacher
+
+    def finalize(self) -> None:
+        config, device = self.config, self.device
+        if self.dist is not None and self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.student, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        if config.compile:
+            self.train_model = torch.compile(self.train_model)
+            if self.teacher is not None:
+                self.teacher_forward = torch.compile(self.teacher)
+        if device.type == "cuda" and self.teacher is not None and config.teacher_stream:
+            self.teacher_forward = SideStreamTeacher(self.teacher_forward, device)
+
+    def autocast(self):
+        if not self.config.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def __call__(self, iteration: int, images: torch.Tensor, labels: torch.Tensor):
+        """One iteration: returns (detached loss, {part name: detached value})."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.config, iteration)
+        draw = self.method.draw(step_generator(self.config.seed, iteration), images)
+        with self.autocast():
+            loss, parts = self.method.loss(images, labels, self.train_model, self.teacher_forward, draw)
+        self.scaler.scale(loss).backward()
+        if self.teacher is not None:
+            # Before the optimizer step: the teacher averages the student as it was for this iteration.
+            self.teacher.maybe_update(iteration, self.student)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), parts

@@ -1,0 +1,90 @@
+"""The mean teacher (SMILE_SPEC.md, official form).
+
+- Always in eval mode: BatchNorm uses the pre-trained running statistics, never batch statistics.
+- Every `every` iterations, before that iteration's optimizer step, every backbone parameter is
+  moved toward the student's: t = decay * t + (1 - decay) * s (one fused launch on GPU).
+- BatchNorm buffers are never averaged, and the teacher's fc (the pre-trained source head) is never
+  updated.
+- Between updates the teacher is constant, so its BatchNorms can be folded into the convolutions
+  (FoldedBackbone); the fold is refreshed after every update.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from smile_fast.models import FoldedBackbone, SmileNet, SourceNet
+from smile_fast.ops import ema_update_
+
+
+class MeanTeacher(nn.Module):
+    """Frozen copy of the pre-trained model whose backbone follows the student's by EMA.
+
+    forward(images [B, 3, H, W]) -> (feature map [B, C, h, w], source logits [B, num_source]), no grad.
+    """
+
+    def __init__(self, source: SourceNet, decay: float = 0.999, every: int = 10, fold_batchnorm: bool = True):
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        if every < 1:
+            raise ValueError(f"EMA interval must be at least 1, got {every}")
+        self.model = copy.deepcopy(source).eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.decay = decay
+        self.every = every
+        self.fold_batchnorm = fold_batchnorm
+        self.folded = FoldedBackbone(self.model.backbone) if fold_batchnorm else None
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def train(self, mode: bool = True) -> MeanTeacher:
+        # The teacher never leaves eval mode, whatever the caller does with the enclosing modules.
+        return super().train(False)
+
+    def _bind(self, student: SmileNet) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Match teacher backbone parameters with the student's by name (buffers are not parameters)."""
+        if self._pairs is None:
+            student_params = dict(student.backbone.named_parameters())
+            pairs = []
+            for name, teacher_param in self.model.backbone.named_parameters():
+                if name not in student_params:
+                    raise RuntimeError(f"student backbone has no parameter {name!r} to average into the teacher")
+                pairs.append((teacher_param, student_params[name]))
+            self._pairs = pairs
+        return self._pairs
+
+    def is_update_iteration(self, iteration: int) -> bool:
+        return iteration % self.every == 0
+
+    @torch.no_grad()
+    def update(self, student: SmileNet) -> None:
+        """One EMA step of every backbone parameter toward the student, then refresh the fold."""
+        pairs = self._bind(student)
+        ema_update_([t for t, _ in pairs], [s.detach() for _, s in pairs], self.decay)
+        if self.folded is not None:
+            self.folded.refresh(self.model.backbone)
+
+    def maybe_update(self, iteration: int, student: SmileNet) -> bool:
+        if self.is_update_iteration(iteration):
+            self.update(student)
+            return True
+        return False
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        backbone = self.folded if self.folded is not None else self.model.backbone
+        features = backbone(images)
+        return features, self.model.fc(features.mean(dim=(2, 3)))
+
+    def teacher_state(self) -> dict[str, torch.Tensor]:
+        """The unfolded teacher's state (the fold is derived from it)."""
+        return self.model.state_dict()
+
+    def load_teacher_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+        if self.folded is not None:
+            self.folded.refresh(self.model.backbone)
