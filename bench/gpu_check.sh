@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Everything that needs the GPU, in one run (budget: under 6 minutes on an H100; ../shared/GPU.md).
+#   1. the GPU tests (fused ops on CUDA, real Triton)       -> log.txt
+#   2. kernel benchmarks: fused vs eager vs torch.compile   -> ops_bench.json
+#   3. step time finetune vs SMILE, ResNet-50, bf16:
+#      batch 48 with the full stack + eager fp32 baseline   -> step_b48.json
+#      batch 256 (AMP + channels-last, eager)               -> step_b256.json
+#   4. loader throughput (torchvision; DALI when installed) -> loader_*.json
+# and prints a short table last (summary.txt). Writes under $OUT (default ./gpu-results).
+# Without a GPU it runs the same steps at small sizes, which is how it is debugged before a lease.
+# Not `set -e`: a failing part must not hide the figures of the others; each part has a time limit.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./gpu-results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+LOG="$OUT/log.txt"
+: > "$LOG"
+say() { echo "== $(date +%H:%M:%S) $*" | tee -a "$LOG"; }
+
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  GPU=1; export TRITON_INTERPRET=0
+  MODEL=resnet50; B_SMALL=48; B_LARGE=256; SIZE=224; STEPS=15; WARMUP=4; LOADER_ITERS=30; PER_CLASS=64
+  TEST_SEL=(tests/test_ops_*.py tests/test_kernels_*.py)
+else
+  GPU=0; export TRITON_INTERPRET=1
+  MODEL=resnet18; B_SMALL=4; B_LARGE=8; SIZE=64; STEPS=2; WARMUP=1; LOADER_ITERS=3; PER_CLASS=4
+  TEST_SEL=(tests/test_kernels_compile.py)
+fi
+
+say "environment (GPU=$GPU)"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null || true
+  "$PY" - <<'PYEOF'
+import platform, torch
+try:
+    import triton; tv = triton.__version__
+except Exception as e:  # noqa: BLE001
+    tv = f"missing ({e})"
+print(f"python {platform.python_version()} torch {torch.__version__} triton {tv} cuda {torch.version.cuda}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name} sms={p.multi_processor_count} mem={p.total_memory/2**30:.1f}GiB")
+PYEOF
+} 2>&1 | tee -a "$LOG"
+
+say "1. GPU tests"
+timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider "${TEST_SEL[@]}" 2>&1 | tail -n 25 | tee -a "$LOG"
+
+say "2. op benchmarks"
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider bench/test_ops_bench.py --benchmark-only \
+  --benchmark-json="$OUT/ops_bench.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 60 >> "$LOG"
+
+say "3a. step time batch $B_SMALL, full stack (AMP bf16, channels-last, compile) + eager fp32 baseline"
+timeout 240 "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
+  --channels-last --compile --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" --baseline eager-fp32 \
+  --json "$OUT/step_b48.json" 2>&1 | grep -v Warning | tail -n 12 | tee -a "$LOG"
+
+say "3b. step time batch $B_LARGE (AMP bf16, channels-last; eager, to fit the lease)"
+timeout 120 "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_LARGE" --image-size "$SIZE" --amp \
+  --channels-last --no-compile --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
+  --json "$OUT/step_b256.json" 2>&1 | tail -n 8 | tee -a "$LOG"
+
+say "4. loader throughput"
+DATA="${TMPDIR:-/tmp}/smile-fast-loader-data"
+[ -d "$DATA/train" ] || "$PY" bench/make_loader_dataset.py "$DATA" --images-per-class "$PER_CLASS" >> "$LOG" 2>&1
+for loader in torchvision dali; do
+  if [ "$loader" = dali ] && ! "$PY" -c "import nvidia.dali" 2>/dev/null; then
+    say "DALI not installed here: loader figure for DALI not measured"; continue
+  fi
+  timeout 90 "$PY" -m smile_fast bench loader --loader "$loader" --dataset imagefolder --data-dir "$DATA" \
+    --batch-size "$B_SMALL" --iterations "$LOADER_ITERS" --json "$OUT/loader_$loader.json" 2>&1 | tail -n 3 | tee -a "$LOG"
+done
+
+say "summary"
+"$PY" bench/summarize_gpu.py "$OUT" | tee "$OUT/summary.txt"

@@ -1,0 +1,70 @@
+"""Print the short table of a gpu_check.sh run from the JSON files under its output folder.
+
+Usage: python bench/summarize_gpu.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def step_lines(name: str, result: dict | None) -> list[str]:
+    if not result:
+        return [f"{name}: missing (see log.txt)"]
+    lines = [
+        f"{name}: {result['model']} batch {result['batch_size']} {result['image_size']}px {result['amp_dtype']} "
+        f"channels_last={result['channels_last']} compile={result['compile']} on {result['device_name']}"
+    ]
+    for key, value in result.items():
+        if key.endswith("_ms_per_step"):
+            method = key[: -len("_ms_per_step")]
+            lines.append(f"  {method:<18} {value:9.2f} ms/step {result[method + '_images_per_sec']:9.1f} images/s")
+    if "smile_over_finetune" in result:
+        lines.append(f"  SMILE/finetune = {result['smile_over_finetune']:.3f}")
+    if "smile_speedup_over_eager_fp32" in result:
+        lines.append(f"  full-stack SMILE vs eager fp32 authors' style = {result['smile_speedup_over_eager_fp32']:.2f}x")
+    return lines
+
+
+def ops_lines(result: dict | None) -> list[str]:
+    if not result:
+        return ["ops: missing (see log.txt)"]
+    lines = ["ops (median):"]
+    for bench in result.get("benchmarks", []):
+        extra = bench.get("extra_info", {})
+        median_us = bench["stats"]["median"] * 1e6
+        gbps = extra.get("gb_per_s") or extra.get("GB/s") or extra.get("gbps")
+        floor = extra.get("bandwidth_fraction") or extra.get("fraction_of_copy_bandwidth")
+        text = f"  {bench['name']:<60} {median_us:10.1f} us"
+        if gbps:
+            text += f" {float(gbps):8.1f} GB/s"
+        if floor:
+            text += f" ({100 * float(floor):.0f}% of copy bw)"
+        lines.append(text)
+    return lines
+
+
+def main() -> None:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-results")
+    lines = []
+    lines += step_lines("step b48", _load(out / "step_b48.json"))
+    lines += step_lines("step b256", _load(out / "step_b256.json"))
+    for loader in ("torchvision", "dali"):
+        result = _load(out / f"loader_{loader}.json")
+        if result:
+            lines.append(f"loader {loader}: {result['images_per_sec']:.1f} images/s on {result.get('device_name')}")
+    lines += ops_lines(_load(out / "ops_bench.json"))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

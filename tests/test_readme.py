@@ -1,0 +1,28 @@
+"""The README's promises that a test can hold it to."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci_lines = [line for line in (ROOT / ".ci/run").read_text().splitlines() if "pytest" in line]
+    assert len(ci_lines) == 1, f".ci/run should have one test command line, found {ci_lines}"
+    readme = (ROOT / "README.md").read_text()
+    assert ci_lines[0].strip() in readme, "the test command in .ci/run is not the README's test command"
+
+
+def test_readme_documents_every_train_flag():
+    from smile_fast.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    readme = (ROOT / "README.md").read_text()
+    missing = [
+        option
+        for action in train._actions
+        for option in action.option_strings
+        if option.startswith("--") and option not in ("--help", "--no-progress") and not option.startswith("--no-")
+        and option not in readme
+    ]
+    assert not missing, f"train flags missing from the README: {missing}"
