@@ -1,0 +1,85 @@
+"""run_loader_benchmark (behind `smile-fast bench loader`) and the synthetic photo generator."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from smile_fast.data import dali
+from smile_fast.data.loader_bench import run_loader_benchmark, write_synthetic_jpegs
+from smile_fast.data.transforms import TransformSpec
+from smile_fast.errors import UserError
+
+SMALL = TransformSpec("shorter", resize_size=64, crop_size=56, train=True)
+RESULT_KEYS = {
+    "loader",
+    "device",
+    "device_name",
+    "images_per_sec",
+    "batch_size",
+    "iterations",
+    "warmup",
+    "num_workers",
+    "seconds",
+    "crop_size",
+    "skipped_files",
+    "torch_version",
+    "dali_version",
+}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMILE_FAST_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[tuple[str, int]]:
+    return write_synthetic_jpegs(tmp_path_factory.mktemp("photos"), 12, size=(120, 90), num_classes=3)
+
+
+def test_synthetic_jpegs_are_photo_like(tmp_path):
+    samples = write_synthetic_jpegs(tmp_path, 4, size=(500, 375), num_classes=3, seed=1)
+    assert [label for _, label in samples] == [0, 1, 2, 0]
+    sizes = []
+    for path, _ in samples:
+        with Image.open(path) as image:
+            sizes.append(image.size)
+    assert sizes == [(375, 500), (500, 375), (500, 375), (500, 375)]  # every fourth one portrait
+    # CUB's 500x375 JPEGs weigh tens of KB; noise would weigh hundreds and decode slower than photos do.
+    assert all(15_000 < os.path.getsize(path) < 90_000 for path, _ in samples)
+    again = write_synthetic_jpegs(tmp_path / "again", 1, size=(500, 375), seed=1)
+    assert open(again[0][0], "rb").read() == open(samples[0][0], "rb").read()
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        "torchvision",
+        pytest.param(
+            "dali", marks=pytest.mark.skipif(not dali.dali_available(), reason="NVIDIA DALI is not installed")
+        ),
+    ],
+)
+def test_benchmark_reports_images_per_second_through_the_train_transform(loader, photos):
+    result = run_loader_benchmark(loader, photos, SMALL, 4, torch.device("cpu"), iterations=3, warmup=1, num_workers=1)
+    assert RESULT_KEYS <= set(result)
+    assert result["loader"] == loader and result["device"] == "cpu"
+    assert (result["batch_size"], result["iterations"], result["num_workers"], result["crop_size"]) == (4, 3, 1, 56)
+    assert result["seconds"] > 0 and result["skipped_files"] == 0
+    assert math.isclose(result["images_per_sec"], 3 * 4 / result["seconds"])
+    assert (result["dali_version"] is not None) == dali.dali_available()
+
+
+def test_bad_arguments_are_user_errors(photos, monkeypatch):
+    with pytest.raises(UserError, match="unknown loader"):
+        run_loader_benchmark("pillow-simd", photos, SMALL, 4, "cpu", iterations=1, warmup=0, num_workers=0)
+    with pytest.raises(UserError, match="at least 1 timed iteration"):
+        run_loader_benchmark("torchvision", photos, SMALL, 4, "cpu", iterations=0, warmup=0, num_workers=0)
+    monkeypatch.setattr(dali, "dali_available", lambda: False)
+    with pytest.raises(UserError, match=r"pip install smile-fast\[dali\]"):
+        run_loader_benchmark("dali", photos, SMALL, 4, "cpu", iterations=1, warmup=0, num_workers=0)
