@@ -1,0 +1,316 @@
+"""The ops are torch.library custom ops that route to Triton, pass opcheck, and trace under torch.compile.
+
+- Routing: under TRITON_INTERPRET=1 each op launches its Triton kernel(s) on CPU tensors (counted by
+  `smile_fast.kernels.LAUNCH_COUNTS`), and with the interpreter off CPU tensors take the reference.
+- `torch.library.opcheck` on every forward and backward op (schema, fake tensor, autograd registration,
+  AOT dispatch).
+- `torch.compile(fullgraph=True)`: no graph break, and a new 0-d tensor lam does not recompile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch._dynamo.testing
+from torch import Tensor
+
+from smile_fast import ops
+from smile_fast.kernels import LAUNCH_COUNTS, has_triton
+
+needs_triton = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def op_calls(device: str) -> dict[str, tuple[Callable[[], object], dict[str, int]]]:
+    """For each public op: a call with small inputs that also runs backward, and the launches it must make."""
+    batch = 4
+    perm = torch.randperm(batch).to(device)
+    lam = torch.tensor(0.7, device=device)
+
+    def logits() -> Tensor:
+        return torch.randn(batch, 11, device=device, requires_grad=True)
+
+    def features() -> Tensor:
+        return torch.randn(batch, 3, 2, 2, device=device, requires_grad=True)
+
+    target = torch.randint(0, 11, (batch,), device=device)
+    return {
+        "mixup_batch": (
+            lambda: ops.mixup_batch(features(), perm, lam).sum().backward(),
+            {"mixup_batch": 1},
+        ),
+        "mixup_cross_entropy": (
+            lambda: ops.mixup_cross_entropy(logits(), target, perm, lam).backward(),
+            {"mixup_cross_entropy_fwd": 1, "mixup_cross_entropy_bwd": 1},
+        ),
+        "soft_mixup_cross_entropy": (
+            lambda: ops.soft_mixup_cross_entropy(logits(), logits(), perm, lam).backward(),
+            {"soft_mixup_cross_entropy_fwd": 1, "soft_mixup_cross_entropy_bwd": 1},
+        ),
+        "soft_mixup_mse": (
+            lambda: ops.soft_mixup_mse(logits(), logits(), perm, lam).backward(),
+            {"soft_mixup_mse_fwd": 1, "soft_mixup_mse_bwd": 1},
+        ),
+        "feature_mixup_loss": (
+            lambda: ops.feature_mixup_loss(features(), features(), perm, lam).backward(),
+            {"feature_mixup_loss_fwd": 1, "feature_mixup_loss_bwd": 1},
+        ),
+        "feature_mixup_loss_paper": (
+            lambda: ops.feature_mixup_loss(logits(), logits(), perm, lam, "paper").backward(),
+            {"feature_mixup_loss_fwd": 1, "feature_mixup_loss_bwd": 1},
+        ),
+        "ema_update_": (
+            # 20 tensors of several sizes: still ONE launch.
+            lambda: ops.ema_update_(
+                [torch.randn(n, device=device) for n in range(1, 21)],
+                [torch.randn(n, device=device) for n in range(1, 21)],
+                0.99,
+            ),
+            {"ema_update": 1},
+        ),
+        "mixup_normalize_uint8": (
+            lambda: ops.mixup_normalize_uint8(
+                torch.randint(0, 256, (batch, 3, 5, 3), dtype=torch.uint8, device=device), perm, lam, MEAN, STD
+            ),
+            {"mixup_normalize": 1},
+        ),
+    }
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(op_calls("cpu")))
+def test_ops_route_to_triton(rng_seed: int, device: str, name: str) -> None:
+    call, expected_launches = op_calls(device)[name]
+    LAUNCH_COUNTS.clear()
+    call()
+    assert dict(LAUNCH_COUNTS) == expected_launches, f"{name} launched {dict(LAUNCH_COUNTS)}"
+
+
+@pytest.mark.parametrize("name", list(op_calls("cpu")))
+def test_cpu_tensors_use_the_reference_without_the_interpreter(
+    rng_seed: int, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    call, _ = op_calls("cpu")[name]
+    LAUNCH_COUNTS.clear()
+    call()
+    assert not LAUNCH_COUNTS, f"{name} ran Triton kernels on CPU tensors without the interpreter"
+
+
+def test_import_does_not_need_triton() -> None:
+    """`import smile_fast.ops` must work where triton is missing: simulate that in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from smile_fast import ops\n"
+        "from smile_fast.kernels import has_triton\n"
+        "assert not has_triton()\n"
+        "x = torch.randn(3, 2, 2, 2)\n"
+        "print(float(ops.mixup_batch(x, torch.tensor([2, 0, 1]), 0.5).sum()))\n"
+    )
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------- opcheck
+def opcheck_cases(device: str) -> dict[str, tuple[object, tuple]]:
+    batch = 3
+    perm = torch.tensor([2, 2, 0], device=device)
+    lam = torch.tensor(0.6, device=device)
+    grad_loss = torch.tensor(1.3, device=device)
+
+    def randn(*shape: int, requires_grad: bool = False) -> Tensor:
+        return torch.randn(*shape, device=device, requires_grad=requires_grad)
+
+    target = torch.tensor([0, 4, 2], device=device)
+    smile_fast = torch.ops.smile_fast
+    cases = {
+        "mixup_batch": (smile_fast.mixup_batch.default, (randn(batch, 2, 3, 3, requires_grad=True), perm, lam)),
+        "mixup_batch_channels_last": (
+            smile_fast.mixup_batch.default,
+            (randn(batch, 2, 3, 3).to(memory_format=torch.channels_last).requires_grad_(), perm, lam),
+        ),
+        "mixup_cross_entropy": (
+            smile_fast.mixup_cross_entropy.default,
+            (randn(batch, 5, requires_grad=True), target, perm, lam),
+        ),
+        "mixup_cross_entropy_backward": (
+            smile_fast.mixup_cross_entropy_backward.default,
+            (grad_loss, randn(batch, 5), target, perm, lam),
+        ),
+        "feature_mixup_loss_official": (
+            smile_fast.feature_mixup_loss.default,
+            (randn(batch, 2, 3, 3, requires_grad=True), randn(batch, 2, 3, 3), perm, lam, "official"),
+        ),
+        "feature_mixup_loss_paper": (
+            smile_fast.feature_mixup_loss.default,
+            (randn(batch, 7, requires_grad=True), randn(batch, 7), perm, lam, "paper"),
+        ),
+        "feature_mixup_loss_backward": (
+            smile_fast.feature_mixup_loss_backward.default,
+            (randn(batch, 2, 3, 3), randn(batch, 2, 3, 3), perm, lam, grad_loss),
+        ),
+        "ema_update_": (
+            smile_fast.ema_update_.default,
+            ([randn(5), randn(2, 3)], [randn(5), randn(2, 3).bfloat16()], torch.tensor(0.9, device=device)),
+        ),
+        "mixup_normalize_uint8": (
+            smile_fast.mixup_normalize_uint8.default,
+            (
+                torch.randint(0, 256, (batch, 4, 5, 3), dtype=torch.uint8, device=device),
+                perm,
+                lam,
+                MEAN,
+                STD,
+                torch.bfloat16,
+            ),
+        ),
+    }
+    for name in ("soft_mixup_cross_entropy", "soft_mixup_mse"):
+        cases[name] = (
+            getattr(smile_fast, name).default,
+            (randn(batch, 5, requires_grad=True), randn(batch, 5), perm, lam),
+        )
+        cases[f"{name}_backward"] = (
+            getattr(smile_fast, f"{name}_backward").default,
+            (grad_loss, randn(batch, 5), randn(batch, 5), perm, lam),
+        )
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(opcheck_cases("cpu")))
+def test_opcheck(rng_seed: int, device: str, name: str) -> None:
+    op, args = opcheck_cases(device)[name]
+    torch.library.opcheck(op, args)
+
+
+# ------------------------------------------------------------------------------------------- torch.compile
+def compiled_calls(device: str) -> dict[str, tuple[Callable[..., object], Callable[[Tensor], tuple]]]:
+    """Per op: a function of (inputs..., lam) to compile, and a builder of its inputs for a given lam.
+
+    Losses are returned and differentiated outside the compiled function (dynamo does not trace
+    `torch.autograd.grad`); AOTAutograd still compiles their backward through the registered formulas.
+    """
+    batch = 4
+    perm = torch.randperm(batch).to(device)
+    target = torch.randint(0, 9, (batch,), device=device)
+
+    def logits() -> Tensor:
+        return torch.randn(batch, 9, device=device, requires_grad=True)
+
+    def features() -> Tensor:
+        return torch.randn(batch, 3, 2, 2, device=device, requires_grad=True)
+
+    return {
+        "mixup_batch": (
+            lambda x, lam: ops.mixup_batch(x, perm, lam).square().sum(),
+            lambda lam: (features(), lam),
+        ),
+        "mixup_cross_entropy": (
+            lambda z, lam: ops.mixup_cross_entropy(z, target, perm, lam),
+            lambda lam: (logits(), lam),
+        ),
+        "soft_mixup_cross_entropy": (
+            lambda s, t, lam: ops.soft_mixup_cross_entropy(s, t, perm, lam),
+            lambda lam: (logits(), logits().detach(), lam),
+        ),
+        "soft_mixup_mse": (
+            lambda s, t, lam: ops.soft_mixup_mse(s, t, perm, lam),
+            lambda lam: (logits(), logits().detach(), lam),
+        ),
+        "feature_mixup_loss": (
+            lambda s, t, lam: ops.feature_mixup_loss(s, t, perm, lam),
+            lambda lam: (features(), features().detach(), lam),
+        ),
+        "feature_mixup_loss_paper": (
+            lambda s, t, lam: ops.feature_mixup_loss(s, t, perm, lam, "paper"),
+            lambda lam: (logits(), logits().detach(), lam),
+        ),
+        "mixup_normalize_uint8": (
+            lambda images, lam: ops.mixup_normalize_uint8(images, perm, lam, MEAN, STD, torch.bfloat16),
+            lambda lam: (torch.randint(0, 256, (batch, 3, 4, 3), dtype=torch.uint8, device=device), lam),
+        ),
+        "ema_update_": (
+            lambda t0, t1, s0, s1, lam: ops.ema_update_([t0, t1], [s0, s1], lam),
+            lambda lam: (
+                torch.randn(5, device=device),
+                torch.randn(7, device=device),
+                torch.randn(5, device=device),
+                torch.randn(7, device=device).half(),
+                lam,
+            ),
+        ),
+    }
+
+
+def _run(function: Callable[..., object], inputs: tuple) -> list[Tensor]:
+    """Outputs, gradients of a scalar output, and the (possibly updated in place) float32 inputs."""
+    inputs = tuple(value.detach().clone().requires_grad_(value.requires_grad) for value in inputs)
+    result = function(*inputs)
+    outputs = list(result) if isinstance(result, tuple) else ([] if result is None else [result])
+    if len(outputs) == 1 and outputs[0].requires_grad:
+        outputs[0].backward()
+        outputs += [value.grad for value in inputs if value.requires_grad]
+    return outputs + [value.detach() for value in inputs if value.dtype == torch.float32 and value.dim() > 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(compiled_calls("cpu")))
+def test_compile_fullgraph_without_recompiling_for_a_new_lam(rng_seed: int, device: str, name: str) -> None:
+    function, make_inputs = compiled_calls(device)[name]
+    torch._dynamo.reset()
+    # aot_eager traces forward and backward through the fake implementations and the registered
+    # autograd formulas (what inductor consumes) at a fraction of inductor's compile time.
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(function, backend=counter, fullgraph=True)
+    for lam in (0.6, 0.85, 1.0):
+        inputs = make_inputs(torch.tensor(lam, device=device))
+        expected = _run(function, inputs)
+        actual = _run(compiled, inputs)
+        assert len(actual) == len(expected)
+        for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
+            torch.testing.assert_close(got, want, msg=lambda message, i=index: f"{name} compiled value {i}: {message}")
+    assert counter.frame_count == 1, f"{name} compiled {counter.frame_count} times for 3 values of a 0-d tensor lam"
+
+
+@pytest.mark.slow
+def test_inductor_compiles_a_smile_step(rng_seed: int) -> None:
+    """The whole SMILE loss under inductor (the trainer's --compile), forward and backward, one graph."""
+    batch = 4
+    perm = torch.randperm(batch)
+    target = torch.randint(0, 6, (batch,))
+
+    def smile_loss(
+        student_map: Tensor, teacher_map: Tensor, logits: Tensor, aux: Tensor, teacher_logits: Tensor, lam: Tensor
+    ) -> Tensor:
+        return (
+            ops.mixup_cross_entropy(logits, target, perm, lam)
+            + 0.01 * ops.feature_mixup_loss(student_map, teacher_map, perm, lam)
+            + 0.1 * ops.soft_mixup_cross_entropy(aux, teacher_logits, perm, lam)
+        )
+
+    inputs = (
+        torch.randn(batch, 8, 2, 2, requires_grad=True),
+        torch.randn(batch, 8, 2, 2),
+        torch.randn(batch, 6, requires_grad=True),
+        torch.randn(batch, 10, requires_grad=True),
+        torch.randn(batch, 10),
+        torch.tensor(0.8),
+    )
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(smile_loss, backend=counter, fullgraph=True)
+    for index, (got, want) in enumerate(zip(_run(compiled, inputs), _run(smile_loss, inputs), strict=True)):
+        torch.testing.assert_close(got, want, msg=lambda message, i=index: f"inductor SMILE value {i}: {message}")
+    assert counter.frame_count == 1
