@@ -130,6 +130,25 @@ def test_random_crop_window_is_uniform_over_every_offset_and_flips_half():
     assert dali.crop_window(spec, 20, 23, 7) == dali.crop_window(spec, 20, 23, 7)
 
 
+@pytest.mark.parametrize(
+    "mode, options",
+    [
+        ("RGB", {}),
+        ("RGB", {"progressive": True}),
+        ("L", {}),
+        ("CMYK", {}),
+        ("RGB", {"exif": b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x00"}),
+        ("RGB", {"icc_profile": b"\x00" * 3000}),
+    ],
+)
+def test_jpeg_size_reads_the_frame_header_as_pil_does(tmp_path, mode, options):
+    path = tmp_path / "image.jpg"
+    Image.new(mode, (37, 23)).save(path, format="JPEG", **options)
+    assert dali.jpeg_size(path.read_bytes()) == (23, 37)
+    assert dali.read_encoded(str(path))[1:] == (23, 37)
+    assert dali.jpeg_size(b"\xff\xd8\xff\xe0\x00\x10JFIF") is None  # cut before any frame: the caller asks PIL
+
+
 # --- the pipeline against the spec's transform -------------------------------------------------------
 
 
