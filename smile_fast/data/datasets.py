@@ -1,0 +1,416 @@
+"""Datasets as (path, label) file lists, read from each dataset's official layout.
+
+Each reader only parses the list files the dataset ships with (no image is opened here), so loading
+Food-101's 101,000 file names takes well under a second. Whether the images themselves decode is
+checked separately (images.check_images). Every way a folder can be missing or malformed becomes a
+one-line UserError that names the file expected, where it was looked for, and where the dataset
+can be obtained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from smile_fast.errors import UserError
+
+DATASET_NAMES = ("cub", "cars", "aircraft", "indoor67", "food101", "imagefolder")
+
+# File name endings accepted as images in the imagefolder layout (compared lower-case).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+_WHERE = {
+    "cub": "download CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/ and extract it",
+    "cars": (
+        "the official Stanford download (ai.stanford.edu) is gone; get the files from the Kaggle mirror linked in "
+        "torchvision's StanfordCars documentation (https://pytorch.org/vision/stable/generated/"
+        "torchvision.datasets.StanfordCars.html), with cars_test_annos_withlabels.mat, into a stanford_cars folder"
+    ),
+    "aircraft": (
+        "download fgvc-aircraft-2013b.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ and extract it"
+    ),
+    "indoor67": (
+        "download indoorCVPR_09.tar, TrainImages.txt and TestImages.txt from "
+        "https://web.mit.edu/torralba/www/indoor.html into one folder"
+    ),
+    "food101": (
+        "download food-101.tar.gz from https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/ and extract it"
+    ),
+    "imagefolder": "arrange your images as ROOT/train/<class>/<image> and ROOT/test/<class>/<image>",
+}
+
+_PRETTY = {
+    "cub": "CUB-200-2011",
+    "cars": "Stanford Cars",
+    "aircraft": "FGVC-Aircraft",
+    "indoor67": "MIT-Indoor-67",
+    "food101": "Food-101",
+    "imagefolder": "imagefolder",
+}
+
+
+@dataclass
+class DatasetSplits:
+    """One dataset's train and test file lists.
+
+    classes: class names; label i is classes[i].
+    train, test: (absolute image path, label) pairs, in the order of the dataset's own list files.
+    resize: the spec's resize mode, "shorter" (keep aspect, CUB) or "square" (all others).
+    """
+
+    name: str
+    root: Path
+    classes: list[str]
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+    resize: str
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (the target classifier's width)."""
+        return len(self.classes)
+
+
+def _fail(name: str, what: str) -> UserError:
+    """A one-line error: the dataset, what is wrong, and where to get it."""
+    return UserError(f"{_PRETTY[name]}: {what}; {_WHERE[name]}")
+
+
+def _require_file(name: str, path: Path) -> Path:
+    if not path.is_file():
+        raise _fail(name, f"expected the file {path} but it does not exist")
+    return path
+
+
+def _require_dir(name: str, path: Path) -> Path:
+    if not path.is_dir():
+        raise _fail(name, f"expected the folder {path} but it does not exist")
+    return path
+
+
+def _read_lines(name: str, path: Path) -> list[str]:
+    """Non-empty, stripped lines of a list file (some official lists have Windows line endings)."""
+    _require_file(name, path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise _fail(name, f"cannot read {path} ({error})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _find_root(name: str, data_dir: Path, folder: str, marker: str) -> Path:
+    """The dataset's own folder: `data_dir` itself if it holds `marker`, else `data_dir/folder`.
+
+    Users pass either the extracted folder or the directory they extracted it into; both work.
+    """
+    if not data_dir.is_dir():
+        raise _fail(name, f"the data folder {data_dir} does not exist")
+    if (data_dir / marker).exists():
+        return data_dir
+    if (data_dir / folder / marker).exists():
+        return data_dir / folder
+    raise _fail(name, f"expected {data_dir / folder / marker} (or {data_dir / marker}) but found neither")
+
+
+def _check_first_image(name: str, samples: list[tuple[str, int]], list_file: Path) -> None:
+    """Catch a wrong layout early and clearly; other missing images are reported by check_images."""
+    if not samples:
+        raise _fail(name, f"{list_file} lists no images")
+    first = samples[0][0]
+    if not os.path.isfile(first):
+        raise _fail(name, f"{list_file} lists {first} but that file does not exist")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUB-200-2011
+
+
+def _load_cub(data_dir: Path) -> DatasetSplits:
+    root = _find_root("cub", data_dir, "CUB_200_2011", "images.txt")
+    image_dir = _require_dir("cub", root / "images")
+
+    def id_table(file_name: str) -> dict[str, str]:
+        table = {}
+        path = root / file_name
+        for number, line in enumerate(_read_lines("cub", path), start=1):
+            parts = line.split(maxsplit=1)
+            if len(parts) != 2:
+                raise _fail("cub", f"{path} line {number} should be '<id> <value>', got {line!r}")
+            table[parts[0]] = parts[1]
+        return table
+
+    paths = id_table("images.txt")
+    class_ids = id_table("image_class_labels.txt")
+    is_train = id_table("train_test_split.txt")
+
+    # Class names come from classes.txt when present; otherwise from the images' folder names, which
+    # carry the same "001.Black_footed_Albatross" names.
+    names_by_id: dict[int, str] = {}
+    if (root / "classes.txt").is_file():
+        for class_id, class_name in id_table("classes.txt").items():
+            names_by_id[_parse_int("cub", root / "classes.txt", class_id)] = class_name
+    train, test = [], []
+    labels_seen: dict[int, str] = {}
+    for image_id, relative in paths.items():
+        if image_id not in class_ids or image_id not in is_train:
+            missing = "image_class_labels.txt" if image_id not in class_ids else "train_test_split.txt"
+            raise _fail("cub", f"image id {image_id} of images.txt is missing from {root / missing}")
+        class_id = _parse_int("cub", root / "image_class_labels.txt", class_ids[image_id])
+        labels_seen.setdefault(class_id, relative.split("/")[0])
+        flag = is_train[image_id]
+        if flag not in ("0", "1"):
+            raise _fail("cub", f"{root / 'train_test_split.txt'} has {flag!r} for image {image_id}; expected 0 or 1")
+        (train if flag == "1" else test).append((str(image_dir / relative), class_id))
+    all_ids = sorted(set(labels_seen) | set(names_by_id))
+    if all_ids != list(range(1, len(all_ids) + 1)):
+        raise _fail("cub", f"class ids in {root / 'image_class_labels.txt'} should be 1..N, got {all_ids[:5]}...")
+    classes = [names_by_id.get(class_id, labels_seen.get(class_id, str(class_id))) for class_id in all_ids]
+    # CUB's class ids are 1-based; labels are 0-based.
+    train = [(path, class_id - 1) for path, class_id in train]
+    test = [(path, class_id - 1) for path, class_id in test]
+    _check_first_image("cub", train, root / "images.txt")
+    return DatasetSplits("cub", root, classes, train, test, resize="shorter")
+
+
+def _parse_int(name: str, path: Path, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _fail(name, f"{path} holds {text!r} where an integer was expected") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Stanford Cars (torchvision's StanfordCars layout)
+
+
+def _load_cars(data_dir: Path) -> DatasetSplits:
+    import numpy as np
+    import scipy.io
+
+    root = _find_root("cars", data_dir, "stanford_cars", "devkit")
+    devkit = root / "devkit"
+
+    def load_mat(path: Path) -> dict:
+        _require_file("cars", path)
+        try:
+            return scipy.io.loadmat(str(path), squeeze_me=True)
+        except Exception as error:  # scipy raises several unrelated types for a corrupt file
+            raise _fail("cars", f"cannot read {path} as a MATLAB file ({error})") from None
+
+    meta = load_mat(devkit / "cars_meta.mat")
+    if "class_names" not in meta:
+        raise _fail("cars", f"{devkit / 'cars_meta.mat'} has no 'class_names' field")
+    classes = [str(name) for name in np.atleast_1d(meta["class_names"]).tolist()]
+
+    def split(annotations_path: Path, image_folder: str) -> list[tuple[str, int]]:
+        content = load_mat(annotations_path)
+        annotations = content.get("annotations")
+        fields = getattr(getattr(annotations, "dtype", None), "names", None) or ()
+        if annotations is None or "fname" not in fields or "class" not in fields:
+            raise _fail("cars", f"{annotations_path} should hold an 'annotations' struct with 'fname' and 'class'")
+        image_dir = _require_dir("cars", root / image_folder)
+        # The Kaggle mirror nests each image folder once more (cars_train/cars_train/).
+        if (image_dir / image_folder).is_dir():
+            image_dir = image_dir / image_folder
+        samples = []
+        for annotation in np.atleast_1d(annotations):
+            label = int(annotation["class"]) - 1  # 1-based in the .mat files
+            if not 0 <= label < len(classes):
+                raise _fail("cars", f"{annotations_path} has class {label + 1}, outside 1..{len(classes)}")
+            samples.append((str(image_dir / str(annotation["fname"])), label))
+        _check_first_image("cars", samples, annotations_path)
+        return samples
+
+    train = split(devkit / "cars_train_annos.mat", "cars_train")
+    test = split(root / "cars_test_annos_withlabels.mat", "cars_test")
+    return DatasetSplits("cars", root, classes, train, test, resize="square")
+
+
+# ---------------------------------------------------------------------------------------------
+# FGVC-Aircraft (torchvision's layout, variant level)
+
+
+def _load_aircraft(data_dir: Path) -> DatasetSplits:
+    root = _find_root("aircraft", data_dir, "fgvc-aircraft-2013b", "data")
+    data = root / "data"
+    image_dir = _require_dir("aircraft", data / "images")
+    classes = _read_lines("aircraft", data / "variants.txt")
+    label_of = {variant: label for label, variant in enumerate(classes)}
+
+    def split(file_name: str) -> list[tuple[str, int]]:
+        path = data / file_name
+        samples = []
+        for number, line in enumerate(_read_lines("aircraft", path), start=1):
+            # "<image id> <variant>", and variant names contain spaces ("Cessna 172").
+            parts = line.split(" ", 1)
+            if len(parts) != 2 or parts[1].strip() not in label_of:
+                raise _fail("aircraft", f"{path} line {number} should be '<image id> <variant from variants.txt>'")
+            samples.append((str(image_dir / f"{parts[0]}.jpg"), label_of[parts[1].strip()]))
+        _check_first_image("aircraft", samples, path)
+        return samples
+
+    # The paper trains on trainval (train + val), as is standard for FGVC-Aircraft.
+    train = split("images_variant_trainval.txt")
+    test = split("images_variant_test.txt")
+    return DatasetSplits("aircraft", root, classes, train, test, resize="square")
+
+
+# ---------------------------------------------------------------------------------------------
+# MIT-Indoor-67
+
+
+def _load_indoor67(data_dir: Path) -> DatasetSplits:
+    root = _find_root("indoor67", data_dir, "indoorCVPR_09", "Images")
+    image_dir = _require_dir("indoor67", root / "Images")
+    # TrainImages.txt / TestImages.txt are separate downloads: look beside Images/ and in data_dir.
+    lists = {}
+    for file_name in ("TrainImages.txt", "TestImages.txt"):
+        candidates = [root / file_name, data_dir / file_name]
+        found = next((path for path in candidates if path.is_file()), None)
+        if found is None:
+            raise _fail("indoor67", f"expected the file {root / file_name} but it does not exist")
+        lists[file_name] = (found, _read_lines("indoor67", found))
+    entries = [line for _, lines in lists.values() for line in lines]
+    for path, lines in lists.values():
+        for line in lines:
+            if "/" not in line:
+                raise _fail("indoor67", f"{path} should list '<class>/<image>' lines, got {line!r}")
+    classes = sorted({entry.split("/", 1)[0] for entry in entries})
+    label_of = {name: label for label, name in enumerate(classes)}
+
+    def split(file_name: str) -> list[tuple[str, int]]:
+        path, lines = lists[file_name]
+        samples = [(str(image_dir / line), label_of[line.split("/", 1)[0]]) for line in lines]
+        _check_first_image("indoor67", samples, path)
+        return samples
+
+    return DatasetSplits("indoor67", root, classes, split("TrainImages.txt"), split("TestImages.txt"), resize="square")
+
+
+# ---------------------------------------------------------------------------------------------
+# Food-101
+
+
+def _load_food101(data_dir: Path) -> DatasetSplits:
+    root = _find_root("food101", data_dir, "food-101", "meta")
+    meta = root / "meta"
+    image_dir = _require_dir("food101", root / "images")
+
+    def read_json(file_name: str) -> dict[str, list[str]]:
+        path = _require_file("food101", meta / file_name)
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise _fail("food101", f"cannot read {path} as JSON ({error})") from None
+        if not isinstance(content, dict) or not all(isinstance(v, list) for v in content.values()):
+            raise _fail("food101", f"{path} should map each class to a list of '<class>/<image id>'")
+        return content
+
+    train_lists, test_lists = read_json("train.json"), read_json("test.json")
+    if (meta / "classes.txt").is_file():
+        classes = _read_lines("food101", meta / "classes.txt")
+    else:
+        classes = sorted(train_lists)
+    label_of = {name: label for label, name in enumerate(classes)}
+
+    def split(lists: dict[str, list[str]], file_name: str) -> list[tuple[str, int]]:
+        samples = []
+        for class_name, entries in lists.items():
+            if class_name not in label_of:
+                raise _fail("food101", f"{meta / file_name} has class {class_name!r} missing from classes.txt")
+            samples += [(str(image_dir / f"{entry}.jpg"), label_of[class_name]) for entry in entries]
+        _check_first_image("food101", samples, meta / file_name)
+        return samples
+
+    return DatasetSplits(
+        "food101", root, classes, split(train_lists, "train.json"), split(test_lists, "test.json"), resize="square"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# imagefolder: ROOT/train/<class>/<image>, ROOT/test/<class>/<image>
+
+
+def _load_imagefolder(data_dir: Path) -> DatasetSplits:
+    if not data_dir.is_dir():
+        raise _fail("imagefolder", f"the data folder {data_dir} does not exist")
+
+    def split(split_name: str) -> dict[str, list[str]]:
+        split_dir = _require_dir("imagefolder", data_dir / split_name)
+        files_by_class = {}
+        for class_dir in sorted(split_dir.iterdir()):
+            if not class_dir.is_dir() or class_dir.name.startswith("."):
+                continue
+            files_by_class[class_dir.name] = sorted(
+                str(path)
+                for path in class_dir.iterdir()
+                if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+            )
+        if not files_by_class:
+            raise _fail("imagefolder", f"expected one folder per class in {split_dir} but found none")
+        return files_by_class
+
+    train_files, test_files = split("train"), split("test")
+    if set(train_files) != set(test_files):
+        only_train = sorted(set(train_files) - set(test_files))
+        only_test = sorted(set(test_files) - set(train_files))
+        raise _fail(
+            "imagefolder",
+            f"train/ and test/ must hold the same class folders (only in train: {only_train[:5]}, "
+            f"only in test: {only_test[:5]})",
+        )
+    classes = sorted(train_files)
+    empty = [name for name in classes if not train_files[name]]
+    if empty:
+        raise _fail("imagefolder", f"class folder {data_dir / 'train' / empty[0]} holds no images")
+
+    def samples(files_by_class: dict[str, list[str]]) -> list[tuple[str, int]]:
+        return [(path, label) for label, name in enumerate(classes) for path in files_by_class[name]]
+
+    return DatasetSplits("imagefolder", data_dir, classes, samples(train_files), samples(test_files), resize="square")
+
+
+_LOADERS: dict[str, Callable[[Path], DatasetSplits]] = {
+    "cub": _load_cub,
+    "cars": _load_cars,
+    "aircraft": _load_aircraft,
+    "indoor67": _load_indoor67,
+    "food101": _load_food101,
+    "imagefolder": _load_imagefolder,
+}
+
+
+def load_dataset(name: str, data_dir: str | Path) -> DatasetSplits:
+    """Read the train and test file lists of dataset `name` from its official layout under `data_dir`.
+
+    Raises UserError for an unknown name or a missing/malformed layout. Images are not opened.
+    """
+    if name not in _LOADERS:
+        raise UserError(f"unknown dataset {name!r}; valid names are: {', '.join(DATASET_NAMES)}")
+    data_dir = Path(data_dir).expanduser().absolute()
+    return _LOADERS[name](data_dir)
+
+
+def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = None) -> str:
+    """Load a dataset's lists and check every image header; a short human-readable report.
+
+    Used by `smile-fast data verify`. Raises UserError when the layout itself is broken.
+    """
+    from smile_fast.data.images import check_images
+
+    splits = load_dataset(name, data_dir)
+    lines = [f"{_PRETTY[name]} at {splits.root}: {splits.num_classes} classes"]
+    total_bad = 0
+    for split_name, samples in (("train", splits.train), ("test", splits.test)):
+        good, bad = check_images(samples, cache_dir)
+        total_bad += len(bad)
+        lines.append(f"  {split_name}: {len(samples)} images listed, {len(good)} readable, {len(bad)} unreadable")
+        for path in bad[:10]:
+            lines.append(f"    unreadable: {path}")
+        if len(bad) > 10:
+            lines.append(f"    ... and {len(bad) - 10} more")
+    lines.append("OK" if total_bad == 0 else f"{total_bad} unreadable files will be skipped during training")
+    return "\n".join(lines)

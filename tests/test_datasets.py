@@ -1,0 +1,191 @@
+"""The dataset parsers on miniature copies of each official layout, and their errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _layouts import BUILDERS, build_cars, build_cub, build_food101, build_imagefolder, build_indoor67, write_image
+
+from smile_fast.data.datasets import DATASET_NAMES, load_dataset, verify_dataset
+from smile_fast.errors import UserError
+
+
+@pytest.mark.parametrize("name", DATASET_NAMES)
+def test_parser_returns_the_official_split(tmp_path: Path, name: str):
+    expected = BUILDERS[name](tmp_path)
+    splits = load_dataset(name, expected.data_dir)
+    assert splits.name == name
+    assert splits.classes == expected.classes
+    assert sorted(splits.train) == sorted(expected.train)
+    assert sorted(splits.test) == sorted(expected.test)
+    assert splits.resize == ("shorter" if name == "cub" else "square")
+    for path, label in splits.train + splits.test:
+        assert Path(path).is_absolute() and Path(path).is_file(), path
+        assert 0 <= label < splits.num_classes
+
+
+@pytest.mark.parametrize("name", ["cub", "cars", "aircraft", "food101"])
+def test_parser_accepts_the_dataset_folder_itself(tmp_path: Path, name: str):
+    """Users pass either the extracted folder or the folder they extracted it into."""
+    expected = BUILDERS[name](tmp_path)
+    inner = {"cub": "CUB_200_2011", "cars": "stanford_cars", "aircraft": "fgvc-aircraft-2013b", "food101": "food-101"}
+    splits = load_dataset(name, tmp_path / inner[name])
+    assert sorted(splits.train) == sorted(expected.train)
+
+
+def test_cub_labels_follow_class_ids_not_folder_order(tmp_path: Path):
+    expected = build_cub(tmp_path, num_classes=3, per_class=2)
+    # Swap the names of classes 1 and 2 in classes.txt: labels must follow the ids, names the file.
+    classes_txt = tmp_path / "CUB_200_2011" / "classes.txt"
+    classes_txt.write_text(f"1 first\n2 second\n3 {expected.classes[2]}\n")
+    splits = load_dataset("cub", tmp_path)
+    assert splits.classes == ["first", "second", expected.classes[2]]
+    assert sorted(splits.train) == sorted(expected.train)
+
+
+def test_cub_without_classes_txt_names_classes_from_folders(tmp_path: Path):
+    expected = build_cub(tmp_path)
+    (tmp_path / "CUB_200_2011" / "classes.txt").unlink()
+    assert load_dataset("cub", tmp_path).classes == expected.classes
+
+
+def test_cars_reads_the_kaggle_nested_folders(tmp_path: Path):
+    """The Kaggle mirror nests cars_train/cars_train/; the parser follows it."""
+    expected = build_cars(tmp_path)
+    root = tmp_path / "stanford_cars"
+    for split in ("cars_train", "cars_test"):
+        inner = root / f"{split}.inner"
+        (root / split).rename(inner)
+        (root / split).mkdir()
+        inner.rename(root / split / split)
+    splits = load_dataset("cars", tmp_path)
+    assert len(splits.train) == len(expected.train)
+    assert all(Path(path).is_file() for path, _ in splits.train + splits.test)
+
+
+def test_food101_without_classes_txt_sorts_the_json_keys(tmp_path: Path):
+    expected = build_food101(tmp_path)
+    (tmp_path / "food-101" / "meta" / "classes.txt").unlink()
+    assert load_dataset("food101", tmp_path).classes == sorted(expected.classes)
+
+
+def test_imagefolder_ignores_non_images_and_hidden_files(tmp_path: Path):
+    expected = build_imagefolder(tmp_path)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    write_image(tmp_path / "train" / "cat" / ".hidden.jpg")
+    (tmp_path / "train" / ".git").mkdir()
+    splits = load_dataset("imagefolder", tmp_path)
+    assert sorted(splits.train) == sorted(expected.train)
+
+
+def test_imagefolder_requires_the_same_classes(tmp_path: Path):
+    build_imagefolder(tmp_path)
+    write_image(tmp_path / "train" / "zebra" / "a.jpg")
+    with pytest.raises(UserError, match="zebra"):
+        load_dataset("imagefolder", tmp_path)
+
+
+def test_unknown_dataset_lists_the_valid_names(tmp_path: Path):
+    with pytest.raises(UserError) as error:
+        load_dataset("imagenet", tmp_path)
+    for name in DATASET_NAMES:
+        assert name in str(error.value)
+
+
+@pytest.mark.parametrize("name", DATASET_NAMES)
+def test_missing_folder_says_where_to_get_the_dataset(tmp_path: Path, name: str):
+    with pytest.raises(UserError) as error:
+        load_dataset(name, tmp_path / "nowhere")
+    message = str(error.value)
+    assert str(tmp_path / "nowhere") in message
+    assert "\n" not in message
+    if name != "imagefolder":
+        assert "http" in message
+    if name == "cars":
+        assert "gone" in message and "Kaggle" in message and "torchvision" in message
+
+
+# (dataset, file to break relative to the data folder, how, text the error must contain)
+BROKEN = [
+    ("cub", "CUB_200_2011/image_class_labels.txt", "delete", "image_class_labels.txt"),
+    ("cub", "CUB_200_2011/train_test_split.txt", "delete", "train_test_split.txt"),
+    ("cub", "CUB_200_2011/images.txt", "delete", "images.txt"),
+    ("cub", "CUB_200_2011/images", "delete", "images"),
+    ("cub", "CUB_200_2011/train_test_split.txt", "garbage", "train_test_split.txt"),
+    ("cars", "stanford_cars/devkit/cars_meta.mat", "delete", "cars_meta.mat"),
+    ("cars", "stanford_cars/devkit/cars_train_annos.mat", "delete", "cars_train_annos.mat"),
+    ("cars", "stanford_cars/cars_test_annos_withlabels.mat", "delete", "cars_test_annos_withlabels.mat"),
+    ("cars", "stanford_cars/devkit/cars_train_annos.mat", "garbage", "cars_train_annos.mat"),
+    ("cars", "stanford_cars/cars_test", "delete", "cars_test"),
+    ("aircraft", "fgvc-aircraft-2013b/data/variants.txt", "delete", "variants.txt"),
+    ("aircraft", "fgvc-aircraft-2013b/data/images_variant_trainval.txt", "delete", "images_variant_trainval.txt"),
+    ("aircraft", "fgvc-aircraft-2013b/data/images_variant_test.txt", "garbage", "images_variant_test.txt"),
+    ("aircraft", "fgvc-aircraft-2013b/data/images", "delete", "images"),
+    ("indoor67", "TrainImages.txt", "delete", "TrainImages.txt"),
+    ("indoor67", "TestImages.txt", "garbage", "TestImages.txt"),
+    ("indoor67", "Images", "delete", "Images"),
+    ("food101", "food-101/meta/train.json", "delete", "train.json"),
+    ("food101", "food-101/meta/test.json", "garbage", "test.json"),
+    ("food101", "food-101/images", "delete", "images"),
+    ("imagefolder", "test", "delete", "test"),
+]
+
+
+@pytest.mark.parametrize(("name", "target", "how", "mention"), BROKEN, ids=lambda value: str(value))
+def test_malformed_layout_names_the_expected_file(tmp_path: Path, name: str, target: str, how: str, mention: str):
+    import shutil
+
+    BUILDERS[name](tmp_path)
+    path = tmp_path / target
+    if how == "delete":
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    else:
+        path.write_bytes(b"\x00\x01 this is not the expected format\n{[")
+    with pytest.raises(UserError) as error:
+        load_dataset(name, tmp_path)
+    message = str(error.value)
+    assert mention in message, message
+    assert "\n" not in message
+
+
+def test_listed_image_missing_from_disk_is_reported(tmp_path: Path):
+    expected = build_indoor67(tmp_path)
+    Path(expected.train[0][0]).unlink()
+    with pytest.raises(UserError, match="does not exist"):
+        load_dataset("indoor67", tmp_path)
+
+
+def test_cars_class_out_of_range_is_an_error(tmp_path: Path):
+    import scipy.io
+
+    build_cars(tmp_path)
+    mat = tmp_path / "stanford_cars" / "devkit" / "cars_train_annos.mat"
+    content = scipy.io.loadmat(mat)
+    content["annotations"][0, 0]["class"] = np.array([[99]])
+    scipy.io.savemat(mat, {"annotations": content["annotations"]})
+    with pytest.raises(UserError, match="99"):
+        load_dataset("cars", tmp_path)
+
+
+def test_food101_class_missing_from_classes_txt(tmp_path: Path):
+    build_food101(tmp_path)
+    meta = tmp_path / "food-101" / "meta"
+    content = json.loads((meta / "train.json").read_text())
+    content["sushi"] = content.pop("baklava")
+    (meta / "train.json").write_text(json.dumps(content))
+    with pytest.raises(UserError, match="sushi"):
+        load_dataset("food101", tmp_path)
+
+
+def test_verify_dataset_reports_counts_and_bad_files(tmp_path: Path):
+    expected = build_imagefolder(tmp_path / "data")
+    bad = Path(expected.train[1][0])
+    bad.write_bytes(b"garbage, not an image")
+    report = verify_dataset("imagefolder", tmp_path / "data", cache_dir=tmp_path / "cache")
+    assert "3 classes" in report
+    assert f"train: {len(expected.train)} images listed, {len(expected.train) - 1} readable, 1 unreadable" in report
+    assert f"test: {len(expected.test)} images listed, {len(expected.test)} readable, 0 unreadable" in report
+    assert str(bad) in report
