@@ -312,6 +312,12 @@ class DaliTrainLoader:
     seed: mixed into every sample's augmentation seed (0 keeps the plan's draws as they are) and
         given to the DALI pipeline.
     prefetch_queue_depth: batches DALI prepares ahead of the one being consumed.
+
+    Measured on the 2-core CI machine (DALI 2.4, 500x375 JPEGs, batch 32, CPU time per image, so
+    that the other jobs on the machine do not skew it): decode alone 1.7 ms, the whole pipeline
+    2.8 ms; 1, 2, 3 or 4 threads, a prefetch depth of 1, 2 or 4, `use_fast_idct` (which also changes
+    pixels) and uint8 output made no difference above the run-to-run noise (about 10%), so the
+    defaults stay. The torchvision transform costs 7.7 ms per image on the same files.
     """
 
     def __init__(
