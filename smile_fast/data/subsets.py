@@ -1,0 +1,129 @@
+"""The spec's subset protocols (SMILE_SPEC.md, "Data protocols") and the run's manifest file.
+
+`--sample-rate R`: per class keep max(1, round(R * n_class)) training images.
+`--class-fraction X --train-samples Y`: keep round(X * num_classes) classes, remap their labels to
+0..C'-1, draw Y training images uniformly from them; the test split keeps only those classes.
+
+Every choice is a seeded shuffle whose order only depends on `random.Random(seed).random()`, the
+one part of Python's random module guaranteed to produce the same numbers on every Python version,
+so a subset chosen today is the same subset next year. The result keeps the dataset's own order.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from smile_fast.data.datasets import DatasetSplits
+from smile_fast.errors import UserError
+
+# Keeps the class choice and the image draw of apply_class_subset on different random streams.
+_IMAGE_DRAW_SALT = 7_919
+
+
+def _seeded_order(count: int, seed: int) -> list[int]:
+    """A permutation of range(count) that depends only on `seed` (stable across Python versions)."""
+    generator = random.Random(seed)
+    keys = [generator.random() for _ in range(count)]
+    return sorted(range(count), key=keys.__getitem__)
+
+
+def apply_sample_rate(splits: DatasetSplits, rate: float, seed: int) -> DatasetSplits:
+    """Keep max(1, round(rate * n_class)) training images of every class, chosen with `seed`.
+
+    The test split and the classes are untouched. rate must be in (0, 1].
+    """
+    if not 0 < rate <= 1:
+        raise UserError(f"--sample-rate must be in (0, 1], got {rate}")
+    if rate == 1:
+        return replace(splits, train=list(splits.train))
+    positions_by_class: dict[int, list[int]] = {}
+    for position, (_, label) in enumerate(splits.train):
+        positions_by_class.setdefault(label, []).append(position)
+    kept: list[int] = []
+    generator = random.Random(seed)
+    for label in sorted(positions_by_class):
+        positions = positions_by_class[label]
+        keep = max(1, round(rate * len(positions)))
+        # One sub-seed per class, drawn in label order, so that each class's choice is independent.
+        order = _seeded_order(len(positions), generator.getrandbits(63))
+        kept += [positions[i] for i in order[:keep]]
+    kept.sort()
+    return replace(splits, train=[splits.train[position] for position in kept])
+
+
+def apply_class_subset(
+    splits: DatasetSplits, class_fraction: float, train_samples: int | None, seed: int
+) -> DatasetSplits:
+    """Keep round(class_fraction * num_classes) classes chosen with `seed`, relabelled 0..C'-1.
+
+    train_samples: how many training images to draw uniformly (without replacement) from the chosen
+    classes' training images; None keeps them all. The test split keeps only the chosen classes.
+    """
+    if not 0 < class_fraction <= 1:
+        raise UserError(f"--class-fraction must be in (0, 1], got {class_fraction}")
+    num_chosen = round(class_fraction * splits.num_classes)
+    if num_chosen == 0:
+        raise UserError(
+            f"--class-fraction {class_fraction} of {splits.num_classes} classes rounds to 0 classes; "
+            "use a larger fraction"
+        )
+    # Sorted so that new label i keeps the relative order of the original class names.
+    chosen = sorted(_seeded_order(splits.num_classes, seed)[:num_chosen])
+    new_label = {old: new for new, old in enumerate(chosen)}
+    train = [(path, new_label[label]) for path, label in splits.train if label in new_label]
+    test = [(path, new_label[label]) for path, label in splits.test if label in new_label]
+    if train_samples is not None:
+        if train_samples < 1:
+            raise UserError(f"--train-samples must be at least 1, got {train_samples}")
+        if train_samples > len(train):
+            raise UserError(
+                f"--train-samples {train_samples} is more than the {len(train)} training images of the "
+                f"{num_chosen} chosen classes; lower it or raise --class-fraction"
+            )
+        picked = sorted(_seeded_order(len(train), seed * _IMAGE_DRAW_SALT + 1)[:train_samples])
+        train = [train[position] for position in picked]
+    classes = [splits.classes[old] for old in chosen]
+    return replace(splits, classes=classes, train=train, test=test)
+
+
+def write_manifest(path: str | Path, samples: list[tuple[str, int]]) -> None:
+    """Write the training file list as "label<TAB>path" lines, atomically (temp file, then rename).
+
+    A crash mid-write leaves either the old manifest or none, never a truncated one.
+    """
+    path = Path(path)
+    for sample_path, _ in samples:
+        if "\n" in sample_path or "\t" in sample_path or "\r" in sample_path:
+            raise UserError(f"cannot record {sample_path!r} in a manifest: its name holds a tab or line break")
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as handle:
+            handle.writelines(f"{label}\t{sample_path}\n" for sample_path, label in samples)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(path: str | Path) -> list[tuple[str, int]]:
+    """Read a manifest written by write_manifest back into (path, label) pairs."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read the manifest {path} ({error})") from None
+    samples = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line:
+            continue
+        label, separator, sample_path = line.partition("\t")
+        if not separator or not label.isdigit() or not sample_path:
+            raise UserError(f"manifest {path} line {number} should be '<label><TAB><path>', got {line[:80]!r}")
+        samples.append((sample_path, int(label)))
+    return samples

@@ -1,0 +1,151 @@
+"""The spec's subset protocols and the manifest file."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from smile_fast.data.datasets import DatasetSplits
+from smile_fast.data.subsets import apply_class_subset, apply_sample_rate, read_manifest, write_manifest
+from smile_fast.errors import UserError
+
+# Uneven class sizes, so that per-class rounding is visible: class c has 3 + 4 * c training images.
+TRAIN_PER_CLASS = [3 + 4 * c for c in range(8)]
+
+
+def make_splits() -> DatasetSplits:
+    train = [(f"/data/train/c{c}/{k}.jpg", c) for c in range(8) for k in range(TRAIN_PER_CLASS[c])]
+    # Interleave the classes, as CUB's images.txt order does not group them.
+    train.sort(key=lambda sample: (int(sample[0].rsplit("/", 1)[1].split(".")[0]), sample[1]))
+    test = [(f"/data/test/c{c}/{k}.jpg", c) for c in range(8) for k in range(2)]
+    return DatasetSplits("toy", Path("/data"), [f"class{c}" for c in range(8)], train, test, "square")
+
+
+@pytest.mark.parametrize("rate", [0.15, 0.3, 0.5, 1.0])
+def test_sample_rate_keeps_the_spec_count_per_class(rate: float):
+    splits = make_splits()
+    subset = apply_sample_rate(splits, rate, seed=3)
+    counts = Counter(label for _, label in subset.train)
+    assert [counts[c] for c in range(8)] == [max(1, round(rate * n)) for n in TRAIN_PER_CLASS]
+    assert set(subset.train) <= set(splits.train)
+    assert len(set(subset.train)) == len(subset.train)
+    assert subset.test == splits.test and subset.classes == splits.classes
+
+
+def test_sample_rate_keeps_at_least_one_image_per_class():
+    subset = apply_sample_rate(make_splits(), 0.01, seed=0)
+    assert Counter(label for _, label in subset.train) == Counter(range(8))
+
+
+def test_sample_rate_is_seeded_and_keeps_the_dataset_order():
+    splits = make_splits()
+    first = apply_sample_rate(splits, 0.3, seed=11)
+    assert apply_sample_rate(splits, 0.3, seed=11).train == first.train
+    assert apply_sample_rate(splits, 0.3, seed=12).train != first.train
+    positions = [splits.train.index(sample) for sample in first.train]
+    assert positions == sorted(positions)
+
+
+def test_sample_rate_does_not_modify_its_input():
+    splits = make_splits()
+    before = list(splits.train)
+    apply_sample_rate(splits, 0.5, seed=1)
+    assert splits.train == before
+
+
+@pytest.mark.parametrize("rate", [0, -0.5, 1.5, float("nan")])
+def test_sample_rate_out_of_range_is_a_user_error(rate: float):
+    with pytest.raises(UserError, match="sample-rate"):
+        apply_sample_rate(make_splits(), rate, seed=0)
+
+
+def test_class_subset_chooses_remaps_and_filters():
+    splits = make_splits()
+    subset = apply_class_subset(splits, 0.25, train_samples=10, seed=5)
+    assert len(subset.classes) == 2  # round(0.25 * 8)
+    old_label = {name: splits.classes.index(name) for name in subset.classes}
+    original_label = dict(splits.train + splits.test)
+    assert len(subset.train) == 10 and len(set(subset.train)) == 10
+    for path, label in subset.train + subset.test:
+        assert label in (0, 1)
+        assert original_label[path] == old_label[subset.classes[label]]
+    # The test split keeps every image of the chosen classes and nothing else.
+    chosen = set(old_label.values())
+    expected_test = [
+        (path, subset.classes.index(splits.classes[label])) for path, label in splits.test if label in chosen
+    ]
+    assert subset.test == expected_test
+
+
+def test_class_subset_without_train_samples_keeps_all_chosen_images():
+    splits = make_splits()
+    subset = apply_class_subset(splits, 0.5, train_samples=None, seed=2)
+    chosen = {splits.classes.index(name) for name in subset.classes}
+    assert len(subset.train) == sum(TRAIN_PER_CLASS[c] for c in chosen)
+
+
+def test_class_subset_is_seeded():
+    splits = make_splits()
+    first = apply_class_subset(splits, 0.5, train_samples=12, seed=9)
+    again = apply_class_subset(splits, 0.5, train_samples=12, seed=9)
+    assert (again.classes, again.train) == (first.classes, first.train)
+    others = [apply_class_subset(splits, 0.5, train_samples=12, seed=seed) for seed in (10, 11, 12)]
+    assert any(other.classes != first.classes for other in others)
+    assert any(other.train != first.train for other in others)
+
+
+def test_class_subset_draws_uniformly_from_the_chosen_images():
+    """Over many seeds with all classes kept, every training image is drawn about equally often."""
+    splits = make_splits()
+    total = len(splits.train)
+    draws = Counter()
+    runs = 300
+    for seed in range(runs):
+        draws.update(path for path, _ in apply_class_subset(splits, 1.0, train_samples=total // 4, seed=seed).train)
+    expected = runs / 4
+    assert set(draws) == {path for path, _ in splits.train}
+    assert max(abs(count - expected) for count in draws.values()) < 0.5 * expected
+
+
+@pytest.mark.parametrize(
+    ("fraction", "samples", "match"),
+    [
+        (0.01, None, "rounds to 0"),
+        (0.0, None, "class-fraction"),
+        (1.5, None, "class-fraction"),
+        (0.25, 10_000, "train-samples"),
+        (0.25, 0, "train-samples"),
+    ],
+)
+def test_class_subset_bad_values_are_user_errors(fraction: float, samples: int | None, match: str):
+    with pytest.raises(UserError, match=match):
+        apply_class_subset(make_splits(), fraction, samples, seed=0)
+
+
+def test_manifest_round_trip(tmp_path: Path):
+    samples = [("/data/a b/ü.jpg", 3), ("/data/x.png", 0), ("relative/y.jpg", 12)]
+    path = tmp_path / "manifest.txt"
+    write_manifest(path, samples)
+    assert read_manifest(path) == samples
+    assert path.read_text(encoding="utf-8").splitlines()[0] == "3\t/data/a b/ü.jpg"
+    # Rewriting replaces it whole and leaves no temporary file behind.
+    write_manifest(path, samples[:1])
+    assert read_manifest(path) == samples[:1]
+    assert [entry.name for entry in tmp_path.iterdir()] == ["manifest.txt"]
+
+
+def test_manifest_refuses_a_path_it_could_not_read_back(tmp_path: Path):
+    with pytest.raises(UserError, match="line break"):
+        write_manifest(tmp_path / "manifest.txt", [("/data/bad\nname.jpg", 0)])
+    assert not (tmp_path / "manifest.txt").exists()
+
+
+def test_malformed_manifest_is_a_user_error(tmp_path: Path):
+    path = tmp_path / "manifest.txt"
+    path.write_text("0\t/a.jpg\nnot a manifest line\n")
+    with pytest.raises(UserError, match="line 2"):
+        read_manifest(path)
+    with pytest.raises(UserError, match="cannot read"):
+        read_manifest(tmp_path / "missing.txt")
