@@ -53,8 +53,8 @@ rows = {
     "mixup_batch": (mixup_batch._mixup_batch_fwd_kernel, f"x_ptr:*T {lam} out_ptr:*T n_per_sample:i32", 2048),
     "feature_fwd": (
         feature_mixup_loss._feature_mixup_loss_fwd_kernel,
-        f"student_ptr:*T teacher_ptr:*T {lam} partial_ptr:*fp32 n_per_sample:i32",
-        2048,
+        f"student_ptr:*T teacher_ptr:*T {lam} partial_ptr:*fp32 n_per_sample:i32 partial_scale:fp32",
+        {"ROOT": True, "BLOCK": 2048},
     ),
     "feature_bwd": (
         feature_mixup_loss._feature_mixup_loss_bwd_kernel,
@@ -90,7 +90,8 @@ for name in ("soft_mixup_cross_entropy", "soft_mixup_mse"):
 results = {}
 for dt, tl_dt in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
     for name, (kernel, signature, block) in rows.items():
-        results[f"{name}/{dt}"] = compile_kernel(kernel, sig(signature, dt), {"BLOCK": block})
+        constexprs = block if isinstance(block, dict) else {"BLOCK": block}
+        results[f"{name}/{dt}"] = compile_kernel(kernel, sig(signature, dt), constexprs)
     results[f"ema_update/{dt}"] = compile_kernel(
         ema_update._ema_update_fwd_kernel,
         sig("table_ptr:*i64 n_tensors:i32 decay_ptr:*fp32", dt),

@@ -18,7 +18,15 @@ FEATURE_NUM_WARPS = 4
 
 @triton.jit
 def _feature_mixup_loss_fwd_kernel(
-    student_ptr, teacher_ptr, perm_ptr, lam_ptr, partial_ptr, n_per_sample, BLOCK: tl.constexpr
+    student_ptr,
+    teacher_ptr,
+    perm_ptr,
+    lam_ptr,
+    partial_ptr,
+    n_per_sample,
+    partial_scale,
+    ROOT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -32,8 +40,13 @@ def _feature_mixup_loss_fwd_kernel(
     teacher = tl.load(teacher_ptr + own_start + offsets, mask=mask, other=0.0).to(tl.float32)
     partner_teacher = tl.load(teacher_ptr + partner_start + offsets, mask=mask, other=0.0).to(tl.float32)
     difference = student - (lam * teacher + (1.0 - lam) * partner_teacher)
-    # One partial per program, summed afterwards: deterministic, unlike a float atomic_add.
-    tl.store(partial_ptr + row * tl.num_programs(1) + chunk, tl.sum(difference * difference, axis=0))
+    # One partial per program, reduced afterwards by one torch call: deterministic, unlike a float
+    # atomic_add. ROOT stores sqrt(partial) * scale, so that torch.linalg.vector_norm of the partials
+    # is sqrt(sum of squares) * scale directly (one launch instead of sum, sqrt and divide).
+    partial = tl.sum(difference * difference, axis=0)
+    if ROOT:
+        partial = tl.sqrt(partial)
+    tl.store(partial_ptr + row * tl.num_programs(1) + chunk, partial * partial_scale)
 
 
 @triton.jit
@@ -62,9 +75,16 @@ def feature_partial_count(batch: int, n_per_sample: int) -> int:
 
 
 def launch_feature_mixup_loss_forward(
-    student: Tensor, teacher: Tensor, perm: Tensor, lam: Tensor, partial_sums: Tensor
+    student: Tensor,
+    teacher: Tensor,
+    perm: Tensor,
+    lam: Tensor,
+    partial_sums: Tensor,
+    partial_scale: float = 1.0,
+    root: bool = False,
 ) -> None:
-    """Fill `partial_sums` (float32, `feature_partial_count(B, N)`) with partial sums of d^2.
+    """Fill `partial_sums` (float32, `feature_partial_count(B, N)`) with partial sums of d^2 times
+    `partial_scale`, or with sqrt(partial sum) times `partial_scale` when `root`.
 
     Args:
         student, teacher: [B, ...] with the same strides, each sample one dense chunk of N elements.
@@ -76,7 +96,16 @@ def launch_feature_mixup_loss_forward(
         return
     n_chunks = triton.cdiv(n_per_sample, FEATURE_BLOCK)
     _feature_mixup_loss_fwd_kernel[(batch, n_chunks)](
-        student, teacher, perm, lam, partial_sums, n_per_sample, BLOCK=FEATURE_BLOCK, num_warps=FEATURE_NUM_WARPS
+        student,
+        teacher,
+        perm,
+        lam,
+        partial_sums,
+        n_per_sample,
+        partial_scale,
+        ROOT=root,
+        BLOCK=FEATURE_BLOCK,
+        num_warps=FEATURE_NUM_WARPS,
     )
     record_launch("feature_mixup_loss_fwd")
 

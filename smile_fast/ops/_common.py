@@ -85,3 +85,34 @@ def run_on_batch_outer_dense(
     if target is not out:
         out.copy_(target)
     return out
+
+
+def eager_autograd_function(
+    name: str,
+    forward: Callable[..., Tensor],
+    setup_context: Callable[..., None],
+    backward: Callable[..., tuple],
+) -> type[torch.autograd.Function]:
+    """An autograd.Function running the same implementation and formula as a custom op, for eager mode.
+
+    Calling a torch.library custom op with autograd costs about 250 us of Python dispatch per call
+    on this project's 2-core CI machine (measured: 380 us vs 120 us for the same body in an
+    autograd.Function), more than the fused kernels take on a GPU; so eager calls take this path and
+    only torch.compile (which needs the registered op, its fake and its autograd formula) takes the op.
+    """
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        },
+    )
+
+
+def call_op(op: Callable[..., Tensor], eager_function: type[torch.autograd.Function], *args: object) -> Tensor:
+    """The registered custom op while torch.compile traces, the lean autograd.Function otherwise."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return eager_function.apply(*args)

@@ -60,8 +60,7 @@ def _is_dense(tensor: Tensor) -> bool:
     return True
 
 
-@torch.library.custom_op("smile_fast::ema_update_", mutates_args=("teacher_tensors",))
-def _ema_update_op(teacher_tensors: list[Tensor], student_tensors: list[Tensor], decay: Tensor) -> None:
+def _ema_update_impl(teacher_tensors: list[Tensor], student_tensors: list[Tensor], decay: Tensor) -> None:
     if not teacher_tensors:
         return
     if not use_triton(teacher_tensors[0]):
@@ -81,6 +80,9 @@ def _ema_update_op(teacher_tensors: list[Tensor], student_tensors: list[Tensor],
         launch_ema_update(teachers, students, decay)
     if leftovers[0]:
         ema_update_reference(leftovers[0], leftovers[1], decay)
+
+
+_ema_update_op = torch.library.custom_op("smile_fast::ema_update_", _ema_update_impl, mutates_args=("teacher_tensors",))
 
 
 @_ema_update_op.register_fake
@@ -121,8 +123,11 @@ def ema_update_(teacher_tensors: Sequence[Tensor], student_tensors: Sequence[Ten
     _check_ema_inputs(teacher_tensors, student_tensors)
     if len(teacher_tensors) == 0:
         return
+    # Eager calls skip the custom-op dispatcher (tens of microseconds of Python per call, see
+    # ops/_common.py eager_autograd_function); torch.compile needs the registered op.
+    update = _ema_update_op if torch.compiler.is_compiling() else _ema_update_impl
     with torch.no_grad():
-        _ema_update_op(
+        update(
             [t.detach() for t in teacher_tensors],
             [s.detach() for s in student_tensors],
             _decay_tensor(decay, teacher_tensors[0].device),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -9,8 +10,10 @@ from torch import Tensor
 
 from smile_fast.ops._common import (
     batch_outer_dense,
+    call_op,
     check_perm,
     copy_into_empty_like,
+    eager_autograd_function,
     lam_as_tensor,
     like_layout,
     run_on_batch_outer_dense,
@@ -74,8 +77,9 @@ def _feature_mixup_loss_backward_reference(
     return copy_into_empty_like(coef * (student_feat.float() - mixed_teacher), student_feat)
 
 
-@torch.library.custom_op("smile_fast::feature_mixup_loss", mutates_args=())
-def _feature_mixup_loss_op(student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, form: str) -> Tensor:
+def _feature_mixup_loss_impl(
+    student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, form: str
+) -> Tensor:
     if not use_triton(student_feat):
         return feature_mixup_loss_reference(student_feat, teacher_feat, perm, lam, form)  # type: ignore[arg-type]
     from smile_fast.kernels.feature_mixup_loss import feature_partial_count, launch_feature_mixup_loss_forward
@@ -84,13 +88,18 @@ def _feature_mixup_loss_op(student_feat: Tensor, teacher_feat: Tensor, perm: Ten
     teacher = like_layout(teacher_feat, student)
     batch = student.shape[0]
     n_per_sample = student.numel() // batch if batch else 0
-    partial_sums = torch.zeros(feature_partial_count(batch, n_per_sample), dtype=torch.float32, device=student.device)
-    launch_feature_mixup_loss_forward(student, teacher, perm, lam, partial_sums)
-    squared_norm = partial_sums.sum()
+    partial_sums = torch.empty(feature_partial_count(batch, n_per_sample), dtype=torch.float32, device=student.device)
     if form == "official":
         height, width = student_feat.shape[-2:]
-        return squared_norm.sqrt() / (height * width)
-    return squared_norm / batch
+        launch_feature_mixup_loss_forward(student, teacher, perm, lam, partial_sums, 1.0 / (height * width), root=True)
+        return torch.linalg.vector_norm(partial_sums)
+    launch_feature_mixup_loss_forward(student, teacher, perm, lam, partial_sums, 1.0 / batch)
+    return partial_sums.sum()
+
+
+_feature_mixup_loss_op = torch.library.custom_op(
+    "smile_fast::feature_mixup_loss", _feature_mixup_loss_impl, mutates_args=()
+)
 
 
 @_feature_mixup_loss_op.register_fake
@@ -100,8 +109,7 @@ def _feature_mixup_loss_fake(
     return student_feat.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("smile_fast::feature_mixup_loss_backward", mutates_args=())
-def _feature_mixup_loss_backward_op(
+def _feature_mixup_loss_backward_impl(
     student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, coef: Tensor
 ) -> Tensor:
     if not use_triton(student_feat):
@@ -113,6 +121,11 @@ def _feature_mixup_loss_backward_op(
         [student_feat, teacher_feat],
         lambda dense, out: launch_feature_mixup_loss_backward(dense[0], dense[1], perm, lam, coef, out),
     )
+
+
+_feature_mixup_loss_backward_op = torch.library.custom_op(
+    "smile_fast::feature_mixup_loss_backward", _feature_mixup_loss_backward_impl, mutates_args=()
+)
 
 
 @_feature_mixup_loss_backward_op.register_fake
@@ -128,22 +141,31 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     ctx.save_for_backward(student_feat, teacher_feat, perm, lam, output)
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-    student_feat, teacher_feat, perm, lam, loss = ctx.saved_tensors
-    grad = grad.float()
-    if ctx.form == "official":
-        # loss = ||d|| / (H*W), so d loss / d d = d / (||d|| * H*W) = d / (loss * (H*W)^2); at ||d|| = 0 the
-        # gradient is defined as zero (SMILE_SPEC.md) instead of the 0/0 = NaN of the formula.
-        area = student_feat.shape[-2] * student_feat.shape[-1]
-        safe_loss = torch.where(loss > 0, loss, torch.ones_like(loss))
-        coef = torch.where(loss > 0, grad / (safe_loss * area * area), torch.zeros_like(grad))
-    else:
-        coef = grad * (2.0 / student_feat.shape[0])
-    grad_student = _feature_mixup_loss_backward_op(student_feat, teacher_feat, perm, lam, coef.contiguous())
-    return grad_student, None, None, None, None
+def _make_backward(backward_fn: Callable[..., Tensor]) -> Callable[..., tuple[Tensor, None, None, None, None]]:
+    def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        student_feat, teacher_feat, perm, lam, loss = ctx.saved_tensors
+        grad = grad.float()
+        if ctx.form == "official":
+            # loss = ||d|| / (H*W), so d loss / d d = d / (||d|| * H*W) = d / (loss * (H*W)^2); at ||d|| = 0
+            # the gradient is defined as zero (SMILE_SPEC.md) instead of the formula's 0/0 = NaN.
+            area = student_feat.shape[-2] * student_feat.shape[-1]
+            safe_loss = torch.where(loss > 0, loss, torch.ones_like(loss))
+            coef = torch.where(loss > 0, grad / (safe_loss * area * area), torch.zeros_like(grad))
+        else:
+            coef = grad * (2.0 / student_feat.shape[0])
+        grad_student = backward_fn(student_feat, teacher_feat, perm, lam, coef.contiguous())
+        return grad_student, None, None, None, None
+
+    return _backward
 
 
-_feature_mixup_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_feature_mixup_loss_op.register_autograd(_make_backward(_feature_mixup_loss_backward_op), setup_context=_setup_context)
+_FeatureMixupLossFunction = eager_autograd_function(
+    "FeatureMixupLossFunction",
+    _feature_mixup_loss_impl,
+    _setup_context,
+    _make_backward(_feature_mixup_loss_backward_impl),
+)
 
 
 def feature_mixup_loss(
@@ -168,6 +190,12 @@ def feature_mixup_loss(
     _check_form(student_feat, teacher_feat, form)
     check_perm(perm, student_feat.shape[0])
     device = student_feat.device
-    return _feature_mixup_loss_op(
-        student_feat, teacher_feat.detach().to(device), perm.to(device), lam_as_tensor(lam, device), form
+    return call_op(
+        _feature_mixup_loss_op,
+        _FeatureMixupLossFunction,
+        student_feat,
+        teacher_feat.detach().to(device),
+        perm.to(device),
+        lam_as_tensor(lam, device),
+        form,
     )

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smile_fast.ops._common import check_perm, copy_into_empty_like, lam_as_tensor, run_on_batch_outer_dense, use_triton
+from smile_fast.ops._common import (
+    call_op,
+    check_perm,
+    copy_into_empty_like,
+    eager_autograd_function,
+    lam_as_tensor,
+    run_on_batch_outer_dense,
+    use_triton,
+)
 
 
 def mixup_batch_reference(x: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:
@@ -27,13 +35,15 @@ def mixup_batch_reference(x: Tensor, perm: Tensor, lam: float | Tensor) -> Tenso
     return copy_into_empty_like(mixed, x)
 
 
-@torch.library.custom_op("smile_fast::mixup_batch", mutates_args=())
-def _mixup_batch_op(x: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+def _mixup_batch_impl(x: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
     if not use_triton(x):
         return mixup_batch_reference(x, perm, lam)
     from smile_fast.kernels.mixup_batch import launch_mixup_batch
 
     return run_on_batch_outer_dense(x, [x], lambda dense, out: launch_mixup_batch(dense[0], perm, lam, out))
+
+
+_mixup_batch_op = torch.library.custom_op("smile_fast::mixup_batch", _mixup_batch_impl, mutates_args=())
 
 
 @_mixup_batch_op.register_fake
@@ -55,6 +65,9 @@ def _mixup_batch_backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor
 
 
 _mixup_batch_op.register_autograd(_mixup_batch_backward, setup_context=_mixup_batch_setup_context)
+_MixupBatchFunction = eager_autograd_function(
+    "MixupBatchFunction", _mixup_batch_impl, _mixup_batch_setup_context, _mixup_batch_backward
+)
 
 
 def mixup_batch(x: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:
@@ -69,4 +82,4 @@ def mixup_batch(x: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:
         [B, ...] in x's dtype and memory format; differentiable with respect to x.
     """
     check_perm(perm, x.shape[0])
-    return _mixup_batch_op(x, perm.to(x.device), lam_as_tensor(lam, x.device))
+    return call_op(_mixup_batch_op, _MixupBatchFunction, x, perm.to(x.device), lam_as_tensor(lam, x.device))

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from smile_fast.ops._common import check_perm, copy_into_empty_like, lam_as_tensor, use_triton
+from smile_fast.ops._common import (
+    call_op,
+    check_perm,
+    copy_into_empty_like,
+    eager_autograd_function,
+    lam_as_tensor,
+    use_triton,
+)
 
 
 def mixup_cross_entropy_reference(logits: Tensor, target: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:
@@ -45,8 +54,7 @@ def _unit_stride_rows(tensor: Tensor) -> Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-@torch.library.custom_op("smile_fast::mixup_cross_entropy", mutates_args=())
-def _mixup_cross_entropy_op(logits: Tensor, target: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+def _mixup_cross_entropy_impl(logits: Tensor, target: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
     if not use_triton(logits):
         return mixup_cross_entropy_reference(logits, target, perm, lam)
     from smile_fast.kernels.mixup_cross_entropy import launch_mixup_cross_entropy_forward
@@ -56,13 +64,17 @@ def _mixup_cross_entropy_op(logits: Tensor, target: Tensor, perm: Tensor, lam: T
     return row_loss.mean()
 
 
+_mixup_cross_entropy_op = torch.library.custom_op(
+    "smile_fast::mixup_cross_entropy", _mixup_cross_entropy_impl, mutates_args=()
+)
+
+
 @_mixup_cross_entropy_op.register_fake
 def _mixup_cross_entropy_fake(logits: Tensor, target: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
     return logits.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("smile_fast::mixup_cross_entropy_backward", mutates_args=())
-def _mixup_cross_entropy_backward_op(
+def _mixup_cross_entropy_backward_impl(
     grad_loss: Tensor, logits: Tensor, target: Tensor, perm: Tensor, lam: Tensor
 ) -> Tensor:
     if not use_triton(logits):
@@ -76,6 +88,11 @@ def _mixup_cross_entropy_backward_op(
     return grad_logits
 
 
+_mixup_cross_entropy_backward_op = torch.library.custom_op(
+    "smile_fast::mixup_cross_entropy_backward", _mixup_cross_entropy_backward_impl, mutates_args=()
+)
+
+
 @_mixup_cross_entropy_backward_op.register_fake
 def _mixup_cross_entropy_backward_fake(
     grad_loss: Tensor, logits: Tensor, target: Tensor, perm: Tensor, lam: Tensor
@@ -87,12 +104,23 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None]:
-    logits, target, perm, lam = ctx.saved_tensors
-    return _mixup_cross_entropy_backward_op(grad, logits, target, perm, lam), None, None, None
+def _make_backward(backward: Callable[..., Tensor]) -> Callable[..., tuple[Tensor, None, None, None]]:
+    def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        logits, target, perm, lam = ctx.saved_tensors
+        return backward(grad, logits, target, perm, lam), None, None, None
+
+    return _backward
 
 
-_mixup_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+_mixup_cross_entropy_op.register_autograd(
+    _make_backward(_mixup_cross_entropy_backward_op), setup_context=_setup_context
+)
+_MixupCrossEntropyFunction = eager_autograd_function(
+    "MixupCrossEntropyFunction",
+    _mixup_cross_entropy_impl,
+    _setup_context,
+    _make_backward(_mixup_cross_entropy_backward_impl),
+)
 
 
 def mixup_cross_entropy(logits: Tensor, target: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:
@@ -109,4 +137,11 @@ def mixup_cross_entropy(logits: Tensor, target: Tensor, perm: Tensor, lam: float
     """
     check_perm(perm, logits.shape[0])
     device = logits.device
-    return _mixup_cross_entropy_op(logits, target.to(device), perm.to(device), lam_as_tensor(lam, device))
+    return call_op(
+        _mixup_cross_entropy_op,
+        _MixupCrossEntropyFunction,
+        logits,
+        target.to(device),
+        perm.to(device),
+        lam_as_tensor(lam, device),
+    )

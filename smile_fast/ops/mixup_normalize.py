@@ -61,8 +61,7 @@ def mixup_normalize_uint8_reference(
     )
 
 
-@torch.library.custom_op("smile_fast::mixup_normalize_uint8", mutates_args=())
-def _mixup_normalize_uint8_op(
+def _mixup_normalize_uint8_impl(
     images: Tensor, perm: Tensor, lam: Tensor, mean: list[float], std: list[float], out_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     if not use_triton(images):
@@ -74,6 +73,11 @@ def _mixup_normalize_uint8_op(
     mixed = _empty_channels_last(images, out_dtype)
     launch_mixup_normalize(images, perm, lam, mean, std, clean, mixed)
     return clean, mixed
+
+
+_mixup_normalize_uint8_op = torch.library.custom_op(
+    "smile_fast::mixup_normalize_uint8", _mixup_normalize_uint8_impl, mutates_args=()
+)
 
 
 @_mixup_normalize_uint8_op.register_fake
@@ -108,7 +112,9 @@ def mixup_normalize_uint8(
     _check_inputs(images, mean, std, out_dtype)
     check_perm(perm, images.shape[0])
     device = images.device
-    return _mixup_normalize_uint8_op(
+    # Eager calls skip the custom-op dispatcher (see ops/_common.py eager_autograd_function).
+    normalize = _mixup_normalize_uint8_op if torch.compiler.is_compiling() else _mixup_normalize_uint8_impl
+    return normalize(
         images,
         perm.to(device),
         lam_as_tensor(lam, device),

@@ -12,7 +12,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from smile_fast.ops._common import check_perm, copy_into_empty_like, lam_as_tensor, use_triton
+from smile_fast.ops._common import (
+    call_op,
+    check_perm,
+    copy_into_empty_like,
+    eager_autograd_function,
+    lam_as_tensor,
+    use_triton,
+)
 
 
 def mixed_teacher_probs(teacher_logits: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:
@@ -92,7 +99,8 @@ def _register_soft_loss(
     backward_reference: Callable[..., Tensor],
     launcher_names: tuple[str, str],
 ) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    """Register `smile_fast::<name>` and `smile_fast::<name>_backward` (same signature, same dispatch)."""
+    """Register `smile_fast::<name>` and `smile_fast::<name>_backward`; return the caller of the forward
+    (the custom op under torch.compile, an equivalent autograd.Function in eager mode)."""
     forward_launcher, backward_launcher = launcher_names
 
     def forward_impl(student: Tensor, teacher: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
@@ -129,12 +137,18 @@ def _register_soft_loss(
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
         ctx.save_for_backward(*inputs)
 
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        student, teacher, perm, lam = ctx.saved_tensors
-        return backward_op(grad, student, teacher, perm, lam), None, None, None
+    def make_backward(backward_fn: Callable[..., Tensor]) -> Callable[..., tuple[Tensor, None, None, None]]:
+        def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+            student, teacher, perm, lam = ctx.saved_tensors
+            return backward_fn(grad, student, teacher, perm, lam), None, None, None
 
-    forward_op.register_autograd(backward, setup_context=setup_context)
-    return forward_op
+        return backward
+
+    forward_op.register_autograd(make_backward(backward_op), setup_context=setup_context)
+    eager_function = eager_autograd_function(
+        f"{name}_function", forward_impl, setup_context, make_backward(backward_impl)
+    )
+    return lambda *args: call_op(forward_op, eager_function, *args)
 
 
 _soft_mixup_cross_entropy_op = _register_soft_loss(
