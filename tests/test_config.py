@@ -1,0 +1,120 @@
+"""TrainConfig: precedence (defaults < YAML < flags), dataset-dependent defaults, YAML reading and types."""
+
+from __future__ import annotations
+
+import pytest
+
+import smile_fast.engine
+from smile_fast.cli import main
+from smile_fast.config import TrainConfig, build_config, load_yaml
+from smile_fast.errors import UserError
+
+
+@pytest.mark.parametrize(
+    "dataset, model, iters, batch, lr",
+    [
+        ("demo", "resnet18", 150, 32, 0.01),
+        ("cub", "resnet50", 9000, 48, 0.01),
+        ("cars", "resnet50", 9000, 48, 0.01),
+        ("aircraft", "resnet50", 9000, 48, 0.01),
+        ("food101", "resnet50", 15000, 48, 0.01),
+        ("indoor67", "resnet50", 9000, 48, 0.001),
+        ("imagefolder", "resnet50", 9000, 48, 0.01),
+    ],
+)
+def test_dataset_dependent_defaults(dataset, model, iters, batch, lr, tmp_path):
+    overrides = {"dataset": dataset} if dataset == "demo" else {"dataset": dataset, "data_dir": str(tmp_path)}
+    config = build_config(overrides=overrides)
+    assert (config.model, config.iters, config.batch_size) == (model, iters, batch), dataset
+    assert config.lr == pytest.approx(lr), f"{dataset} lr"
+
+
+def test_published_hyper_parameters_are_the_defaults():
+    config = build_config()
+    assert config.method == "smile" and config.smile_form == "official" and config.weights == "auto"
+    assert (config.alpha, config.gamma_fe, config.gamma_fc) == (0.2, 0.01, 0.1)
+    assert (config.ema_decay, config.ema_every) == (0.999, 10)
+    assert (config.momentum, config.weight_decay, config.lr_decay_factor) == (0.9, 1e-4, 10.0)
+    assert config.lr_decay_fraction == pytest.approx(2 / 3)
+    assert config.cutmix_probability == 0.5
+    real = build_config(overrides={"dataset": "cub", "data_dir": "/x"})
+    assert (real.resize_size, real.crop_size) == (256, 224)
+
+
+def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: cub\ndata_dir: /data/cub\niters: 500\nlr: 0.05\nmethod: mixup\nseed: 5\nalpha: 1\n")
+    config = build_config(load_yaml(path), {"iters": 7, "seed": 0, "method": None, "lr": None})
+    assert config.iters == 7, "a flag beats the YAML"
+    assert config.seed == 0, "an explicit flag equal to the built-in default still beats the YAML"
+    assert config.method == "mixup", "an unset flag (None) leaves the YAML value"
+    assert config.lr == 0.05, "the YAML beats the dataset default"
+    assert config.alpha == 1.0 and isinstance(config.alpha, float), "YAML ints are accepted for float settings"
+    assert config.model == "resnet50" and config.batch_size == 48, "unset everywhere: the dataset default"
+
+
+def test_yaml_overrides_dataset_dependent_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: food101\ndata_dir: /data/food\nbatch_size: 16\nmodel: resnet18\n")
+    config = build_config(load_yaml(path))
+    assert (config.iters, config.batch_size, config.model) == (15000, 16, "resnet18")
+
+
+def test_yaml_accepts_dashed_keys_and_empty_files(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch-size: 8\nsmile-form: paper\n")
+    assert load_yaml(path) == {"batch_size": 8, "smile_form": "paper"}
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_yaml(empty) == {}
+    assert build_config(load_yaml(empty)) == build_config()
+
+
+@pytest.mark.parametrize(
+    "text, word",
+    [
+        ("iterations: 5\n", "iterations"),
+        ("iters: many\n", "iters"),
+        ("lr: fast\n", "lr"),
+        ("amp: 1\n", "amp"),
+        ("- 1\n", "mapping"),
+        ("iters: [\n", "YAML"),
+    ],
+)
+def test_bad_yaml_is_a_user_error(text, word, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=word):
+        build_config(load_yaml(path))
+
+
+def test_cli_flags_reach_the_config_over_yaml(tmp_path, monkeypatch, capsys):
+    """Through `main`: the YAML file, then the flags; `train` itself is replaced by a recorder."""
+    seen: list[TrainConfig] = []
+
+    def fake_train(config, progress=True):
+        seen.append(config)
+        return {
+            "method": config.method,
+            "smile_form": config.smile_form,
+            "iters": config.iters,
+            "test_top1": 50.0,
+            "train_images_per_sec": 1.0,
+            "run_dir": "x",
+        }
+
+    monkeypatch.setattr(smile_fast.engine, "train", fake_train)
+    path = tmp_path / "c.yaml"
+    path.write_text("iters: 40\nbatch_size: 6\nlr: 0.02\namp: true\nsmile_form: paper\n")
+    rc = main(["train", "-c", str(path), "--iters", "12", "--no-amp", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    (config,) = seen
+    assert (config.iters, config.batch_size, config.lr) == (12, 6, 0.02)
+    assert config.amp is False, "--no-amp beats `amp: true`"
+    assert config.smile_form == "paper"
+    assert "iterations" in capsys.readouterr().out, "the summary table is printed"
+
+
+def test_config_round_trips_through_to_dict():
+    config = build_config(overrides={"iters": 3, "batch_size": 2})
+    assert build_config(config.to_dict()) == config
