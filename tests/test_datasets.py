@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _layouts import BUILDERS, build_cars, build_cub, build_food101, build_imagefolder, build_indoor67, write_image
+from PIL import Image
 
 from smile_fast.data.datasets import DATASET_NAMES, load_dataset, verify_dataset
+from smile_fast.data.images import check_images, load_rgb
 from smile_fast.errors import UserError
 
 
@@ -189,3 +191,97 @@ def test_verify_dataset_reports_counts_and_bad_files(tmp_path: Path):
     assert f"train: {len(expected.train)} images listed, {len(expected.train) - 1} readable, 1 unreadable" in report
     assert f"test: {len(expected.test)} images listed, {len(expected.test)} readable, 0 unreadable" in report
     assert str(bad) in report
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files: every mode becomes RGB; unreadable files are found up front.
+
+
+def _save(path: Path, image: Image.Image, **options) -> Path:
+    image.save(path, **options)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["L", "CMYK", "P", "P-transparent", "RGBA-png", "LA-png", "I16-png", "RGB-png", "gif"])
+def test_load_rgb_converts_every_mode(tmp_path: Path, kind: str):
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, size=(9, 13, 3), dtype=np.uint8), mode="RGB")
+    if kind == "L":
+        path = _save(tmp_path / "gray.jpg", rgb.convert("L"))
+    elif kind == "CMYK":
+        path = _save(tmp_path / "cmyk.jpg", rgb.convert("CMYK"))
+    elif kind == "P":
+        path = _save(tmp_path / "palette.png", rgb.convert("P"))
+    elif kind == "P-transparent":
+        path = _save(tmp_path / "palette.png", rgb.convert("P"), transparency=0)
+    elif kind == "RGBA-png":
+        rgba = rgb.copy()
+        rgba.putalpha(Image.fromarray(rng.integers(0, 256, size=(9, 13), dtype=np.uint8), mode="L"))
+        path = _save(tmp_path / "alpha.png", rgba)
+    elif kind == "LA-png":
+        path = _save(tmp_path / "gray_alpha.png", rgb.convert("LA"))
+    elif kind == "I16-png":
+        values = np.full((9, 13), 40_000, dtype=np.uint16)
+        path = _save(tmp_path / "sixteen.png", Image.fromarray(values))
+    elif kind == "RGB-png":
+        path = _save(tmp_path / "rgb.png", rgb)
+    else:
+        path = _save(tmp_path / "anim.jpg", rgb.convert("P"), format="GIF")  # a GIF named .jpg, as in Indoor-67
+    image = load_rgb(path)
+    assert image.mode == "RGB" and image.size == (13, 9)
+    pixels = np.asarray(image)
+    assert pixels.dtype == np.uint8 and pixels.shape == (9, 13, 3)
+    if kind == "RGBA-png" or kind == "RGB-png":
+        # Alpha is dropped, colours kept exactly (PNG is lossless).
+        assert np.array_equal(pixels, np.asarray(rgb))
+    if kind == "I16-png":
+        # 40000 / 65535 of full scale, not clipped to white.
+        assert np.all(pixels == round(40_000 * 255 / 65_535))
+
+
+def test_check_images_finds_truncated_and_garbage_files(tmp_path: Path):
+    good = [(str(write_image(tmp_path / f"ok{i}.jpg", (40, 30), seed=i)), i % 2) for i in range(4)]
+    good.append((str(write_image(tmp_path / "ok.png", (20, 20))), 1))
+    truncated_jpeg = tmp_path / "truncated.jpg"
+    data = Path(good[0][0]).read_bytes()
+    truncated_jpeg.write_bytes(data[: len(data) // 2])
+    truncated_png = tmp_path / "truncated.png"
+    data = Path(good[-1][0]).read_bytes()
+    truncated_png.write_bytes(data[: len(data) - 30])
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"<html>404 not found</html>")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    missing = tmp_path / "missing.jpg"
+    bad = [str(truncated_jpeg), str(truncated_png), str(garbage), str(empty), str(missing)]
+    samples = good[:2] + [(path, 0) for path in bad] + good[2:]
+    kept, reported = check_images(samples, cache_dir=None)
+    assert kept == good
+    assert reported == bad
+
+
+def test_check_images_accepts_a_jpeg_with_padding_after_its_end(tmp_path: Path):
+    """Some cameras pad JPEGs after the end marker; the file is still complete."""
+    path = write_image(tmp_path / "padded.jpg", (30, 30))
+    path.write_bytes(path.read_bytes() + b"\x00" * 100)
+    assert check_images([(str(path), 0)], cache_dir=None) == ([(str(path), 0)], [])
+
+
+def test_check_images_cache_is_reused_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import smile_fast.data.images as images
+
+    samples = [(str(write_image(tmp_path / "data" / f"{i}.jpg", (16, 16), seed=i)), 0) for i in range(5)]
+    cache = tmp_path / "cache"
+    assert check_images(samples, cache) == (samples, [])
+    assert len(list(cache.glob("*.json"))) == 1
+
+    checked = []
+    original = images._check_one
+    monkeypatch.setattr(images, "_check_one", lambda path: checked.append(path) or original(path))
+    assert check_images(samples, cache) == (samples, [])
+    assert checked == []  # an unchanged dataset is not opened again
+
+    # A file replaced by garbage (new size and mtime) is checked again, and only that one.
+    Path(samples[2][0]).write_bytes(b"garbage")
+    assert check_images(samples, cache) == (samples[:2] + samples[3:], [samples[2][0]])
+    assert checked == [samples[2][0]]
