@@ -66,7 +66,7 @@ def measure(benchmark, device: torch.device) -> Callable[..., float]:
         benchmark.pedantic(timed, rounds=rounds or default_rounds, iterations=1, warmup_rounds=warmup_rounds)
         median = benchmark.stats.stats.median
         benchmark.extra_info["median_us"] = round(median * 1e6, 2)
-        benchmark.extra_info["gb_per_s"] = round(bytes_moved / median / 1e9, 1) if median > 0 else None
+        benchmark.extra_info["gb_per_s"] = float(f"{bytes_moved / median / 1e9:.3g}") if median > 0 else None
         return median
 
     return run
