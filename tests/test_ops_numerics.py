@@ -366,6 +366,30 @@ def test_ema_update_mixed_student_dtypes_and_strides(rng_seed: int, device: str)
         assert_close(teacher, reference, torch.float32, f"ema_update_ teacher tensor {index}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_ema_update_follows_replaced_storage_and_new_tensors(rng_seed: int, device: str) -> None:
+    """The fused path caches a pointer table per set of tensors: it must notice swapped storage
+    (`param.data = ...`) and new tensors of another dtype that may reuse freed addresses."""
+    teachers = [torch.nn.Parameter(torch.randn(5000, device=device)), torch.nn.Parameter(torch.randn(3, device=device))]
+    students = [torch.randn(5000, device=device), torch.randn(3, device=device)]
+    ops.ema_update_(teachers, students, 0.5)
+    teachers[0].data = torch.randn(5000, device=device)  # new storage, same Parameter object
+    expected = [0.5 * t.detach().double() + 0.5 * s.double() for t, s in zip(teachers, students)]
+    ops.ema_update_(teachers, students, 0.5)
+    for index, (teacher, reference) in enumerate(zip(teachers, expected)):
+        assert_close(teacher.detach(), reference, torch.float32, f"ema_update_ after storage swap, tensor {index}")
+    for student_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        del teachers, students
+        teachers = [torch.randn(5000, device=device), torch.randn(3, device=device)]
+        students = [torch.randn(5000, device=device).to(student_dtype), torch.randn(3, device=device).to(student_dtype)]
+        expected = [0.25 * t.double() + 0.75 * s.double() for t, s in zip(teachers, students)]
+        ops.ema_update_(teachers, students, 0.25)
+        for index, (teacher, reference) in enumerate(zip(teachers, expected)):
+            assert_close(
+                teacher, reference, torch.float32, f"ema_update_ with {student_dtype} students, tensor {index}"
+            )
+
+
 def test_ema_update_rejects_bad_inputs() -> None:
     with pytest.raises(ValueError, match="float32"):
         ops.ema_update_([torch.zeros(3, dtype=torch.float16)], [torch.zeros(3)], 0.9)

@@ -3,10 +3,11 @@
 The launcher builds a pointer table (like the multi-tensor-apply of apex and torch._foreach): per
 tensor its teacher address, student address and length, and per program the tensor it works on
 and which BLOCK-sized piece of it. The kernel turns the stored integers back into typed pointers.
-The table is cached by the tensors' addresses, so a training loop pays its host-to-device copy once.
+The caller caches the table (it holds raw addresses), so a training loop pays its host-to-device
+copy once.
 """
 
-from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import triton
@@ -17,7 +18,6 @@ from smile_fast.kernels import record_launch
 
 EMA_BLOCK = 4096
 EMA_NUM_WARPS = 8
-_TABLE_CACHE_SIZE = 8
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -52,57 +52,59 @@ def _ema_update_fwd_kernel(
         tl.store(teacher_ptr + offsets, decay * teacher + (1.0 - decay) * student, mask=mask)
 
 
-_table_cache: "OrderedDict[tuple, tuple[Tensor, int, bool]]" = OrderedDict()
+class EmaPointerTable(NamedTuple):
+    """What one launch needs: the int64 table on the device and how to read it."""
+
+    table: Tensor
+    n_tensors: int
+    n_programs: int
+    aligned: bool
+    student_dtype: torch.dtype
 
 
-def _pointer_table(teachers: list[Tensor], students: list[Tensor]) -> tuple[Tensor, int, bool]:
-    """The int64 table of `_ema_update_fwd_kernel` on the teachers' device, its program count, and alignment."""
-    key = (
-        teachers[0].device,
-        tuple((t.data_ptr(), s.data_ptr(), t.numel()) for t, s in zip(teachers, students, strict=True)),
-    )
-    cached = _table_cache.get(key)
-    if cached is not None:
-        _table_cache.move_to_end(key)
-        return cached
-    numels = [t.numel() for t in teachers]
-    blocks_per_tensor = [triton.cdiv(n, EMA_BLOCK) for n in numels]
-    block_tensor: list[int] = []
-    block_index: list[int] = []
-    for index, n_blocks in enumerate(blocks_per_tensor):
-        block_tensor.extend([index] * n_blocks)
-        block_index.extend(range(n_blocks))
-    addresses = [t.data_ptr() for t in teachers] + [s.data_ptr() for s in students]
-    table = torch.tensor(addresses + numels + block_tensor + block_index, dtype=torch.int64)
-    aligned = all(address % 16 == 0 for address in addresses)
-    entry = (table.to(teachers[0].device), len(block_tensor), aligned)
-    _table_cache[key] = entry
-    if len(_table_cache) > _TABLE_CACHE_SIZE:
-        _table_cache.popitem(last=False)
-    return entry
-
-
-def launch_ema_update(teachers: list[Tensor], students: list[Tensor], decay: Tensor) -> None:
-    """Update every teacher tensor in place with one kernel launch.
+def build_ema_pointer_table(teachers: list[Tensor], students: list[Tensor]) -> EmaPointerTable:
+    """The pointer table of `_ema_update_fwd_kernel` for these tensors (one host-to-device copy).
 
     Args:
         teachers: float32 tensors on one device, each dense with the same strides as its student.
         students: same shapes, all of ONE dtype (float32, bfloat16 or float16).
-        decay: 0-d float32 on the teachers' device.
+    The table holds raw addresses: it is valid while these tensors keep their storage.
     """
     pairs = [(t, s) for t, s in zip(teachers, students, strict=True) if t.numel() > 0]
-    if not pairs:
+    numels = [t.numel() for t, _ in pairs]
+    block_tensor: list[int] = []
+    block_index: list[int] = []
+    for index, numel in enumerate(numels):
+        n_blocks = triton.cdiv(numel, EMA_BLOCK)
+        block_tensor.extend([index] * n_blocks)
+        block_index.extend(range(n_blocks))
+    addresses = [t.data_ptr() for t, _ in pairs] + [s.data_ptr() for _, s in pairs]
+    table = torch.tensor(addresses + numels + block_tensor + block_index, dtype=torch.int64)
+    return EmaPointerTable(
+        table=table.to(teachers[0].device),
+        n_tensors=len(pairs),
+        n_programs=len(block_tensor),
+        aligned=all(address % 16 == 0 for address in addresses),
+        student_dtype=students[0].dtype,
+    )
+
+
+def launch_ema_update(table: EmaPointerTable, decay: Tensor) -> None:
+    """Update every teacher tensor of `table` in place, `t = decay * t + (1 - decay) * s`, in one launch.
+
+    Args:
+        table: from `build_ema_pointer_table` (its tensors must still be alive, with the same storage).
+        decay: 0-d float32 on the teachers' device (read from memory).
+    """
+    if table.n_programs == 0:
         return
-    teachers = [t for t, _ in pairs]
-    students = [s for _, s in pairs]
-    table, n_programs, aligned = _pointer_table(teachers, students)
-    _ema_update_fwd_kernel[(n_programs,)](
-        table,
-        len(teachers),
+    _ema_update_fwd_kernel[(table.n_programs,)](
+        table.table,
+        table.n_tensors,
         decay,
         BLOCK=EMA_BLOCK,
-        STUDENT_DTYPE=_TRITON_DTYPES[students[0].dtype],
-        ALIGNED=aligned,
+        STUDENT_DTYPE=_TRITON_DTYPES[table.student_dtype],
+        ALIGNED=table.aligned,
         num_warps=EMA_NUM_WARPS,
     )
     record_launch("ema_update")
