@@ -1,0 +1,222 @@
+"""The torchvision loader: file lists -> normalized device batches, with DataLoader workers.
+
+Training batches follow a TrainBatchPlan, and each image's random flip and crop are drawn from
+that sample's own augmentation seed. Which images a step sees, and how they are cropped, is
+therefore a pure function of (seed, iteration): it does not depend on the number of workers, and a
+run resumed at iteration k sees exactly the batches an uninterrupted run saw from k on.
+
+A file that fails to decode mid-run is replaced by another sample (the next one in the list,
+deterministically) and counted; it never stops a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from smile_fast.data.images import load_rgb
+from smile_fast.data.sampler import TrainBatchPlan
+from smile_fast.data.transforms import TransformSpec, build_torchvision_transform
+
+logger = logging.getLogger(__name__)
+
+# Batches each worker keeps ready ahead of the step that needs them.
+_PREFETCH_FACTOR = 4
+
+
+class _TrainImages(Dataset):
+    """Indexed by (sample index, augmentation seed); returns (image, label, path that failed or "")."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], spec: TransformSpec):
+        self.samples = list(samples)
+        self.transform = build_torchvision_transform(spec)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, str]:
+        index, augment_seed = item
+        failed = ""
+        # Try the planned sample, then the following ones: a deterministic substitute, so that every
+        # worker count and every resume makes the same replacement.
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = load_rgb(path)
+            except Exception:  # any decode failure (OSError, SyntaxError, DecompressionBombError, ...)
+                failed = failed or path
+                continue
+            # The torchvision transforms draw from torch's global generator; seeding it per sample makes
+            # the crop a function of the sample's seed, and fork_rng restores the caller's state so the
+            # training step's own randomness (mixup lam, dropout) is untouched when num_workers=0.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(augment_seed)
+                tensor = self.transform(image)
+            return tensor, label, failed
+        raise RuntimeError("no image of the training set could be decoded")
+
+
+def _collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    images = torch.stack([image for image, _, _ in items])
+    labels = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
+    return images, labels, [failed for _, _, failed in items if failed]
+
+
+class _PlanBatches(Sampler):
+    """Infinite batch sampler: plan.batch(i) for i = start, start + 1, ..."""
+
+    def __init__(self, plan: TrainBatchPlan, start_iteration: int):
+        self.plan = plan
+        self.start_iteration = start_iteration
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        iteration = self.start_iteration
+        while True:
+            yield self.plan.batch(iteration)
+            iteration += 1
+
+
+def _private_generator() -> torch.Generator:
+    """A generator for the DataLoader's own draw (its worker base seed).
+
+    Without one, every DataLoader iterator draws from torch's global generator, which would shift the
+    training step's randomness by the number of loaders created and break resume equality. The base
+    seed it yields is unused: each sample is augmented from its own seed.
+    """
+    return torch.Generator().manual_seed(0)
+
+
+def _to_device(
+    images: torch.Tensor, labels: torch.Tensor, device: torch.device, non_blocking: bool, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.to(device, non_blocking=non_blocking, memory_format=memory_format)
+    labels = labels.to(device, non_blocking=non_blocking)
+    return images, labels
+
+
+class TorchvisionTrainLoader:
+    """Training batches of a TrainBatchPlan, decoded and augmented by torchvision in DataLoader workers.
+
+    samples: (path, label) pairs; plan indices refer to this list.
+    pin_memory: None pins when `device` is CUDA (the host-to-device copy is then asynchronous).
+    skipped_files: how many distinct files failed to decode so far (each replaced by another sample).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        spec: TransformSpec,
+        plan: TrainBatchPlan,
+        device: torch.device,
+        num_workers: int = 2,
+        channels_last: bool = False,
+        pin_memory: bool | None = None,
+    ):
+        if plan.num_samples != len(samples):
+            raise ValueError(f"the plan covers {plan.num_samples} samples but {len(samples)} were given")
+        self.dataset = _TrainImages(samples, spec)
+        self.plan = plan
+        self.device = torch.device(device)
+        self.num_workers = num_workers
+        self.channels_last = channels_last
+        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self.skipped_paths: set[str] = set()
+
+    @property
+    def skipped_files(self) -> int:
+        """Distinct files that failed to decode at run time."""
+        return len(self.skipped_paths)
+
+    def iterate(self, start_iteration: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (images [B, 3, crop, crop] float32 normalized, labels [B] int64) on the device, forever.
+
+        The first batch is that of iteration `start_iteration`.
+        """
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=_PlanBatches(self.plan, start_iteration),
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            prefetch_factor=_PREFETCH_FACTOR if self.num_workers > 0 else None,
+            generator=_private_generator(),
+        )
+        non_blocking = self.pin_memory and self.device.type == "cuda"
+        for images, labels, failed in loader:
+            for path in failed:
+                if path not in self.skipped_paths:
+                    self.skipped_paths.add(path)
+                    logger.warning("skipped an unreadable image (%d so far): %s", len(self.skipped_paths), path)
+            yield _to_device(images, labels, self.device, non_blocking, self.channels_last)
+
+
+class _EvalImages(Dataset):
+    """Indexed by position; returns (image, label, ok). A file that fails to decode gives ok=False."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], spec: TransformSpec):
+        self.samples = list(samples)
+        self.transform = build_torchvision_transform(spec)
+        self.crop_size = spec.crop_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
+        path, label = self.samples[index]
+        try:
+            return self.transform(load_rgb(path)), label, True
+        except Exception:  # any decode failure: dropped from the batch, reported by the main process
+            return torch.zeros(3, self.crop_size, self.crop_size), label, False
+
+
+def _collate_eval(items: list[tuple[torch.Tensor, int, bool]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images = torch.stack([image for image, _, _ in items])
+    labels = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
+    ok = torch.tensor([good for _, _, good in items], dtype=torch.bool)
+    return images, labels, ok
+
+
+def eval_batches(
+    samples: Sequence[tuple[str, int]],
+    spec: TransformSpec,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    channels_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass over this rank's shard, samples[rank::world_size], in order; the last partial batch is kept.
+
+    Yields (images [b, 3, crop, crop] float32 normalized, labels [b] int64) on the device. Across ranks,
+    every sample is seen exactly once. A test image that fails to decode is dropped from its batch
+    (with a warning) rather than stopping the evaluation.
+    """
+    device = torch.device(device)
+    shard = list(samples)[rank::world_size]
+    if not shard:
+        return
+    pin_memory = device.type == "cuda"
+    loader = DataLoader(
+        _EvalImages(shard, spec),
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+        collate_fn=_collate_eval,
+        pin_memory=pin_memory,
+        prefetch_factor=_PREFETCH_FACTOR if num_workers > 0 else None,
+        generator=_private_generator(),
+    )
+    for images, labels, ok in loader:
+        if not bool(ok.all()):
+            logger.warning("skipped %d unreadable test image(s)", int((~ok).sum()))
+            images, labels = images[ok], labels[ok]
+            if len(labels) == 0:
+                continue
+        yield _to_device(images, labels, device, pin_memory, channels_last)
