@@ -29,6 +29,9 @@ class TrainBatchPlan:
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            # Otherwise an out-of-range rank silently reads another rank's share (or past the batch).
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         global_batch = batch_size * world_size
         if num_samples < global_batch:
             raise UserError(
