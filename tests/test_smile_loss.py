@@ -156,25 +156,33 @@ CASES = {
     "B5-lam1.0-identity": (5, 1.0, [0, 1, 2, 3, 4]),
     "B5-lamrandom-random": (5, "random", "random"),
     "B5-lamrandom-repeated": (5, "random", [4, 4, 1, 1, 0]),
+    # A folded Beta(0.2, 0.2) draw is usually within 1e-2 of 1, where the partner terms barely count:
+    # these mid values make every term that reads perm weigh in.
+    "B3-lam0.6875-repeated": (3, 0.6875, [2, 2, 0]),
+    "B5-lam0.6-random": (5, 0.6, "random"),
 }
 
 
-def _resolve_case(case_id: str, seed: int) -> tuple[int, float, list[int]]:
+def _resolve_case(case_id: str, seed: int) -> tuple[int, float, list[int], torch.Tensor]:
+    """(batch, lam, perm, labels); labels cover the classes evenly and a random perm always moves some label."""
     batch, lam, perm = CASES[case_id]
+    rng = np.random.default_rng(seed)
+    labels = torch.from_numpy(rng.permutation(np.arange(batch) % NUM_CLASSES))
     if lam == "random":
         lam = random_folded_lam(seed)
     if perm == "random":
-        perm = np.random.default_rng(seed + 1).permutation(batch).tolist()
-    return batch, lam, perm
+        perm = rng.permutation(batch).tolist()
+        while torch.equal(labels[perm], labels):
+            perm = rng.permutation(batch).tolist()
+    return batch, lam, perm, labels
 
 
 def run_product_and_reference(case_id: str, form: str, seed: int, gamma_fe: float = 0.01, gamma_fc: float = 0.1):
-    batch, lam, perm = _resolve_case(case_id, seed)
+    batch, lam, perm, y = _resolve_case(case_id, seed)
     student, source = tiny_models(seed)
     reference = Reference(student, source)
     teacher = MeanTeacher(source)
     x = torch.randn(batch, 3, *IMAGE_HW, generator=torch.Generator().manual_seed(seed + 2))
-    y = torch.randint(0, NUM_CLASSES, (batch,), generator=torch.Generator().manual_seed(seed + 3))
 
     loss, parts = Smile(0.2, gamma_fe, gamma_fc, form).loss(x, y, student, teacher, make_draw(lam, perm))
     loss.backward()
@@ -203,7 +211,7 @@ def test_smile_loss_values_and_gradients_match_float64_spec(case_id, form, rng_s
 
 
 @pytest.mark.parametrize("form", ["official", "paper"])
-@pytest.mark.parametrize("case_id", ["B3-lamrandom-repeated", "B5-lamrandom-random"])
+@pytest.mark.parametrize("case_id", ["B3-lam0.6875-repeated", "B5-lam0.6-random"])
 def test_smile_loss_through_each_ops_path(case_id, form, rng_seed, ops_path):
     """The same comparison on both dispatch paths of the ops (CPU reference, Triton interpreter)."""
     student, reference, loss, parts, expected = run_product_and_reference(case_id, form, rng_seed)
@@ -220,7 +228,7 @@ def test_smile_loss_through_each_ops_path(case_id, form, rng_seed, ops_path):
 def test_smile_loss_weights_the_terms_with_gamma(gammas, rng_seed, cpu_reference_ops):
     gamma_fe, gamma_fc = gammas
     _, _, loss, parts, expected = run_product_and_reference(
-        "B5-lamrandom-random", "official", rng_seed, gamma_fe, gamma_fc
+        "B5-lam0.6-random", "official", rng_seed, gamma_fe, gamma_fc
     )
     assert_close(loss, expected["total"], f"total loss with gamma_fe={gamma_fe}, gamma_fc={gamma_fc}")
     assert_close(
@@ -258,7 +266,7 @@ def test_smile_loss_on_resnet18(rng_seed, cpu_reference_ops):
     student.eval()
     reference = Reference(student, source)
     teacher = MeanTeacher(source)
-    lam, perm = random_folded_lam(rng_seed), [2, 0, 1]
+    lam, perm = 0.625, [2, 0, 1]
     x = torch.randn(3, 3, 32, 32, generator=generator)
     y = torch.tensor([1, 3, 1])
 
