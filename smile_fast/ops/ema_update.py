@@ -70,14 +70,23 @@ class _EmaPlan(NamedTuple):
 
     tables: list
     leftover_positions: list[int]
-    tensor_refs: tuple[weakref.ref, ...]  # the very tensor objects the plan was built for
+    teacher_refs: tuple[weakref.ref, ...]  # the very teacher tensors the plan was built for
+    student_dtypes: tuple[torch.dtype, ...]
+    student_numels: tuple[int, ...]
 
-    def still_matches(self, tensors: list[Tensor]) -> bool:
-        """True when `tensors` are the same live objects: the raw addresses in the tables are then still
-        theirs, even if a freed tensor's address was reused by a tensor of another shape or dtype."""
-        # map() keeps the loop in C: ~55 us for ResNet-50's 2 x 161 tensors on the CI CPU (70 as a generator).
-        return len(tensors) == len(self.tensor_refs) and all(
-            map(operator.is_, map(weakref.ref.__call__, self.tensor_refs), tensors)
+    def still_matches(self, teacher_tensors: list[Tensor], student_tensors: list[Tensor]) -> bool:
+        """True when the tables' raw addresses still belong to these tensors, although a freed tensor's
+        address can be reused by another of a different shape or dtype.
+
+        Teachers (written) must be the same live objects; students (only read) may be new views of the
+        same storage, as `[p.detach() for p in student.parameters()]` gives on every call, with the same
+        dtypes and lengths. map() keeps the loops in C: ~100 us for ResNet-50 on the CI CPU.
+        """
+        return (
+            len(teacher_tensors) == len(self.teacher_refs)
+            and all(map(operator.is_, map(weakref.ref.__call__, self.teacher_refs), teacher_tensors))
+            and tuple(map(operator.attrgetter("dtype"), student_tensors)) == self.student_dtypes
+            and tuple(map(Tensor.numel, student_tensors)) == self.student_numels
         )
 
 
@@ -92,7 +101,7 @@ _PLAN_CACHE_SIZE = 8
 def _ema_plan(teacher_tensors: list[Tensor], student_tensors: list[Tensor]) -> _EmaPlan:
     key = (tuple(map(Tensor.data_ptr, teacher_tensors)), tuple(map(Tensor.data_ptr, student_tensors)))
     plan = _plan_cache.get(key)
-    if plan is not None and plan.still_matches(teacher_tensors + student_tensors):
+    if plan is not None and plan.still_matches(teacher_tensors, student_tensors):
         _plan_cache.move_to_end(key)
         return plan
     from smile_fast.kernels.ema_update import build_ema_pointer_table
@@ -110,7 +119,9 @@ def _ema_plan(teacher_tensors: list[Tensor], student_tensors: list[Tensor]) -> _
     plan = _EmaPlan(
         [build_ema_pointer_table(*group) for group in groups.values()],
         leftover_positions,
-        tuple(weakref.ref(tensor) for tensor in teacher_tensors + student_tensors),
+        tuple(weakref.ref(tensor) for tensor in teacher_tensors),
+        tuple(student.dtype for student in student_tensors),
+        tuple(student.numel() for student in student_tensors),
     )
     _plan_cache[key] = plan
     if len(_plan_cache) > _PLAN_CACHE_SIZE:
