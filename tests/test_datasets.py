@@ -74,13 +74,15 @@ def test_food101_without_classes_txt_sorts_the_json_keys(tmp_path: Path):
     assert load_dataset("food101", tmp_path).classes == sorted(expected.classes)
 
 
-def test_imagefolder_ignores_non_images_and_hidden_files(tmp_path: Path):
+def test_imagefolder_finds_nested_images_and_skips_hidden_files_and_non_images(tmp_path: Path):
     expected = build_imagefolder(tmp_path)
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
     write_image(tmp_path / "train" / "cat" / ".hidden.jpg")
     (tmp_path / "train" / ".git").mkdir()
+    write_image(tmp_path / "train" / "dog" / ".thumbnails" / "t.jpg")
+    nested = write_image(tmp_path / "train" / "dog" / "2024" / "nested.JPEG")
     splits = load_dataset("imagefolder", tmp_path)
-    assert sorted(splits.train) == sorted(expected.train)
+    assert sorted(splits.train) == sorted(expected.train + [(str(nested), 1)])
 
 
 def test_imagefolder_requires_the_same_classes(tmp_path: Path):

@@ -344,11 +344,7 @@ def _load_imagefolder(data_dir: Path) -> DatasetSplits:
         for class_dir in sorted(split_dir.iterdir()):
             if not class_dir.is_dir() or class_dir.name.startswith("."):
                 continue
-            files_by_class[class_dir.name] = sorted(
-                str(path)
-                for path in class_dir.iterdir()
-                if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
-            )
+            files_by_class[class_dir.name] = _images_under(class_dir)
         if not files_by_class:
             raise _fail("imagefolder", f"expected one folder per class in {split_dir} but found none")
         return files_by_class
@@ -371,6 +367,19 @@ def _load_imagefolder(data_dir: Path) -> DatasetSplits:
         return [(path, label) for label, name in enumerate(classes) for path in files_by_class[name]]
 
     return DatasetSplits("imagefolder", data_dir, classes, samples(train_files), samples(test_files), resize="square")
+
+
+def _images_under(folder: Path) -> list[str]:
+    """Image files anywhere below `folder` (as torchvision's ImageFolder finds them), hidden ones skipped, sorted."""
+    found = []
+    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        found += [
+            os.path.join(directory, name)
+            for name in files
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        ]
+    return sorted(found)
 
 
 _LOADERS: dict[str, Callable[[Path], DatasetSplits]] = {
@@ -397,9 +406,15 @@ def load_dataset(name: str, data_dir: str | Path) -> DatasetSplits:
 def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = None) -> str:
     """Load a dataset's lists and check every image header; a short human-readable report.
 
-    Used by `smile-fast data verify`. Raises UserError when the layout itself is broken.
+    Used by `smile-fast data verify`. cache_dir defaults to the image-check cache training uses
+    (<smile-fast cache>/image-checks), so that a verified dataset is not checked again at train time.
+    Raises UserError when the layout itself is broken.
     """
+    from smile_fast.data.demo import default_cache_dir
     from smile_fast.data.images import check_images
+
+    if cache_dir is None:
+        cache_dir = default_cache_dir() / "image-checks"
 
     splits = load_dataset(name, data_dir)
     lines = [f"{_PRETTY[name]} at {splits.root}: {splits.num_classes} classes"]

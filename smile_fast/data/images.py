@@ -86,7 +86,10 @@ def _check_one(path: str) -> bool:
 
 def _cache_file(cache_dir: Path, paths: list[str]) -> Path:
     """One cache file per dataset folder, so that datasets do not grow one shared file."""
-    common = os.path.commonpath(paths) if paths else ""
+    try:
+        common = os.path.commonpath(paths) if paths else ""
+    except ValueError:  # a mix of absolute and relative paths has no common path
+        common = ""
     digest = hashlib.sha1(common.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return cache_dir / f"image-check-v{_CACHE_VERSION}-{digest}.json"
 
