@@ -51,6 +51,11 @@ def sig(text, dt):
 lam = "perm_ptr:*i64 lam_ptr:*fp32"
 rows = {
     "mixup_batch": (mixup_batch._mixup_batch_fwd_kernel, f"x_ptr:*T {lam} out_ptr:*T n_per_sample:i32", 2048),
+    "mixup_batch_bwd": (
+        mixup_batch._mixup_batch_bwd_kernel,
+        "grad_ptr:*T perm_ptr:*i64 lam_ptr:*fp32 grad_x_ptr:*T n_per_sample:i32 batch:i32",
+        2048,
+    ),
     "feature_fwd": (
         feature_mixup_loss._feature_mixup_loss_fwd_kernel,
         f"student_ptr:*T teacher_ptr:*T {lam} partial_ptr:*fp32 n_per_sample:i32 partial_scale:fp32",
@@ -125,12 +130,14 @@ def compiled_kernels() -> dict[str, dict[str, int]]:
 
 
 def test_every_kernel_compiles_to_cubin(compiled_kernels: dict[str, dict[str, int]]) -> None:
-    assert len(compiled_kernels) == 2 * 11, sorted(compiled_kernels)
+    assert len(compiled_kernels) == 2 * 12, sorted(compiled_kernels)
     empty = [name for name, result in compiled_kernels.items() if result["cubin"] == 0]
     assert not empty, f"kernels without machine code: {empty}"
 
 
-@pytest.mark.parametrize("kernel", ["mixup_batch", "feature_fwd", "feature_bwd", "mixup_normalize", "ema_update"])
+@pytest.mark.parametrize(
+    "kernel", ["mixup_batch", "mixup_batch_bwd", "feature_fwd", "feature_bwd", "mixup_normalize", "ema_update"]
+)
 def test_streaming_kernels_use_vector_loads(compiled_kernels: dict[str, dict[str, int]], kernel: str) -> None:
     for dtype in ("fp32", "bf16"):
         result = compiled_kernels[f"{kernel}/{dtype}"]

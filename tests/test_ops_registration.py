@@ -43,7 +43,7 @@ def op_calls(device: str) -> dict[str, tuple[Callable[[], object], dict[str, int
     return {
         "mixup_batch": (
             lambda: ops.mixup_batch(features(), perm, lam).sum().backward(),
-            {"mixup_batch": 1},
+            {"mixup_batch": 1, "mixup_batch_bwd": 1},
         ),
         "mixup_cross_entropy": (
             lambda: ops.mixup_cross_entropy(logits(), target, perm, lam).backward(),
@@ -140,6 +140,7 @@ def opcheck_cases(device: str) -> dict[str, tuple[object, tuple]]:
             smile_fast.mixup_batch.default,
             (randn(batch, 2, 3, 3).to(memory_format=torch.channels_last).requires_grad_(), perm, lam),
         ),
+        "mixup_batch_backward": (smile_fast.mixup_batch_backward.default, (randn(batch, 2, 3, 3), perm, lam)),
         "mixup_cross_entropy": (
             smile_fast.mixup_cross_entropy.default,
             (randn(batch, 5, requires_grad=True), target, perm, lam),

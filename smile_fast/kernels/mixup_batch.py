@@ -1,4 +1,4 @@
-"""Triton kernel for batch mixup `out[b] = lam * x[b] + (1 - lam) * x[perm[b]]`."""
+"""Triton kernels for batch mixup `out[b] = lam * x[b] + (1 - lam) * x[perm[b]]` and its gradient."""
 
 import triton
 import triton.language as tl
@@ -31,6 +31,26 @@ def _mixup_batch_fwd_kernel(x_ptr, perm_ptr, lam_ptr, out_ptr, n_per_sample, BLO
     tl.store(out_ptr + own_start + offsets, mixed.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _mixup_batch_bwd_kernel(grad_ptr, perm_ptr, lam_ptr, grad_x_ptr, n_per_sample, batch, BLOCK: tl.constexpr):
+    # d loss / d x[j] = lam * g[j] + (1 - lam) * sum over b with perm[b] == j of g[b]. Each program owns
+    # a chunk of sample j and scans perm (B scalars, cached) for the samples that took j as partner,
+    # so repeated partners are summed without atomics and the result is deterministic.
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_per_sample
+    lam = tl.load(lam_ptr)
+    own_start = row.to(tl.int64) * n_per_sample
+    accumulated = lam * tl.load(grad_ptr + own_start + offsets, mask=mask).to(tl.float32)
+    for sample in range(0, batch):
+        if tl.load(perm_ptr + sample) == row:
+            sample_start = tl.cast(sample, tl.int64) * n_per_sample
+            partner_grad = tl.load(grad_ptr + sample_start + offsets, mask=mask).to(tl.float32)
+            accumulated += (1.0 - lam) * partner_grad
+    tl.store(grad_x_ptr + own_start + offsets, accumulated.to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
 def launch_mixup_batch(x: Tensor, perm: Tensor, lam: Tensor, out: Tensor) -> None:
     """Write `lam * x + (1 - lam) * x[perm]` into `out`.
 
@@ -49,3 +69,22 @@ def launch_mixup_batch(x: Tensor, perm: Tensor, lam: Tensor, out: Tensor) -> Non
         x, perm, lam, out, n_per_sample, BLOCK=MIXUP_BATCH_BLOCK, num_warps=MIXUP_BATCH_NUM_WARPS
     )
     record_launch("mixup_batch")
+
+
+def launch_mixup_batch_backward(grad: Tensor, perm: Tensor, lam: Tensor, grad_x: Tensor) -> None:
+    """Write d loss / d x into `grad_x` from the upstream gradient `grad` of `mixup_batch`'s output.
+
+    Args:
+        grad: [B, ...], each sample one dense chunk of N elements.
+        perm: long [B]; lam: 0-d float32, on grad's device.
+        grad_x: same shape, dtype and strides as grad.
+    """
+    batch = grad.shape[0]
+    n_per_sample = grad.numel() // batch if batch else 0
+    if n_per_sample == 0:
+        return
+    n_chunks = triton.cdiv(n_per_sample, MIXUP_BATCH_BLOCK)
+    _mixup_batch_bwd_kernel[(batch, n_chunks)](
+        grad, perm, lam, grad_x, n_per_sample, batch, BLOCK=MIXUP_BATCH_BLOCK, num_warps=MIXUP_BATCH_NUM_WARPS
+    )
+    record_launch("mixup_batch_bwd")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -51,22 +53,48 @@ def _mixup_batch_fake(x: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
+def _mixup_batch_backward_reference(grad: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    """d loss / d x = lam * g + (1 - lam) * (g summed onto each sample's partners); index_add sums repeats."""
+    grad32 = grad.float()
+    return copy_into_empty_like((lam * grad32).index_add(0, perm, (1.0 - lam) * grad32), grad)
+
+
+def _mixup_batch_backward_impl(grad: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    if not use_triton(grad):
+        return _mixup_batch_backward_reference(grad, perm, lam)
+    from smile_fast.kernels.mixup_batch import launch_mixup_batch_backward
+
+    return run_on_batch_outer_dense(
+        grad, [grad], lambda dense, out: launch_mixup_batch_backward(dense[0], perm, lam, out)
+    )
+
+
+_mixup_batch_backward_op = torch.library.custom_op(
+    "smile_fast::mixup_batch_backward", _mixup_batch_backward_impl, mutates_args=()
+)
+
+
+@_mixup_batch_backward_op.register_fake
+def _mixup_batch_backward_fake(grad: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    return torch.empty_like(grad)
+
+
 def _mixup_batch_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
     _, perm, lam = inputs
     ctx.save_for_backward(perm, lam)
 
 
-def _mixup_batch_backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
-    # d out[b] / d x[j] = lam [b == j] + (1 - lam) [perm[b] == j]; index_add sums repeated partners.
-    perm, lam = ctx.saved_tensors
-    grad32 = grad.float()
-    grad_x = (lam * grad32).index_add(0, perm, (1.0 - lam) * grad32)
-    return grad_x.to(grad.dtype), None, None
+def _make_backward(backward: Callable[..., Tensor]) -> Callable[..., tuple[Tensor, None, None]]:
+    def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
+        perm, lam = ctx.saved_tensors
+        return backward(grad, perm, lam), None, None
+
+    return _backward
 
 
-_mixup_batch_op.register_autograd(_mixup_batch_backward, setup_context=_mixup_batch_setup_context)
+_mixup_batch_op.register_autograd(_make_backward(_mixup_batch_backward_op), setup_context=_mixup_batch_setup_context)
 _MixupBatchFunction = eager_autograd_function(
-    "MixupBatchFunction", _mixup_batch_impl, _mixup_batch_setup_context, _mixup_batch_backward
+    "MixupBatchFunction", _mixup_batch_impl, _mixup_batch_setup_context, _make_backward(_mixup_batch_backward_impl)
 )
 
 
