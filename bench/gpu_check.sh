@@ -61,6 +61,22 @@ timeout 120 "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_LAR
   --channels-last --no-compile --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
   --json "$OUT/step_b256.json" 2>&1 | tail -n 8 | tee -a "$LOG"
 
+say "3c. teacher options, SMILE only, batch $B_SMALL eager AMP: BN fold and side stream each on/off"
+VAR="${TMPDIR:-/tmp}/smile-fast-variants"; mkdir -p "$VAR"
+for fold in fold-teacher-bn no-fold-teacher-bn; do
+  for stream in teacher-stream no-teacher-stream; do
+    timeout 60 "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
+      --channels-last --no-compile --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" --"$fold" --"$stream" \
+      --json "$VAR/$fold-$stream.json" 2>&1 | tail -n 1 | tee -a "$LOG"
+  done
+done
+"$PY" - "$VAR" "$OUT/teacher_variants.json" <<'PYEOF'
+import json, sys
+from pathlib import Path
+variants = {p.stem: json.loads(p.read_text()) for p in sorted(Path(sys.argv[1]).glob("*.json"))}
+Path(sys.argv[2]).write_text(json.dumps(variants, indent=2) + "\n")
+PYEOF
+
 say "4. loader throughput"
 DATA="${TMPDIR:-/tmp}/smile-fast-loader-data"
 [ -d "$DATA/train" ] || "$PY" bench/make_loader_dataset.py "$DATA" --images-per-class "$PER_CLASS" >> "$LOG" 2>&1

@@ -58,6 +58,12 @@ def main() -> None:
     lines = []
     lines += step_lines("step b48", _load(out / "step_b48.json"))
     lines += step_lines("step b256", _load(out / "step_b256.json"))
+    variants = _load(out / "teacher_variants.json") or {}
+    for name, result in variants.items():
+        lines.append(
+            f"teacher {name}: smile {result['smile_ms_per_step']:.2f} ms, finetune {result['finetune_ms_per_step']:.2f} ms,"
+            f" ratio {result['smile_over_finetune']:.3f}"
+        )
     for loader in ("torchvision", "dali"):
         result = _load(out / f"loader_{loader}.json")
         if result:

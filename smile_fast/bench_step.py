@@ -69,6 +69,8 @@ def time_method(
     device: torch.device,
     steps: int,
     warmup: int,
+    fold_teacher_bn: bool = True,
+    teacher_stream: bool = True,
     num_classes: int = 200,
 ) -> list[float]:
     """Per-step seconds of `steps` timed iterations of one method with the product's TrainingStep."""
@@ -85,6 +87,8 @@ def time_method(
             channels_last=channels_last,
             compile=compile,
             device=str(device),
+            fold_teacher_bn=fold_teacher_bn,
+            teacher_stream=teacher_stream,
         )
     )
     method = build_method(method_name, config.alpha, config.gamma_fe, config.gamma_fc, config.smile_form)
@@ -168,6 +172,8 @@ def run_step_benchmark(
     warmup: int = 5,
     methods: tuple[str, ...] = ("finetune", "mixup", "smile"),
     baseline: str | None = None,
+    fold_teacher_bn: bool = True,
+    teacher_stream: bool = True,
 ) -> dict[str, Any]:
     """Time each method's step; returns the figures `smile-fast bench step --json` writes."""
     device_obj = resolve_device(device)
@@ -184,6 +190,8 @@ def run_step_benchmark(
         device=device_obj,
         steps=steps,
         warmup=warmup,
+        fold_teacher_bn=fold_teacher_bn,
+        teacher_stream=teacher_stream,
     )
     result: dict[str, Any] = {
         "device_name": torch.cuda.get_device_name(device_obj) if device_obj.type == "cuda" else "cpu",
@@ -195,6 +203,8 @@ def run_step_benchmark(
         "amp_dtype": amp_dtype if amp else "float32",
         "channels_last": channels_last,
         "compile": compile,
+        "fold_teacher_bn": fold_teacher_bn,
+        "teacher_stream": teacher_stream and device_obj.type == "cuda",
         "steps": steps,
         "warmup": warmup,
         "torch_version": torch.__version__,

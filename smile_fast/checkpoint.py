@@ -38,6 +38,27 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
         raise
 
 
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+def safe_load(path: Path, what: str) -> Any:
+    """torch.load with `weights_only=True`: plain tensors and containers load, code-running pickles do not.
+
+    Any failure is a UserError naming the file: a refused pickle, a truncated or empty file, a text file.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(
+            f"refused to load {what} {path}: it is not a plain tensor file ({_first_line(error, 160)}); "
+            "only files written by torch.save of tensors/state_dicts are accepted"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types on corrupt input (EOF, IndexError, ...)
+        raise UserError(f"cannot read {what} {path}: {_first_line(error)}") from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a smile-fast checkpoint safely; a run folder may be given instead of its last.pt."""
     path = Path(path)
@@ -45,13 +66,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         path = path / "last.pt"
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass a run folder or its last.pt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else "unsafe content"
-        raise UserError(f"refused to load {path}: not a plain smile-fast checkpoint ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0][:200]}") from None
+    state = safe_load(path, "checkpoint")
     if not isinstance(state, dict) or "student" not in state or "config" not in state:
         raise UserError(f"{path} is not a smile-fast checkpoint (no student weights or config in it)")
     return state

@@ -134,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
     step.add_argument("--methods", default="finetune,mixup,smile")
     step.add_argument("--baseline", choices=("eager-fp32",), help="also time the authors'-style SMILE step")
+    step.add_argument(
+        "--fold-teacher-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold the teacher's BatchNorm into its convolutions (default on)",
+    )
+    step.add_argument(
+        "--teacher-stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CUDA: run the teacher's forward on a side stream (default on)",
+    )
     step.add_argument("--json", help="write the results as JSON here")
 
     loader = bench_commands.add_parser("loader", help="images/s of a loader through the full train transform")
@@ -211,6 +223,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             methods=tuple(m for m in args.methods.split(",") if m),
             baseline=args.baseline,
+            fold_teacher_bn=args.fold_teacher_bn,
+            teacher_stream=args.teacher_stream,
         )
         print(format_step_table(result))
     elif args.bench_command == "loader":

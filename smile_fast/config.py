@@ -8,6 +8,7 @@ unset (None) are resolved from the dataset: the paper's protocol for the paper's
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
     return config
 
 
+# Settings that have a command-line flag, named as the flag in error messages.
+_FLAGGED = {"lr", "alpha", "gamma_fe", "gamma_fc", "ema_decay", "sample_rate", "class_fraction"}
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
@@ -174,6 +179,23 @@ def validate(config: TrainConfig) -> None:
         config.batch_size >= 2 or config.method in ("finetune",),
         f"--method {config.method} mixes pairs of images and needs --batch-size of at least 2",
     )
+    for name in (
+        "lr",
+        "momentum",
+        "weight_decay",
+        "lr_decay_fraction",
+        "lr_decay_factor",
+        "alpha",
+        "gamma_fe",
+        "gamma_fc",
+        "ema_decay",
+        "cutmix_probability",
+        "sample_rate",
+        "class_fraction",
+    ):
+        value = getattr(config, name)
+        label = f"--{name.replace('_', '-')}" if name in _FLAGGED else name
+        _check(value is None or math.isfinite(value), f"{label} must be a finite number, got {value}")
     _check(config.lr > 0, f"--lr must be positive, got {config.lr}")
     _check(config.momentum >= 0 and config.weight_decay >= 0, "momentum and weight decay must be non-negative")
     _check(0 < config.lr_decay_fraction <= 1, "lr_decay_fraction must be in (0, 1]")

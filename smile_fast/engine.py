@@ -235,7 +235,7 @@ class Trainer:
             else None
         )
         if self.metrics is not None and self.resume_state is not None:
-            self.metrics.drop_from(self.start_iteration)
+            self.metrics.drop_after(self.start_iteration)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
@@ -337,6 +337,7 @@ class Trainer:
         nonfinite_checks = 0
         top1 = None
         last_good_iteration = self.start_iteration
+        last_row_iteration = self.start_iteration
         self.student.train()
         with _StopSignal() as stop:
             iteration = self.start_iteration
@@ -353,7 +354,8 @@ class Trainer:
                 at_log = iteration % config.log_every == 0 or iteration == config.iters
                 at_eval = iteration % config.eval_every == 0 or iteration == config.iters
                 if at_log or at_eval:
-                    steps = (iteration - 1) % config.log_every + 1
+                    steps = iteration - last_row_iteration
+                    last_row_iteration = iteration
                     mean_loss = loss_sum.item() / steps  # the one host sync of the interval
                     elapsed = time.perf_counter() - interval_start
                     train_seconds += elapsed

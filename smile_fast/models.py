@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from smile_fast.checkpoint import safe_load
 from smile_fast.errors import UserError
 
 # torchvision constructor name -> (weights enum name, name of the last Linear in the model).
@@ -133,16 +133,7 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; pass --weights imagenet, none, auto or a state_dict path")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
-        raise UserError(
-            f"refused to load {path}: it is not a plain tensor checkpoint ({first_line[:160]}); "
-            "only state_dicts saved with torch.save are accepted"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError(f"cannot read weights file {path}: {str(error).splitlines()[0][:200]}") from None
+    loaded = safe_load(path, "weights file")
     return _clean_state_dict(loaded)
 
 
@@ -262,11 +253,13 @@ class FoldedBackbone(nn.Module):
             conv = source.get_submodule(conv_name)
             bn = source.get_submodule(bn_name)
             target = self.folded.get_submodule(conv_name)
-            scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
-            bias = bn.bias.float() - bn.running_mean.float() * scale
+            # At least float32 arithmetic, float64 when the teacher is float64 (exact fold in tests).
+            dtype = torch.promote_types(conv.weight.dtype, torch.float32)
+            scale = bn.weight.to(dtype) * torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+            bias = bn.bias.to(dtype) - bn.running_mean.to(dtype) * scale
             if conv.bias is not None:
-                bias = bias + conv.bias.float() * scale
-            target.weight.copy_(conv.weight.float() * scale.view(-1, 1, 1, 1))
+                bias = bias + conv.bias.to(dtype) * scale
+            target.weight.copy_(conv.weight.to(dtype) * scale.view(-1, 1, 1, 1))
             target.bias.copy_(bias)
         # Parameters of layers that have no BatchNorm partner (none in ResNets) follow the source.
         folded_names = {name for pair in self.pairs for name in pair}

@@ -53,13 +53,13 @@ class MetricsLog:
             with path.open("w", newline="") as stream:
                 csv.writer(stream).writerow(self.COLUMNS)
 
-    def drop_from(self, iteration: int) -> None:
-        """Remove rows logged at or after `iteration` (written after the checkpoint a resume restarts from)."""
+    def drop_after(self, iteration: int) -> None:
+        """Remove rows logged after `iteration`: a resumed run restarts from the checkpoint taken there."""
         if not self.path.is_file():
             return
         with self.path.open(newline="") as stream:
             rows = list(csv.reader(stream))
-        kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) < iteration]
+        kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= iteration]
         with self.path.open("w", newline="") as stream:
             csv.writer(stream).writerows(kept)
 

@@ -40,6 +40,7 @@ class MeanTeacher(nn.Module):
         self.fold_batchnorm = fold_batchnorm
         self.folded = FoldedBackbone(self.model.backbone) if fold_batchnorm else None
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.train(False)
 
     def train(self, mode: bool = True) -> MeanTeacher:
         # The teacher never leaves eval mode, whatever the caller does with the enclosing modules.

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 @pytest.fixture
 def rng_seed(request) -> int:
-    """A fresh seed per test, derived from its name (repeatable across runs), set on torch's global RNG; printed on failure."""
+    """A fresh seed per test, derived from its name (repeatable across runs), set on torch's global RNG."""
     seed = zlib.crc32(request.node.nodeid.encode()) % (2**31)
     torch.manual_seed(seed)
     return seed

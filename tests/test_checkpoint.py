@@ -143,20 +143,10 @@ def test_non_checkpoint_content_is_a_user_error(payload, tmp_path):
         pytest.param(
             b"",
             id="empty",
-            marks=pytest.mark.xfail(
-                reason="bug: checkpoint.py:54 formats str(error).splitlines()[0]; torch.load on an empty file raises "
-                "EOFError('') so that line raises IndexError instead of a UserError",
-                strict=True,
-            ),
         ),
         pytest.param(
             b"hello, not a checkpoint\n",
             id="text",
-            marks=pytest.mark.xfail(
-                reason="bug: checkpoint.py:53 does not catch the IndexError torch's weights_only unpickler raises on "
-                "a text file ('pop from empty list')",
-                strict=True,
-            ),
         ),
         pytest.param(bytes(range(256)) * 8, id="binary"),
     ],

@@ -120,19 +120,12 @@ def test_bad_settings_are_one_line_and_status_2(case, isolated, no_training, cap
     assert not (isolated / "run").exists(), f"{case}: a run folder was created for a refused configuration"
 
 
-_NON_FINITE_BUG = pytest.mark.xfail(
-    reason="bug: config.validate (config.py:177 `config.lr > 0`, :191 `config.alpha > 0`) accepts inf, "
-    "so `--lr inf` / `--alpha inf` start a run instead of a one-line error",
-    strict=True,
-    raises=_TrainingStarted,
-)
-
 
 @pytest.mark.parametrize(
     "argv",
     [
-        pytest.param(["--lr", "inf"], id="lr-inf", marks=_NON_FINITE_BUG),
-        pytest.param(["--alpha", "inf"], id="alpha-inf", marks=_NON_FINITE_BUG),
+        pytest.param(["--lr", "inf"], id="lr-inf"),
+        pytest.param(["--alpha", "inf"], id="alpha-inf"),
     ],
 )
 def test_non_finite_hyper_parameters_are_refused(argv, isolated, no_training, capsys):
@@ -265,11 +258,6 @@ def test_malicious_weights_file_is_refused_end_to_end(writer, isolated, capsys):
     assert not marker.exists(), "the malicious pickle was executed"
 
 
-@pytest.mark.xfail(
-    reason="bug: an empty --weights file crashes with IndexError (models.py:145 str(error).splitlines()[0] on "
-    "EOFError('')) instead of one line and status 2",
-    strict=True,
-)
 def test_empty_weights_file_is_one_line(isolated, capsys):
     data = _image_folder(isolated / "data")
     (isolated / "empty.pt").write_bytes(b"")

@@ -169,23 +169,12 @@ def test_the_exploit_fixture_really_executes_when_unpickled(tmp_path):
     assert marker.exists()
 
 
-_EMPTY_FILE_BUG = pytest.mark.xfail(
-    reason="bug: models.py:145 formats the error with str(error).splitlines()[0]; torch.load on an empty file "
-    "raises EOFError('') so that line raises IndexError instead of a UserError",
-    strict=True,
-)
-_TEXT_FILE_BUG = pytest.mark.xfail(
-    reason="bug: models.py:144 does not catch the IndexError that torch's weights_only unpickler raises on a "
-    "text file ('pop from empty list'), so a garbage weights file crashes with a traceback",
-    strict=True,
-)
-
 
 @pytest.mark.parametrize(
     "content",
     [
-        pytest.param(b"", id="empty", marks=_EMPTY_FILE_BUG),
-        pytest.param(b"this is not a checkpoint\n" * 10, id="text", marks=_TEXT_FILE_BUG),
+        pytest.param(b"", id="empty"),
+        pytest.param(b"this is not a checkpoint\n" * 10, id="text"),
         pytest.param(bytes(range(256)) * 4, id="binary"),
         pytest.param(b"PK\x03\x04 truncated zip", id="truncated-zip"),
     ],

@@ -196,11 +196,6 @@ def test_teacher_forward_uses_running_statistics(rng_seed, cpu_reference_ops):
     assert features_all.requires_grad is False, "the teacher runs without autograd"
 
 
-@pytest.mark.xfail(
-    reason="bug: MeanTeacher.__init__ (teacher.py:29-43) never puts the root module in eval mode: "
-    "MeanTeacher(source).training is True until .train() is first called",
-    strict=True,
-)
 def test_teacher_root_flag_is_eval_from_construction(rng_seed):
     _, source = make_pair("tiny", rng_seed)
     assert not MeanTeacher(source).training, "a fresh MeanTeacher reports training=True"
@@ -255,11 +250,6 @@ def test_folded_forward_after_load_teacher_state(rng_seed, cpu_reference_ops):
     torch.testing.assert_close(teacher(x)[0], _unfolded_eval(other, x)[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    reason="bug: FoldedBackbone.refresh (models.py:265-270) computes the fold in float32 (.float()) even for a float64 "
-    "backbone, so a float64 folded teacher is only float32-accurate (1e-5 relative)",
-    strict=True,
-)
 def test_folded_forward_float64_is_tight(rng_seed, cpu_reference_ops):
     student, source = make_pair("tiny", rng_seed)
     teacher = MeanTeacher(source.double())

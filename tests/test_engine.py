@@ -1,0 +1,150 @@
+"""The training loop end to end on a tiny generated imagefolder: run folder, resume equality, signals, NaN."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from smile_fast.checkpoint import load_checkpoint
+from smile_fast.config import build_config
+from smile_fast.engine import Trainer, TrainingStopped, train
+from smile_fast.step import TrainingStep
+
+
+@pytest.fixture(scope="module")
+def tiny_imagefolder(tmp_path_factory):
+    """4 classes told apart by colour, 8 train + 3 test images each, 40x40 JPEGs."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    colours = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (220, 220, 40)]
+    for split, count in (("train", 8), ("test", 3)):
+        for label, colour in enumerate(colours):
+            folder = root / split / f"c{label}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 30, size=(40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.jpg")
+    return root
+
+
+def _config(data_dir, out, **overrides):
+    values = dict(
+        dataset="imagefolder",
+        data_dir=str(data_dir),
+        out=str(out),
+        model="resnet18",
+        weights="none",
+        iters=6,
+        batch_size=4,
+        resize_size=36,
+        crop_size=32,
+        eval_every=3,
+        log_every=2,
+        workers=0,
+        device="cpu",
+        seed=3,
+    )
+    values.update(overrides)
+    return build_config(overrides=values)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMILE_FAST_CACHE", str(tmp_path / "cache"))
+
+
+def test_run_folder_is_complete(tiny_imagefolder, tmp_path):
+    out = tmp_path / "run"
+    summary = train(_config(tiny_imagefolder, out), progress=False)
+    for name in ("config.yaml", "manifest.txt", "metrics.csv", "summary.json", "last.pt", "curves.png"):
+        assert (out / name).is_file(), f"run folder lacks {name}"
+    written = json.loads((out / "summary.json").read_text())
+    for key in ("method", "dataset", "iters", "test_top1", "train_images_per_sec", "wall_seconds", "world_size"):
+        assert key in written, f"summary.json lacks {key}"
+    assert written["iters"] == 6 and written["method"] == "smile" and written["world_size"] == 1
+    assert 0.0 <= summary["test_top1"] <= 100.0
+    manifest_lines = (out / "manifest.txt").read_text().splitlines()
+    assert len(manifest_lines) == 32, "the manifest must list every training image"
+    rows = [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert rows == ["2", "3", "4", "6"], f"expected one row per log interval (2, 4, 6) and evaluation (3), got {rows}"
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "a temporary file was left behind"
+
+
+def _student_state(path):
+    return load_checkpoint(path)["student"]
+
+
+@pytest.mark.parametrize("method", ["smile", "finetune"])
+def test_signal_stop_then_resume_equals_uninterrupted(tiny_imagefolder, tmp_path, monkeypatch, method):
+    torch.use_deterministic_algorithms(True)
+    try:
+        full = tmp_path / "full"
+        train(_config(tiny_imagefolder, full, method=method), progress=False)
+
+        stopped = tmp_path / "stopped"
+        original_call = TrainingStep.__call__
+
+        def call_then_signal(self, iteration, images, labels):
+            result = original_call(self, iteration, images, labels)
+            if iteration == 3:  # SIGTERM arrives mid-run, after the 4th step
+                os.kill(os.getpid(), signal.SIGTERM)
+            return result
+
+        monkeypatch.setattr(TrainingStep, "__call__", call_then_signal)
+        with pytest.raises(TrainingStopped) as stop:
+            train(_config(tiny_imagefolder, stopped, method=method), progress=False)
+        assert stop.value.exit_code == 0
+        assert load_checkpoint(stopped)["iteration"] == 4, "the checkpoint must be taken at the next step boundary"
+        monkeypatch.setattr(TrainingStep, "__call__", original_call)
+
+        train(build_config(overrides={"resume": str(stopped), "device": "cpu"}), progress=False)
+        resumed_state, full_state = _student_state(stopped), _student_state(full)
+        for name, value in full_state.items():
+            torch.testing.assert_close(resumed_state[name], value, rtol=0, atol=0, msg=f"{name} differs after resume")
+        rows = [line.split(",")[0] for line in (stopped / "metrics.csv").read_text().splitlines()[1:]]
+        assert rows == ["2", "3", "4", "6"], f"metrics rows after resume: {rows}"
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_imagefolder, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    original_call = TrainingStep.__call__
+
+    def poisoned(self, iteration, images, labels):
+        loss, parts = original_call(self, iteration, images, labels)
+        return (loss * float("nan") if iteration >= 4 else loss), parts
+
+    monkeypatch.setattr(TrainingStep, "__call__", poisoned)
+    with pytest.raises(TrainingStopped) as stop:
+        train(_config(tiny_imagefolder, out, method="finetune"), progress=False)
+    assert stop.value.exit_code == 3
+    assert "nan" in str(stop.value).lower()
+    assert load_checkpoint(out)["iteration"] == 3, "the checkpoint from the last good evaluation must be kept"
+
+
+def test_teacher_stays_identical_to_pretrained_fc_and_buffers(tiny_imagefolder, tmp_path):
+    trainer = Trainer(_config(tiny_imagefolder, tmp_path / "t", iters=3), progress=False)
+    fc_before = {k: v.clone() for k, v in trainer.teacher.model.fc.state_dict().items()}
+    buffers_before = {k: v.clone() for k, v in trainer.teacher.model.backbone.named_buffers()}
+    trainer.run()
+    for name, value in trainer.teacher.model.fc.state_dict().items():
+        torch.testing.assert_close(value, fc_before[name], rtol=0, atol=0, msg=f"teacher fc {name} changed")
+    for name, value in trainer.teacher.model.backbone.named_buffers():
+        torch.testing.assert_close(value, buffers_before[name], rtol=0, atol=0, msg=f"teacher buffer {name} changed")
+
+
+def test_eval_command_reports_top1(tiny_imagefolder, tmp_path, capsys):
+    from smile_fast.cli import main
+
+    out = tmp_path / "e"
+    summary = train(_config(tiny_imagefolder, out, method="finetune", iters=3), progress=False)
+    assert main(["eval", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{summary['test_top1']:.2f}%" in printed, printed
