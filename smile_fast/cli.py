@@ -69,6 +69,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--gamma-fc", type=float, help="weight of the source-label mixup loss (default 0.1)")
     flag("--ema-decay", type=float, help="mean-teacher EMA decay (default 0.999)")
     flag("--ema-every", type=_integer, help="EMA update interval in iterations (default 10)")
+    flag(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="several CUDA processes: SyncBatchNorm over the global batch (default on)",
+    )
     flag("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -102,6 +108,7 @@ TRAIN_KEYS = (
     "gamma_fc",
     "ema_decay",
     "ema_every",
+    "sync_bn",
 )
 
 

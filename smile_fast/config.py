@@ -61,6 +61,7 @@ class TrainConfig:
     compile: bool = False
     fold_teacher_bn: bool = True
     teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
+    sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch, as on one GPU
     loader: str = "auto"
     workers: int | None = None
     device: str = "auto"

@@ -99,6 +99,13 @@ class TrainingStep:
         if self.dist is not None and self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
+            if config.sync_bn and device.type == "cuda":
+                # The paper's batch of 48 ran on one GPU: with SyncBatchNorm the BatchNorm statistics are
+                # again those of the global batch. (PyTorch's SyncBatchNorm exists for GPUs only; on CPU
+                # ranks each normalizes over its own shard.) The converted layers keep the same
+                # Parameter objects, so the optimizer built above stays valid.
+                self.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+
             self.train_model = DistributedDataParallel(
                 self.student, device_ids=[device.index] if device.type == "cuda" else None
             )
