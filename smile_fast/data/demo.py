@@ -4,9 +4,11 @@
 here from a fixed seed. Its eight classes differ in shape or texture (stripe orientation,
 checkerboard, disc, ring, triangle, cross), never in colour: every image gets random colours, a
 random position and scale, a noisy background with a colour gradient and a second, distracting
-blob, so that a network must look at the pattern. It is easy enough that a ResNet-18 trained from
-random weights on 64-px crops passes 50% test top-1 (chance: 12.5%) within 150 SGD steps of batch
-32 on a 2-core CPU, and a pre-trained one learns it faster still.
+blob, so that a network must look at the pattern. It is easy enough for a network trained from
+random weights (the offline case, without ImageNet weights). Measured with a ResNet-18 from scratch,
+72-px square resize, random 64-px crops and flips, batch 32, SGD momentum 0.9 Nesterov, weight decay
+1e-4, lr 0.01 divided by 10 after 100 steps: test top-1 (chance 12.5%) 85% after 50 steps, 77% after
+100 and 99% after 150; with lr 0.05, 85%, 96% and 95%.
 """
 
 from __future__ import annotations
