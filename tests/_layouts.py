@@ -30,7 +30,7 @@ def write_image(path: Path, size: tuple[int, int] = (20, 14), mode: str = "RGB",
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    image = Image.fromarray(pixels, mode="RGB")
+    image = Image.fromarray(pixels)
     if mode != "RGB":
         image = image.convert(mode)
     image.save(path)

@@ -207,7 +207,7 @@ def _save(path: Path, image: Image.Image, **options) -> Path:
 @pytest.mark.parametrize("kind", ["L", "CMYK", "P", "P-transparent", "RGBA-png", "LA-png", "I16-png", "RGB-png", "gif"])
 def test_load_rgb_converts_every_mode(tmp_path: Path, kind: str):
     rng = np.random.default_rng(0)
-    rgb = Image.fromarray(rng.integers(0, 256, size=(9, 13, 3), dtype=np.uint8), mode="RGB")
+    rgb = Image.fromarray(rng.integers(0, 256, size=(9, 13, 3), dtype=np.uint8))
     if kind == "L":
         path = _save(tmp_path / "gray.jpg", rgb.convert("L"))
     elif kind == "CMYK":
@@ -218,7 +218,7 @@ def test_load_rgb_converts_every_mode(tmp_path: Path, kind: str):
         path = _save(tmp_path / "palette.png", rgb.convert("P"), transparency=0)
     elif kind == "RGBA-png":
         rgba = rgb.copy()
-        rgba.putalpha(Image.fromarray(rng.integers(0, 256, size=(9, 13), dtype=np.uint8), mode="L"))
+        rgba.putalpha(Image.fromarray(rng.integers(0, 256, size=(9, 13), dtype=np.uint8)))
         path = _save(tmp_path / "alpha.png", rgba)
     elif kind == "LA-png":
         path = _save(tmp_path / "gray_alpha.png", rgb.convert("LA"))

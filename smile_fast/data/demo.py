@@ -105,7 +105,7 @@ def _generate(root: Path) -> None:
             folder.mkdir(parents=True)
             for index in range(count):
                 pixels = _draw(class_name, rng)
-                Image.fromarray(pixels, mode="RGB").save(folder / f"{class_name}_{index:03d}.jpg", quality=90)
+                Image.fromarray(pixels).save(folder / f"{class_name}_{index:03d}.jpg", quality=90)
 
 
 def _draw(class_name: str, rng: np.random.Generator) -> np.ndarray:

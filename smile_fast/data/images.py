@@ -46,7 +46,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         maximum = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
         gray = np.clip(values * (255.0 / maximum), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         # A palette with transparency must go through RGBA, or PIL warns and may map colours wrongly.
         image = image.convert("RGBA")
