@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one run (budget: under 6 minutes on an H100; ../shared/GPU.md).
 #   1. the GPU tests (fused ops on CUDA, real Triton)       -> log.txt
+#   3a. step time finetune vs SMILE, ResNet-50, bf16, batch 48, full stack + eager fp32 baseline -> step_b48.json
 #   2. kernel benchmarks: fused vs eager vs torch.compile   -> ops_bench.json
-#   3. step time finetune vs SMILE, ResNet-50, bf16:
-#      batch 48 with the full stack + eager fp32 baseline   -> step_b48.json
-#      batch 256 (AMP + channels-last, eager)               -> step_b256.json
+#   3b. the same at batch 256 (AMP + channels-last, eager)  -> step_b256.json
+#   3c. teacher options (BN fold, side stream) on/off       -> teacher_variants.json
 #   4. loader throughput (torchvision; DALI when installed) -> loader_*.json
+# in order of importance, each under a time limit, so that a lease cut short still returns the first ones.
 # and prints a short table last (summary.txt). Writes under $OUT (default ./gpu-results).
 # Without a GPU it runs the same steps at small sizes, which is how it is debugged before a lease.
 # Not `set -e`: a failing part must not hide the figures of the others; each part has a time limit.
@@ -21,13 +22,16 @@ say() { echo "== $(date +%H:%M:%S) $*" | tee -a "$LOG"; }
 
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   GPU=1; export TRITON_INTERPRET=0
+  TS=1  # time-limit scale: the limits below are sized for an H100
   MODEL=resnet50; B_SMALL=48; B_LARGE=256; SIZE=224; STEPS=15; WARMUP=4; LOADER_ITERS=30; PER_CLASS=64
   TEST_SEL=(tests/test_ops_*.py tests/test_kernels_*.py)
 else
-  GPU=0; export TRITON_INTERPRET=1
+  GPU=0; export TRITON_INTERPRET=0  # parts 1-2 below set it to 1 for themselves: kernels via the interpreter
+  TS=4
   MODEL=resnet18; B_SMALL=4; B_LARGE=8; SIZE=64; STEPS=2; WARMUP=1; LOADER_ITERS=3; PER_CLASS=4
   TEST_SEL=(tests/test_kernels_compile.py)
 fi
+KERNEL_ENV=(env TRITON_INTERPRET=$(( 1 - GPU )))
 
 say "environment (GPU=$GPU)"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null || true
@@ -45,27 +49,27 @@ PYEOF
 } 2>&1 | tee -a "$LOG"
 
 say "1. GPU tests"
-timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider "${TEST_SEL[@]}" 2>&1 | tail -n 25 | tee -a "$LOG"
-
-say "2. op benchmarks"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider bench/test_ops_bench.py --benchmark-only \
-  --benchmark-json="$OUT/ops_bench.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 60 >> "$LOG"
+timeout $((110 * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -x -p no:cacheprovider "${TEST_SEL[@]}" 2>&1 | tail -n 25 | tee -a "$LOG"
 
 say "3a. step time batch $B_SMALL, full stack (AMP bf16, channels-last, compile) + eager fp32 baseline"
-timeout 240 "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
+timeout $((180 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
   --channels-last --compile --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" --baseline eager-fp32 \
   --json "$OUT/step_b48.json" 2>&1 | grep -v Warning | tail -n 12 | tee -a "$LOG"
 
+say "2. op benchmarks"
+timeout $((120 * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider bench/test_ops_bench.py --benchmark-only \
+  --benchmark-json="$OUT/ops_bench.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 60 >> "$LOG"
+
 say "3b. step time batch $B_LARGE (AMP bf16, channels-last; eager, to fit the lease)"
-timeout 120 "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_LARGE" --image-size "$SIZE" --amp \
+timeout $((50 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_LARGE" --image-size "$SIZE" --amp \
   --channels-last --no-compile --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
   --json "$OUT/step_b256.json" 2>&1 | tail -n 8 | tee -a "$LOG"
 
-say "3c. teacher options, SMILE only, batch $B_SMALL eager AMP: BN fold and side stream each on/off"
+say "3c. teacher options, finetune vs SMILE at batch $B_SMALL eager AMP: BN fold and side stream each on/off"
 VAR="${TMPDIR:-/tmp}/smile-fast-variants"; mkdir -p "$VAR"
 for fold in fold-teacher-bn no-fold-teacher-bn; do
   for stream in teacher-stream no-teacher-stream; do
-    timeout 60 "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
+    timeout $((25 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
       --channels-last --no-compile --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" --"$fold" --"$stream" \
       --json "$VAR/$fold-$stream.json" 2>&1 | tail -n 1 | tee -a "$LOG"
   done
@@ -84,7 +88,7 @@ for loader in torchvision dali; do
   if [ "$loader" = dali ] && ! "$PY" -c "import nvidia.dali" 2>/dev/null; then
     say "DALI not installed here: loader figure for DALI not measured"; continue
   fi
-  timeout 90 "$PY" -m smile_fast bench loader --loader "$loader" --dataset imagefolder --data-dir "$DATA" \
+  timeout $((40 * TS)) "$PY" -m smile_fast bench loader --loader "$loader" --dataset imagefolder --data-dir "$DATA" \
     --batch-size "$B_SMALL" --iterations "$LOADER_ITERS" --json "$OUT/loader_$loader.json" 2>&1 | tail -n 3 | tee -a "$LOG"
 done
 
