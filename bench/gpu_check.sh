@@ -17,6 +17,10 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 LOG="$OUT/log.txt"
+# PARTS picks what to run (default all), e.g. PARTS=ddp,step48,step256 COMPILE_MODE=reduce-overhead.
+PARTS=",${PARTS:-tests,step48,ops,step256,teacher,loader,ddp},"
+COMPILE_MODE="${COMPILE_MODE:-default}"
+part() { [[ "$PARTS" == *",$1,"* ]]; }
 : > "$LOG"
 say() { echo "== $(date +%H:%M:%S) $*" | tee -a "$LOG"; }
 
@@ -48,23 +52,34 @@ if torch.cuda.is_available():
 PYEOF
 } 2>&1 | tee -a "$LOG"
 
+if part tests; then
 say "1. GPU tests"
-timeout $((110 * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -x -p no:cacheprovider "${TEST_SEL[@]}" 2>&1 | tail -n 25 | tee -a "$LOG"
+timeout $((150 * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -x -p no:cacheprovider "${TEST_SEL[@]}" 2>&1 | tail -n 25 | tee -a "$LOG"
+fi
 
+if part step48; then
 say "3a. step time batch $B_SMALL, full stack (AMP bf16, channels-last, compile) + eager fp32 baseline"
 timeout $((180 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
-  --channels-last --compile --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" --baseline eager-fp32 \
-  --json "$OUT/step_b48.json" 2>&1 | grep -v Warning | tail -n 12 | tee -a "$LOG"
+  --channels-last --compile --compile-mode "$COMPILE_MODE" --methods finetune,smile --steps "$STEPS" \
+  --warmup "$WARMUP" $([ "$COMPILE_MODE" = default ] && echo --baseline eager-fp32) --json "$OUT/step_b48.json" 2>&1 | grep -v Warning | tail -n 12 | tee -a "$LOG"
+fi
 
+if part ops; then
 say "2. op benchmarks"
 timeout $((120 * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider bench/test_ops_bench.py --benchmark-only \
   --benchmark-json="$OUT/ops_bench.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 60 >> "$LOG"
+fi
 
-say "3b. step time batch $B_LARGE (AMP bf16, channels-last; eager, to fit the lease)"
-timeout $((50 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_LARGE" --image-size "$SIZE" --amp \
-  --channels-last --no-compile --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
+if part step256; then
+B256_COMPILE=(--no-compile); B256_LIMIT=50
+[ "$COMPILE_MODE" != default ] && B256_COMPILE=(--compile --compile-mode "$COMPILE_MODE") && B256_LIMIT=170
+say "3b. step time batch $B_LARGE (AMP bf16, channels-last, ${B256_COMPILE[*]})"
+timeout $((B256_LIMIT * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_LARGE" --image-size "$SIZE" --amp \
+  --channels-last "${B256_COMPILE[@]}" --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
   --json "$OUT/step_b256.json" 2>&1 | tail -n 8 | tee -a "$LOG"
+fi
 
+if part teacher; then
 say "3c. teacher options, finetune vs SMILE at batch $B_SMALL eager AMP: BN fold and side stream each on/off"
 VAR="${TMPDIR:-/tmp}/smile-fast-variants"; mkdir -p "$VAR"
 for fold in fold-teacher-bn no-fold-teacher-bn; do
@@ -80,7 +95,9 @@ from pathlib import Path
 variants = {p.stem: json.loads(p.read_text()) for p in sorted(Path(sys.argv[1]).glob("*.json"))}
 Path(sys.argv[2]).write_text(json.dumps(variants, indent=2) + "\n")
 PYEOF
+fi
 
+if part loader; then
 say "4. loader throughput"
 DATA="${TMPDIR:-/tmp}/smile-fast-loader-data"
 [ -d "$DATA/train" ] || "$PY" bench/make_loader_dataset.py "$DATA" --images-per-class "$PER_CLASS" >> "$LOG" 2>&1
@@ -91,6 +108,15 @@ for loader in torchvision dali; do
   timeout $((40 * TS)) "$PY" -m smile_fast bench loader --loader "$loader" --dataset imagefolder --data-dir "$DATA" \
     --batch-size "$B_SMALL" --iterations "$LOADER_ITERS" --json "$OUT/loader_$loader.json" 2>&1 | tail -n 3 | tee -a "$LOG"
 done
+fi
+
+if part ddp; then
+say "5. torchrun, one process on the GPU (NCCL): smile-fast train end to end on the demo, AMP + channels-last"
+timeout $((90 * TS)) "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m smile_fast train \
+  --iters 20 --eval-every 20 --amp --channels-last --no-progress --out "${TMPDIR:-/tmp}/smile-fast-ddp-run" \
+  2>&1 | tail -n 8 | tee -a "$LOG"
+cp "${TMPDIR:-/tmp}/smile-fast-ddp-run/summary.json" "$OUT/ddp_summary.json" 2>/dev/null || say "no ddp summary"
+fi
 
 say "summary"
 "$PY" bench/summarize_gpu.py "$OUT" | tee "$OUT/summary.txt"

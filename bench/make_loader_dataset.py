@@ -26,9 +26,7 @@ def make(root: Path, classes: int, per_class: int, seed: int = 0) -> Path:
                 y, x = np.mgrid[0:height, 0:width].astype(np.float32)
                 phase = rng.uniform(0, 6.28, size=3)
                 frequency = rng.uniform(0.005, 0.03, size=(3, 2))
-                channels = [
-                    127 + 100 * np.sin(frequency[c, 0] * x + frequency[c, 1] * y + phase[c]) for c in range(3)
-                ]
+                channels = [127 + 100 * np.sin(frequency[c, 0] * x + frequency[c, 1] * y + phase[c]) for c in range(3)]
                 image = np.stack(channels, axis=-1) + rng.normal(0, 12, size=(height, width, 3))
                 Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{index:04d}.jpg", quality=90)
     return root

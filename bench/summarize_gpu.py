@@ -22,7 +22,8 @@ def step_lines(name: str, result: dict | None) -> list[str]:
         return [f"{name}: missing (see log.txt)"]
     lines = [
         f"{name}: {result['model']} batch {result['batch_size']} {result['image_size']}px {result['amp_dtype']} "
-        f"channels_last={result['channels_last']} compile={result['compile']} on {result['device_name']}"
+        f"channels_last={result['channels_last']} compile={result.get('compile_mode') or result['compile']} "
+        f"on {result['device_name']}"
     ]
     for key, value in result.items():
         if key.endswith("_ms_per_step"):
@@ -31,7 +32,8 @@ def step_lines(name: str, result: dict | None) -> list[str]:
     if "smile_over_finetune" in result:
         lines.append(f"  SMILE/finetune = {result['smile_over_finetune']:.3f}")
     if "smile_speedup_over_eager_fp32" in result:
-        lines.append(f"  full-stack SMILE vs eager fp32 authors' style = {result['smile_speedup_over_eager_fp32']:.2f}x")
+        speedup = result["smile_speedup_over_eager_fp32"]
+        lines.append(f"  full-stack SMILE vs eager fp32 authors' style = {speedup:.2f}x")
     return lines
 
 
@@ -61,13 +63,19 @@ def main() -> None:
     variants = _load(out / "teacher_variants.json") or {}
     for name, result in variants.items():
         lines.append(
-            f"teacher {name}: smile {result['smile_ms_per_step']:.2f} ms, finetune {result['finetune_ms_per_step']:.2f} ms,"
-            f" ratio {result['smile_over_finetune']:.3f}"
+            f"teacher {name}: smile {result['smile_ms_per_step']:.2f} ms, "
+            f"finetune {result['finetune_ms_per_step']:.2f} ms, ratio {result['smile_over_finetune']:.3f}"
         )
     for loader in ("torchvision", "dali"):
         result = _load(out / f"loader_{loader}.json")
         if result:
             lines.append(f"loader {loader}: {result['images_per_sec']:.1f} images/s on {result.get('device_name')}")
+    ddp = _load(out / "ddp_summary.json")
+    if ddp:
+        lines.append(
+            f"torchrun 1 process ({ddp['device_name']}): {ddp['method']} {ddp['iters']} its, "
+            f"top-1 {ddp['test_top1']:.1f}%, {ddp['train_images_per_sec']:.0f} images/s, world_size {ddp['world_size']}"
+        )
     lines += ops_lines(_load(out / "ops_bench.json"))
     print("\n".join(lines))
 

@@ -56,7 +56,7 @@ def _synthetic_batch(batch_size: int, image_size: int, num_classes: int, device:
     return images, labels.to(device)
 
 
-def time_method(
+def build_step_runner(
     method_name: str,
     *,
     model: str,
@@ -67,13 +67,13 @@ def time_method(
     channels_last: bool,
     compile: bool,
     device: torch.device,
-    steps: int,
-    warmup: int,
+    compile_mode: str = "default",
     fold_teacher_bn: bool = True,
     teacher_stream: bool = True,
     num_classes: int = 200,
 ) -> list[float]:
-    """Per-step seconds of `steps` timed iterations of one method with the product's TrainingStep."""
+    """A function that runs one iteration of `method_name` with the product's TrainingStep on synthetic
+    data and waits for the device; each call is the next iteration (so EMA updates fall every 10th)."""
     config = build_config(
         overrides=dict(
             dataset="demo",
@@ -86,6 +86,7 @@ def time_method(
             amp_dtype=amp_dtype,
             channels_last=channels_last,
             compile=compile,
+            compile_mode=compile_mode,
             device=str(device),
             fold_teacher_bn=fold_teacher_bn,
             teacher_stream=teacher_stream,
@@ -97,7 +98,19 @@ def time_method(
     step = TrainingStep(config, method, student, source, device)
     step.finalize()
     images, labels = _synthetic_batch(batch_size, image_size, num_classes, device, channels_last)
-    return _time_steps(lambda iteration: step(iteration, images, labels), device, steps, warmup)
+    counter = iter(range(10**9))
+
+    def run_one_synchronized() -> None:
+        step(next(counter), images, labels)
+        _synchronize(device)
+
+    return run_one_synchronized
+
+
+def time_method(method_name: str, *, steps: int, warmup: int, **settings) -> list[float]:
+    """Per-step seconds of `steps` timed iterations of one method, after `warmup` untimed ones."""
+    run_one = build_step_runner(method_name, **settings)
+    return _time_steps(lambda iteration: run_one(), settings["device"], steps, warmup)
 
 
 def time_authors_style_smile(
@@ -167,6 +180,7 @@ def run_step_benchmark(
     amp_dtype: str = "bfloat16",
     channels_last: bool | None = None,
     compile: bool = False,
+    compile_mode: str = "default",
     device: str = "auto",
     steps: int = 20,
     warmup: int = 5,
@@ -187,6 +201,7 @@ def run_step_benchmark(
         amp_dtype=amp_dtype,
         channels_last=channels_last,
         compile=compile,
+        compile_mode=compile_mode,
         device=device_obj,
         steps=steps,
         warmup=warmup,
@@ -203,6 +218,7 @@ def run_step_benchmark(
         "amp_dtype": amp_dtype if amp else "float32",
         "channels_last": channels_last,
         "compile": compile,
+        "compile_mode": compile_mode if compile else None,
         "fold_teacher_bn": fold_teacher_bn,
         "teacher_stream": teacher_stream and device_obj.type == "cuda",
         "steps": steps,
@@ -236,7 +252,8 @@ def format_step_table(result: dict[str, Any]) -> str:
     """A short table: method, ms/step, images/s, and the ratios."""
     lines = [
         f"{result['model']} batch {result['batch_size']} at {result['image_size']} px on {result['device_name']} "
-        f"({result['amp_dtype']}, channels_last={result['channels_last']}, compile={result['compile']})",
+        f"({result['amp_dtype']}, channels_last={result['channels_last']}, "
+        f"compile={result['compile_mode'] if result['compile'] else False})",
         f"{'method':<22} {'ms/step':>9} {'images/s':>10}",
     ]
     for key in result:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from smile_fast.config import (
     AMP_DTYPES,
+    COMPILE_MODES,
     DATASET_CHOICES,
     FORM_CHOICES,
     LOADER_CHOICES,
@@ -57,6 +58,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--amp-dtype", choices=AMP_DTYPES)
     flag("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format")
     flag("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile student and teacher")
+    flag("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (reduce-overhead adds CUDA graphs)")
     flag("--loader", choices=LOADER_CHOICES, help="auto (DALI on a GPU when installed), dali or torchvision")
     flag("--workers", type=int, help="loader worker processes / threads (default: min(8, CPUs))")
     flag("--device", help="auto (default), cpu, cuda or cuda:N")
@@ -109,6 +111,7 @@ TRAIN_KEYS = (
     "ema_decay",
     "ema_every",
     "sync_bn",
+    "compile_mode",
 )
 
 
@@ -136,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA"
     )
     step.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    step.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
     step.add_argument("--device", default="auto")
     step.add_argument("--steps", type=_integer, default=20, help="timed steps per method")
     step.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
@@ -225,6 +229,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             amp_dtype=args.amp_dtype,
             channels_last=args.channels_last,
             compile=args.compile,
+            compile_mode=args.compile_mode,
             device=args.device,
             steps=args.steps,
             warmup=args.warmup,

@@ -21,6 +21,7 @@ FORM_CHOICES = ("official", "paper")
 WEIGHTS_KEYWORDS = ("auto", "imagenet", "none")
 LOADER_CHOICES = ("auto", "dali", "torchvision")
 AMP_DTYPES = ("bfloat16", "float16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -59,6 +60,7 @@ class TrainConfig:
     amp_dtype: str = "bfloat16"
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     fold_teacher_bn: bool = True
     teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
     sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch, as on one GPU
@@ -217,6 +219,7 @@ def validate(config: TrainConfig) -> None:
     _check(config.ema_every >= 1, f"ema_every must be at least 1, got {config.ema_every}")
     _check(0 <= config.cutmix_probability <= 1, "cutmix_probability must be in [0, 1]")
     _check(config.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}")
+    _check(config.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}")
     _check(config.loader in LOADER_CHOICES, f"--loader must be one of {', '.join(LOADER_CHOICES)}")
     _check(config.workers is None or config.workers >= 0, "--workers must be 0 or more")
     _check(config.eval_every >= 1, f"--eval-every must be at least 1, got {config.eval_every}")

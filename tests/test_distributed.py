@@ -125,7 +125,6 @@ def _run(folder, out, nproc, batch_size, method):
     return record
 
 
-@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(folder, tmp_path):
     _run(folder, tmp_path / "single", 1, 8, "finetune")
     _run(folder, tmp_path / "double", 2, 4, "finetune")
@@ -141,7 +140,6 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(folder, tmp
     assert summary_double["test_top1"] == pytest.approx(summary_single["test_top1"]), "evaluation differs"
 
 
-@pytest.mark.slow
 def test_mean_teacher_stays_identical_on_every_rank(folder, tmp_path):
     record = _run(folder, tmp_path / "smile", 2, 4, "smile")
     digests = {path.name: path.read_text() for path in record.iterdir()}
