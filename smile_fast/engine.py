@@ -227,7 +227,6 @@ class Trainer:
             device,
             workers,
             config.channels_last,
-            config.seed,
         )
         self.metrics = (
             MetricsLog(self.run_dir / "metrics.csv", resume=self.resume_state is not None)

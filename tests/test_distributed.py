@@ -50,6 +50,16 @@ LAUNCHER = textwrap.dedent(
         return summary
 
     Trainer.run = run_and_record
+    if os.environ.get("CRASH_RANK") == os.environ.get("RANK"):
+        from smile_fast.step import TrainingStep
+        original_call = TrainingStep.__call__
+
+        def crash_at_second_step(self, iteration, images, labels):
+            if iteration == 1:
+                raise RuntimeError("simulated crash of one rank")
+            return original_call(self, iteration, images, labels)
+
+        TrainingStep.__call__ = crash_at_second_step
     from smile_fast.cli import main
     sys.exit(main(sys.argv[1:]))
     """
@@ -71,7 +81,7 @@ def folder(tmp_path_factory):
     return root
 
 
-def _run(folder, out, nproc, batch_size, method):
+def _run(folder, out, nproc, batch_size, method, extra_env=None, expect_success=True):
     record = out.parent / f"{out.name}-record"
     record.mkdir(parents=True, exist_ok=True)
     common = [
@@ -107,7 +117,7 @@ def _run(folder, out, nproc, batch_size, method):
         str(folder / "small.yaml"),
     ]
     (folder / "small.yaml").write_text("resize_size: 36\ncrop_size: 32\n")
-    env = dict(os.environ, RECORD_DIR=str(record), OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
+    env = dict(os.environ, RECORD_DIR=str(record), OMP_NUM_THREADS="1", TRITON_INTERPRET="0", **(extra_env or {}))
     if nproc == 1:
         command = [sys.executable, str(folder / "launch.py"), *common]
     else:
@@ -121,8 +131,10 @@ def _run(folder, out, nproc, batch_size, method):
             *common,
         ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{nproc}-process run failed:\n{result.stderr[-3000:]}"
-    return record
+    if expect_success:
+        assert result.returncode == 0, f"{nproc}-process run failed:\n{result.stderr[-3000:]}"
+        return record
+    return result
 
 
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(folder, tmp_path):
@@ -148,3 +160,15 @@ def test_mean_teacher_stays_identical_on_every_rank(folder, tmp_path):
     assert not (tmp_path / "smile-rank1").exists()
     summary = json.loads((tmp_path / "smile" / "summary.json").read_text())
     assert summary["world_size"] == 2
+
+
+def test_a_crashed_rank_ends_every_rank_with_an_error(folder, tmp_path):
+    """Rank 1 dies at its second step; rank 0 must not hang in the next all-reduce."""
+    import time
+
+    started = time.monotonic()
+    result = _run(folder, tmp_path / "crash", 2, 4, "finetune", extra_env={"CRASH_RANK": "1"}, expect_success=False)
+    assert result.returncode != 0, "a run whose rank crashed must fail"
+    assert "simulated crash of one rank" in result.stderr, result.stderr[-2000:]
+    assert time.monotonic() - started < 300, "the surviving rank hung instead of ending"
+    assert not (tmp_path / "crash" / "summary.json").exists(), "a crashed run must not write a summary"

@@ -33,14 +33,15 @@ def build_train_loader(
     device: torch.device,
     workers: int,
     channels_last: bool,
-    seed: int,
 ):
     """A loader object with `iterate(start_iteration)` and `skipped_files` (see data/torchvision.py)."""
     if kind == "dali":
         from smile_fast.data.dali import DaliTrainLoader
 
         return DaliTrainLoader(
-            samples, spec, plan, device, num_threads=max(workers, 1), channels_last=channels_last, seed=seed
+            # seed 0: the plan's per-sample augmentation seeds (already derived from the run's seed) are
+            # used as they are, so DALI draws the same crops and flips as the torchvision path.
+            samples, spec, plan, device, num_threads=max(workers, 1), channels_last=channels_last, seed=0
         )
     from smile_fast.data.torchvision import TorchvisionTrainLoader
 
