@@ -50,6 +50,19 @@ LAUNCHER = textwrap.dedent(
         return summary
 
     Trainer.run = run_and_record
+    if os.environ.get("SLOW_STEPS"):
+        import time
+        from smile_fast.step import TrainingStep
+        slow_call = TrainingStep.__call__
+
+        def slow_step(self, iteration, images, labels):
+            result = slow_call(self, iteration, images, labels)
+            time.sleep(float(os.environ["SLOW_STEPS"]))
+            if iteration == 2 and os.environ.get("RANK") == "0":
+                open(os.path.join(os.environ["RECORD_DIR"], "reached-2"), "w").close()
+            return result
+
+        TrainingStep.__call__ = slow_step
     if os.environ.get("CRASH_RANK") == os.environ.get("RANK"):
         from smile_fast.step import TrainingStep
         original_call = TrainingStep.__call__
@@ -81,9 +94,7 @@ def folder(tmp_path_factory):
     return root
 
 
-def _run(folder, out, nproc, batch_size, method, extra_env=None, expect_success=True):
-    record = out.parent / f"{out.name}-record"
-    record.mkdir(parents=True, exist_ok=True)
+def _command(folder, out, nproc, batch_size, method, iters=4, resume=None):
     common = [
         "train",
         "--dataset",
@@ -97,7 +108,7 @@ def _run(folder, out, nproc, batch_size, method, extra_env=None, expect_success=
         "--weights",
         "none",
         "--iters",
-        "4",
+        str(iters),
         "--batch-size",
         str(batch_size),
         "--method",
@@ -117,19 +128,30 @@ def _run(folder, out, nproc, batch_size, method, extra_env=None, expect_success=
         str(folder / "small.yaml"),
     ]
     (folder / "small.yaml").write_text("resize_size: 36\ncrop_size: 32\n")
-    env = dict(os.environ, RECORD_DIR=str(record), OMP_NUM_THREADS="1", TRITON_INTERPRET="0", **(extra_env or {}))
+    if resume:
+        common += ["--resume", str(resume)]
     if nproc == 1:
-        command = [sys.executable, str(folder / "launch.py"), *common]
-    else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            str(folder / "launch.py"),
-            *common,
-        ]
+        return [sys.executable, str(folder / "launch.py"), *common]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(folder / "launch.py"),
+        *common,
+    ]
+
+
+def _environment(record, extra_env=None):
+    record.mkdir(parents=True, exist_ok=True)
+    return dict(os.environ, RECORD_DIR=str(record), OMP_NUM_THREADS="1", TRITON_INTERPRET="0", **(extra_env or {}))
+
+
+def _run(folder, out, nproc, batch_size, method, extra_env=None, expect_success=True, iters=4, resume=None):
+    record = out.parent / f"{out.name}-record"
+    env = _environment(record, extra_env)
+    command = _command(folder, out, nproc, batch_size, method, iters, resume)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if expect_success:
         assert result.returncode == 0, f"{nproc}-process run failed:\n{result.stderr[-3000:]}"
@@ -172,3 +194,43 @@ def test_a_crashed_rank_ends_every_rank_with_an_error(folder, tmp_path):
     assert "simulated crash of one rank" in result.stderr, result.stderr[-2000:]
     assert time.monotonic() - started < 300, "the surviving rank hung instead of ending"
     assert not (tmp_path / "crash" / "summary.json").exists(), "a crashed run must not write a summary"
+
+
+def test_sigterm_to_torchrun_checkpoints_and_resume_matches_uninterrupted(folder, tmp_path):
+    """SIGTERM to torchrun reaches every rank; they stop at one step boundary, rank 0 writes last.pt, and
+    the resumed 2-process run ends with the weights of a run never stopped."""
+    import signal
+    import time
+
+    _run(folder, tmp_path / "whole", 2, 4, "smile", iters=10)
+
+    out, record = tmp_path / "stopped", tmp_path / "stopped-record"
+    process = subprocess.Popen(
+        _command(folder, out, 2, 4, "smile", iters=10),
+        env=_environment(record, {"SLOW_STEPS": "0.5"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (record / "reached-2").exists():
+        assert process.poll() is None, f"the run ended before it was signalled:\n{process.stdout.read()[-2000:]}"
+        assert time.monotonic() < deadline, "the run never reached iteration 2"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    stopped_at = load_checkpoint(out)["iteration"]
+    assert 3 <= stopped_at < 10, f"checkpoint at iteration {stopped_at}; output:\n{output[-2000:]}"
+    assert "stopped by signal" in output, output[-2000:]
+
+    _run(folder, tmp_path / "resumed", 2, 4, "smile", iters=10, resume=out)
+    resumed, whole = load_checkpoint(out), load_checkpoint(tmp_path / "whole")
+    assert resumed["iteration"] == 10
+    for name, value in whole["student"].items():
+        torch.testing.assert_close(
+            resumed["student"][name],
+            value,
+            rtol=1e-5,
+            atol=1e-6,
+            msg=f"{name} differs between the resumed and the uninterrupted run",
+        )
