@@ -58,7 +58,7 @@ def test_loader_throughput(benchmark, loader, photos):
     from smile_fast.data.loaders import build_train_loader
 
     plan = TrainBatchPlan(len(photos), BATCH_SIZE, seed=0)
-    source = build_train_loader(loader, photos, SPEC, plan, DEVICE, WORKERS, channels_last=ON_GPU, seed=0)
+    source = build_train_loader(loader, photos, SPEC, plan, DEVICE, WORKERS, channels_last=ON_GPU)
     batches = source.iterate(0)
     for _ in range(2):  # pipeline build / worker start-up and the first allocations are not timed
         next(batches)

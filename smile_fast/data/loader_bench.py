@@ -77,7 +77,7 @@ def run_loader_benchmark(
 
         require_dali()
     plan = TrainBatchPlan(len(samples), batch_size, seed=seed)
-    source = build_train_loader(loader, list(samples), spec, plan, device, num_workers, channels_last, seed)
+    source = build_train_loader(loader, list(samples), spec, plan, device, num_workers, channels_last)
     batches = source.iterate(0)
     try:
         for _ in range(warmup):
