@@ -10,6 +10,10 @@ permutation serve every term of the step.
 
 from __future__ import annotations
 
+import warnings
+
+import torch
+
 from smile_fast.methods.base import Method, draw_mixup, teacher_outputs
 from smile_fast.ops import (
     feature_mixup_loss,
@@ -20,6 +24,33 @@ from smile_fast.ops import (
 )
 
 SMILE_FORMS = ("official", "paper")
+
+
+def frobenius_over_ranks(local_loss: torch.Tensor, spatial_size: int) -> torch.Tensor:
+    """The official L_fe of the whole global batch when several processes each hold a shard of it.
+
+    The official L_fe is a Frobenius norm over the whole batch, ||d||_F / (H*W), not a mean: with N
+    ranks, the mean of N per-shard norms would be about 1/sqrt(N) of the single-GPU value, and so would
+    its gradient. Summing the squared shard norms across ranks gives back sqrt(sum_r ||d_r||^2) / (H*W).
+    The all-reduce is differentiable: its backward sums the (identical) upstream gradients of the N
+    ranks, and DDP's averaging of parameter gradients divides by N again, so each rank's features get
+    exactly the single-process gradient. Mixing pairs stay within each rank's shard.
+    A single process returns `local_loss` unchanged.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local_loss
+    from torch.distributed.nn.functional import all_reduce
+
+    squared = (local_loss * spatial_size) ** 2
+    with warnings.catch_warnings():
+        # Deprecated in favour of a private module (_functional_collectives); this one is public, has the
+        # autograd formula needed here and exists on every torch >= 2.6.
+        warnings.simplefilter("ignore", FutureWarning)
+        total = all_reduce(squared)
+    # clamp: a zero difference on every rank gives a zero gradient, not 0/0.
+    return torch.sqrt(total.clamp_min(torch.finfo(total.dtype).tiny)) / spatial_size
 
 
 class Smile(Method):
@@ -47,6 +78,7 @@ class Smile(Method):
         loss_mxp = mixup_cross_entropy(output.logits, labels, perm, lam)
         if self.form == "official":
             loss_fe = feature_mixup_loss(output.features, teacher_features.detach(), perm, lam, form="official")
+            loss_fe = frobenius_over_ranks(loss_fe, output.features.shape[2] * output.features.shape[3])
             loss_fc = soft_mixup_cross_entropy(output.aux_logits, teacher_logits.detach(), perm, lam)
         else:
             teacher_pooled = teacher_features.detach().mean(dim=(2, 3))
