@@ -36,3 +36,23 @@ def test_demo_train_shortened(tmp_path, monkeypatch, capsys):
     assert summary["dataset"] == "demo" and summary["method"] == "smile" and summary["iters"] == 2
     assert summary["test_images"] == 160 and summary["train_images"] == 320
     assert (tmp_path / "cache" / "demo-v1").is_dir(), "the demo dataset should be cached under the cache folder"
+
+
+def test_a_run_writes_only_in_its_run_folder_and_the_cache(tmp_path, monkeypatch):
+    """Whatever the YAML says, a run writes its run folder (`out`) and the cache folder, nothing else."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("SMILE_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    config = work / "run.yaml"
+    config.write_text(
+        "iters: 2\neval_every: 2\nbatch_size: 8\nweights: none\nworkers: 0\nout: runs/from-yaml\nseed: 4\n"
+    )
+    before = {p for p in tmp_path.rglob("*")}
+    assert main(["train", "-c", str(config), "--no-progress"]) == 0
+    written = {p for p in tmp_path.rglob("*") if p.is_file()} - before
+    allowed = (work / "runs" / "from-yaml", tmp_path / "cache")
+    outside = [p for p in written if not any(p.is_relative_to(root) for root in allowed)]
+    assert not outside, f"files written outside the run folder and the cache: {outside}"
+    assert (work / "runs" / "from-yaml" / "summary.json").is_file()
