@@ -63,7 +63,7 @@ LAUNCHER = textwrap.dedent(
             return result
 
         TrainingStep.__call__ = slow_step
-    if os.environ.get("CRASH_RANK") == os.environ.get("RANK"):
+    if "CRASH_RANK" in os.environ and os.environ["CRASH_RANK"] == os.environ.get("RANK"):
         from smile_fast.step import TrainingStep
         original_call = TrainingStep.__call__
 
