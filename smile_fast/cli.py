@@ -258,10 +258,10 @@ def _bench_loader(args: argparse.Namespace) -> dict:
 
     from smile_fast.config import build_config
     from smile_fast.data.loader_bench import run_loader_benchmark
-    from smile_fast.engine import _prepare_data, resolve_device
+    from smile_fast.engine import prepare_data, resolve_device
 
     config = build_config(overrides={"dataset": args.dataset, "data_dir": args.data_dir, "device": args.device})
-    splits, train_spec, _ = _prepare_data(config, print)
+    splits, train_spec, _ = prepare_data(config)
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
     return run_loader_benchmark(
         args.loader,

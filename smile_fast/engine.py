@@ -30,6 +30,8 @@ from smile_fast.models import build_models
 from smile_fast.runlog import MetricsLog, default_run_dir, plot_curves, write_config, write_summary
 from smile_fast.step import TrainingStep, lr_at
 
+STOP_CHECK_INTERVAL = 5  # iterations between the ranks' agreement on a stop signal
+
 
 class TrainingStopped(Exception):
     """The run stopped before its last iteration; `exit_code` says why (the message says what to do)."""
@@ -117,7 +119,8 @@ class _StopSignal:
         return False
 
 
-def _prepare_data(config: TrainConfig, log) -> tuple[Any, TransformSpec, TransformSpec]:
+def prepare_data(config: TrainConfig) -> tuple[Any, TransformSpec, TransformSpec]:
+    """The dataset's splits after the subset protocol, and the train/test TransformSpecs of the config."""
     from smile_fast.data.datasets import load_dataset
     from smile_fast.data.subsets import apply_class_subset, apply_sample_rate
 
@@ -171,7 +174,7 @@ class Trainer:
         from smile_fast.data.loaders import build_train_loader, choose_loader
         from smile_fast.data.subsets import read_manifest, write_manifest
 
-        splits, self.train_spec, self.test_spec = _prepare_data(config, self.log)
+        splits, self.train_spec, self.test_spec = prepare_data(config)
         self.num_classes = len(splits.classes)
         self.run_dir = Path(config.out) if config.out else default_run_dir(config.dataset, config.method)
         manifest = self.run_dir / "manifest.txt"
@@ -312,10 +315,17 @@ class Trainer:
         }
         save_atomic(state, self.run_dir / "last.pt")
 
-    def _stop_agreed(self, stop: _StopSignal) -> bool:
-        """All ranks stop at the same step boundary when any of them was signalled."""
+    def _stop_agreed(self, stop: _StopSignal, iteration: int) -> bool:
+        """All ranks stop at the same step boundary when any of them was signalled.
+
+        With several ranks the agreement is an all-reduce read back on the host, a sync; it is taken every
+        STOP_CHECK_INTERVAL iterations rather than every step, so the host can keep queueing steps ahead
+        of the GPU. A signalled run stops within that many steps (torchrun waits 30 s before SIGKILL).
+        """
         if not self.dist.enabled:
             return bool(stop.requested)
+        if iteration % STOP_CHECK_INTERVAL != 0:
+            return False
         import torch.distributed as dist
 
         flag = torch.tensor([1 if stop.requested else 0], device=self.device)
@@ -398,7 +408,7 @@ class Trainer:
                     part_sums = {}
                     interval_images, interval_start = 0, time.perf_counter()
 
-                if iteration < config.iters and self._stop_agreed(stop):
+                if iteration < config.iters and self._stop_agreed(stop, iteration):
                     train_seconds += time.perf_counter() - interval_start
                     self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
                     progress.close()
@@ -476,7 +486,7 @@ def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = 
         values["data_dir"] = data_dir
     config = build_config(values)
     device_obj = resolve_device(config.device)
-    splits, _, test_spec = _prepare_data(config, print)
+    splits, _, test_spec = prepare_data(config)
     student, _, _ = build_models(config.model, len(splits.classes), "none", with_aux_head=state["teacher"] is not None)
     student.load_state_dict(state["student"])
     student.to(device_obj).eval()

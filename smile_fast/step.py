@@ -113,8 +113,9 @@ class TrainingStep:
         # CUDA graphs (compile modes "reduce-overhead" and "max-autotune") replay whole forward and
         # backward passes with one launch each: at batch 48 a ResNet-50 step is bound by kernel launches
         # from the host (measured on an H200: 17.7 ms for under 1 ms of arithmetic).
-        self.cuda_graphs = config.compile and device.type == "cuda" and config.compile_mode in (
-            "reduce-overhead", "max-autotune")
+        self.cuda_graphs = (
+            config.compile and device.type == "cuda" and config.compile_mode in ("reduce-overhead", "max-autotune")
+        )
         if config.compile:
             mode = None if config.compile_mode == "default" else config.compile_mode
             self.train_model = torch.compile(self.train_model, mode=mode)

@@ -120,7 +120,6 @@ def test_bad_settings_are_one_line_and_status_2(case, isolated, no_training, cap
     assert not (isolated / "run").exists(), f"{case}: a run folder was created for a refused configuration"
 
 
-
 @pytest.mark.parametrize(
     "argv",
     [

@@ -202,11 +202,11 @@ def test_sigterm_to_torchrun_checkpoints_and_resume_matches_uninterrupted(folder
     import signal
     import time
 
-    _run(folder, tmp_path / "whole", 2, 4, "smile", iters=10)
+    _run(folder, tmp_path / "whole", 2, 4, "smile", iters=15)
 
     out, record = tmp_path / "stopped", tmp_path / "stopped-record"
     process = subprocess.Popen(
-        _command(folder, out, 2, 4, "smile", iters=10),
+        _command(folder, out, 2, 4, "smile", iters=15),
         env=_environment(record, {"SLOW_STEPS": "0.5"}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -220,12 +220,12 @@ def test_sigterm_to_torchrun_checkpoints_and_resume_matches_uninterrupted(folder
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     stopped_at = load_checkpoint(out)["iteration"]
-    assert 3 <= stopped_at < 10, f"checkpoint at iteration {stopped_at}; output:\n{output[-2000:]}"
+    assert 3 <= stopped_at < 15, f"checkpoint at iteration {stopped_at}; output:\n{output[-2000:]}"
     assert "stopped by signal" in output, output[-2000:]
 
-    _run(folder, tmp_path / "resumed", 2, 4, "smile", iters=10, resume=out)
+    _run(folder, tmp_path / "resumed", 2, 4, "smile", iters=15, resume=out)
     resumed, whole = load_checkpoint(out), load_checkpoint(tmp_path / "whole")
-    assert resumed["iteration"] == 10
+    assert resumed["iteration"] == 15
     for name, value in whole["student"].items():
         torch.testing.assert_close(
             resumed["student"][name],

@@ -169,7 +169,6 @@ def test_the_exploit_fixture_really_executes_when_unpickled(tmp_path):
     assert marker.exists()
 
 
-
 @pytest.mark.parametrize(
     "content",
     [

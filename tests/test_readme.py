@@ -22,7 +22,9 @@ def test_readme_documents_every_train_flag():
         option
         for action in train._actions
         for option in action.option_strings
-        if option.startswith("--") and option not in ("--help", "--no-progress") and not option.startswith("--no-")
+        if option.startswith("--")
+        and option not in ("--help", "--no-progress")
+        and not option.startswith("--no-")
         and option not in readme
     ]
     assert not missing, f"train flags missing from the README: {missing}"

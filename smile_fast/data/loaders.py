@@ -41,7 +41,13 @@ def build_train_loader(
         return DaliTrainLoader(
             # seed 0: the plan's per-sample augmentation seeds (already derived from the run's seed) are
             # used as they are, so DALI draws the same crops and flips as the torchvision path.
-            samples, spec, plan, device, num_threads=max(workers, 1), channels_last=channels_last, seed=0
+            samples,
+            spec,
+            plan,
+            device,
+            num_threads=max(workers, 1),
+            channels_last=channels_last,
+            seed=0,
         )
     from smile_fast.data.torchvision import TorchvisionTrainLoader
 

@@ -47,11 +47,32 @@ def folded_beta(generator: np.random.Generator, alpha: float) -> float:
     return max(lam, 1.0 - lam)
 
 
+def to_device_async(host_tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to `device` without making the host wait for the GPU.
+
+    A copy from pageable memory (what `torch.tensor(x, device="cuda")` and `.to("cuda")` of a fresh CPU
+    tensor do) waits for the stream to drain first, so the host could not queue step i+1 while the GPU
+    runs step i. From pinned memory the copy is queued like a kernel; the caching host allocator keeps
+    the pinned buffer alive until the copy has run.
+    """
+    if device.type != "cuda":
+        return host_tensor.to(device)
+    return host_tensor.pin_memory().to(device, non_blocking=True)
+
+
+def device_mix_tensors(lam: float, perm: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lam as a 0-d float32 tensor, perm as a long tensor [B]) on `device`, queued without a host sync."""
+    return (
+        to_device_async(torch.tensor(lam, dtype=torch.float32), device),
+        to_device_async(torch.from_numpy(perm), device),
+    )
+
+
 def draw_mixup(generator: np.random.Generator, batch_size: int, alpha: float, device: torch.device) -> MixDraw:
     """One lam per batch (folded to >= 0.5) and one permutation per step, used everywhere in that step."""
     lam = folded_beta(generator, alpha)
-    perm = torch.from_numpy(generator.permutation(batch_size)).to(device, non_blocking=True)
-    return MixDraw(lam, torch.tensor(lam, dtype=torch.float32, device=device), perm)
+    lam_tensor, perm = device_mix_tensors(lam, generator.permutation(batch_size), device)
+    return MixDraw(lam, lam_tensor, perm)
 
 
 def teacher_outputs(pending) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 
-from smile_fast.methods.base import Method, MixDraw
+from smile_fast.methods.base import Method, MixDraw, device_mix_tensors
 
 
 def cutmix_box(generator, height: int, width: int, lam: float) -> tuple[int, int, int, int]:
@@ -31,11 +30,11 @@ class CutMix(Method):
         batch, _, height, width = images.shape
         applied = bool(generator.random() < self.probability)
         lam = float(generator.beta(self.alpha, self.alpha))
-        perm = torch.from_numpy(generator.permutation(batch)).to(images.device, non_blocking=True)
+        perm_host = generator.permutation(batch)
         box = cutmix_box(generator, height, width, lam)
         # The label weight is the share of the image that stays the sample's own.
         lam = 1.0 - (box[2] * box[3]) / float(height * width)
-        lam_tensor = torch.tensor(lam, dtype=torch.float32, device=images.device)
+        lam_tensor, perm = device_mix_tensors(lam, perm_host, images.device)
         return MixDraw(lam, lam_tensor, perm, box=box, applied=applied)
 
     def loss(self, images, labels, student, teacher, draw):
