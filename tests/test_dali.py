@@ -29,6 +29,9 @@ SMALL_TEST = TransformSpec("shorter", resize_size=64, crop_size=56, train=False)
 VARIED_SIZES = [(120, 90), (90, 120), (100, 100), (57, 80), (161, 107), (70, 129)]
 # One grey level in normalized units, for the channel with the largest scale (smallest std).
 GREY_LEVEL = 1.0 / 255.0 / min(IMAGENET_STD)
+# On a CPU device the resize, crop and flip run in torch by default, or in DALI (the GPU pipeline's
+# operators); the parity tests run both.
+both_cpu_resizes = pytest.mark.parametrize("cpu_resize", dali.CPU_RESIZES)
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +156,8 @@ def test_jpeg_size_reads_the_frame_header_as_pil_does(tmp_path, mode, options):
 
 
 @needs_dali
-def test_train_batches_match_the_torchvision_transform_pixel_for_pixel(images):
+@both_cpu_resizes
+def test_train_batches_match_the_torchvision_transform_pixel_for_pixel(images, cpu_resize):
     """Given the same crop window, DALI's decode + resize + crop + flip + normalize equals torchvision's.
 
     Both decode with libjpeg-turbo; the resize filters (PIL bilinear with antialiasing, DALI linear
@@ -162,7 +166,7 @@ def test_train_batches_match_the_torchvision_transform_pixel_for_pixel(images):
     """
     spec = SMALL_TRAIN
     plan = TrainBatchPlan(len(images), 8, seed=3)
-    loader = dali.DaliTrainLoader(images, spec, plan, "cpu", num_threads=2)
+    loader = dali.DaliTrainLoader(images, spec, plan, "cpu", num_threads=2, cpu_resize=cpu_resize)
     ((batch, labels),) = _take(loader.iterate(0), 1)
     for slot, (index, augment_seed) in enumerate(plan.batch(0)):
         path, label = images[index]
@@ -176,12 +180,13 @@ def test_train_batches_match_the_torchvision_transform_pixel_for_pixel(images):
 
 
 @needs_dali
-def test_spec_sizes_on_photo_sized_jpegs(tmp_path):
+@both_cpu_resizes
+def test_spec_sizes_on_photo_sized_jpegs(tmp_path, cpu_resize):
     """The spec's real sizes (Resize 256 shorter side, crop 224) on 500x375 / 375x500 JPEGs, and a square resize."""
     samples = _write_images(tmp_path / "photos", 4, sizes=[(500, 375), (375, 500)])
     for resize in ("shorter", "square"):
         spec = TransformSpec(resize, train=False)
-        ((batch, labels),) = list(dali.dali_eval_batches(samples, spec, 4, "cpu", num_threads=2))
+        ((batch, labels),) = list(dali.dali_eval_batches(samples, spec, 4, "cpu", num_threads=2, cpu_resize=cpu_resize))
         assert batch.shape == (4, 3, 224, 224) and labels.tolist() == [0, 1, 2, 3]
         for slot, (path, _) in enumerate(samples):
             with Image.open(path) as image:
@@ -192,7 +197,8 @@ def test_spec_sizes_on_photo_sized_jpegs(tmp_path):
 
 
 @needs_dali
-def test_dali_and_torchvision_loaders_agree_on_labels_layout_and_statistics(images):
+@both_cpu_resizes
+def test_dali_and_torchvision_loaders_agree_on_labels_layout_and_statistics(images, cpu_resize):
     """Same plan: identical labels, shapes and channels-last layout; per-channel mean/std within tolerance.
 
     The two loaders draw different crops and flips, so pixels differ; the images are a stationary
@@ -205,7 +211,10 @@ def test_dali_and_torchvision_loaders_agree_on_labels_layout_and_statistics(imag
     from smile_fast.data.torchvision import TorchvisionTrainLoader
 
     plan = TrainBatchPlan(len(images), 8, seed=5)
-    from_dali = _take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", channels_last=True).iterate(0), 12)
+    from_dali = _take(
+        dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", channels_last=True, cpu_resize=cpu_resize).iterate(0),
+        12,
+    )
     from_torchvision = _take(
         TorchvisionTrainLoader(
             images, SMALL_TRAIN, plan, torch.device("cpu"), num_workers=0, channels_last=True
@@ -227,11 +236,12 @@ def test_dali_and_torchvision_loaders_agree_on_labels_layout_and_statistics(imag
 
 
 @needs_dali
-def test_eval_matches_torchvision_eval_batches(images):
+@both_cpu_resizes
+def test_eval_matches_torchvision_eval_batches(images, cpu_resize):
     """Center crops are deterministic on both paths: same labels in the same order, same pixels (1-2 levels)."""
     from smile_fast.data.torchvision import eval_batches
 
-    from_dali = list(dali.dali_eval_batches(images, SMALL_TEST, 5, "cpu", channels_last=True))
+    from_dali = list(dali.dali_eval_batches(images, SMALL_TEST, 5, "cpu", channels_last=True, cpu_resize=cpu_resize))
     from_torchvision = list(eval_batches(images, SMALL_TEST, 5, torch.device("cpu"), num_workers=0, channels_last=True))
     assert [labels.tolist() for _, labels in from_dali] == [labels.tolist() for _, labels in from_torchvision]
     for (dali_images, _), (tv_images, _) in zip(from_dali, from_torchvision):
@@ -329,12 +339,15 @@ def test_formats_dali_cannot_decode_are_re_encoded(tmp_path):
 
 
 @needs_dali
-def test_uint8_output_is_unnormalized_nhwc_of_the_same_crops(images):
+@both_cpu_resizes
+def test_uint8_output_is_unnormalized_nhwc_of_the_same_crops(images, cpu_resize):
     plan = TrainBatchPlan(len(images), 8, seed=4)
     ((raw, raw_labels),) = _take(
-        dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", output_uint8=True).iterate(0), 1
+        dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", output_uint8=True, cpu_resize=cpu_resize).iterate(0), 1
     )
-    ((normalized, labels),) = _take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu").iterate(0), 1)
+    ((normalized, labels),) = _take(
+        dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", cpu_resize=cpu_resize).iterate(0), 1
+    )
     assert raw.dtype == torch.uint8 and raw.shape == (8, 56, 56, 3) and raw.is_contiguous()
     assert torch.equal(raw_labels, labels)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -354,3 +367,36 @@ def test_square_resize_and_torchvision_transform_object_agree_on_eval(images):
         with Image.open(path) as image:
             expected = transform(image.convert("RGB"))
         assert (batch[slot] - expected).abs().max().item() <= 3 * GREY_LEVEL
+
+
+@needs_dali
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_host_path_gives_the_same_crops_as_the_all_dali_path_and_keeps_torch_threads(images, channels_last):
+    """The torch resize and DALI's resize agree within a few grey levels on the same windows; the host path
+    normalizes both layouts and leaves torch's thread count as it found it."""
+    plan = TrainBatchPlan(len(images), 8, seed=9)
+    threads = torch.get_num_threads()
+    batches = {
+        cpu_resize: _take(
+            dali.DaliTrainLoader(
+                images, SMALL_TRAIN, plan, "cpu", channels_last=channels_last, cpu_resize=cpu_resize
+            ).iterate(0),
+            2,
+        )
+        for cpu_resize in dali.CPU_RESIZES
+    }
+    assert torch.get_num_threads() == threads
+    for (host, host_labels), (in_dali, dali_labels) in zip(batches["torch"], batches["dali"]):
+        assert torch.equal(host_labels, dali_labels)
+        assert host.stride() == in_dali.stride()
+        # Each path is within 3 levels of PIL at any pixel (the pixel-for-pixel test), so of each other within 6.
+        difference = (host - in_dali).abs()
+        assert difference.max().item() <= 6 * GREY_LEVEL and difference.mean().item() <= 0.5 * GREY_LEVEL
+
+
+def test_unknown_cpu_resize_is_refused(images):
+    if not dali.dali_available():
+        pytest.skip("NVIDIA DALI is not installed")
+    plan = TrainBatchPlan(len(images), 4, seed=0)
+    with pytest.raises(ValueError, match="cpu_resize"):
+        dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", cpu_resize="pil")

@@ -148,3 +148,16 @@ def test_eval_command_reports_top1(tiny_imagefolder, tmp_path, capsys):
     assert main(["eval", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert f"{summary['test_top1']:.2f}%" in printed, printed
+
+
+def test_training_with_the_dali_loader_on_cpu(tiny_imagefolder, tmp_path):
+    """`--loader dali` trains and evaluates on a CPU-only machine (DALI decodes, torch resizes)."""
+    from smile_fast.data.dali import dali_available
+
+    if not dali_available():
+        pytest.skip("NVIDIA DALI is not installed (pip install smile-fast[dali])")
+    out = tmp_path / "run"
+    summary = train(_config(tiny_imagefolder, out, loader="dali", workers=2), progress=False)
+    written = json.loads((out / "summary.json").read_text())
+    assert written["iters"] == 6 and 0.0 <= summary["test_top1"] <= 100.0
+    assert (out / "last.pt").is_file()

@@ -16,6 +16,13 @@ What is shared with the torchvision path, so that the two cannot drift apart:
   so a seeded run repeats exactly;
 - the files DALI would stop on: checked up front with images.check_images and skipped with a count.
 
+On a CPU-only machine the resize runs in torch by default (`cpu_resize="torch"`): DALI decodes on its
+threads and hands over the decoded images, and torch's uint8 antialiased bilinear resize (the same
+filter as PIL's) does resize, crop and flip. DALI's CPU resampler is its weak spot: on the 2-core CI
+machine it takes about 2.8 ms per 500x375 -> 256x256 image where torch takes 0.24 ms, which made it
+the bulk of the pipeline (measured with DALI 2.4 and torch 2.14). `cpu_resize="dali"` keeps the
+all-DALI pipeline, the one that runs on a GPU, so CI tests that one too.
+
 `fn.decoders.image_random_crop` is not used: it picks a random area and aspect ratio on the
 *original* image (Inception-style RandomResizedCrop) and then resizes that, while the spec asks for a
 fixed-size crop out of an image first resized to 256 (Resize -> RandomCrop 224). Emulating the
@@ -25,6 +32,7 @@ pixels just outside the window), so decode -> resize -> crop is kept: it is the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -32,6 +40,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -188,8 +197,52 @@ def _resolve_device(device: torch.device | str) -> torch.device:
     return device
 
 
+CPU_RESIZES = ("torch", "dali")
+
+
+class _Window(NamedTuple):
+    """Where one sample's crop comes from: the resized size, the crop's top-left corner and the flip."""
+
+    height: int
+    width: int
+    top: int
+    left: int
+    mirror: bool
+
+
+class _SampleFeeder:
+    """Reads files and draws crop windows: (path, augment seed or None) -> (encoded bytes, _Window)."""
+
+    def __init__(self, spec: TransformSpec, seed: int):
+        self.spec = spec
+        self.seed = seed
+
+    def __call__(self, items: Sequence[tuple[str, int | None]]) -> tuple[list[np.ndarray], list[_Window]]:
+        encoded_batch, windows = [], []
+        for path, augment_seed in items:
+            encoded, height, width = read_encoded(path)
+            out_height, out_width = resized_size(self.spec, height, width)
+            draw_seed = None if augment_seed is None else augment_seed ^ self.seed
+            top, left, mirror = crop_window(self.spec, out_height, out_width, draw_seed)
+            encoded_batch.append(encoded)
+            windows.append(_Window(out_height, out_width, top, left, mirror))
+        return encoded_batch, windows
+
+
+def _dali_window_columns(encoded: list[np.ndarray], windows: list[_Window], crop: int) -> tuple[list, ...]:
+    """The all-DALI pipeline's per-sample inputs: bytes, resized height and width, relative crop position, flip."""
+    return (
+        encoded,
+        [np.array(window.height, dtype=np.float32) for window in windows],
+        [np.array(window.width, dtype=np.float32) for window in windows],
+        [_relative_position(window.top, window.height, crop) for window in windows],
+        [_relative_position(window.left, window.width, crop) for window in windows],
+        [np.array(window.mirror, dtype=np.int32) for window in windows],
+    )
+
+
 def _build_pipeline(
-    source: Callable[[], tuple[list, ...]],
+    source: Callable[[], object],
     spec: TransformSpec,
     batch_size: int,
     device: torch.device,
@@ -198,11 +251,13 @@ def _build_pipeline(
     output_uint8: bool,
     seed: int,
     prefetch_queue_depth: int,
+    decode_only: bool,
 ):
-    """A built DALI pipeline whose one output is the batch of crops.
+    """A built DALI pipeline with one output.
 
-    `source()` returns the next batch's per-sample lists: encoded bytes, resized height and width (float32
-    scalars), crop position y and x (float32, relative), mirror flag (int32). Output: float32
+    decode_only: `source()` returns the batch's encoded bytes and the pipeline outputs the decoded
+    uint8 [H, W, 3] images (CPU only; the host does the rest, see _crop_on_host).
+    Otherwise `source()` returns _dali_window_columns and the output is the batch of crops: float32
     [B, 3, crop, crop] (or [B, crop, crop, 3] when channels_last or output_uint8), normalized unless
     output_uint8.
     """
@@ -220,21 +275,22 @@ def _build_pipeline(
         prefetch_queue_depth=prefetch_queue_depth,
     )
     def pipeline():
+        # adjust_orientation=False: load_rgb (the torchvision path) ignores EXIF orientation too.
+        decode = functools.partial(
+            fn.decoders.image, device="mixed" if on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False
+        )
+        if decode_only:
+            return decode(fn.external_source(source=source, batch=True))
         encoded, height, width, position_y, position_x, mirror = fn.external_source(
             source=source, num_outputs=6, batch=True
         )
-        # adjust_orientation=False: load_rgb (the torchvision path) ignores EXIF orientation too.
-        images = fn.decoders.image(
-            encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False
-        )
         # Resize -> crop -> flip as one operator: DALI maps the crop window back through the resize and
         # resamples only that region, with the same pixels as resizing the whole image first (the
-        # parity tests compare it with torchvision's Resize + crop). It resizes 224x224 instead of
-        # 341x256 pixels per CUB photo: 2.8 instead of 3.9 CPU ms per 500x375 JPEG (decode
-        # included; 2-core CI machine, DALI 2.4). Linear with antialiasing is PIL's bilinear filter
-        # (support widened by the scale when shrinking), which is what torchvision's Resize does.
+        # parity tests compare it with torchvision's Resize + crop). Linear with antialiasing is PIL's
+        # bilinear filter (support widened by the scale when shrinking), which is what torchvision's
+        # Resize does.
         images = fn.resize_crop_mirror(
-            images,
+            decode(encoded),
             resize_y=height,
             resize_x=width,
             crop=(spec.crop_size, spec.crop_size),
@@ -260,28 +316,69 @@ def _build_pipeline(
     return built
 
 
-class _SampleFeeder:
-    """Turns (path, augment seed or None) lists into the external_source's per-sample lists."""
+def _crop_on_host(decoded, windows: list[_Window], crop: int) -> torch.Tensor:
+    """Resize, crop and flip DALI's decoded images with torch: uint8 [b, crop, crop, 3] (NHWC).
 
-    def __init__(self, spec: TransformSpec, seed: int):
-        self.spec = spec
-        self.seed = seed
+    Each image is resized whole and then cropped, as torchvision does. torch's uint8 antialiased
+    bilinear resize is PIL's filter and is vectorized for 3-channel channels-last input, which a
+    DALI HWC image viewed as NCHW is, with no copy.
+    """
+    import torch.nn.functional as F
 
-    def __call__(self, items: Sequence[tuple[str, int | None]]) -> tuple[list, ...]:
-        columns: tuple[list, ...] = ([], [], [], [], [], [])
-        for path, augment_seed in items:
-            encoded, height, width = read_encoded(path)
-            out_height, out_width = resized_size(self.spec, height, width)
-            draw_seed = None if augment_seed is None else augment_seed ^ self.seed
-            top, left, mirror = crop_window(self.spec, out_height, out_width, draw_seed)
-            crop = self.spec.crop_size
-            columns[0].append(encoded)
-            columns[1].append(np.array(out_height, dtype=np.float32))
-            columns[2].append(np.array(out_width, dtype=np.float32))
-            columns[3].append(_relative_position(top, out_height, crop))
-            columns[4].append(_relative_position(left, out_width, crop))
-            columns[5].append(np.array(mirror, dtype=np.int32))
-        return columns
+    out = torch.empty((len(windows), crop, crop, 3), dtype=torch.uint8)
+    for slot, window in enumerate(windows):
+        # A view of DALI's buffer, read before the next run() reuses it. unsqueeze before permute: the
+        # other order gives strides torch does not take for channels-last, and the resize falls back
+        # to its generic path (0.49 instead of 0.32 ms per image, and a slow strided crop copy).
+        image = torch.from_numpy(np.asarray(decoded[slot])).unsqueeze(0).permute(0, 3, 1, 2)
+        resized = F.interpolate(
+            image, size=(window.height, window.width), mode="bilinear", antialias=True, align_corners=False
+        )
+        cropped = resized[0, :, window.top : window.top + crop, window.left : window.left + crop].permute(1, 2, 0)
+        out[slot] = cropped.flip(1) if window.mirror else cropped
+    return out
+
+
+def _normalize_on_host(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW normalized as crop_mirror_normalize does, channels-last or contiguous.
+
+    Written so that every pass streams over contiguous memory (batch 32 at 224 px, one thread):
+    channels-last normalizes [N*H, W*3] rows against a mean/std row tiled W times, 0.38 ms per image
+    where broadcasting a [1, 3, 1, 1] mean over channels-last strides took 0.71; contiguous converts
+    and transposes in one copy, then broadcasts over whole planes, 0.32 ms where converting
+    channels-last and then calling .contiguous() took 1.5.
+    """
+    batch_size, height, width, channels = batch.shape
+    mean = torch.tensor([255.0 * value for value in IMAGENET_MEAN])
+    std = torch.tensor([255.0 * value for value in IMAGENET_STD])
+    if channels_last:
+        images = batch.float()
+        rows = images.view(batch_size * height, width * channels)
+        rows.sub_(mean.repeat(width)).div_(std.repeat(width))
+        return images.permute(0, 3, 1, 2)
+    images = torch.empty((batch_size, channels, height, width), dtype=torch.float32)
+    images.copy_(batch.permute(0, 3, 1, 2))
+    images.sub_(mean.view(1, channels, 1, 1)).div_(std.view(1, channels, 1, 1))
+    return images
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run the host's share of the transform on this thread alone.
+
+    DALI's worker threads hold the cores while it runs; torch's OpenMP workers would then spin
+    waiting for a core, and the main thread with them. Measured on the 2-core CI machine, batch 32:
+    369 images/s with torch's default 2 threads, 557 with 1.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _to_torch(batch, device: torch.device, channels_last: bool, output_uint8: bool) -> torch.Tensor:
@@ -295,6 +392,73 @@ def _to_torch(batch, device: torch.device, channels_last: bool, output_uint8: bo
     if output_uint8 or not channels_last:
         return target
     return target.permute(0, 3, 1, 2)
+
+
+class _DaliBatches:
+    """One DALI pipeline plus the host's share of the transform: `next()` gives (images, labels).
+
+    `next_items()` returns the next batch as (path, label, augment seed or None) triples, in the order
+    DALI asks for them (up to prefetch_queue_depth ahead of the consumer), and raises StopIteration
+    when there are no more; the crop windows and labels wait in a queue for their decoded images.
+    """
+
+    def __init__(
+        self,
+        next_items: Callable[[], list[tuple[str, int, int | None]]],
+        spec: TransformSpec,
+        batch_size: int,
+        device: torch.device,
+        num_threads: int,
+        channels_last: bool,
+        output_uint8: bool,
+        seed: int,
+        prefetch_queue_depth: int,
+        cpu_resize: str,
+    ):
+        if cpu_resize not in CPU_RESIZES:
+            raise ValueError(f"cpu_resize must be one of {CPU_RESIZES}, got {cpu_resize!r}")
+        self.device = device
+        self.crop = spec.crop_size
+        self.channels_last = channels_last
+        self.output_uint8 = output_uint8
+        # On a GPU DALI's resize is fast and the host must stay free: everything stays in DALI.
+        self.on_host = device.type == "cpu" and cpu_resize == "torch"
+        self._pending: deque[tuple[list[_Window], list[int]]] = deque()
+        feeder = _SampleFeeder(spec, seed)
+
+        def source() -> object:
+            items = next_items()
+            encoded, windows = feeder([(path, augment_seed) for path, _, augment_seed in items])
+            self._pending.append((windows, [label for _, label, _ in items]))
+            return encoded if self.on_host else _dali_window_columns(encoded, windows, self.crop)
+
+        self._pipeline = _build_pipeline(
+            source,
+            spec,
+            batch_size,
+            device,
+            num_threads,
+            channels_last,
+            output_uint8,
+            seed,
+            prefetch_queue_depth,
+            decode_only=self.on_host,
+        )
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        (output,) = self._pipeline.run()
+        windows, labels = self._pending.popleft()
+        if self.on_host:
+            with _one_torch_thread():
+                images = _crop_on_host(output, windows, self.crop)
+                if not self.output_uint8:
+                    images = _normalize_on_host(images, self.channels_last)
+        else:
+            images = _to_torch(output, self.device, self.channels_last, self.output_uint8)
+        return images, torch.tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self._pipeline = None
 
 
 class DaliTrainLoader:
@@ -312,12 +476,13 @@ class DaliTrainLoader:
     seed: mixed into every sample's augmentation seed (0 keeps the plan's draws as they are) and
         given to the DALI pipeline.
     prefetch_queue_depth: batches DALI prepares ahead of the one being consumed.
+    cpu_resize: on a CPU device, "torch" (default) resizes, crops and flips DALI's decoded images with
+        torch; "dali" keeps the whole transform in DALI (the GPU pipeline's operators). See the
+        module docstring for why.
 
-    Measured on the 2-core CI machine (DALI 2.4, 500x375 JPEGs, batch 32, CPU time per image, so
-    that the other jobs on the machine do not skew it): decode alone 1.7 ms, the whole pipeline
-    2.8 ms; 1, 2, 3 or 4 threads, a prefetch depth of 1, 2 or 4, `use_fast_idct` (which also changes
-    pixels) and uint8 output made no difference above the run-to-run noise (about 10%), so the
-    defaults stay. The torchvision transform costs 7.7 ms per image on the same files.
+    Measured on the 2-core CI machine (DALI 2.4, 500x375 JPEGs, batch 32): 1, 2, 3 or 4 threads and a
+    prefetch depth of 1, 2 or 4 made no difference above the run-to-run noise (about 10%), so the
+    defaults stay.
     """
 
     def __init__(
@@ -334,10 +499,13 @@ class DaliTrainLoader:
         output_uint8: bool = False,
         seed: int = 0,
         prefetch_queue_depth: int = 2,
+        cpu_resize: str = "torch",
     ):
         require_dali()
         if plan.num_samples != len(samples):
             raise ValueError(f"the plan covers {plan.num_samples} samples but {len(samples)} were given")
+        if cpu_resize not in CPU_RESIZES:
+            raise ValueError(f"cpu_resize must be one of {CPU_RESIZES}, got {cpu_resize!r}")
         self.spec = spec
         self.plan = plan
         self.device = _resolve_device(device)
@@ -346,6 +514,7 @@ class DaliTrainLoader:
         self.output_uint8 = output_uint8
         self.seed = seed
         self.prefetch_queue_depth = prefetch_queue_depth
+        self.cpu_resize = cpu_resize
         good, bad = _checked(samples)
         if not good:
             raise UserError(f"none of the {len(samples)} training images can be read; check the dataset files")
@@ -370,20 +539,16 @@ class DaliTrainLoader:
 
     def iterate(self, start_iteration: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, labels) for iterations start_iteration, start_iteration + 1, ... (never ends)."""
-        feeder = _SampleFeeder(self.spec, self.seed)
-        pending_labels: deque[list[int]] = deque()
         next_iteration = start_iteration
 
-        def source() -> tuple[list, ...]:
-            # DALI calls this in order, up to prefetch_queue_depth batches ahead of the consumer.
+        def next_items() -> list[tuple[str, int, int | None]]:
             nonlocal next_iteration
             batch = [self._samples[index] + (augment_seed,) for index, augment_seed in self.plan.batch(next_iteration)]
             next_iteration += 1
-            pending_labels.append([label for _, label, _ in batch])
-            return feeder([(path, augment_seed) for path, _, augment_seed in batch])
+            return batch
 
-        pipeline = _build_pipeline(
-            source,
+        batches = _DaliBatches(
+            next_items,
             self.spec,
             self.plan.batch_size,
             self.device,
@@ -392,14 +557,13 @@ class DaliTrainLoader:
             self.output_uint8,
             self.seed,
             self.prefetch_queue_depth,
+            self.cpu_resize,
         )
         try:
             while True:
-                (images,) = pipeline.run()
-                labels = torch.tensor(pending_labels.popleft(), dtype=torch.int64).to(self.device, non_blocking=True)
-                yield _to_torch(images, self.device, self.channels_last, self.output_uint8), labels
+                yield batches.next()
         finally:
-            del pipeline
+            batches.close()
 
 
 def dali_eval_batches(
@@ -414,13 +578,14 @@ def dali_eval_batches(
     *,
     num_threads: int | None = None,
     output_uint8: bool = False,
+    cpu_resize: str = "torch",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every readable image of this rank's shard `samples[rank::world_size]` exactly once, in order.
 
     Yields (images, labels): float32 [b, 3, crop, crop] normalized (channels-last view of NHWC when
     `channels_last`; uint8 [b, crop, crop, 3] with `output_uint8`) and int64 [b], on `device`, with
     b = batch_size except for a smaller last batch, which is kept: nothing is padded, so no image is
-    counted twice. Unreadable files are skipped with a warning.
+    counted twice. Unreadable files are skipped with a warning. cpu_resize: as for DaliTrainLoader.
     """
     require_dali()
     device = _resolve_device(device)
@@ -428,23 +593,15 @@ def dali_eval_batches(
     batches = [shard[start : start + batch_size] for start in range(0, len(shard), batch_size)]
     if not batches:
         return
-    feeder = _SampleFeeder(spec, seed=0)
-    position = 0
+    queued = iter(batches)
 
-    def source() -> tuple[list, ...]:
-        nonlocal position
-        if position >= len(batches):
-            raise StopIteration
-        batch = batches[position]
-        position += 1
-        return feeder([(path, None) for path, _ in batch])
+    def next_items() -> list[tuple[str, int, int | None]]:
+        return [(path, label, None) for path, label in next(queued)]  # StopIteration ends DALI's prefetch
 
     threads = max(1, num_threads if num_threads is not None else num_workers)
-    pipeline = _build_pipeline(source, spec, batch_size, device, threads, channels_last, output_uint8, 0, 2)
+    source = _DaliBatches(next_items, spec, batch_size, device, threads, channels_last, output_uint8, 0, 2, cpu_resize)
     try:
-        for batch in batches:
-            (images,) = pipeline.run()
-            labels = torch.tensor([label for _, label in batch], dtype=torch.int64).to(device, non_blocking=True)
-            yield _to_torch(images, device, channels_last, output_uint8), labels
+        for _ in batches:
+            yield source.next()
     finally:
-        del pipeline
+        source.close()
