@@ -6,6 +6,7 @@
 #   3b. the same at batch 256 (AMP + channels-last, eager)  -> step_b256.json
 #   3c. teacher options (BN fold, side stream) on/off       -> teacher_variants.json
 #   4. loader throughput (torchvision; DALI when installed) -> loader_*.json
+#   4b. with DALI: smile-fast train --loader dali on the demo -> dali_train_summary.json
 # in order of importance, each under a time limit, so that a lease cut short still returns the first ones.
 # and prints a short table last (summary.txt). Writes under $OUT (default ./gpu-results).
 # Without a GPU it runs the same steps at small sizes, which is how it is debugged before a lease.
@@ -16,6 +17,8 @@ OUT="${OUT:-./gpu-results}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+# DALI carried as wheels by bench/dali_wheels.sh (the GPU machine has no network).
+[ -d /tmp/dali-site/nvidia/dali ] && export PYTHONPATH="$PYTHONPATH:/tmp/dali-site"
 LOG="$OUT/log.txt"
 # PARTS picks what to run (default all), e.g. PARTS=ddp,step48,step256 COMPILE_MODE=reduce-overhead.
 PARTS=",${PARTS:-tests,step48,ops,step256,teacher,loader,ddp},"
@@ -108,6 +111,12 @@ for loader in torchvision dali; do
   timeout $((40 * TS)) "$PY" -m smile_fast bench loader --loader "$loader" --dataset imagefolder --data-dir "$DATA" \
     --batch-size "$B_SMALL" --iterations "$LOADER_ITERS" --json "$OUT/loader_$loader.json" 2>&1 | tail -n 3 | tee -a "$LOG"
 done
+if "$PY" -c "import nvidia.dali" 2>/dev/null; then
+  say "4b. smile-fast train --loader dali on the demo (DALI's mixed decode on a GPU), AMP + channels-last"
+  timeout $((90 * TS)) "$PY" -m smile_fast train --loader dali --iters 20 --eval-every 20 --amp --channels-last \
+    --no-progress --out "${TMPDIR:-/tmp}/smile-fast-dali-run" 2>&1 | tail -n 8 | tee -a "$LOG"
+  cp "${TMPDIR:-/tmp}/smile-fast-dali-run/summary.json" "$OUT/dali_train_summary.json" 2>/dev/null || say "no DALI run summary"
+fi
 fi
 
 if part ddp; then
