@@ -111,6 +111,24 @@ def test_cpu_tensors_use_the_reference_without_the_interpreter(
     assert not LAUNCH_COUNTS, f"{name} ran Triton kernels on CPU tensors without the interpreter"
 
 
+@pytest.mark.parametrize("name", list(op_calls("cpu")))
+def test_eager_calls_skip_torchs_per_call_signature_binding(
+    rng_seed: int, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An autograd.Function with a separate setup_context makes torch run inspect.signature on every
+    apply (about 45 us a call on the CI machine, more than a fused kernel takes on a GPU); the ops'
+    eager Functions are written so that it does not happen."""
+    import inspect
+
+    call, _ = op_calls("cpu")[name]
+    call()  # first calls may inspect for their own reasons (imports, caches)
+    calls = []
+    signature = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda *args, **kwargs: calls.append(args) or signature(*args, **kwargs))
+    call()
+    assert not calls, f"{name} called inspect.signature {len(calls)} time(s) per eager call"
+
+
 def test_import_does_not_need_triton() -> None:
     """`import smile_fast.ops` must work where triton is missing: simulate that in a fresh interpreter."""
     import subprocess
