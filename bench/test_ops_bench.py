@@ -258,3 +258,18 @@ def test_ema_update_bench(measure, teacher_and_student, device: torch.device, im
             parameters=n_parameters,
             tensors=len(teachers),
         )
+
+
+# ------------------------------------------------------------------------------------------- latency floor
+def test_launch_and_synchronize_floor(measure, device: torch.device) -> None:
+    """The fixed cost that every timed call above pays: one tiny kernel launched from Python, then the
+    device synchronized. At batch 48 an op's bytes need 5-20 us on a GPU, so this cost, not the
+    kernel, can set how close a single synchronized call gets to the bandwidth floor."""
+    counter = torch.zeros(1, device=device)
+    measure(
+        lambda: counter.add_(1.0),
+        group="latency floor",
+        bytes_moved=2 * counter.element_size(),
+        op="launch_and_synchronize",
+        implementation="torch add_ on one element",
+    )
