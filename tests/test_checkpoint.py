@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import errno
-import os
-import pickle
-from pathlib import Path
 
 import pytest
 import torch
+from _payloads import write_malicious_pickle
 
 import smile_fast.checkpoint as checkpoint
 from smile_fast.checkpoint import load_checkpoint, save_atomic
@@ -98,28 +96,18 @@ def test_a_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-class _Exploit:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("writer", ["torch.save", "pickle", "inside-a-checkpoint"])
-def test_malicious_checkpoint_is_refused_and_not_executed(writer, tmp_path):
+@pytest.mark.parametrize(
+    ("writer", "wrap"),
+    [
+        pytest.param("torch.save", None, id="torch.save"),
+        pytest.param("pickle", None, id="pickle"),
+        pytest.param("torch.save", lambda e: {**_state(1.0), "config": {"dataset": e}}, id="inside-a-checkpoint"),
+    ],
+)
+def test_malicious_checkpoint_is_refused_and_not_executed(writer, wrap, tmp_path):
     marker = tmp_path / "pwned"
-    path = tmp_path / "last.pt"
-    exploit = _Exploit(marker)
-    if writer == "torch.save":
-        torch.save(exploit, path)
-    elif writer == "pickle":
-        path.write_bytes(pickle.dumps(exploit))
-    else:
-        state = _state(1.0)
-        state["config"] = {"dataset": exploit}
-        torch.save(state, path)
+    path = write_malicious_pickle(tmp_path / "last.pt", marker, writer, wrap)
     with pytest.raises(UserError, match="refused|cannot read"):
         load_checkpoint(path)
     assert not marker.exists(), "the malicious checkpoint was executed"

@@ -6,11 +6,10 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
-import pickle
 from pathlib import Path
 
 import pytest
+from _payloads import WRITERS, write_malicious_pickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -67,218 +66,135 @@ def assert_one_line_error(rc: int, captured, case: str = "") -> str:
     return lines[0]
 
 
-def _write(path: Path, text: str) -> str:
-    path.write_text(text)
+def _train(t: Path, *args: str) -> list[str]:
+    """`train ARGS`, writing into t/run, without a progress bar."""
+    return ["train", *args, "--out", str(t / "run"), "--no-progress"]
+
+
+def _train_imagefolder(t: Path, *args: str) -> list[str]:
+    """`train ARGS` on a small valid image folder built under t/data."""
+    return _train(t, "--dataset", "imagefolder", "--data-dir", str(_image_folder(t / "data")), *args)
+
+
+def _imagefolder_without_test_split(t: Path) -> str:
+    (t / "data" / "train").mkdir(parents=True)
+    return str(t / "data")
+
+
+def _empty_file(path: Path) -> str:
+    path.write_bytes(b"")
     return str(path)
 
 
-# id -> (argv builder given tmp_path, words the message must contain)
-VALIDATION_CASES = {
-    "iters-negative": (lambda t: ["--iters", "-5"], ["--iters"]),
-    "iters-zero": (lambda t: ["--iters", "0"], ["--iters"]),
-    "iters-not-a-number": (lambda t: ["--iters", "many"], ["--iters"]),
-    "batch-zero": (lambda t: ["--batch-size", "0"], ["--batch-size"]),
-    "batch-one-with-pairs": (lambda t: ["--batch-size", "1"], ["--batch-size"]),
-    "batch-one-mixup": (lambda t: ["--method", "mixup", "--batch-size", "1"], ["--batch-size"]),
-    "sample-rate-zero": (lambda t: ["--sample-rate", "0"], ["--sample-rate"]),
-    "sample-rate-above-one": (lambda t: ["--sample-rate", "1.5"], ["--sample-rate"]),
-    "sample-rate-nan": (lambda t: ["--sample-rate", "nan"], ["--sample-rate"]),
-    "class-fraction-zero": (lambda t: ["--class-fraction", "0"], ["--class-fraction"]),
-    "class-fraction-above-one": (lambda t: ["--class-fraction", "2"], ["--class-fraction"]),
-    "train-samples-zero": (lambda t: ["--train-samples", "0"], ["--train-samples"]),
-    "both-protocols": (lambda t: ["--sample-rate", "0.5", "--class-fraction", "0.5"], ["--sample-rate"]),
-    "unknown-dataset": (lambda t: ["--dataset", "foo"], ["foo"]),
-    "unknown-method": (lambda t: ["--method", "bar"], ["bar"]),
-    "unknown-model": (lambda t: ["--model", "vgg99"], ["vgg99"]),
-    "cub-without-data-dir": (lambda t: ["--dataset", "cub"], ["--data-dir"]),
-    "weights-missing-file": (lambda t: ["--weights", "/nonexistent.pt"], ["/nonexistent.pt"]),
-    "lr-negative": (lambda t: ["--lr", "-0.1"], ["--lr"]),
-    "lr-nan": (lambda t: ["--lr", "nan"], ["--lr"]),
-    "ema-every-zero": (lambda t: ["--ema-every", "0"], ["ema_every"]),
-    "ema-decay-above-one": (lambda t: ["--ema-decay", "1.5"], ["ema_decay"]),
-    "unknown-flag": (lambda t: ["--itres", "5"], ["--itres"]),
-    "yaml-unknown-key": (lambda t: ["-c", _write(t / "c.yaml", "iters: 5\nbogus_key: 1\n")], ["bogus_key"]),
-    "yaml-wrong-type": (lambda t: ["-c", _write(t / "c.yaml", "iters: many\n")], ["iters"]),
-    "yaml-float-for-int": (lambda t: ["-c", _write(t / "c.yaml", "batch_size: 1.5\n")], ["batch_size"]),
-    "yaml-bool-for-int": (lambda t: ["-c", _write(t / "c.yaml", "iters: true\n")], ["iters"]),
-    "yaml-not-a-mapping": (lambda t: ["-c", _write(t / "c.yaml", "- iters\n- 5\n")], ["mapping"]),
-    "yaml-scalar": (lambda t: ["-c", _write(t / "c.yaml", "42\n")], ["mapping"]),
-    "yaml-syntax": (lambda t: ["-c", _write(t / "c.yaml", "iters: [1, 2\n")], ["YAML"]),
-    "yaml-missing-file": (lambda t: ["-c", str(t / "missing.yaml")], ["missing.yaml"]),
-    "yaml-bad-value": (lambda t: ["-c", _write(t / "c.yaml", "iters: -5\n")], ["--iters"]),
-    "yaml-sample-rate": (lambda t: ["-c", _write(t / "c.yaml", "sample-rate: 0\n")], ["--sample-rate"]),
+# ------------------------------------------------------------------------------------ validation (train never starts)
+# id -> (command-line flags, words the message must contain)
+FLAG_CASES = {
+    "iters-negative": (["--iters", "-5"], ["--iters"]),
+    "iters-zero": (["--iters", "0"], ["--iters"]),
+    "iters-not-a-number": (["--iters", "many"], ["--iters"]),
+    "batch-zero": (["--batch-size", "0"], ["--batch-size"]),
+    "batch-one-with-pairs": (["--batch-size", "1"], ["--batch-size"]),
+    "batch-one-mixup": (["--method", "mixup", "--batch-size", "1"], ["--batch-size"]),
+    "sample-rate-zero": (["--sample-rate", "0"], ["--sample-rate"]),
+    "sample-rate-above-one": (["--sample-rate", "1.5"], ["--sample-rate"]),
+    "sample-rate-nan": (["--sample-rate", "nan"], ["--sample-rate"]),
+    "class-fraction-zero": (["--class-fraction", "0"], ["--class-fraction"]),
+    "class-fraction-above-one": (["--class-fraction", "2"], ["--class-fraction"]),
+    "train-samples-zero": (["--train-samples", "0"], ["--train-samples"]),
+    "both-protocols": (["--sample-rate", "0.5", "--class-fraction", "0.5"], ["--sample-rate"]),
+    "unknown-dataset": (["--dataset", "foo"], ["foo"]),
+    "unknown-method": (["--method", "bar"], ["bar"]),
+    "unknown-model": (["--model", "vgg99"], ["vgg99"]),
+    "cub-without-data-dir": (["--dataset", "cub"], ["--data-dir"]),
+    "weights-missing-file": (["--weights", "/nonexistent.pt"], ["/nonexistent.pt"]),
+    "lr-negative": (["--lr", "-0.1"], ["--lr"]),
+    "lr-nan": (["--lr", "nan"], ["--lr"]),
+    "lr-inf": (["--lr", "inf"], ["--lr"]),
+    "alpha-inf": (["--alpha", "inf"], ["--alpha"]),
+    "ema-every-zero": (["--ema-every", "0"], ["ema_every"]),
+    "ema-decay-above-one": (["--ema-decay", "1.5"], ["ema_decay"]),
+    "unknown-flag": (["--itres", "5"], ["--itres"]),
+    "yaml-missing-file": (["-c", "missing.yaml"], ["missing.yaml"]),  # relative to the test's tmp_path
+}
+
+# id -> (text of the -c config file, words the message must contain)
+YAML_CASES = {
+    "yaml-unknown-key": ("iters: 5\nbogus_key: 1\n", ["bogus_key"]),
+    "yaml-wrong-type": ("iters: many\n", ["iters"]),
+    "yaml-float-for-int": ("batch_size: 1.5\n", ["batch_size"]),
+    "yaml-bool-for-int": ("iters: true\n", ["iters"]),
+    "yaml-not-a-mapping": ("- iters\n- 5\n", ["mapping"]),
+    "yaml-scalar": ("42\n", ["mapping"]),
+    "yaml-syntax": ("iters: [1, 2\n", ["YAML"]),
+    "yaml-bad-value": ("iters: -5\n", ["--iters"]),
+    "yaml-sample-rate": ("sample-rate: 0\n", ["--sample-rate"]),
 }
 
 
-@pytest.mark.parametrize("case", list(VALIDATION_CASES))
+@pytest.mark.parametrize("case", [*FLAG_CASES, *YAML_CASES])
 def test_bad_settings_are_one_line_and_status_2(case, isolated, no_training, capsys):
-    build_argv, words = VALIDATION_CASES[case]
-    rc = main(["train", *build_argv(isolated), "--out", str(isolated / "run")])
+    if case in YAML_CASES:
+        text, words = YAML_CASES[case]
+        (isolated / "c.yaml").write_text(text)
+        argv = ["-c", str(isolated / "c.yaml")]
+    else:
+        argv, words = FLAG_CASES[case]
+    rc = main(["train", *argv, "--out", str(isolated / "run")])
     line = assert_one_line_error(rc, capsys.readouterr(), case)
     for word in words:
         assert word in line, f"{case}: the message should name {word!r}: {line}"
     assert not (isolated / "run").exists(), f"{case}: a run folder was created for a refused configuration"
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        pytest.param(["--lr", "inf"], id="lr-inf"),
-        pytest.param(["--alpha", "inf"], id="alpha-inf"),
-    ],
-)
-def test_non_finite_hyper_parameters_are_refused(argv, isolated, no_training, capsys):
-    rc = main(["train", *argv, "--out", str(isolated / "run")])
-    assert_one_line_error(rc, capsys.readouterr(), " ".join(argv))
+# ------------------------------------------------------------------------------------ errors met once a command runs
+# id -> (argv builder given tmp_path, words the message must contain; "{tmp}" stands for tmp_path)
+RUN_CASES = {
+    "missing-data-dir": (
+        lambda t: _train(t, "--dataset", "cub", "--data-dir", str(t / "no-such-cub"), "--weights", "none"),
+        ["{tmp}/no-such-cub", "CUB"],
+    ),
+    "imagefolder-without-test": (
+        lambda t: _train(t, "--dataset", "imagefolder", "--data-dir", _imagefolder_without_test_split(t)),
+        [],
+    ),
+    "class-fraction-leaves-no-class": (
+        lambda t: _train_imagefolder(t, "--class-fraction", "0.1", "--weights", "none"),
+        ["class"],
+    ),
+    "empty-weights-file": (
+        lambda t: _train_imagefolder(
+            t, "--model", "resnet18", "--weights", _empty_file(t / "empty.pt"), "--device", "cpu"
+        ),
+        [],
+    ),
+    "resume-missing-checkpoint": (
+        lambda t: ["train", "--resume", str(t / "old-run" / "last.pt"), "--no-progress"],
+        ["last.pt"],
+    ),
+    "resume-missing-run-folder": (lambda t: ["train", "--resume", str(t / "old-run"), "--no-progress"], []),
+    "eval-missing-checkpoint": (lambda t: ["eval", str(t / "nothing" / "last.pt"), "--device", "cpu"], []),
+    "unknown-subcommand": (lambda t: ["tarin"], []),
+}
 
 
-def test_missing_data_dir_folder_is_the_loaders_error(isolated, capsys):
-    missing = isolated / "no-such-cub"
-    rc = main(
-        [
-            "train",
-            "--dataset",
-            "cub",
-            "--data-dir",
-            str(missing),
-            "--out",
-            str(isolated / "run"),
-            "--weights",
-            "none",
-            "--no-progress",
-        ]
-    )
-    line = assert_one_line_error(rc, capsys.readouterr(), "missing data dir")
-    assert str(missing) in line and "CUB" in line, f"the message names the folder and the dataset: {line}"
-
-
-def test_malformed_imagefolder_is_one_line(isolated, capsys):
-    (isolated / "data" / "train").mkdir(parents=True)  # no test split
-    rc = main(
-        [
-            "train",
-            "--dataset",
-            "imagefolder",
-            "--data-dir",
-            str(isolated / "data"),
-            "--weights",
-            "none",
-            "--out",
-            str(isolated / "run"),
-            "--no-progress",
-        ]
-    )
-    assert_one_line_error(rc, capsys.readouterr(), "imagefolder without test/")
-
-
-def test_class_fraction_that_leaves_no_class(isolated, capsys):
-    data = _image_folder(isolated / "data")
-    rc = main(
-        [
-            "train",
-            "--dataset",
-            "imagefolder",
-            "--data-dir",
-            str(data),
-            "--class-fraction",
-            "0.1",
-            "--weights",
-            "none",
-            "--out",
-            str(isolated / "run"),
-            "--no-progress",
-        ]
-    )
-    line = assert_one_line_error(rc, capsys.readouterr(), "class fraction rounding to 0 classes")
-    assert "class" in line
-
-
-def test_resume_of_a_missing_checkpoint(isolated, capsys):
-    rc = main(["train", "--resume", str(isolated / "old-run" / "last.pt"), "--no-progress"])
-    line = assert_one_line_error(rc, capsys.readouterr(), "--resume missing")
-    assert "last.pt" in line
-
-
-def test_resume_of_a_missing_run_folder(isolated, capsys):
-    rc = main(["train", "--resume", str(isolated / "old-run"), "--no-progress"])
-    assert_one_line_error(rc, capsys.readouterr(), "--resume missing folder")
-
-
-def test_eval_of_a_missing_checkpoint(isolated, capsys):
-    rc = main(["eval", str(isolated / "nothing" / "last.pt"), "--device", "cpu"])
-    assert_one_line_error(rc, capsys.readouterr(), "eval missing checkpoint")
-
-
-def test_unknown_subcommand_is_one_line(capsys):
-    rc = main(["tarin"])
-    assert_one_line_error(rc, capsys.readouterr(), "unknown subcommand")
-
-
-class _Exploit:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+@pytest.mark.parametrize("case", list(RUN_CASES))
+def test_run_errors_are_one_line_and_status_2(case, isolated, capsys):
+    build_argv, words = RUN_CASES[case]
+    rc = main(build_argv(isolated))
+    line = assert_one_line_error(rc, capsys.readouterr(), case)
+    for word in (w.format(tmp=isolated) for w in words):
+        assert word in line, f"{case}: the message should name {word!r}: {line}"
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+@pytest.mark.parametrize("writer", WRITERS)
 def test_malicious_weights_file_is_refused_end_to_end(writer, isolated, capsys):
-    import torch
-
-    data = _image_folder(isolated / "data")
     marker = isolated / "pwned"
-    evil = isolated / "evil.pt"
-    if writer == "torch.save":
-        torch.save(_Exploit(marker), evil)
-    else:
-        evil.write_bytes(pickle.dumps(_Exploit(marker)))
-    rc = main(
-        [
-            "train",
-            "--dataset",
-            "imagefolder",
-            "--data-dir",
-            str(data),
-            "--model",
-            "resnet18",
-            "--weights",
-            str(evil),
-            "--out",
-            str(isolated / "run"),
-            "--no-progress",
-            "--device",
-            "cpu",
-        ]
-    )
+    evil = write_malicious_pickle(isolated / "evil.pt", marker, writer)
+    rc = main(_train_imagefolder(isolated, "--model", "resnet18", "--weights", str(evil), "--device", "cpu"))
     line = assert_one_line_error(rc, capsys.readouterr(), f"malicious weights ({writer})")
     assert "evil.pt" in line
     assert not marker.exists(), "the malicious pickle was executed"
-
-
-def test_empty_weights_file_is_one_line(isolated, capsys):
-    data = _image_folder(isolated / "data")
-    (isolated / "empty.pt").write_bytes(b"")
-    rc = main(
-        [
-            "train",
-            "--dataset",
-            "imagefolder",
-            "--data-dir",
-            str(data),
-            "--model",
-            "resnet18",
-            "--weights",
-            str(isolated / "empty.pt"),
-            "--out",
-            str(isolated / "run"),
-            "--no-progress",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert_one_line_error(rc, capsys.readouterr(), "empty weights file")
 
 
 # ------------------------------------------------------------------------------------ property test

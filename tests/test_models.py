@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from _payloads import WRITERS, write_malicious_pickle
 from torch import nn
 
 from smile_fast.errors import UserError
@@ -129,29 +130,22 @@ def test_weights_path_accepts_common_wrappers(wrapper, tmp_path, resnet18_state)
     torch.testing.assert_close(source.fc.bias, resnet18_state["fc.bias"], rtol=0, atol=0)
 
 
-class _Exploit:
-    """Unpickling this object runs `touch <marker>`."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump", "torch.save-inside-state_dict"])
-def test_malicious_pickle_is_refused_and_not_executed(writer, tmp_path):
+@pytest.mark.parametrize(
+    ("writer", "wrap"),
+    [
+        pytest.param("torch.save", None, id="torch.save"),
+        pytest.param("pickle", None, id="pickle.dump"),
+        pytest.param(
+            "torch.save",
+            lambda exploit: {"conv1.weight": torch.zeros(1), "payload": exploit},
+            id="torch.save-inside-state_dict",
+        ),
+    ],
+)
+def test_malicious_pickle_is_refused_and_not_executed(writer, wrap, tmp_path):
     marker = tmp_path / "pwned"
-    path = tmp_path / "evil.pt"
-    exploit = _Exploit(marker)
-    if writer == "torch.save":
-        torch.save(exploit, path)
-    elif writer == "pickle.dump":
-        with open(path, "wb") as stream:
-            pickle.dump(exploit, stream)
-    else:
-        torch.save({"conv1.weight": torch.zeros(1), "payload": exploit}, path)
+    path = write_malicious_pickle(tmp_path / "evil.pt", marker, writer, wrap)
     assert not marker.exists()
     with pytest.raises(UserError, match="refused|cannot read"):
         load_weights_file(path)
@@ -161,11 +155,17 @@ def test_malicious_pickle_is_refused_and_not_executed(writer, tmp_path):
     assert not marker.exists(), "the malicious pickle was executed by build_models"
 
 
-def test_the_exploit_fixture_really_executes_when_unpickled(tmp_path):
-    """Guards the test above: the payload is live, so 'no marker' really means 'not executed'."""
+@pytest.mark.parametrize("writer", WRITERS)
+def test_the_exploit_fixture_really_executes_when_unpickled(writer, tmp_path):
+    """Guards the malicious-pickle tests here and in test_checkpoint.py and test_cli_errors.py: the shared payload
+    is live in every format they write, so 'no marker' really means 'not executed'."""
     marker = tmp_path / "pwned"
-    data = pickle.dumps(_Exploit(marker))
-    pickle.loads(data)  # noqa: S301 - deliberate, on our own harmless payload
+    path = write_malicious_pickle(tmp_path / "evil.pt", marker, writer)
+    assert not marker.exists(), "writing the payload must not run it"
+    if writer == "pickle":
+        pickle.loads(path.read_bytes())  # noqa: S301 - deliberate, on our own harmless payload
+    else:
+        torch.load(path, weights_only=False)  # deliberate, on our own harmless payload
     assert marker.exists()
 
 
