@@ -5,6 +5,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_row_chunk(row_ptr, cols, n_cols, pad):
+    """Columns `cols` of one row in float32, `pad` past the row's end.
+
+    Softmax passes pad with -inf: it never wins a max, and exp turns it into 0, so padded columns add
+    nothing to a sum of exps and have probability 0.
+    """
+    return tl.load(row_ptr + cols, mask=cols < n_cols, other=pad).to(tl.float32)
+
+
+@triton.jit
 def _row_logsumexp(row_ptr, n_cols, BLOCK: tl.constexpr):
     """log(sum(exp(row))) of one row of `n_cols` elements, in float32, streaming BLOCK columns at a time.
 
@@ -14,8 +24,7 @@ def _row_logsumexp(row_ptr, n_cols, BLOCK: tl.constexpr):
     running_max = float("-inf")
     running_sum = 0.0
     for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        values = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        values = _load_row_chunk(row_ptr, start + tl.arange(0, BLOCK), n_cols, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(values, axis=0))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(values - new_max), axis=0)
         running_max = new_max

@@ -12,7 +12,38 @@ import triton.language as tl
 from torch import Tensor
 
 from smile_fast.kernels import record_launch
-from smile_fast.kernels._rows import _row_logsumexp, row_block_size
+from smile_fast.kernels._rows import _load_row_chunk, _row_logsumexp, row_block_size
+
+
+@triton.jit
+def _sample_rows(
+    student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, student_stride, teacher_stride, BLOCK: tl.constexpr
+):
+    """This program's sample: its student, teacher and partner-teacher rows, their log-sum-exps, and lam."""
+    row = tl.program_id(0)
+    partner = tl.load(perm_ptr + row)
+    student_row = student_ptr + row.to(tl.int64) * student_stride
+    teacher_row = teacher_ptr + row.to(tl.int64) * teacher_stride
+    partner_row = teacher_ptr + partner.to(tl.int64) * teacher_stride
+    student_lse = _row_logsumexp(student_row, n_classes, BLOCK)
+    teacher_lse = _row_logsumexp(teacher_row, n_classes, BLOCK)
+    partner_lse = _row_logsumexp(partner_row, n_classes, BLOCK)
+    return row, student_row, teacher_row, partner_row, student_lse, teacher_lse, partner_lse, tl.load(lam_ptr)
+
+
+@triton.jit
+def _sample_chunk(
+    student_row, teacher_row, partner_row, student_lse, teacher_lse, partner_lse, lam, cols, n_classes, student_pad
+):
+    """log_softmax(student) and the mixed target q at `cols`; q is 0 on padding columns.
+
+    `student_pad` is -inf where the caller exponentiates log_probs (padding then has probability 0),
+    and 0 where it multiplies them by q.
+    """
+    log_probs = _load_row_chunk(student_row, cols, n_classes, student_pad) - student_lse
+    teacher_probs = tl.exp(_load_row_chunk(teacher_row, cols, n_classes, float("-inf")) - teacher_lse)
+    partner_probs = tl.exp(_load_row_chunk(partner_row, cols, n_classes, float("-inf")) - partner_lse)
+    return log_probs, lam * teacher_probs + (1.0 - lam) * partner_probs
 
 
 @triton.jit
@@ -27,25 +58,15 @@ def _soft_mixup_cross_entropy_fwd_kernel(
     teacher_stride,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    partner = tl.load(perm_ptr + row)
-    student_row = student_ptr + row.to(tl.int64) * student_stride
-    teacher_row = teacher_ptr + row.to(tl.int64) * teacher_stride
-    partner_row = teacher_ptr + partner.to(tl.int64) * teacher_stride
-    student_lse = _row_logsumexp(student_row, n_classes, BLOCK)
-    teacher_lse = _row_logsumexp(teacher_row, n_classes, BLOCK)
-    partner_lse = _row_logsumexp(partner_row, n_classes, BLOCK)
-    lam = tl.load(lam_ptr)
+    row, s_row, t_row, p_row, s_lse, t_lse, p_lse, lam = _sample_rows(
+        student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, student_stride, teacher_stride, BLOCK
+    )
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_classes
-        student = tl.load(student_row + cols, mask=mask, other=0.0).to(tl.float32)
-        teacher = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        partner_teacher = tl.load(partner_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        q = lam * tl.exp(teacher - teacher_lse) + (1.0 - lam) * tl.exp(partner_teacher - partner_lse)
-        # Padding columns have q = 0 and student = 0, so they add nothing.
-        acc += q * (student - student_lse)
+        # A 0 student pad keeps padded log_probs finite, so q = 0 zeroes them (with -inf, 0 * -inf is NaN).
+        log_probs, q = _sample_chunk(s_row, t_row, p_row, s_lse, t_lse, p_lse, lam, cols, n_classes, 0.0)
+        acc += q * log_probs
     tl.store(row_loss_ptr + row, -tl.sum(acc, axis=0))
 
 
@@ -65,26 +86,16 @@ def _soft_mixup_cross_entropy_bwd_kernel(
     BLOCK: tl.constexpr,
 ):
     # d/ds of sum_k -q_k log_softmax(s)_k is softmax(s) * sum(q) - q = softmax(s) - q.
-    row = tl.program_id(0)
-    partner = tl.load(perm_ptr + row)
-    student_row = student_ptr + row.to(tl.int64) * student_stride
-    teacher_row = teacher_ptr + row.to(tl.int64) * teacher_stride
-    partner_row = teacher_ptr + partner.to(tl.int64) * teacher_stride
+    row, s_row, t_row, p_row, s_lse, t_lse, p_lse, lam = _sample_rows(
+        student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, student_stride, teacher_stride, BLOCK
+    )
     grad_row = grad_student_ptr + row.to(tl.int64) * grad_stride
-    student_lse = _row_logsumexp(student_row, n_classes, BLOCK)
-    teacher_lse = _row_logsumexp(teacher_row, n_classes, BLOCK)
-    partner_lse = _row_logsumexp(partner_row, n_classes, BLOCK)
-    lam = tl.load(lam_ptr)
     scale = tl.load(grad_loss_ptr).to(tl.float32) * inv_batch
     for start in range(0, n_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_classes
-        student = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        teacher = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        partner_teacher = tl.load(partner_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        q = lam * tl.exp(teacher - teacher_lse) + (1.0 - lam) * tl.exp(partner_teacher - partner_lse)
-        grad = (tl.exp(student - student_lse) - q) * scale
-        tl.store(grad_row + cols, grad.to(grad_student_ptr.dtype.element_ty), mask=mask)
+        log_probs, q = _sample_chunk(s_row, t_row, p_row, s_lse, t_lse, p_lse, lam, cols, n_classes, float("-inf"))
+        grad = (tl.exp(log_probs) - q) * scale
+        tl.store(grad_row + cols, grad.to(grad_student_ptr.dtype.element_ty), mask=cols < n_classes)
 
 
 @triton.jit
@@ -99,24 +110,14 @@ def _soft_mixup_mse_fwd_kernel(
     teacher_stride,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    partner = tl.load(perm_ptr + row)
-    student_row = student_ptr + row.to(tl.int64) * student_stride
-    teacher_row = teacher_ptr + row.to(tl.int64) * teacher_stride
-    partner_row = teacher_ptr + partner.to(tl.int64) * teacher_stride
-    student_lse = _row_logsumexp(student_row, n_classes, BLOCK)
-    teacher_lse = _row_logsumexp(teacher_row, n_classes, BLOCK)
-    partner_lse = _row_logsumexp(partner_row, n_classes, BLOCK)
-    lam = tl.load(lam_ptr)
+    row, s_row, t_row, p_row, s_lse, t_lse, p_lse, lam = _sample_rows(
+        student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, student_stride, teacher_stride, BLOCK
+    )
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_classes
-        student = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        teacher = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        partner_teacher = tl.load(partner_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        q = lam * tl.exp(teacher - teacher_lse) + (1.0 - lam) * tl.exp(partner_teacher - partner_lse)
-        residual = tl.exp(student - student_lse) - q
+        log_probs, q = _sample_chunk(s_row, t_row, p_row, s_lse, t_lse, p_lse, lam, cols, n_classes, float("-inf"))
+        residual = tl.exp(log_probs) - q
         acc += residual * residual
     tl.store(row_loss_ptr + row, tl.sum(acc, axis=0))
 
@@ -137,38 +138,24 @@ def _soft_mixup_mse_bwd_kernel(
     BLOCK: tl.constexpr,
 ):
     # With p = softmax(s) and r = p - q: d/ds_j sum_k r_k^2 = 2 * p_j * (r_j - sum_k p_k r_k).
-    row = tl.program_id(0)
-    partner = tl.load(perm_ptr + row)
-    student_row = student_ptr + row.to(tl.int64) * student_stride
-    teacher_row = teacher_ptr + row.to(tl.int64) * teacher_stride
-    partner_row = teacher_ptr + partner.to(tl.int64) * teacher_stride
+    row, s_row, t_row, p_row, s_lse, t_lse, p_lse, lam = _sample_rows(
+        student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, student_stride, teacher_stride, BLOCK
+    )
     grad_row = grad_student_ptr + row.to(tl.int64) * grad_stride
-    student_lse = _row_logsumexp(student_row, n_classes, BLOCK)
-    teacher_lse = _row_logsumexp(teacher_row, n_classes, BLOCK)
-    partner_lse = _row_logsumexp(partner_row, n_classes, BLOCK)
-    lam = tl.load(lam_ptr)
     scale = 2.0 * tl.load(grad_loss_ptr).to(tl.float32) * inv_batch
     dot_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_classes
-        student = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        teacher = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        partner_teacher = tl.load(partner_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        probs = tl.exp(student - student_lse)
-        q = lam * tl.exp(teacher - teacher_lse) + (1.0 - lam) * tl.exp(partner_teacher - partner_lse)
+        log_probs, q = _sample_chunk(s_row, t_row, p_row, s_lse, t_lse, p_lse, lam, cols, n_classes, float("-inf"))
+        probs = tl.exp(log_probs)
         dot_acc += probs * (probs - q)
     dot = tl.sum(dot_acc, axis=0)
     for start in range(0, n_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_classes
-        student = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        teacher = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        partner_teacher = tl.load(partner_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        probs = tl.exp(student - student_lse)
-        q = lam * tl.exp(teacher - teacher_lse) + (1.0 - lam) * tl.exp(partner_teacher - partner_lse)
+        log_probs, q = _sample_chunk(s_row, t_row, p_row, s_lse, t_lse, p_lse, lam, cols, n_classes, float("-inf"))
+        probs = tl.exp(log_probs)
         grad = probs * ((probs - q) - dot) * scale
-        tl.store(grad_row + cols, grad.to(grad_student_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_row + cols, grad.to(grad_student_ptr.dtype.element_ty), mask=cols < n_classes)
 
 
 def _launch_forward(
