@@ -121,7 +121,7 @@ def test_finetune_loss_is_cross_entropy_on_clean_images():
     loss, parts = Finetune().loss(images, labels, student, None, None)
     assert torch.equal(student.inputs[0], images)
     expected = _hand_cross_entropy(_hand_logits(student, images), labels)
-    assert float(loss) == pytest.approx(expected, rel=1e-5), "finetune loss"
+    assert loss.item() == pytest.approx(expected, rel=1e-5), "finetune loss"
     assert float(parts["ce"]) == pytest.approx(expected, rel=1e-5)
 
 
