@@ -39,6 +39,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -241,22 +242,31 @@ def _dali_window_columns(encoded: list[np.ndarray], windows: list[_Window], crop
     )
 
 
-def _build_pipeline(
-    source: Callable[[], object],
-    spec: TransformSpec,
-    batch_size: int,
-    device: torch.device,
-    num_threads: int,
-    channels_last: bool,
-    output_uint8: bool,
-    seed: int,
-    prefetch_queue_depth: int,
-    decode_only: bool,
-):
+@dataclass(frozen=True)
+class _PipelineSettings:
+    """What a DALI loader's pipeline is built from (train and eval differ only in these values)."""
+
+    spec: TransformSpec
+    batch_size: int
+    device: torch.device
+    num_threads: int
+    channels_last: bool
+    output_uint8: bool
+    seed: int
+    prefetch_queue_depth: int
+    cpu_resize: str
+
+    @property
+    def resize_on_host(self) -> bool:
+        """On a GPU DALI's resize is fast and the host must stay free: everything stays in DALI there."""
+        return self.device.type == "cpu" and self.cpu_resize == "torch"
+
+
+def _build_pipeline(source: Callable[[], object], settings: _PipelineSettings):
     """A built DALI pipeline with one output.
 
-    decode_only: `source()` returns the batch's encoded bytes and the pipeline outputs the decoded
-    uint8 [H, W, 3] images (CPU only; the host does the rest, see _crop_on_host).
+    With settings.resize_on_host, `source()` returns the batch's encoded bytes and the pipeline outputs
+    the decoded uint8 [H, W, 3] images (the host does the rest, see _crop_on_host).
     Otherwise `source()` returns _dali_window_columns and the output is the batch of crops: float32
     [B, 3, crop, crop] (or [B, crop, crop, 3] when channels_last or output_uint8), normalized unless
     output_uint8.
@@ -265,21 +275,22 @@ def _build_pipeline(
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
 
-    on_gpu = device.type == "cuda"
+    spec = settings.spec
+    on_gpu = settings.device.type == "cuda"
 
     @pipeline_def(
-        batch_size=batch_size,
-        num_threads=num_threads,
-        device_id=device.index if on_gpu else None,
-        seed=seed,
-        prefetch_queue_depth=prefetch_queue_depth,
+        batch_size=settings.batch_size,
+        num_threads=settings.num_threads,
+        device_id=settings.device.index if on_gpu else None,
+        seed=settings.seed,
+        prefetch_queue_depth=settings.prefetch_queue_depth,
     )
     def pipeline():
         # adjust_orientation=False: load_rgb (the torchvision path) ignores EXIF orientation too.
         decode = functools.partial(
             fn.decoders.image, device="mixed" if on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False
         )
-        if decode_only:
+        if settings.resize_on_host:
             return decode(fn.external_source(source=source, batch=True))
         encoded, height, width, position_y, position_x, mirror = fn.external_source(
             source=source, num_outputs=6, batch=True
@@ -300,7 +311,7 @@ def _build_pipeline(
             interp_type=types.INTERP_LINEAR,
             antialias=True,
         )
-        if output_uint8:
+        if settings.output_uint8:
             return images  # uint8 [crop, crop, 3] per sample: NHWC batches, normalized later by the fused op
         return fn.crop_mirror_normalize(
             images,
@@ -308,7 +319,7 @@ def _build_pipeline(
             mean=[255.0 * value for value in IMAGENET_MEAN],
             std=[255.0 * value for value in IMAGENET_STD],
             # HWC makes the batch NHWC, i.e. channels-last NCHW after a free permute.
-            output_layout="HWC" if channels_last else "CHW",
+            output_layout="HWC" if settings.channels_last else "CHW",
         )
 
     built = pipeline()
@@ -402,60 +413,34 @@ class _DaliBatches:
     when there are no more; the crop windows and labels wait in a queue for their decoded images.
     """
 
-    def __init__(
-        self,
-        next_items: Callable[[], list[tuple[str, int, int | None]]],
-        spec: TransformSpec,
-        batch_size: int,
-        device: torch.device,
-        num_threads: int,
-        channels_last: bool,
-        output_uint8: bool,
-        seed: int,
-        prefetch_queue_depth: int,
-        cpu_resize: str,
-    ):
-        if cpu_resize not in CPU_RESIZES:
-            raise ValueError(f"cpu_resize must be one of {CPU_RESIZES}, got {cpu_resize!r}")
-        self.device = device
-        self.crop = spec.crop_size
-        self.channels_last = channels_last
-        self.output_uint8 = output_uint8
-        # On a GPU DALI's resize is fast and the host must stay free: everything stays in DALI.
-        self.on_host = device.type == "cpu" and cpu_resize == "torch"
+    def __init__(self, next_items: Callable[[], list[tuple[str, int, int | None]]], settings: _PipelineSettings):
+        if settings.cpu_resize not in CPU_RESIZES:
+            raise ValueError(f"cpu_resize must be one of {CPU_RESIZES}, got {settings.cpu_resize!r}")
+        self.settings = settings
         self._pending: deque[tuple[list[_Window], list[int]]] = deque()
-        feeder = _SampleFeeder(spec, seed)
+        feeder = _SampleFeeder(settings.spec, settings.seed)
+        crop = settings.spec.crop_size
 
         def source() -> object:
             items = next_items()
             encoded, windows = feeder([(path, augment_seed) for path, _, augment_seed in items])
             self._pending.append((windows, [label for _, label, _ in items]))
-            return encoded if self.on_host else _dali_window_columns(encoded, windows, self.crop)
+            return encoded if settings.resize_on_host else _dali_window_columns(encoded, windows, crop)
 
-        self._pipeline = _build_pipeline(
-            source,
-            spec,
-            batch_size,
-            device,
-            num_threads,
-            channels_last,
-            output_uint8,
-            seed,
-            prefetch_queue_depth,
-            decode_only=self.on_host,
-        )
+        self._pipeline = _build_pipeline(source, settings)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        settings = self.settings
         (output,) = self._pipeline.run()
         windows, labels = self._pending.popleft()
-        if self.on_host:
+        if settings.resize_on_host:
             with _one_torch_thread():
-                images = _crop_on_host(output, windows, self.crop)
-                if not self.output_uint8:
-                    images = _normalize_on_host(images, self.channels_last)
+                images = _crop_on_host(output, windows, settings.spec.crop_size)
+                if not settings.output_uint8:
+                    images = _normalize_on_host(images, settings.channels_last)
         else:
-            images = _to_torch(output, self.device, self.channels_last, self.output_uint8)
-        return images, torch.tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True)
+            images = _to_torch(output, settings.device, settings.channels_last, settings.output_uint8)
+        return images, torch.tensor(labels, dtype=torch.int64).to(settings.device, non_blocking=True)
 
     def close(self) -> None:
         self._pipeline = None
@@ -547,8 +532,7 @@ class DaliTrainLoader:
             next_iteration += 1
             return batch
 
-        batches = _DaliBatches(
-            next_items,
+        settings = _PipelineSettings(
             self.spec,
             self.plan.batch_size,
             self.device,
@@ -559,6 +543,7 @@ class DaliTrainLoader:
             self.prefetch_queue_depth,
             self.cpu_resize,
         )
+        batches = _DaliBatches(next_items, settings)
         try:
             while True:
                 yield batches.next()
@@ -599,7 +584,8 @@ def dali_eval_batches(
         return [(path, label, None) for path, label in next(queued)]  # StopIteration ends DALI's prefetch
 
     threads = max(1, num_threads if num_threads is not None else num_workers)
-    source = _DaliBatches(next_items, spec, batch_size, device, threads, channels_last, output_uint8, 0, 2, cpu_resize)
+    settings = _PipelineSettings(spec, batch_size, device, threads, channels_last, output_uint8, 0, 2, cpu_resize)
+    source = _DaliBatches(next_items, settings)
     try:
         for _ in batches:
             yield source.next()
