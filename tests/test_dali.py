@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from smile_fast.data import dali
+from smile_fast.data import crop_geometry, dali, encoded_images
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec, build_torchvision_transform
 from smile_fast.errors import UserError
@@ -73,7 +73,7 @@ def _reference(path: str, spec: TransformSpec, top: int, left: int, mirror: bool
     from smile_fast.data.images import load_rgb
 
     image = load_rgb(path)
-    height, width = dali.resized_size(spec, image.height, image.width)
+    height, width = crop_geometry.resized_size(spec, image.height, image.width)
     image = F.crop(F.resize(image, [height, width]), top, left, spec.crop_size, spec.crop_size)
     if mirror:
         image = F.hflip(image)
@@ -112,25 +112,25 @@ def test_resized_size_and_center_crop_follow_torchvision(resize, width, height):
     image = Image.new("RGB", (width, height))
     size = 256 if resize == "shorter" else (256, 256)
     resized = T.Resize(size)(image)
-    assert dali.resized_size(spec, height, width) == (resized.height, resized.width)
+    assert crop_geometry.resized_size(spec, height, width) == (resized.height, resized.width)
 
     # Mark one pixel per row/column so the crop's offset can be read back from torchvision's CenterCrop.
     marks = np.zeros((resized.height, resized.width, 3), dtype=np.uint8)
     marks[:, :, 0] = (np.arange(resized.width) % 256)[None, :]
     marks[:, :, 1] = (np.arange(resized.height) % 256)[:, None]
     cropped = np.asarray(T.CenterCrop(224)(Image.fromarray(marks)))
-    top, left, mirror = dali.crop_window(spec, resized.height, resized.width, augment_seed=None)
+    top, left, mirror = crop_geometry.crop_window(spec, resized.height, resized.width, augment_seed=None)
     assert (left % 256, top % 256, mirror) == (int(cropped[0, 0, 0]), int(cropped[0, 0, 1]), False)
 
 
 def test_random_crop_window_is_uniform_over_every_offset_and_flips_half():
     spec = TransformSpec("square", resize_size=20, crop_size=16)
-    windows = [dali.crop_window(spec, 20, 23, augment_seed=seed) for seed in range(4000)]
+    windows = [crop_geometry.crop_window(spec, 20, 23, augment_seed=seed) for seed in range(4000)]
     assert {top for top, _, _ in windows} == set(range(5))  # 0 .. 20 - 16 inclusive, as RandomCrop draws
     assert {left for _, left, _ in windows} == set(range(8))
     flips = sum(mirror for _, _, mirror in windows) / len(windows)
     assert 0.45 < flips < 0.55
-    assert dali.crop_window(spec, 20, 23, 7) == dali.crop_window(spec, 20, 23, 7)
+    assert crop_geometry.crop_window(spec, 20, 23, 7) == crop_geometry.crop_window(spec, 20, 23, 7)
 
 
 @pytest.mark.parametrize(
@@ -147,9 +147,10 @@ def test_random_crop_window_is_uniform_over_every_offset_and_flips_half():
 def test_jpeg_size_reads_the_frame_header_as_pil_does(tmp_path, mode, options):
     path = tmp_path / "image.jpg"
     Image.new(mode, (37, 23)).save(path, format="JPEG", **options)
-    assert dali.jpeg_size(path.read_bytes()) == (23, 37)
-    assert dali.read_encoded(str(path))[1:] == (23, 37)
-    assert dali.jpeg_size(b"\xff\xd8\xff\xe0\x00\x10JFIF") is None  # cut before any frame: the caller asks PIL
+    assert encoded_images.jpeg_size(path.read_bytes()) == (23, 37)
+    assert encoded_images.read_encoded(str(path))[1:] == (23, 37)
+    # Cut before any frame header: None, and the caller asks PIL instead.
+    assert encoded_images.jpeg_size(b"\xff\xd8\xff\xe0\x00\x10JFIF") is None
 
 
 # --- the pipeline against the spec's transform -------------------------------------------------------
@@ -172,8 +173,8 @@ def test_train_batches_match_the_torchvision_transform_pixel_for_pixel(images, c
         path, label = images[index]
         assert labels[slot].item() == label
         with Image.open(path) as image:
-            height, width = dali.resized_size(spec, image.height, image.width)
-        top, left, mirror = dali.crop_window(spec, height, width, augment_seed)
+            height, width = crop_geometry.resized_size(spec, image.height, image.width)
+        top, left, mirror = crop_geometry.crop_window(spec, height, width, augment_seed)
         difference = (batch[slot] - _reference(path, spec, top, left, mirror)).abs()
         assert difference.max().item() <= 3 * GREY_LEVEL, f"sample {index}: max difference {difference.max():.4f}"
         assert difference.mean().item() <= 0.5 * GREY_LEVEL, f"sample {index}: mean difference {difference.mean():.4f}"
@@ -190,8 +191,8 @@ def test_spec_sizes_on_photo_sized_jpegs(tmp_path, cpu_resize):
         assert batch.shape == (4, 3, 224, 224) and labels.tolist() == [0, 1, 2, 3]
         for slot, (path, _) in enumerate(samples):
             with Image.open(path) as image:
-                height, width = dali.resized_size(spec, image.height, image.width)
-            top, left, _ = dali.crop_window(spec, height, width, None)
+                height, width = crop_geometry.resized_size(spec, image.height, image.width)
+            top, left, _ = crop_geometry.crop_window(spec, height, width, None)
             difference = (batch[slot] - _reference(path, spec, top, left, False)).abs()
             assert difference.max().item() <= 3 * GREY_LEVEL and difference.mean().item() <= 0.5 * GREY_LEVEL
 
@@ -333,7 +334,7 @@ def test_formats_dali_cannot_decode_are_re_encoded(tmp_path):
     path = tmp_path / "actually_a_gif.jpg"
     Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).convert("P").save(path, format="GIF")
     ((batch, labels),) = list(dali.dali_eval_batches([(str(path), 3)], SMALL_TEST, 2, "cpu"))
-    top, left, _ = dali.crop_window(SMALL_TEST, *dali.resized_size(SMALL_TEST, 80, 100), None)
+    top, left, _ = crop_geometry.crop_window(SMALL_TEST, *crop_geometry.resized_size(SMALL_TEST, 80, 100), None)
     assert labels.tolist() == [3]
     assert (batch[0] - _reference(str(path), SMALL_TEST, top, left, False)).abs().max().item() <= 3 * GREY_LEVEL
 

@@ -9,7 +9,7 @@ What is shared with the torchvision path, so that the two cannot drift apart:
 - the files and their order: an `external_source` fed from the TrainBatchPlan (training) or from
   the `samples[rank::world_size]` shard (evaluation), so `--resume` and several ranks work alike;
 - the transform: built from the same TransformSpec. The output size of the resize and the crop
-  window are computed here in Python with torchvision's own rules (shorter side: the long side is
+  window are computed in Python (data/crop_geometry.py) with torchvision's own rules (shorter side: the long side is
   truncated, `int(size * long / short)`; center crop: `int(round((size - crop) / 2))`; random crop:
   a uniform integer offset) and handed to DALI as per-sample arguments, so DALI crops exactly where
   torchvision could have. The random draws come from each sample's augmentation seed in the plan,
@@ -18,7 +18,7 @@ What is shared with the torchvision path, so that the two cannot drift apart:
 
 On a CPU-only machine the resize runs in torch by default (`cpu_resize="torch"`): DALI decodes on its
 threads and hands over the decoded images, and torch's uint8 antialiased bilinear resize (the same
-filter as PIL's) does resize, crop and flip. DALI's CPU resampler is its weak spot: on the 2-core CI
+filter as PIL's) does resize, crop and flip (data/host_crop.py). DALI's CPU resampler is its weak spot: on the 2-core CI
 machine it takes about 2.8 ms per 500x375 -> 256x256 image where torch takes 0.24 ms, which made it
 the bulk of the pipeline (measured with DALI 2.4 and torch 2.14). `cpu_resize="dali"` keeps the
 all-DALI pipeline, the one that runs on a GPU, so CI tests that one too.
@@ -32,20 +32,18 @@ pixels just outside the window), so decode -> resize -> crop is kept: it is the 
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import logging
-import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from smile_fast.data.crop_geometry import CropWindow, crop_window, resized_size
+from smile_fast.data.encoded_images import read_encoded
+from smile_fast.data.host_crop import crop_on_host, normalize_on_host, one_torch_thread
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
 from smile_fast.errors import UserError
@@ -53,19 +51,6 @@ from smile_fast.errors import UserError
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install smile-fast[dali]"
-
-# File signatures of the formats DALI's decoder reads (JPEG, PNG, BMP, TIFF, WebP, PNM, JPEG 2000).
-# Anything else that PIL opens (GIFs named .jpg in MIT-Indoor-67, for instance) would stop the
-# pipeline, so it is decoded with PIL and handed to DALI re-encoded as a lossless PNG.
-_DALI_SIGNATURES = (
-    b"\xff\xd8\xff",
-    b"\x89PNG\r\n\x1a\n",
-    b"BM",
-    b"II*\x00",
-    b"MM\x00*",
-    b"\x00\x00\x00\x0cjP  ",
-    b"\xffO\xffQ",
-)
 
 
 @functools.cache
@@ -87,91 +72,9 @@ def require_dali() -> None:
         )
 
 
-# --- geometry: torchvision's rules, computed once per sample ---------------------------------------
-
-
-def resized_size(spec: TransformSpec, height: int, width: int) -> tuple[int, int]:
-    """(height, width) after the spec's Resize, with torchvision's rounding (the long side is truncated)."""
-    if spec.resize == "square":
-        return spec.resize_size, spec.resize_size
-    if width <= height:
-        return int(spec.resize_size * height / width), spec.resize_size
-    return spec.resize_size, int(spec.resize_size * width / height)
-
-
-def crop_window(spec: TransformSpec, height: int, width: int, augment_seed: int | None) -> tuple[int, int, bool]:
-    """(top, left, mirror) of the crop in the resized image of size (height, width).
-
-    Training (augment_seed given): a uniform integer offset on each axis and a coin flip, drawn from
-    the sample's augmentation seed, as RandomCrop and RandomHorizontalFlip draw them. Test: the
-    centre, rounded as torchvision's CenterCrop rounds, and no flip.
-    """
-    crop = spec.crop_size
-    if augment_seed is None:
-        return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0)), False
-    draws = random.Random(augment_seed)
-    top = draws.randint(0, height - crop)
-    left = draws.randint(0, width - crop)
-    return top, left, draws.random() < 0.5
-
-
 def _relative_position(offset: int, size: int, crop: int) -> np.ndarray:
     """crop_mirror_normalize's crop_pos for an integer offset: DALI takes anchor = round(pos * (size - crop))."""
     return np.array(offset / (size - crop) if size > crop else 0.0, dtype=np.float32)
-
-
-# JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic); 0xC4 (DHT),
-# 0xC8 (JPG) and 0xCC (DAC) share the range but are not frames.
-_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from a JPEG's frame header, or None when the markers do not lead to one.
-
-    Walks the marker segments before the first frame header (a few, in the first kilobytes): about
-    3 us against about 40 us for PIL's header parse of the same bytes, which matters because the
-    feeder runs on the training loop's thread.
-    """
-    position, end = 2, len(data)
-    while position + 9 <= end:
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            position += 1
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length field
-            position += 2
-        elif marker in _JPEG_FRAME_MARKERS:
-            height = int.from_bytes(data[position + 5 : position + 7], "big")
-            width = int.from_bytes(data[position + 7 : position + 9], "big")
-            return (height, width) if height and width else None
-        else:
-            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return None
-
-
-def read_encoded(path: str) -> tuple[np.ndarray, int, int]:
-    """A file's bytes as DALI's decoder input (uint8 [N]), with the stored image's (height, width).
-
-    The size comes from the header, without EXIF orientation: load_rgb does not rotate, and the
-    DALI decoder is told not to either. Formats DALI cannot decode are decoded with PIL
-    (images.load_rgb) and handed over as a lossless PNG.
-    """
-    from PIL import Image
-
-    data = Path(path).read_bytes()
-    if data.startswith(_DALI_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
-        size = jpeg_size(data) if data.startswith(b"\xff\xd8\xff") else None
-        if size is None:
-            with Image.open(io.BytesIO(data)) as image:
-                size = image.height, image.width
-        return np.frombuffer(data, dtype=np.uint8), size[0], size[1]
-    from smile_fast.data.images import load_rgb
-
-    image = load_rgb(path)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return np.frombuffer(buffer.getvalue(), dtype=np.uint8), image.height, image.width
 
 
 def _checked(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[str]]:
@@ -201,24 +104,14 @@ def _resolve_device(device: torch.device | str) -> torch.device:
 CPU_RESIZES = ("torch", "dali")
 
 
-class _Window(NamedTuple):
-    """Where one sample's crop comes from: the resized size, the crop's top-left corner and the flip."""
-
-    height: int
-    width: int
-    top: int
-    left: int
-    mirror: bool
-
-
 class _SampleFeeder:
-    """Reads files and draws crop windows: (path, augment seed or None) -> (encoded bytes, _Window)."""
+    """Reads files and draws crop windows: (path, augment seed or None) -> (encoded bytes, CropWindow)."""
 
     def __init__(self, spec: TransformSpec, seed: int):
         self.spec = spec
         self.seed = seed
 
-    def __call__(self, items: Sequence[tuple[str, int | None]]) -> tuple[list[np.ndarray], list[_Window]]:
+    def __call__(self, items: Sequence[tuple[str, int | None]]) -> tuple[list[np.ndarray], list[CropWindow]]:
         encoded_batch, windows = [], []
         for path, augment_seed in items:
             encoded, height, width = read_encoded(path)
@@ -226,11 +119,11 @@ class _SampleFeeder:
             draw_seed = None if augment_seed is None else augment_seed ^ self.seed
             top, left, mirror = crop_window(self.spec, out_height, out_width, draw_seed)
             encoded_batch.append(encoded)
-            windows.append(_Window(out_height, out_width, top, left, mirror))
+            windows.append(CropWindow(out_height, out_width, top, left, mirror))
         return encoded_batch, windows
 
 
-def _dali_window_columns(encoded: list[np.ndarray], windows: list[_Window], crop: int) -> tuple[list, ...]:
+def _dali_window_columns(encoded: list[np.ndarray], windows: list[CropWindow], crop: int) -> tuple[list, ...]:
     """The all-DALI pipeline's per-sample inputs: bytes, resized height and width, relative crop position, flip."""
     return (
         encoded,
@@ -266,7 +159,7 @@ def _build_pipeline(source: Callable[[], object], settings: _PipelineSettings):
     """A built DALI pipeline with one output.
 
     With settings.resize_on_host, `source()` returns the batch's encoded bytes and the pipeline outputs
-    the decoded uint8 [H, W, 3] images (the host does the rest, see _crop_on_host).
+    the decoded uint8 [H, W, 3] images (the host does the rest, see data/host_crop.py).
     Otherwise `source()` returns _dali_window_columns and the output is the batch of crops: float32
     [B, 3, crop, crop] (or [B, crop, crop, 3] when channels_last or output_uint8), normalized unless
     output_uint8.
@@ -327,71 +220,6 @@ def _build_pipeline(source: Callable[[], object], settings: _PipelineSettings):
     return built
 
 
-def _crop_on_host(decoded, windows: list[_Window], crop: int) -> torch.Tensor:
-    """Resize, crop and flip DALI's decoded images with torch: uint8 [b, crop, crop, 3] (NHWC).
-
-    Each image is resized whole and then cropped, as torchvision does. torch's uint8 antialiased
-    bilinear resize is PIL's filter and is vectorized for 3-channel channels-last input, which a
-    DALI HWC image viewed as NCHW is, with no copy.
-    """
-    import torch.nn.functional as F
-
-    out = torch.empty((len(windows), crop, crop, 3), dtype=torch.uint8)
-    for slot, window in enumerate(windows):
-        # A view of DALI's buffer, read before the next run() reuses it. unsqueeze before permute: the
-        # other order gives strides torch does not take for channels-last, and the resize falls back
-        # to its generic path (0.49 instead of 0.32 ms per image, and a slow strided crop copy).
-        image = torch.from_numpy(np.asarray(decoded[slot])).unsqueeze(0).permute(0, 3, 1, 2)
-        resized = F.interpolate(
-            image, size=(window.height, window.width), mode="bilinear", antialias=True, align_corners=False
-        )
-        cropped = resized[0, :, window.top : window.top + crop, window.left : window.left + crop].permute(1, 2, 0)
-        out[slot] = cropped.flip(1) if window.mirror else cropped
-    return out
-
-
-def _normalize_on_host(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 NHWC -> float32 NCHW normalized as crop_mirror_normalize does, channels-last or contiguous.
-
-    Written so that every pass streams over contiguous memory (batch 32 at 224 px, one thread):
-    channels-last normalizes [N*H, W*3] rows against a mean/std row tiled W times, 0.38 ms per image
-    where broadcasting a [1, 3, 1, 1] mean over channels-last strides took 0.71; contiguous converts
-    and transposes in one copy, then broadcasts over whole planes, 0.32 ms where converting
-    channels-last and then calling .contiguous() took 1.5.
-    """
-    batch_size, height, width, channels = batch.shape
-    mean = torch.tensor([255.0 * value for value in IMAGENET_MEAN])
-    std = torch.tensor([255.0 * value for value in IMAGENET_STD])
-    if channels_last:
-        images = batch.float()
-        rows = images.view(batch_size * height, width * channels)
-        rows.sub_(mean.repeat(width)).div_(std.repeat(width))
-        return images.permute(0, 3, 1, 2)
-    images = torch.empty((batch_size, channels, height, width), dtype=torch.float32)
-    images.copy_(batch.permute(0, 3, 1, 2))
-    images.sub_(mean.view(1, channels, 1, 1)).div_(std.view(1, channels, 1, 1))
-    return images
-
-
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Run the host's share of the transform on this thread alone.
-
-    DALI's worker threads hold the cores while it runs; torch's OpenMP workers would then spin
-    waiting for a core, and the main thread with them. Measured on the 2-core CI machine, batch 32:
-    369 images/s with torch's default 2 threads, 557 with 1.
-    """
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _to_torch(batch, device: torch.device, channels_last: bool, output_uint8: bool) -> torch.Tensor:
     """Copy one DALI output batch into a fresh torch tensor on `device` (DALI reuses its buffers)."""
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
@@ -417,7 +245,7 @@ class _DaliBatches:
         if settings.cpu_resize not in CPU_RESIZES:
             raise ValueError(f"cpu_resize must be one of {CPU_RESIZES}, got {settings.cpu_resize!r}")
         self.settings = settings
-        self._pending: deque[tuple[list[_Window], list[int]]] = deque()
+        self._pending: deque[tuple[list[CropWindow], list[int]]] = deque()
         feeder = _SampleFeeder(settings.spec, settings.seed)
         crop = settings.spec.crop_size
 
@@ -434,10 +262,10 @@ class _DaliBatches:
         (output,) = self._pipeline.run()
         windows, labels = self._pending.popleft()
         if settings.resize_on_host:
-            with _one_torch_thread():
-                images = _crop_on_host(output, windows, settings.spec.crop_size)
+            with one_torch_thread():
+                images = crop_on_host(output, windows, settings.spec.crop_size)
                 if not settings.output_uint8:
-                    images = _normalize_on_host(images, settings.channels_last)
+                    images = normalize_on_host(images, settings.channels_last)
         else:
             images = _to_torch(output, settings.device, settings.channels_last, settings.output_uint8)
         return images, torch.tensor(labels, dtype=torch.int64).to(settings.device, non_blocking=True)
