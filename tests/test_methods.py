@@ -137,7 +137,7 @@ def test_mixup_loss_matches_hand_computation(lam, perm):
     torch.testing.assert_close(student.inputs[0].double(), mixed, rtol=1e-6, atol=1e-6, msg="mixup input")
     logits = _hand_logits(student, mixed)
     expected = lam * _hand_cross_entropy(logits, labels) + (1 - lam) * _hand_cross_entropy(logits, labels[perm_t])
-    assert float(loss) == pytest.approx(expected, rel=1e-5), "mixup loss"
+    assert loss.item() == pytest.approx(expected, rel=1e-5), "mixup loss"
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -178,7 +178,7 @@ def test_cutmix_loss_pastes_the_box_and_mixes_labels_by_area():
     assert torch.equal(student.inputs[0], expected_input), "the box comes from the partner, the rest stays"
     logits = _hand_logits(student, expected_input)
     expected = lam * _hand_cross_entropy(logits, labels) + (1 - lam) * _hand_cross_entropy(logits, labels[perm])
-    assert float(loss) == pytest.approx(expected, rel=1e-5), "cutmix loss"
+    assert loss.item() == pytest.approx(expected, rel=1e-5), "cutmix loss"
     assert torch.equal(images, images.clone()), "the caller's batch is not modified"
 
 
@@ -192,7 +192,7 @@ def test_cutmix_skips_mixing_when_not_applied():
     assert torch.equal(student.inputs[0], original), "no box pasted when CutMix is not applied"
     assert torch.equal(images, original)
     expected = _hand_cross_entropy(_hand_logits(student, images), labels)
-    assert float(loss) == pytest.approx(expected, rel=1e-5), "plain cross-entropy when not applied"
+    assert loss.item() == pytest.approx(expected, rel=1e-5), "plain cross-entropy when not applied"
 
 
 def test_build_method_names():
@@ -253,7 +253,7 @@ def test_training_step_uses_the_iteration_draw_and_averages_the_teacher_before_t
             images, labels, copy.deepcopy(student), copy.deepcopy(step.teacher), expected_draw
         )
         loss, _ = step(iteration, images, labels)
-        assert float(loss) == pytest.approx(float(expected_loss), rel=1e-5), f"loss at iteration {iteration}"
+        assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5), f"loss at iteration {iteration}"
         assert group["lr"] == lr_at(config, iteration)
         for name, value in step.teacher.model.backbone.named_parameters():
             if iteration in (0, 10):
