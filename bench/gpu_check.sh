@@ -31,7 +31,7 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   GPU=1; export TRITON_INTERPRET=0
   TS=1  # time-limit scale: the limits below are sized for an H100
   MODEL=resnet50; B_SMALL=48; B_LARGE=256; SIZE=224; STEPS=15; WARMUP=4; LOADER_ITERS=30; PER_CLASS=64
-  TEST_SEL=(tests/test_ops_*.py tests/test_kernels_*.py)
+  TEST_SEL=(tests/test_ops_*.py tests/test_kernels_*.py tests/test_torchvision_loader.py)
 else
   GPU=0; export TRITON_INTERPRET=0  # parts 1-2 below set it to 1 for themselves: kernels via the interpreter
   TS=4

@@ -178,3 +178,31 @@ def test_cuda_batches_are_pinned_copies(tmp_path: Path):
     assert images.is_contiguous(memory_format=torch.channels_last)
     cpu_images, _ = batches(TorchvisionTrainLoader(samples, TRAIN_SPEC, plan, CPU, num_workers=0), 0, 1)[0]
     assert torch.equal(images.cpu(), cpu_images)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batches_equal_the_float_transform_bit_for_bit(tmp_path: Path, channels_last: bool):
+    """Workers stop at uint8 and the loader normalizes after the copy: the batch must be exactly what the
+    spec's ToTensor + Normalize transform gives for the same sample and augmentation seed."""
+    from smile_fast.data.images import load_rgb
+    from smile_fast.data.transforms import build_torchvision_transform
+
+    samples = textured_samples(tmp_path / "textured", 6)
+    plan = TrainBatchPlan(len(samples), 3, seed=4)
+    loader = TorchvisionTrainLoader(samples, TRAIN_SPEC, plan, CPU, num_workers=0, channels_last=channels_last)
+    float_transform = build_torchvision_transform(TRAIN_SPEC, output="float")
+    for iteration, (images, _) in enumerate(batches(loader, 0, 2)):
+        assert images.dtype == torch.float32
+        assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for slot, (index, augment_seed) in enumerate(plan.batch(iteration)):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(augment_seed)
+                expected = float_transform(load_rgb(samples[index][0]))
+            assert torch.equal(images[slot], expected), f"iteration {iteration}, sample {index}"
+
+
+def test_the_transform_refuses_an_unknown_output():
+    from smile_fast.data.transforms import build_torchvision_transform
+
+    with pytest.raises(ValueError, match="output"):
+        build_torchvision_transform(TRAIN_SPEC, output="half")

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -41,8 +43,13 @@ class TransformSpec:
             )
 
 
-def build_torchvision_transform(spec: TransformSpec):
-    """torchvision transform for one PIL RGB image -> float32 tensor [3, crop, crop], normalized."""
+def build_torchvision_transform(spec: TransformSpec, output: Literal["float", "uint8"] = "float"):
+    """torchvision transform for one PIL RGB image -> tensor [3, crop, crop].
+
+    output "float": float32, normalized (ToTensor + Normalize: the spec's transform as the authors ran it);
+    "uint8": the same pixels as uint8 (PILToTensor), for `normalize_uint8` to finish on the device with
+    the same arithmetic, so that loader workers skip the float conversion and ship a quarter of the bytes.
+    """
     from torchvision import transforms as T
 
     size = spec.resize_size if spec.resize == "shorter" else (spec.resize_size, spec.resize_size)
@@ -51,5 +58,26 @@ def build_torchvision_transform(spec: TransformSpec):
         steps += [T.RandomHorizontalFlip(), T.RandomCrop(spec.crop_size)]
     else:
         steps += [T.CenterCrop(spec.crop_size)]
-    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if output == "uint8":
+        steps += [T.PILToTensor()]
+    elif output == "float":
+        steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    else:
+        raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
     return T.Compose(steps)
+
+
+def normalize_uint8(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 normalized with ImageNet mean/std, channels-last when asked.
+
+    The same operations as ToTensor then Normalize (divide by 255, subtract the mean, divide by the
+    std, in float32), so the result equals the "float" transform's bit for bit, on any device.
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    # 255 as a device tensor, not a Python number: CUDA divides by a host scalar as a multiplication by
+    # its reciprocal, which can differ from ToTensor's true division in the last bit.
+    scale = torch.tensor(255.0, device=images.device)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    normalized = images.to(dtype=torch.float32, memory_format=memory_format).div_(scale)
+    return normalized.sub_(mean).div_(std)
