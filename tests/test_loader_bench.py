@@ -27,6 +27,7 @@ RESULT_KEYS = {
     "seconds",
     "crop_size",
     "skipped_files",
+    "resize_by",
     "torch_version",
     "dali_version",
 }
@@ -73,6 +74,7 @@ def test_benchmark_reports_images_per_second_through_the_train_transform(loader,
     assert result["seconds"] > 0 and result["skipped_files"] == 0
     assert math.isclose(result["images_per_sec"], 3 * 4 / result["seconds"])
     assert (result["dali_version"] is not None) == dali.dali_available()
+    assert result["resize_by"] == {"torchvision": "PIL", "dali": "torch"}[loader]
 
 
 def test_bad_arguments_are_user_errors(photos, monkeypatch):

@@ -63,7 +63,7 @@ def run_loader_benchmark(
     start-up and the first batches (DALI builds its pipeline, the DataLoader forks its workers) fall
     in the warm-up. Returns a JSON-ready dict: loader, device, device_name, images_per_sec,
     batch_size, iterations, warmup, num_workers, seconds, channels_last, resize, resize_size,
-    crop_size, skipped_files, num_samples, torch_version, dali_version, cpu_count.
+    crop_size, skipped_files, resize_by, num_samples, torch_version, dali_version, cpu_count.
     """
     from smile_fast.data.loaders import build_train_loader
 
@@ -107,6 +107,8 @@ def run_loader_benchmark(
         "resize_size": spec.resize_size,
         "crop_size": spec.crop_size,
         "skipped_files": source.skipped_files,
+        # Who resizes: PIL in torchvision's workers; DALI on a GPU; torch after DALI's decode on a CPU.
+        "resize_by": "PIL" if loader == "torchvision" else ("torch" if device.type == "cpu" else "DALI"),
         "num_samples": len(samples),
         "torch_version": torch.__version__,
         "dali_version": _dali_version(),
