@@ -45,7 +45,11 @@ case "${1:-}" in
     mkdir -p "$STASH/wheels" && tar -xf "$STASH/dali.tar" -C "$STASH/wheels"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
       "$STASH"/wheels/*.whl
-    PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" python3 -c "import nvidia.dali as d; print('DALI', d.__version__)"
+    # Several of these wheels ship nvidia/__init__.py, so with $SITE on PYTHONPATH the `nvidia` package is
+    # this folder's (torch finds its CUDA libraries by path, not by importing nvidia.*). Check the import
+    # the loader needs, plugin included, before spending device time on the figures.
+    PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" python3 -c \
+      "import nvidia.dali as d, nvidia.dali.plugin.pytorch, torch; print('DALI', d.__version__, 'torch', torch.__version__)"
     ;;
   *)
     echo "usage: bash bench/dali_wheels.sh download | stash PART | install" >&2
