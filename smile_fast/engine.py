@@ -1,5 +1,6 @@
-"""The training loop: devices and ranks, precision, channels-last, compile, evaluation, checkpoints and
-the run folder. Methods compute losses; this module owns everything around them.
+"""The training loop: precision, channels-last, compile, stop signals, evaluation, checkpoints and the
+run folder (devices and ranks come from distributed.py). Methods compute losses; this module owns
+everything around them.
 
 Order inside one iteration (SMILE_SPEC.md): forward and backward on the mixed batch, then, every
 `ema_every` iterations, the teacher's EMA update from the student as it is *before* this
@@ -8,13 +9,11 @@ iteration's optimizer step, then the optimizer step.
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from smile_fast.checkpoint import load_checkpoint, save_atomic
 from smile_fast.config import TrainConfig, build_config
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec
+from smile_fast.distributed import resolve_device, setup_distributed
 from smile_fast.errors import UserError
 from smile_fast.methods import build_method
 from smile_fast.models import build_models
@@ -39,58 +39,6 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-@dataclass
-class DistributedContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
-def setup_distributed(device_name: str, timeout_minutes: float = 10.0) -> tuple[DistributedContext, torch.device]:
-    """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on CPUs).
-
-    The collective timeout makes a crashed rank end every other rank with an error instead of a hang.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistributedContext(), resolve_device(device_name)
-    import torch.distributed as dist
-
-    context = DistributedContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    device = resolve_device(device_name, context.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
-    return context, device
 
 
 class _StopSignal:
