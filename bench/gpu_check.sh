@@ -2,6 +2,7 @@
 # Everything that needs the GPU, in one run (budget: under 6 minutes on an H100; ../shared/GPU.md).
 #   1. the GPU tests (fused ops on CUDA, real Triton)       -> log.txt
 #   3a. step time finetune vs SMILE, ResNet-50, bf16, batch 48, full stack + eager fp32 baseline -> step_b48.json
+#   3d. can the teacher hide behind the student (streams, graphs)? -> overlap.json
 #   2. kernel benchmarks: fused vs eager vs torch.compile   -> ops_bench.json
 #   3b. the same at batch 256 (AMP + channels-last, eager)  -> step_b256.json
 #   3c. teacher options (BN fold, side stream) on/off       -> teacher_variants.json
@@ -21,7 +22,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEN
 [ -d /tmp/dali-site/nvidia/dali ] && export PYTHONPATH="$PYTHONPATH:/tmp/dali-site"
 LOG="$OUT/log.txt"
 # PARTS picks what to run (default all), e.g. PARTS=ddp,step48,step256 COMPILE_MODE=reduce-overhead.
-PARTS=",${PARTS:-tests,step48,ops,step256,teacher,loader,ddp},"
+PARTS=",${PARTS:-tests,step48,overlap,ops,step256,teacher,loader,ddp},"
 COMPILE_MODE="${COMPILE_MODE:-default}"
 part() { [[ "$PARTS" == *",$1,"* ]]; }
 : > "$LOG"
@@ -65,6 +66,12 @@ say "3a. step time batch $B_SMALL, full stack (AMP bf16, channels-last, compile)
 timeout $((180 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
   --channels-last --compile --compile-mode "$COMPILE_MODE" --methods finetune,smile --steps "$STEPS" \
   --warmup "$WARMUP" $([ "$COMPILE_MODE" = default ] && echo --baseline eager-fp32) --json "$OUT/step_b48.json" 2>&1 | grep -v Warning | tail -n 12 | tee -a "$LOG"
+fi
+
+if part overlap; then
+say "3d. overlap probe: teacher forward beside the student's forward + backward (eager, streams, CUDA graphs)"
+timeout $((60 * TS)) "$PY" bench/overlap_probe.py --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" \
+  --steps $((STEPS + 5)) --rounds 5 --json "$OUT/overlap.json" 2>&1 | grep -v Warning | tail -n 12 | tee -a "$LOG"
 fi
 
 if part ops; then

@@ -88,6 +88,13 @@ def main() -> None:
             f"torchrun 1 process ({ddp['device_name']}): {ddp['method']} {ddp['iters']} its, "
             f"top-1 {ddp['test_top1']:.1f}%, {ddp['train_images_per_sec']:.0f} images/s, world_size {ddp['world_size']}"
         )
+    overlap = _load(out / "overlap.json")
+    if overlap:
+        where = f"{overlap['device_name']}, batch {overlap['batch_size']}"
+        lines.append(f"overlap probe ({where}), ms per iteration and x the student alone:")
+        for name, value in overlap["ms_per_iteration"].items():
+            ratio = overlap["over_student"].get(name)
+            lines.append(f"  {name:<20} {value:9.2f} ms" + (f"  {ratio:.3f}x" if ratio else ""))
     lines += ops_lines(_load(out / "ops_bench.json"))
     print("\n".join(lines))
 

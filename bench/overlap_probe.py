@@ -1,0 +1,180 @@
+"""Can the teacher's forward hide behind the student's step? A GPU probe for issue 5.
+
+`python bench/overlap_probe.py [--json PATH]`. SMILE's remaining cost over fine-tuning is the teacher's
+forward (bench/RESULTS.md: 2.1-2.6 ms of a 10 ms step at batch 48 on an H200, with CUDA graphs).
+Getting SMILE / finetune to 1.15 needs that forward to overlap the student's forward and backward.
+PyTorch's CUDA-graph trees (torch.compile "reduce-overhead") do not support a side stream well, so
+before building a training step around manual capture, this measures whether overlap pays at all.
+It times ResNet-50 bf16 channels-last pieces, in ms per iteration:
+
+  student            forward + backward of the student (train mode), eager
+  teacher            forward of the BN-folded teacher (no grad), eager
+  sequential         both, one after the other, eager
+  two_streams        the teacher on a side stream while the student runs, eager
+  graphs_sequential  each captured as its own CUDA graph, replayed one after the other
+  graphs_two_streams the same two graphs, the teacher's replayed on a side stream
+  one_graph_fork     one graph captured with a fork to a side stream for the teacher and a join
+
+The figure to read is each combined row over `student` (the graphs rows over the student's graph
+alone, `graph_student`): 1.0 means the teacher is fully hidden. No optimizer step is included; it
+is the same for both methods. Each row is the median of --rounds timed blocks of --steps iterations,
+synchronized at both ends. On a CPU only the eager rows run (streams and graphs need CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+
+from smile_fast.models import FoldedBackbone
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    return torch.nn.Sequential(*list(model.children())[:-2])
+
+
+def _timed_ms(run: Callable[[], None], device: torch.device, steps: int, rounds: int) -> float:
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):
+        run()
+    synchronize()
+    blocks = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        synchronize()
+        blocks.append((time.perf_counter() - start) / steps * 1e3)
+    return statistics.median(blocks)
+
+
+def _capture(run: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """Capture `run` as in PyTorch's CUDA-graph recipe: warm up on a side stream, then record."""
+    warmup = torch.cuda.Stream()
+    warmup.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warmup):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(warmup)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch-size", type=int, default=48)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtype = torch.bfloat16
+    memory_format = torch.channels_last
+    build = getattr(torchvision.models, args.model)
+    student = build(num_classes=1000).to(device, memory_format=memory_format).train()
+    teacher = FoldedBackbone(_backbone(build(num_classes=1000)).eval()).to(device, memory_format=memory_format)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    images = images.contiguous(memory_format=memory_format)
+    teacher_images = images.clone()
+
+    # Autocast's weight-cast cache must be off inside a CUDA-graph capture (PyTorch's CUDA-graph notes).
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+    def student_step() -> None:
+        with autocast():
+            loss = student(images).float().mean()
+        loss.backward()
+
+    def teacher_forward() -> None:
+        with torch.no_grad(), autocast():
+            teacher(teacher_images)
+
+    def sequential() -> None:
+        student_step()
+        teacher_forward()
+
+    results: dict[str, object] = {
+        "device_name": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "dtype": str(dtype),
+        "torch_version": torch.__version__,
+    }
+    timings: dict[str, float] = {}
+    timings["student"] = _timed_ms(student_step, device, args.steps, args.rounds)
+    timings["teacher"] = _timed_ms(teacher_forward, device, args.steps, args.rounds)
+    timings["sequential"] = _timed_ms(sequential, device, args.steps, args.rounds)
+    if on_gpu:
+        side = torch.cuda.Stream()
+
+        # The current stream is looked up at each call: under capture it is the capturing stream, and the
+        # side stream joins the capture through the fork (wait_stream) and leaves it through the join.
+        def two_streams() -> None:
+            current = torch.cuda.current_stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                teacher_forward()
+            student_step()
+            current.wait_stream(side)
+
+        timings["two_streams"] = _timed_ms(two_streams, device, args.steps, args.rounds)
+
+        student_graph = _capture(student_step)
+        teacher_graph = _capture(teacher_forward)
+        timings["graph_student"] = _timed_ms(student_graph.replay, device, args.steps, args.rounds)
+        timings["graph_teacher"] = _timed_ms(teacher_graph.replay, device, args.steps, args.rounds)
+
+        def graphs_sequential() -> None:
+            student_graph.replay()
+            teacher_graph.replay()
+
+        def graphs_two_streams() -> None:
+            current = torch.cuda.current_stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                teacher_graph.replay()
+            student_graph.replay()
+            current.wait_stream(side)
+
+        timings["graphs_sequential"] = _timed_ms(graphs_sequential, device, args.steps, args.rounds)
+        timings["graphs_two_streams"] = _timed_ms(graphs_two_streams, device, args.steps, args.rounds)
+        forked_graph = _capture(two_streams)
+        timings["one_graph_fork"] = _timed_ms(forked_graph.replay, device, args.steps, args.rounds)
+
+    results["ms_per_iteration"] = {name: round(value, 3) for name, value in timings.items()}
+    ratios = {}
+    for name, value in timings.items():
+        base = timings.get("graph_student") if name.startswith(("graphs_", "one_graph")) else timings["student"]
+        if name not in ("student", "teacher", "graph_student", "graph_teacher") and base:
+            ratios[name] = round(value / base, 3)
+    results["over_student"] = ratios
+    size = f"batch {args.batch_size} at {args.image_size} px"
+    print(f"{results['device_name']}: {args.model} {size}, bf16, channels-last")
+    for name, value in timings.items():
+        ratio = f"  ({ratios[name]:.3f}x the student alone)" if name in ratios else ""
+        print(f"  {name:20s} {value:9.2f} ms{ratio}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+            handle.write("\n")
+
+
+if __name__ == "__main__":
+    main()
