@@ -19,7 +19,7 @@ What is shared with the torchvision path, so that the two cannot drift apart:
 On a CPU-only machine the resize runs in torch by default (`cpu_resize="torch"`): DALI decodes on its
 threads and hands over the decoded images, and torch's uint8 antialiased bilinear resize (the same
 filter as PIL's) does resize, crop and flip (data/host_crop.py). DALI's CPU resampler is its weak spot: on the 2-core CI
-machine it takes about 2.8 ms per 500x375 -> 256x256 image where torch takes 0.24 ms, which made it
+machine it takes about 3 ms per 500x375 -> 256x256 image where torch takes 0.32 ms, which made it
 the bulk of the pipeline (measured with DALI 2.4 and torch 2.14). `cpu_resize="dali"` keeps the
 all-DALI pipeline, the one that runs on a GPU, so CI tests that one too.
 
@@ -293,9 +293,9 @@ class DaliTrainLoader:
         torch; "dali" keeps the whole transform in DALI (the GPU pipeline's operators). See the
         module docstring for why.
 
-    Measured on the 2-core CI machine (DALI 2.4, 500x375 JPEGs, batch 32): 1, 2, 3 or 4 threads and a
-    prefetch depth of 1, 2 or 4 made no difference above the run-to-run noise (about 10%), so the
-    defaults stay.
+    Measured on the 2-core CI machine with the all-DALI pipeline (DALI 2.4, 500x375 JPEGs, batch 32):
+    1, 2, 3 or 4 threads and a prefetch depth of 1, 2 or 4 made no difference above the run-to-run
+    noise (about 10%), so the defaults stay.
     """
 
     def __init__(
