@@ -74,10 +74,27 @@ def normalize_uint8(images: torch.Tensor, channels_last: bool = False) -> torch.
     std, in float32), so the result equals the "float" transform's bit for bit, on any device.
     """
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    # 255 as a device tensor, not a Python number: CUDA divides by a host scalar as a multiplication by
-    # its reciprocal, which can differ from ToTensor's true division in the last bit.
-    scale = torch.tensor(255.0, device=images.device)
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    scale, mean, std = _normalization_constants(images.device)
     normalized = images.to(dtype=torch.float32, memory_format=memory_format).div_(scale)
     return normalized.sub_(mean).div_(std)
+
+
+_constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _normalization_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(255, mean, std) as float32 tensors on `device`, made once per device.
+
+    Made once because a tensor built from Python numbers on a GPU is a copy from pageable memory,
+    which waits for the whole stream: once per batch, it would stall the host every step. 255 is a
+    device tensor, not a Python number, because CUDA divides by a host scalar as a multiplication by
+    its reciprocal, which can differ from ToTensor's true division in the last bit.
+    """
+    constants = _constants.get(device)
+    if constants is None:
+        constants = _constants[device] = (
+            torch.tensor(255.0, device=device),
+            torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1),
+        )
+    return constants
