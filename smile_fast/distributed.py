@@ -1,4 +1,5 @@
-"""Which device and which rank: `--device` resolution and the process group torchrun describes."""
+"""Which device and which rank: `--device` resolution, the process group torchrun describes, and small
+host-to-device copies that do not stall the host."""
 
 from __future__ import annotations
 
@@ -61,3 +62,16 @@ def setup_distributed(device_name: str, timeout_minutes: float = 10.0) -> tuple[
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     return context, device
+
+
+def to_device_async(host_tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to `device` without making the host wait for the GPU.
+
+    A copy from pageable memory (what `torch.tensor(x, device="cuda")` and `.to("cuda")` of a fresh CPU
+    tensor do) waits for the stream to drain first, so the host could not queue step i+1 while the GPU
+    runs step i. From pinned memory the copy is queued like a kernel; the caching host allocator keeps
+    the pinned buffer alive until the copy has run.
+    """
+    if device.type != "cuda":
+        return host_tensor.to(device)
+    return host_tensor.pin_memory().to(device, non_blocking=True)

@@ -46,6 +46,7 @@ from smile_fast.data.encoded_images import read_encoded
 from smile_fast.data.host_crop import crop_on_host, normalize_on_host, one_torch_thread
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
+from smile_fast.distributed import to_device_async
 from smile_fast.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ class _DaliBatches:
                     images = normalize_on_host(images, settings.channels_last)
         else:
             images = _to_torch(output, settings.device, settings.channels_last, settings.output_uint8)
-        return images, torch.tensor(labels, dtype=torch.int64).to(settings.device, non_blocking=True)
+        return images, to_device_async(torch.tensor(labels, dtype=torch.int64), settings.device)
 
     def close(self) -> None:
         self._pipeline = None

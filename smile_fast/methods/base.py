@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from smile_fast.distributed import to_device_async
+
 
 @dataclass
 class MixDraw:
@@ -45,19 +47,6 @@ def folded_beta(generator: np.random.Generator, alpha: float) -> float:
     """lam ~ Beta(alpha, alpha), folded into [0.5, 1] (lam = max(lam, 1 - lam)) as SMILE's code does."""
     lam = float(generator.beta(alpha, alpha))
     return max(lam, 1.0 - lam)
-
-
-def to_device_async(host_tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small host tensor to `device` without making the host wait for the GPU.
-
-    A copy from pageable memory (what `torch.tensor(x, device="cuda")` and `.to("cuda")` of a fresh CPU
-    tensor do) waits for the stream to drain first, so the host could not queue step i+1 while the GPU
-    runs step i. From pinned memory the copy is queued like a kernel; the caching host allocator keeps
-    the pinned buffer alive until the copy has run.
-    """
-    if device.type != "cuda":
-        return host_tensor.to(device)
-    return host_tensor.pin_memory().to(device, non_blocking=True)
 
 
 def device_mix_tensors(lam: float, perm: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
