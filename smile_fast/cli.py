@@ -60,7 +60,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile student and teacher")
     flag("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (reduce-overhead adds CUDA graphs)")
     flag("--loader", choices=LOADER_CHOICES, help="auto (DALI on a GPU when installed), dali or torchvision")
-    flag("--workers", type=int, help="loader worker processes / threads (default: min(8, CPUs))")
+    flag("--workers", type=int, help="loader processes / DALI threads per rank (default: its CPUs, at most 16)")
     flag("--device", help="auto (default), cpu, cuda or cuda:N")
     flag("--eval-every", type=_integer, help="evaluate every N iterations (and at the end)")
     flag("--log-every", type=_integer, help="log a metrics row every N iterations (default 10)")
@@ -254,16 +254,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_loader(args: argparse.Namespace) -> dict:
-    import os
-
     from smile_fast.config import build_config
     from smile_fast.data.loader_bench import run_loader_benchmark
+    from smile_fast.data.loaders import default_workers
     from smile_fast.distributed import resolve_device
     from smile_fast.engine import prepare_data
 
     config = build_config(overrides={"dataset": args.dataset, "data_dir": args.data_dir, "device": args.device})
     splits, train_spec, _ = prepare_data(config)
-    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    workers = args.workers if args.workers is not None else default_workers()
     return run_loader_benchmark(
         args.loader,
         splits.train,

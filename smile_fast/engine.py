@@ -119,7 +119,7 @@ class Trainer:
     def _build(self) -> None:
         config, device = self.config, self.device
         from smile_fast.data.images import check_images
-        from smile_fast.data.loaders import build_train_loader, choose_loader
+        from smile_fast.data.loaders import build_train_loader, choose_loader, default_workers
         from smile_fast.data.subsets import read_manifest, write_manifest
 
         splits, self.train_spec, self.test_spec = prepare_data(config)
@@ -165,8 +165,7 @@ class Trainer:
         self.step.finalize()
 
         self.loader_kind = choose_loader(config.loader, device)
-        workers = config.workers if config.workers is not None else min(8, os.cpu_count() or 1)
-        self.workers = workers
+        self.workers = config.workers if config.workers is not None else default_workers()
         self.plan = TrainBatchPlan(
             len(train_samples), config.batch_size, config.seed, self.dist.rank, self.dist.world_size
         )
@@ -176,7 +175,7 @@ class Trainer:
             self.train_spec,
             self.plan,
             device,
-            workers,
+            self.workers,
             config.channels_last,
         )
         self.metrics = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -9,6 +10,22 @@ import torch
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec
 from smile_fast.errors import UserError
+
+
+def default_workers() -> int:
+    """Loader worker processes (DALI: threads) per training process when --workers is not given.
+
+    The CPUs this process may run on, shared among the ranks torchrun starts on this machine, at most
+    16. The earlier default, min(8, CPUs), left half of a 16-core GPU machine idle although the
+    torchvision loader is CPU-bound there (2,155 images/s with 8 workers on the H200 machine, against
+    a ResNet-50 step that takes 4,680 or more).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, cpus // ranks_here))
 
 
 def choose_loader(kind: str, device: torch.device) -> str:

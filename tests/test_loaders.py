@@ -1,0 +1,37 @@
+"""Loader choice (`--loader auto|dali|torchvision`) and the default worker count."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from smile_fast.data import dali, loaders
+from smile_fast.errors import UserError
+
+
+@pytest.mark.parametrize(
+    "cpus, ranks_here, expected",
+    [(2, None, 2), (16, None, 16), (16, "2", 8), (64, None, 16), (3, "8", 1), (1, None, 1)],
+)
+def test_default_workers_share_this_process_cpus_among_the_local_ranks(monkeypatch, cpus, ranks_here, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    if ranks_here is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks_here)
+    assert loaders.default_workers() == expected
+
+
+def test_auto_picks_dali_only_on_a_gpu_with_dali_installed(monkeypatch):
+    monkeypatch.setattr(dali, "dali_available", lambda: True)
+    assert loaders.choose_loader("auto", torch.device("cuda", 0)) == "dali"
+    assert loaders.choose_loader("auto", torch.device("cpu")) == "torchvision"
+    monkeypatch.setattr(dali, "dali_available", lambda: False)
+    assert loaders.choose_loader("auto", torch.device("cuda", 0)) == "torchvision"
+    assert loaders.choose_loader("torchvision", torch.device("cuda", 0)) == "torchvision"
+    with pytest.raises(UserError, match=r"pip install smile-fast\[dali\]"):
+        loaders.choose_loader("dali", torch.device("cpu"))
+    with pytest.raises(UserError, match="unknown loader"):
+        loaders.choose_loader("pillow", torch.device("cpu"))
