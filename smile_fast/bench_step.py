@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from smile_fast.config import build_config
-from smile_fast.distributed import resolve_device
+from smile_fast.devices import resolve_device
 from smile_fast.methods import build_method, step_generator
 from smile_fast.methods.base import folded_beta
 from smile_fast.models import build_models, build_source_model

@@ -257,7 +257,7 @@ def _bench_loader(args: argparse.Namespace) -> dict:
     from smile_fast.config import build_config
     from smile_fast.data.loader_bench import run_loader_benchmark
     from smile_fast.data.loaders import default_workers
-    from smile_fast.distributed import resolve_device
+    from smile_fast.devices import resolve_device
     from smile_fast.engine import prepare_data
 
     config = build_config(overrides={"dataset": args.dataset, "data_dir": args.data_dir, "device": args.device})

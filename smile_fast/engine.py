@@ -1,5 +1,5 @@
 """The training loop: precision, channels-last, compile, stop signals, evaluation, checkpoints and the
-run folder (devices and ranks come from distributed.py). Methods compute losses; this module owns
+run folder (devices and ranks come from devices.py). Methods compute losses; this module owns
 everything around them.
 
 Order inside one iteration (SMILE_SPEC.md): forward and backward on the mixed batch, then, every
@@ -23,7 +23,7 @@ from smile_fast.checkpoint import load_checkpoint, save_atomic
 from smile_fast.config import TrainConfig, build_config
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec
-from smile_fast.distributed import resolve_device, setup_distributed
+from smile_fast.devices import resolve_device, setup_distributed
 from smile_fast.errors import UserError
 from smile_fast.methods import build_method
 from smile_fast.models import build_models

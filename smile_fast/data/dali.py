@@ -46,7 +46,7 @@ from smile_fast.data.encoded_images import read_encoded
 from smile_fast.data.host_crop import crop_on_host, normalize_on_host, one_torch_thread
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
-from smile_fast.distributed import to_device_async
+from smile_fast.devices import to_device_async
 from smile_fast.errors import UserError
 
 logger = logging.getLogger(__name__)

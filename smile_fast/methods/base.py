@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from smile_fast.distributed import to_device_async
+from smile_fast.devices import to_device_async
 
 
 @dataclass
