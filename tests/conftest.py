@@ -3,6 +3,12 @@
 TRITON_INTERPRET must be set before any Triton kernel is defined, so it is set here, at the
 top of the first module pytest imports: the Triton kernels then run on CPU tensors, which is
 how CI (no GPU) tests them. Collection never touches CUDA.
+
+triton.language is imported here too, while the variable is set: Triton's own @jit helpers
+(tl.max, tl.sum, ...) are made interpretable or not when triton.language is first imported. A test
+that sets TRITON_INTERPRET=0 to force the PyTorch reference path must not be the first to import
+it, or every later interpreted kernel fails with "Cannot call @triton.jit'd outside of the scope
+of a kernel" (seen with tests/test_methods.py run before tests/test_engine.py).
 """
 
 import os
@@ -11,6 +17,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import zlib  # noqa: E402
+
+from smile_fast.kernels import has_triton  # noqa: E402
+
+if has_triton():  # imports triton.language now, under the interpreter setting above
+    import triton.language  # noqa: E402, F401
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
