@@ -87,24 +87,31 @@ def run_on_batch_outer_dense(
     return out
 
 
-def eager_autograd_function(
+def register_autograd(
     name: str,
+    op,
     forward: Callable[..., Tensor],
     setup_context: Callable[..., None],
-    backward: Callable[..., tuple],
+    make_backward: Callable[[Callable[..., Tensor]], Callable[..., tuple]],
+    backward_op,
+    backward_impl: Callable[..., Tensor],
 ) -> type[torch.autograd.Function]:
-    """An autograd.Function running the same implementation and formula as a custom op, for eager mode.
+    """Give a custom op its autograd formula, and return an eager autograd.Function with the same formula.
 
-    Calling a torch.library custom op with autograd costs about 250 us of Python dispatch per call
-    on this project's 2-core CI machine (measured: 380 us vs 120 us for the same body in an
-    autograd.Function), more than the fused kernels take on a GPU; so eager calls take this path and
-    only torch.compile (which needs the registered op, its fake and its autograd formula) takes the op.
+    torch.compile traces the registered op (it needs the op, its fake and its formula, whose backward
+    calls `backward_op`); eager calls take the returned Function, whose backward calls `backward_impl`
+    directly. One `setup_context` and one `make_backward` serve both, so the two paths cannot drift.
+
+    Why eager calls avoid the op: calling a torch.library custom op with autograd costs about 250 us
+    of Python dispatch per call on this project's 2-core CI machine (measured: 380 us vs 120 us for
+    the same body in an autograd.Function), more than the fused kernels take on a GPU.
 
     The Function is written in the older `forward(ctx, *args)` style on purpose: for a Function with
     a separate `setup_context`, torch (2.14) binds the call's arguments with `inspect.signature` on
     every `apply`, about 45 us per call on the CI machine against 8 us for this style (measured with
     an empty body).
     """
+    op.register_autograd(make_backward(backward_op), setup_context=setup_context)
 
     def _forward(ctx: torch.autograd.function.FunctionCtx, *args: object) -> Tensor:
         output = forward(*args)
@@ -114,7 +121,7 @@ def eager_autograd_function(
     return type(
         name,
         (torch.autograd.Function,),
-        {"forward": staticmethod(_forward), "backward": staticmethod(backward)},
+        {"forward": staticmethod(_forward), "backward": staticmethod(make_backward(backward_impl))},
     )
 
 

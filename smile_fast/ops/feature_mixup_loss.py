@@ -13,9 +13,9 @@ from smile_fast.ops._common import (
     call_op,
     check_perm,
     copy_into_empty_like,
-    eager_autograd_function,
     lam_as_tensor,
     like_layout,
+    register_autograd,
     run_on_batch_outer_dense,
     use_triton,
 )
@@ -159,12 +159,14 @@ def _make_backward(backward_fn: Callable[..., Tensor]) -> Callable[..., tuple[Te
     return _backward
 
 
-_feature_mixup_loss_op.register_autograd(_make_backward(_feature_mixup_loss_backward_op), setup_context=_setup_context)
-_FeatureMixupLossFunction = eager_autograd_function(
+_FeatureMixupLossFunction = register_autograd(
     "FeatureMixupLossFunction",
+    _feature_mixup_loss_op,
     _feature_mixup_loss_impl,
     _setup_context,
-    _make_backward(_feature_mixup_loss_backward_impl),
+    _make_backward,
+    _feature_mixup_loss_backward_op,
+    _feature_mixup_loss_backward_impl,
 )
 
 

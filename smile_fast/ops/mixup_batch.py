@@ -11,8 +11,8 @@ from smile_fast.ops._common import (
     call_op,
     check_perm,
     copy_into_empty_like,
-    eager_autograd_function,
     lam_as_tensor,
+    register_autograd,
     run_on_batch_outer_dense,
     use_triton,
 )
@@ -92,9 +92,14 @@ def _make_backward(backward: Callable[..., Tensor]) -> Callable[..., tuple[Tenso
     return _backward
 
 
-_mixup_batch_op.register_autograd(_make_backward(_mixup_batch_backward_op), setup_context=_mixup_batch_setup_context)
-_MixupBatchFunction = eager_autograd_function(
-    "MixupBatchFunction", _mixup_batch_impl, _mixup_batch_setup_context, _make_backward(_mixup_batch_backward_impl)
+_MixupBatchFunction = register_autograd(
+    "MixupBatchFunction",
+    _mixup_batch_op,
+    _mixup_batch_impl,
+    _mixup_batch_setup_context,
+    _make_backward,
+    _mixup_batch_backward_op,
+    _mixup_batch_backward_impl,
 )
 
 

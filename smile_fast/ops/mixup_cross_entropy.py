@@ -11,8 +11,8 @@ from smile_fast.ops._common import (
     call_op,
     check_perm,
     copy_into_empty_like,
-    eager_autograd_function,
     lam_as_tensor,
+    register_autograd,
     use_triton,
 )
 
@@ -112,14 +112,14 @@ def _make_backward(backward: Callable[..., Tensor]) -> Callable[..., tuple[Tenso
     return _backward
 
 
-_mixup_cross_entropy_op.register_autograd(
-    _make_backward(_mixup_cross_entropy_backward_op), setup_context=_setup_context
-)
-_MixupCrossEntropyFunction = eager_autograd_function(
+_MixupCrossEntropyFunction = register_autograd(
     "MixupCrossEntropyFunction",
+    _mixup_cross_entropy_op,
     _mixup_cross_entropy_impl,
     _setup_context,
-    _make_backward(_mixup_cross_entropy_backward_impl),
+    _make_backward,
+    _mixup_cross_entropy_backward_op,
+    _mixup_cross_entropy_backward_impl,
 )
 
 

@@ -112,7 +112,7 @@ def mixup_normalize_uint8(
     _check_inputs(images, mean, std, out_dtype)
     check_perm(perm, images.shape[0])
     device = images.device
-    # Eager calls skip the custom-op dispatcher (see ops/_common.py eager_autograd_function).
+    # Eager calls skip the custom-op dispatcher (see ops/_common.py register_autograd).
     normalize = _mixup_normalize_uint8_op if torch.compiler.is_compiling() else _mixup_normalize_uint8_impl
     return normalize(
         images,

@@ -16,8 +16,8 @@ from smile_fast.ops._common import (
     call_op,
     check_perm,
     copy_into_empty_like,
-    eager_autograd_function,
     lam_as_tensor,
+    register_autograd,
     use_triton,
 )
 
@@ -144,9 +144,8 @@ def _register_soft_loss(
 
         return backward
 
-    forward_op.register_autograd(make_backward(backward_op), setup_context=setup_context)
-    eager_function = eager_autograd_function(
-        f"{name}_function", forward_impl, setup_context, make_backward(backward_impl)
+    eager_function = register_autograd(
+        f"{name}_function", forward_op, forward_impl, setup_context, make_backward, backward_op, backward_impl
     )
     return lambda *args: call_op(forward_op, eager_function, *args)
 
