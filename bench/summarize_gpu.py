@@ -18,23 +18,12 @@ def _load(path: Path):
 
 
 def step_lines(name: str, result: dict | None) -> list[str]:
+    """The `smile-fast bench step` table itself, indented under the part's name."""
     if not result:
         return [f"{name}: missing (see log.txt)"]
-    lines = [
-        f"{name}: {result['model']} batch {result['batch_size']} {result['image_size']}px {result['amp_dtype']} "
-        f"channels_last={result['channels_last']} compile={result.get('compile_mode') or result['compile']} "
-        f"on {result['device_name']}"
-    ]
-    for key, value in result.items():
-        if key.endswith("_ms_per_step"):
-            method = key[: -len("_ms_per_step")]
-            lines.append(f"  {method:<18} {value:9.2f} ms/step {result[method + '_images_per_sec']:9.1f} images/s")
-    if "smile_over_finetune" in result:
-        lines.append(f"  SMILE/finetune = {result['smile_over_finetune']:.3f}")
-    if "smile_speedup_over_eager_fp32" in result:
-        speedup = result["smile_speedup_over_eager_fp32"]
-        lines.append(f"  full-stack SMILE vs eager fp32 authors' style = {speedup:.2f}x")
-    return lines
+    from smile_fast.bench_step import format_step_table
+
+    return [f"{name}:"] + ["  " + line for line in format_step_table(result).splitlines()]
 
 
 def ops_lines(result: dict | None) -> list[str]:

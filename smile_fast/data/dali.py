@@ -136,6 +136,11 @@ def _dali_window_columns(encoded: list[np.ndarray], windows: list[CropWindow], c
     )
 
 
+def _check_cpu_resize(cpu_resize: str) -> None:
+    if cpu_resize not in CPU_RESIZES:
+        raise ValueError(f"cpu_resize must be one of {CPU_RESIZES}, got {cpu_resize!r}")
+
+
 @dataclass(frozen=True)
 class _PipelineSettings:
     """What a DALI loader's pipeline is built from (train and eval differ only in these values)."""
@@ -243,8 +248,6 @@ class _DaliBatches:
     """
 
     def __init__(self, next_items: Callable[[], list[tuple[str, int, int | None]]], settings: _PipelineSettings):
-        if settings.cpu_resize not in CPU_RESIZES:
-            raise ValueError(f"cpu_resize must be one of {CPU_RESIZES}, got {settings.cpu_resize!r}")
         self.settings = settings
         self._pending: deque[tuple[list[CropWindow], list[int]]] = deque()
         feeder = _SampleFeeder(settings.spec, settings.seed)
@@ -318,8 +321,7 @@ class DaliTrainLoader:
         require_dali()
         if plan.num_samples != len(samples):
             raise ValueError(f"the plan covers {plan.num_samples} samples but {len(samples)} were given")
-        if cpu_resize not in CPU_RESIZES:
-            raise ValueError(f"cpu_resize must be one of {CPU_RESIZES}, got {cpu_resize!r}")
+        _check_cpu_resize(cpu_resize)
         self.spec = spec
         self.plan = plan
         self.device = _resolve_device(device)
@@ -402,6 +404,7 @@ def dali_eval_batches(
     counted twice. Unreadable files are skipped with a warning. cpu_resize: as for DaliTrainLoader.
     """
     require_dali()
+    _check_cpu_resize(cpu_resize)
     device = _resolve_device(device)
     shard, _ = _checked(list(samples)[rank::world_size])
     batches = [shard[start : start + batch_size] for start in range(0, len(shard), batch_size)]
