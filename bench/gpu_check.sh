@@ -2,6 +2,7 @@
 # Everything that needs the GPU, in one run (budget: under 6 minutes on an H100; ../shared/GPU.md).
 #   1. the GPU tests (fused ops on CUDA, real Triton)       -> log.txt
 #   3a. step time finetune vs SMILE, ResNet-50, bf16, batch 48, full stack + eager fp32 baseline -> step_b48.json
+#   3e. the step captured by hand (--cuda-graph, teacher forked inside), batch 48 and 256 -> step_capture_b*.json
 #   3d. can the teacher hide behind the student (streams, graphs)? -> overlap.json
 #   2. kernel benchmarks: fused vs eager vs torch.compile   -> ops_bench.json
 #   3b. the same at batch 256 (AMP + channels-last, eager)  -> step_b256.json
@@ -22,7 +23,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEN
 [ -d /tmp/dali-site/nvidia/dali ] && export PYTHONPATH="$PYTHONPATH:/tmp/dali-site"
 LOG="$OUT/log.txt"
 # PARTS picks what to run (default all), e.g. PARTS=ddp,step48,step256 COMPILE_MODE=reduce-overhead.
-PARTS=",${PARTS:-tests,step48,overlap,ops,step256,teacher,loader,ddp},"
+PARTS=",${PARTS:-tests,step48,capture,overlap,ops,step256,teacher,loader,ddp},"
 COMPILE_MODE="${COMPILE_MODE:-default}"
 part() { [[ "$PARTS" == *",$1,"* ]]; }
 : > "$LOG"
@@ -68,6 +69,23 @@ say "3a. step time batch $B_SMALL, full stack (AMP bf16, channels-last, compile)
 timeout $((180 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
   --channels-last --compile --compile-mode "$COMPILE_MODE" --methods finetune,smile --steps "$STEPS" \
   --warmup "$WARMUP" $([ "$COMPILE_MODE" = default ] && echo --baseline eager-fp32) --json "$OUT/step_b48.json" 2>&1 | grep -v Warning | tail -n 12 | tee -a "$LOG"
+fi
+
+if part capture; then
+if [ "$GPU" = 1 ]; then
+  say "3e. captured step: real CUDA graphs against the eager step (tests/test_step_capture.py)"
+  timeout $((120 * TS)) "$PY" -m pytest -q -p no:cacheprovider tests/test_step_capture.py 2>&1 | tail -n 15 | tee -a "$LOG"
+  for batch in "$B_SMALL" "$B_LARGE"; do
+    say "3e. step time batch $batch, the step captured by hand (--cuda-graph; compile default mode, teacher on a side stream)"
+    timeout $((170 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" --amp \
+      --channels-last --compile --cuda-graph --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
+      --json "$OUT/step_capture_b$batch.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
+  done
+else
+  say "3e. captured step: CUDA graphs need a GPU; its CPU stand-in is tests/test_step_capture.py"
+  "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --device cpu \
+    --cuda-graph --methods finetune --steps 1 --warmup 0 2>&1 | tail -n 1 | tee -a "$LOG"
+fi
 fi
 
 if part overlap; then

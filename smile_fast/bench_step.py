@@ -68,6 +68,7 @@ def build_step_runner(
     compile: bool,
     device: torch.device,
     compile_mode: str = "default",
+    cuda_graph: bool = False,
     fold_teacher_bn: bool = True,
     teacher_stream: bool = True,
     num_classes: int = 200,
@@ -87,6 +88,7 @@ def build_step_runner(
             channels_last=channels_last,
             compile=compile,
             compile_mode=compile_mode,
+            cuda_graph=cuda_graph,
             device=str(device),
             fold_teacher_bn=fold_teacher_bn,
             teacher_stream=teacher_stream,
@@ -194,6 +196,7 @@ def run_step_benchmark(
     channels_last: bool | None = None,
     compile: bool = False,
     compile_mode: str = "default",
+    cuda_graph: bool = False,
     device: str = "auto",
     steps: int = 20,
     warmup: int = 5,
@@ -204,6 +207,10 @@ def run_step_benchmark(
 ) -> dict[str, Any]:
     """Time each method's step; returns the figures `smile-fast bench step --json` writes."""
     device_obj = resolve_device(device)
+    if cuda_graph:
+        # Three eager steps, then the captures; the teacher's EMA graph is captured at the first EMA
+        # iteration after those (iteration 10), which must not fall among the timed steps.
+        warmup = max(warmup, 11)
     if channels_last is None:
         channels_last = device_obj.type == "cuda"
     settings = dict(
@@ -215,6 +222,7 @@ def run_step_benchmark(
         channels_last=channels_last,
         compile=compile,
         compile_mode=compile_mode,
+        cuda_graph=cuda_graph,
         device=device_obj,
         steps=steps,
         warmup=warmup,
@@ -232,6 +240,7 @@ def run_step_benchmark(
         "channels_last": channels_last,
         "compile": compile,
         "compile_mode": compile_mode if compile else None,
+        "cuda_graph": cuda_graph,
         "fold_teacher_bn": fold_teacher_bn,
         "teacher_stream": teacher_stream and device_obj.type == "cuda",
         "steps": steps,
@@ -270,7 +279,8 @@ def format_step_table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['model']} batch {result['batch_size']} at {result['image_size']} px on {result['device_name']} "
         f"({result['amp_dtype']}, channels_last={result['channels_last']}, "
-        f"compile={result['compile_mode'] if result['compile'] else False})",
+        f"compile={result['compile_mode'] if result['compile'] else False}"
+        f"{', captured step' if result.get('cuda_graph') else ''})",
         f"{'method':<22} {'ms/step':>9} {'images/s':>10}",
     ]
     for key in result:

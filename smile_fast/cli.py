@@ -59,6 +59,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format")
     flag("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile student and teacher")
     flag("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (reduce-overhead adds CUDA graphs)")
+    flag(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA, one process: capture each step as CUDA graphs by hand, the teacher on a side stream inside",
+    )
     flag("--loader", choices=LOADER_CHOICES, help="auto (DALI on a GPU when installed), dali or torchvision")
     flag("--workers", type=int, help="loader processes / DALI threads per rank (default: its CPUs, at most 16)")
     flag("--device", help="auto (default), cpu, cuda or cuda:N")
@@ -112,6 +118,7 @@ TRAIN_KEYS = (
     "ema_every",
     "sync_bn",
     "compile_mode",
+    "cuda_graph",
 )
 
 
@@ -140,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     step.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     step.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
+    step.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="capture each step as CUDA graphs by hand (as `train --cuda-graph`)",
+    )
     step.add_argument("--device", default="auto")
     step.add_argument("--steps", type=_integer, default=20, help="timed steps per method")
     step.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
@@ -230,6 +243,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             channels_last=args.channels_last,
             compile=args.compile,
             compile_mode=args.compile_mode,
+            cuda_graph=args.cuda_graph,
             device=args.device,
             steps=args.steps,
             warmup=args.warmup,

@@ -22,6 +22,7 @@ WEIGHTS_KEYWORDS = ("auto", "imagenet", "none")
 LOADER_CHOICES = ("auto", "dali", "torchvision")
 AMP_DTYPES = ("bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # the modes that capture CUDA-graph trees
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
+    cuda_graph: bool = False  # capture the whole step as CUDA graphs by hand (step_capture.py)
     fold_teacher_bn: bool = True
     teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
     sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch, as on one GPU
@@ -220,6 +222,20 @@ def validate(config: TrainConfig) -> None:
     _check(0 <= config.cutmix_probability <= 1, "cutmix_probability must be in [0, 1]")
     _check(config.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}")
     _check(config.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}")
+    if config.cuda_graph:
+        _check(
+            not (config.compile and config.compile_mode in GRAPH_COMPILE_MODES),
+            f"--cuda-graph captures the step itself; use it with --compile-mode default, not {config.compile_mode} "
+            "(which captures graphs of its own)",
+        )
+        _check(
+            not (config.amp and config.amp_dtype == "float16"),
+            "--cuda-graph needs --amp-dtype bfloat16: float16's gradient scaler reads the device every step",
+        )
+        _check(
+            config.method != "cutmix",
+            "--cuda-graph cannot replay CutMix, whose pasted box changes shape every step; leave one of them out",
+        )
     _check(config.loader in LOADER_CHOICES, f"--loader must be one of {', '.join(LOADER_CHOICES)}")
     _check(config.workers is None or config.workers >= 0, "--workers must be 0 or more")
     _check(config.eval_every >= 1, f"--eval-every must be at least 1, got {config.eval_every}")

@@ -106,6 +106,10 @@ class Trainer:
             config = build_config(saved)
         self.config = config
         self.dist, self.device = setup_distributed(config.device)
+        if config.cuda_graph:
+            from smile_fast.step_capture import check_cuda_graph_device
+
+            check_cuda_graph_device(self.device, self.dist)  # before the data and models are read
         self._log = log or (lambda message: print(message, file=sys.stderr))
         self.progress = progress and self.dist.is_main
         torch.manual_seed(config.seed)

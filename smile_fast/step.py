@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from smile_fast.config import TrainConfig
+from smile_fast.config import GRAPH_COMPILE_MODES, TrainConfig
 from smile_fast.methods import Method, step_generator
 from smile_fast.models import SmileNet, SourceNet
 from smile_fast.teacher import MeanTeacher
@@ -93,7 +93,8 @@ class TrainingStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp and self.amp_dtype == torch.float16)
         self.train_model = self.student
         self.teacher_forward = self.teacher
-        self.cuda_graphs = False
+        self.compiled_graphs = False  # torch.compile's CUDA-graph trees ("reduce-overhead")
+        self.captured = None  # a CapturedStep when config.cuda_graph (set by finalize)
 
     def finalize(self) -> None:
         config, device = self.config, self.device
@@ -113,39 +114,72 @@ class TrainingStep:
         # CUDA graphs (compile modes "reduce-overhead" and "max-autotune") replay whole forward and
         # backward passes with one launch each: at batch 48 a ResNet-50 step is bound by kernel launches
         # from the host (measured on an H200: 17.7 ms for under 1 ms of arithmetic).
-        self.cuda_graphs = (
-            config.compile and device.type == "cuda" and config.compile_mode in ("reduce-overhead", "max-autotune")
-        )
+        self.compiled_graphs = config.compile and device.type == "cuda" and config.compile_mode in GRAPH_COMPILE_MODES
         if config.compile:
             mode = None if config.compile_mode == "default" else config.compile_mode
             self.train_model = torch.compile(self.train_model, mode=mode)
             if self.teacher is not None:
                 self.teacher_forward = torch.compile(self.teacher, mode=mode)
-        # The side stream is left out under CUDA graphs: graph replays are issued on the stream that
+        # The side stream is left out under CUDA-graph trees: graph replays are issued on the stream that
         # captured them, and a graph already removes the host gaps the stream was there to fill.
-        if device.type == "cuda" and self.teacher is not None and config.teacher_stream and not self.cuda_graphs:
+        if device.type == "cuda" and self.teacher is not None and config.teacher_stream and not self.compiled_graphs:
             self.teacher_forward = SideStreamTeacher(self.teacher_forward, device)
+        if config.cuda_graph:
+            from smile_fast.step_capture import CapturedStep, CudaGraphs
+
+            self.captured = CapturedStep(self, CudaGraphs(device, self.dist))
 
     def autocast(self):
         if not self.config.amp:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # Autocast's cache of low-precision weight copies must be off when the step is captured as a CUDA
+        # graph (PyTorch's CUDA-graph notes); it is off for the warm-up steps too, so that compiled code
+        # sees the same autocast state in warm-up and capture and is not compiled again during capture.
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=not self.config.cuda_graph)
 
-    def __call__(self, iteration: int, images: torch.Tensor, labels: torch.Tensor):
-        """One iteration: returns (detached loss, {part name: detached value})."""
-        if self.cuda_graphs:
-            # A new iteration: outputs of the previous iteration's graph replays may be overwritten.
-            torch.compiler.cudagraph_mark_step_begin()
+    def set_lr(self, iteration: int) -> float:
+        lr = lr_at(self.config, iteration)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.config, iteration)
-        draw = self.method.draw(step_generator(self.config.seed, iteration), images)
+            group["lr"] = lr
+        return lr
+
+    def draw(self, iteration: int, images: torch.Tensor):
+        """This iteration's mixing draw (a pure function of seed and iteration), or None."""
+        return self.method.draw(step_generator(self.config.seed, iteration), images)
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, draw):
+        """The method's loss and its backward: (detached loss, {part name: detached value})."""
         with self.autocast():
             loss, parts = self.method.loss(images, labels, self.train_model, self.teacher_forward, draw)
         self.scaler.scale(loss).backward()
+        return loss.detach(), parts
+
+    def update_teacher(self, iteration: int) -> None:
+        # Before the optimizer step: the teacher averages the student as it was for this iteration.
         if self.teacher is not None:
-            # Before the optimizer step: the teacher averages the student as it was for this iteration.
             self.teacher.maybe_update(iteration, self.student)
+
+    def optimizer_step(self) -> None:
         self.scaler.step(self.optimizer)
         self.scaler.update()
+
+    def __call__(self, iteration: int, images: torch.Tensor, labels: torch.Tensor):
+        """One iteration: returns (detached loss, {part name: detached value}).
+
+        With `cuda_graph` the returned tensors are the graph's outputs, overwritten by the next call (as
+        with torch.compile's "reduce-overhead"): read or accumulate them before calling again.
+        """
+        if self.captured is not None:
+            return self.captured(iteration, images, labels)
+        return self.eager_step(iteration, images, labels)
+
+    def eager_step(self, iteration: int, images: torch.Tensor, labels: torch.Tensor):
+        if self.compiled_graphs:
+            # A new iteration: outputs of the previous iteration's graph replays may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
+        self.set_lr(iteration)
+        loss, parts = self.forward_backward(images, labels, self.draw(iteration, images))
+        self.update_teacher(iteration)
+        self.optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), parts
+        return loss, parts

@@ -114,6 +114,12 @@ FLAG_CASES = {
     "ema-every-zero": (["--ema-every", "0"], ["ema_every"]),
     "ema-decay-above-one": (["--ema-decay", "1.5"], ["ema_decay"]),
     "unknown-flag": (["--itres", "5"], ["--itres"]),
+    "cuda-graph-inside-graph-trees": (
+        ["--cuda-graph", "--compile", "--compile-mode", "reduce-overhead"],
+        ["--cuda-graph"],
+    ),
+    "cuda-graph-float16": (["--cuda-graph", "--amp", "--amp-dtype", "float16"], ["--cuda-graph", "bfloat16"]),
+    "cuda-graph-cutmix": (["--cuda-graph", "--method", "cutmix"], ["--cuda-graph", "CutMix"]),
     "yaml-missing-file": (["-c", "missing.yaml"], ["missing.yaml"]),  # relative to the test's tmp_path
 }
 
@@ -174,6 +180,10 @@ RUN_CASES = {
     "resume-missing-run-folder": (lambda t: ["train", "--resume", str(t / "old-run"), "--no-progress"], []),
     "eval-missing-checkpoint": (lambda t: ["eval", str(t / "nothing" / "last.pt"), "--device", "cpu"], []),
     "unknown-subcommand": (lambda t: ["tarin"], []),
+    "cuda-graph-on-cpu": (
+        lambda t: _train_imagefolder(t, "--model", "resnet18", "--weights", "none", "--device", "cpu", "--cuda-graph"),
+        ["--cuda-graph", "CUDA"],
+    ),
 }
 
 

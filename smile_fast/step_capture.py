@@ -1,0 +1,170 @@
+"""The training step captured as CUDA graphs by hand (`--cuda-graph`), the teacher forked inside.
+
+Why: at batch 48 a ResNet-50 step is bound by launching kernels from the host, and torch.compile's
+"reduce-overhead" removes most of that, but its CUDA-graph trees replay on the capturing stream, so
+the teacher's forward cannot run beside the student's (bench/RESULTS.md, H200: SMILE / finetune
+1.20-1.26 with them; the goal is 1.15). A graph captured by hand can hold a fork to a side stream
+and a join, which the GPU then runs concurrently at every replay.
+
+Each iteration after `warmup_steps` eager ones replays up to three graphs, in a fixed order:
+  forward_backward  the method's loss (the teacher on a side stream for SMILE) and its backward;
+                    the gradients are written into the same tensors at every replay
+  teacher_update    on EMA iterations: the EMA of the teacher's backbone and the BatchNorm re-fold
+  optimizer_step    fused SGD; captured once per learning rate (the lr is a constant of the graph)
+The batch, labels, lam and perm are copied into static tensors first. What stays on the host
+is the mixing draw (numpy, so that a resumed run draws the same) and four small copies.
+
+Limits, each a clear error: CUDA, one process, no float16 gradient scaler (its overflow check reads
+the device every step), no CutMix (its box changes shape every step), and no torch.compile mode that
+captures graphs of its own. torch.compile's default mode is compatible: its kernels are captured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from smile_fast.errors import UserError
+from smile_fast.methods.base import MixDraw
+
+
+def check_cuda_graph_device(device: torch.device, dist=None) -> None:
+    """The limits that depend on where the run is; the others are checked with the settings."""
+    if device.type != "cuda":
+        raise UserError(f"--cuda-graph needs a CUDA device, not {device}; leave it out on a CPU")
+    if dist is not None and dist.enabled:
+        raise UserError("--cuda-graph runs in a single process; leave it out under torchrun")
+
+
+class CudaGraphs:
+    """Captures functions as CUDA graphs on `device` (one private memory pool each)."""
+
+    def __init__(self, device: torch.device, dist=None):
+        check_cuda_graph_device(device, dist)
+        self.device = device
+
+    @contextlib.contextmanager
+    def warmup(self):
+        """Warm-up steps run on a side stream (PyTorch's CUDA-graph recipe), joined both ways."""
+        main = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            yield
+        main.wait_stream(side)
+
+    def capture(self, function: Callable[[], None]) -> Callable[[], None]:
+        """Record `function`'s device work (it does not run now) and return the replay."""
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the loaders' threads (the DataLoader's pinning thread, DALI's GPU decoding) keep
+        # calling CUDA while the training thread captures; the default "global" mode would make those
+        # calls fail in their threads.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            function()
+        return graph.replay
+
+
+class CapturedStep:
+    """Runs `step` (a finalized TrainingStep) as CUDA graphs; called like the step itself.
+
+    The graphs read the step's parameters, gradients, optimizer state and teacher in place, so
+    checkpoints, evaluation and the EMA see the same tensors as in eager mode. Outputs are
+    overwritten by the next call.
+    """
+
+    def __init__(self, step, graphs, warmup_steps: int = 3):
+        if warmup_steps < 1:
+            raise ValueError("at least one eager step must run first: it creates the optimizer's momentum")
+        self.step = step
+        self.graphs = graphs
+        self.warmup_steps = warmup_steps
+        self.eager_steps = 0
+        self.captures: dict[str, int] = {}  # name -> how many graphs were captured (for tests and logs)
+        self._static: dict[str, torch.Tensor] = {}
+        self._draw: MixDraw | None = None
+        self._outputs: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self._forward_backward: Callable[[], None] | None = None
+        self._teacher_update: Callable[[], None] | None = None
+        self._teacher_updated_eagerly = False
+        self._optimizer_steps: dict[float, Callable[[], None]] = {}
+
+    def __call__(self, iteration: int, images: torch.Tensor, labels: torch.Tensor):
+        step = self.step
+        if self.eager_steps < self.warmup_steps:
+            # Compilation, cuDNN's algorithm search, the optimizer's momentum and every lazily built
+            # table happen here, outside any capture.
+            self.eager_steps += 1
+            with self.graphs.warmup():
+                loss, parts = step.eager_step(iteration, images, labels)
+                if step.teacher is not None and step.teacher.is_update_iteration(iteration):
+                    self._teacher_updated_eagerly = True
+            return loss, parts
+
+        draw = step.draw(iteration, images)
+        if self._forward_backward is None:
+            self._make_static_inputs(images, labels, draw)
+        self._load_static_inputs(images, labels, draw)
+        if self._forward_backward is None:
+            self._forward_backward = self._capture("forward_backward", self._run_forward_backward)
+        self._forward_backward()
+
+        if step.teacher is not None and step.teacher.is_update_iteration(iteration):
+            self._update_teacher()
+
+        lr = step.set_lr(iteration)
+        if lr not in self._optimizer_steps:
+            self._optimizer_steps[lr] = self._capture("optimizer_step", step.optimizer_step)
+        self._optimizer_steps[lr]()
+        return self._outputs
+
+    # ------------------------------------------------------------------------------------------ parts
+    def _capture(self, name: str, function: Callable[[], None]) -> Callable[[], None]:
+        self.captures[name] = self.captures.get(name, 0) + 1
+        return self.graphs.capture(function)
+
+    def _make_static_inputs(self, images: torch.Tensor, labels: torch.Tensor, draw: MixDraw | None) -> None:
+        self._static = {"images": torch.empty_like(images), "labels": torch.empty_like(labels)}
+        if draw is not None:
+            self._static["lam"] = torch.empty_like(draw.lam_tensor)
+            self._static["perm"] = torch.empty_like(draw.perm)
+            # Only the device tensors reach the graph. A method that read the float lam would bake one
+            # step's value into every replay; NaN makes that visible in the loss instead.
+            self._draw = MixDraw(float("nan"), self._static["lam"], self._static["perm"])
+
+    def _load_static_inputs(self, images: torch.Tensor, labels: torch.Tensor, draw: MixDraw | None) -> None:
+        if images.shape != self._static["images"].shape or images.stride() != self._static["images"].stride():
+            raise ValueError(
+                f"a captured step replays one batch shape: got {tuple(images.shape)} with strides {images.stride()}, "
+                f"captured {tuple(self._static['images'].shape)} with {self._static['images'].stride()}"
+            )
+        self._static["images"].copy_(images)
+        self._static["labels"].copy_(labels)
+        if draw is not None:
+            self._static["lam"].copy_(draw.lam_tensor)
+            self._static["perm"].copy_(draw.perm)
+
+    def _run_forward_backward(self) -> None:
+        # Gradients set to None before the backward: the captured backward then writes them into
+        # tensors of its own memory pool, the same ones at every replay (PyTorch's whole-network recipe).
+        self.step.optimizer.zero_grad(set_to_none=True)
+        loss, parts = self.step.forward_backward(self._static["images"], self._static["labels"], self._draw)
+        if self._outputs is None:
+            self._outputs = (torch.empty_like(loss), {name: torch.empty_like(value) for name, value in parts.items()})
+        static_loss, static_parts = self._outputs
+        static_loss.copy_(loss)
+        for name, value in parts.items():
+            static_parts[name].copy_(value)
+
+    def _update_teacher(self) -> None:
+        teacher, student = self.step.teacher, self.step.student
+        if not self._teacher_updated_eagerly:
+            # The EMA op builds its table of tensor addresses at its first call, a copy from the host that
+            # a capture may not contain; a run resumed just before an EMA iteration meets this.
+            teacher.update(student)
+            self._teacher_updated_eagerly = True
+            return
+        if self._teacher_update is None:
+            self._teacher_update = self._capture("teacher_update", lambda: teacher.update(student))
+        self._teacher_update()
