@@ -63,8 +63,9 @@ rows = {
     ),
     "feature_bwd": (
         feature_mixup_loss._feature_mixup_loss_bwd_kernel,
-        f"student_ptr:*T teacher_ptr:*T {lam} coef_ptr:*fp32 grad_ptr:*T n_per_sample:i32",
-        2048,
+        f"student_ptr:*T teacher_ptr:*T {lam} grad_loss_ptr:*fp32 loss_ptr:*fp32 grad_ptr:*T n_per_sample:i32 "
+        "coef_scale:fp32",
+        {"OFFICIAL": True, "BLOCK": 2048},
     ),
     "mixup_normalize": (
         mixup_normalize._mixup_normalize_fwd_kernel,

@@ -100,6 +100,44 @@ def test_ops_route_to_triton(rng_seed: int, device: str, name: str) -> None:
     assert dict(LAUNCH_COUNTS) == expected_launches, f"{name} launched {dict(LAUNCH_COUNTS)}"
 
 
+# Torch ops that only allocate or re-view memory: no kernel of their own on a GPU.
+_NO_KERNEL_OPS = {"empty", "empty_like", "new_empty", "empty_strided", "detach", "view", "expand", "as_strided"}
+
+
+@needs_triton
+@pytest.mark.skipif(not triton_interpret_enabled(), reason="TRITON_INTERPRET is off")
+@pytest.mark.parametrize("form", ["official", "paper"])
+def test_feature_loss_backward_is_its_kernel_alone(rng_seed: int, form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward's coefficient (upstream gradient, saved loss, zero at a zero norm) is formed inside
+    the kernel: no small torch launches around it (there were ten for the official form)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import smile_fast.kernels.feature_mixup_loss as kernels
+
+    shape = (4, 3, 2, 2) if form == "official" else (4, 6)
+    student = torch.randn(*shape, requires_grad=True)
+    loss = ops.feature_mixup_loss(student, torch.randn(*shape), torch.randperm(4), torch.tensor(0.7), form)
+    launches = []
+    # Counts only: holding the output would make autograd copy the gradient instead of taking it.
+    monkeypatch.setattr(kernels, "launch_feature_mixup_loss_backward", lambda *args: launches.append(len(args)))
+
+    class TorchOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with TorchOps() as seen:
+        loss.backward()
+    with_kernels = [name for name in seen.names if name not in _NO_KERNEL_OPS]
+    assert len(launches) == 1
+    # ones_like is autograd's own seed gradient of the scalar loss.
+    assert with_kernels == ["ones_like"], f"the {form} backward launched torch ops around its kernel: {with_kernels}"
+
+
 @pytest.mark.parametrize("name", list(op_calls("cpu")))
 def test_cpu_tensors_use_the_reference_without_the_interpreter(
     rng_seed: int, name: str, monkeypatch: pytest.MonkeyPatch
@@ -182,9 +220,21 @@ def opcheck_cases(device: str) -> dict[str, tuple[object, tuple]]:
             smile_fast.feature_mixup_loss.default,
             (randn(batch, 7, requires_grad=True), randn(batch, 7), perm, lam, "paper"),
         ),
-        "feature_mixup_loss_backward": (
+        "feature_mixup_loss_backward_official": (
             smile_fast.feature_mixup_loss_backward.default,
-            (randn(batch, 2, 3, 3), randn(batch, 2, 3, 3), perm, lam, grad_loss),
+            (
+                randn(batch, 2, 3, 3),
+                randn(batch, 2, 3, 3),
+                perm,
+                lam,
+                grad_loss,
+                torch.tensor(0.8, device=device),
+                "official",
+            ),
+        ),
+        "feature_mixup_loss_backward_paper": (
+            smile_fast.feature_mixup_loss_backward.default,
+            (randn(batch, 7), randn(batch, 7), perm, lam, grad_loss, torch.tensor(0.8, device=device), "paper"),
         ),
         "ema_update_": (
             smile_fast.ema_update_.default,

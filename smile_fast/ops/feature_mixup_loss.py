@@ -68,10 +68,24 @@ def feature_mixup_loss_reference(
     return difference.square().sum(dim=1).mean()
 
 
+def _backward_coefficient(student_feat: Tensor, form: str) -> tuple[float, bool]:
+    """(coef_scale, official): d loss / d difference is `grad * coef_scale / loss * d` (official,
+    since loss = ||d|| / (H*W) gives d / (loss * (H*W)^2)) or `grad * coef_scale * d` (paper: 2 / B)."""
+    if form == "official":
+        area = student_feat.shape[-2] * student_feat.shape[-1]
+        return 1.0 / (area * area), True
+    return 2.0 / student_feat.shape[0], False
+
+
 def _feature_mixup_loss_backward_reference(
-    student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, coef: Tensor
+    student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, grad_loss: Tensor, loss: Tensor, form: str
 ) -> Tensor:
-    """`coef * (student - mixed teacher)` in student's dtype and strides."""
+    """d loss / d student times `grad_loss`, in student's dtype and strides; zero (not NaN) where the
+    official form's norm is zero (SMILE_SPEC.md)."""
+    coef_scale, official = _backward_coefficient(student_feat, form)
+    coef = grad_loss.float() * coef_scale
+    if official:
+        coef = torch.where(loss > 0, coef / torch.where(loss > 0, loss, torch.ones_like(loss)), torch.zeros_like(coef))
     teacher = teacher_feat.float()
     mixed_teacher = lam * teacher + (1.0 - lam) * teacher.index_select(0, perm)
     return copy_into_empty_like(coef * (student_feat.float() - mixed_teacher), student_feat)
@@ -110,16 +124,19 @@ def _feature_mixup_loss_fake(
 
 
 def _feature_mixup_loss_backward_impl(
-    student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, coef: Tensor
+    student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, grad_loss: Tensor, loss: Tensor, form: str
 ) -> Tensor:
     if not use_triton(student_feat):
-        return _feature_mixup_loss_backward_reference(student_feat, teacher_feat, perm, lam, coef)
+        return _feature_mixup_loss_backward_reference(student_feat, teacher_feat, perm, lam, grad_loss, loss, form)
     from smile_fast.kernels.feature_mixup_loss import launch_feature_mixup_loss_backward
 
+    coef_scale, official = _backward_coefficient(student_feat, form)
     return run_on_batch_outer_dense(
         student_feat,
         [student_feat, teacher_feat],
-        lambda dense, out: launch_feature_mixup_loss_backward(dense[0], dense[1], perm, lam, coef, out),
+        lambda dense, out: launch_feature_mixup_loss_backward(
+            dense[0], dense[1], perm, lam, grad_loss, loss, out, coef_scale, official
+        ),
     )
 
 
@@ -130,7 +147,7 @@ _feature_mixup_loss_backward_op = torch.library.custom_op(
 
 @_feature_mixup_loss_backward_op.register_fake
 def _feature_mixup_loss_backward_fake(
-    student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, coef: Tensor
+    student_feat: Tensor, teacher_feat: Tensor, perm: Tensor, lam: Tensor, grad_loss: Tensor, loss: Tensor, form: str
 ) -> Tensor:
     return torch.empty_like(student_feat)
 
@@ -144,16 +161,9 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
 def _make_backward(backward_fn: Callable[..., Tensor]) -> Callable[..., tuple[Tensor, None, None, None, None]]:
     def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         student_feat, teacher_feat, perm, lam, loss = ctx.saved_tensors
-        grad = grad.float()
-        if ctx.form == "official":
-            # loss = ||d|| / (H*W), so d loss / d d = d / (||d|| * H*W) = d / (loss * (H*W)^2); at ||d|| = 0
-            # the gradient is defined as zero (SMILE_SPEC.md) instead of the formula's 0/0 = NaN.
-            area = student_feat.shape[-2] * student_feat.shape[-1]
-            safe_loss = torch.where(loss > 0, loss, torch.ones_like(loss))
-            coef = torch.where(loss > 0, grad / (safe_loss * area * area), torch.zeros_like(grad))
-        else:
-            coef = grad * (2.0 / student_feat.shape[0])
-        grad_student = backward_fn(student_feat, teacher_feat, perm, lam, coef.contiguous())
+        # The form's coefficient is formed inside the backward kernel from the upstream gradient and the
+        # saved loss (with the zero-norm case as zero, not NaN).
+        grad_student = backward_fn(student_feat, teacher_feat, perm, lam, grad, loss, ctx.form)
         return grad_student, None, None, None, None
 
     return _backward
