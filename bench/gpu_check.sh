@@ -25,6 +25,9 @@ LOG="$OUT/log.txt"
 # PARTS picks what to run (default all), e.g. PARTS=ddp,step48,step256 COMPILE_MODE=reduce-overhead.
 PARTS=",${PARTS:-tests,step48,capture,overlap,ops,step256,teacher,loader,ddp},"
 COMPILE_MODE="${COMPILE_MODE:-default}"
+# Part 3e compiles (default mode) before capturing; CAPTURE_COMPILE=0 captures the eager kernels instead,
+# which skips a minute or two of compilation per batch size on a short lease.
+CAPTURE_COMPILE="${CAPTURE_COMPILE:-1}"
 part() { [[ "$PARTS" == *",$1,"* ]]; }
 : > "$LOG"
 say() { echo "== $(date +%H:%M:%S) $*" | tee -a "$LOG"; }
@@ -78,7 +81,7 @@ if [ "$GPU" = 1 ]; then
   for batch in "$B_SMALL" "$B_LARGE"; do
     say "3e. step time batch $batch, the step captured by hand (--cuda-graph; compile default mode, teacher on a side stream)"
     timeout $((170 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" --amp \
-      --channels-last --compile --cuda-graph --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
+      --channels-last "$([ "$CAPTURE_COMPILE" = 1 ] && echo --compile || echo --no-compile)" --cuda-graph --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
       --json "$OUT/step_capture_b$batch.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
   done
 else

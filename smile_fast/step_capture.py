@@ -122,7 +122,15 @@ class CapturedStep:
     # ------------------------------------------------------------------------------------------ parts
     def _capture(self, name: str, function: Callable[[], None]) -> Callable[[], None]:
         self.captures[name] = self.captures.get(name, 0) + 1
-        return self.graphs.capture(function)
+        try:
+            return self.graphs.capture(function)
+        except Exception as error:
+            # CUDA's own message ("operation not permitted when stream is capturing", ...) does not say
+            # which flag brought the capture in, nor what to do about it.
+            raise RuntimeError(
+                f"--cuda-graph: capturing the step's {name.replace('_', ' ')} as a CUDA graph failed "
+                f"({type(error).__name__}: {error}); run without --cuda-graph"
+            ) from error
 
     def _make_static_inputs(self, images: torch.Tensor, labels: torch.Tensor, draw: MixDraw | None) -> None:
         self._static = {"images": torch.empty_like(images), "labels": torch.empty_like(labels)}

@@ -184,6 +184,20 @@ def test_a_captured_step_refuses_a_new_batch_shape():
         captured(2, images[:4], labels[:4])
 
 
+def test_a_failed_capture_names_the_flag_and_the_way_out():
+    class FailingCapture(ReplayByCalling):
+        def capture(self, function):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    captured = CapturedStep(_step("finetune"), FailingCapture(), warmup_steps=1)
+    images, labels = _batches()[0]
+    captured(0, images, labels)
+    with pytest.raises(
+        RuntimeError, match="--cuda-graph: capturing the step's forward backward .*without --cuda-graph"
+    ):
+        captured(1, images, labels)
+
+
 def test_cuda_graphs_need_a_cuda_device():
     from smile_fast.errors import UserError
 
