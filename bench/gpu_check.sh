@@ -2,7 +2,8 @@
 # Everything that needs the GPU, in one run (budget: under 6 minutes on an H100; ../shared/GPU.md).
 #   1. the GPU tests (fused ops on CUDA, real Triton)       -> log.txt
 #   3a. step time finetune vs SMILE, ResNet-50, bf16, batch 48, full stack + eager fp32 baseline -> step_b48.json
-#   3e. the step captured by hand (--cuda-graph, teacher forked inside), batch 48 and 256 -> step_capture_b*.json
+#   3e. the step captured by hand (--cuda-graph; with and without --teacher-lookahead), batch 48 and 256
+#       -> step_capture[_lookahead]_b*.json
 #   3d. can the teacher hide behind the student (streams, graphs)? -> overlap.json
 #   2. kernel benchmarks: fused vs eager vs torch.compile   -> ops_bench.json
 #   3b. the same at batch 256 (AMP + channels-last, eager)  -> step_b256.json
@@ -78,11 +79,16 @@ if part capture; then
 if [ "$GPU" = 1 ]; then
   say "3e. captured step: real CUDA graphs against the eager step (tests/test_step_capture.py)"
   timeout $((120 * TS)) "$PY" -m pytest -q -p no:cacheprovider tests/test_step_capture.py 2>&1 | tail -n 15 | tee -a "$LOG"
+  # Lookahead first at each size: the second run of a size finds the compiled code in Inductor's cache.
   for batch in "$B_SMALL" "$B_LARGE"; do
-    say "3e. step time batch $batch, the step captured by hand (--cuda-graph; compile default mode, teacher on a side stream)"
-    timeout $((170 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" --amp \
-      --channels-last "$([ "$CAPTURE_COMPILE" = 1 ] && echo --compile || echo --no-compile)" --cuda-graph --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
-      --json "$OUT/step_capture_b$batch.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
+    for lookahead in teacher-lookahead no-teacher-lookahead; do
+      say "3e. step time batch $batch, the step captured by hand (--cuda-graph, --$lookahead)"
+      name="step_capture$([ "$lookahead" = teacher-lookahead ] && echo _lookahead)_b$batch"
+      timeout $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" \
+        --amp --channels-last "$([ "$CAPTURE_COMPILE" = 1 ] && echo --compile || echo --no-compile)" --cuda-graph \
+        --"$lookahead" --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" --json "$OUT/$name.json" 2>&1 \
+        | grep -v Warning | tail -n 8 | tee -a "$LOG"
+    done
   done
 else
   say "3e. captured step: CUDA graphs need a GPU; its CPU stand-in is tests/test_step_capture.py"

@@ -49,8 +49,8 @@ def main() -> None:
     lines = []
     lines += step_lines("step b48", _load(out / "step_b48.json"))
     lines += step_lines("step b256", _load(out / "step_b256.json"))
-    for capture in sorted(out.glob("step_capture_b*.json")):
-        lines += step_lines(f"captured step (--cuda-graph) {capture.stem.rsplit('_', 1)[-1]}", _load(capture))
+    for capture in sorted(out.glob("step_capture*.json")):  # --cuda-graph, with and without lookahead
+        lines += step_lines(capture.stem, _load(capture))
     variants = _load(out / "teacher_variants.json") or {}
     for name, result in variants.items():
         lines.append(

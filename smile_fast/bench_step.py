@@ -69,6 +69,7 @@ def build_step_runner(
     device: torch.device,
     compile_mode: str = "default",
     cuda_graph: bool = False,
+    teacher_lookahead: bool = False,
     fold_teacher_bn: bool = True,
     teacher_stream: bool = True,
     num_classes: int = 200,
@@ -89,6 +90,7 @@ def build_step_runner(
             compile=compile,
             compile_mode=compile_mode,
             cuda_graph=cuda_graph,
+            teacher_lookahead=teacher_lookahead,
             device=str(device),
             fold_teacher_bn=fold_teacher_bn,
             teacher_stream=teacher_stream,
@@ -103,7 +105,8 @@ def build_step_runner(
     counter = iter(range(10**9))
 
     def run_one_synchronized() -> None:
-        step(next(counter), images, labels)
+        # The next step's batch is this same one (announced, for --teacher-lookahead).
+        step(next(counter), images, labels, next_images=images)
         _synchronize(device)
 
     return run_one_synchronized
@@ -197,6 +200,7 @@ def run_step_benchmark(
     compile: bool = False,
     compile_mode: str = "default",
     cuda_graph: bool = False,
+    teacher_lookahead: bool = False,
     device: str = "auto",
     steps: int = 20,
     warmup: int = 5,
@@ -223,6 +227,7 @@ def run_step_benchmark(
         compile=compile,
         compile_mode=compile_mode,
         cuda_graph=cuda_graph,
+        teacher_lookahead=teacher_lookahead,
         device=device_obj,
         steps=steps,
         warmup=warmup,
@@ -241,6 +246,7 @@ def run_step_benchmark(
         "compile": compile,
         "compile_mode": compile_mode if compile else None,
         "cuda_graph": cuda_graph,
+        "teacher_lookahead": teacher_lookahead,
         "fold_teacher_bn": fold_teacher_bn,
         "teacher_stream": teacher_stream and device_obj.type == "cuda",
         "steps": steps,
@@ -280,7 +286,8 @@ def format_step_table(result: dict[str, Any]) -> str:
         f"{result['model']} batch {result['batch_size']} at {result['image_size']} px on {result['device_name']} "
         f"({result['amp_dtype']}, channels_last={result['channels_last']}, "
         f"compile={result['compile_mode'] if result['compile'] else False}"
-        f"{', captured step' if result.get('cuda_graph') else ''})",
+        f"{', captured step' if result.get('cuda_graph') else ''}"
+        f"{', teacher lookahead' if result.get('teacher_lookahead') else ''})",
         f"{'method':<22} {'ms/step':>9} {'images/s':>10}",
     ]
     for key in result:

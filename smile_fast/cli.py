@@ -65,6 +65,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CUDA, one process: capture each step as CUDA graphs by hand, the teacher on a side stream inside",
     )
+    flag(
+        "--teacher-lookahead",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --cuda-graph: the next batch's teacher forward runs beside this step's forward and backward",
+    )
     flag("--loader", choices=LOADER_CHOICES, help="auto (DALI on a GPU when installed), dali or torchvision")
     flag("--workers", type=int, help="loader processes / DALI threads per rank (default: its CPUs, at most 16)")
     flag("--device", help="auto (default), cpu, cuda or cuda:N")
@@ -119,6 +125,7 @@ TRAIN_KEYS = (
     "sync_bn",
     "compile_mode",
     "cuda_graph",
+    "teacher_lookahead",
 )
 
 
@@ -152,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="capture each step as CUDA graphs by hand (as `train --cuda-graph`)",
+    )
+    step.add_argument(
+        "--teacher-lookahead",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="with --cuda-graph: the next batch's teacher forward beside the step (as `train --teacher-lookahead`)",
     )
     step.add_argument("--device", default="auto")
     step.add_argument("--steps", type=_integer, default=20, help="timed steps per method")
@@ -244,6 +257,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             compile=args.compile,
             compile_mode=args.compile_mode,
             cuda_graph=args.cuda_graph,
+            teacher_lookahead=args.teacher_lookahead,
             device=args.device,
             steps=args.steps,
             warmup=args.warmup,

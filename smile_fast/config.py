@@ -63,6 +63,7 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     cuda_graph: bool = False  # capture the whole step as CUDA graphs by hand (step_capture.py)
+    teacher_lookahead: bool = False  # with cuda_graph: the next batch's teacher forward beside this step
     fold_teacher_bn: bool = True
     teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
     sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch, as on one GPU
@@ -222,6 +223,10 @@ def validate(config: TrainConfig) -> None:
     _check(0 <= config.cutmix_probability <= 1, "cutmix_probability must be in [0, 1]")
     _check(config.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}")
     _check(config.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}")
+    _check(
+        config.cuda_graph or not config.teacher_lookahead,
+        "--teacher-lookahead runs the teacher inside the captured step; give --cuda-graph with it",
+    )
     if config.cuda_graph:
         _check(
             not (config.compile and config.compile_mode in GRAPH_COMPILE_MODES),

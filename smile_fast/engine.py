@@ -208,8 +208,10 @@ class Trainer:
     def _autocast(self):
         return self.step.autocast()
 
-    def train_step(self, iteration: int, images: torch.Tensor, labels: torch.Tensor):
-        return self.step(iteration, images, labels)
+    def train_step(
+        self, iteration: int, images: torch.Tensor, labels: torch.Tensor, next_images: torch.Tensor | None = None
+    ):
+        return self.step(iteration, images, labels, next_images)
 
     # --------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -301,9 +303,12 @@ class Trainer:
         self.student.train()
         with _StopSignal() as stop:
             iteration = self.start_iteration
+            upcoming = None  # with teacher lookahead: the next iteration's batch, fetched one step early
             while iteration < config.iters:
-                images, labels = next(batches)
-                loss, parts = self.train_step(iteration, images, labels)
+                images, labels = upcoming if upcoming is not None else next(batches)
+                upcoming = next(batches) if config.teacher_lookahead and iteration + 1 < config.iters else None
+                next_images = upcoming[0] if upcoming is not None else None
+                loss, parts = self.train_step(iteration, images, labels, next_images)
                 loss_sum += loss.float()
                 for name, value in parts.items():
                     part_sums[name] = part_sums.get(name, 0.0) + value.float()

@@ -92,7 +92,8 @@ class TrainingStep:
         self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[config.amp_dtype]
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp and self.amp_dtype == torch.float16)
         self.train_model = self.student
-        self.teacher_forward = self.teacher
+        self.teacher_forward = self.teacher  # what the method calls: may launch on a side stream
+        self.teacher_inline = self.teacher  # the (compiled) teacher itself, run on the current stream
         self.compiled_graphs = False  # torch.compile's CUDA-graph trees ("reduce-overhead")
         self.captured = None  # a CapturedStep when config.cuda_graph (set by finalize)
 
@@ -119,7 +120,7 @@ class TrainingStep:
             mode = None if config.compile_mode == "default" else config.compile_mode
             self.train_model = torch.compile(self.train_model, mode=mode)
             if self.teacher is not None:
-                self.teacher_forward = torch.compile(self.teacher, mode=mode)
+                self.teacher_forward = self.teacher_inline = torch.compile(self.teacher, mode=mode)
         # The side stream is left out under CUDA-graph trees: graph replays are issued on the stream that
         # captured them, and a graph already removes the host gaps the stream was there to fill.
         if device.type == "cuda" and self.teacher is not None and config.teacher_stream and not self.compiled_graphs:
@@ -147,10 +148,14 @@ class TrainingStep:
         """This iteration's mixing draw (a pure function of seed and iteration), or None."""
         return self.method.draw(step_generator(self.config.seed, iteration), images)
 
-    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, draw):
-        """The method's loss and its backward: (detached loss, {part name: detached value})."""
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, draw, teacher=None):
+        """The method's loss and its backward: (detached loss, {part name: detached value}).
+
+        teacher: what the method calls for the teacher's outputs (default: the step's teacher forward).
+        """
+        teacher = teacher if teacher is not None else self.teacher_forward
         with self.autocast():
-            loss, parts = self.method.loss(images, labels, self.train_model, self.teacher_forward, draw)
+            loss, parts = self.method.loss(images, labels, self.train_model, teacher, draw)
         self.scaler.scale(loss).backward()
         return loss.detach(), parts
 
@@ -163,14 +168,18 @@ class TrainingStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def __call__(self, iteration: int, images: torch.Tensor, labels: torch.Tensor):
+    def __call__(
+        self, iteration: int, images: torch.Tensor, labels: torch.Tensor, next_images: torch.Tensor | None = None
+    ):
         """One iteration: returns (detached loss, {part name: detached value}).
 
+        next_images: the batch the next call will get, if known; with `teacher_lookahead` the teacher's
+        forward on it runs beside this step (other modes ignore it).
         With `cuda_graph` the returned tensors are the graph's outputs, overwritten by the next call (as
         with torch.compile's "reduce-overhead"): read or accumulate them before calling again.
         """
         if self.captured is not None:
-            return self.captured(iteration, images, labels)
+            return self.captured(iteration, images, labels, next_images)
         return self.eager_step(iteration, images, labels)
 
     def eager_step(self, iteration: int, images: torch.Tensor, labels: torch.Tensor):

@@ -1,18 +1,26 @@
-"""The training step captured as CUDA graphs by hand (`--cuda-graph`), the teacher forked inside.
+"""The training step captured as CUDA graphs by hand (`--cuda-graph`), the teacher beside the student.
 
 Why: at batch 48 a ResNet-50 step is bound by launching kernels from the host, and torch.compile's
 "reduce-overhead" removes most of that, but its CUDA-graph trees replay on the capturing stream, so
 the teacher's forward cannot run beside the student's (bench/RESULTS.md, H200: SMILE / finetune
-1.20-1.26 with them; the goal is 1.15). A graph captured by hand can hold a fork to a side stream
-and a join, which the GPU then runs concurrently at every replay.
+1.20-1.26 with them; the goal is 1.15). Graphs captured by hand can hold a fork to a side stream,
+or be replayed on one, and the GPU then runs the two concurrently.
 
-Each iteration after `warmup_steps` eager ones replays up to three graphs, in a fixed order:
-  forward_backward  the method's loss (the teacher on a side stream for SMILE) and its backward;
+Each iteration after `warmup_steps` eager ones replays, in a fixed order:
+  forward_backward  the method's loss and its backward (for SMILE without lookahead, the teacher's
+                    forward forked to a side stream inside it, joined where the losses need it);
                     the gradients are written into the same tensors at every replay
   teacher_update    on EMA iterations: the EMA of the teacher's backbone and the BatchNorm re-fold
   optimizer_step    fused SGD; captured once per learning rate (the lr is a constant of the graph)
-The batch, labels, lam and perm are copied into static tensors first. What stays on the host
-is the mixing draw (numpy, so that a resumed run draws the same) and four small copies.
+The batch, labels, lam and perm are copied into static tensors first. What stays on the host is the
+mixing draw (numpy, so that a resumed run draws the same) and a few small copies.
+
+Teacher lookahead (`--teacher-lookahead`): the teacher's outputs for batch t depend only on batch t
+and on the teacher after the EMA of iteration t - 1, so they can be computed during iteration t - 1.
+A fourth graph, teacher_forward, computes them for the next batch on a side stream while the
+student's forward AND backward run (instead of its forward only); forward_backward then reads them
+from static tensors. On EMA iterations the next batch's teacher runs after the EMA instead, not beside
+the step, since the EMA changes the teacher. Results are those of the plain step, bit for bit on a CPU.
 
 Limits, each a clear error: CUDA, one process, no float16 gradient scaler (its overflow check reads
 the device every step), no CutMix (its box changes shape every step), and no torch.compile mode that
@@ -39,11 +47,12 @@ def check_cuda_graph_device(device: torch.device, dist=None) -> None:
 
 
 class CudaGraphs:
-    """Captures functions as CUDA graphs on `device` (one private memory pool each)."""
+    """Captures functions as CUDA graphs on `device` (one private memory pool each) and replays them."""
 
     def __init__(self, device: torch.device, dist=None):
         check_cuda_graph_device(device, dist)
         self.device = device
+        self.side_stream = torch.cuda.Stream(device)
 
     @contextlib.contextmanager
     def warmup(self):
@@ -65,6 +74,15 @@ class CudaGraphs:
             function()
         return graph.replay
 
+    def beside(self, side_work: Callable[[], None], main_work: Callable[[], None]) -> None:
+        """Run `side_work` on the side stream while `main_work` runs on the current one, then join."""
+        main = torch.cuda.current_stream(self.device)
+        self.side_stream.wait_stream(main)  # the side work's inputs were written on the main stream
+        with torch.cuda.stream(self.side_stream):
+            side_work()
+        main_work()
+        main.wait_stream(self.side_stream)
+
 
 class CapturedStep:
     """Runs `step` (a finalized TrainingStep) as CUDA graphs; called like the step itself.
@@ -72,16 +90,23 @@ class CapturedStep:
     The graphs read the step's parameters, gradients, optimizer state and teacher in place, so
     checkpoints, evaluation and the EMA see the same tensors as in eager mode. Outputs are
     overwritten by the next call.
+
+    lookahead: compute the teacher's outputs for `next_images` beside this step (default: the step's
+    `teacher_lookahead` setting; never without a teacher).
     """
 
-    def __init__(self, step, graphs, warmup_steps: int = 3):
+    def __init__(self, step, graphs, warmup_steps: int = 3, lookahead: bool | None = None):
         if warmup_steps < 1:
             raise ValueError("at least one eager step must run first: it creates the optimizer's momentum")
         self.step = step
         self.graphs = graphs
         self.warmup_steps = warmup_steps
+        if lookahead is None:
+            lookahead = step.config.teacher_lookahead
+        self.lookahead = bool(lookahead) and step.teacher is not None
         self.eager_steps = 0
         self.captures: dict[str, int] = {}  # name -> how many graphs were captured (for tests and logs)
+        self.teacher_beside = 0  # lookahead teacher forwards that ran beside a step (for tests and logs)
         self._static: dict[str, torch.Tensor] = {}
         self._draw: MixDraw | None = None
         self._outputs: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
@@ -89,8 +114,16 @@ class CapturedStep:
         self._teacher_update: Callable[[], None] | None = None
         self._teacher_updated_eagerly = False
         self._optimizer_steps: dict[float, Callable[[], None]] = {}
+        # Lookahead: the teacher's outputs computed from static["next_images"] ("next"), and the copy of
+        # them that forward_backward reads ("current"), valid for the batch `_teacher_ready_for`.
+        self._teacher_forward: Callable[[], None] | None = None
+        self._teacher_next: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._teacher_current: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._teacher_ready_for: torch.Tensor | None = None
 
-    def __call__(self, iteration: int, images: torch.Tensor, labels: torch.Tensor):
+    def __call__(
+        self, iteration: int, images: torch.Tensor, labels: torch.Tensor, next_images: torch.Tensor | None = None
+    ):
         step = self.step
         if self.eager_steps < self.warmup_steps:
             # Compilation, cuDNN's algorithm search, the optimizer's momentum and every lazily built
@@ -103,20 +136,39 @@ class CapturedStep:
             return loss, parts
 
         draw = step.draw(iteration, images)
-        if self._forward_backward is None:
+        if not self._static:
             self._make_static_inputs(images, labels, draw)
         self._load_static_inputs(images, labels, draw)
+        ema_iteration = step.teacher is not None and step.teacher.is_update_iteration(iteration)
+        next_beside = self.lookahead and next_images is not None and not ema_iteration
+        if self.lookahead and self._teacher_ready_for is not images:
+            # Nothing computed ahead for this batch (the first captured step, or a caller whose batch is
+            # not the one it announced): its teacher runs now, before the step.
+            self._teacher_forward_on(images)
         if self._forward_backward is None:
             self._forward_backward = self._capture("forward_backward", self._run_forward_backward)
-        self._forward_backward()
 
-        if step.teacher is not None and step.teacher.is_update_iteration(iteration):
+        if next_beside:
+            self._static["next_images"].copy_(next_images)
+            self.graphs.beside(self._replay_teacher_forward, self._forward_backward)
+            self.teacher_beside += 1
+        else:
+            self._forward_backward()
+        if ema_iteration:
             self._update_teacher()
+        if self.lookahead and next_images is not None and not next_beside:
+            self._static["next_images"].copy_(next_images)  # after the EMA: the teacher it changed
+            self._replay_teacher_forward()
 
         lr = step.set_lr(iteration)
         if lr not in self._optimizer_steps:
             self._optimizer_steps[lr] = self._capture("optimizer_step", step.optimizer_step)
         self._optimizer_steps[lr]()
+
+        if self.lookahead:
+            if next_images is not None:
+                self._promote_teacher_outputs()
+            self._teacher_ready_for = next_images
         return self._outputs
 
     # ------------------------------------------------------------------------------------------ parts
@@ -134,6 +186,8 @@ class CapturedStep:
 
     def _make_static_inputs(self, images: torch.Tensor, labels: torch.Tensor, draw: MixDraw | None) -> None:
         self._static = {"images": torch.empty_like(images), "labels": torch.empty_like(labels)}
+        if self.lookahead:
+            self._static["next_images"] = torch.empty_like(images)
         if draw is not None:
             self._static["lam"] = torch.empty_like(draw.lam_tensor)
             self._static["perm"] = torch.empty_like(draw.perm)
@@ -157,7 +211,8 @@ class CapturedStep:
         # Gradients set to None before the backward: the captured backward then writes them into
         # tensors of its own memory pool, the same ones at every replay (PyTorch's whole-network recipe).
         self.step.optimizer.zero_grad(set_to_none=True)
-        loss, parts = self.step.forward_backward(self._static["images"], self._static["labels"], self._draw)
+        teacher = (lambda images: self._teacher_current) if self.lookahead else None
+        loss, parts = self.step.forward_backward(self._static["images"], self._static["labels"], self._draw, teacher)
         if self._outputs is None:
             self._outputs = (torch.empty_like(loss), {name: torch.empty_like(value) for name, value in parts.items()})
         static_loss, static_parts = self._outputs
@@ -176,3 +231,30 @@ class CapturedStep:
         if self._teacher_update is None:
             self._teacher_update = self._capture("teacher_update", lambda: teacher.update(student))
         self._teacher_update()
+
+    # ------------------------------------------------------------------------------ teacher lookahead
+    def _run_teacher_forward(self) -> None:
+        """The teacher on static["next_images"], under the step's autocast, into the "next" outputs."""
+        with self.step.autocast():
+            features, logits = self.step.teacher_inline(self._static["next_images"])
+        if self._teacher_next is None:
+            self._teacher_next = (torch.empty_like(features), torch.empty_like(logits))
+        self._teacher_next[0].copy_(features)
+        self._teacher_next[1].copy_(logits)
+
+    def _replay_teacher_forward(self) -> None:
+        if self._teacher_forward is None:
+            self._teacher_forward = self._capture("teacher_forward", self._run_teacher_forward)
+        self._teacher_forward()
+
+    def _promote_teacher_outputs(self) -> None:
+        """ "next" -> "current": forward_backward reads fixed tensors, so the outputs are copied, not swapped."""
+        if self._teacher_current is None:
+            self._teacher_current = (torch.empty_like(self._teacher_next[0]), torch.empty_like(self._teacher_next[1]))
+        self._teacher_current[0].copy_(self._teacher_next[0])
+        self._teacher_current[1].copy_(self._teacher_next[1])
+
+    def _teacher_forward_on(self, images: torch.Tensor) -> None:
+        self._static["next_images"].copy_(images)
+        self._replay_teacher_forward()
+        self._promote_teacher_outputs()

@@ -120,6 +120,7 @@ FLAG_CASES = {
     ),
     "cuda-graph-float16": (["--cuda-graph", "--amp", "--amp-dtype", "float16"], ["--cuda-graph", "bfloat16"]),
     "cuda-graph-cutmix": (["--cuda-graph", "--method", "cutmix"], ["--cuda-graph", "CutMix"]),
+    "teacher-lookahead-without-cuda-graph": (["--teacher-lookahead"], ["--teacher-lookahead", "--cuda-graph"]),
     "yaml-missing-file": (["-c", "missing.yaml"], ["missing.yaml"]),  # relative to the test's tmp_path
 }
 

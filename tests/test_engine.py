@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -90,8 +91,8 @@ def test_signal_stop_then_resume_equals_uninterrupted(tiny_imagefolder, tmp_path
         stopped = tmp_path / "stopped"
         original_call = TrainingStep.__call__
 
-        def call_then_signal(self, iteration, images, labels):
-            result = original_call(self, iteration, images, labels)
+        def call_then_signal(self, iteration, *batch):
+            result = original_call(self, iteration, *batch)
             if iteration == 3:  # SIGTERM arrives mid-run, after the 4th step
                 os.kill(os.getpid(), signal.SIGTERM)
             return result
@@ -127,6 +128,46 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_imagefolder, tmp_pat
     assert stop.value.exit_code == 3
     assert "nan" in str(stop.value).lower()
     assert load_checkpoint(out)["iteration"] == 3, "the checkpoint from the last good evaluation must be kept"
+
+
+class _ReplayByCalling:
+    """CUDA graphs' stand-in on a CPU: a capture records the function, a replay calls it."""
+
+    def __init__(self, device, dist=None):
+        pass
+
+    def warmup(self):
+        return contextlib.nullcontext()
+
+    def capture(self, function):
+        return function
+
+    def beside(self, side_work, main_work):
+        side_work()
+        main_work()
+
+
+def test_captured_step_with_teacher_lookahead_trains_as_the_plain_loop(tiny_imagefolder, tmp_path, monkeypatch):
+    """--cuda-graph --teacher-lookahead through the real loop, which then fetches each batch one step
+    early and announces it: with CUDA graphs replaced by calling the captured functions, the weights
+    equal a plain run's, and the next batch's teacher did run beside the steps."""
+    import smile_fast.step_capture as step_capture
+
+    settings = dict(iters=8, ema_every=3)  # 3 eager steps, then 3..7 captured; EMA at 3 and 6
+    plain = tmp_path / "plain"
+    train(_config(tiny_imagefolder, plain, **settings), progress=False)
+
+    monkeypatch.setattr(step_capture, "CudaGraphs", _ReplayByCalling)
+    monkeypatch.setattr(step_capture, "check_cuda_graph_device", lambda device, dist=None: None)
+    captured = tmp_path / "captured"
+    trainer = Trainer(
+        _config(tiny_imagefolder, captured, cuda_graph=True, teacher_lookahead=True, **settings), progress=False
+    )
+    trainer.run()
+    assert trainer.step.captured.teacher_beside == 2  # iterations 4 and 5 (6 is an EMA step, 7 the last)
+    plain_state, captured_state = _student_state(plain), _student_state(captured)
+    for name, value in plain_state.items():
+        torch.testing.assert_close(captured_state[name], value, rtol=0, atol=0, msg=f"{name} differs")
 
 
 def test_teacher_stays_identical_to_pretrained_fc_and_buffers(tiny_imagefolder, tmp_path):

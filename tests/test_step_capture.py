@@ -48,6 +48,10 @@ class ReplayByCalling:
     def capture(self, function):
         return function
 
+    def beside(self, side_work, main_work):
+        side_work()
+        main_work()
+
 
 def _step(method_name: str, device: str = "cpu", **overrides) -> TrainingStep:
     config = build_config(
@@ -81,11 +85,15 @@ def _batches(device: str = "cpu"):
     ]
 
 
-def _train(step, batches, start: int = 0):
-    """Run iterations start.. on `step`; returns each step's (loss, parts) as floats, read at once."""
+def _train(step, batches, start: int = 0, announce=None):
+    """Run iterations start.. on `step`; returns each step's (loss, parts) as floats, read at once.
+
+    announce(iteration): the images passed as the next step's batch, or None (default: none).
+    """
     history = []
     for iteration in range(start, ITERATIONS):
-        loss, parts = step(iteration, *batches[iteration])
+        next_images = announce(iteration) if announce is not None else None
+        loss, parts = step(iteration, *batches[iteration], next_images)
         history.append((loss.item(), {name: value.item() for name, value in parts.items()}))
     return history
 
@@ -137,6 +145,42 @@ def test_captured_step_trains_exactly_as_the_eager_step(method_name):
     if method_name == "smile":
         expected["teacher_update"] = 1  # EMA at 0 ran eagerly in the warm-up; captured at 3, replayed at 6 and 9
     assert captured.captures == expected
+
+
+def test_teacher_lookahead_trains_exactly_as_the_eager_step():
+    """The next batch's teacher runs beside each step except on EMA iterations (3, 6, 9), where it runs
+    after the EMA; the last step has no next batch."""
+    batches = _batches()
+    eager = _step("smile")
+    eager_history = _train(eager, batches)
+
+    step = _step("smile")
+    captured = CapturedStep(step, ReplayByCalling(), warmup_steps=2, lookahead=True)
+    captured_history = _train(captured, batches, announce=lambda i: batches[i + 1][0] if i + 1 < ITERATIONS else None)
+
+    _assert_same_training(eager_history, captured_history, _state(eager), _state(step), exact=True)
+    assert captured.captures == {"forward_backward": 1, "optimizer_step": 2, "teacher_update": 1, "teacher_forward": 1}
+    assert captured.teacher_beside == 6  # iterations 2, 4, 5, 7, 8, 10
+
+
+def test_teacher_lookahead_recomputes_when_the_batch_is_not_the_announced_one():
+    """A caller that announces one batch and then passes another gets the teacher of the one passed."""
+    batches = _batches()
+    eager = _step("smile")
+    eager_history = _train(eager, batches)
+
+    step = _step("smile")
+    captured = CapturedStep(step, ReplayByCalling(), warmup_steps=2, lookahead=True)
+    captured_history = _train(captured, batches, announce=lambda i: torch.randn_like(batches[i][0]))
+
+    _assert_same_training(eager_history, captured_history, _state(eager), _state(step), exact=True)
+
+
+def test_teacher_lookahead_needs_the_captured_step():
+    from smile_fast.errors import UserError
+
+    with pytest.raises(UserError, match="--teacher-lookahead .* --cuda-graph"):
+        _step("smile", teacher_lookahead=True)
 
 
 def test_a_resumed_captured_step_runs_its_first_ema_eagerly():
@@ -211,28 +255,34 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 @needs_cuda
-@pytest.mark.parametrize("method_name", ["smile", "finetune"])
-def test_cuda_graphs_train_as_the_eager_step_on_the_gpu(method_name):
-    """fp32, so that the comparison is tight; the teacher runs on its side stream inside the graph."""
+@pytest.mark.parametrize("method_name,lookahead", [("smile", False), ("smile", True), ("finetune", False)])
+def test_cuda_graphs_train_as_the_eager_step_on_the_gpu(method_name, lookahead):
+    """fp32, so that the comparison is tight; the teacher runs on a side stream, inside the forward-backward
+    graph or (lookahead) as its own graph beside it."""
     batches = _batches("cuda")
     eager = _step(method_name, device="cuda", channels_last=True)
     eager_history = _train(eager, batches)
-    graphed = _step(method_name, device="cuda", channels_last=True, cuda_graph=True)
+    graphed = _step(method_name, device="cuda", channels_last=True, cuda_graph=True, teacher_lookahead=lookahead)
     assert isinstance(graphed.captured, CapturedStep)
-    graphed_history = _train(graphed, batches)
+    graphed_history = _train(graphed, batches, announce=lambda i: batches[i + 1][0] if i + 1 < ITERATIONS else None)
     _assert_same_training(eager_history, graphed_history, _state(eager), _state(graphed), exact=False)
     expected = {"forward_backward": 1, "optimizer_step": 2}
     if method_name == "smile":
         expected["teacher_update"] = 1  # EMA at 0 in the warm-up (3 steps), captured at 3
+    if lookahead:
+        expected["teacher_forward"] = 1
+        assert graphed.captured.teacher_beside == 5  # iterations 4, 5, 7, 8, 10 (EMA at 3, 6, 9; none after 11)
     assert graphed.captured.captures == expected
 
 
 @needs_cuda
 def test_cuda_graphs_capture_the_full_stack():
-    """bf16 autocast, channels-last and torch.compile's kernels inside the captured graphs."""
+    """bf16 autocast, channels-last and torch.compile's kernels inside the captured graphs, lookahead on."""
     batches = _batches("cuda")
-    graphed = _step("smile", device="cuda", amp=True, channels_last=True, compile=True, cuda_graph=True)
-    history = _train(graphed, batches)
+    graphed = _step(
+        "smile", device="cuda", amp=True, channels_last=True, compile=True, cuda_graph=True, teacher_lookahead=True
+    )
+    history = _train(graphed, batches, announce=lambda i: batches[i + 1][0] if i + 1 < ITERATIONS else None)
     losses = [loss for loss, _ in history]
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert len(set(losses[3:])) == len(losses) - 3, f"replays returned repeated losses: {losses}"
