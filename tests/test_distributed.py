@@ -55,8 +55,8 @@ LAUNCHER = textwrap.dedent(
         from smile_fast.step import TrainingStep
         slow_call = TrainingStep.__call__
 
-        def slow_step(self, iteration, images, labels):
-            result = slow_call(self, iteration, images, labels)
+        def slow_step(self, iteration, *batch):
+            result = slow_call(self, iteration, *batch)
             time.sleep(float(os.environ["SLOW_STEPS"]))
             if iteration == 2 and os.environ.get("RANK") == "0":
                 open(os.path.join(os.environ["RECORD_DIR"], "reached-2"), "w").close()
@@ -67,10 +67,10 @@ LAUNCHER = textwrap.dedent(
         from smile_fast.step import TrainingStep
         original_call = TrainingStep.__call__
 
-        def crash_at_second_step(self, iteration, images, labels):
+        def crash_at_second_step(self, iteration, *batch):
             if iteration == 1:
                 raise RuntimeError("simulated crash of one rank")
-            return original_call(self, iteration, images, labels)
+            return original_call(self, iteration, *batch)
 
         TrainingStep.__call__ = crash_at_second_step
     from smile_fast.cli import main
