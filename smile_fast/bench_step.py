@@ -112,16 +112,24 @@ def build_step_runner(
     return run_one_synchronized
 
 
-def time_interleaved(runners: dict, steps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+def time_interleaved(
+    runners: dict, steps: int, warmup: int, device: torch.device, warmup_seconds: dict[str, float] | None = None
+) -> dict[str, list[float]]:
     """Time several step runners round-robin: one step of each per round, `steps` rounds after `warmup`.
 
     Interleaving puts every method under the same machine conditions: on a shared CPU, timing one
     method after the other moved finetune's median by 20% between consecutive blocks (647 vs 521 ms,
     resnet18 b16 112 px, this 2-core machine), more than SMILE's whole extra cost.
+    warmup_seconds: if given, filled with each runner's total warm-up time (compilation, captures).
     """
+    spent = {name: 0.0 for name in runners}
     for _ in range(warmup):
-        for run_one in runners.values():
+        for name, run_one in runners.items():
+            start = time.perf_counter()
             run_one()
+            spent[name] += time.perf_counter() - start
+    if warmup_seconds is not None:
+        warmup_seconds.update(spent)
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(steps):
         for name, run_one in runners.items():
@@ -257,13 +265,21 @@ def run_step_benchmark(
     }
     step_settings = {k: v for k, v in settings.items() if k not in ("steps", "warmup")}
     unique_methods = tuple(dict.fromkeys(methods))
+    warmup_seconds: dict[str, float] = {}
     all_times = time_interleaved(
-        {name: build_step_runner(name, **step_settings) for name in unique_methods}, steps, warmup, device_obj
+        {name: build_step_runner(name, **step_settings) for name in unique_methods},
+        steps,
+        warmup,
+        device_obj,
+        warmup_seconds,
     )
     for name, times in all_times.items():
         median = statistics.median(times)
         result[f"{name}_ms_per_step"] = 1000.0 * median
         result[f"{name}_images_per_sec"] = batch_size / median
+        # What a run pays once before its steady speed (compilation, cuDNN's search, graph captures): at
+        # 9,000 steps of about 10 ms, a minute of compilation is a large share of a whole run.
+        result[f"{name}_warmup_seconds"] = warmup_seconds[name]
     if "finetune" in methods and "smile" in methods:
         result["smile_over_finetune"] = result["smile_ms_per_step"] / result["finetune_ms_per_step"]
     if baseline == "eager-fp32":
@@ -293,7 +309,10 @@ def format_step_table(result: dict[str, Any]) -> str:
     for key in result:
         if key.endswith("_ms_per_step"):
             name = key[: -len("_ms_per_step")]
-            lines.append(f"{name:<22} {result[key]:>9.2f} {result[name + '_images_per_sec']:>10.1f}")
+            line = f"{name:<22} {result[key]:>9.2f} {result[name + '_images_per_sec']:>10.1f}"
+            if f"{name}_warmup_seconds" in result:
+                line += f"   (warm-up {result[name + '_warmup_seconds']:.1f} s)"
+            lines.append(line)
     if "smile_over_finetune" in result:
         lines.append(f"SMILE / finetune step time: {result['smile_over_finetune']:.3f}")
     if "smile_speedup_over_eager_fp32" in result:
