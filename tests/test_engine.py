@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -10,6 +9,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from _graphs import ReplayByCalling
 from PIL import Image
 
 from smile_fast.checkpoint import load_checkpoint
@@ -130,23 +130,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_imagefolder, tmp_pat
     assert load_checkpoint(out)["iteration"] == 3, "the checkpoint from the last good evaluation must be kept"
 
 
-class _ReplayByCalling:
-    """CUDA graphs' stand-in on a CPU: a capture records the function, a replay calls it."""
-
-    def __init__(self, device, dist=None):
-        pass
-
-    def warmup(self):
-        return contextlib.nullcontext()
-
-    def capture(self, function):
-        return function
-
-    def beside(self, side_work, main_work):
-        side_work()
-        main_work()
-
-
 def test_captured_step_with_teacher_lookahead_trains_as_the_plain_loop(tiny_imagefolder, tmp_path, monkeypatch):
     """--cuda-graph --teacher-lookahead through the real loop, which then fetches each batch one step
     early and announces it: with CUDA graphs replaced by calling the captured functions, the weights
@@ -158,7 +141,7 @@ def test_captured_step_with_teacher_lookahead_trains_as_the_plain_loop(tiny_imag
     plain = tmp_path / "plain"
     train(_config(tiny_imagefolder, plain, **settings), progress=False)
 
-    monkeypatch.setattr(step_capture, "CudaGraphs", _ReplayByCalling)
+    monkeypatch.setattr(step_capture, "CudaGraphs", ReplayByCalling)
     monkeypatch.setattr(step_capture, "check_cuda_graph_device", lambda device, dist=None: None)
     captured = tmp_path / "captured"
     trainer = Trainer(

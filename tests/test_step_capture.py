@@ -10,11 +10,11 @@ real graphs against the eager step on the GPU.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
 import torch
+from _graphs import ReplayByCalling
 
 from smile_fast.config import build_config
 from smile_fast.methods import build_method
@@ -31,26 +31,6 @@ def cpu_reference_ops(monkeypatch):
     """The ops' CPU path: the interpreted kernels would take a minute per test here, and the ops suite
     tests them; what is tested here is the step around them."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
-class ReplayByCalling:
-    """A stand-in for CUDA graphs on a CPU: `capture` records the function without running it (as a
-    real capture records device work without doing it) and the replay calls it."""
-
-    def __init__(self):
-        self.warmups = 0
-
-    @contextlib.contextmanager
-    def warmup(self):
-        self.warmups += 1
-        yield
-
-    def capture(self, function):
-        return function
-
-    def beside(self, side_work, main_work):
-        side_work()
-        main_work()
 
 
 def _step(method_name: str, device: str = "cpu", **overrides) -> TrainingStep:
