@@ -3,6 +3,8 @@
 The stack: AMP (bf16, or fp16 with a gradient scaler), channels-last, torch.compile of student and
 teacher, fused SGD on CUDA, a BatchNorm-folded teacher whose forward runs on a side CUDA stream,
 and lam/perm handed to compiled code as device tensors so that a new lam never recompiles.
+With `cuda_graph` the same phases (forward_backward, update_teacher, optimizer_step) are captured and
+replayed as CUDA graphs by step_capture.py.
 Both the trainer and the step benchmark run exactly this code, so the benchmark measures the
 product, not a copy of it.
 """
