@@ -4,8 +4,9 @@ On a CPU the captures cannot be CUDA graphs, so `CapturedStep` runs with a backe
 records the function and whose replay calls it again. That checks everything the captured step
 adds around the graphs: static inputs refreshed every step (batch, labels, lam, perm), the order
 forward-backward -> teacher EMA -> optimizer, one optimizer graph per learning rate, the eager
-first EMA after a resume, and outputs that follow the step. The CUDA test at the end runs the
-real graphs against the eager step on the GPU.
+first EMA after a resume, and outputs that follow the step; with teacher lookahead, the next
+batch's teacher beside the step (after the EMA on EMA steps) and recomputed for a batch that was
+not the announced one. The CUDA tests at the end run the real graphs against the eager step.
 """
 
 from __future__ import annotations
