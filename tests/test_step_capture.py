@@ -35,18 +35,10 @@ def cpu_reference_ops(monkeypatch):
 
 
 def _step(method_name: str, device: str = "cpu", **overrides) -> TrainingStep:
-    config = build_config(
-        overrides=dict(
-            method=method_name,
-            model="resnet18",
-            weights="none",
-            batch_size=BATCH,
-            iters=ITERATIONS,
-            ema_every=3,
-            device=device,
-            **overrides,
-        )
+    settings = dict(
+        method=method_name, model="resnet18", weights="none", batch_size=BATCH, iters=ITERATIONS, ema_every=3
     )
+    config = build_config(overrides={**settings, "device": device, **overrides})
     method = build_method(method_name)
     torch.manual_seed(0)
     student, source, _ = build_models("resnet18", 5, "none", with_aux_head=method.uses_teacher, log=lambda m: None)
@@ -154,6 +146,32 @@ def test_teacher_lookahead_recomputes_when_the_batch_is_not_the_announced_one():
     captured = CapturedStep(step, ReplayByCalling(), warmup_steps=2, lookahead=True)
     captured_history = _train(captured, batches, announce=lambda i: torch.randn_like(batches[i][0]))
 
+    _assert_same_training(eager_history, captured_history, _state(eager), _state(step), exact=True)
+
+
+@pytest.mark.parametrize(
+    "ema_every,warmup_steps,pattern",
+    [
+        # per iteration: c = the true next batch announced, w = another batch announced, - = none
+        (1, 1, "cc-cwcccc--"),  # an EMA every step: the next batch's teacher never runs beside
+        (4, 1, "c-ccwwcc-cc"),  # the first EMA after the warm-up (4) runs eagerly, its graph is captured at 8
+        (5, 3, "ccccc-wcccc"),
+    ],
+)
+def test_teacher_lookahead_schedules_equal_the_eager_step(ema_every, warmup_steps, pattern):
+    """Mixed announcements, EMA intervals and warm-up lengths: always the eager step's training, bit for bit."""
+    batches = _batches()
+
+    def announce(iteration):
+        if iteration + 1 >= ITERATIONS or pattern[iteration] == "-":
+            return None
+        return batches[iteration + 1][0] if pattern[iteration] == "c" else torch.randn_like(batches[0][0])
+
+    eager = _step("smile", ema_every=ema_every)
+    eager_history = _train(eager, batches)
+    step = _step("smile", ema_every=ema_every)
+    captured = CapturedStep(step, ReplayByCalling(), warmup_steps=warmup_steps, lookahead=True)
+    captured_history = _train(captured, batches, announce=announce)
     _assert_same_training(eager_history, captured_history, _state(eager), _state(step), exact=True)
 
 
