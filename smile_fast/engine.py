@@ -167,6 +167,12 @@ class Trainer:
         if self.resume_state is not None:
             self._restore(self.resume_state)
         self.step.finalize()
+        if self.step.captured is not None:
+            lookahead = ", the next batch's teacher beside each step" if self.step.captured.lookahead else ""
+            self.log(
+                f"--cuda-graph: {self.step.captured.warmup_steps} eager warm-up steps, then the step is captured "
+                f"and replayed as CUDA graphs{lookahead}"
+            )
 
         self.loader_kind = choose_loader(config.loader, device)
         self.workers = config.workers if config.workers is not None else default_workers()
