@@ -225,6 +225,32 @@ def conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d, target: nn.Conv2d) -> None:
+    """target.weight, target.bias <- conv followed by bn (eval statistics), as one biased conv."""
+    # At least float32 arithmetic, float64 when the teacher is float64 (exact fold in tests).
+    dtype = torch.promote_types(conv.weight.dtype, torch.float32)
+    scale = bn.weight.to(dtype) * torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    bias = bn.bias.to(dtype) - bn.running_mean.to(dtype) * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias.to(dtype) * scale
+    target.weight.copy_(conv.weight.to(dtype) * scale.view(-1, 1, 1, 1))
+    target.bias.copy_(bias)
+
+
+def _fold_pairs_foreach(convs: list[nn.Conv2d], bns: list[nn.BatchNorm2d], targets: list[nn.Conv2d]) -> None:
+    """`_fold_pair` for every pair at once, with the same arithmetic (bit for bit): multi-tensor ops for
+    the scales and biases and one copy of all weights, then one in-place scaling per weight. For
+    ResNet-50 (53 pairs) that is about 60 launches instead of 424, every EMA update (counted on CPU)."""
+    variances = torch._foreach_add([bn.running_var for bn in bns], [bn.eps for bn in bns])
+    torch._foreach_rsqrt_(variances)
+    scales = torch._foreach_mul([bn.weight for bn in bns], variances)
+    biases = torch._foreach_sub([bn.bias for bn in bns], torch._foreach_mul([bn.running_mean for bn in bns], scales))
+    torch._foreach_copy_([target.bias for target in targets], biases)
+    torch._foreach_copy_([target.weight for target in targets], [conv.weight for conv in convs])
+    for target, scale in zip(targets, scales):
+        target.weight.mul_(scale.view(-1, 1, 1, 1))
+
+
 class FoldedBackbone(nn.Module):
     """An inference-only copy of a backbone with every conv+BN pair folded into one biased conv.
 
@@ -249,18 +275,20 @@ class FoldedBackbone(nn.Module):
 
     @torch.no_grad()
     def refresh(self, source: nn.Module) -> None:
-        for conv_name, bn_name in self.pairs:
-            conv = source.get_submodule(conv_name)
-            bn = source.get_submodule(bn_name)
-            target = self.folded.get_submodule(conv_name)
-            # At least float32 arithmetic, float64 when the teacher is float64 (exact fold in tests).
-            dtype = torch.promote_types(conv.weight.dtype, torch.float32)
-            scale = bn.weight.to(dtype) * torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-            bias = bn.bias.to(dtype) - bn.running_mean.to(dtype) * scale
-            if conv.bias is not None:
-                bias = bias + conv.bias.to(dtype) * scale
-            target.weight.copy_(conv.weight.to(dtype) * scale.view(-1, 1, 1, 1))
-            target.bias.copy_(bias)
+        convs = [source.get_submodule(conv_name) for conv_name, _ in self.pairs]
+        bns = [source.get_submodule(bn_name) for _, bn_name in self.pairs]
+        targets = [self.folded.get_submodule(conv_name) for conv_name, _ in self.pairs]
+        tensors = [t for bn in bns for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+        tensors += [conv.weight for conv in convs] + [t for target in targets for t in (target.weight, target.bias)]
+        if (
+            all(conv.bias is None for conv in convs)
+            and len({(t.dtype, t.device) for t in tensors}) == 1
+            and tensors[0].dtype in (torch.float32, torch.float64)
+        ):
+            _fold_pairs_foreach(convs, bns, targets)
+        else:
+            for conv, bn, target in zip(convs, bns, targets):
+                _fold_pair(conv, bn, target)
         # Parameters of layers that have no BatchNorm partner (none in ResNets) follow the source.
         folded_names = {name for pair in self.pairs for name in pair}
         for name, parameter in source.named_parameters():

@@ -261,6 +261,42 @@ def test_folded_forward_float64_is_tight(rng_seed, cpu_reference_ops):
     torch.testing.assert_close(logits, expected_logits, rtol=1e-10, atol=1e-11, msg=lambda m: f"float64 logits: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_refolding_all_pairs_at_once_equals_folding_pair_by_pair(rng_seed, dtype):
+    """A ResNet's refresh takes the multi-tensor path (ops over all pairs at once); its result must be
+    the pair-by-pair fold's, bit for bit, with several times fewer torch ops (launches on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from smile_fast.models import _fold_pair
+
+    _, source, _ = build_models("resnet18", NUM_CLASSES, weights="none")
+    backbone = source.backbone.to(dtype)
+    _randomize(backbone, torch.Generator().manual_seed(rng_seed), 0.05, 10)
+    folded = FoldedBackbone(backbone)
+
+    class TorchOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    _randomize(backbone, torch.Generator().manual_seed(rng_seed + 1), 0.05, 10)  # as after an EMA update
+    with TorchOps() as ops_seen:
+        folded.refresh(backbone)
+    expected = FoldedBackbone(backbone)
+    for conv_name, bn_name in expected.pairs:
+        _fold_pair(
+            backbone.get_submodule(conv_name), backbone.get_submodule(bn_name), expected.folded.get_submodule(conv_name)
+        )
+    for name, value in expected.folded.state_dict().items():
+        assert torch.equal(folded.folded.state_dict()[name], value), f"{name} differs from the pair-by-pair fold"
+    pair_by_pair = 8 * len(folded.pairs)  # to, mul, add, rsqrt, mul, sub, mul, 2 copies (casts are free)
+    assert ops_seen.count < pair_by_pair / 3, f"{ops_seen.count} torch ops for {len(folded.pairs)} pairs"
+
+
 def _expected_batchnorm_names(model: nn.Module, prefix: str) -> set[str]:
     return {prefix + name for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)}
 
