@@ -59,18 +59,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format")
     flag("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile student and teacher")
     flag("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (reduce-overhead adds CUDA graphs)")
-    flag(
-        "--cuda-graph",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="CUDA, one process: capture each step as CUDA graphs by hand, the teacher on a side stream inside",
-    )
-    flag(
-        "--teacher-lookahead",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="with --cuda-graph: the next batch's teacher forward runs beside this step's forward and backward",
-    )
+    _add_capture_flags(flag, default=None)  # None: a YAML config's value stands
     flag("--loader", choices=LOADER_CHOICES, help="auto (DALI on a GPU when installed), dali or torchvision")
     flag("--workers", type=int, help="loader processes / DALI threads per rank (default: its CPUs, at most 16)")
     flag("--device", help="auto (default), cpu, cuda or cuda:N")
@@ -90,6 +79,22 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         help="several CUDA processes: SyncBatchNorm over the global batch (default on)",
     )
     flag("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_capture_flags(add_argument, default: bool | None) -> None:
+    """--cuda-graph and --teacher-lookahead, worded once for `train` and `bench step`."""
+    add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help="CUDA, one process: capture each step as CUDA graphs by hand, the teacher on a side stream inside",
+    )
+    add_argument(
+        "--teacher-lookahead",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help="with --cuda-graph: the next batch's teacher forward runs beside this step's forward and backward",
+    )
 
 
 TRAIN_KEYS = (
@@ -154,18 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     step.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     step.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
-    step.add_argument(
-        "--cuda-graph",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="capture each step as CUDA graphs by hand (as `train --cuda-graph`)",
-    )
-    step.add_argument(
-        "--teacher-lookahead",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="with --cuda-graph: the next batch's teacher forward beside the step (as `train --teacher-lookahead`)",
-    )
+    _add_capture_flags(step.add_argument, default=False)
     step.add_argument("--device", default="auto")
     step.add_argument("--steps", type=_integer, default=20, help="timed steps per method")
     step.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
