@@ -71,7 +71,14 @@ rows = {
         mixup_normalize._mixup_normalize_fwd_kernel,
         f"images_ptr:*u8 {lam} clean_ptr:*T mixed_ptr:*T n_per_sample:i32 "
         "scale0:fp32 scale1:fp32 scale2:fp32 shift0:fp32 shift1:fp32 shift2:fp32",
-        2048,
+        {"MIX": True, "BLOCK": 2048},
+    ),
+    # normalize_uint8: the same kernel without the mix; the unused pointers are the clean batch's.
+    "normalize": (
+        mixup_normalize._mixup_normalize_fwd_kernel,
+        "images_ptr:*u8 perm_ptr:*T lam_ptr:*T clean_ptr:*T mixed_ptr:*T n_per_sample:i32 "
+        "scale0:fp32 scale1:fp32 scale2:fp32 shift0:fp32 shift1:fp32 shift2:fp32",
+        {"MIX": False, "BLOCK": 2048},
     ),
     "mixup_cross_entropy_fwd": (
         mixup_cross_entropy._mixup_cross_entropy_fwd_kernel,
@@ -131,13 +138,14 @@ def compiled_kernels() -> dict[str, dict[str, int]]:
 
 
 def test_every_kernel_compiles_to_cubin(compiled_kernels: dict[str, dict[str, int]]) -> None:
-    assert len(compiled_kernels) == 2 * 12, sorted(compiled_kernels)
+    assert len(compiled_kernels) == 2 * 13, sorted(compiled_kernels)
     empty = [name for name, result in compiled_kernels.items() if result["cubin"] == 0]
     assert not empty, f"kernels without machine code: {empty}"
 
 
 @pytest.mark.parametrize(
-    "kernel", ["mixup_batch", "mixup_batch_bwd", "feature_fwd", "feature_bwd", "mixup_normalize", "ema_update"]
+    "kernel",
+    ["mixup_batch", "mixup_batch_bwd", "feature_fwd", "feature_bwd", "mixup_normalize", "normalize", "ema_update"],
 )
 def test_streaming_kernels_use_vector_loads(compiled_kernels: dict[str, dict[str, int]], kernel: str) -> None:
     for dtype in ("fp32", "bf16"):

@@ -446,3 +446,26 @@ def test_mixup_normalize_uint8(
 def test_mixup_normalize_uint8_rejects_float_images() -> None:
     with pytest.raises(ValueError, match="uint8"):
         ops.mixup_normalize_uint8(torch.zeros(2, 4, 4, 3), torch.arange(2), 0.5, MEAN, STD)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (7, 5, 3, 3), (2, 29, 31, 3)])
+def test_normalize_uint8(rng_seed: int, device: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    images = torch.randint(0, 256, shape, dtype=torch.uint8).to(device)
+    images[0, 0, 0] = torch.tensor([0, 255, 128], dtype=torch.uint8)
+    clean = ops.normalize_uint8(images, MEAN, STD, dtype)
+    expected, _ = normalize_float64(images, torch.arange(shape[0], device=device), 1.0)
+    assert clean.shape == (shape[0], 3, shape[1], shape[2]) and clean.dtype == dtype
+    assert clean.is_contiguous(memory_format=torch.channels_last), "normalize_uint8's output is not channels-last"
+    assert_close(clean, expected, dtype, "normalize_uint8")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalize_uint8_is_mixup_normalize_clean_bit_for_bit(rng_seed: int, device: str, dtype: torch.dtype) -> None:
+    # The captured step's teacher lookahead feeds the teacher normalize_uint8's batch where the plain step
+    # feeds it mixup_normalize_uint8's clean one: the two must not differ by a single bit.
+    images = torch.randint(0, 256, (5, 7, 9, 3), dtype=torch.uint8).to(device)
+    clean, _ = ops.mixup_normalize_uint8(images, make_perm("random", 5, device), 0.7, MEAN, STD, dtype)
+    assert torch.equal(ops.normalize_uint8(images, MEAN, STD, dtype), clean)

@@ -80,6 +80,12 @@ def op_calls(device: str) -> dict[str, tuple[Callable[[], object], dict[str, int
             ),
             {"mixup_normalize": 1},
         ),
+        "normalize_uint8": (
+            lambda: ops.normalize_uint8(
+                torch.randint(0, 256, (batch, 3, 5, 3), dtype=torch.uint8, device=device), MEAN, STD
+            ),
+            {"normalize": 1},
+        ),
     }
 
 
@@ -251,6 +257,10 @@ def opcheck_cases(device: str) -> dict[str, tuple[object, tuple]]:
                 torch.bfloat16,
             ),
         ),
+        "normalize_uint8": (
+            smile_fast.normalize_uint8.default,
+            (torch.randint(0, 256, (batch, 4, 5, 3), dtype=torch.uint8, device=device), MEAN, STD, torch.float16),
+        ),
     }
     for name in ("soft_mixup_cross_entropy", "soft_mixup_mse"):
         cases[name] = (
@@ -315,6 +325,11 @@ def compiled_calls(device: str) -> dict[str, tuple[Callable[..., object], Callab
         ),
         "mixup_normalize_uint8": (
             lambda images, lam: ops.mixup_normalize_uint8(images, perm, lam, MEAN, STD, torch.bfloat16),
+            lambda lam: (torch.randint(0, 256, (batch, 3, 4, 3), dtype=torch.uint8, device=device), lam),
+        ),
+        # lam is unused: it is there because every case here is called with one.
+        "normalize_uint8": (
+            lambda images, lam: ops.normalize_uint8(images, MEAN, STD, torch.bfloat16),
             lambda lam: (torch.randint(0, 256, (batch, 3, 4, 3), dtype=torch.uint8, device=device), lam),
         ),
         "ema_update_": (

@@ -1,4 +1,10 @@
-"""Triton kernel: uint8 NHWC batch -> normalized clean and mixed batches in one pass."""
+"""Triton kernel: uint8 NHWC batch -> normalized clean batch, and its mixup, in one pass.
+
+One kernel serves both ops (mixup_normalize_uint8 and normalize_uint8, MIX a compile-time switch), so
+that the clean batch is computed by the same instructions whether or not the mixed one is written:
+the teacher's input is then bit for bit the same in a step that mixes and in one that only
+normalizes (the captured step's teacher lookahead relies on that).
+"""
 
 from collections.abc import Sequence
 
@@ -26,6 +32,7 @@ def _mixup_normalize_fwd_kernel(
     shift0,
     shift1,
     shift2,
+    MIX: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -36,31 +43,32 @@ def _mixup_normalize_fwd_kernel(
     channel = offsets % 3
     scale = tl.where(channel == 0, scale0, tl.where(channel == 1, scale1, scale2))
     shift = tl.where(channel == 0, shift0, tl.where(channel == 1, shift1, shift2))
-    partner = tl.load(perm_ptr + row)
-    lam = tl.load(lam_ptr)
     own_start = row.to(tl.int64) * n_per_sample
-    partner_start = partner.to(tl.int64) * n_per_sample
     own = tl.load(images_ptr + own_start + offsets, mask=mask).to(tl.float32) * scale + shift
-    other = tl.load(images_ptr + partner_start + offsets, mask=mask).to(tl.float32) * scale + shift
     tl.store(clean_ptr + own_start + offsets, own.to(clean_ptr.dtype.element_ty), mask=mask)
-    mixed = lam * own + (1.0 - lam) * other
-    tl.store(mixed_ptr + own_start + offsets, mixed.to(mixed_ptr.dtype.element_ty), mask=mask)
+    if MIX:
+        partner = tl.load(perm_ptr + row)
+        lam = tl.load(lam_ptr)
+        partner_start = partner.to(tl.int64) * n_per_sample
+        other = tl.load(images_ptr + partner_start + offsets, mask=mask).to(tl.float32) * scale + shift
+        mixed = lam * own + (1.0 - lam) * other
+        tl.store(mixed_ptr + own_start + offsets, mixed.to(mixed_ptr.dtype.element_ty), mask=mask)
 
 
 def launch_mixup_normalize(
     images: Tensor,
-    perm: Tensor,
-    lam: Tensor,
+    perm: Tensor | None,
+    lam: Tensor | None,
     mean: Sequence[float],
     std: Sequence[float],
     clean: Tensor,
-    mixed: Tensor,
+    mixed: Tensor | None,
 ) -> None:
-    """Fill `clean` and `mixed` from a uint8 batch.
+    """Fill `clean` and `mixed` from a uint8 batch; `clean` only when `mixed` is None.
 
     Args:
         images: uint8 [B, H, W, 3], contiguous.
-        perm: long [B]; lam: 0-d float32, both on images' device.
+        perm: long [B]; lam: 0-d float32, both on images' device (unused, may be None, without `mixed`).
         mean, std: three floats each (0..1 scale).
         clean, mixed: [B, 3, H, W] channels-last (memory NHWC, like images), any float dtype.
     """
@@ -72,16 +80,19 @@ def launch_mixup_normalize(
     scales = [1.0 / (255.0 * s) for s in std]
     shifts = [-m / s for m, s in zip(mean, std, strict=True)]
     n_chunks = triton.cdiv(n_per_sample, MIXUP_NORMALIZE_BLOCK)
+    mix = mixed is not None
+    # Without mixing the unused pointers are the clean batch's: never read or written (MIX is constexpr).
     _mixup_normalize_fwd_kernel[(batch, n_chunks)](
         images,
-        perm,
-        lam,
+        perm if mix else clean,
+        lam if mix else clean,
         clean,
-        mixed,
+        mixed if mix else clean,
         n_per_sample,
         *scales,
         *shifts,
+        MIX=mix,
         BLOCK=MIXUP_NORMALIZE_BLOCK,
         num_warps=MIXUP_NORMALIZE_NUM_WARPS,
     )
-    record_launch("mixup_normalize")
+    record_launch("mixup_normalize" if mix else "normalize")

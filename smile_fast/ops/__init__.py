@@ -7,7 +7,12 @@ from smile_fast.ops.ema_update import ema_update_, ema_update_reference
 from smile_fast.ops.feature_mixup_loss import feature_mixup_loss, feature_mixup_loss_reference
 from smile_fast.ops.mixup_batch import mixup_batch, mixup_batch_reference
 from smile_fast.ops.mixup_cross_entropy import mixup_cross_entropy, mixup_cross_entropy_reference
-from smile_fast.ops.mixup_normalize import mixup_normalize_uint8, mixup_normalize_uint8_reference
+from smile_fast.ops.mixup_normalize import (
+    mixup_normalize_uint8,
+    mixup_normalize_uint8_reference,
+    normalize_uint8,
+    normalize_uint8_reference,
+)
 from smile_fast.ops.soft_mixup_cross_entropy import (
     soft_mixup_cross_entropy,
     soft_mixup_cross_entropy_reference,
@@ -26,6 +31,8 @@ __all__ = [
     "mixup_cross_entropy_reference",
     "mixup_normalize_uint8",
     "mixup_normalize_uint8_reference",
+    "normalize_uint8",
+    "normalize_uint8_reference",
     "soft_mixup_cross_entropy",
     "soft_mixup_cross_entropy_reference",
     "soft_mixup_mse",

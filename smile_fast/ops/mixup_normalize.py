@@ -1,4 +1,9 @@
-"""From a uint8 NHWC loader batch to the normalized clean and mixed batches, in one pass."""
+"""From a uint8 NHWC loader batch to the normalized clean batch (and its mixup), in one pass.
+
+normalize_uint8 gives the clean batch alone (the teacher's input when nothing mixes, or computed ahead;
+plain fine-tuning's input); mixup_normalize_uint8 gives it with the student's mixed batch. Both run
+the same kernel, so their clean batches are equal bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -122,3 +127,53 @@ def mixup_normalize_uint8(
         [float(s) for s in std],
         out_dtype,
     )
+
+
+# ------------------------------------------------------------------------------------------- normalize only
+def normalize_uint8_reference(
+    images: Tensor, mean: Sequence[float], std: Sequence[float], out_dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Plain-PyTorch (x/255 - mean)/std of a uint8 NHWC batch, in float32: [B, 3, H, W] channels-last, `out_dtype`."""
+    _check_inputs(images, mean, std, out_dtype)
+    mean_t = torch.tensor(list(mean), dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(list(std), dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    clean = (images.permute(0, 3, 1, 2).float() / 255.0 - mean_t) / std_t
+    return copy_into_empty_like(clean, _empty_channels_last(images, out_dtype))
+
+
+def _normalize_uint8_impl(images: Tensor, mean: list[float], std: list[float], out_dtype: torch.dtype) -> Tensor:
+    if not use_triton(images):
+        return normalize_uint8_reference(images, mean, std, out_dtype)
+    from smile_fast.kernels.mixup_normalize import launch_mixup_normalize
+
+    images = images.contiguous()
+    clean = _empty_channels_last(images, out_dtype)
+    launch_mixup_normalize(images, None, None, mean, std, clean, None)
+    return clean
+
+
+_normalize_uint8_op = torch.library.custom_op("smile_fast::normalize_uint8", _normalize_uint8_impl, mutates_args=())
+
+
+@_normalize_uint8_op.register_fake
+def _normalize_uint8_fake(images: Tensor, mean: list[float], std: list[float], out_dtype: torch.dtype) -> Tensor:
+    return _empty_channels_last(images, out_dtype)
+
+
+def normalize_uint8(
+    images: Tensor, mean: Sequence[float], std: Sequence[float], out_dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Normalize a uint8 NHWC loader batch in one pass (one kernel on GPU): mixup_normalize_uint8's clean
+    batch, bit for bit, without the mixed one.
+
+    Args:
+        images: uint8 [B, H, W, 3].
+        mean, std: three floats each, 0..1 scale.
+        out_dtype: float32, bfloat16 or float16.
+
+    Returns:
+        (x/255 - mean)/std as [B, 3, H, W], channels-last memory format, `out_dtype`. No gradient.
+    """
+    _check_inputs(images, mean, std, out_dtype)
+    normalize = _normalize_uint8_op if torch.compiler.is_compiling() else _normalize_uint8_impl
+    return normalize(images, [float(m) for m in mean], [float(s) for s in std], out_dtype)
