@@ -4,6 +4,8 @@
 #   3a. step time finetune vs SMILE, ResNet-50, bf16, batch 48, full stack + eager fp32 baseline -> step_b48.json
 #   3e. the step captured by hand (--cuda-graph; with and without --teacher-lookahead), batch 48 and 256
 #       -> step_capture[_lookahead]_b*.json
+#   3f. the same captured step with --fused-input (uint8 batches, normalize+mix in one kernel), batch 48
+#       -> step_capture_lookahead_fused_b48.json (compare with step_capture_lookahead_b48.json)
 #   3d. can the teacher hide behind the student (streams, graphs)? -> overlap.json
 #   2. kernel benchmarks: fused vs eager vs torch.compile   -> ops_bench.json
 #   3b. the same at batch 256 (AMP + channels-last, eager)  -> step_b256.json
@@ -24,7 +26,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEN
 [ -d /tmp/dali-site/nvidia/dali ] && export PYTHONPATH="$PYTHONPATH:/tmp/dali-site"
 LOG="$OUT/log.txt"
 # PARTS picks what to run (default all), e.g. PARTS=ddp,step48,step256 COMPILE_MODE=reduce-overhead.
-PARTS=",${PARTS:-tests,step48,capture,overlap,ops,step256,teacher,loader,ddp},"
+PARTS=",${PARTS:-tests,step48,capture,fused,overlap,ops,step256,teacher,loader,ddp},"
 COMPILE_MODE="${COMPILE_MODE:-default}"
 # Part 3e compiles (default mode) before capturing; CAPTURE_COMPILE=0 captures the eager kernels instead,
 # which skips a minute or two of compilation per batch size on a short lease.
@@ -95,6 +97,22 @@ else
   say "3e. captured step: CUDA graphs need a GPU; its CPU stand-in is tests/test_step_capture.py"
   "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --device cpu \
     --cuda-graph --methods finetune --steps 1 --warmup 0 2>&1 | tail -n 1 | tee -a "$LOG"
+fi
+fi
+
+if part fused; then
+# --fused-input is kept only if it measures faster (issue 4): the same run as 3e's lookahead at batch 48,
+# with uint8 batches that the step normalizes and mixes in one kernel, written in bf16.
+if [ "$GPU" = 1 ]; then
+  say "3f. step time batch $B_SMALL, captured step with teacher lookahead and --fused-input"
+  timeout $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" \
+    --amp --channels-last "$([ "$CAPTURE_COMPILE" = 1 ] && echo --compile || echo --no-compile)" --cuda-graph \
+    --teacher-lookahead --fused-input --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
+    --json "$OUT/step_capture_lookahead_fused_b$B_SMALL.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
+else
+  say "3f. --fused-input step on the CPU (the captured step needs a GPU)"
+  "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --device cpu \
+    --fused-input --methods finetune,smile --steps 1 --warmup 0 2>&1 | tail -n 3 | tee -a "$LOG"
 fi
 fi
 

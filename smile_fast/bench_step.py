@@ -1,7 +1,11 @@
 """`smile-fast bench step`: step time of finetune, mixup and SMILE with the same stack, same card.
 
-Synthetic data (random images and labels resident on the device) isolates the training step from
-the loader. Each method gets its own freshly built models, `warmup` untimed steps (compilation,
+Synthetic data (random pixels and labels resident on the device) isolates the training step from
+the loader's decoding. Each timed step starts, as in training, from the uint8 batch the loader puts on
+the device: by default it is normalized there as the torchvision loader does (data/transforms.py), one
+batch ahead as the training loop fetches it, and with `--fused-input` the step gets the pixels and
+normalizes (and mixes) them itself. Either way the same input work is on the clock, so the two
+can be compared. Each method gets its own freshly built models, `warmup` untimed steps (compilation,
 cuDNN autotuning, allocator growth), then `steps` timed steps, each synchronized so that the host
 clock brackets the device work; the median step time is reported.
 
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from smile_fast.config import build_config
+from smile_fast.data.transforms import normalize_uint8
 from smile_fast.devices import resolve_device
 from smile_fast.methods import build_method, step_generator
 from smile_fast.methods.base import folded_beta
@@ -46,14 +51,12 @@ def _time_steps(run_one, device: torch.device, steps: int, warmup: int) -> list[
     return times
 
 
-def _synthetic_batch(batch_size: int, image_size: int, num_classes: int, device: torch.device, channels_last: bool):
+def _synthetic_batch(batch_size: int, image_size: int, num_classes: int, device: torch.device):
+    """uint8 pixels [B, H, W, 3] (the layout the loaders hand over) and labels, on `device`."""
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    pixels = torch.randint(0, 256, (batch_size, image_size, image_size, 3), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
-    images = images.to(device)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels.to(device)
+    return pixels.to(device), labels.to(device)
 
 
 def build_step_runner(
@@ -70,6 +73,7 @@ def build_step_runner(
     compile_mode: str = "default",
     cuda_graph: bool = False,
     teacher_lookahead: bool = False,
+    fused_input: bool = False,
     fold_teacher_bn: bool = True,
     teacher_stream: bool = True,
     num_classes: int = 200,
@@ -91,6 +95,7 @@ def build_step_runner(
             compile_mode=compile_mode,
             cuda_graph=cuda_graph,
             teacher_lookahead=teacher_lookahead,
+            fused_input=fused_input,
             device=str(device),
             fold_teacher_bn=fold_teacher_bn,
             teacher_stream=teacher_stream,
@@ -101,12 +106,21 @@ def build_step_runner(
     student, source, _ = build_models(model, num_classes, "none", with_aux_head=method.uses_teacher, log=lambda m: None)
     step = TrainingStep(config, method, student, source, device)
     step.finalize()
-    images, labels = _synthetic_batch(batch_size, image_size, num_classes, device, channels_last)
+    pixels, labels = _synthetic_batch(batch_size, image_size, num_classes, device)
     counter = iter(range(10**9))
 
+    def loader_output():
+        """What the loader yields for one step: the pixels, or (default) a freshly normalized batch."""
+        return pixels if fused_input else normalize_uint8(pixels.permute(0, 3, 1, 2), channels_last)
+
+    upcoming = [loader_output()]
+
     def run_one_synchronized() -> None:
-        # The next step's batch is this same one (announced, for --teacher-lookahead).
-        step(next(counter), images, labels, next_images=images)
+        # As the training loop does it: the next batch is fetched before this step and announced to it
+        # (for --teacher-lookahead).
+        images = upcoming[0]
+        upcoming[0] = loader_output()
+        step(next(counter), images, labels, next_images=upcoming[0])
         _synchronize(device)
 
     return run_one_synchronized
@@ -164,7 +178,9 @@ def time_authors_style_smile(
     student.layer4.register_forward_hook(lambda module, inputs, output: captured.__setitem__("student", output))
     teacher.layer4.register_forward_hook(lambda module, inputs, output: captured.__setitem__("teacher", output))
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    images, labels = _synthetic_batch(batch_size, image_size, num_classes, device, channels_last=False)
+    pixels, labels = _synthetic_batch(batch_size, image_size, num_classes, device)
+    # Normalized once: the authors' loader normalizes in its CPU workers, off the training step's clock.
+    images = normalize_uint8(pixels.permute(0, 3, 1, 2))
     teacher_params = [p for name, p in teacher.named_parameters() if not name.startswith("fc.")]
     student_params = [p for name, p in student.named_parameters() if not name.startswith(("fc.", "fc2."))]
 
@@ -209,6 +225,7 @@ def run_step_benchmark(
     compile_mode: str = "default",
     cuda_graph: bool = False,
     teacher_lookahead: bool = False,
+    fused_input: bool = False,
     device: str = "auto",
     steps: int = 20,
     warmup: int = 5,
@@ -236,6 +253,7 @@ def run_step_benchmark(
         compile_mode=compile_mode,
         cuda_graph=cuda_graph,
         teacher_lookahead=teacher_lookahead,
+        fused_input=fused_input,
         device=device_obj,
         steps=steps,
         warmup=warmup,
@@ -255,6 +273,7 @@ def run_step_benchmark(
         "compile_mode": compile_mode if compile else None,
         "cuda_graph": cuda_graph,
         "teacher_lookahead": teacher_lookahead,
+        "fused_input": fused_input,
         "fold_teacher_bn": fold_teacher_bn,
         "teacher_stream": teacher_stream and device_obj.type == "cuda",
         "steps": steps,
@@ -303,7 +322,8 @@ def format_step_table(result: dict[str, Any]) -> str:
         f"({result['amp_dtype']}, channels_last={result['channels_last']}, "
         f"compile={result['compile_mode'] if result['compile'] else False}"
         f"{', captured step' if result.get('cuda_graph') else ''}"
-        f"{', teacher lookahead' if result.get('teacher_lookahead') else ''})",
+        f"{', teacher lookahead' if result.get('teacher_lookahead') else ''}"
+        f"{', fused uint8 input' if result.get('fused_input') else ''})",
         f"{'method':<22} {'ms/step':>9} {'images/s':>10}",
     ]
     for key in result:

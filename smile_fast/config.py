@@ -64,6 +64,7 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     cuda_graph: bool = False  # capture the whole step as CUDA graphs by hand (step_capture.py)
     teacher_lookahead: bool = False  # with cuda_graph: the next batch's teacher forward beside this step
+    fused_input: bool = False  # the loader stops at uint8; the step normalizes (and mixes) in one kernel
     fold_teacher_bn: bool = True
     teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
     sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch, as on one GPU

@@ -187,6 +187,7 @@ class Trainer:
             device,
             self.workers,
             config.channels_last,
+            output_uint8=config.fused_input,
         )
         self.metrics = (
             MetricsLog(self.run_dir / "metrics.csv", resume=self.resume_state is not None)

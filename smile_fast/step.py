@@ -17,7 +17,7 @@ import math
 import torch
 
 from smile_fast.config import GRAPH_COMPILE_MODES, TrainConfig
-from smile_fast.methods import Method, step_generator
+from smile_fast.methods import Method, as_batch, step_generator
 from smile_fast.models import SmileNet, SourceNet
 from smile_fast.teacher import MeanTeacher
 
@@ -146,18 +146,25 @@ class TrainingStep:
             group["lr"] = lr
         return lr
 
+    def batch(self, images: torch.Tensor):
+        """The batch as methods see it (methods/batch.py): normalized float images as they are, or uint8
+        pixels (`--fused-input`) to be normalized, and mixed, in the network's input dtype and layout."""
+        dtype = self.amp_dtype if self.config.amp else torch.float32
+        return as_batch(images, dtype, self.config.channels_last)
+
     def draw(self, iteration: int, images: torch.Tensor):
         """This iteration's mixing draw (a pure function of seed and iteration), or None."""
-        return self.method.draw(step_generator(self.config.seed, iteration), images)
+        return self.method.draw(step_generator(self.config.seed, iteration), self.batch(images))
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, draw, teacher=None):
         """The method's loss and its backward: (detached loss, {part name: detached value}).
 
+        images: normalized float [B, 3, H, W], or uint8 pixels [B, H, W, 3] with `--fused-input`.
         teacher: what the method calls for the teacher's outputs (default: the step's teacher forward).
         """
         teacher = teacher if teacher is not None else self.teacher_forward
         with self.autocast():
-            loss, parts = self.method.loss(images, labels, self.train_model, teacher, draw)
+            loss, parts = self.method.loss(self.batch(images), labels, self.train_model, teacher, draw)
         self.scaler.scale(loss).backward()
         return loss.detach(), parts
 

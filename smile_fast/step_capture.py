@@ -235,8 +235,10 @@ class CapturedStep:
     # ------------------------------------------------------------------------------ teacher lookahead
     def _run_teacher_forward(self) -> None:
         """The teacher on static["next_images"], under the step's autocast, into the "next" outputs."""
+        # clean(): uint8 pixels are normalized by the kernel that gives the plain step's teacher its input.
+        teacher_input = self.step.batch(self._static["next_images"]).clean()
         with self.step.autocast():
-            features, logits = self.step.teacher_inline(self._static["next_images"])
+            features, logits = self.step.teacher_inline(teacher_input)
         if self._teacher_next is None:
             self._teacher_next = (torch.empty_like(features), torch.empty_like(logits))
         self._teacher_next[0].copy_(features)

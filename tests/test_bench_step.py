@@ -41,3 +41,45 @@ def test_bench_step_prints_the_table_and_writes_the_json(tmp_path, capsys):
     # The warm-up (compilation, graph captures on a GPU) is reported apart from the steady step time.
     assert result["finetune_warmup_seconds"] > 0 and result["smile_warmup_seconds"] > 0
     assert result["cuda_graph"] is False and result["teacher_lookahead"] is False
+
+
+@pytest.mark.parametrize("fused_input", [False, True])
+def test_bench_step_feeds_the_step_what_a_loader_would(monkeypatch, fused_input):
+    """Both modes start from the loader's uint8 batch, so that `--fused-input` is compared fairly: without it
+    each step gets a freshly normalized float batch (announced one step ahead, as the training loop
+    does), with it the same pixels object as uint8 NHWC."""
+    import torch
+
+    from smile_fast import bench_step
+    from smile_fast.step import TrainingStep
+
+    calls = []
+    real_call = TrainingStep.__call__
+
+    def recording_call(self, iteration, images, labels, next_images=None):
+        calls.append((images, next_images))
+        return real_call(self, iteration, images, labels, next_images)
+
+    monkeypatch.setattr(TrainingStep, "__call__", recording_call)
+    run_one = bench_step.build_step_runner(
+        "finetune",
+        model="resnet18",
+        batch_size=2,
+        image_size=16,
+        amp=False,
+        amp_dtype="bfloat16",
+        channels_last=True,
+        compile=False,
+        device=torch.device("cpu"),
+        fused_input=fused_input,
+    )
+    for _ in range(3):
+        run_one()
+    for (_, announced), (next_images, _) in zip(calls, calls[1:]):
+        assert next_images is announced, "the batch a step gets must be the one announced to the step before"
+    images = calls[0][0]
+    if fused_input:
+        assert images.dtype == torch.uint8 and images.shape == (2, 16, 16, 3)
+    else:
+        assert images.dtype == torch.float32 and images.is_contiguous(memory_format=torch.channels_last)
+        assert calls[0][0] is not calls[1][0], "the normalization must run, and be timed, every step"

@@ -47,14 +47,17 @@ def _step(method_name: str, device: str = "cpu", **overrides) -> TrainingStep:
     return step
 
 
-def _batches(device: str = "cpu"):
+def _batches(device: str = "cpu", pixels: bool = False):
+    """Normalized float images, or with `pixels` the uint8 NHWC batches of `--fused-input`."""
     generator = torch.Generator().manual_seed(1)
+
+    def images():
+        if pixels:
+            return torch.randint(0, 256, (BATCH, 32, 32, 3), dtype=torch.uint8, generator=generator)
+        return torch.randn(BATCH, 3, 32, 32, generator=generator)
+
     return [
-        (
-            torch.randn(BATCH, 3, 32, 32, generator=generator).to(device),
-            torch.randint(0, 5, (BATCH,), generator=generator).to(device),
-        )
-        for _ in range(ITERATIONS)
+        (images().to(device), torch.randint(0, 5, (BATCH,), generator=generator).to(device)) for _ in range(ITERATIONS)
     ]
 
 
@@ -120,14 +123,16 @@ def test_captured_step_trains_exactly_as_the_eager_step(method_name):
     assert captured.captures == expected
 
 
-def test_teacher_lookahead_trains_exactly_as_the_eager_step():
+@pytest.mark.parametrize("fused_input", [False, True])
+def test_teacher_lookahead_trains_exactly_as_the_eager_step(fused_input):
     """The next batch's teacher runs beside each step except on EMA iterations (3, 6, 9), where it runs
-    after the EMA; the last step has no next batch."""
-    batches = _batches()
-    eager = _step("smile")
+    after the EMA; the last step has no next batch. With `--fused-input` the teacher computed ahead
+    normalizes the pixels alone, the plain step together with the mix: its input must not change."""
+    batches = _batches(pixels=fused_input)
+    eager = _step("smile", fused_input=fused_input)
     eager_history = _train(eager, batches)
 
-    step = _step("smile")
+    step = _step("smile", fused_input=fused_input)
     captured = CapturedStep(step, ReplayByCalling(), warmup_steps=2, lookahead=True)
     captured_history = _train(captured, batches, announce=lambda i: batches[i + 1][0] if i + 1 < ITERATIONS else None)
 
@@ -275,11 +280,20 @@ def test_cuda_graphs_train_as_the_eager_step_on_the_gpu(method_name, lookahead):
 
 
 @needs_cuda
-def test_cuda_graphs_capture_the_full_stack():
-    """bf16 autocast, channels-last and torch.compile's kernels inside the captured graphs, lookahead on."""
-    batches = _batches("cuda")
+@pytest.mark.parametrize("fused_input", [False, True])
+def test_cuda_graphs_capture_the_full_stack(fused_input):
+    """bf16 autocast, channels-last and torch.compile's kernels inside the captured graphs, lookahead on;
+    with `--fused-input` the normalize-and-mix kernel is captured too."""
+    batches = _batches("cuda", pixels=fused_input)
     graphed = _step(
-        "smile", device="cuda", amp=True, channels_last=True, compile=True, cuda_graph=True, teacher_lookahead=True
+        "smile",
+        device="cuda",
+        amp=True,
+        channels_last=True,
+        compile=True,
+        cuda_graph=True,
+        teacher_lookahead=True,
+        fused_input=fused_input,
     )
     history = _train(graphed, batches, announce=lambda i: batches[i + 1][0] if i + 1 < ITERATIONS else None)
     losses = [loss for loss, _ in history]

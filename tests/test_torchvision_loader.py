@@ -201,6 +201,22 @@ def test_batches_equal_the_float_transform_bit_for_bit(tmp_path: Path, channels_
             assert torch.equal(images[slot], expected), f"iteration {iteration}, sample {index}"
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uint8_batches_are_the_pixels_of_the_normalized_ones(tmp_path: Path, workers: int):
+    """`--fused-input`: uint8 NHWC batches (the layout the fused normalize kernel reads), the same samples
+    and crops as the normalized batches, which normalizing them gives back bit for bit."""
+    from smile_fast.data.transforms import normalize_uint8
+
+    samples = textured_samples(tmp_path, 6)
+    plan = TrainBatchPlan(len(samples), 3, seed=5)
+    normalized = batches(TorchvisionTrainLoader(samples, TRAIN_SPEC, plan, CPU, num_workers=0), 0, 3)
+    loader = TorchvisionTrainLoader(samples, TRAIN_SPEC, plan, CPU, num_workers=workers, output_uint8=True)
+    for (pixels, labels), (expected, expected_labels) in zip(batches(loader, 0, 3), normalized, strict=True):
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 12, 12, 3) and pixels.is_contiguous()
+        assert torch.equal(normalize_uint8(pixels.permute(0, 3, 1, 2)), expected)
+        assert torch.equal(labels, expected_labels)
+
+
 def test_the_transform_refuses_an_unknown_output():
     from smile_fast.data.transforms import build_torchvision_transform
 

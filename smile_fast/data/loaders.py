@@ -50,8 +50,13 @@ def build_train_loader(
     device: torch.device,
     workers: int,
     channels_last: bool,
+    output_uint8: bool = False,
 ):
-    """A loader object with `iterate(start_iteration)` and `skipped_files` (see data/torchvision.py)."""
+    """A loader object with `iterate(start_iteration)` and `skipped_files` (see data/torchvision.py).
+
+    output_uint8: batches of uint8 pixels [B, crop, crop, 3] (NHWC), left for the training step to
+    normalize (`--fused-input`), instead of normalized float32 [B, 3, crop, crop].
+    """
     if kind == "dali":
         from smile_fast.data.dali import DaliTrainLoader
 
@@ -65,10 +70,13 @@ def build_train_loader(
             num_threads=max(workers, 1),
             channels_last=channels_last,
             seed=0,
+            output_uint8=output_uint8,
         )
     from smile_fast.data.torchvision import TorchvisionTrainLoader
 
-    return TorchvisionTrainLoader(samples, spec, plan, device, num_workers=workers, channels_last=channels_last)
+    return TorchvisionTrainLoader(
+        samples, spec, plan, device, num_workers=workers, channels_last=channels_last, output_uint8=output_uint8
+    )
 
 
 def eval_batches(

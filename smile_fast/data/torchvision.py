@@ -65,6 +65,15 @@ def _collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, 
     return images, labels, [failed for _, _, failed in items if failed]
 
 
+def _collate_nhwc(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """As _collate, with the images stacked as NHWC [B, H, W, 3], the layout ops.mixup_normalize_uint8 reads.
+
+    The transposition happens in the worker, inside the copy that stacking makes anyway.
+    """
+    images, labels, failed = _collate([(image.permute(1, 2, 0), label, path) for image, label, path in items])
+    return images, labels, failed
+
+
 class _PlanBatches(Sampler):
     """Infinite batch sampler: plan.batch(i) for i = start, start + 1, ..."""
 
@@ -121,6 +130,7 @@ class TorchvisionTrainLoader:
         num_workers: int = 2,
         channels_last: bool = False,
         pin_memory: bool | None = None,
+        output_uint8: bool = False,
     ):
         if plan.num_samples != len(samples):
             raise ValueError(f"the plan covers {plan.num_samples} samples but {len(samples)} were given")
@@ -129,6 +139,7 @@ class TorchvisionTrainLoader:
         self.device = torch.device(device)
         self.num_workers = num_workers
         self.channels_last = channels_last
+        self.output_uint8 = output_uint8
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.skipped_paths: set[str] = set()
 
@@ -138,7 +149,8 @@ class TorchvisionTrainLoader:
         return len(self.skipped_paths)
 
     def iterate(self, start_iteration: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (images [B, 3, crop, crop] float32 normalized, labels [B] int64) on the device, forever.
+        """Yield (images [B, 3, crop, crop] float32 normalized, labels [B] int64) on the device, forever;
+        with `output_uint8`, images are the uint8 pixels [B, crop, crop, 3] (NHWC), not normalized.
 
         The first batch is that of iteration `start_iteration`.
         """
@@ -146,7 +158,7 @@ class TorchvisionTrainLoader:
             self.dataset,
             batch_sampler=_PlanBatches(self.plan, start_iteration),
             num_workers=self.num_workers,
-            collate_fn=_collate,
+            collate_fn=_collate_nhwc if self.output_uint8 else _collate,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             prefetch_factor=_PREFETCH_FACTOR if self.num_workers > 0 else None,
@@ -158,7 +170,13 @@ class TorchvisionTrainLoader:
                 if path not in self.skipped_paths:
                     self.skipped_paths.add(path)
                     logger.warning("skipped an unreadable image (%d so far): %s", len(self.skipped_paths), path)
-            yield _to_device(images, labels, self.device, non_blocking, self.channels_last)
+            if self.output_uint8:
+                yield (
+                    images.to(self.device, non_blocking=non_blocking),
+                    labels.to(self.device, non_blocking=non_blocking),
+                )
+            else:
+                yield _to_device(images, labels, self.device, non_blocking, self.channels_last)
 
 
 class _EvalImages(Dataset):

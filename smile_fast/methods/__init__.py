@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from smile_fast.methods.base import Method, MixDraw, draw_mixup, folded_beta, step_generator
+from smile_fast.methods.batch import NormalizedBatch, Uint8Batch, as_batch
 from smile_fast.methods.cutmix import CutMix
 from smile_fast.methods.finetune import Finetune
 from smile_fast.methods.mixup import Mixup
@@ -38,7 +39,10 @@ __all__ = [
     "Method",
     "MixDraw",
     "Mixup",
+    "NormalizedBatch",
     "Smile",
+    "Uint8Batch",
+    "as_batch",
     "build_method",
     "draw_mixup",
     "folded_beta",

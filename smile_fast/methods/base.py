@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from smile_fast.devices import to_device_async
+from smile_fast.methods.batch import NormalizedBatch, Uint8Batch
 
 
 @dataclass
@@ -81,12 +82,18 @@ class Method:
     name = "base"
     uses_teacher = False
 
-    def draw(self, generator: np.random.Generator, images: torch.Tensor) -> MixDraw | None:
-        """The step's mixing draw, or None for methods that do not mix."""
+    def draw(
+        self, generator: np.random.Generator, images: torch.Tensor | NormalizedBatch | Uint8Batch
+    ) -> MixDraw | None:
+        """The step's mixing draw, or None for methods that do not mix (images: as for `loss`)."""
         return None
 
     def loss(
-        self, images, labels, student, teacher, draw: MixDraw | None
+        self, images: torch.Tensor | NormalizedBatch | Uint8Batch, labels, student, teacher, draw: MixDraw | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """images [B, 3, H, W]; labels long [B]. Returns (scalar loss, {name: detached scalar} to log)."""
+        """Returns (scalar loss, {name: detached scalar} to log).
+
+        images: normalized float [B, 3, H, W], uint8 pixels [B, H, W, 3], or a batch object of
+        methods/batch.py (what the training step passes); labels: long [B].
+        """
         raise NotImplementedError

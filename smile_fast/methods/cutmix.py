@@ -7,6 +7,7 @@ import math
 import torch.nn.functional as F
 
 from smile_fast.methods.base import Method, MixDraw, device_mix_tensors
+from smile_fast.methods.batch import as_batch
 
 
 def cutmix_box(generator, height: int, width: int, lam: float) -> tuple[int, int, int, int]:
@@ -27,7 +28,8 @@ class CutMix(Method):
         self.probability = probability
 
     def draw(self, generator, images):
-        batch, _, height, width = images.shape
+        images = as_batch(images)
+        batch, (height, width) = images.batch_size, images.image_size
         applied = bool(generator.random() < self.probability)
         lam = float(generator.beta(self.alpha, self.alpha))
         perm_host = generator.permutation(batch)
@@ -38,6 +40,7 @@ class CutMix(Method):
         return MixDraw(lam, lam_tensor, perm, box=box, applied=applied)
 
     def loss(self, images, labels, student, teacher, draw):
+        images = as_batch(images).clean()
         if not draw.applied:
             logits = student(images).logits
             loss = F.cross_entropy(logits.float(), labels)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from smile_fast.methods.base import Method, draw_mixup
-from smile_fast.ops import mixup_batch, mixup_cross_entropy
+from smile_fast.methods.batch import as_batch
+from smile_fast.ops import mixup_cross_entropy
 
 
 class Mixup(Method):
@@ -13,10 +14,11 @@ class Mixup(Method):
         self.alpha = alpha
 
     def draw(self, generator, images):
-        return draw_mixup(generator, images.shape[0], self.alpha, images.device)
+        batch = as_batch(images)
+        return draw_mixup(generator, batch.batch_size, self.alpha, batch.device)
 
     def loss(self, images, labels, student, teacher, draw):
-        mixed = mixup_batch(images, draw.perm, draw.lam_tensor)
+        mixed = as_batch(images).mixed(draw)
         logits = student(mixed).logits
         loss = mixup_cross_entropy(logits, labels, draw.perm, draw.lam_tensor)
         return loss, {"ce_mix": loss.detach()}

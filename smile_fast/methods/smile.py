@@ -15,9 +15,9 @@ import warnings
 import torch
 
 from smile_fast.methods.base import Method, draw_mixup, teacher_outputs
+from smile_fast.methods.batch import as_batch
 from smile_fast.ops import (
     feature_mixup_loss,
-    mixup_batch,
     mixup_cross_entropy,
     soft_mixup_cross_entropy,
     soft_mixup_mse,
@@ -66,13 +66,16 @@ class Smile(Method):
         self.form = form
 
     def draw(self, generator, images):
-        return draw_mixup(generator, images.shape[0], self.alpha, images.device)
+        batch = as_batch(images)
+        return draw_mixup(generator, batch.batch_size, self.alpha, batch.device)
 
     def loss(self, images, labels, student, teacher, draw):
         perm, lam = draw.perm, draw.lam_tensor
+        # Both inputs at once: from uint8 pixels they come out of one kernel.
+        clean, mixed = as_batch(images).clean_and_mixed(draw)
         # Teacher first: on CUDA the engine runs it on a side stream, overlapping the student's forward.
-        pending_teacher = teacher(images)
-        output = student(mixup_batch(images, perm, lam))
+        pending_teacher = teacher(clean)
+        output = student(mixed)
         teacher_features, teacher_logits = teacher_outputs(pending_teacher)
 
         loss_mxp = mixup_cross_entropy(output.logits, labels, perm, lam)
