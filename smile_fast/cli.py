@@ -56,7 +56,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--train-samples", type=_integer, help="draw this many training images from the kept classes")
     flag("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (bfloat16 by default)")
     flag("--amp-dtype", choices=AMP_DTYPES)
-    flag("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format")
+    flag(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC memory format (default: on with CUDA)",
+    )
     flag("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile student and teacher")
     flag("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (reduce-overhead adds CUDA graphs)")
     _add_capture_flags(flag, default=None)  # None: a YAML config's value stands

@@ -59,7 +59,7 @@ class TrainConfig:
     # speed
     amp: bool = False
     amp_dtype: str = "bfloat16"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: on with CUDA (resolve_for_device), off on a CPU
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     cuda_graph: bool = False  # capture the whole step as CUDA graphs by hand (step_capture.py)
@@ -155,6 +155,17 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if config.eval_batch_size is None:
         config.eval_batch_size = max(config.batch_size, 64)
     validate(config)
+    return config
+
+
+def resolve_for_device(config: TrainConfig, device) -> TrainConfig:
+    """Fill the defaults that depend on the device the run got (known only once it is set up).
+
+    channels_last: on with CUDA, where bf16 and fp32 convolutions run in cuDNN's NHWC kernels without
+    layout transposes; off on a CPU, where it measured within the noise here (2-3%, bench/RESULTS.md).
+    """
+    if config.channels_last is None:
+        config.channels_last = device.type == "cuda"
     return config
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from smile_fast.checkpoint import load_checkpoint, save_atomic
-from smile_fast.config import TrainConfig, build_config
+from smile_fast.config import TrainConfig, build_config, resolve_for_device
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec
 from smile_fast.devices import resolve_device, setup_distributed
@@ -106,6 +106,7 @@ class Trainer:
             config = build_config(saved)
         self.config = config
         self.dist, self.device = setup_distributed(config.device)
+        resolve_for_device(config, self.device)  # before the settings are written to the run folder
         if config.cuda_graph:
             from smile_fast.step_capture import check_cuda_graph_device
 

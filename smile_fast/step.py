@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from smile_fast.config import GRAPH_COMPILE_MODES, TrainConfig
+from smile_fast.config import GRAPH_COMPILE_MODES, TrainConfig, resolve_for_device
 from smile_fast.methods import Method, as_batch, step_generator
 from smile_fast.models import SmileNet, SourceNet
 from smile_fast.teacher import MeanTeacher
@@ -73,7 +73,7 @@ class TrainingStep:
     def __init__(
         self, config: TrainConfig, method: Method, student: SmileNet, source: SourceNet, device: torch.device, dist=None
     ):
-        self.config = config
+        self.config = resolve_for_device(config, device)
         self.method = method
         self.device = device
         self.dist = dist

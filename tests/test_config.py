@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import smile_fast.engine
 from smile_fast.cli import main
@@ -118,3 +119,13 @@ def test_cli_flags_reach_the_config_over_yaml(tmp_path, monkeypatch, capsys):
 def test_config_round_trips_through_to_dict():
     config = build_config(overrides={"iters": 3, "batch_size": 2})
     assert build_config(config.to_dict()) == config
+
+
+def test_channels_last_defaults_to_the_device():
+    from smile_fast.config import resolve_for_device
+
+    assert build_config().channels_last is None, "decided once the device is known, not before"
+    assert resolve_for_device(build_config(), torch.device("cuda", 0)).channels_last is True
+    assert resolve_for_device(build_config(), torch.device("cpu")).channels_last is False
+    explicit = build_config(overrides=dict(channels_last=False))
+    assert resolve_for_device(explicit, torch.device("cuda", 0)).channels_last is False, "a given value stands"
