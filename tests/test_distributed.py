@@ -94,7 +94,7 @@ def folder(tmp_path_factory):
     return root
 
 
-def _command(folder, out, nproc, batch_size, method, iters=4, resume=None):
+def _command(folder, out, nproc, batch_size, method, iters=4, resume=None, extra_args=()):
     common = [
         "train",
         "--dataset",
@@ -130,6 +130,7 @@ def _command(folder, out, nproc, batch_size, method, iters=4, resume=None):
     (folder / "small.yaml").write_text("resize_size: 36\ncrop_size: 32\n")
     if resume:
         common += ["--resume", str(resume)]
+    common += list(extra_args)
     if nproc == 1:
         return [sys.executable, str(folder / "launch.py"), *common]
     return [
@@ -148,10 +149,12 @@ def _environment(record, extra_env=None):
     return dict(os.environ, RECORD_DIR=str(record), OMP_NUM_THREADS="1", TRITON_INTERPRET="0", **(extra_env or {}))
 
 
-def _run(folder, out, nproc, batch_size, method, extra_env=None, expect_success=True, iters=4, resume=None):
+def _run(
+    folder, out, nproc, batch_size, method, extra_env=None, expect_success=True, iters=4, resume=None, extra_args=()
+):
     record = out.parent / f"{out.name}-record"
     env = _environment(record, extra_env)
-    command = _command(folder, out, nproc, batch_size, method, iters, resume)
+    command = _command(folder, out, nproc, batch_size, method, iters, resume, extra_args)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if expect_success:
         assert result.returncode == 0, f"{nproc}-process run failed:\n{result.stderr[-3000:]}"
@@ -174,14 +177,17 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(folder, tmp
     assert summary_double["test_top1"] == pytest.approx(summary_single["test_top1"]), "evaluation differs"
 
 
-def test_mean_teacher_stays_identical_on_every_rank(folder, tmp_path):
-    record = _run(folder, tmp_path / "smile", 2, 4, "smile")
+@pytest.mark.parametrize("extra_args", [(), ("--fused-input",)], ids=["normalized", "fused-input"])
+def test_mean_teacher_stays_identical_on_every_rank(folder, tmp_path, extra_args):
+    record = _run(folder, tmp_path / "smile", 2, 4, "smile", extra_args=extra_args)
     digests = {path.name: path.read_text() for path in record.iterdir()}
     assert len(digests) == 2, f"each rank should record its teacher: {digests}"
     assert len(set(digests.values())) == 1, f"the teachers diverged across ranks: {digests}"
     assert not (tmp_path / "smile-rank1").exists()
     summary = json.loads((tmp_path / "smile" / "summary.json").read_text())
     assert summary["world_size"] == 2
+    written = (tmp_path / "smile" / "config.yaml").read_text()
+    assert f"fused_input: {'true' if extra_args else 'false'}" in written, written
 
 
 def test_a_crashed_rank_ends_every_rank_with_an_error(folder, tmp_path):
