@@ -178,6 +178,14 @@ def test_cuda_batches_are_pinned_copies(tmp_path: Path):
     assert images.is_contiguous(memory_format=torch.channels_last)
     cpu_images, _ = batches(TorchvisionTrainLoader(samples, TRAIN_SPEC, plan, CPU, num_workers=0), 0, 1)[0]
     assert torch.equal(images.cpu(), cpu_images)
+    # --fused-input: the uint8 NHWC batch goes to the GPU as it is, from pinned memory too.
+    pixels, _ = batches(
+        TorchvisionTrainLoader(samples, TRAIN_SPEC, plan, device, num_workers=0, output_uint8=True), 0, 1
+    )[0]
+    assert pixels.device.type == "cuda" and pixels.dtype == torch.uint8 and pixels.shape == (4, 12, 12, 3)
+    from smile_fast.data.transforms import normalize_uint8
+
+    assert torch.equal(normalize_uint8(pixels.permute(0, 3, 1, 2)).cpu(), cpu_images)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
