@@ -77,6 +77,19 @@ def ops_lines(result: dict | None) -> list[str]:
     return lines + [_ops_line(bench) for bench in _with_graph_rows_beside(benchmarks)]
 
 
+def fused_input_lines(plain: dict | None, fused: dict | None) -> list[str]:
+    """--fused-input against the same captured step without it (gpu_check parts 3e and 3f): issue 4 keeps
+    the flag only if it measures faster."""
+    if not plain or not fused:
+        return []
+    line = f"--fused-input at batch {fused['batch_size']} (captured step, lookahead), ms/step plain -> fused:"
+    for method in ("finetune", "smile"):
+        before, after = plain.get(f"{method}_ms_per_step"), fused.get(f"{method}_ms_per_step")
+        if before and after:
+            line += f" {method} {before:.2f} -> {after:.2f} ({after / before - 1:+.1%})"
+    return [line]
+
+
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-results")
     lines = []
@@ -84,6 +97,9 @@ def main() -> None:
     lines += step_lines("step b256", _load(out / "step_b256.json"))
     for capture in sorted(out.glob("step_capture*.json")):  # --cuda-graph, with and without lookahead
         lines += step_lines(capture.stem, _load(capture))
+    lines += fused_input_lines(
+        _load(out / "step_capture_lookahead_b48.json"), _load(out / "step_capture_lookahead_fused_b48.json")
+    )
     variants = _load(out / "teacher_variants.json") or {}
     for name, result in variants.items():
         lines.append(

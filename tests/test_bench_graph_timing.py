@@ -176,3 +176,11 @@ def test_summary_without_graph_rows_is_unchanged():
     rows = [_row("test_op_bench[mixup_batch-forward-B48-fused]", 1e-4, "per_call", "fused", gb_per_s=560.0)]
     lines = summarize_gpu.ops_lines({"benchmarks": rows})
     assert lines == ["ops (median):", f"  {rows[0]['name']:<60} {100.0:10.1f} us {560.0:8.1f} GB/s"]
+
+
+def test_summary_compares_fused_input_with_the_same_captured_step():
+    plain = {"batch_size": 48, "finetune_ms_per_step": 10.0, "smile_ms_per_step": 12.0}
+    fused = {"batch_size": 48, "finetune_ms_per_step": 9.5, "smile_ms_per_step": 12.6}
+    (line,) = summarize_gpu.fused_input_lines(plain, fused)
+    assert "finetune 10.00 -> 9.50 (-5.0%)" in line and "smile 12.00 -> 12.60 (+5.0%)" in line, line
+    assert summarize_gpu.fused_input_lines(plain, None) == []
