@@ -34,13 +34,17 @@ def ops_source_digest(folders=SOURCE_FOLDERS) -> str:
 
 
 def tag_compile_cache(folders=SOURCE_FOLDERS) -> str:
-    """Add this smile-fast's ops digest to torch.compile's cache key tag; returns the tag now in force.
+    """Add this smile-fast's ops digest to torch.compile's cache key tag; returns the tag now in force
+    ("" on a torch that has no such tag).
 
     A tag the user set (TORCH_COMPILE_CACHE_KEY_TAG) is kept, with the digest appended; an earlier
     smile-fast digest in it is replaced, so calling this again changes nothing.
     """
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return ""  # a torch without the setting (the package allows torch >= 2.6): nothing to tag
     own = _TAG_PREFIX + ops_source_digest(folders)
-    parts = [part for part in torch.compiler.config.cache_key_tag.split(";") if part]
+    parts = [part for part in config.cache_key_tag.split(";") if part]
     parts = [part for part in parts if not part.startswith(_TAG_PREFIX)] + [own]
-    torch.compiler.config.cache_key_tag = ";".join(parts)
-    return torch.compiler.config.cache_key_tag
+    config.cache_key_tag = ";".join(parts)
+    return config.cache_key_tag

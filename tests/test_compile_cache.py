@@ -55,3 +55,11 @@ def test_a_compiled_training_step_tags_the_cache():
     student, source, _ = build_models("resnet18", 3, "none", with_aux_head=False, log=lambda m: None)
     TrainingStep(config, build_method("finetune"), student, source, torch.device("cpu")).finalize()  # compiles lazily
     assert torch.compiler.config.cache_key_tag == f"smile-fast-ops-{ops_source_digest()}"
+
+
+def test_a_torch_without_the_setting_is_left_alone(tmp_path, monkeypatch):
+    class OldConfig:  # torch.compiler.config of a release that predates cache_key_tag
+        pass
+
+    monkeypatch.setattr(torch.compiler, "config", OldConfig())
+    assert tag_compile_cache(_sources(tmp_path)) == ""
