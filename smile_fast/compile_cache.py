@@ -12,9 +12,8 @@ entries of other versions stay on disk for their own version.
 from __future__ import annotations
 
 import hashlib
+import importlib
 from pathlib import Path
-
-import torch
 
 _PACKAGE = Path(__file__).resolve().parent
 SOURCE_FOLDERS = (_PACKAGE / "ops", _PACKAGE / "kernels")
@@ -40,7 +39,10 @@ def tag_compile_cache(folders=SOURCE_FOLDERS) -> str:
     A tag the user set (TORCH_COMPILE_CACHE_KEY_TAG) is kept, with the digest appended; an earlier
     smile-fast digest in it is replaced, so calling this again changes nothing.
     """
-    config = getattr(torch.compiler, "config", None)
+    try:
+        config = importlib.import_module("torch.compiler.config")
+    except ImportError:
+        config = None
     if config is None or not hasattr(config, "cache_key_tag"):
         return ""  # a torch without the setting (the package allows torch >= 2.6): nothing to tag
     own = _TAG_PREFIX + ops_source_digest(folders)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -61,5 +63,5 @@ def test_a_torch_without_the_setting_is_left_alone(tmp_path, monkeypatch):
     class OldConfig:  # torch.compiler.config of a release that predates cache_key_tag
         pass
 
-    monkeypatch.setattr(torch.compiler, "config", OldConfig())
+    monkeypatch.setitem(sys.modules, "torch.compiler.config", OldConfig())
     assert tag_compile_cache(_sources(tmp_path)) == ""
