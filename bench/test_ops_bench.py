@@ -167,18 +167,16 @@ def _implementation(op_name: str, implementation: str, mode: str) -> Callable[..
     return _compiled_cache[key]
 
 
+_BUILDS_MEAN_STD_EACH_CALL = (
+    "the eager reference builds mean/std with torch.tensor(list(...), device=...) on every call: a copy "
+    "from a Python list that synchronizes with the host, illegal in CUDA graph capture"
+)
 # Combinations that cannot be captured, with the host synchronization that forbids it.
 GRAPH_UNSAFE = {
     # The fused op passes mean/std to its kernel as scalars, and torch.compile inlines them as constants
     # (seen in inductor's output code); the eager reference does not.
-    ("mixup_normalize_uint8", "eager"): (
-        "the eager reference builds mean/std with torch.tensor(list(...), device=...) on every call: a copy "
-        "from a Python list that synchronizes with the host, illegal in CUDA graph capture"
-    ),
-    ("normalize_uint8", "eager"): (
-        "the eager reference builds mean/std with torch.tensor(list(...), device=...) on every call: a copy "
-        "from a Python list that synchronizes with the host, illegal in CUDA graph capture"
-    ),
+    ("mixup_normalize_uint8", "eager"): _BUILDS_MEAN_STD_EACH_CALL,
+    ("normalize_uint8", "eager"): _BUILDS_MEAN_STD_EACH_CALL,
 }
 
 

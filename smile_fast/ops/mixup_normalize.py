@@ -31,6 +31,13 @@ def _empty_channels_last(images: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(images.shape, dtype=dtype, device=images.device).permute(0, 3, 1, 2)
 
 
+def _normalized_float32(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """(x/255 - mean)/std of uint8 NHWC images in float32, as a [B, 3, H, W] view: both references' clean batch."""
+    mean_t = torch.tensor(list(mean), dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(list(std), dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return (images.permute(0, 3, 1, 2).float() / 255.0 - mean_t) / std_t
+
+
 def mixup_normalize_uint8_reference(
     images: Tensor,
     perm: Tensor,
@@ -55,10 +62,7 @@ def mixup_normalize_uint8_reference(
     _check_inputs(images, mean, std, out_dtype)
     check_perm(perm, images.shape[0])
     lam_t = lam_as_tensor(lam, images.device)
-    mean_t = torch.tensor(list(mean), dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(list(std), dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    pixels = images.permute(0, 3, 1, 2).float() / 255.0
-    clean = (pixels - mean_t) / std_t
+    clean = _normalized_float32(images, mean, std)
     mixed = lam_t * clean + (1.0 - lam_t) * clean.index_select(0, perm)
     return (
         copy_into_empty_like(clean, _empty_channels_last(images, out_dtype)),
@@ -135,10 +139,7 @@ def normalize_uint8_reference(
 ) -> Tensor:
     """Plain-PyTorch (x/255 - mean)/std of a uint8 NHWC batch, in float32: [B, 3, H, W] channels-last, `out_dtype`."""
     _check_inputs(images, mean, std, out_dtype)
-    mean_t = torch.tensor(list(mean), dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(list(std), dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    clean = (images.permute(0, 3, 1, 2).float() / 255.0 - mean_t) / std_t
-    return copy_into_empty_like(clean, _empty_channels_last(images, out_dtype))
+    return copy_into_empty_like(_normalized_float32(images, mean, std), _empty_channels_last(images, out_dtype))
 
 
 def _normalize_uint8_impl(images: Tensor, mean: list[float], std: list[float], out_dtype: torch.dtype) -> Tensor:
