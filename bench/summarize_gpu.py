@@ -108,10 +108,13 @@ def main() -> None:
         )
     # Issue 4's GPU goal: the loader feeds at least 1.5x what the ResNet-50 step consumes in the same run.
     step = _load(out / "step_b256.json") or _load(out / "step_b48.json")
-    for loader in ("torchvision", "dali"):
-        result = _load(out / f"loader_{loader}.json")
+    for path in sorted(out.glob("loader_*.json")):  # loader_torchvision, loader_dali and loader_dali_b256
+        result = _load(path)
         if result:
-            line = f"loader {loader}: {result['images_per_sec']:.1f} images/s on {result.get('device_name')}"
+            line = (
+                f"loader {result['loader']} (batch {result.get('batch_size')}): {result['images_per_sec']:.1f} "
+                f"images/s on {result.get('device_name')}"
+            )
             if step:
                 ratio = result["images_per_sec"] / step["finetune_images_per_sec"]
                 line += f", {ratio:.2f}x the finetune step's {step['finetune_images_per_sec']:.0f} images/s"

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _dali_images import GREY_LEVEL, SMALL_TEST, SMALL_TRAIN, reference, take, write_images
 from PIL import Image
 
 from smile_fast.data import crop_geometry, dali, encoded_images
@@ -22,13 +23,6 @@ needs_dali = pytest.mark.skipif(
     not dali.dali_available(), reason="NVIDIA DALI is not installed (pip install smile-fast[dali])"
 )
 
-# Small sizes keep the suite fast on 2 cores; one test runs the spec's real 256/224 sizes.
-SMALL_TRAIN = TransformSpec("shorter", resize_size=64, crop_size=56, train=True)
-SMALL_TEST = TransformSpec("shorter", resize_size=64, crop_size=56, train=False)
-# (width, height): landscape, portrait, square, one smaller than the resize (upscaled), odd sizes.
-VARIED_SIZES = [(120, 90), (90, 120), (100, 100), (57, 80), (161, 107), (70, 129)]
-# One grey level in normalized units, for the channel with the largest scale (smallest std).
-GREY_LEVEL = 1.0 / 255.0 / min(IMAGENET_STD)
 # On a CPU device the resize, crop and flip run in torch by default, or in DALI (the GPU pipeline's
 # operators); the parity tests run both.
 both_cpu_resizes = pytest.mark.parametrize("cpu_resize", dali.CPU_RESIZES)
@@ -40,50 +34,9 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SMILE_FAST_CACHE", str(tmp_path / "cache"))
 
 
-def _write_images(folder: Path, count: int, sizes=VARIED_SIZES, seed: int = 0) -> list[tuple[str, int]]:
-    """`count` JPEGs cycling through `sizes`, labelled with their own index.
-
-    Each is one random colour plus strong per-pixel noise: a stationary texture, so that any crop of
-    an image has about the same channel mean and std as any other crop (the two loaders draw
-    different crops, and their statistics must still agree), while the noise makes the std depend
-    on how the resize filters it (a loader that skipped antialiasing would show a larger std).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    samples = []
-    for index in range(count):
-        width, height = sizes[index % len(sizes)]
-        colour = rng.uniform(40, 215, size=3)
-        pixels = np.clip(colour + rng.normal(0, 40, size=(height, width, 3)), 0, 255).astype(np.uint8)
-        path = folder / f"image_{index:03d}.jpg"
-        Image.fromarray(pixels).save(path, quality=92)
-        samples.append((str(path), index))
-    return samples
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[tuple[str, int]]:
-    return _write_images(tmp_path_factory.mktemp("dali_images"), 24)
-
-
-def _reference(path: str, spec: TransformSpec, top: int, left: int, mirror: bool) -> torch.Tensor:
-    """The spec's transform with torchvision's functional ops and an explicit crop window: float32 [3, crop, crop]."""
-    from torchvision.transforms import functional as F
-
-    from smile_fast.data.images import load_rgb
-
-    image = load_rgb(path)
-    height, width = crop_geometry.resized_size(spec, image.height, image.width)
-    image = F.crop(F.resize(image, [height, width]), top, left, spec.crop_size, spec.crop_size)
-    if mirror:
-        image = F.hflip(image)
-    return F.normalize(F.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
-
-
-def _take(iterator, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    batches = [next(iterator) for _ in range(count)]
-    iterator.close()
-    return batches
+    return write_images(tmp_path_factory.mktemp("dali_images"), 24)
 
 
 # --- without DALI ------------------------------------------------------------------------------------
@@ -168,14 +121,14 @@ def test_train_batches_match_the_torchvision_transform_pixel_for_pixel(images, c
     spec = SMALL_TRAIN
     plan = TrainBatchPlan(len(images), 8, seed=3)
     loader = dali.DaliTrainLoader(images, spec, plan, "cpu", num_threads=2, cpu_resize=cpu_resize)
-    ((batch, labels),) = _take(loader.iterate(0), 1)
+    ((batch, labels),) = take(loader.iterate(0), 1)
     for slot, (index, augment_seed) in enumerate(plan.batch(0)):
         path, label = images[index]
         assert labels[slot].item() == label
         with Image.open(path) as image:
             height, width = crop_geometry.resized_size(spec, image.height, image.width)
         top, left, mirror = crop_geometry.crop_window(spec, height, width, augment_seed)
-        difference = (batch[slot] - _reference(path, spec, top, left, mirror)).abs()
+        difference = (batch[slot] - reference(path, spec, top, left, mirror)).abs()
         assert difference.max().item() <= 3 * GREY_LEVEL, f"sample {index}: max difference {difference.max():.4f}"
         assert difference.mean().item() <= 0.5 * GREY_LEVEL, f"sample {index}: mean difference {difference.mean():.4f}"
 
@@ -184,7 +137,7 @@ def test_train_batches_match_the_torchvision_transform_pixel_for_pixel(images, c
 @both_cpu_resizes
 def test_spec_sizes_on_photo_sized_jpegs(tmp_path, cpu_resize):
     """The spec's real sizes (Resize 256 shorter side, crop 224) on 500x375 / 375x500 JPEGs, and a square resize."""
-    samples = _write_images(tmp_path / "photos", 4, sizes=[(500, 375), (375, 500)])
+    samples = write_images(tmp_path / "photos", 4, sizes=[(500, 375), (375, 500)])
     for resize in ("shorter", "square"):
         spec = TransformSpec(resize, train=False)
         ((batch, labels),) = list(dali.dali_eval_batches(samples, spec, 4, "cpu", num_threads=2, cpu_resize=cpu_resize))
@@ -193,7 +146,7 @@ def test_spec_sizes_on_photo_sized_jpegs(tmp_path, cpu_resize):
             with Image.open(path) as image:
                 height, width = crop_geometry.resized_size(spec, image.height, image.width)
             top, left, _ = crop_geometry.crop_window(spec, height, width, None)
-            difference = (batch[slot] - _reference(path, spec, top, left, False)).abs()
+            difference = (batch[slot] - reference(path, spec, top, left, False)).abs()
             assert difference.max().item() <= 3 * GREY_LEVEL and difference.mean().item() <= 0.5 * GREY_LEVEL
 
 
@@ -212,11 +165,11 @@ def test_dali_and_torchvision_loaders_agree_on_labels_layout_and_statistics(imag
     from smile_fast.data.torchvision import TorchvisionTrainLoader
 
     plan = TrainBatchPlan(len(images), 8, seed=5)
-    from_dali = _take(
+    from_dali = take(
         dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", channels_last=True, cpu_resize=cpu_resize).iterate(0),
         12,
     )
-    from_torchvision = _take(
+    from_torchvision = take(
         TorchvisionTrainLoader(
             images, SMALL_TRAIN, plan, torch.device("cpu"), num_workers=0, channels_last=True
         ).iterate(0),
@@ -257,11 +210,11 @@ def test_eval_matches_torchvision_eval_batches(images, cpu_resize):
 @needs_dali
 def test_seeded_runs_repeat_exactly_and_resume_continues_the_same_stream(images):
     plan = TrainBatchPlan(len(images), 6, seed=11)
-    first = _take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu").iterate(0), 4)
-    again = _take(
+    first = take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu").iterate(0), 4)
+    again = take(
         dali.DaliTrainLoader(images, SMALL_TRAIN, TrainBatchPlan(len(images), 6, seed=11), "cpu").iterate(0), 4
     )
-    resumed = _take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu").iterate(2), 2)
+    resumed = take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu").iterate(2), 2)
     for (a_images, a_labels), (b_images, b_labels) in zip(first, again):
         assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
     for (a_images, a_labels), (b_images, b_labels) in zip(first[2:], resumed):
@@ -269,7 +222,7 @@ def test_seeded_runs_repeat_exactly_and_resume_continues_the_same_stream(images)
     # Labels follow the plan (label = sample index here), iterations 0..3 straddling an epoch boundary.
     for iteration, (_, labels) in enumerate(first):
         assert labels.tolist() == [index for index, _ in plan.batch(iteration)]
-    other_seed = _take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", seed=1).iterate(0), 1)
+    other_seed = take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", seed=1).iterate(0), 1)
     assert torch.equal(other_seed[0][1], first[0][1]) and not torch.equal(other_seed[0][0], first[0][0])
 
 
@@ -278,7 +231,7 @@ def test_two_ranks_train_on_disjoint_samples(images):
     per_rank = []
     for rank in (0, 1):
         plan = TrainBatchPlan(len(images), 4, seed=2, rank=rank, world_size=2)
-        batches = _take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu").iterate(0), plan.batches_per_epoch)
+        batches = take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu").iterate(0), plan.batches_per_epoch)
         per_rank.append([index for _, labels in batches for index in labels.tolist()])
     assert not set(per_rank[0]) & set(per_rank[1])
     # One epoch of 3 global batches of 8 covers all 24 samples once.
@@ -287,7 +240,7 @@ def test_two_ranks_train_on_disjoint_samples(images):
 
 @needs_dali
 def test_eval_shards_cover_every_test_image_exactly_once_with_a_partial_last_batch(tmp_path):
-    samples = _write_images(tmp_path / "odd", 23)
+    samples = write_images(tmp_path / "odd", 23)
     seen = []
     for rank in (0, 1):
         batches = list(dali.dali_eval_batches(samples, SMALL_TEST, 5, "cpu", rank=rank, world_size=2))
@@ -303,7 +256,7 @@ def test_eval_shards_cover_every_test_image_exactly_once_with_a_partial_last_bat
 
 @needs_dali
 def test_corrupt_files_are_skipped_with_a_count(tmp_path):
-    samples = _write_images(tmp_path / "mixed", 10)
+    samples = write_images(tmp_path / "mixed", 10)
     truncated = tmp_path / "mixed" / "truncated.jpg"
     truncated.write_bytes(Path(samples[0][0]).read_bytes()[:300])
     not_an_image = tmp_path / "mixed" / "notes.jpg"
@@ -315,7 +268,7 @@ def test_corrupt_files_are_skipped_with_a_count(tmp_path):
     assert loader.skipped_files == 2
     labels = [
         label
-        for _, batch_labels in _take(loader.iterate(0), 2 * plan.batches_per_epoch)
+        for _, batch_labels in take(loader.iterate(0), 2 * plan.batches_per_epoch)
         for label in batch_labels.tolist()
     ]
     assert len(labels) == 2 * plan.batches_per_epoch * 4
@@ -336,17 +289,17 @@ def test_formats_dali_cannot_decode_are_re_encoded(tmp_path):
     ((batch, labels),) = list(dali.dali_eval_batches([(str(path), 3)], SMALL_TEST, 2, "cpu"))
     top, left, _ = crop_geometry.crop_window(SMALL_TEST, *crop_geometry.resized_size(SMALL_TEST, 80, 100), None)
     assert labels.tolist() == [3]
-    assert (batch[0] - _reference(str(path), SMALL_TEST, top, left, False)).abs().max().item() <= 3 * GREY_LEVEL
+    assert (batch[0] - reference(str(path), SMALL_TEST, top, left, False)).abs().max().item() <= 3 * GREY_LEVEL
 
 
 @needs_dali
 @both_cpu_resizes
 def test_uint8_output_is_unnormalized_nhwc_of_the_same_crops(images, cpu_resize):
     plan = TrainBatchPlan(len(images), 8, seed=4)
-    ((raw, raw_labels),) = _take(
+    ((raw, raw_labels),) = take(
         dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", output_uint8=True, cpu_resize=cpu_resize).iterate(0), 1
     )
-    ((normalized, labels),) = _take(
+    ((normalized, labels),) = take(
         dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu", cpu_resize=cpu_resize).iterate(0), 1
     )
     assert raw.dtype == torch.uint8 and raw.shape == (8, 56, 56, 3) and raw.is_contiguous()
@@ -378,7 +331,7 @@ def test_host_path_gives_the_same_crops_as_the_all_dali_path_and_keeps_torch_thr
     plan = TrainBatchPlan(len(images), 8, seed=9)
     threads = torch.get_num_threads()
     batches = {
-        cpu_resize: _take(
+        cpu_resize: take(
             dali.DaliTrainLoader(
                 images, SMALL_TRAIN, plan, "cpu", channels_last=channels_last, cpu_resize=cpu_resize
             ).iterate(0),

@@ -1,0 +1,69 @@
+"""Images and references shared by the DALI tests on the CPU (test_dali.py) and on a GPU (test_dali_cuda.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from smile_fast.data import crop_geometry
+from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
+
+# Small sizes keep the suite fast on 2 cores; some tests run the spec's real 256/224 sizes.
+SMALL_TRAIN = TransformSpec("shorter", resize_size=64, crop_size=56, train=True)
+SMALL_TEST = TransformSpec("shorter", resize_size=64, crop_size=56, train=False)
+# (width, height): landscape, portrait, square, one smaller than the resize (upscaled), odd sizes.
+VARIED_SIZES = [(120, 90), (90, 120), (100, 100), (57, 80), (161, 107), (70, 129)]
+# One grey level in normalized units, for the channel with the largest scale (smallest std).
+GREY_LEVEL = 1.0 / 255.0 / min(IMAGENET_STD)
+
+
+def write_images(folder: Path, count: int, sizes=VARIED_SIZES, seed: int = 0) -> list[tuple[str, int]]:
+    """`count` JPEGs cycling through `sizes`, labelled with their own index.
+
+    Each is one random colour plus strong per-pixel noise: a stationary texture, so that any crop of
+    an image has about the same channel mean and std as any other crop (the two loaders draw
+    different crops, and their statistics must still agree), while the noise makes the std depend
+    on how the resize filters it (a loader that skipped antialiasing would show a larger std).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for index in range(count):
+        width, height = sizes[index % len(sizes)]
+        colour = rng.uniform(40, 215, size=3)
+        pixels = np.clip(colour + rng.normal(0, 40, size=(height, width, 3)), 0, 255).astype(np.uint8)
+        path = folder / f"image_{index:03d}.jpg"
+        Image.fromarray(pixels).save(path, quality=92)
+        samples.append((str(path), index))
+    return samples
+
+
+def reference(path: str, spec: TransformSpec, top: int, left: int, mirror: bool) -> torch.Tensor:
+    """The spec's transform with torchvision's functional ops and an explicit crop window: float32 [3, crop, crop]."""
+    from torchvision.transforms import functional as F
+
+    from smile_fast.data.images import load_rgb
+
+    image = load_rgb(path)
+    height, width = crop_geometry.resized_size(spec, image.height, image.width)
+    image = F.crop(F.resize(image, [height, width]), top, left, spec.crop_size, spec.crop_size)
+    if mirror:
+        image = F.hflip(image)
+    return F.normalize(F.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def reference_for(path: str, spec: TransformSpec, augment_seed: int | None) -> torch.Tensor:
+    """reference() at the window the loaders draw for `augment_seed` (None: the center crop)."""
+    with Image.open(path) as image:
+        height, width = crop_geometry.resized_size(spec, image.height, image.width)
+    top, left, mirror = crop_geometry.crop_window(spec, height, width, augment_seed)
+    return reference(path, spec, top, left, mirror)
+
+
+def take(iterator, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    batches = [next(iterator) for _ in range(count)]
+    iterator.close()
+    return batches
