@@ -54,7 +54,7 @@ rows = {
     "mixup_batch_bwd": (
         mixup_batch._mixup_batch_bwd_kernel,
         "grad_ptr:*T perm_ptr:*i64 lam_ptr:*fp32 grad_x_ptr:*T n_per_sample:i32 batch:i32",
-        2048,
+        {"BLOCK": 2048, "PERM_BLOCK": 256},
     ),
     "feature_fwd": (
         feature_mixup_loss._feature_mixup_loss_fwd_kernel,

@@ -117,6 +117,25 @@ def test_mixup_batch_lam_and_perm_kinds(rng_seed: int, device: str, lam_kind: st
     assert_close(x.grad, x64.grad, torch.float32, "d mixup_batch / d x", reduction_length=2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("perm_kind", ["random", "repeated"])
+def test_mixup_batch_gradient_with_partners_in_several_blocks(
+    rng_seed: int, device: str, perm_kind: str, monkeypatch
+) -> None:
+    """The backward kernel looks for each sample's takers in blocks of perm (1024 entries; 4 here, so
+    that a batch of 11 spans three blocks, as a batch over 1024 would)."""
+    from smile_fast.kernels import mixup_batch as kernel
+
+    monkeypatch.setattr(kernel, "MIXUP_BATCH_PERM_BLOCK", 4)
+    x = torch.randn(11, 2, 3, 5, device=device, requires_grad=True)
+    perm = make_perm(perm_kind, 11, device)
+    upstream = torch.randn(11, 2, 3, 5, device=device)
+    (ops.mixup_batch(x, perm, 0.6) * upstream).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    (mixup_batch_float64(x64, perm, 0.6) * upstream.double()).sum().backward()
+    assert_close(x.grad, x64.grad, torch.float32, "d mixup_batch / d x", reduction_length=2)
+
+
 # -------------------------------------------------------------------------------------- mixup_cross_entropy
 def mixup_cross_entropy_float64(logits: Tensor, target: Tensor, perm: Tensor, lam: float) -> Tensor:
     logits64 = logits.double()

@@ -10,6 +10,9 @@ from smile_fast.kernels import record_launch
 # for a streaming kernel with 4 warps (16 elements a thread, i.e. four 16-byte vectors).
 MIXUP_BATCH_BLOCK = 2048
 MIXUP_BATCH_NUM_WARPS = 4
+# Entries of perm the backward compares at once: the whole of it up to batch 1024 (8 KiB of int64, 16
+# registers a thread at 4 warps), in blocks beyond.
+MIXUP_BATCH_PERM_BLOCK = 1024
 
 
 @triton.jit
@@ -32,10 +35,16 @@ def _mixup_batch_fwd_kernel(x_ptr, perm_ptr, lam_ptr, out_ptr, n_per_sample, BLO
 
 
 @triton.jit
-def _mixup_batch_bwd_kernel(grad_ptr, perm_ptr, lam_ptr, grad_x_ptr, n_per_sample, batch, BLOCK: tl.constexpr):
+def _mixup_batch_bwd_kernel(
+    grad_ptr, perm_ptr, lam_ptr, grad_x_ptr, n_per_sample, batch, BLOCK: tl.constexpr, PERM_BLOCK: tl.constexpr
+):
     # d loss / d x[j] = lam * g[j] + (1 - lam) * sum over b with perm[b] == j of g[b]. Each program owns
-    # a chunk of sample j and scans perm (B scalars, cached) for the samples that took j as partner,
-    # so repeated partners are summed without atomics and the result is deterministic.
+    # a chunk of sample j, finds the samples that took j as partner with one vector compare over perm
+    # (PERM_BLOCK entries at a time, from cache), and adds their chunks in increasing b: repeated
+    # partners are summed without atomics, in a fixed order, so the result is deterministic. For a
+    # permutation that is one partner chunk per program, as in the forward. (Scanning perm one scalar
+    # at a time, as this kernel first did, cost B dependent loads per program: 37% of copy bandwidth
+    # at batch 192 on an H200, against the forward's 83%.)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offsets = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -43,9 +52,13 @@ def _mixup_batch_bwd_kernel(grad_ptr, perm_ptr, lam_ptr, grad_x_ptr, n_per_sampl
     lam = tl.load(lam_ptr)
     own_start = row.to(tl.int64) * n_per_sample
     accumulated = lam * tl.load(grad_ptr + own_start + offsets, mask=mask).to(tl.float32)
-    for sample in range(0, batch):
-        if tl.load(perm_ptr + sample) == row:
-            sample_start = tl.cast(sample, tl.int64) * n_per_sample
+    for first in range(0, batch, PERM_BLOCK):
+        samples = first + tl.arange(0, PERM_BLOCK)
+        takers = tl.load(perm_ptr + samples, mask=samples < batch, other=-1) == row
+        for _ in range(tl.sum(takers.to(tl.int32))):
+            sample = tl.min(tl.where(takers, samples, batch))
+            takers = takers & (samples != sample)
+            sample_start = sample.to(tl.int64) * n_per_sample
             partner_grad = tl.load(grad_ptr + sample_start + offsets, mask=mask).to(tl.float32)
             accumulated += (1.0 - lam) * partner_grad
     tl.store(grad_x_ptr + own_start + offsets, accumulated.to(grad_x_ptr.dtype.element_ty), mask=mask)
@@ -85,6 +98,14 @@ def launch_mixup_batch_backward(grad: Tensor, perm: Tensor, lam: Tensor, grad_x:
         return
     n_chunks = triton.cdiv(n_per_sample, MIXUP_BATCH_BLOCK)
     _mixup_batch_bwd_kernel[(batch, n_chunks)](
-        grad, perm, lam, grad_x, n_per_sample, batch, BLOCK=MIXUP_BATCH_BLOCK, num_warps=MIXUP_BATCH_NUM_WARPS
+        grad,
+        perm,
+        lam,
+        grad_x,
+        n_per_sample,
+        batch,
+        BLOCK=MIXUP_BATCH_BLOCK,
+        PERM_BLOCK=min(triton.next_power_of_2(batch), MIXUP_BATCH_PERM_BLOCK),
+        num_warps=MIXUP_BATCH_NUM_WARPS,
     )
     record_launch("mixup_batch_bwd")
