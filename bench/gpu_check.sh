@@ -4,16 +4,18 @@
 # bench/results/2026-11-26-h200-gpu_check-log.txt) they took 110 s (cut by its limit then), 91, 41, 12 and
 # 22 s; the ops part has since gained its graph-replay cases. Not yet timed on an H100.
 # The investigations of the open work are extra parts, each a few minutes: capture, fused, overlap,
-# teacher, ddp. Name them (PARTS=capture,fused) or run everything with PARTS=all.
+# cudnn, teacher, ddp. Name them (PARTS=capture,fused) or run everything with PARTS=all.
 #   1. the GPU tests (fused ops on CUDA, real Triton)       -> log.txt
-#   3a. step time finetune vs SMILE, ResNet-50, bf16, batch 48, full stack + eager fp32 baseline -> step_b48.json
+#   3a. step time finetune vs SMILE, ResNet-50, bf16, batch 48, full stack ($STACK, below) + eager fp32
+#       baseline -> step_b48.json
 #   3e. the step captured by hand (--cuda-graph; with and without --teacher-lookahead), batch 48 and 256
 #       -> step_capture[_lookahead]_b*.json
 #   3f. the same captured step with --fused-input (uint8 batches, normalize+mix in one kernel), batch 48
 #       -> step_capture_lookahead_fused_b48.json (compare with step_capture_lookahead_b48.json)
 #   3d. can the teacher hide behind the student (streams, graphs)? -> overlap.json
 #   2. kernel benchmarks: fused vs eager vs torch.compile   -> ops_bench.json
-#   3b. the same at batch 256 (AMP + channels-last, eager)  -> step_b256.json
+#   3b. the same at batch 256                               -> step_b256.json
+#   3g. 3a's stack with --cudnn-benchmark                  -> step_b48_cudnn_benchmark.json
 #   3c. teacher options (BN fold, side stream) on/off       -> teacher_variants.json
 #   4. loader throughput (torchvision; DALI when installed) -> loader_*.json
 #   4b. with DALI: smile-fast train --loader dali on the demo -> dali_train_summary.json
@@ -30,15 +32,26 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEN
 # DALI carried as wheels by bench/dali_wheels.sh (the GPU machine has no network).
 [ -d /tmp/dali-site/nvidia/dali ] && export PYTHONPATH="$PYTHONPATH:/tmp/dali-site"
 LOG="$OUT/log.txt"
-# PARTS picks what to run, e.g. PARTS=capture,fused or PARTS=step48,step256 COMPILE_MODE=reduce-overhead.
-ALL_PARTS="tests,step48,capture,fused,overlap,ops,step256,teacher,loader,ddp"
+# PARTS picks what to run, e.g. PARTS=capture,fused or PARTS=step48,step256 STACK=reduce-overhead.
+ALL_PARTS="tests,step48,capture,fused,overlap,ops,step256,cudnn,teacher,loader,ddp"
 PARTS="${PARTS:-tests,step48,ops,step256,loader}"
 [ "$PARTS" = all ] && PARTS="$ALL_PARTS"
 for name in ${PARTS//,/ }; do
   [[ ",$ALL_PARTS," == *",$name,"* ]] || { echo "gpu_check.sh: unknown part '$name'; parts: $ALL_PARTS, or all" >&2; exit 2; }
 done
 PARTS=",$PARTS,"
-COMPILE_MODE="${COMPILE_MODE:-default}"
+# STACK: the training step's stack in parts step48, step256 and cudnn. captured (default): --compile with
+# the step captured by hand as CUDA graphs (--cuda-graph), the fastest measured (H200, fourth session);
+# reduce-overhead: torch.compile's own CUDA graphs; compile: torch.compile without graphs; eager.
+# (COMPILE_MODE=reduce-overhead, as earlier runs were started, still means STACK=reduce-overhead.)
+STACK="${STACK:-$([ "${COMPILE_MODE:-}" = reduce-overhead ] && echo reduce-overhead || echo captured)}"
+case "$STACK" in
+  captured) STACK_FLAGS=(--compile --cuda-graph) ;;
+  reduce-overhead) STACK_FLAGS=(--compile --compile-mode reduce-overhead) ;;
+  compile) STACK_FLAGS=(--compile) ;;
+  eager) STACK_FLAGS=(--no-compile) ;;
+  *) echo "gpu_check.sh: unknown STACK '$STACK'; stacks: captured, reduce-overhead, compile, eager" >&2; exit 2 ;;
+esac
 # Part 3e compiles (default mode) before capturing; CAPTURE_COMPILE=0 captures the eager kernels instead,
 # which skips a minute or two of compilation per batch size on a short lease.
 CAPTURE_COMPILE="${CAPTURE_COMPILE:-1}"
@@ -58,6 +71,8 @@ else
   MODEL=resnet18; B_SMALL=4; B_LARGE=8; SIZE=64; STEPS=2; WARMUP=1; LOADER_ITERS=3; PER_CLASS=4
   LOADER_WORKERS=2
   TEST_SEL=(tests/test_kernels_compile.py); TEST_K=()
+  # CUDA graphs need a GPU: on the CPU the captured stack is debugged as its compiled step.
+  [ "$STACK" = captured ] && STACK_FLAGS=(--compile)
 fi
 KERNEL_ENV=(env TRITON_INTERPRET=$(( 1 - GPU )))
 
@@ -83,10 +98,10 @@ timeout $((240 * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -x -p no:cacheprovid
 fi
 
 if part step48; then
-say "3a. step time batch $B_SMALL, full stack (AMP bf16, channels-last, compile) + eager fp32 baseline"
+say "3a. step time batch $B_SMALL, full stack (AMP bf16, channels-last, ${STACK_FLAGS[*]}) + eager fp32 baseline"
 timeout $((180 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
-  --channels-last --compile --compile-mode "$COMPILE_MODE" --methods finetune,smile --steps "$STEPS" \
-  --warmup "$WARMUP" $([ "$COMPILE_MODE" = default ] && echo --baseline eager-fp32) --json "$OUT/step_b48.json" 2>&1 | grep -v Warning | tail -n 12 | tee -a "$LOG"
+  --channels-last "${STACK_FLAGS[@]}" --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
+  --baseline eager-fp32 --json "$OUT/step_b48.json" 2>&1 | grep -v Warning | tail -n 12 | tee -a "$LOG"
 fi
 
 if part capture; then
@@ -142,12 +157,19 @@ timeout $((180 * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider 
 fi
 
 if part step256; then
-B256_COMPILE=(--no-compile); B256_LIMIT=50
-[ "$COMPILE_MODE" != default ] && B256_COMPILE=(--compile --compile-mode "$COMPILE_MODE") && B256_LIMIT=170
-say "3b. step time batch $B_LARGE (AMP bf16, channels-last, ${B256_COMPILE[*]})"
-timeout $((B256_LIMIT * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_LARGE" --image-size "$SIZE" --amp \
-  --channels-last "${B256_COMPILE[@]}" --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
-  --json "$OUT/step_b256.json" 2>&1 | tail -n 8 | tee -a "$LOG"
+say "3b. step time batch $B_LARGE (AMP bf16, channels-last, ${STACK_FLAGS[*]})"
+timeout $(( $([ "$STACK" = eager ] && echo 50 || echo 170) * TS )) "$PY" -m smile_fast bench step --model "$MODEL" \
+  --batch-size "$B_LARGE" --image-size "$SIZE" --amp --channels-last "${STACK_FLAGS[@]}" --methods finetune,smile \
+  --steps "$STEPS" --warmup "$WARMUP" --json "$OUT/step_b256.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
+fi
+
+if part cudnn; then
+# Off by default until measured: compare with step_b48.json (same stack, same run; the compiled code is
+# in Inductor's cache by now, so this costs mostly cuDNN's search and the timed steps).
+say "3g. step time batch $B_SMALL, step48's stack with --cudnn-benchmark"
+timeout $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
+  --channels-last "${STACK_FLAGS[@]}" --cudnn-benchmark --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
+  --json "$OUT/step_b48_cudnn_benchmark.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
 fi
 
 if part teacher; then

@@ -77,17 +77,22 @@ def ops_lines(result: dict | None) -> list[str]:
     return lines + [_ops_line(bench) for bench in _with_graph_rows_beside(benchmarks)]
 
 
-def fused_input_lines(plain: dict | None, fused: dict | None) -> list[str]:
-    """--fused-input against the same captured step without it (gpu_check parts 3e and 3f): issue 4 keeps
-    the flag only if it measures faster."""
-    if not plain or not fused:
+def with_and_without_lines(what: str, without: dict | None, with_it: dict | None) -> list[str]:
+    """One option against the same step without it, in the same run: ms/step of each method, before -> after."""
+    if not without or not with_it:
         return []
-    line = f"--fused-input at batch {fused['batch_size']} (captured step, lookahead), ms/step plain -> fused:"
+    line = f"{what} at batch {with_it['batch_size']}, ms/step without -> with:"
     for method in ("finetune", "smile"):
-        before, after = plain.get(f"{method}_ms_per_step"), fused.get(f"{method}_ms_per_step")
+        before, after = without.get(f"{method}_ms_per_step"), with_it.get(f"{method}_ms_per_step")
         if before and after:
             line += f" {method} {before:.2f} -> {after:.2f} ({after / before - 1:+.1%})"
     return [line]
+
+
+def fused_input_lines(plain: dict | None, fused: dict | None) -> list[str]:
+    """--fused-input against the same captured step without it (gpu_check parts 3e and 3f): issue 4 keeps
+    the flag only if it measures faster."""
+    return with_and_without_lines("--fused-input (captured step, lookahead)", plain, fused)
 
 
 def main() -> None:
@@ -95,6 +100,10 @@ def main() -> None:
     lines = []
     lines += step_lines("step b48", _load(out / "step_b48.json"))
     lines += step_lines("step b256", _load(out / "step_b256.json"))
+    cudnn = _load(out / "step_b48_cudnn_benchmark.json")
+    if cudnn:
+        lines += step_lines("step b48 --cudnn-benchmark", cudnn)
+        lines += with_and_without_lines("--cudnn-benchmark (step b48's stack)", _load(out / "step_b48.json"), cudnn)
     for capture in sorted(out.glob("step_capture*.json")):  # --cuda-graph, with and without lookahead
         lines += step_lines(capture.stem, _load(capture))
     lines += fused_input_lines(

@@ -66,6 +66,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (reduce-overhead adds CUDA graphs)")
     _add_capture_flags(flag, default=None)  # None: a YAML config's value stands
     flag("--fused-input", action=argparse.BooleanOptionalAction, default=None, help=FUSED_INPUT_HELP)
+    flag("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None, help=CUDNN_BENCHMARK_HELP)
     flag("--loader", choices=LOADER_CHOICES, help="auto (DALI on a GPU when installed), dali or torchvision")
     flag("--workers", type=int, help="loader processes / DALI threads per rank (default: its CPUs, at most 16)")
     flag("--device", help="auto (default), cpu, cuda or cuda:N")
@@ -90,6 +91,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 FUSED_INPUT_HELP = (
     "the loader hands over uint8 pixels and the step normalizes them, and mixes them for mixup and SMILE, "
     "in one pass (ops.mixup_normalize_uint8) written in the AMP dtype"
+)
+
+
+CUDNN_BENCHMARK_HELP = (
+    "CUDA: cuDNN times its convolution algorithms once per shape and keeps the fastest (shapes never change "
+    "in training); process-wide, and may pick non-deterministic algorithms (default off)"
 )
 
 
@@ -144,6 +151,7 @@ TRAIN_KEYS = (
     "cuda_graph",
     "teacher_lookahead",
     "fused_input",
+    "cudnn_benchmark",
 )
 
 
@@ -174,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
     _add_capture_flags(step.add_argument, default=False)
     step.add_argument("--fused-input", action=argparse.BooleanOptionalAction, default=False, help=FUSED_INPUT_HELP)
+    step.add_argument(
+        "--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False, help=CUDNN_BENCHMARK_HELP
+    )
     step.add_argument("--device", default="auto")
     step.add_argument("--steps", type=_integer, default=20, help="timed steps per method")
     step.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
@@ -267,6 +278,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             cuda_graph=args.cuda_graph,
             teacher_lookahead=args.teacher_lookahead,
             fused_input=args.fused_input,
+            cudnn_benchmark=args.cudnn_benchmark,
             device=args.device,
             steps=args.steps,
             warmup=args.warmup,

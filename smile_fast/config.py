@@ -66,6 +66,7 @@ class TrainConfig:
     teacher_lookahead: bool = False  # with cuda_graph: the next batch's teacher forward beside this step
     fused_input: bool = False  # the loader stops at uint8; the step normalizes (and mixes) in one kernel
     fold_teacher_bn: bool = True
+    cudnn_benchmark: bool = False  # CUDA: cuDNN times its algorithms for each convolution shape once
     teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
     sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch, as on one GPU
     loader: str = "auto"

@@ -408,6 +408,7 @@ class Trainer:
             "amp": config.amp,
             "channels_last": config.channels_last,
             "compile": config.compile,
+            "cudnn_benchmark": config.cudnn_benchmark and self.device.type == "cuda",
             "seed": config.seed,
             "run_dir": str(self.run_dir),
         }

@@ -77,6 +77,10 @@ class TrainingStep:
         self.method = method
         self.device = device
         self.dist = dist
+        if config.cudnn_benchmark and device.type == "cuda":
+            # Shapes never change in training (partial batches are dropped), so cuDNN's one-off timing of
+            # its algorithms for each convolution is paid once, in the first steps. Process-wide.
+            torch.backends.cudnn.benchmark = True
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.student = student.to(device=device, memory_format=memory_format)
         self.teacher: MeanTeacher | None = None

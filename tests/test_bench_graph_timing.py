@@ -183,4 +183,5 @@ def test_summary_compares_fused_input_with_the_same_captured_step():
     fused = {"batch_size": 48, "finetune_ms_per_step": 9.5, "smile_ms_per_step": 12.6}
     (line,) = summarize_gpu.fused_input_lines(plain, fused)
     assert "finetune 10.00 -> 9.50 (-5.0%)" in line and "smile 12.00 -> 12.60 (+5.0%)" in line, line
+    assert line.startswith("--fused-input"), line
     assert summarize_gpu.fused_input_lines(plain, None) == []

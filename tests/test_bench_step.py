@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from smile_fast.cli import main
 
@@ -48,8 +49,6 @@ def test_bench_step_feeds_the_step_what_a_loader_would(monkeypatch, fused_input)
     """Both modes start from the loader's uint8 batch, so that `--fused-input` is compared fairly: without it
     each step gets a freshly normalized float batch (announced one step ahead, as the training loop
     does), with it the same pixels object as uint8 NHWC."""
-    import torch
-
     from smile_fast import bench_step
     from smile_fast.step import TrainingStep
 
@@ -83,3 +82,38 @@ def test_bench_step_feeds_the_step_what_a_loader_would(monkeypatch, fused_input)
     else:
         assert images.dtype == torch.float32 and images.is_contiguous(memory_format=torch.channels_last)
         assert calls[0][0] is not calls[1][0], "the normalization must run, and be timed, every step"
+
+
+def test_cudnn_benchmark_is_recorded_and_leaves_a_cpu_process_alone(tmp_path, monkeypatch):
+    """--cudnn-benchmark is a CUDA setting: on a CPU the JSON says it was not in force and the process-wide
+    flag is untouched; the authors'-style baseline always runs without it and restores it afterwards."""
+    from smile_fast import bench_step
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    out = tmp_path / "step.json"
+    argv = ["bench", "step", "--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--device", "cpu"]
+    argv += ["--methods", "smile", "--steps", "1", "--warmup", "0", "--cudnn-benchmark", "--json", str(out)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["cudnn_benchmark"] is False
+    assert torch.backends.cudnn.benchmark is False
+
+    seen = []
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(bench_step, "_time_steps", lambda *args: seen.append(torch.backends.cudnn.benchmark) or [1.0])
+    bench_step.time_authors_style_smile(
+        model="resnet18", batch_size=2, image_size=32, device=torch.device("cpu"), steps=1, warmup=0
+    )
+    assert seen == [False] and torch.backends.cudnn.benchmark is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's algorithm search is a CUDA setting")
+def test_cudnn_benchmark_is_switched_on_by_the_step_on_cuda(monkeypatch):
+    from smile_fast.bench_step import build_step_runner
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    settings = dict(model="resnet18", batch_size=2, image_size=32, amp=True, amp_dtype="bfloat16", compile=False)
+    run_one = build_step_runner("finetune", channels_last=True, device=torch.device("cuda"), **settings)
+    assert torch.backends.cudnn.benchmark is False, "off unless asked for"
+    run_one()
+    build_step_runner("finetune", channels_last=True, device=torch.device("cuda"), cudnn_benchmark=True, **settings)
+    assert torch.backends.cudnn.benchmark is True

@@ -129,3 +129,19 @@ def test_channels_last_defaults_to_the_device():
     assert resolve_for_device(build_config(), torch.device("cpu")).channels_last is False
     explicit = build_config(overrides=dict(channels_last=False))
     assert resolve_for_device(explicit, torch.device("cuda", 0)).channels_last is False, "a given value stands"
+
+
+def test_cudnn_benchmark_flag_and_yaml_reach_the_config(tmp_path, monkeypatch):
+    seen: list[TrainConfig] = []
+
+    def fake_train(config, progress=True):
+        seen.append(config)
+        return {"method": config.method, "iters": 1, "test_top1": None, "train_images_per_sec": 1.0, "run_dir": "x"}
+
+    monkeypatch.setattr(smile_fast.engine, "train", fake_train)
+    path = tmp_path / "c.yaml"
+    path.write_text("cudnn-benchmark: true\n")
+    assert main(["train", "-c", str(path), "--no-progress"]) == 0
+    assert main(["train", "-c", str(path), "--no-cudnn-benchmark", "--no-progress"]) == 0
+    assert main(["train", "--no-progress"]) == 0
+    assert [config.cudnn_benchmark for config in seen] == [True, False, False], "off unless asked for"
