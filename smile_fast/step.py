@@ -83,10 +83,13 @@ class TrainingStep:
             torch.backends.cudnn.benchmark = True
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.student = student.to(device=device, memory_format=memory_format)
+        self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[config.amp_dtype]
         self.teacher: MeanTeacher | None = None
         if method.uses_teacher:
             self.teacher = MeanTeacher(source, config.ema_decay, config.ema_every, config.fold_teacher_bn)
             self.teacher.to(device=device, memory_format=memory_format)
+            if config.amp:
+                self.teacher.use_compute_dtype(self.amp_dtype)
         self.optimizer = torch.optim.SGD(
             self.student.parameters(),
             lr=config.lr,
@@ -95,7 +98,6 @@ class TrainingStep:
             weight_decay=config.weight_decay,
             fused=True if device.type == "cuda" else None,
         )
-        self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[config.amp_dtype]
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp and self.amp_dtype == torch.float16)
         self.train_model = self.student
         self.teacher_forward = self.teacher  # what the method calls: may launch on a side stream

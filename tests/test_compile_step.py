@@ -17,7 +17,8 @@ from smile_fast.step import TrainingStep
 
 
 @pytest.mark.parametrize("method_name", ["smile"])
-def test_changing_lam_does_not_recompile(method_name, monkeypatch):
+@pytest.mark.parametrize("amp", [False, True])  # with AMP the teacher runs its low-precision copy, autocast off
+def test_changing_lam_does_not_recompile(method_name, amp, monkeypatch):
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -26,7 +27,14 @@ def test_changing_lam_does_not_recompile(method_name, monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
     config = build_config(
         overrides=dict(
-            method=method_name, model="resnet18", weights="none", batch_size=4, compile=True, device="cpu", iters=100
+            method=method_name,
+            model="resnet18",
+            weights="none",
+            batch_size=4,
+            compile=True,
+            device="cpu",
+            iters=100,
+            amp=amp,
         )
     )
     method = build_method(method_name)
@@ -40,7 +48,7 @@ def test_changing_lam_does_not_recompile(method_name, monkeypatch):
     compiled_after_first = counter.frame_count
     assert compiled_after_first > 0, "nothing was compiled: the test would prove nothing"
     lams = set()
-    for iteration in range(2, 6):
+    for iteration in (2, 3, 4, 5, 10):  # 10: an EMA update, which refreshes the teacher's fold in place
         lams.add(round(method.draw(step_generator(0, iteration), images).lam, 6))
         step(iteration, images, labels)
     assert len(lams) > 1, "the test needs steps with different lam values"

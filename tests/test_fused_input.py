@@ -111,7 +111,11 @@ def test_under_amp_the_networks_get_the_amp_dtype_channels_last(method_name):
 
     first_conv(step.student).register_forward_pre_hook(record)
     if step.teacher is not None:
-        first_conv(step.teacher.folded).register_forward_pre_hook(record)  # the teacher that runs
+        # The teacher that runs under AMP: the folded copy in the AMP dtype (teacher.py), channels-last too.
+        teacher_conv = first_conv(step.teacher.low_precision["backbone"])
+        assert teacher_conv.weight.dtype == torch.bfloat16
+        assert teacher_conv.weight.is_contiguous(memory_format=torch.channels_last)
+        teacher_conv.register_forward_pre_hook(record)
     step(0, _pixels(), torch.zeros(BATCH, dtype=torch.long))
     assert len(seen) == (2 if method_name == "smile" else 1)
     assert seen == [(torch.bfloat16, True)] * len(seen), seen

@@ -79,6 +79,8 @@ def _state(step: TrainingStep) -> dict[str, torch.Tensor]:
     if step.teacher is not None:
         state.update({f"teacher.{k}": v for k, v in step.teacher.teacher_state().items()})
         state.update({f"folded.{k}": v for k, v in step.teacher.folded.state_dict().items()})
+        if step.teacher.low_precision is not None:  # under AMP: the fold in the AMP dtype, refreshed with it
+            state.update({f"amp.{k}": v for k, v in step.teacher.low_precision.state_dict().items()})
     for index, parameter in enumerate(step.student.parameters()):
         state[f"momentum.{index}"] = step.optimizer.state[parameter]["momentum_buffer"]
     return state

@@ -326,3 +326,62 @@ def test_conv_bn_pairs_on_the_product_backbone_and_its_fold(rng_seed):
     remaining = [n for n, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert remaining == [], f"BatchNorms left after folding: {remaining[:3]}"
     assert all(not p.requires_grad for p in folded.parameters())
+
+
+def _autocast_reference(teacher: MeanTeacher, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The folded teacher as it ran before use_compute_dtype: float32 weights, cast by autocast at each call."""
+    low_precision, teacher.low_precision = teacher.low_precision, None
+    try:
+        with torch.autocast(x.device.type, dtype=dtype):
+            return teacher(x)
+    finally:
+        teacher.low_precision = low_precision
+
+
+DEVICES_AND_DTYPES = [("cpu", torch.bfloat16)] + (
+    [("cuda", torch.bfloat16), ("cuda", torch.float16)] if torch.cuda.is_available() else []
+)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICES_AND_DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_teacher_in_the_amp_dtype_gives_autocasts_bits_without_its_casts(
+    device, dtype, channels_last, rng_seed, cpu_reference_ops
+):
+    """Under AMP the folded teacher keeps a copy in the AMP dtype and runs with autocast off: the same bits
+    as autocast's per-call casts of the float32 fold, before and after an EMA update and a state load, and
+    no cast of a weight inside its forward."""
+    student, source = make_pair("resnet18", rng_seed)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    teacher = MeanTeacher(source).to(device=device, memory_format=memory_format)
+    student.to(device=device, memory_format=memory_format)
+    teacher.use_compute_dtype(dtype)
+    x = torch.randn(2, 3, 32, 32, device=device).to(memory_format=memory_format)
+    for stage in ("before update", "after update", "after load"):
+        with torch.autocast(device, dtype=dtype):
+            features, logits = teacher(x)
+        expected_features, expected_logits = _autocast_reference(teacher, x, dtype)
+        assert features.dtype == expected_features.dtype == dtype, stage
+        assert logits.dtype == expected_logits.dtype == dtype, stage
+        assert torch.equal(features, expected_features), f"feature map {stage}"
+        assert torch.equal(logits, expected_logits), f"logits {stage}"
+        if stage == "before update":
+            teacher.update(student)
+            assert not torch.equal(teacher(x)[0], features), "the copy did not follow the EMA update"
+        elif stage == "after update":
+            fresh = MeanTeacher(source).to(device=device, memory_format=memory_format)
+            fresh.use_compute_dtype(dtype)
+            fresh.load_teacher_state(teacher.teacher_state())
+            teacher = fresh
+    with torch.autograd.profiler.profile() as profile, torch.autocast(device, dtype=dtype):
+        teacher(x)
+    # Autocast casts weights and biases inside conv2d and linear (43 casts for this ResNet-18 before).
+    layer_casts = [
+        event
+        for event in profile.function_events
+        if event.name == "aten::to" and event.cpu_parent is not None and event.cpu_parent.name in LAYERS
+    ]
+    assert not layer_casts, f"the forward cast {len(layer_casts)} weights or biases"
+
+
+LAYERS = ("aten::conv2d", "aten::linear")
