@@ -152,8 +152,10 @@ if part ops; then
 say "2. op benchmarks"
 # 180 s: the per-call cases took 41 s on the H200; the graph-replay cases (one capture and ~63 replays
 # each, 71 of them) come on top and have not been timed yet. The log keeps the whole table.
+# OPS_K narrows it to a pytest -k expression (e.g. OPS_K=mixup_batch) on a short lease.
 timeout $((180 * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider bench/test_ops_bench.py --benchmark-only \
-  --benchmark-json="$OUT/ops_bench.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 200 >> "$LOG"
+  ${OPS_K:+-k "$OPS_K"} --benchmark-json="$OUT/ops_bench.json" --benchmark-columns=median,iqr,rounds 2>&1 \
+  | tail -n 200 >> "$LOG"
 fi
 
 if part step256; then
