@@ -67,3 +67,36 @@ def take(iterator, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     batches = [next(iterator) for _ in range(count)]
     iterator.close()
     return batches
+
+
+def assert_eval_shards_cover_every_image_once(folder: Path, device: str) -> None:
+    """Two ranks evaluate 23 images in batches of 5 with the DALI loader: every image exactly once, the
+    partial last batch of each shard kept and nothing padded, on `device`."""
+    from smile_fast.data import dali
+
+    samples = write_images(folder, 23)
+    seen = []
+    for rank in (0, 1):
+        batches = list(dali.dali_eval_batches(samples, SMALL_TEST, 5, device, rank=rank, world_size=2))
+        shard_size = len(samples[rank::2])  # 12 and 11: batches of 5, 5 and the rest
+        assert [len(labels) for _, labels in batches] == [5, 5, shard_size - 10]
+        for images, labels in batches:
+            assert images.shape[0] == len(labels) and images.device.type == torch.device(device).type
+        seen += [index for _, labels in batches for index in labels.tolist()]
+    assert sorted(seen) == list(range(23))
+
+
+def assert_seeded_runs_repeat_and_resume(images: list[tuple[str, int]], device: str) -> list:
+    """Two DALI loaders with the same plan give the same batches, and one resumed at iteration 2 continues
+    the same stream; returns the first run's 4 batches (plan seed 11, batch 6) for further checks."""
+    from smile_fast.data import dali
+    from smile_fast.data.sampler import TrainBatchPlan
+
+    def run(start: int, count: int) -> list:
+        plan = TrainBatchPlan(len(images), 6, seed=11)
+        return take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, device).iterate(start), count)
+
+    first, again, resumed = run(0, 4), run(0, 4), run(2, 2)
+    for (a_images, a_labels), (b_images, b_labels) in list(zip(first, again)) + list(zip(first[2:], resumed)):
+        assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+    return first

@@ -11,7 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _dali_images import GREY_LEVEL, SMALL_TEST, SMALL_TRAIN, reference, take, write_images
+from _dali_images import (
+    GREY_LEVEL,
+    SMALL_TEST,
+    SMALL_TRAIN,
+    assert_eval_shards_cover_every_image_once,
+    assert_seeded_runs_repeat_and_resume,
+    reference,
+    take,
+    write_images,
+)
 from PIL import Image
 
 from smile_fast.data import crop_geometry, dali, encoded_images
@@ -209,16 +218,8 @@ def test_eval_matches_torchvision_eval_batches(images, cpu_resize):
 
 @needs_dali
 def test_seeded_runs_repeat_exactly_and_resume_continues_the_same_stream(images):
+    first = assert_seeded_runs_repeat_and_resume(images, "cpu")
     plan = TrainBatchPlan(len(images), 6, seed=11)
-    first = take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu").iterate(0), 4)
-    again = take(
-        dali.DaliTrainLoader(images, SMALL_TRAIN, TrainBatchPlan(len(images), 6, seed=11), "cpu").iterate(0), 4
-    )
-    resumed = take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu").iterate(2), 2)
-    for (a_images, a_labels), (b_images, b_labels) in zip(first, again):
-        assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
-    for (a_images, a_labels), (b_images, b_labels) in zip(first[2:], resumed):
-        assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
     # Labels follow the plan (label = sample index here), iterations 0..3 straddling an epoch boundary.
     for iteration, (_, labels) in enumerate(first):
         assert labels.tolist() == [index for index, _ in plan.batch(iteration)]
@@ -240,15 +241,7 @@ def test_two_ranks_train_on_disjoint_samples(images):
 
 @needs_dali
 def test_eval_shards_cover_every_test_image_exactly_once_with_a_partial_last_batch(tmp_path):
-    samples = write_images(tmp_path / "odd", 23)
-    seen = []
-    for rank in (0, 1):
-        batches = list(dali.dali_eval_batches(samples, SMALL_TEST, 5, "cpu", rank=rank, world_size=2))
-        shard_size = len(samples[rank::2])  # 12 and 11: batches of 5, 5 and the rest, nothing padded
-        assert [len(labels) for _, labels in batches] == [5, 5, shard_size - 10]
-        assert all(images.shape[0] == len(labels) for images, labels in batches)
-        seen += [index for _, labels in batches for index in labels.tolist()]
-    assert sorted(seen) == list(range(23))
+    assert_eval_shards_cover_every_image_once(tmp_path / "odd", "cpu")
 
 
 # --- bad files, formats, output options -----------------------------------------------------------------

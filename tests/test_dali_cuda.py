@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from _dali_images import SMALL_TEST, SMALL_TRAIN, reference_for, take, write_images
-from PIL import Image
+from _dali_images import (
+    SMALL_TRAIN,
+    assert_eval_shards_cover_every_image_once,
+    assert_seeded_runs_repeat_and_resume,
+    reference_for,
+    take,
+    write_images,
+)
+from _tiny_runs import tiny_config, write_tiny_imagefolder
 
 from smile_fast.data import dali
 from smile_fast.data.sampler import TrainBatchPlan
@@ -139,66 +145,27 @@ def test_cuda_uint8_output_normalized_by_the_fused_op_equals_the_float_output(im
 
 
 def test_cuda_seeded_runs_repeat_exactly_and_resume_continues_the_same_stream(images):
-    plan = TrainBatchPlan(len(images), 6, seed=11)
-    first = take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cuda").iterate(0), 4)
-    again = take(
-        dali.DaliTrainLoader(images, SMALL_TRAIN, TrainBatchPlan(len(images), 6, seed=11), "cuda").iterate(0), 4
-    )
-    resumed = take(dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cuda").iterate(2), 2)
-    for (a_images, a_labels), (b_images, b_labels) in zip(first, again):
-        assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
-    for (a_images, a_labels), (b_images, b_labels) in zip(first[2:], resumed):
-        assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+    assert_seeded_runs_repeat_and_resume(images, "cuda")
 
 
 def test_cuda_eval_shards_cover_every_test_image_exactly_once_with_a_partial_last_batch(tmp_path):
-    samples = write_images(tmp_path / "odd", 23)
-    seen = []
-    for rank in (0, 1):
-        batches = list(dali.dali_eval_batches(samples, SMALL_TEST, 5, "cuda", rank=rank, world_size=2))
-        shard_size = len(samples[rank::2])
-        assert [len(labels) for _, labels in batches] == [5, 5, shard_size - 10]
-        assert all(images.shape[0] == len(labels) and images.device.type == "cuda" for images, labels in batches)
-        seen += [index for _, labels in batches for index in labels.tolist()]
-    assert sorted(seen) == list(range(23))
+    assert_eval_shards_cover_every_image_once(tmp_path / "odd", "cuda")
 
 
 @pytest.mark.parametrize("fused_input", [False, True])
 def test_cuda_training_with_the_dali_loader(tmp_path, fused_input):
     """`smile-fast train --loader dali --amp` on a GPU, end to end: trains, evaluates, writes its run folder."""
-    from smile_fast.config import build_config
     from smile_fast.engine import train
 
-    root = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    colours = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (220, 220, 40)]
-    for split, count in (("train", 8), ("test", 3)):
-        for label, colour in enumerate(colours):
-            folder = root / split / f"c{label}"
-            folder.mkdir(parents=True)
-            for index in range(count):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 30, size=(40, 40, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index}.jpg")
     out = tmp_path / "run"
-    config = build_config(
-        overrides=dict(
-            dataset="imagefolder",
-            data_dir=str(root),
-            out=str(out),
-            model="resnet18",
-            weights="none",
-            iters=6,
-            batch_size=4,
-            resize_size=36,
-            crop_size=32,
-            eval_every=3,
-            loader="dali",
-            workers=2,
-            device="cuda",
-            amp=True,
-            fused_input=fused_input,
-            seed=3,
-        )
+    config = tiny_config(
+        write_tiny_imagefolder(tmp_path / "data"),
+        out,
+        loader="dali",
+        workers=2,
+        device="cuda",
+        amp=True,
+        fused_input=fused_input,
     )
     summary = train(config, progress=False)
     written = json.loads((out / "summary.json").read_text())

@@ -6,11 +6,10 @@ import json
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 from _graphs import ReplayByCalling
-from PIL import Image
+from _tiny_runs import tiny_config, write_tiny_imagefolder
 
 from smile_fast.checkpoint import load_checkpoint
 from smile_fast.config import build_config
@@ -20,39 +19,10 @@ from smile_fast.step import TrainingStep
 
 @pytest.fixture(scope="module")
 def tiny_imagefolder(tmp_path_factory):
-    """4 classes told apart by colour, 8 train + 3 test images each, 40x40 JPEGs."""
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    colours = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (220, 220, 40)]
-    for split, count in (("train", 8), ("test", 3)):
-        for label, colour in enumerate(colours):
-            folder = root / split / f"c{label}"
-            folder.mkdir(parents=True)
-            for index in range(count):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 30, size=(40, 40, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index}.jpg")
-    return root
+    return write_tiny_imagefolder(tmp_path_factory.mktemp("tiny"))
 
 
-def _config(data_dir, out, **overrides):
-    values = dict(
-        dataset="imagefolder",
-        data_dir=str(data_dir),
-        out=str(out),
-        model="resnet18",
-        weights="none",
-        iters=6,
-        batch_size=4,
-        resize_size=36,
-        crop_size=32,
-        eval_every=3,
-        log_every=2,
-        workers=0,
-        device="cpu",
-        seed=3,
-    )
-    values.update(overrides)
-    return build_config(overrides=values)
+_config = tiny_config
 
 
 @pytest.fixture(autouse=True)
