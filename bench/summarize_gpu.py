@@ -120,9 +120,11 @@ def main() -> None:
     for path in sorted(out.glob("loader_*.json")):  # loader_torchvision, loader_dali and loader_dali_b256
         result = _load(path)
         if result:
+            options = result.get("dali_decoder_options")
             line = (
-                f"loader {result['loader']} (batch {result.get('batch_size')}): {result['images_per_sec']:.1f} "
-                f"images/s on {result.get('device_name')}"
+                f"loader {result['loader']} (batch {result.get('batch_size')}"
+                f"{''.join(f', {name}={value}' for name, value in (options or {}).items())}): "
+                f"{result['images_per_sec']:.1f} images/s on {result.get('device_name')}"
             )
             if step:
                 ratio = result["images_per_sec"] / step["finetune_images_per_sec"]

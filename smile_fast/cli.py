@@ -100,6 +100,22 @@ CUDNN_BENCHMARK_HELP = (
 )
 
 
+def _decoder_option(text: str) -> tuple[str, object]:
+    """NAME=VALUE with VALUE a bool (true/false), an int, a float or else a string."""
+    name, separator, value = text.partition("=")
+    if not separator or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return name, lowered == "true"
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
 def _add_capture_flags(add_argument, default: bool | None) -> None:
     """--cuda-graph and --teacher-lookahead, worded once for `train` and `bench step`."""
     add_argument(
@@ -213,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     loader.add_argument("--iterations", type=_integer, default=30)
     loader.add_argument("--warmup", type=int, default=5)
     loader.add_argument("--workers", type=int, default=None)
+    loader.add_argument(
+        "--dali-decoder-option",
+        action="append",
+        default=[],
+        type=_decoder_option,
+        metavar="NAME=VALUE",
+        help="DALI on a GPU: an argument of its JPEG decoder, e.g. hw_decoder_load=0.9 (repeatable)",
+    )
     loader.add_argument("--json", help="write the results as JSON here")
 
     data = commands.add_parser("data", help="prepare the demo or verify a dataset folder")
@@ -321,6 +345,7 @@ def _bench_loader(args: argparse.Namespace) -> dict:
         args.iterations,
         args.warmup,
         workers,
+        dali_decoder_options=dict(args.dali_decoder_option),
     )
 
 

@@ -82,6 +82,32 @@ def test_bad_arguments_are_user_errors(photos, monkeypatch):
         run_loader_benchmark("pillow-simd", photos, SMALL, 4, "cpu", iterations=1, warmup=0, num_workers=0)
     with pytest.raises(UserError, match="at least 1 timed iteration"):
         run_loader_benchmark("torchvision", photos, SMALL, 4, "cpu", iterations=0, warmup=0, num_workers=0)
+    with pytest.raises(UserError, match="with --loader dali"):
+        run_loader_benchmark(
+            "torchvision", photos, SMALL, 4, "cpu", 1, 0, 0, dali_decoder_options={"hw_decoder_load": 0.9}
+        )
     monkeypatch.setattr(dali, "dali_available", lambda: False)
     with pytest.raises(UserError, match=r"pip install smile-fast\[dali\]"):
         run_loader_benchmark("dali", photos, SMALL, 4, "cpu", iterations=1, warmup=0, num_workers=0)
+
+
+def test_dali_decoder_options_from_the_command_line_reach_the_result(tmp_path, capsys):
+    """NAME=VALUE pairs are typed (bool, int, float, else text) and recorded; on a CPU device they are not
+    given to DALI's CPU decoder (they are the GPU decoder's settings), so the run works as without them."""
+    if not dali.dali_available():
+        pytest.skip("NVIDIA DALI is not installed")
+    import json
+
+    from smile_fast.cli import main
+
+    out = tmp_path / "loader.json"
+    argv = ["bench", "loader", "--loader", "dali", "--device", "cpu", "--batch-size", "4", "--iterations", "2"]
+    argv += ["--warmup", "1", "--workers", "1", "--json", str(out)]
+    argv += ["--dali-decoder-option", "hw_decoder_load=0.9", "--dali-decoder-option", "jpeg_fancy_upsampling=false"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["dali_decoder_options"] == {
+        "hw_decoder_load": 0.9,
+        "jpeg_fancy_upsampling": False,
+    }
+    assert main(["bench", "loader", "--loader", "dali", "--dali-decoder-option", "hw_decoder_load"]) == 2
+    assert "expected NAME=VALUE, got 'hw_decoder_load'" in capsys.readouterr().err

@@ -56,6 +56,7 @@ def run_loader_benchmark(
     *,
     channels_last: bool = False,
     seed: int = 0,
+    dali_decoder_options: dict[str, object] | None = None,
 ) -> dict:
     """Time `iterations` training batches of `loader` ("dali" or "torchvision") after `warmup` untimed ones.
 
@@ -63,7 +64,8 @@ def run_loader_benchmark(
     start-up and the first batches (DALI builds its pipeline, the DataLoader forks its workers) fall
     in the warm-up. Returns a JSON-ready dict: loader, device, device_name, images_per_sec,
     batch_size, iterations, warmup, num_workers, seconds, channels_last, resize, resize_size,
-    crop_size, skipped_files, resize_by, num_samples, torch_version, dali_version, cpu_count.
+    crop_size, skipped_files, resize_by, num_samples, torch_version, dali_version, cpu_count, and for
+    DALI dali_decoder_options (what was given, over data/dali.py's GPU_DECODER_DEFAULTS on a GPU).
     """
     from smile_fast.data.loaders import build_train_loader
 
@@ -77,7 +79,11 @@ def run_loader_benchmark(
 
         require_dali()
     plan = TrainBatchPlan(len(samples), batch_size, seed=seed)
-    source = build_train_loader(loader, list(samples), spec, plan, device, num_workers, channels_last)
+    if dali_decoder_options and loader != "dali":
+        raise UserError("decoder options are settings of DALI's GPU decoder; use them with --loader dali")
+    source = build_train_loader(
+        loader, list(samples), spec, plan, device, num_workers, channels_last, dali_decoder_options=dali_decoder_options
+    )
     batches = source.iterate(0)
     try:
         for _ in range(warmup):
@@ -113,6 +119,7 @@ def run_loader_benchmark(
         "torch_version": torch.__version__,
         "dali_version": _dali_version(),
         "cpu_count": os.cpu_count(),
+        "dali_decoder_options": dict(dali_decoder_options or {}) if loader == "dali" else None,
     }
 
 

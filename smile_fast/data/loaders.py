@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -51,11 +51,13 @@ def build_train_loader(
     workers: int,
     channels_last: bool,
     output_uint8: bool = False,
+    dali_decoder_options: Mapping[str, object] | None = None,
 ):
     """A loader object with `iterate(start_iteration)` and `skipped_files` (see data/torchvision.py).
 
     output_uint8: batches of uint8 pixels [B, crop, crop, 3] (NHWC), left for the training step to
     normalize (`--fused-input`), instead of normalized float32 [B, 3, crop, crop].
+    dali_decoder_options: with DALI on a GPU, arguments of its decoder (see data/dali.py).
     """
     if kind == "dali":
         from smile_fast.data.dali import DaliTrainLoader
@@ -71,6 +73,7 @@ def build_train_loader(
             channels_last=channels_last,
             seed=0,
             output_uint8=output_uint8,
+            decoder_options=dali_decoder_options,
         )
     from smile_fast.data.torchvision import TorchvisionTrainLoader
 
