@@ -83,6 +83,13 @@ def _assert_close_to_reference(got: torch.Tensor, expected: torch.Tensor, what: 
     assert channel_means.max() <= CHANNEL_MEAN_LEVELS and values.max() <= ANY_VALUE_LEVELS, measured
 
 
+def test_cuda_decode_probe_finds_dali_usable_and_auto_picks_it():
+    from smile_fast.data.loaders import choose_loader
+
+    assert dali.decode_problem("cuda") is None
+    assert choose_loader("auto", torch.device("cuda", torch.cuda.current_device())) == "dali"
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cuda_train_batches_follow_the_spec_transform(images, channels_last):
     plan = TrainBatchPlan(len(images), 8, seed=3)

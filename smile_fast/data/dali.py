@@ -442,3 +442,42 @@ def dali_eval_batches(
             yield source.next()
     finally:
         source.close()
+
+
+# --- can DALI decode here? -------------------------------------------------------------------------------
+
+
+def decode_problem(device: torch.device | str) -> str | None:
+    """None when the DALI pipeline of this module decodes a JPEG on `device`, else why not, in one line.
+
+    DALI can import and still be unable to decode on a GPU (nvJPEG or nvImageCodec missing or too old for
+    the driver: the GPU wheels are separate packages). `--loader auto` asks this before choosing DALI,
+    so that such a machine trains with torchvision instead of stopping at its first batch. The answer is
+    cached per device: the probe builds and runs a pipeline once (about a second).
+    """
+    return _decode_problem(_resolve_device(device))
+
+
+@functools.cache
+def _decode_problem(device: torch.device) -> str | None:
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = str(Path(folder) / "probe.jpg")
+            Image.new("RGB", (40, 30), (200, 120, 40)).save(path, quality=90)
+            spec = TransformSpec("square", resize_size=16, crop_size=8, train=False)
+            items = iter([[(path, 0, None)]])
+            settings = _PipelineSettings(spec, 1, device, 1, False, False, 0, 1, "dali")
+            batches = _DaliBatches(lambda: next(items), settings)
+            images, _ = batches.next()
+            batches.close()
+    except Exception as error:  # noqa: BLE001 - DALI reports a missing library as any of several errors
+        message = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {message[0] if message else 'no message'}"
+    if tuple(images.shape) != (1, 3, 8, 8) or not torch.isfinite(images).all():
+        return f"the probe batch came out wrong (shape {tuple(images.shape)})"
+    return None

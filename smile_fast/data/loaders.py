@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping
 
@@ -10,6 +11,8 @@ import torch
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec
 from smile_fast.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def default_workers() -> int:
@@ -36,9 +39,16 @@ def choose_loader(kind: str, device: torch.device) -> str:
         return "torchvision"
     if kind == "dali":
         dali.require_dali()
+        if device.type == "cuda" and (problem := dali.decode_problem(device)):
+            raise UserError(f"NVIDIA DALI cannot decode on {device} ({problem}); use --loader torchvision")
         return "dali"
     if kind == "auto":
-        return "dali" if dali.dali_available() and device.type == "cuda" else "torchvision"
+        if not (dali.dali_available() and device.type == "cuda"):
+            return "torchvision"
+        if problem := dali.decode_problem(device):
+            logger.warning("NVIDIA DALI cannot decode on %s (%s): using the torchvision loader", device, problem)
+            return "torchvision"
+        return "dali"
     raise UserError(f"unknown loader {kind!r}; choose auto, dali or torchvision")
 
 
