@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -129,7 +130,12 @@ def build_step_runner(
 
 
 def time_interleaved(
-    runners: dict, steps: int, warmup: int, device: torch.device, warmup_seconds: dict[str, float] | None = None
+    runners: dict,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    warmup_seconds: dict[str, float] | None = None,
+    progress: bool | None = None,
 ) -> dict[str, list[float]]:
     """Time several step runners round-robin: one step of each per round, `steps` rounds after `warmup`.
 
@@ -137,21 +143,30 @@ def time_interleaved(
     method after the other moved finetune's median by 20% between consecutive blocks (647 vs 521 ms,
     resnet18 b16 112 px, this 2-core machine), more than SMILE's whole extra cost.
     warmup_seconds: if given, filled with each runner's total warm-up time (compilation, captures).
+    progress: a progress bar on stderr (None: only when stderr is a terminal). The warm-up of a compiled
+    step takes half a minute or more per method on a GPU, minutes on a CPU, with nothing else printed.
     """
+    from tqdm.auto import tqdm
+
     spent = {name: 0.0 for name in runners}
-    for _ in range(warmup):
-        for name, run_one in runners.items():
-            start = time.perf_counter()
-            run_one()
-            spent[name] += time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    total = (warmup + steps) * len(runners)
+    disable = None if progress is None else not progress
+    with tqdm(total=total, desc="bench step", unit="step", disable=disable, file=sys.stderr, leave=False) as bar:
+        for round_index in range(warmup + steps):
+            phase = "warm-up" if round_index < warmup else "timed"
+            for name, run_one in runners.items():
+                bar.set_postfix_str(f"{name}, {phase}", refresh=True)
+                start = time.perf_counter()
+                run_one()  # synchronizes the device before returning
+                elapsed = time.perf_counter() - start
+                if round_index < warmup:
+                    spent[name] += elapsed
+                else:
+                    times[name].append(elapsed)
+                bar.update()
     if warmup_seconds is not None:
         warmup_seconds.update(spent)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(steps):
-        for name, run_one in runners.items():
-            start = time.perf_counter()
-            run_one()  # synchronizes the device before returning
-            times[name].append(time.perf_counter() - start)
     return times
 
 

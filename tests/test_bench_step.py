@@ -117,3 +117,24 @@ def test_cudnn_benchmark_is_switched_on_by_the_step_on_cuda(monkeypatch):
     run_one()
     build_step_runner("finetune", channels_last=True, device=torch.device("cuda"), cudnn_benchmark=True, **settings)
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_interleaved_timing_rounds_and_its_progress_bar(capsys):
+    """Warm-up rounds are summed per method and not timed; timed rounds give one time per step each;
+    the progress bar counts every step of both phases on stderr, and is off when asked."""
+    from smile_fast.bench_step import time_interleaved
+
+    calls = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in ("finetune", "smile")}
+    spent: dict[str, float] = {}
+    times = time_interleaved(
+        runners, steps=3, warmup=2, device=torch.device("cpu"), warmup_seconds=spent, progress=True
+    )
+    assert calls == ["finetune", "smile"] * 5, "one step of each method per round"
+    assert {name: len(values) for name, values in times.items()} == {"finetune": 3, "smile": 3}
+    assert set(spent) == {"finetune", "smile"} and all(value >= 0 for value in spent.values())
+    shown = capsys.readouterr().err
+    assert "bench step" in shown and "/10 " in shown, shown
+    assert "finetune, warm-up" in shown and "smile, timed" in shown, shown
+    time_interleaved(runners, steps=1, warmup=0, device=torch.device("cpu"), progress=False)
+    assert capsys.readouterr().err == ""
