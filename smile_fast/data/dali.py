@@ -471,7 +471,17 @@ def _decode_problem(device: torch.device) -> str | None:
             Image.new("RGB", (40, 30), (200, 120, 40)).save(path, quality=90)
             spec = TransformSpec("square", resize_size=16, crop_size=8, train=False)
             items = iter([[(path, 0, None)]])
-            settings = _PipelineSettings(spec, 1, device, 1, False, False, 0, 1, "dali")
+            settings = _PipelineSettings(
+                spec,
+                batch_size=1,
+                device=device,
+                num_threads=1,
+                channels_last=False,
+                output_uint8=False,
+                seed=0,
+                prefetch_queue_depth=1,
+                cpu_resize="dali",  # on a CPU device too: the probe runs DALI's own operators
+            )
             batches = _DaliBatches(lambda: next(items), settings)
             images, _ = batches.next()
             batches.close()
