@@ -4,7 +4,7 @@
 # bench/results/2026-11-26-h200-gpu_check-log.txt) they took 110 s (cut by its limit then), 91, 41, 12 and
 # 22 s; the ops part has since gained its graph-replay cases. Not yet timed on an H100.
 # The investigations of the open work are extra parts, each a few minutes: capture, fused, overlap,
-# cudnn, teacher, ddp. Name them (PARTS=capture,fused) or run everything with PARTS=all.
+# cudnn, fusedconv, teacher, ddp. Name them (PARTS=capture,fused) or run everything with PARTS=all.
 #   1. the GPU tests (fused ops on CUDA, real Triton)       -> log.txt
 #   3a. step time finetune vs SMILE, ResNet-50, bf16, batch 48, full stack ($STACK, below) + eager fp32
 #       baseline -> step_b48.json
@@ -16,6 +16,7 @@
 #   2. kernel benchmarks: fused vs eager vs torch.compile   -> ops_bench.json
 #   3b. the same at batch 256                               -> step_b256.json
 #   3g. 3a's stack with --cudnn-benchmark                  -> step_b48_cudnn_benchmark.json
+#   3h. 3a's stack with --teacher-fused-conv (cuDNN epilogues) -> step_b48_teacher_fused_conv.json
 #   3c. teacher options (BN fold, side stream) on/off       -> teacher_variants.json
 #   4. loader throughput (torchvision; DALI when installed) -> loader_*.json
 #   4b. with DALI: smile-fast train --loader dali on the demo -> dali_train_summary.json
@@ -33,14 +34,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEN
 [ -d /tmp/dali-site/nvidia/dali ] && export PYTHONPATH="$PYTHONPATH:/tmp/dali-site"
 LOG="$OUT/log.txt"
 # PARTS picks what to run, e.g. PARTS=capture,fused or PARTS=step48,step256 STACK=reduce-overhead.
-ALL_PARTS="tests,step48,capture,fused,overlap,ops,step256,cudnn,teacher,loader,ddp"
+ALL_PARTS="tests,step48,capture,fused,overlap,ops,step256,cudnn,fusedconv,teacher,loader,ddp"
 PARTS="${PARTS:-tests,step48,ops,step256,loader}"
 [ "$PARTS" = all ] && PARTS="$ALL_PARTS"
 for name in ${PARTS//,/ }; do
   [[ ",$ALL_PARTS," == *",$name,"* ]] || { echo "gpu_check.sh: unknown part '$name'; parts: $ALL_PARTS, or all" >&2; exit 2; }
 done
 PARTS=",$PARTS,"
-# STACK: the training step's stack in parts step48, step256 and cudnn. captured (default): --compile with
+# STACK: the training step's stack in parts step48, step256, cudnn and fusedconv. captured (default): --compile with
 # the step captured by hand as CUDA graphs (--cuda-graph), the fastest measured (H200, fourth session);
 # reduce-overhead: torch.compile's own CUDA graphs; compile: torch.compile without graphs; eager.
 # (COMPILE_MODE=reduce-overhead, as earlier runs were started, still means STACK=reduce-overhead.)
@@ -65,7 +66,7 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   MODEL=resnet50; B_SMALL=48; B_LARGE=256; SIZE=224; STEPS=15; WARMUP=4; LOADER_ITERS=30; PER_CLASS=64
   LOADER_WORKERS=$(nproc)  # issue 4's goal is stated for the machine's 16 CPU threads
   TEST_SEL=(tests/test_ops_*.py tests/test_kernels_*.py tests/test_torchvision_loader.py tests/test_teacher.py
-    tests/test_bench_step.py); TEST_K=(-k cuda)
+    tests/test_bench_step.py tests/test_fused_conv.py); TEST_K=(-k cuda)
 else
   GPU=0; export TRITON_INTERPRET=0  # parts 1-2 below set it to 1 for themselves: kernels via the interpreter
   TS=4
@@ -173,6 +174,16 @@ say "3g. step time batch $B_SMALL, step48's stack with --cudnn-benchmark"
 timeout $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
   --channels-last "${STACK_FLAGS[@]}" --cudnn-benchmark --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
   --json "$OUT/step_b48_cudnn_benchmark.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
+fi
+
+if part fusedconv; then
+# Off by default until measured: the folded teacher's bias, residual add and ReLU in cuDNN's convolution
+# epilogues (smile_fast/fused_conv.py). Compare SMILE / finetune with step_b48.json (same stack, same run);
+# the JSON's cudnn_fusion_problems lists the convolutions cuDNN could not fuse (empty: all fused).
+say "3h. step time batch $B_SMALL, step48's stack with --teacher-fused-conv"
+timeout $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
+  --channels-last "${STACK_FLAGS[@]}" --teacher-fused-conv --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
+  --json "$OUT/step_b48_teacher_fused_conv.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
 fi
 
 if part teacher; then

@@ -104,6 +104,14 @@ def main() -> None:
     if cudnn:
         lines += step_lines("step b48 --cudnn-benchmark", cudnn)
         lines += with_and_without_lines("--cudnn-benchmark (step b48's stack)", _load(out / "step_b48.json"), cudnn)
+    fused_conv = _load(out / "step_b48_teacher_fused_conv.json")
+    if fused_conv:
+        lines += step_lines("step b48 --teacher-fused-conv", fused_conv)
+        lines += with_and_without_lines(
+            "--teacher-fused-conv (step b48's stack)", _load(out / "step_b48.json"), fused_conv
+        )
+        for problem in fused_conv.get("cudnn_fusion_problems") or []:
+            lines.append(f"  not fused by cuDNN: {problem}")
     for capture in sorted(out.glob("step_capture*.json")):  # --cuda-graph, with and without lookahead
         lines += step_lines(capture.stem, _load(capture))
     lines += fused_input_lines(

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from smile_fast.config import build_config
 from smile_fast.data.transforms import normalize_uint8
 from smile_fast.devices import resolve_device
+from smile_fast.fused_conv import cudnn_fusion_problems
 from smile_fast.methods import build_method, step_generator
 from smile_fast.methods.base import folded_beta
 from smile_fast.models import build_models, build_source_model
@@ -76,6 +77,7 @@ def build_step_runner(
     teacher_lookahead: bool = False,
     fused_input: bool = False,
     cudnn_benchmark: bool = False,
+    teacher_fused_conv: bool = False,
     fold_teacher_bn: bool = True,
     teacher_stream: bool = True,
     num_classes: int = 200,
@@ -99,6 +101,7 @@ def build_step_runner(
             teacher_lookahead=teacher_lookahead,
             fused_input=fused_input,
             cudnn_benchmark=cudnn_benchmark,
+            teacher_fused_conv=teacher_fused_conv,
             device=str(device),
             fold_teacher_bn=fold_teacher_bn,
             teacher_stream=teacher_stream,
@@ -251,6 +254,7 @@ def run_step_benchmark(
     teacher_lookahead: bool = False,
     fused_input: bool = False,
     cudnn_benchmark: bool = False,
+    teacher_fused_conv: bool = False,
     device: str = "auto",
     steps: int = 20,
     warmup: int = 5,
@@ -280,6 +284,7 @@ def run_step_benchmark(
         teacher_lookahead=teacher_lookahead,
         fused_input=fused_input,
         cudnn_benchmark=cudnn_benchmark,
+        teacher_fused_conv=teacher_fused_conv,
         device=device_obj,
         steps=steps,
         warmup=warmup,
@@ -301,6 +306,7 @@ def run_step_benchmark(
         "teacher_lookahead": teacher_lookahead,
         "fused_input": fused_input,
         "cudnn_benchmark": cudnn_benchmark and device_obj.type == "cuda",
+        "teacher_fused_conv": teacher_fused_conv,
         "fold_teacher_bn": fold_teacher_bn,
         "teacher_stream": teacher_stream and device_obj.type == "cuda",
         "steps": steps,
@@ -326,6 +332,9 @@ def run_step_benchmark(
         # What a run pays once before its steady speed (compilation, cuDNN's search, graph captures): at
         # 9,000 steps of about 10 ms, a minute of compilation is a large share of a whole run.
         result[f"{name}_warmup_seconds"] = warmup_seconds[name]
+    if teacher_fused_conv and device_obj.type == "cuda":
+        # Empty when cuDNN fused every convolution; else those it could not, with its error.
+        result["cudnn_fusion_problems"] = cudnn_fusion_problems()
     if "finetune" in methods and "smile" in methods:
         result["smile_over_finetune"] = result["smile_ms_per_step"] / result["finetune_ms_per_step"]
     if baseline == "eager-fp32":
@@ -351,7 +360,8 @@ def format_step_table(result: dict[str, Any]) -> str:
         f"{', captured step' if result.get('cuda_graph') else ''}"
         f"{', teacher lookahead' if result.get('teacher_lookahead') else ''}"
         f"{', fused uint8 input' if result.get('fused_input') else ''}"
-        f"{', cudnn benchmark' if result.get('cudnn_benchmark') else ''})",
+        f"{', cudnn benchmark' if result.get('cudnn_benchmark') else ''}"
+        f"{', teacher fused conv' if result.get('teacher_fused_conv') else ''})",
         f"{'method':<22} {'ms/step':>9} {'images/s':>10}",
     ]
     for key in result:

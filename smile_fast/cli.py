@@ -67,6 +67,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     _add_capture_flags(flag, default=None)  # None: a YAML config's value stands
     flag("--fused-input", action=argparse.BooleanOptionalAction, default=None, help=FUSED_INPUT_HELP)
     flag("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None, help=CUDNN_BENCHMARK_HELP)
+    flag("--teacher-fused-conv", action=argparse.BooleanOptionalAction, default=None, help=TEACHER_FUSED_CONV_HELP)
     flag("--loader", choices=LOADER_CHOICES, help="auto (DALI on a GPU when installed), dali or torchvision")
     flag("--workers", type=int, help="loader processes / DALI threads per rank (default: its CPUs, at most 16)")
     flag("--device", help="auto (default), cpu, cuda or cuda:N")
@@ -97,6 +98,12 @@ FUSED_INPUT_HELP = (
 CUDNN_BENCHMARK_HELP = (
     "CUDA: cuDNN times its convolution algorithms once per shape and keeps the fastest (shapes never change "
     "in training); process-wide, and may pick non-deterministic algorithms (default off)"
+)
+
+TEACHER_FUSED_CONV_HELP = (
+    "SMILE, folded ResNet teacher: each convolution's bias, residual add and ReLU run in the convolution's "
+    "kernel (cuDNN; plain PyTorch ops on a CPU); same weights and results up to rounding (default off, "
+    "until a GPU has timed it)"
 )
 
 
@@ -168,6 +175,7 @@ TRAIN_KEYS = (
     "teacher_lookahead",
     "fused_input",
     "cudnn_benchmark",
+    "teacher_fused_conv",
 )
 
 
@@ -200,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--fused-input", action=argparse.BooleanOptionalAction, default=False, help=FUSED_INPUT_HELP)
     step.add_argument(
         "--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False, help=CUDNN_BENCHMARK_HELP
+    )
+    step.add_argument(
+        "--teacher-fused-conv", action=argparse.BooleanOptionalAction, default=False, help=TEACHER_FUSED_CONV_HELP
     )
     step.add_argument("--device", default="auto")
     step.add_argument("--steps", type=_integer, default=20, help="timed steps per method")
@@ -303,6 +314,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             teacher_lookahead=args.teacher_lookahead,
             fused_input=args.fused_input,
             cudnn_benchmark=args.cudnn_benchmark,
+            teacher_fused_conv=args.teacher_fused_conv,
             device=args.device,
             steps=args.steps,
             warmup=args.warmup,

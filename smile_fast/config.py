@@ -67,6 +67,7 @@ class TrainConfig:
     fused_input: bool = False  # the loader stops at uint8; the step normalizes (and mixes) in one kernel
     fold_teacher_bn: bool = True
     cudnn_benchmark: bool = False  # CUDA: cuDNN times its algorithms for each convolution shape once
+    teacher_fused_conv: bool = False  # folded ResNet teacher: bias, residual add and ReLU in cuDNN's epilogue
     teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
     sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch, as on one GPU
     loader: str = "auto"

@@ -409,6 +409,7 @@ class Trainer:
             "channels_last": config.channels_last,
             "compile": config.compile,
             "cudnn_benchmark": config.cudnn_benchmark and self.device.type == "cuda",
+            "teacher_fused_conv": self.teacher is not None and self.teacher.fused_conv,
             "seed": config.seed,
             "run_dir": str(self.run_dir),
         }

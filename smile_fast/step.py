@@ -17,6 +17,7 @@ import math
 import torch
 
 from smile_fast.config import GRAPH_COMPILE_MODES, TrainConfig, resolve_for_device
+from smile_fast.errors import UserError
 from smile_fast.methods import Method, as_batch, step_generator
 from smile_fast.models import SmileNet, SourceNet
 from smile_fast.teacher import MeanTeacher
@@ -90,6 +91,8 @@ class TrainingStep:
             self.teacher.to(device=device, memory_format=memory_format)
             if config.amp:
                 self.teacher.use_compute_dtype(self.amp_dtype)
+            if config.teacher_fused_conv and (problem := self.teacher.use_fused_conv()):
+                raise UserError(f"--teacher-fused-conv needs a BatchNorm-folded torchvision ResNet teacher: {problem}")
         self.optimizer = torch.optim.SGD(
             self.student.parameters(),
             lr=config.lr,

@@ -12,6 +12,8 @@
   at every call (two small kernels per convolution, about 107 for a ResNet-50, and 150 MB of traffic),
   for weights that change once in `every` iterations. The outputs are the same bits: autocast's casts
   round the same float32 values the same way.
+- With `use_fused_conv` a folded ResNet teacher runs each convolution with its bias, ReLU and residual
+  add in one cuDNN kernel (fused_conv.py), from the same weights.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import weakref
 import torch
 from torch import nn
 
+from smile_fast.fused_conv import fusable_resnet_trunk, fused_resnet_trunk
 from smile_fast.models import FoldedBackbone, SmileNet, SourceNet
 from smile_fast.ops import ema_update_
 
@@ -46,6 +49,7 @@ class MeanTeacher(nn.Module):
         self.fold_batchnorm = fold_batchnorm
         self.folded = FoldedBackbone(self.model.backbone) if fold_batchnorm else None
         self.low_precision: nn.ModuleDict | None = None  # the fold and fc in the AMP dtype, see use_compute_dtype
+        self.fused_conv = False  # see use_fused_conv
         self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         # A weak reference, not an attribute holding the module: nn.Module would register the student
         # as the teacher's submodule (its parameters, state_dict and .to() would follow).
@@ -83,6 +87,19 @@ class MeanTeacher(nn.Module):
         ).to(dtype)
         self._refresh_low_precision()
 
+    def use_fused_conv(self) -> str | None:
+        """Run the folded backbone with fused convolution epilogues (fused_conv.py); returns why it cannot
+        (not folded, not a torchvision ResNet), or None. Works with or without `use_compute_dtype`."""
+        if self.folded is None:
+            return "the teacher's BatchNorms are not folded"
+        if problem := fusable_resnet_trunk(getattr(self.folded.folded, "trunk", None)):
+            return problem
+        self.fused_conv = True
+        return None
+
+    def _features(self, backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return fused_resnet_trunk(backbone.trunk, images) if self.fused_conv else backbone(images)
+
     @torch.no_grad()
     def _refresh_low_precision(self) -> None:
         if self.low_precision is not None:
@@ -117,10 +134,12 @@ class MeanTeacher(nn.Module):
         if self.low_precision is not None:
             dtype = self.low_precision["fc"].weight.dtype
             with torch.autocast(images.device.type, enabled=False):
-                features = self.low_precision["backbone"](images.to(dtype))
+                features = self._features(self.low_precision["backbone"], images.to(dtype))
                 return features, self.low_precision["fc"](features.mean(dim=(2, 3)))
-        backbone = self.folded if self.folded is not None else self.model.backbone
-        features = backbone(images)
+        if self.folded is not None:
+            features = self._features(self.folded.folded, images)
+        else:
+            features = self.model.backbone(images)
         return features, self.model.fc(features.mean(dim=(2, 3)))
 
     def teacher_state(self) -> dict[str, torch.Tensor]:

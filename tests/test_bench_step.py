@@ -138,3 +138,18 @@ def test_interleaved_timing_rounds_and_its_progress_bar(capsys):
     assert "finetune, warm-up" in shown and "smile, timed" in shown, shown
     time_interleaved(runners, steps=1, warmup=0, device=torch.device("cpu"), progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_teacher_fused_conv_is_recorded_and_refused_where_it_cannot_apply(tmp_path, capsys):
+    """--teacher-fused-conv is in the table and the JSON (on a CPU with no cuDNN fallback to report); a
+    teacher it cannot fuse (not a ResNet) is one clear error, not a silently unfused benchmark."""
+    out = tmp_path / "step.json"
+    argv = ["bench", "step", "--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--device", "cpu"]
+    argv += ["--steps", "1", "--warmup", "0", "--teacher-fused-conv"]
+    assert main([*argv, "--methods", "finetune,smile", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["teacher_fused_conv"] is True and "cudnn_fusion_problems" not in result
+    assert "teacher fused conv" in capsys.readouterr().out
+    argv[argv.index("resnet18")] = "efficientnet_b4"
+    assert main([*argv, "--methods", "smile"]) == 2
+    assert "--teacher-fused-conv needs a BatchNorm-folded torchvision ResNet teacher" in capsys.readouterr().err

@@ -131,7 +131,9 @@ def test_channels_last_defaults_to_the_device():
     assert resolve_for_device(explicit, torch.device("cuda", 0)).channels_last is False, "a given value stands"
 
 
-def test_cudnn_benchmark_flag_and_yaml_reach_the_config(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flag", ["cudnn-benchmark", "teacher-fused-conv"])
+def test_off_by_default_speed_flags_and_yaml_reach_the_config(flag, tmp_path, monkeypatch):
+    """Speed options kept off until a GPU has measured them: a YAML key turns one on, the flag off again."""
     seen: list[TrainConfig] = []
 
     def fake_train(config, progress=True):
@@ -140,8 +142,9 @@ def test_cudnn_benchmark_flag_and_yaml_reach_the_config(tmp_path, monkeypatch):
 
     monkeypatch.setattr(smile_fast.engine, "train", fake_train)
     path = tmp_path / "c.yaml"
-    path.write_text("cudnn-benchmark: true\n")
+    path.write_text(f"{flag}: true\n")
     assert main(["train", "-c", str(path), "--no-progress"]) == 0
-    assert main(["train", "-c", str(path), "--no-cudnn-benchmark", "--no-progress"]) == 0
+    assert main(["train", "-c", str(path), f"--no-{flag}", "--no-progress"]) == 0
     assert main(["train", "--no-progress"]) == 0
-    assert [config.cudnn_benchmark for config in seen] == [True, False, False], "off unless asked for"
+    key = flag.replace("-", "_")
+    assert [getattr(config, key) for config in seen] == [True, False, False], "off unless asked for"

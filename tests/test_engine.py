@@ -152,6 +152,22 @@ def test_fused_input_trains_as_the_plain_loop(tiny_imagefolder, tmp_path, monkey
         torch.testing.assert_close(fused_state[name], value, **tolerance, msg=f"{name} differs")
 
 
+def test_teacher_fused_conv_trains_as_the_plain_loop(tiny_imagefolder, tmp_path, monkeypatch):
+    """--teacher-fused-conv: on the CPU the fused forward does the modules' own arithmetic, so a run ends
+    with the plain run's weights bit for bit (EMA updates included), and its summary says it was on."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    settings = dict(iters=4, ema_every=2, eval_every=4)
+    plain = tmp_path / "plain"
+    train(_config(tiny_imagefolder, plain, **settings), progress=False)
+    fused = tmp_path / "fused"
+    summary = train(_config(tiny_imagefolder, fused, teacher_fused_conv=True, **settings), progress=False)
+    assert summary["teacher_fused_conv"] is True
+    assert json.loads((plain / "summary.json").read_text())["teacher_fused_conv"] is False
+    plain_state, fused_state = _student_state(plain), _student_state(fused)
+    for name, value in plain_state.items():
+        torch.testing.assert_close(fused_state[name], value, rtol=0, atol=0, msg=f"{name} differs")
+
+
 def test_teacher_stays_identical_to_pretrained_fc_and_buffers(tiny_imagefolder, tmp_path):
     trainer = Trainer(_config(tiny_imagefolder, tmp_path / "t", iters=3), progress=False)
     fc_before = {k: v.clone() for k, v in trainer.teacher.model.fc.state_dict().items()}

@@ -1,0 +1,190 @@
+"""The BN-folded teacher's convolutions with their epilogues fused: bias, residual add and ReLU in one kernel.
+
+Once its BatchNorms are folded (models.FoldedBackbone), a ResNet teacher is a chain of biased
+convolutions, each followed by a ReLU, and at the end of each block by the residual add. Run as
+PyTorch modules, every one of those is a pass of its own over the activation (compiled, one Triton
+kernel per convolution for bias + add + ReLU). cuDNN can apply them in the convolution's epilogue
+(`torch.cudnn_convolution_relu` / `torch.cudnn_convolution_add_relu`, the kernels TorchScript's
+frozen-module optimization uses), which leaves one kernel per convolution and no extra pass. At batch
+48 the teacher's activations are about 1 GB in bf16, so the passes saved are worth measuring
+(`--teacher-fused-conv`, issue 5; off until a GPU has timed it).
+
+`conv_bias_act` is a torch.library custom op, so that torch.compile and CUDA graphs take it whole
+(the cuDNN entry points have no meta kernel). On CUDA it calls cuDNN; elsewhere, or if cuDNN finds no
+fused kernel for a shape, it runs the same arithmetic as separate PyTorch ops (`conv_bias_act_reference`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+logger = logging.getLogger(__name__)
+
+# The convolutions (by shape, dtype and layout) for which cuDNN had no fused kernel in this process, with
+# its error. Kept per shape: cuDNN's fused engines have alignment rules (the stem's 3 input channels may
+# not meet them) that say nothing about the other convolutions.
+_unfused: dict[tuple, str] = {}
+
+
+def cudnn_fusion_problems() -> list[str]:
+    """The convolutions cuDNN could not fuse in this process, each with its error; empty while all fused."""
+    return [f"{_describe(key)}: {error}" for key, error in _unfused.items()]
+
+
+def _describe(key: tuple) -> str:
+    x_shape, dtype, memory_format, weight_shape, residual, stride = key[:6]
+    layout = "NHWC" if memory_format == torch.channels_last else "NCHW"
+    epilogue = "bias+add+relu" if residual else "bias+relu"
+    return (
+        f"conv {weight_shape[1]}->{weight_shape[0]} {weight_shape[2]}x{weight_shape[3]} stride {stride[0]} "
+        f"{epilogue} on {list(x_shape)} {str(dtype).removeprefix('torch.')} {layout}"
+    )
+
+
+def conv_bias_act_reference(
+    x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, stride, padding, dilation, groups: int
+) -> Tensor:
+    """relu(conv(x, weight) + bias [+ residual]), as separate PyTorch ops."""
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y)
+
+
+def _output_format(x: Tensor) -> torch.memory_format:
+    # The layout the fake implementation promises, decided from the input alone. A tensor that is both
+    # contiguous and channels-last (one pixel, or one channel) counts as contiguous.
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _in_layout(y: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """`y` with exactly the strides torch.empty gives its shape in `memory_format` (what compiled code
+    was told by the fake implementation); only dimensions of size 1 may differ without a copy."""
+    expected = torch.empty(y.shape, device="meta", memory_format=memory_format).stride()
+    if y.stride() == expected:
+        return y
+    if not y.is_contiguous(memory_format=memory_format):
+        y = y.contiguous(memory_format=memory_format)
+    return y.as_strided(y.shape, expected)
+
+
+def _use_cudnn(x: Tensor) -> bool:
+    return x.device.type == "cuda" and torch.backends.cudnn.is_available()
+
+
+def _cudnn_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups) -> Tensor:
+    if residual is None:
+        return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+    return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, groups)
+
+
+def _conv_bias_act_impl(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    memory_format = _output_format(x)
+    if _use_cudnn(x):
+        key = (
+            tuple(x.shape), x.dtype, memory_format, tuple(weight.shape), residual is not None,
+            tuple(stride), tuple(padding), tuple(dilation), groups,
+        )  # fmt: skip
+        if key not in _unfused:
+            try:
+                fused = _cudnn_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups)
+                return _in_layout(fused, memory_format)
+            except RuntimeError as error:  # no fused engine for this shape: stay correct, and say so once
+                _unfused[key] = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                log = logger.warning if len(_unfused) == 1 else logger.debug
+                log("cuDNN cannot fuse %s (%s): it runs as separate kernels", _describe(key), _unfused[key])
+    reference = conv_bias_act_reference(x, weight, bias, residual, stride, padding, dilation, groups)
+    return _in_layout(reference, memory_format)
+
+
+_conv_bias_act_op = torch.library.custom_op("smile_fast::conv_bias_act", _conv_bias_act_impl, mutates_args=())
+
+
+@_conv_bias_act_op.register_fake
+def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, groups):
+    sizes = [x.shape[0], weight.shape[0]]
+    for dim in range(2):
+        extent = dilation[dim] * (weight.shape[2 + dim] - 1) + 1
+        sizes.append((x.shape[2 + dim] + 2 * padding[dim] - extent) // stride[dim] + 1)
+    return torch.empty(sizes, dtype=x.dtype, device=x.device, memory_format=_output_format(x))
+
+
+def conv_bias_act(conv: nn.Conv2d, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    """relu(conv(x) + residual) for a biased, zero-padded nn.Conv2d, in one cuDNN kernel on CUDA."""
+    return _conv_bias_act_op(
+        x, conv.weight, conv.bias, residual, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+    )
+
+
+def _folded_conv(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.bias is not None
+        and module.padding_mode == "zeros"
+        and isinstance(module.padding, tuple)
+    )
+
+
+def fusable_resnet_trunk(trunk: nn.Module) -> str | None:
+    """None when `trunk` is a BN-folded torchvision ResNet trunk (stem conv, Identity, ReLU, max pool,
+    four stages of BasicBlock or Bottleneck); else what does not fit."""
+    if not isinstance(trunk, nn.Sequential) or len(trunk) != 8:
+        return "not a torchvision ResNet trunk"
+    stem, norm, relu, pool = trunk[0], trunk[1], trunk[2], trunk[3]
+    if not (_folded_conv(stem) and isinstance(norm, nn.Identity) and isinstance(relu, nn.ReLU)):
+        return "the stem is not a folded convolution and a ReLU"
+    if not isinstance(pool, nn.MaxPool2d):
+        return "no max pool after the stem"
+    for stage in trunk[4:]:
+        for block in stage:
+            if not isinstance(block, (BasicBlock, Bottleneck)):
+                return f"{type(block).__name__} is not a ResNet block"
+            convs = [block.conv1, block.conv2] + ([block.conv3] if isinstance(block, Bottleneck) else [])
+            norms = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, Bottleneck) else [])
+            if not all(_folded_conv(conv) for conv in convs) or not all(isinstance(n, nn.Identity) for n in norms):
+                return "a block's BatchNorms are not folded"
+            downsample = block.downsample
+            if downsample is not None and not (
+                isinstance(downsample, nn.Sequential)
+                and len(downsample) == 2
+                and _folded_conv(downsample[0])
+                and isinstance(downsample[1], nn.Identity)
+            ):
+                return "a block's shortcut is not a folded convolution"
+    return None
+
+
+def fused_resnet_trunk(trunk: nn.Sequential, images: Tensor) -> Tensor:
+    """The forward of a BN-folded torchvision ResNet trunk (see `fusable_resnet_trunk`) with its own modules
+    and weights, each convolution with its bias, ReLU and residual add as one `conv_bias_act`.
+
+    Only the shortcut's projection (no ReLU of its own) and the max pool run as plain PyTorch ops.
+    """
+    x = conv_bias_act(trunk[0], images)
+    x = trunk[3](x)
+    for stage in trunk[4:]:
+        for block in stage:
+            shortcut = x if block.downsample is None else block.downsample[0](x)
+            y = conv_bias_act(block.conv1, x)
+            if isinstance(block, Bottleneck):
+                y = conv_bias_act(block.conv2, y)
+                x = conv_bias_act(block.conv3, y, shortcut)
+            else:
+                x = conv_bias_act(block.conv2, y, shortcut)
+    return x
