@@ -17,6 +17,7 @@ fused kernel for a shape, it runs the same arithmetic as separate PyTorch ops (`
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,25 +26,39 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 logger = logging.getLogger(__name__)
 
-# The convolutions (by shape, dtype and layout) for which cuDNN had no fused kernel in this process, with
-# its error. Kept per shape: cuDNN's fused engines have alignment rules (the stem's 3 input channels may
-# not meet them) that say nothing about the other convolutions.
-_unfused: dict[tuple, str] = {}
+
+class _ConvCase(NamedTuple):
+    """What cuDNN's choice of a fused kernel depends on."""
+
+    input_shape: tuple[int, ...]
+    dtype: torch.dtype
+    memory_format: torch.memory_format
+    weight_shape: tuple[int, ...]
+    residual: bool
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    def __str__(self) -> str:
+        out_channels, in_channels, height, width = self.weight_shape
+        layout = "NHWC" if self.memory_format == torch.channels_last else "NCHW"
+        return (
+            f"conv {in_channels * self.groups}->{out_channels} {height}x{width} stride {self.stride[0]} "
+            f"{'bias+add+relu' if self.residual else 'bias+relu'} on {list(self.input_shape)} "
+            f"{str(self.dtype).removeprefix('torch.')} {layout}"
+        )
+
+
+# The convolutions for which cuDNN had no fused kernel in this process, with its error. Kept per case:
+# cuDNN's fused engines have alignment rules (the stem's 3 input channels may not meet them) that say
+# nothing about the other convolutions.
+_unfused: dict[_ConvCase, str] = {}
 
 
 def cudnn_fusion_problems() -> list[str]:
     """The convolutions cuDNN could not fuse in this process, each with its error; empty while all fused."""
-    return [f"{_describe(key)}: {error}" for key, error in _unfused.items()]
-
-
-def _describe(key: tuple) -> str:
-    x_shape, dtype, memory_format, weight_shape, residual, stride = key[:6]
-    layout = "NHWC" if memory_format == torch.channels_last else "NCHW"
-    epilogue = "bias+add+relu" if residual else "bias+relu"
-    return (
-        f"conv {weight_shape[1]}->{weight_shape[0]} {weight_shape[2]}x{weight_shape[3]} stride {stride[0]} "
-        f"{epilogue} on {list(x_shape)} {str(dtype).removeprefix('torch.')} {layout}"
-    )
+    return [f"{case}: {error}" for case, error in _unfused.items()]
 
 
 def conv_bias_act_reference(
@@ -97,18 +112,18 @@ def _conv_bias_act_impl(
 ) -> Tensor:
     memory_format = _output_format(x)
     if _use_cudnn(x):
-        key = (
+        case = _ConvCase(
             tuple(x.shape), x.dtype, memory_format, tuple(weight.shape), residual is not None,
             tuple(stride), tuple(padding), tuple(dilation), groups,
         )  # fmt: skip
-        if key not in _unfused:
+        if case not in _unfused:
             try:
                 fused = _cudnn_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups)
                 return _in_layout(fused, memory_format)
-            except RuntimeError as error:  # no fused engine for this shape: stay correct, and say so once
-                _unfused[key] = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            except RuntimeError as error:  # no fused engine for this case: stay correct, and say so once
+                _unfused[case] = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 log = logger.warning if len(_unfused) == 1 else logger.debug
-                log("cuDNN cannot fuse %s (%s): it runs as separate kernels", _describe(key), _unfused[key])
+                log("cuDNN cannot fuse %s (%s): it runs as separate kernels", case, _unfused[case])
     reference = conv_bias_act_reference(x, weight, bias, residual, stride, padding, dilation, groups)
     return _in_layout(reference, memory_format)
 
