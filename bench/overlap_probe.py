@@ -8,12 +8,18 @@ before building a training step around manual capture, this measures whether ove
 It times ResNet-50 bf16 channels-last pieces, in ms per iteration:
 
   student            forward + backward of the student (train mode), eager
-  teacher            forward of the BN-folded teacher (no grad), eager
+  teacher            forward of the BN-folded teacher (no grad), eager, autocast casting its weights
+  teacher_amp_copy   the same from a bf16 copy of the weights with autocast off (the product's teacher
+                     under --amp since the fifth session)
+  teacher_fused_conv that copy with each convolution's bias, residual add and ReLU in cuDNN's epilogue
+                     (`--teacher-fused-conv`, smile_fast/fused_conv.py; separate ops on a CPU)
   sequential         both, one after the other, eager
   two_streams        the teacher on a side stream while the student runs, eager
   graphs_sequential  each captured as its own CUDA graph, replayed one after the other
   graphs_two_streams the same two graphs, the teacher's replayed on a side stream
   one_graph_fork     one graph captured with a fork to a side stream for the teacher and a join
+  graph_teacher, graph_teacher_amp_copy, graph_teacher_fused_conv: the teacher forwards, each captured
+                     as one CUDA graph (the figures to compare for the teacher's own cost)
 
 The figure to read is each combined row over `student` (the graphs rows over the student's graph
 alone, `graph_student`): 1.0 means the teacher is fully hidden. No optimizer step is included; it
@@ -24,6 +30,7 @@ synchronized at both ends. On a CPU only the eager rows run (streams and graphs 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -32,6 +39,7 @@ from collections.abc import Callable
 import torch
 import torchvision
 
+from smile_fast.fused_conv import cudnn_fusion_problems, fused_resnet_trunk
 from smile_fast.models import FoldedBackbone
 
 
@@ -92,6 +100,7 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     images = images.contiguous(memory_format=memory_format)
     teacher_images = images.clone()
+    teacher_copy = copy.deepcopy(teacher.folded).to(dtype)  # a ResNet trunk, as fused_resnet_trunk expects
 
     # Autocast's weight-cast cache must be off inside a CUDA-graph capture (PyTorch's CUDA-graph notes).
     def autocast():
@@ -105,6 +114,14 @@ def main() -> None:
     def teacher_forward() -> None:
         with torch.no_grad(), autocast():
             teacher(teacher_images)
+
+    def teacher_amp_copy() -> None:
+        with torch.no_grad():
+            teacher_copy(teacher_images.to(dtype))
+
+    def teacher_fused_conv() -> None:
+        with torch.no_grad():
+            fused_resnet_trunk(teacher_copy, teacher_images.to(dtype))
 
     def sequential() -> None:
         student_step()
@@ -121,6 +138,8 @@ def main() -> None:
     timings: dict[str, float] = {}
     timings["student"] = _timed_ms(student_step, device, args.steps, args.rounds)
     timings["teacher"] = _timed_ms(teacher_forward, device, args.steps, args.rounds)
+    timings["teacher_amp_copy"] = _timed_ms(teacher_amp_copy, device, args.steps, args.rounds)
+    timings["teacher_fused_conv"] = _timed_ms(teacher_fused_conv, device, args.steps, args.rounds)
     timings["sequential"] = _timed_ms(sequential, device, args.steps, args.rounds)
     if on_gpu:
         side = torch.cuda.Stream()
@@ -146,6 +165,9 @@ def main() -> None:
         teacher_graph = _capture(teacher_forward)
         timings["graph_student"] = _timed_ms(student_graph.replay, device, args.steps, args.rounds)
         timings["graph_teacher"] = _timed_ms(teacher_graph.replay, device, args.steps, args.rounds)
+        for name, forward in (("amp_copy", teacher_amp_copy), ("fused_conv", teacher_fused_conv)):
+            graph = _capture(forward)
+            timings[f"graph_teacher_{name}"] = _timed_ms(graph.replay, device, args.steps, args.rounds)
 
         def graphs_sequential() -> None:
             student_graph.replay()
@@ -165,10 +187,11 @@ def main() -> None:
         timings["one_graph_fork"] = _timed_ms(forked_graph.replay, device, args.steps, args.rounds)
 
     results["ms_per_iteration"] = {name: round(value, 3) for name, value in timings.items()}
+    results["cudnn_fusion_problems"] = cudnn_fusion_problems()  # empty: cuDNN fused every convolution
     ratios = {}
     for name, value in timings.items():
         base = timings.get("graph_student") if name.startswith(("graphs_", "one_graph")) else timings["student"]
-        if name not in ("student", "teacher", "graph_student", "graph_teacher") and base:
+        if not name.startswith(("student", "teacher", "graph_student", "graph_teacher")) and base:
             ratios[name] = round(value / base, 3)
     results["over_student"] = ratios
     size = f"batch {args.batch_size} at {args.image_size} px"
