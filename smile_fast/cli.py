@@ -266,7 +266,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     yaml_values = load_yaml(args.config) if args.config else {}
     overrides = {key: getattr(args, key) for key in TRAIN_KEYS}
     config = build_config(yaml_values, overrides)
-    summary = train(config, progress=not args.no_progress)
+    named = set(yaml_values) | {key for key, value in overrides.items() if value is not None}
+    summary = train(config, progress=not args.no_progress, given={key: getattr(config, key) for key in named})
     _print_summary_table(summary)
     return 0
 

@@ -86,6 +86,25 @@ class TrainConfig:
 
 FIELD_NAMES = {f.name for f in dataclasses.fields(TrainConfig)}
 
+# What a resumed run may change: how it runs, not what it computes (the data, model, objective and
+# schedule stay the run's own). The device could always change; the speed options are as much a
+# property of the machine, and a run started eager may be continued with the fast stack once it has
+# been measured. `out` is the run folder being resumed.
+RESUME_MAY_CHANGE = (
+    "device",
+    "workers",
+    "loader",
+    "compile",
+    "compile_mode",
+    "cuda_graph",
+    "teacher_lookahead",
+    "fused_input",
+    "cudnn_benchmark",
+    "teacher_fused_conv",
+    "log_every",
+    "eval_every",
+)
+
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config; unknown keys are an error (a typo must not silently do nothing)."""

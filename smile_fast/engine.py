@@ -14,13 +14,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from smile_fast.checkpoint import load_checkpoint, save_atomic
-from smile_fast.config import TrainConfig, build_config, resolve_for_device
+from smile_fast.config import RESUME_MAY_CHANGE, TrainConfig, build_config, resolve_for_device
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec
 from smile_fast.devices import resolve_device, setup_distributed
@@ -94,16 +95,21 @@ def _cache_dir() -> Path:
 class Trainer:
     """Builds everything a run needs from a TrainConfig and runs it; `run()` returns the summary."""
 
-    def __init__(self, config: TrainConfig, log=None, progress: bool = True):
+    def __init__(self, config: TrainConfig, log=None, progress: bool = True, given: Mapping[str, Any] | None = None):
+        """given: the settings this invocation named (flags, YAML), with their values; with `config.resume`
+        those in RESUME_MAY_CHANGE replace the run's own, and any other that differs is an error."""
         self.started = time.perf_counter()
         self.resume_state: dict[str, Any] | None = None
         if config.resume:
             self.resume_state = load_checkpoint(config.resume)
             saved = dict(self.resume_state["config"])
             saved["resume"] = config.resume
-            saved["device"] = config.device  # the one setting a resumed run may change
+            saved["device"] = config.device
             saved["out"] = str(Path(config.resume) if Path(config.resume).is_dir() else Path(config.resume).parent)
+            given = {key: value for key, value in (given or {}).items() if key not in ("resume", "out", "device")}
+            saved.update({key: value for key, value in given.items() if key in RESUME_MAY_CHANGE})
             config = build_config(saved)
+            _check_resume_settings(config, given)
         self.config = config
         self.dist, self.device = setup_distributed(config.device)
         resolve_for_device(config, self.device)  # before the settings are written to the run folder
@@ -427,9 +433,28 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     )
 
 
-def train(config: TrainConfig, log=None, progress: bool = True) -> dict[str, Any]:
-    """Run one training job and return its summary (also written to the run folder's summary.json)."""
-    trainer = Trainer(config, log=log, progress=progress)
+def _check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any]) -> None:
+    """A resumed run keeps its own data, model, objective and schedule: naming the same values again is
+    fine (re-running the original command with --resume), a different one is an error, not ignored."""
+    differ = [
+        f"--{key.replace('_', '-')} {value} (the run has {getattr(resumed, key)})"
+        for key, value in given.items()
+        if key not in RESUME_MAY_CHANGE and getattr(resumed, key) != value
+    ]
+    if differ:
+        allowed = ", ".join(f"--{key.replace('_', '-')}" for key in RESUME_MAY_CHANGE)
+        raise UserError(
+            f"--resume continues a run with its own settings, and these differ from it: {'; '.join(differ)}. "
+            f"Leave them out, or start a new run (another --out). A resumed run may change only {allowed}"
+        )
+
+
+def train(
+    config: TrainConfig, log=None, progress: bool = True, given: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run one training job and return its summary (also written to the run folder's summary.json).
+    given: the settings the command line and YAML named (see Trainer)."""
+    trainer = Trainer(config, log=log, progress=progress, given=given)
     try:
         return trainer.run()
     finally:

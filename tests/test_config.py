@@ -93,7 +93,7 @@ def test_cli_flags_reach_the_config_over_yaml(tmp_path, monkeypatch, capsys):
     """Through `main`: the YAML file, then the flags; `train` itself is replaced by a recorder."""
     seen: list[TrainConfig] = []
 
-    def fake_train(config, progress=True):
+    def fake_train(config, progress=True, given=None):
         seen.append(config)
         return {
             "method": config.method,
@@ -136,7 +136,7 @@ def test_off_by_default_speed_flags_and_yaml_reach_the_config(flag, tmp_path, mo
     """Speed options kept off until a GPU has measured them: a YAML key turns one on, the flag off again."""
     seen: list[TrainConfig] = []
 
-    def fake_train(config, progress=True):
+    def fake_train(config, progress=True, given=None):
         seen.append(config)
         return {"method": config.method, "iters": 1, "test_top1": None, "train_images_per_sec": 1.0, "run_dir": "x"}
 

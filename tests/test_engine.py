@@ -200,3 +200,21 @@ def test_training_with_the_dali_loader_on_cpu(tiny_imagefolder, tmp_path):
     written = json.loads((out / "summary.json").read_text())
     assert written["iters"] == 6 and 0.0 <= summary["test_top1"] <= 100.0
     assert (out / "last.pt").is_file()
+
+
+def test_resume_keeps_the_runs_settings_and_takes_only_how_it_runs(tiny_imagefolder, tmp_path, capsys):
+    """Re-running the original command with --resume works; a flag that would change what the run computes
+    (here --iters) is a one-line error instead of being ignored; speed and logging flags apply."""
+    from smile_fast.cli import main
+
+    out = tmp_path / "run"
+    train(_config(tiny_imagefolder, out, iters=2, eval_every=2), progress=False)
+    common = ["train", "--resume", str(out), "--no-progress", "--device", "cpu"]
+    assert main([*common, "--model", "resnet18", "--iters", "2"]) == 0, "the run's own values may be named again"
+    capsys.readouterr()
+    assert main([*common, "--iters", "5", "--lr", "0.5"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--iters 5 (the run has 2)" in error and "--lr 0.5" in error, error
+    assert main([*common, "--log-every", "1", "--teacher-fused-conv"]) == 0
+    written = (out / "config.yaml").read_text()
+    assert "log_every: 1" in written and "teacher_fused_conv: true" in written and "iters: 2" in written
