@@ -100,12 +100,15 @@ class Trainer:
         those in RESUME_MAY_CHANGE replace the run's own, and any other that differs is an error."""
         self.started = time.perf_counter()
         self.resume_state: dict[str, Any] | None = None
+        self._unused_out: str | None = None  # an --out given with --resume names another folder
         if config.resume:
             self.resume_state = load_checkpoint(config.resume)
             saved = dict(self.resume_state["config"])
             saved["resume"] = config.resume
             saved["device"] = config.device
             saved["out"] = str(Path(config.resume) if Path(config.resume).is_dir() else Path(config.resume).parent)
+            if (given or {}).get("out") and Path(given["out"]).resolve() != Path(saved["out"]).resolve():
+                self._unused_out = given["out"]
             given = {key: value for key, value in (given or {}).items() if key not in ("resume", "out", "device")}
             saved.update({key: value for key, value in given.items() if key in RESUME_MAY_CHANGE})
             config = build_config(saved)
@@ -218,6 +221,8 @@ class Trainer:
         self.previous_wall = float(state.get("wall_seconds", 0.0))
         self.previous_train_seconds = float(state.get("train_seconds", 0.0))
         self.log(f"resuming {self.run_dir} at iteration {self.start_iteration}")
+        if self._unused_out:
+            self.log(f"(--out {self._unused_out} is not used: a resumed run continues in its own folder)")
 
     def _autocast(self):
         return self.step.autocast()

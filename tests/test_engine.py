@@ -218,3 +218,7 @@ def test_resume_keeps_the_runs_settings_and_takes_only_how_it_runs(tiny_imagefol
     assert main([*common, "--log-every", "1", "--teacher-fused-conv"]) == 0
     written = (out / "config.yaml").read_text()
     assert "log_every: 1" in written and "teacher_fused_conv: true" in written and "iters: 2" in written
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "elsewhere")]) == 0
+    assert f"--out {tmp_path / 'elsewhere'} is not used" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
