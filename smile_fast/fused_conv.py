@@ -91,7 +91,14 @@ def _in_layout(y: Tensor, memory_format: torch.memory_format) -> Tensor:
 
 
 def _use_cudnn(x: Tensor) -> bool:
-    return x.device.type == "cuda" and torch.backends.cudnn.is_available()
+    # The cuDNN entry points ask for no deterministic algorithm, and they would run even with cuDNN
+    # switched off; in either case the separate ops honour the user's setting instead.
+    return (
+        x.device.type == "cuda"
+        and torch.backends.cudnn.is_available()
+        and torch.backends.cudnn.enabled
+        and not torch.are_deterministic_algorithms_enabled()
+    )
 
 
 def _cudnn_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups) -> Tensor:

@@ -235,6 +235,25 @@ def test_a_convolution_cudnn_cannot_fuse_falls_back_and_is_named(monkeypatch, ca
     assert len(warnings) == 1 and "conv 4->6 3x3 stride 1 bias+add+relu" in warnings[0], warnings
 
 
+@pytest.mark.skipif(not CUDA, reason="cuDNN's fused entry points are CUDA-only")
+def test_cuda_deterministic_mode_and_cudnn_off_take_the_separate_ops(monkeypatch):
+    """The fused entry points ask cuDNN for no deterministic algorithm and ignore cudnn.enabled: with either
+    setting the op must run the separate ops, which honour them."""
+    calls = []
+    real = fused_conv._cudnn_conv_bias_act
+    monkeypatch.setattr(fused_conv, "_cudnn_conv_bias_act", lambda *args: calls.append(1) or real(*args))
+    conv = nn.Conv2d(8, 8, 3, padding=1).cuda()
+    x = torch.randn(2, 8, 6, 6, device="cuda")
+    with torch.no_grad():
+        conv_bias_act(conv, x)
+        assert calls == [1], "by default cuDNN's fused kernel runs"
+        with torch.backends.cudnn.flags(enabled=False):
+            conv_bias_act(conv, x)
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        conv_bias_act(conv, x)
+    assert calls == [1]
+
+
 @pytest.mark.skipif(not CUDA, reason="cuDNN's fused epilogue and CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_fused_resnet50_teacher_matches_the_unfused_one_and_replays_in_a_graph(dtype, cpu_reference_ops):
