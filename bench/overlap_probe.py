@@ -20,6 +20,8 @@ It times ResNet-50 bf16 channels-last pieces, in ms per iteration:
   one_graph_fork     one graph captured with a fork to a side stream for the teacher and a join
   graph_teacher, graph_teacher_amp_copy, graph_teacher_fused_conv: the teacher forwards, each captured
                      as one CUDA graph (the figures to compare for the teacher's own cost)
+  graph_teacher_*_cudnn_benchmark: the last two again with cuDNN's algorithm search on (set last: it is
+                     process-wide)
 
 The figure to read is each combined row over `student` (the graphs rows over the student's graph
 alone, `graph_student`): 1.0 means the teacher is fully hidden. No optimizer step is included; it
@@ -185,6 +187,13 @@ def main() -> None:
         timings["graphs_two_streams"] = _timed_ms(graphs_two_streams, device, args.steps, args.rounds)
         forked_graph = _capture(two_streams, clear_grads)
         timings["one_graph_fork"] = _timed_ms(forked_graph.replay, device, args.steps, args.rounds)
+
+        # Last, because it is process-wide: cuDNN's timed choice of algorithm per shape (--cudnn-benchmark),
+        # for the teacher alone. New captures, since a graph keeps the kernels chosen when it was recorded.
+        torch.backends.cudnn.benchmark = True
+        for name, forward in (("amp_copy", teacher_amp_copy), ("fused_conv", teacher_fused_conv)):
+            graph = _capture(forward)
+            timings[f"graph_teacher_{name}_cudnn_benchmark"] = _timed_ms(graph.replay, device, args.steps, args.rounds)
 
     results["ms_per_iteration"] = {name: round(value, 3) for name, value in timings.items()}
     results["cudnn_fusion_problems"] = cudnn_fusion_problems()  # empty: cuDNN fused every convolution
