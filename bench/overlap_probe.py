@@ -207,7 +207,7 @@ def main() -> None:
     print(f"{results['device_name']}: {args.model} {size}, bf16, channels-last")
     for name, value in timings.items():
         ratio = f"  ({ratios[name]:.3f}x the student alone)" if name in ratios else ""
-        print(f"  {name:20s} {value:9.2f} ms{ratio}")
+        print(f"  {name:40s} {value:9.2f} ms{ratio}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)

@@ -156,7 +156,7 @@ def main() -> None:
         lines.append(f"overlap probe ({where}), ms per iteration and x the student alone:")
         for name, value in overlap["ms_per_iteration"].items():
             ratio = overlap["over_student"].get(name)
-            lines.append(f"  {name:<26} {value:9.2f} ms" + (f"  {ratio:.3f}x" if ratio else ""))
+            lines.append(f"  {name:<40} {value:9.2f} ms" + (f"  {ratio:.3f}x" if ratio else ""))
         for problem in overlap.get("cudnn_fusion_problems") or []:
             lines.append(f"  not fused by cuDNN: {problem}")
     lines += ops_lines(_load(out / "ops_bench.json"))
