@@ -79,10 +79,21 @@ def _output_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _dense_strides(shape: tuple[int, ...], memory_format: torch.memory_format) -> tuple[int, ...]:
+    """The strides torch.empty gives a 4-D `shape` in `memory_format` (computed here: a meta tensor per
+    call would cost more host time than the rest of the op's bookkeeping)."""
+    if 0 in shape:  # torch's rule for empty tensors has its own cases; no convolution here makes one
+        return torch.empty(shape, device="meta", memory_format=memory_format).stride()
+    batch, channels, height, width = shape
+    if memory_format == torch.channels_last:
+        return (height * width * channels, 1, width * channels, channels)
+    return (channels * height * width, height * width, width, 1)
+
+
 def _in_layout(y: Tensor, memory_format: torch.memory_format) -> Tensor:
     """`y` with exactly the strides torch.empty gives its shape in `memory_format` (what compiled code
     was told by the fake implementation); only dimensions of size 1 may differ without a copy."""
-    expected = torch.empty(y.shape, device="meta", memory_format=memory_format).stride()
+    expected = _dense_strides(tuple(y.shape), memory_format)
     if y.stride() == expected:
         return y
     if not y.is_contiguous(memory_format=memory_format):
@@ -107,6 +118,13 @@ def _cudnn_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, g
     return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, groups)
 
 
+def _case(x, weight, residual, stride, padding, dilation, groups, memory_format) -> _ConvCase:
+    return _ConvCase(
+        tuple(x.shape), x.dtype, memory_format, tuple(weight.shape), residual is not None,
+        tuple(stride), tuple(padding), tuple(dilation), groups,
+    )  # fmt: skip
+
+
 def _conv_bias_act_impl(
     x: Tensor,
     weight: Tensor,
@@ -119,15 +137,13 @@ def _conv_bias_act_impl(
 ) -> Tensor:
     memory_format = _output_format(x)
     if _use_cudnn(x):
-        case = _ConvCase(
-            tuple(x.shape), x.dtype, memory_format, tuple(weight.shape), residual is not None,
-            tuple(stride), tuple(padding), tuple(dilation), groups,
-        )  # fmt: skip
-        if case not in _unfused:
+        # The case is only built once some convolution has failed: while all fuse, no bookkeeping per call.
+        if not _unfused or _case(x, weight, residual, stride, padding, dilation, groups, memory_format) not in _unfused:
             try:
                 fused = _cudnn_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups)
                 return _in_layout(fused, memory_format)
             except RuntimeError as error:  # no fused engine for this case: stay correct, and say so once
+                case = _case(x, weight, residual, stride, padding, dilation, groups, memory_format)
                 _unfused[case] = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 log = logger.warning if len(_unfused) == 1 else logger.debug
                 log("cuDNN cannot fuse %s (%s): it runs as separate kernels", case, _unfused[case])
@@ -148,10 +164,18 @@ def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, gr
 
 
 def conv_bias_act(conv: nn.Conv2d, x: Tensor, residual: Tensor | None = None) -> Tensor:
-    """relu(conv(x) + residual) for a biased, zero-padded nn.Conv2d, in one cuDNN kernel on CUDA."""
-    return _conv_bias_act_op(
-        x, conv.weight, conv.bias, residual, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
-    )
+    """relu(conv(x) + residual) for a biased, zero-padded nn.Conv2d, in one cuDNN kernel on CUDA.
+
+    Inference only (the teacher runs without gradients): the fused kernels have no backward.
+    """
+    args = (x, conv.weight, conv.bias, residual, list(conv.stride), list(conv.padding), list(conv.dilation))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, conv.weight, residual)):
+        raise RuntimeError("conv_bias_act is inference-only (no backward): call it under torch.no_grad()")
+    # As the ops do (ops/_common.call_op): the registered op only while torch.compile traces; called
+    # eagerly it would add the custom-op dispatch, about 3x a plain conv's host time here.
+    if torch.compiler.is_compiling():
+        return _conv_bias_act_op(*args, conv.groups)
+    return _conv_bias_act_impl(*args, conv.groups)
 
 
 def _folded_conv(module: nn.Module) -> bool:

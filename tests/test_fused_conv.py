@@ -5,6 +5,7 @@ and the fallback when cuDNN has no fused kernel. CUDA cases (cuDNN's epilogue fu
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 
 import pytest
@@ -103,9 +104,49 @@ def test_a_one_pixel_output_has_the_promised_strides():
     implementation gives (compiled code indexes by those)."""
     x = torch.randn(2, 4, 2, 2).contiguous(memory_format=torch.channels_last)
     conv = nn.Conv2d(4, 6, 2)
-    y = conv_bias_act(conv, x)
+    with torch.no_grad():
+        y = conv_bias_act(conv, x)
     fake = fused_conv._conv_bias_act_fake(x, conv.weight, conv.bias, None, [1, 1], [0, 0], [1, 1], 1)
     assert y.shape == (2, 6, 1, 1) and y.stride() == fake.stride()
+
+
+def test_the_strides_the_op_promises_are_torch_empty_strides():
+    """The op computes the strides its fake implementation gives (torch.empty's) without a tensor per call."""
+    for shape in itertools.product([0, 1, 2], [0, 1, 3], [0, 1, 4], [0, 1, 5]):
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            expected = torch.empty(shape, device="meta", memory_format=memory_format).stride()
+            assert fused_conv._dense_strides(shape, memory_format) == expected, (shape, memory_format)
+
+
+def test_eager_calls_skip_the_custom_op_and_compiled_code_uses_it(monkeypatch):
+    """Called eagerly the op's implementation runs directly (the custom-op dispatch would triple a small
+    conv's host time); torch.compile sees the registered op, one node it does not look into."""
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 5, 5)
+    real_op = fused_conv._conv_bias_act_op
+    monkeypatch.setattr(fused_conv, "_conv_bias_act_op", lambda *args: pytest.fail("eager call went through the op"))
+    with torch.no_grad():
+        expected = conv_bias_act(conv, x)
+    monkeypatch.setattr(fused_conv, "_conv_bias_act_op", real_op)
+    targets = []
+
+    def backend(graph_module, example_inputs):
+        targets.extend(node.target for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    compiled = torch.compile(lambda images: conv_bias_act(conv, images), backend=backend, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), expected)
+    assert torch.ops.smile_fast.conv_bias_act.default in targets or real_op in targets, targets
+
+
+def test_a_call_that_needs_gradients_is_refused():
+    """The fused kernels have no backward: asking for one is a clear error, not a wrong or missing gradient."""
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        conv_bias_act(conv, torch.randn(2, 4, 5, 5))
+    with torch.no_grad():
+        conv_bias_act(conv, torch.randn(2, 4, 5, 5))
 
 
 def _randomized_trunk(name: str) -> nn.Module:
