@@ -260,6 +260,13 @@ def validate(config: TrainConfig) -> None:
         config.cuda_graph or not config.teacher_lookahead,
         "--teacher-lookahead runs the teacher inside the captured step; give --cuda-graph with it",
     )
+    # Checked here, before any data or model is read; TrainingStep checks the teacher's structure itself.
+    _check(
+        not config.teacher_fused_conv or (config.model.startswith("resnet") and config.fold_teacher_bn),
+        "--teacher-fused-conv needs a BatchNorm-folded torchvision ResNet teacher "
+        f"(--model resnet*, teacher BN folded); got --model {config.model}"
+        + ("" if config.fold_teacher_bn else " with the teacher's BatchNorms unfolded"),
+    )
     if config.cuda_graph:
         _check(
             not (config.compile and config.compile_mode in GRAPH_COMPILE_MODES),

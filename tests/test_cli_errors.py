@@ -90,6 +90,10 @@ def _empty_file(path: Path) -> str:
 # id -> (command-line flags, words the message must contain)
 FLAG_CASES = {
     "iters-negative": (["--iters", "-5"], ["--iters"]),
+    "teacher-fused-conv-not-a-resnet": (
+        ["--model", "efficientnet_b4", "--teacher-fused-conv"],
+        ["--teacher-fused-conv", "efficientnet_b4"],
+    ),
     "iters-zero": (["--iters", "0"], ["--iters"]),
     "iters-not-a-number": (["--iters", "many"], ["--iters"]),
     "batch-zero": (["--batch-size", "0"], ["--batch-size"]),
