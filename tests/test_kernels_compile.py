@@ -50,7 +50,11 @@ def sig(text, dt):
 
 lam = "perm_ptr:*i64 lam_ptr:*fp32"
 rows = {
-    "mixup_batch": (mixup_batch._mixup_batch_fwd_kernel, f"x_ptr:*T {lam} out_ptr:*T n_per_sample:i32", 2048),
+    "mixup_batch": (
+        mixup_batch._mixup_batch_fwd_kernel,
+        f"x_ptr:*T {lam} out_ptr:*T n_per_sample:i32 batch:i32",
+        2048,
+    ),
     "mixup_batch_bwd": (
         mixup_batch._mixup_batch_bwd_kernel,
         "grad_ptr:*T perm_ptr:*i64 lam_ptr:*fp32 grad_x_ptr:*T n_per_sample:i32 batch:i32",
@@ -58,44 +62,47 @@ rows = {
     ),
     "feature_fwd": (
         feature_mixup_loss._feature_mixup_loss_fwd_kernel,
-        f"student_ptr:*T teacher_ptr:*T {lam} partial_ptr:*fp32 n_per_sample:i32 partial_scale:fp32",
+        f"student_ptr:*T teacher_ptr:*T {lam} partial_ptr:*fp32 n_per_sample:i32 batch:i32 partial_scale:fp32",
         {"ROOT": True, "BLOCK": 2048},
     ),
     "feature_bwd": (
         feature_mixup_loss._feature_mixup_loss_bwd_kernel,
         f"student_ptr:*T teacher_ptr:*T {lam} grad_loss_ptr:*fp32 loss_ptr:*fp32 grad_ptr:*T n_per_sample:i32 "
-        "coef_scale:fp32",
+        "batch:i32 coef_scale:fp32",
         {"OFFICIAL": True, "BLOCK": 2048},
     ),
     "mixup_normalize": (
         mixup_normalize._mixup_normalize_fwd_kernel,
-        f"images_ptr:*u8 {lam} clean_ptr:*T mixed_ptr:*T n_per_sample:i32 "
+        f"images_ptr:*u8 {lam} clean_ptr:*T mixed_ptr:*T n_per_sample:i32 batch:i32 "
         "scale0:fp32 scale1:fp32 scale2:fp32 shift0:fp32 shift1:fp32 shift2:fp32",
         {"MIX": True, "BLOCK": 2048},
     ),
     # normalize_uint8: the same kernel without the mix; the unused pointers are the clean batch's.
     "normalize": (
         mixup_normalize._mixup_normalize_fwd_kernel,
-        "images_ptr:*u8 perm_ptr:*T lam_ptr:*T clean_ptr:*T mixed_ptr:*T n_per_sample:i32 "
+        "images_ptr:*u8 perm_ptr:*T lam_ptr:*T clean_ptr:*T mixed_ptr:*T n_per_sample:i32 batch:i32 "
         "scale0:fp32 scale1:fp32 scale2:fp32 shift0:fp32 shift1:fp32 shift2:fp32",
         {"MIX": False, "BLOCK": 2048},
     ),
     "mixup_cross_entropy_fwd": (
         mixup_cross_entropy._mixup_cross_entropy_fwd_kernel,
-        f"logits_ptr:*T target_ptr:*i64 {lam} row_loss_ptr:*fp32 n_classes:i32 row_stride:i32",
+        f"logits_ptr:*T target_ptr:*i64 {lam} row_loss_ptr:*fp32 n_classes:i32 batch:i32 row_stride:i32",
         1024,
     ),
     "mixup_cross_entropy_bwd": (
         mixup_cross_entropy._mixup_cross_entropy_bwd_kernel,
         f"logits_ptr:*T target_ptr:*i64 {lam} grad_loss_ptr:*fp32 grad_logits_ptr:*T n_classes:i32 "
-        "row_stride:i32 grad_row_stride:i32 inv_batch:fp32",
+        "batch:i32 row_stride:i32 grad_row_stride:i32 inv_batch:fp32",
         1024,
     ),
 }
-soft_fwd = f"student_ptr:*T teacher_ptr:*T {lam} row_loss_ptr:*fp32 n_classes:i32 student_stride:i32 teacher_stride:i32"
+soft_fwd = (
+    f"student_ptr:*T teacher_ptr:*T {lam} row_loss_ptr:*fp32 n_classes:i32 batch:i32 "
+    "student_stride:i32 teacher_stride:i32"
+)
 soft_bwd = (
     f"student_ptr:*T teacher_ptr:*T {lam} grad_loss_ptr:*fp32 grad_student_ptr:*T n_classes:i32 "
-    "student_stride:i32 teacher_stride:i32 grad_stride:i32 inv_batch:fp32"
+    "batch:i32 student_stride:i32 teacher_stride:i32 grad_stride:i32 inv_batch:fp32"
 )
 for name in ("soft_mixup_cross_entropy", "soft_mixup_mse"):
     rows[name + "_fwd"] = (getattr(soft, f"_{name}_fwd_kernel"), soft_fwd, 1024)

@@ -4,6 +4,11 @@ Forward: each program reads a chunk of the student's sample b and of the teacher
 perm[b], forms `d = s - (lam * t_b + (1 - lam) * t_perm(b))` in registers and writes one partial
 sum of d^2. Backward: the same reads, and `grad = coef * d` written in the student's dtype, where
 each program forms `coef` from the upstream gradient and the saved loss (the form's scaling).
+
+A perm entry outside [0, B) would be an out-of-bounds read (an illegal access on a GPU, which kills the
+CUDA context), and the host cannot check perm without a device sync: the programs of such a sample read
+its own teacher chunk instead, with a NaN lam, so that its difference, hence its partial sums (and the
+loss) and its gradient rows, are NaN. Two scalar selects per program, no per-element work.
 """
 
 import triton
@@ -24,6 +29,7 @@ def _feature_mixup_loss_fwd_kernel(
     lam_ptr,
     partial_ptr,
     n_per_sample,
+    batch,
     partial_scale,
     ROOT: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -33,7 +39,9 @@ def _feature_mixup_loss_fwd_kernel(
     offsets = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_per_sample
     partner = tl.load(perm_ptr + row)
-    lam = tl.load(lam_ptr)
+    partner_valid = (partner >= 0) & (partner < batch)  # else NaN over this sample (module docstring)
+    partner = tl.where(partner_valid, partner, row)
+    lam = tl.where(partner_valid, tl.load(lam_ptr), float("nan"))
     own_start = row.to(tl.int64) * n_per_sample
     partner_start = partner.to(tl.int64) * n_per_sample
     student = tl.load(student_ptr + own_start + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -59,6 +67,7 @@ def _feature_mixup_loss_bwd_kernel(
     loss_ptr,
     grad_ptr,
     n_per_sample,
+    batch,
     coef_scale,
     OFFICIAL: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -68,7 +77,9 @@ def _feature_mixup_loss_bwd_kernel(
     offsets = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_per_sample
     partner = tl.load(perm_ptr + row)
-    lam = tl.load(lam_ptr)
+    partner_valid = (partner >= 0) & (partner < batch)  # else NaN over this sample (module docstring)
+    partner = tl.where(partner_valid, partner, row)
+    lam = tl.where(partner_valid, tl.load(lam_ptr), float("nan"))
     # d loss / d difference, from the upstream gradient and the saved loss, in every program: two
     # scalar loads instead of the ten small torch launches that computed it before (measured on CPU).
     coef = tl.load(grad_loss_ptr).to(tl.float32) * coef_scale
@@ -104,20 +115,23 @@ def launch_feature_mixup_loss_forward(
 
     Args:
         student, teacher: [B, ...] with the same strides, each sample one dense chunk of N elements.
-        perm: long [B]. lam: 0-d float32.
+        perm: long [B], any stride. lam: 0-d float32.
     """
     batch = student.shape[0]
     n_per_sample = student.numel() // batch if batch else 0
     if n_per_sample == 0:
         return
     n_chunks = triton.cdiv(n_per_sample, FEATURE_BLOCK)
+    # The kernel reads perm[b] at perm_ptr + b: a strided view (a column of a stacked tensor) must be
+    # made dense first. No copy when perm already is, as in the trainer.
     _feature_mixup_loss_fwd_kernel[(batch, n_chunks)](
         student,
         teacher,
-        perm,
+        perm.contiguous(),
         lam,
         partial_sums,
         n_per_sample,
+        batch,
         partial_scale,
         ROOT=root,
         BLOCK=FEATURE_BLOCK,
@@ -143,22 +157,24 @@ def launch_feature_mixup_loss_backward(
 
     Args:
         student, teacher: [B, ...] with the same strides, each sample one dense chunk of N elements.
-        perm: long [B]. lam, loss: 0-d float32. grad_loss: 0-d, the upstream gradient.
+        perm: long [B], any stride. lam, loss: 0-d float32. grad_loss: 0-d, the upstream gradient.
     """
     batch = student.shape[0]
     n_per_sample = student.numel() // batch if batch else 0
     if n_per_sample == 0:
         return
     n_chunks = triton.cdiv(n_per_sample, FEATURE_BLOCK)
+    # Dense perm, as in the forward; no copy when it already is.
     _feature_mixup_loss_bwd_kernel[(batch, n_chunks)](
         student,
         teacher,
-        perm,
+        perm.contiguous(),
         lam,
         grad_loss,
         loss,
         grad_student,
         n_per_sample,
+        batch,
         coef_scale,
         OFFICIAL=official,
         BLOCK=FEATURE_BLOCK,

@@ -16,7 +16,7 @@ MIXUP_BATCH_PERM_BLOCK = 1024
 
 
 @triton.jit
-def _mixup_batch_fwd_kernel(x_ptr, perm_ptr, lam_ptr, out_ptr, n_per_sample, BLOCK: tl.constexpr):
+def _mixup_batch_fwd_kernel(x_ptr, perm_ptr, lam_ptr, out_ptr, n_per_sample, batch, BLOCK: tl.constexpr):
     # program_id(0) is the sample, the fastest-varying grid axis, so programs that run together
     # touch the same chunk of every sample: the second read of a sample (as someone's partner)
     # then mostly hits L2, and DRAM sees about one read of each element.
@@ -25,7 +25,13 @@ def _mixup_batch_fwd_kernel(x_ptr, perm_ptr, lam_ptr, out_ptr, n_per_sample, BLO
     offsets = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_per_sample
     partner = tl.load(perm_ptr + row)
-    lam = tl.load(lam_ptr)
+    # A partner outside [0, batch) would read another tensor's memory (an illegal access on a GPU,
+    # which kills the CUDA context), and the host cannot check perm without a device sync. The row
+    # reads itself instead, and a NaN lam makes every element of its output NaN (even where the real
+    # lam is 1), so that the bad perm shows up as a NaN loss: two scalar selects, no per-element work.
+    partner_valid = (partner >= 0) & (partner < batch)
+    partner = tl.where(partner_valid, partner, row)
+    lam = tl.where(partner_valid, tl.load(lam_ptr), float("nan"))
     own_start = row.to(tl.int64) * n_per_sample
     partner_start = partner.to(tl.int64) * n_per_sample
     own = tl.load(x_ptr + own_start + offsets, mask=mask).to(tl.float32)
@@ -44,7 +50,9 @@ def _mixup_batch_bwd_kernel(
     # partners are summed without atomics, in a fixed order, so the result is deterministic. For a
     # permutation that is one partner chunk per program, as in the forward. (Scanning perm one scalar
     # at a time, as this kernel first did, cost B dependent loads per program: 37% of copy bandwidth
-    # at batch 192 on an H200, against the forward's 83%.)
+    # at batch 192 on an H200, against the forward's 83%.) Entries of perm outside [0, batch) never
+    # equal a row, so they add nothing and every read stays in bounds; the forward already wrote NaN
+    # over the output rows that took them as partners.
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offsets = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -69,7 +77,7 @@ def launch_mixup_batch(x: Tensor, perm: Tensor, lam: Tensor, out: Tensor) -> Non
 
     Args:
         x: [B, ...], each sample one dense chunk of N elements (NCHW-contiguous or channels-last).
-        perm: long [B] on x's device.
+        perm: long [B] on x's device, any stride. A row whose perm entry is outside [0, B) comes out NaN.
         lam: 0-d float32 on x's device (read from memory, so a new lam does not recompile).
         out: same shape, dtype and strides as x.
     """
@@ -78,8 +86,10 @@ def launch_mixup_batch(x: Tensor, perm: Tensor, lam: Tensor, out: Tensor) -> Non
     if n_per_sample == 0:
         return
     n_chunks = triton.cdiv(n_per_sample, MIXUP_BATCH_BLOCK)
+    # The kernel reads perm[b] at perm_ptr + b: a strided view (a column of a stacked tensor) must be
+    # made dense first. No copy when perm is already contiguous, as in the trainer.
     _mixup_batch_fwd_kernel[(batch, n_chunks)](
-        x, perm, lam, out, n_per_sample, BLOCK=MIXUP_BATCH_BLOCK, num_warps=MIXUP_BATCH_NUM_WARPS
+        x, perm.contiguous(), lam, out, n_per_sample, batch, BLOCK=MIXUP_BATCH_BLOCK, num_warps=MIXUP_BATCH_NUM_WARPS
     )
     record_launch("mixup_batch")
 
@@ -89,7 +99,7 @@ def launch_mixup_batch_backward(grad: Tensor, perm: Tensor, lam: Tensor, grad_x:
 
     Args:
         grad: [B, ...], each sample one dense chunk of N elements.
-        perm: long [B]; lam: 0-d float32, on grad's device.
+        perm: long [B], any stride; lam: 0-d float32, on grad's device.
         grad_x: same shape, dtype and strides as grad.
     """
     batch = grad.shape[0]
@@ -97,9 +107,10 @@ def launch_mixup_batch_backward(grad: Tensor, perm: Tensor, lam: Tensor, grad_x:
     if n_per_sample == 0:
         return
     n_chunks = triton.cdiv(n_per_sample, MIXUP_BATCH_BLOCK)
+    # Dense perm, as in the forward (the kernel reads perm_ptr + b); no copy when it already is.
     _mixup_batch_bwd_kernel[(batch, n_chunks)](
         grad,
-        perm,
+        perm.contiguous(),
         lam,
         grad_x,
         n_per_sample,

@@ -26,6 +26,7 @@ def _mixup_normalize_fwd_kernel(
     clean_ptr,
     mixed_ptr,
     n_per_sample,
+    batch,
     scale0,
     scale1,
     scale2,
@@ -48,7 +49,13 @@ def _mixup_normalize_fwd_kernel(
     tl.store(clean_ptr + own_start + offsets, own.to(clean_ptr.dtype.element_ty), mask=mask)
     if MIX:
         partner = tl.load(perm_ptr + row)
-        lam = tl.load(lam_ptr)
+        # A partner outside [0, batch) would be an out-of-bounds read (an illegal access on a GPU), and
+        # the host cannot check perm without a device sync. The row reads itself instead, and a NaN lam
+        # makes every element of its mixed output NaN (even where the real lam is 1), so that the bad
+        # perm shows up as a NaN loss: two scalar selects, no per-element work.
+        partner_valid = (partner >= 0) & (partner < batch)
+        partner = tl.where(partner_valid, partner, row)
+        lam = tl.where(partner_valid, tl.load(lam_ptr), float("nan"))
         partner_start = partner.to(tl.int64) * n_per_sample
         other = tl.load(images_ptr + partner_start + offsets, mask=mask).to(tl.float32) * scale + shift
         mixed = lam * own + (1.0 - lam) * other
@@ -68,7 +75,8 @@ def launch_mixup_normalize(
 
     Args:
         images: uint8 [B, H, W, 3], contiguous.
-        perm: long [B]; lam: 0-d float32, both on images' device (unused, may be None, without `mixed`).
+        perm: long [B], any stride; lam: 0-d float32, both on images' device (unused, may be None, without
+            `mixed`). A sample whose perm entry is outside [0, B) gets a NaN mixed image (clean is unaffected).
         mean, std: three floats each (0..1 scale).
         clean, mixed: [B, 3, H, W] channels-last (memory NHWC, like images), any float dtype.
     """
@@ -82,13 +90,15 @@ def launch_mixup_normalize(
     n_chunks = triton.cdiv(n_per_sample, MIXUP_NORMALIZE_BLOCK)
     mix = mixed is not None
     # Without mixing the unused pointers are the clean batch's: never read or written (MIX is constexpr).
+    # perm is made dense because the kernel reads perm[b] at perm_ptr + b (no copy when it already is).
     _mixup_normalize_fwd_kernel[(batch, n_chunks)](
         images,
-        perm if mix else clean,
+        perm.contiguous() if mix else clean,
         lam if mix else clean,
         clean,
         mixed if mix else clean,
         n_per_sample,
+        batch,
         *scales,
         *shifts,
         MIX=mix,

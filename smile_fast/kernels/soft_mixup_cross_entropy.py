@@ -5,6 +5,7 @@ Both losses compare the student's softmax with `q = lam * softmax(t_b) + (1 - la
 - soft MSE (paper form): sum_k (softmax(s)_k - q_k)^2.
 Gradients go to the student logits only. Each program handles one sample: three log-sum-exps
 (student row, teacher row, partner teacher row), then one or two more passes over those rows.
+A sample whose perm entry is outside [0, B) gets a NaN loss and a NaN gradient row.
 """
 
 import triton
@@ -17,18 +18,36 @@ from smile_fast.kernels._rows import _load_row_chunk, _row_logsumexp, row_block_
 
 @triton.jit
 def _sample_rows(
-    student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, student_stride, teacher_stride, BLOCK: tl.constexpr
+    student_ptr,
+    teacher_ptr,
+    perm_ptr,
+    lam_ptr,
+    n_classes,
+    batch,
+    student_stride,
+    teacher_stride,
+    BLOCK: tl.constexpr,
 ):
-    """This program's sample: its student, teacher and partner-teacher rows, their log-sum-exps, and lam."""
+    """This program's sample: its student, teacher and partner-teacher rows, their log-sum-exps, lam, and
+    whether its perm entry is in [0, batch).
+
+    An out-of-range partner would be an out-of-bounds read (an illegal access on a GPU, which kills the
+    CUDA context), and the host cannot check perm without a device sync: the row's own teacher row
+    stands in for it, and the callers write NaN where `partner_valid` is False, so that a bad perm shows
+    up as a NaN loss.
+    """
     row = tl.program_id(0)
     partner = tl.load(perm_ptr + row)
+    partner_valid = (partner >= 0) & (partner < batch)
+    partner = tl.where(partner_valid, partner, row)
     student_row = student_ptr + row.to(tl.int64) * student_stride
     teacher_row = teacher_ptr + row.to(tl.int64) * teacher_stride
     partner_row = teacher_ptr + partner.to(tl.int64) * teacher_stride
     student_lse = _row_logsumexp(student_row, n_classes, BLOCK)
     teacher_lse = _row_logsumexp(teacher_row, n_classes, BLOCK)
     partner_lse = _row_logsumexp(partner_row, n_classes, BLOCK)
-    return row, student_row, teacher_row, partner_row, student_lse, teacher_lse, partner_lse, tl.load(lam_ptr)
+    lam = tl.load(lam_ptr)
+    return row, student_row, teacher_row, partner_row, student_lse, teacher_lse, partner_lse, lam, partner_valid
 
 
 @triton.jit
@@ -54,12 +73,13 @@ def _soft_mixup_cross_entropy_fwd_kernel(
     lam_ptr,
     row_loss_ptr,
     n_classes,
+    batch,
     student_stride,
     teacher_stride,
     BLOCK: tl.constexpr,
 ):
-    row, s_row, t_row, p_row, s_lse, t_lse, p_lse, lam = _sample_rows(
-        student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, student_stride, teacher_stride, BLOCK
+    row, s_row, t_row, p_row, s_lse, t_lse, p_lse, lam, valid = _sample_rows(
+        student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, batch, student_stride, teacher_stride, BLOCK
     )
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_classes, BLOCK):
@@ -67,7 +87,7 @@ def _soft_mixup_cross_entropy_fwd_kernel(
         # A 0 student pad keeps padded log_probs finite, so q = 0 zeroes them (with -inf, 0 * -inf is NaN).
         log_probs, q = _sample_chunk(s_row, t_row, p_row, s_lse, t_lse, p_lse, lam, cols, n_classes, 0.0)
         acc += q * log_probs
-    tl.store(row_loss_ptr + row, -tl.sum(acc, axis=0))
+    tl.store(row_loss_ptr + row, tl.where(valid, -tl.sum(acc, axis=0), float("nan")))
 
 
 @triton.jit
@@ -79,6 +99,7 @@ def _soft_mixup_cross_entropy_bwd_kernel(
     grad_loss_ptr,
     grad_student_ptr,
     n_classes,
+    batch,
     student_stride,
     teacher_stride,
     grad_stride,
@@ -86,11 +107,12 @@ def _soft_mixup_cross_entropy_bwd_kernel(
     BLOCK: tl.constexpr,
 ):
     # d/ds of sum_k -q_k log_softmax(s)_k is softmax(s) * sum(q) - q = softmax(s) - q.
-    row, s_row, t_row, p_row, s_lse, t_lse, p_lse, lam = _sample_rows(
-        student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, student_stride, teacher_stride, BLOCK
+    row, s_row, t_row, p_row, s_lse, t_lse, p_lse, lam, valid = _sample_rows(
+        student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, batch, student_stride, teacher_stride, BLOCK
     )
     grad_row = grad_student_ptr + row.to(tl.int64) * grad_stride
-    scale = tl.load(grad_loss_ptr).to(tl.float32) * inv_batch
+    # A bad perm entry makes the row's whole gradient NaN, as it made its loss NaN.
+    scale = tl.where(valid, tl.load(grad_loss_ptr).to(tl.float32) * inv_batch, float("nan"))
     for start in range(0, n_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         log_probs, q = _sample_chunk(s_row, t_row, p_row, s_lse, t_lse, p_lse, lam, cols, n_classes, float("-inf"))
@@ -106,12 +128,13 @@ def _soft_mixup_mse_fwd_kernel(
     lam_ptr,
     row_loss_ptr,
     n_classes,
+    batch,
     student_stride,
     teacher_stride,
     BLOCK: tl.constexpr,
 ):
-    row, s_row, t_row, p_row, s_lse, t_lse, p_lse, lam = _sample_rows(
-        student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, student_stride, teacher_stride, BLOCK
+    row, s_row, t_row, p_row, s_lse, t_lse, p_lse, lam, valid = _sample_rows(
+        student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, batch, student_stride, teacher_stride, BLOCK
     )
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_classes, BLOCK):
@@ -119,7 +142,7 @@ def _soft_mixup_mse_fwd_kernel(
         log_probs, q = _sample_chunk(s_row, t_row, p_row, s_lse, t_lse, p_lse, lam, cols, n_classes, float("-inf"))
         residual = tl.exp(log_probs) - q
         acc += residual * residual
-    tl.store(row_loss_ptr + row, tl.sum(acc, axis=0))
+    tl.store(row_loss_ptr + row, tl.where(valid, tl.sum(acc, axis=0), float("nan")))
 
 
 @triton.jit
@@ -131,6 +154,7 @@ def _soft_mixup_mse_bwd_kernel(
     grad_loss_ptr,
     grad_student_ptr,
     n_classes,
+    batch,
     student_stride,
     teacher_stride,
     grad_stride,
@@ -138,11 +162,12 @@ def _soft_mixup_mse_bwd_kernel(
     BLOCK: tl.constexpr,
 ):
     # With p = softmax(s) and r = p - q: d/ds_j sum_k r_k^2 = 2 * p_j * (r_j - sum_k p_k r_k).
-    row, s_row, t_row, p_row, s_lse, t_lse, p_lse, lam = _sample_rows(
-        student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, student_stride, teacher_stride, BLOCK
+    row, s_row, t_row, p_row, s_lse, t_lse, p_lse, lam, valid = _sample_rows(
+        student_ptr, teacher_ptr, perm_ptr, lam_ptr, n_classes, batch, student_stride, teacher_stride, BLOCK
     )
     grad_row = grad_student_ptr + row.to(tl.int64) * grad_stride
-    scale = 2.0 * tl.load(grad_loss_ptr).to(tl.float32) * inv_batch
+    # A bad perm entry makes the row's whole gradient NaN, as it made its loss NaN.
+    scale = tl.where(valid, 2.0 * tl.load(grad_loss_ptr).to(tl.float32) * inv_batch, float("nan"))
     dot_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -164,13 +189,16 @@ def _launch_forward(
     batch, n_classes = student.shape
     if batch == 0:
         return
+    # The kernels read perm[b] at perm_ptr + b: a strided view (a column of a stacked tensor) must be
+    # made dense first. No copy when perm already is, as in the trainer.
     kernel[(batch,)](
         student,
         teacher,
-        perm,
+        perm.contiguous(),
         lam,
         row_loss,
         n_classes,
+        batch,
         student.stride(0),
         teacher.stride(0),
         BLOCK=row_block_size(n_classes),
@@ -192,14 +220,16 @@ def _launch_backward(
     batch, n_classes = student.shape
     if batch == 0:
         return
+    # Dense perm, as in the forward; no copy when it already is.
     kernel[(batch,)](
         student,
         teacher,
-        perm,
+        perm.contiguous(),
         lam,
         grad_loss,
         grad_student,
         n_classes,
+        batch,
         student.stride(0),
         teacher.stride(0),
         grad_student.stride(0),
@@ -216,7 +246,7 @@ def launch_soft_mixup_cross_entropy_forward(
     """Fill `row_loss` (float32 [B]) with sum_k -q_k log_softmax(student)_k per sample.
 
     Args:
-        student, teacher: [B, K], unit stride along K. perm: long [B]. lam: 0-d float32.
+        student, teacher: [B, K], unit stride along K. perm: long [B], any stride. lam: 0-d float32.
     """
     _launch_forward(
         _soft_mixup_cross_entropy_fwd_kernel, "soft_mixup_cross_entropy_fwd", student, teacher, perm, lam, row_loss
