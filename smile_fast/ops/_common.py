@@ -1,7 +1,8 @@
-"""Helpers shared by the ops: how `lam` is carried and how memory formats are kept."""
+"""Helpers shared by the ops: the checks of their inputs, how `lam` is carried and how memory formats are kept."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -9,24 +10,66 @@ from torch import Tensor
 
 from smile_fast.kernels import has_triton, triton_interpret_enabled
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def lam_as_tensor(lam: float | Tensor, device: torch.device) -> Tensor:
     """Return `lam` as a 0-d float32 tensor on `device`.
 
     The ops read lam from memory rather than baking it into the graph, so that `torch.compile`
-    does not recompile each step when the trainer passes a new 0-d tensor lam.
+    does not recompile each step when the trainer passes a new 0-d tensor lam. lam gets no gradient:
+    one that asks for one is refused rather than silently detached.
     """
     if isinstance(lam, Tensor):
         if lam.dim() != 0:
             raise ValueError(f"lam must be a Python float or a 0-d tensor, got a tensor of shape {tuple(lam.shape)}")
-        return lam.detach().to(device=device, dtype=torch.float32)
+        if lam.requires_grad and torch.is_grad_enabled():
+            raise ValueError("lam receives no gradient from these ops; pass lam.detach()")
+        return saveable(lam.detach().to(device=device, dtype=torch.float32))
+    if not isinstance(lam, numbers.Real):
+        raise ValueError(f"lam must be a Python float or a 0-d tensor, got {type(lam).__name__} {lam!r}")
     return torch.tensor(float(lam), dtype=torch.float32, device=device)
 
 
+def check_float(tensor: Tensor, name: str) -> None:
+    """The ops compute in float32 from these dtypes; anything else (float64, integers) is refused rather than
+    silently rounded or truncated."""
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+
+
+def check_index(index: Tensor, length: int, limit: int, name: str) -> None:
+    """Raise a clear error when `index` is not a long tensor [length] of values in [0, limit).
+
+    The values are checked only where that is free: a CPU tensor, outside torch.compile. Checking a CUDA
+    tensor's values would synchronize the device at every call, so there the kernels turn an out-of-range
+    value into NaN in the rows it touches (they never read out of bounds).
+    """
+    if index.dtype != torch.long or index.dim() != 1 or index.shape[0] != length:
+        raise ValueError(f"{name} must be a long tensor [{length}], got {index.dtype} {tuple(index.shape)}")
+    if length and index.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = torch.aminmax(index)
+        if low < 0 or high >= limit:
+            raise ValueError(f"{name} values must be in [0, {limit}), got values from {int(low)} to {int(high)}")
+
+
 def check_perm(perm: Tensor, batch: int) -> None:
-    """Raise a clear error when `perm` is not a long tensor [batch]."""
-    if perm.dtype != torch.long or perm.dim() != 1 or perm.shape[0] != batch:
-        raise ValueError(f"perm must be a long tensor [{batch}], got {perm.dtype} {tuple(perm.shape)}")
+    """Raise a clear error when `perm` is not a long tensor [batch] of sample indices (see check_index)."""
+    check_index(perm, batch, batch, "perm")
+
+
+def saveable(tensor: Tensor) -> Tensor:
+    """`tensor`, or a copy of it where autograd could not save it for the backward.
+
+    A tensor made under torch.inference_mode() (a teacher's outputs, say) cannot be saved for backward;
+    the ops save their non-differentiable inputs (teacher, perm, lam, target) whenever the call builds
+    a graph, so such a tensor is copied first, outside inference mode, where the copy is a normal tensor.
+    """
+    if torch.compiler.is_compiling() or not tensor.is_inference():
+        return tensor
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return tensor.clone()
+    return tensor
 
 
 def batch_outer_dense(tensor: Tensor) -> bool:
@@ -110,8 +153,22 @@ def register_autograd(
     a separate `setup_context`, torch (2.14) binds the call's arguments with `inspect.signature` on
     every `apply`, about 45 us per call on the CI machine against 8 us for this style (measured with
     an empty body).
+
+    The eager backward refuses to build a graph of its own (torch.autograd.grad(..., create_graph=True)):
+    the kernels' backward has no derivative, and the CPU reference's had one, so second derivatives
+    worked on a CPU and failed on a GPU with autograd's "element 0 of tensors does not require grad".
     """
     op.register_autograd(make_backward(backward_op), setup_context=setup_context)
+    first_derivative = make_backward(backward_impl)
+    qualname = getattr(op, "_qualname", name)
+
+    def _backward(ctx: torch.autograd.function.FunctionCtx, *grads: Tensor) -> tuple:
+        if torch.is_grad_enabled():  # autograd runs a backward with grad mode on only for create_graph=True
+            raise RuntimeError(
+                f"{qualname} has a first derivative only: differentiating through its backward "
+                "(create_graph=True) is not supported"
+            )
+        return first_derivative(ctx, *grads)
 
     def _forward(ctx: torch.autograd.function.FunctionCtx, *args: object) -> Tensor:
         output = forward(*args)
@@ -121,7 +178,7 @@ def register_autograd(
     return type(
         name,
         (torch.autograd.Function,),
-        {"forward": staticmethod(_forward), "backward": staticmethod(make_backward(backward_impl))},
+        {"forward": staticmethod(_forward), "backward": staticmethod(_backward)},
     )
 
 

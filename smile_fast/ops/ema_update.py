@@ -42,6 +42,8 @@ def ema_update_reference(
         decay: Python float or 0-d tensor.
     """
     _check_ema_inputs(teacher_tensors, student_tensors)
+    if isinstance(decay, Tensor) and decay.dim() != 0:
+        raise ValueError(f"decay must be a Python float or a 0-d tensor, got a tensor of shape {tuple(decay.shape)}")
     for teacher, student in zip(teacher_tensors, student_tensors, strict=True):
         decay_t = decay.to(device=teacher.device, dtype=torch.float32) if isinstance(decay, Tensor) else decay
         teacher.copy_(decay_t * teacher + (1.0 - decay_t) * student.float())
@@ -72,7 +74,8 @@ class _EmaPlan(NamedTuple):
     leftover_positions: list[int]
     teacher_refs: tuple[weakref.ref, ...]  # the very teacher tensors the plan was built for
     student_dtypes: tuple[torch.dtype, ...]
-    student_numels: tuple[int, ...]
+    student_shapes: tuple[torch.Size, ...]
+    student_strides: tuple[tuple[int, ...], ...]
 
     def still_matches(self, teacher_tensors: list[Tensor], student_tensors: list[Tensor]) -> bool:
         """True when the tables' raw addresses still belong to these tensors, although a freed tensor's
@@ -80,20 +83,24 @@ class _EmaPlan(NamedTuple):
 
         Teachers (written) must be the same live objects; students (only read) may be new views of the
         same storage, as `[p.detach() for p in student.parameters()]` gives on every call, with the same
-        dtypes and lengths. map() keeps the loops in C: ~100 us for ResNet-50 on the CI CPU.
+        dtypes, shapes and strides (a transposed view of the same storage would be read in the wrong order
+        by a table built for the original, and a reshaped one would skip the shape check). map() keeps the
+        loops in C.
         """
         return (
             len(teacher_tensors) == len(self.teacher_refs)
             and all(map(operator.is_, map(weakref.ref.__call__, self.teacher_refs), teacher_tensors))
             and tuple(map(operator.attrgetter("dtype"), student_tensors)) == self.student_dtypes
-            and tuple(map(Tensor.numel, student_tensors)) == self.student_numels
+            and tuple(map(operator.attrgetter("shape"), student_tensors)) == self.student_shapes
+            and tuple(map(Tensor.stride, student_tensors)) == self.student_strides
         )
 
 
 # Keyed by the tensors' addresses and checked by identity: a training loop passes the same parameters
 # every time, so the validation, grouping and table upload happen once. Hashing 2 x 161 addresses of
-# ResNet-50 costs about 90 us on this project's 2-core CI CPU; checking every shape and dtype instead
-# would cost 320 us, more than the update itself takes on a GPU.
+# ResNet-50 costs about 90 us on this project's 2-core CI CPU; the full checks (_check_ema_inputs) would
+# cost 320 us, more than the update itself takes on a GPU. still_matches compares the students' dtypes,
+# shapes and strides as tuples instead (about 100 us there, of which shapes and strides 60-80 us).
 _plan_cache: OrderedDict[tuple, _EmaPlan] = OrderedDict()
 _PLAN_CACHE_SIZE = 8
 
@@ -121,7 +128,8 @@ def _ema_plan(teacher_tensors: list[Tensor], student_tensors: list[Tensor]) -> _
         leftover_positions,
         tuple(weakref.ref(tensor) for tensor in teacher_tensors),
         tuple(student.dtype for student in student_tensors),
-        tuple(student.numel() for student in student_tensors),
+        tuple(student.shape for student in student_tensors),
+        tuple(student.stride() for student in student_tensors),
     )
     _plan_cache[key] = plan
     if len(_plan_cache) > _PLAN_CACHE_SIZE:
@@ -164,6 +172,8 @@ def _decay_tensor(decay: float | Tensor, device: torch.device) -> Tensor:
     """0-d float32 decay on `device`; a Python float is cached so that a training loop with a constant
     decay pays no host-to-device copy per update."""
     if isinstance(decay, Tensor):
+        if decay.dim() != 0:
+            raise ValueError(f"decay must be a Python float or a 0-d tensor, got shape {tuple(decay.shape)}")
         return decay.detach().to(device=device, dtype=torch.float32)
     if torch.compiler.is_compiling():
         return torch.tensor(float(decay), dtype=torch.float32, device=device)
@@ -187,6 +197,11 @@ def ema_update_(teacher_tensors: Sequence[Tensor], student_tensors: Sequence[Ten
         student_tensors: the same shapes, float32/bfloat16/float16, on the same device.
         decay: Python float or 0-d tensor, e.g. 0.999.
     """
+    # Any iterable works (model.parameters() is a generator); the cached plan is found by the tensors.
+    if not isinstance(teacher_tensors, (list, tuple)):
+        teacher_tensors = list(teacher_tensors)
+    if not isinstance(student_tensors, (list, tuple)):
+        student_tensors = list(student_tensors)
     if len(teacher_tensors) != len(student_tensors):
         raise ValueError(f"{len(teacher_tensors)} teacher tensors but {len(student_tensors)} student tensors")
     if len(teacher_tensors) == 0:

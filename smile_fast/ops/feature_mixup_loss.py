@@ -11,12 +11,14 @@ from torch import Tensor
 from smile_fast.ops._common import (
     batch_outer_dense,
     call_op,
+    check_float,
     check_perm,
     copy_into_empty_like,
     lam_as_tensor,
     like_layout,
     register_autograd,
     run_on_batch_outer_dense,
+    saveable,
     use_triton,
 )
 
@@ -34,6 +36,8 @@ def _check_form(student_feat: Tensor, teacher_feat: Tensor, form: str) -> None:
         raise ValueError(f"form 'official' takes [B, C, H, W] feature maps, got {tuple(student_feat.shape)}")
     if form == "paper" and student_feat.dim() != 2:
         raise ValueError(f"form 'paper' takes pooled [B, C] features, got {tuple(student_feat.shape)}")
+    check_float(student_feat, "student_feat")
+    check_float(teacher_feat, "teacher_feat")
 
 
 def feature_mixup_loss_reference(
@@ -107,6 +111,8 @@ def _feature_mixup_loss_impl(
         height, width = student_feat.shape[-2:]
         launch_feature_mixup_loss_forward(student, teacher, perm, lam, partial_sums, 1.0 / (height * width), root=True)
         return torch.linalg.vector_norm(partial_sums)
+    if batch == 0:  # the mean over no samples, as the reference's .mean() gives
+        return torch.full((), float("nan"), dtype=torch.float32, device=student.device)
     launch_feature_mixup_loss_forward(student, teacher, perm, lam, partial_sums, 1.0 / batch)
     return partial_sums.sum()
 
@@ -206,8 +212,8 @@ def feature_mixup_loss(
         _feature_mixup_loss_op,
         _FeatureMixupLossFunction,
         student_feat,
-        teacher_feat.detach().to(device),
-        perm.to(device),
+        saveable(teacher_feat.detach().to(device)),
+        saveable(perm.to(device)),
         lam_as_tensor(lam, device),
         form,
     )

@@ -9,11 +9,13 @@ from torch import Tensor
 
 from smile_fast.ops._common import (
     call_op,
+    check_float,
     check_perm,
     copy_into_empty_like,
     lam_as_tensor,
     register_autograd,
     run_on_batch_outer_dense,
+    saveable,
     use_triton,
 )
 
@@ -29,6 +31,7 @@ def mixup_batch_reference(x: Tensor, perm: Tensor, lam: float | Tensor) -> Tenso
     Returns:
         [B, ...] in x's dtype and memory format.
     """
+    _check_images(x)
     check_perm(perm, x.shape[0])
     lam_t = lam_as_tensor(lam, x.device)
     x32 = x.float()
@@ -114,5 +117,12 @@ def mixup_batch(x: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:
     Returns:
         [B, ...] in x's dtype and memory format; differentiable with respect to x.
     """
+    _check_images(x)
     check_perm(perm, x.shape[0])
-    return call_op(_mixup_batch_op, _MixupBatchFunction, x, perm.to(x.device), lam_as_tensor(lam, x.device))
+    return call_op(_mixup_batch_op, _MixupBatchFunction, x, saveable(perm.to(x.device)), lam_as_tensor(lam, x.device))
+
+
+def _check_images(x: Tensor) -> None:
+    if x.dim() == 0:
+        raise ValueError("x must be a batch [B, ...], got a 0-d tensor")
+    check_float(x, "x")

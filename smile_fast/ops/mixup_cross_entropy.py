@@ -9,10 +9,13 @@ from torch import Tensor
 
 from smile_fast.ops._common import (
     call_op,
+    check_float,
+    check_index,
     check_perm,
     copy_into_empty_like,
     lam_as_tensor,
     register_autograd,
+    saveable,
     use_triton,
 )
 
@@ -29,12 +32,20 @@ def mixup_cross_entropy_reference(logits: Tensor, target: Tensor, perm: Tensor, 
     Returns:
         0-d float32 loss (mean over the batch).
     """
-    check_perm(perm, logits.shape[0])
+    _check_inputs(logits, target, perm)
     lam_t = lam_as_tensor(lam, logits.device)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     own = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
     partner = log_probs.gather(1, target.index_select(0, perm).unsqueeze(1)).squeeze(1)
     return -(lam_t * own + (1.0 - lam_t) * partner).mean()
+
+
+def _check_inputs(logits: Tensor, target: Tensor, perm: Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, K], got {tuple(logits.shape)}")
+    check_float(logits, "logits")
+    check_index(target, logits.shape[0], logits.shape[1], "target")
+    check_perm(perm, logits.shape[0])
 
 
 def mixup_cross_entropy_backward_reference(
@@ -135,13 +146,13 @@ def mixup_cross_entropy(logits: Tensor, target: Tensor, perm: Tensor, lam: float
     Returns:
         0-d float32 loss.
     """
-    check_perm(perm, logits.shape[0])
+    _check_inputs(logits, target, perm)
     device = logits.device
     return call_op(
         _mixup_cross_entropy_op,
         _MixupCrossEntropyFunction,
         logits,
-        target.to(device),
-        perm.to(device),
+        saveable(target.to(device)),
+        saveable(perm.to(device)),
         lam_as_tensor(lam, device),
     )

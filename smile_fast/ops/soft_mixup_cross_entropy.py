@@ -14,10 +14,12 @@ from torch import Tensor
 
 from smile_fast.ops._common import (
     call_op,
+    check_float,
     check_perm,
     copy_into_empty_like,
     lam_as_tensor,
     register_autograd,
+    saveable,
     use_triton,
 )
 
@@ -43,7 +45,7 @@ def soft_mixup_cross_entropy_reference(
     Returns:
         0-d float32 loss.
     """
-    check_perm(perm, student_logits.shape[0])
+    _check_logits(student_logits, teacher_logits, perm)
     q = mixed_teacher_probs(teacher_logits, perm, lam)
     log_probs = torch.log_softmax(student_logits.float(), dim=-1)
     return -(q * log_probs).sum(dim=-1).mean()
@@ -63,7 +65,7 @@ def soft_mixup_mse_reference(
     Returns:
         0-d float32 loss.
     """
-    check_perm(perm, student_logits.shape[0])
+    _check_logits(student_logits, teacher_logits, perm)
     q = mixed_teacher_probs(teacher_logits, perm, lam)
     probs = torch.softmax(student_logits.float(), dim=-1)
     return (probs - q).square().sum(dim=-1).mean()
@@ -170,6 +172,8 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor, perm: Tensor) 
             f"student and teacher logits must both be [B, K], got {tuple(student_logits.shape)} "
             f"and {tuple(teacher_logits.shape)}"
         )
+    check_float(student_logits, "student_logits")
+    check_float(teacher_logits, "teacher_logits")
     check_perm(perm, student_logits.shape[0])
 
 
@@ -190,7 +194,10 @@ def soft_mixup_cross_entropy(
     _check_logits(student_logits, teacher_logits, perm)
     device = student_logits.device
     return _soft_mixup_cross_entropy_op(
-        student_logits, teacher_logits.detach().to(device), perm.to(device), lam_as_tensor(lam, device)
+        student_logits,
+        saveable(teacher_logits.detach().to(device)),
+        saveable(perm.to(device)),
+        lam_as_tensor(lam, device),
     )
 
 
@@ -209,5 +216,8 @@ def soft_mixup_mse(student_logits: Tensor, teacher_logits: Tensor, perm: Tensor,
     _check_logits(student_logits, teacher_logits, perm)
     device = student_logits.device
     return _soft_mixup_mse_op(
-        student_logits, teacher_logits.detach().to(device), perm.to(device), lam_as_tensor(lam, device)
+        student_logits,
+        saveable(teacher_logits.detach().to(device)),
+        saveable(perm.to(device)),
+        lam_as_tensor(lam, device),
     )

@@ -1,0 +1,229 @@
+"""What the public ops do with inputs a user's own training loop may hand them: odd but legal ones give the
+right answer on both paths, wrong ones a one-line ValueError that names the input.
+
+Each case runs on both CPU paths: "kernel" (the Triton kernels under TRITON_INTERPRET=1, the code CUDA
+tensors take) and "reference" (plain PyTorch, TRITON_INTERPRET=0).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smile_fast import ops
+from smile_fast.kernels import has_triton
+
+PATHS = [
+    pytest.param("kernel", marks=pytest.mark.skipif(not has_triton(), reason="needs triton (interpreter)")),
+    "reference",
+]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "kernel" else "0")
+    return request.param
+
+
+def _strided(index: torch.Tensor) -> torch.Tensor:
+    """The same values as `index`, every other element of a larger buffer (as a column of [B, 2] is)."""
+    view = torch.stack([index, torch.zeros_like(index)], dim=1)[:, 0]
+    assert not view.is_contiguous() and torch.equal(view, index)
+    return view
+
+
+def _calls(batch: int = 5, classes: int = 7):
+    """name -> function(perm, target) calling one op on fresh inputs (the same ones for every call)."""
+    x = torch.randn(batch, 3, 4, 6)
+    pixels = torch.randint(0, 256, (batch, 4, 6, 3), dtype=torch.uint8)
+    logits = torch.randn(batch, classes)
+    teacher_logits = torch.randn(batch, classes)
+    features = torch.randn(batch, 3, 2, 2)
+    teacher_features = torch.randn(batch, 3, 2, 2)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return {
+        "mixup_batch": lambda perm, target: ops.mixup_batch(x, perm, 0.7),
+        "mixup_normalize_uint8": lambda perm, target: ops.mixup_normalize_uint8(pixels, perm, 0.7, mean, std)[1],
+        "mixup_cross_entropy": lambda perm, target: ops.mixup_cross_entropy(logits, target, perm, 0.7),
+        "soft_mixup_cross_entropy": lambda perm, target: ops.soft_mixup_cross_entropy(
+            logits, teacher_logits, perm, 0.7
+        ),
+        "soft_mixup_mse": lambda perm, target: ops.soft_mixup_mse(logits, teacher_logits, perm, 0.7),
+        "feature_official": lambda perm, target: ops.feature_mixup_loss(features, teacher_features, perm, 0.7),
+        "feature_paper": lambda perm, target: ops.feature_mixup_loss(
+            features.mean(dim=(2, 3)), teacher_features.mean(dim=(2, 3)), perm, 0.7, form="paper"
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_calls()))
+def test_strided_perm_and_target_give_the_contiguous_answer(path: str, name: str) -> None:
+    # A strided index used to be read as if contiguous by the kernels: wrong values, no error.
+    perm = torch.tensor([2, 0, 4, 1, 3])
+    target = torch.tensor([6, 0, 3, 3, 1])
+    call = _calls()[name]
+    expected = call(perm, target)
+    assert torch.equal(call(_strided(perm), target), expected)
+    assert torch.equal(call(perm, _strided(target)), expected)
+
+
+@pytest.mark.parametrize("name", list(_calls()))
+@pytest.mark.parametrize("bad", [5, -1, 10**6])
+def test_out_of_range_perm_is_a_clear_error(path: str, name: str, bad: int) -> None:
+    perm = torch.tensor([2, 0, bad, 1, 3])
+    with pytest.raises(ValueError, match=r"perm values must be in \[0, 5\)"):
+        _calls()[name](perm, torch.tensor([6, 0, 3, 3, 1]))
+
+
+@pytest.mark.parametrize("bad", [7, -1])
+def test_out_of_range_target_is_a_clear_error(path: str, bad: int) -> None:
+    with pytest.raises(ValueError, match=r"target values must be in \[0, 7\)"):
+        _calls()["mixup_cross_entropy"](torch.tensor([2, 0, 4, 1, 3]), torch.tensor([6, 0, bad, 3, 1]))
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (torch.tensor([1, 2]), r"target must be a long tensor \[5\]"),
+        (torch.tensor([1.0, 2.0, 0.0, 1.0, 3.0]), r"target must be a long tensor \[5\]"),
+    ],
+)
+def test_mixup_cross_entropy_target_shape_and_dtype(path: str, target: torch.Tensor, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ops.mixup_cross_entropy(torch.randn(5, 7), target, torch.arange(5), 0.7)
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 7, 2)])
+def test_mixup_cross_entropy_logits_must_be_2d(path: str, shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"logits must be \[B, K\]"):
+        ops.mixup_cross_entropy(
+            torch.randn(shape), torch.zeros(shape[0], dtype=torch.long), torch.zeros(shape[0], dtype=torch.long), 0.7
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.uint8, torch.bool])
+def test_unsupported_dtypes_are_refused(path: str, dtype: torch.dtype) -> None:
+    # float64 used to be rounded to float32 silently, integers truncated (mixup of 1 and 2 gave 1).
+    perm = torch.tensor([1, 0, 3, 2])
+    images = torch.ones(4, 3, 2, 2).to(dtype)
+    logits = torch.ones(4, 6).to(dtype)
+    features = torch.ones(4, 3, 2, 2).to(dtype)
+    message = "must be float32, bfloat16 or float16"
+    with pytest.raises(ValueError, match=f"x {message}"):
+        ops.mixup_batch(images, perm, 0.5)
+    with pytest.raises(ValueError, match=f"logits {message}"):
+        ops.mixup_cross_entropy(logits, torch.zeros(4, dtype=torch.long), perm, 0.5)
+    with pytest.raises(ValueError, match=f"student_logits {message}"):
+        ops.soft_mixup_cross_entropy(logits, logits, perm, 0.5)
+    with pytest.raises(ValueError, match=f"student_feat {message}"):
+        ops.feature_mixup_loss(features, features, perm, 0.5)
+    with pytest.raises(ValueError, match=f"teacher_feat {message}"):
+        ops.feature_mixup_loss(features.float(), features, perm, 0.5)
+
+
+def test_zero_dim_images_are_refused(path: str) -> None:
+    with pytest.raises(ValueError, match=r"x must be a batch \[B, \.\.\.\]"):
+        ops.mixup_batch(torch.tensor(1.0), torch.zeros(0, dtype=torch.long), 0.5)
+
+
+@pytest.mark.parametrize("lam", ["0.7", None, [0.7]])
+def test_lam_that_is_not_a_number_is_refused(path: str, lam: object) -> None:
+    with pytest.raises(ValueError, match="lam must be a Python float or a 0-d tensor"):
+        ops.mixup_batch(torch.randn(2, 3), torch.tensor([1, 0]), lam)
+
+
+def test_lam_asking_for_a_gradient_is_refused(path: str) -> None:
+    # It used to be detached silently: a caller learning lam would train nothing.
+    lam = torch.tensor(0.7, requires_grad=True)
+    with pytest.raises(ValueError, match="lam receives no gradient"):
+        ops.mixup_batch(torch.randn(2, 3), torch.tensor([1, 0]), lam)
+    with torch.no_grad():
+        ops.mixup_batch(torch.randn(2, 3), torch.tensor([1, 0]), lam)  # no graph, nothing to refuse
+
+
+@pytest.mark.parametrize("name", ["soft_mixup_cross_entropy", "soft_mixup_mse", "official", "paper"])
+def test_teacher_outputs_made_under_inference_mode(path: str, rng_seed: int, name: str) -> None:
+    # A teacher run under torch.inference_mode() gives inference tensors, which autograd cannot save.
+    perm = torch.tensor([2, 0, 3, 1])
+    if name in ("official", "paper"):
+        shape = (4, 3, 2, 2) if name == "official" else (4, 6)
+        student, teacher = torch.randn(shape, requires_grad=True), torch.randn(shape)
+
+        def loss_of(teacher_value: torch.Tensor, perm_value: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+            return ops.feature_mixup_loss(student, teacher_value, perm_value, lam, form=name)
+    else:
+        student, teacher = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6)
+        op = getattr(ops, name)
+
+        def loss_of(teacher_value: torch.Tensor, perm_value: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+            return op(student, teacher_value, perm_value, lam)
+
+    expected = loss_of(teacher, perm, torch.tensor(0.7))
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    with torch.inference_mode():
+        inference_teacher, inference_perm, inference_lam = teacher.clone(), perm.clone(), torch.tensor(0.7)
+    loss = loss_of(inference_teacher, inference_perm, inference_lam)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.equal(loss, expected) and torch.equal(grad, expected_grad)
+
+
+def test_perm_and_target_made_under_inference_mode(path: str, rng_seed: int) -> None:
+    images = torch.randn(4, 3, 2, 2, requires_grad=True)
+    logits = torch.randn(4, 6, requires_grad=True)
+    with torch.inference_mode():
+        perm, target, lam = torch.tensor([2, 0, 3, 1]), torch.tensor([5, 0, 1, 1]), torch.tensor(0.6)
+    ops.mixup_batch(images, perm, lam).sum().backward()
+    ops.mixup_cross_entropy(logits, target, perm, lam).backward()
+    assert images.grad is not None and logits.grad is not None
+
+
+@pytest.mark.parametrize("name", ["mixup_batch", "mixup_cross_entropy", "feature_paper"])
+def test_second_derivatives_are_refused_alike_on_both_paths(path: str, name: str) -> None:
+    # The kernels' backward has no derivative of its own; the reference's had, so a double backward used to
+    # work on a CPU and fail with "element 0 of tensors does not require grad" on a GPU.
+    perm = torch.tensor([1, 0, 2])
+    if name == "mixup_batch":
+        x = torch.randn(3, 4, requires_grad=True)
+        loss = ops.mixup_batch(x, perm, 0.7).square().sum()
+    elif name == "mixup_cross_entropy":
+        x = torch.randn(3, 4, requires_grad=True)
+        loss = ops.mixup_cross_entropy(x, torch.tensor([0, 3, 1]), perm, 0.7)
+    else:
+        x = torch.randn(3, 4, requires_grad=True)
+        loss = ops.feature_mixup_loss(x, torch.randn(3, 4), perm, 0.7, form="paper")
+    with pytest.raises(RuntimeError, match="has a first derivative only"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    (grad,) = torch.autograd.grad(loss, x)  # the first derivative alone is fine
+    assert grad.shape == x.shape
+
+
+def test_paper_feature_loss_of_an_empty_batch_is_nan(path: str) -> None:
+    empty = torch.zeros(0, 3)
+    loss = ops.feature_mixup_loss(empty, empty, torch.zeros(0, dtype=torch.long), 0.7, form="paper")
+    assert loss.isnan()
+
+
+def test_ema_update_takes_parameter_generators(path: str) -> None:
+    teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.5 * t.detach() + 0.5 * s.detach() for t, s in zip(teacher.parameters(), student.parameters())]
+    ops.ema_update_(teacher.parameters(), student.parameters(), 0.5)
+    for value, wanted in zip(teacher.parameters(), expected, strict=True):
+        torch.testing.assert_close(value.detach(), wanted)
+
+
+def test_ema_update_decay_must_be_a_scalar(path: str) -> None:
+    with pytest.raises(ValueError, match="decay must be a Python float or a 0-d tensor"):
+        ops.ema_update_([torch.zeros(2, 3)], [torch.ones(2, 3)], torch.tensor([0.1, 0.5, 1.0]))
+
+
+def test_ema_update_checks_a_new_view_of_the_same_student_storage(path: str) -> None:
+    # The kernel path keeps a plan per set of tensors; a later call with the same teacher and a student
+    # view of the same storage but another shape or layout must be checked, not served the old plan.
+    teacher = torch.zeros(3, 3)
+    student = torch.arange(9.0).view(3, 3)
+    ops.ema_update_([teacher], [student], 0.0)
+    with pytest.raises(ValueError, match=r"teacher \(3, 3\) vs student \(9,\)"):
+        ops.ema_update_([teacher], [student.view(9)], 0.0)
+    teacher.zero_()
+    ops.ema_update_([teacher], [student.t()], 0.0)
+    assert torch.equal(teacher, student.t())
