@@ -24,9 +24,10 @@ def write_images(folder: Path, count: int, sizes=VARIED_SIZES, seed: int = 0) ->
     """`count` JPEGs cycling through `sizes`, labelled with their own index.
 
     Each is one random colour plus strong per-pixel noise: a stationary texture, so that any crop of
-    an image has about the same channel mean and std as any other crop (the two loaders draw
-    different crops, and their statistics must still agree), while the noise makes the std depend
-    on how the resize filters it (a loader that skipped antialiasing would show a larger std).
+    an image has about the same channel mean and std as any other crop (the statistics tests do not
+    depend on the loaders' windows agreeing, which tests/test_crop_parity.py checks), while the noise
+    makes the std depend on how the resize filters it (a loader that skipped antialiasing would show a
+    larger std).
     """
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -1,16 +1,19 @@
 """Where a crop comes from, by torchvision's rules: resize size, crop offset and flip, per sample.
 
-The DALI loaders compute these in Python and hand them to DALI (or to torch's resize on a CPU), so
-that they crop exactly where torchvision's Resize -> RandomCrop/CenterCrop -> RandomHorizontalFlip
-could have, with the random draws taken from each sample's augmentation seed.
+Both loaders crop where these functions say: the DALI loaders hand the windows to DALI (or to torch's
+resize on a CPU), and the torchvision loader's train transform (transforms.SeededTrainTransform) crops
+and flips at them. The random draws come from each sample's augmentation seed, so for a given sample
+and seed every loader takes the same window and flip, one that torchvision's Resize -> RandomCrop /
+CenterCrop -> RandomHorizontalFlip could have taken.
 """
 
 from __future__ import annotations
 
 import random
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from smile_fast.data.transforms import TransformSpec
+if TYPE_CHECKING:  # transforms.py imports this module to build the torchvision loader's train transform
+    from smile_fast.data.transforms import TransformSpec
 
 
 def resized_size(spec: TransformSpec, height: int, width: int) -> tuple[int, int]:

@@ -1,9 +1,12 @@
 """The torchvision loader: file lists -> normalized device batches, with DataLoader workers.
 
-Training batches follow a TrainBatchPlan, and each image's random flip and crop are drawn from
-that sample's own augmentation seed. Which images a step sees, and how they are cropped, is
-therefore a pure function of (seed, iteration): it does not depend on the number of workers, and a
-run resumed at iteration k sees exactly the batches an uninterrupted run saw from k on.
+Training batches follow a TrainBatchPlan, and each image's random crop and flip are drawn from
+that sample's own augmentation seed by crop_geometry.crop_window, the function the DALI loader
+draws its windows with (see transforms.SeededTrainTransform). Which images a step sees, and how they
+are cropped, is therefore a pure function of (seed, iteration): it does not depend on the number of
+workers or on the loader, and a run resumed at iteration k sees exactly the batches an uninterrupted
+run saw from k on (with the other loader: the same samples and windows, with pixels that differ by
+decode and resize rounding).
 
 A file that fails to decode mid-run is replaced by another sample (the next one in the list,
 deterministically) and counted; it never stops a run.
@@ -49,13 +52,9 @@ class _TrainImages(Dataset):
             except Exception:  # any decode failure (OSError, SyntaxError, DecompressionBombError, ...)
                 failed = failed or path
                 continue
-            # The torchvision transforms draw from torch's global generator; seeding it per sample makes
-            # the crop a function of the sample's seed, and fork_rng restores the caller's state so the
-            # training step's own randomness (mixup lam, dropout) is untouched when num_workers=0.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(augment_seed)
-                tensor = self.transform(image)
-            return tensor, label, failed
+            # The window comes from the seed alone (and the substitute's size), as on the DALI path; the
+            # transform draws nothing from torch's generator, so no per-sample seeding or fork_rng is needed.
+            return self.transform(image, augment_seed), label, failed
         raise RuntimeError("no image of the training set could be decoded")
 
 
