@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from smile_fast.config import build_config
 from smile_fast.data.transforms import normalize_uint8
 from smile_fast.devices import resolve_device
+from smile_fast.errors import UserError
 from smile_fast.fused_conv import cudnn_fusion_problems
 from smile_fast.methods import build_method, step_generator
 from smile_fast.methods.base import folded_beta
@@ -264,6 +265,10 @@ def run_step_benchmark(
     teacher_stream: bool = True,
 ) -> dict[str, Any]:
     """Time each method's step; returns the figures `smile-fast bench step --json` writes."""
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1 (the figures are medians of timed steps), got {steps}")
+    if warmup < 0:
+        raise UserError(f"--warmup must be at least 0, got {warmup}")
     device_obj = resolve_device(device)
     if cuda_graph:
         # Three eager steps, then the captures; the teacher's EMA graph is captured at the first EMA

@@ -18,12 +18,21 @@ import torch
 from smile_fast.errors import UserError
 
 
+def regular_file_mode() -> int:
+    """The mode open() gives a new file under the current umask (mkstemp's temp files are 0600, and a
+    run's checkpoint and manifest should be as readable as its other files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     """torch.save `state` to `path` through a temp file + fsync + rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, regular_file_mode())
         with os.fdopen(handle, "wb") as stream:
             torch.save(state, stream)
             stream.flush()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -268,7 +269,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = build_config(yaml_values, overrides)
     named = set(yaml_values) | {key for key, value in overrides.items() if value is not None}
     summary = train(config, progress=not args.no_progress, given={key: getattr(config, key) for key in named})
-    _print_summary_table(summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns; the table is printed once
+        _print_summary_table(summary)
     return 0
 
 

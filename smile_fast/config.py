@@ -152,7 +152,8 @@ def _coerce(key: str, value: Any, type_text: str) -> Any:
     if wanted is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
-        raise UserError(f"setting {key!r} must be a {base}, got {value!r}")
+        article = "an" if base[0] in "aeiou" else "a"
+        raise UserError(f"setting {key!r} must be {article} {base}, got {value!r}")
     return value
 
 

@@ -9,6 +9,7 @@ iteration's optimizer step, then the optimizer step.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -116,6 +117,11 @@ class Trainer:
         self.config = config
         self.dist, self.device = setup_distributed(config.device)
         resolve_for_device(config, self.device)  # before the settings are written to the run folder
+        self.run_dir = Path(config.out) if config.out else default_run_dir(config.dataset, config.method)
+        if self.resume_state is not None:
+            _refuse_finished_run(self.run_dir, self.resume_state, config.iters)
+        if self.dist.is_main:  # only the main rank writes the folder (other nodes may not even see it)
+            _check_run_dir(self.run_dir, resuming=self.resume_state is not None)
         if config.cuda_graph:
             from smile_fast.step_capture import check_cuda_graph_device
 
@@ -138,7 +144,6 @@ class Trainer:
 
         splits, self.train_spec, self.test_spec = prepare_data(config)
         self.num_classes = len(splits.classes)
-        self.run_dir = Path(config.out) if config.out else default_run_dir(config.dataset, config.method)
         manifest = self.run_dir / "manifest.txt"
         if self.resume_state is not None and manifest.is_file():
             train_samples = read_manifest(manifest)  # exactly the files the stopped run trained on
@@ -153,11 +158,6 @@ class Trainer:
         if not train_samples:
             raise UserError("no readable training images are left after the subset protocol and image checks")
         self.train_samples = train_samples
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self.resume_state is None:
-                write_manifest(manifest, train_samples)
-            write_config(self.run_dir, config.to_dict())
 
         self.method = build_method(
             config.method, config.alpha, config.gamma_fe, config.gamma_fc, config.smile_form, config.cutmix_probability
@@ -199,6 +199,13 @@ class Trainer:
             config.channels_last,
             output_uint8=config.fused_input,
         )
+        # The folder is written only now, once everything the run needs was built: a start that fails
+        # (weights missing, batch larger than the data, ...) leaves no half-made run folder behind.
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume_state is None:
+                write_manifest(manifest, train_samples)
+            write_config(self.run_dir, config.to_dict())
         self.metrics = (
             MetricsLog(self.run_dir / "metrics.csv", resume=self.resume_state is not None)
             if self.dist.is_main
@@ -238,6 +245,8 @@ class Trainer:
         """Top-1 (%) of fc1 on the test split; with several ranks every image is counted exactly once."""
         from smile_fast.data.loaders import eval_batches
 
+        if self.dist.enabled:
+            self._share_buffers()
         self.student.eval()
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         total = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -266,6 +275,19 @@ class Trainer:
         if total.item() == 0:
             raise UserError("the test split is empty; nothing to evaluate")
         return 100.0 * correct.item() / total.item()
+
+    def _share_buffers(self) -> None:
+        """Give every rank the main rank's buffers (BatchNorm running statistics) before an evaluation.
+
+        Without SyncBatchNorm (CPU ranks, or --no-sync-bn) each rank's running statistics follow its own
+        shard; DDP copies the main rank's at the start of each training forward, but the last forward
+        then updates each rank's own. Each rank would score its share of the test set with a different
+        model, and the reported top-1 would not be the checkpoint's (which holds the main rank's).
+        """
+        import torch.distributed as dist
+
+        for buffer in self.student.buffers():
+            dist.broadcast(buffer, src=0)
 
     # --------------------------------------------------------------------------- checkpoints
     def save(self, next_iteration: int, wall: float, train_seconds: float) -> None:
@@ -387,10 +409,13 @@ class Trainer:
                     train_seconds += time.perf_counter() - interval_start
                     self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
                     progress.close()
+                    # Not 0: a scheduler or script must be able to tell a stopped run from a finished one.
+                    # 128 + the signal's number, as a shell reports a process the signal ended.
+                    signum = stop.requested or signal.SIGTERM  # a rank that only agreed to the others' stop
                     raise TrainingStopped(
-                        f"stopped by signal at iteration {iteration}; checkpoint written; continue with "
-                        f"`smile-fast train --resume {self.run_dir}`",
-                        exit_code=0,
+                        f"stopped by {signal.Signals(signum).name} at iteration {iteration}; checkpoint written; "
+                        f"continue with `smile-fast train --resume {self.run_dir}`",
+                        exit_code=128 + int(signum),
                     )
         progress.close()
         return self._finish(top1, train_seconds, previous_wall)
@@ -428,6 +453,56 @@ class Trainer:
             write_summary(self.run_dir, summary)
             plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
         return summary
+
+
+RUN_FILES = ("last.pt", "summary.json")  # a folder holding either holds a run worth keeping
+
+
+def _check_run_dir(run_dir: Path, resuming: bool) -> None:
+    """One-line errors, before any data is read, for a run folder that cannot be used.
+
+    A new run never writes into a folder that holds another run's checkpoint, summary or logged metrics
+    (it would replace them); a folder left by a start that failed before training holds none of those.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"the run folder {run_dir} is a file; give another --out")
+    if not resuming and run_dir.is_dir():
+        found = [name for name in RUN_FILES if (run_dir / name).exists()]
+        metrics = run_dir / "metrics.csv"
+        if metrics.is_file() and len(metrics.read_text(encoding="utf-8", errors="replace").splitlines()) > 1:
+            found.append("metrics.csv")
+        if found:
+            raise UserError(
+                f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
+                f"`smile-fast train --resume {run_dir}`, or give another --out"
+            )
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create the run folder {run_dir}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the run folder {run_dir}: {existing} is not writable")
+
+
+def _refuse_finished_run(run_dir: Path, state: Mapping[str, Any], iters: int) -> None:
+    """--resume of a run that already did all its iterations: nothing to do, and its results stay as they are
+    (running on would rewrite summary.json without the evaluation the finished run recorded)."""
+    if int(state["iteration"]) < iters:
+        return
+    summary_path = run_dir / "summary.json"
+    result = ""
+    try:
+        top1 = json.loads(summary_path.read_text(encoding="utf-8")).get("test_top1")
+        if top1 is not None:
+            result = f" (test top-1 {top1:.2f}%)"
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    raise TrainingStopped(
+        f"{run_dir} already finished its {iters} iterations{result}; nothing to resume. "
+        f"`smile-fast eval {run_dir}` tests its checkpoint again",
+        exit_code=0,
+    )
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -70,7 +70,7 @@ def test_signal_stop_then_resume_equals_uninterrupted(tiny_imagefolder, tmp_path
         monkeypatch.setattr(TrainingStep, "__call__", call_then_signal)
         with pytest.raises(TrainingStopped) as stop:
             train(_config(tiny_imagefolder, stopped, method=method), progress=False)
-        assert stop.value.exit_code == 0
+        assert stop.value.exit_code == 128 + signal.SIGTERM, "a stopped run must not look like a finished one"
         assert load_checkpoint(stopped)["iteration"] == 4, "the checkpoint must be taken at the next step boundary"
         monkeypatch.setattr(TrainingStep, "__call__", original_call)
 
@@ -202,23 +202,122 @@ def test_training_with_the_dali_loader_on_cpu(tiny_imagefolder, tmp_path):
     assert (out / "last.pt").is_file()
 
 
-def test_resume_keeps_the_runs_settings_and_takes_only_how_it_runs(tiny_imagefolder, tmp_path, capsys):
+def _stopped_run(tiny_imagefolder, out, monkeypatch, iters=4, stop_after=2):
+    """A run of `iters` iterations stopped by SIGTERM after `stop_after` steps (checkpoint at that boundary)."""
+    original_call = TrainingStep.__call__
+
+    def call_then_signal(self, iteration, *batch):
+        result = original_call(self, iteration, *batch)
+        if iteration == stop_after - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingStep, "__call__", call_then_signal)
+        with pytest.raises(TrainingStopped):
+            train(_config(tiny_imagefolder, out, iters=iters, eval_every=iters), progress=False)
+    assert load_checkpoint(out)["iteration"] == stop_after
+    return out
+
+
+def test_resume_keeps_the_runs_settings_and_takes_only_how_it_runs(tiny_imagefolder, tmp_path, capsys, monkeypatch):
     """Re-running the original command with --resume works; a flag that would change what the run computes
     (here --iters) is a one-line error instead of being ignored; speed and logging flags apply."""
+    import shutil
+
+    from smile_fast.cli import main
+
+    stopped = _stopped_run(tiny_imagefolder, tmp_path / "stopped", monkeypatch)
+
+    def resume(name, *flags):
+        out = tmp_path / name
+        shutil.copytree(stopped, out)
+        return out, main(["train", "--resume", str(out), "--no-progress", "--device", "cpu", *flags])
+
+    out, code = resume("same", "--model", "resnet18", "--iters", "4")
+    assert code == 0 and load_checkpoint(out)["iteration"] == 4, "the run's own values may be named again"
+    capsys.readouterr()
+    out, code = resume("changed", "--iters", "5", "--lr", "0.5")
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--iters 5 (the run has 4)" in error and "--lr 0.5" in error, error
+    out, code = resume("faster", "--log-every", "1", "--teacher-fused-conv")
+    assert code == 0
+    written = (out / "config.yaml").read_text()
+    assert "log_every: 1" in written and "teacher_fused_conv: true" in written and "iters: 4" in written
+    capsys.readouterr()
+    out, code = resume("moved", "--out", str(tmp_path / "elsewhere"))
+    assert code == 0
+    assert f"--out {tmp_path / 'elsewhere'} is not used" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_imagefolder, tmp_path, capsys):
+    # It used to run on and rewrite summary.json with test_top1 null (no evaluation after the last step).
     from smile_fast.cli import main
 
     out = tmp_path / "run"
     train(_config(tiny_imagefolder, out, iters=2, eval_every=2), progress=False)
-    common = ["train", "--resume", str(out), "--no-progress", "--device", "cpu"]
-    assert main([*common, "--model", "resnet18", "--iters", "2"]) == 0, "the run's own values may be named again"
+    before = {name: (out / name).read_bytes() for name in ("summary.json", "config.yaml", "metrics.csv", "last.pt")}
     capsys.readouterr()
-    assert main([*common, "--iters", "5", "--lr", "0.5"]) == 2
+    assert main(["train", "--resume", str(out), "--no-progress", "--device", "cpu"]) == 0
+    message = capsys.readouterr().err
+    top1 = json.loads(before["summary.json"])["test_top1"]
+    assert "already finished its 2 iterations" in message and f"{top1:.2f}%" in message, message
+    assert {name: (out / name).read_bytes() for name in before} == before, "a finished run's files were rewritten"
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run(tiny_imagefolder, tmp_path, capsys, monkeypatch):
+    from smile_fast.cli import main
+
+    command = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--model", "resnet18"]
+    command += ["--weights", "none", "--iters", "2", "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    finished = tmp_path / "finished"
+    train(_config(tiny_imagefolder, finished, iters=2, eval_every=2), progress=False)
+    stopped = _stopped_run(tiny_imagefolder, tmp_path / "stopped", monkeypatch)
+    for out in (finished, stopped):
+        before = {path.name: path.read_bytes() for path in out.iterdir()}
+        capsys.readouterr()
+        assert main([*command, "--out", str(out)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and f"--resume {out}" in error and "already holds a run" in error, error
+        assert {path.name: path.read_bytes() for path in out.iterdir()} == before, "the earlier run was touched"
+    # A folder that holds no run (an empty one, or the user's own files) is fine.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main([*command, "--out", str(mine)]) == 0
+    assert (mine / "notes.txt").read_text() == "keep" and (mine / "summary.json").is_file()
+
+
+def test_unusable_run_folders_are_refused_before_any_data_is_read(tiny_imagefolder, tmp_path, capsys, monkeypatch):
+    from smile_fast import engine
+    from smile_fast.cli import main
+
+    command = ["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "no-such-data")]
+    command += ["--device", "cpu", "--no-progress"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for out, expected in ((a_file, "is a file"), (a_file / "sub", f"{a_file} is a file")):
+        capsys.readouterr()
+        assert main([*command, "--out", str(out)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and expected in error, error
+    # Root may write anywhere, so a read-only folder is stood in for by os.access's answer.
+    monkeypatch.setattr(engine.os, "access", lambda path, mode: False)
+    capsys.readouterr()
+    assert main([*command, "--out", str(tmp_path / "read-only" / "run")]) == 2
     error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and "--iters 5 (the run has 2)" in error and "--lr 0.5" in error, error
-    assert main([*common, "--log-every", "1", "--teacher-fused-conv"]) == 0
-    written = (out / "config.yaml").read_text()
-    assert "log_every: 1" in written and "teacher_fused_conv: true" in written and "iters: 2" in written
-    capsys.readouterr()
-    assert main([*common, "--out", str(tmp_path / "elsewhere")]) == 0
-    assert f"--out {tmp_path / 'elsewhere'} is not used" in capsys.readouterr().err
-    assert not (tmp_path / "elsewhere").exists()
+    assert f"{tmp_path} is not writable" in error, error
+
+
+def test_a_start_that_fails_leaves_no_run_folder(tiny_imagefolder, tmp_path, capsys):
+    # A batch larger than the training set is found after the data and models are read: nothing is written.
+    from smile_fast.cli import main
+
+    out = tmp_path / "run"
+    command = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--model", "resnet18"]
+    command += ["--weights", "none", "--batch-size", "4096", "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert main(command) == 2
+    assert "batch" in capsys.readouterr().err
+    assert not out.exists()

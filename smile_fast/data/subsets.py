@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from smile_fast.checkpoint import regular_file_mode
 from smile_fast.data.datasets import DatasetSplits
 from smile_fast.errors import UserError
 
@@ -101,6 +102,7 @@ def write_manifest(path: str | Path, samples: list[tuple[str, int]]) -> None:
             raise UserError(f"cannot record {sample_path!r} in a manifest: its name holds a tab or line break")
     descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(descriptor, regular_file_mode())
         with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as handle:
             handle.writelines(f"{label}\t{sample_path}\n" for sample_path, label in samples)
             handle.flush()
