@@ -235,6 +235,7 @@ if [ "$HAVE_DALI" = 1 ]; then
       | tail -n 3 | tee -a "$LOG"
   done
   say "4b. smile-fast train --loader dali on the demo (DALI's mixed decode on a GPU), AMP + channels-last"
+  rm -rf "${TMPDIR:-/tmp}/smile-fast-dali-run"  # a new run refuses a folder that holds an earlier one (a rerun)
   timeout $((90 * TS)) "$PY" -m smile_fast train --loader dali --iters 20 --eval-every 20 --amp --channels-last \
     --no-progress --out "${TMPDIR:-/tmp}/smile-fast-dali-run" 2>&1 | tail -n 8 | tee -a "$LOG"
   cp "${TMPDIR:-/tmp}/smile-fast-dali-run/summary.json" "$OUT/dali_train_summary.json" 2>/dev/null || say "no DALI run summary"
@@ -243,6 +244,7 @@ fi
 
 if part ddp; then
 say "5. torchrun, one process on the GPU (NCCL): smile-fast train end to end on the demo, AMP + channels-last"
+rm -rf "${TMPDIR:-/tmp}/smile-fast-ddp-run"  # a new run refuses a folder that holds an earlier one (a rerun)
 timeout $((90 * TS)) "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m smile_fast train \
   --iters 20 --eval-every 20 --amp --channels-last --no-progress --out "${TMPDIR:-/tmp}/smile-fast-ddp-run" \
   2>&1 | tail -n 8 | tee -a "$LOG"
