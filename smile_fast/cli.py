@@ -56,7 +56,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--class-fraction", type=float, help="keep this share of the classes (C:X%% protocol)")
     flag("--train-samples", type=_integer, help="draw this many training images from the kept classes")
     flag("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (bfloat16 by default)")
-    flag("--amp-dtype", choices=AMP_DTYPES)
+    flag("--amp-dtype", choices=AMP_DTYPES, help="autocast dtype under --amp (default bfloat16; float16 adds a scaler)")
     flag(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="test top-1 of a checkpoint")
     evaluate.add_argument("checkpoint", help="a run folder or its last.pt")
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     evaluate.add_argument("--data-dir", help="dataset folder, if it moved since training")
 
     bench = commands.add_parser("bench", help="measure speed on the current device")
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument(
         "--teacher-fused-conv", action=argparse.BooleanOptionalAction, default=False, help=TEACHER_FUSED_CONV_HELP
     )
-    step.add_argument("--device", default="auto")
+    step.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     step.add_argument("--steps", type=_integer, default=20, help="timed steps per method")
     step.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
     step.add_argument("--methods", default="finetune,mixup,smile")
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     loader.add_argument("--loader", choices=("dali", "torchvision"), default="torchvision")
     loader.add_argument("--dataset", choices=DATASET_CHOICES, default="demo")
     loader.add_argument("--data-dir")
-    loader.add_argument("--device", default="auto")
+    loader.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     loader.add_argument("--batch-size", type=_integer, default=48)
     loader.add_argument("--iterations", type=_integer, default=30)
     loader.add_argument("--warmup", type=int, default=5)
