@@ -227,24 +227,24 @@ def test_resume_keeps_the_runs_settings_and_takes_only_how_it_runs(tiny_imagefol
 
     from smile_fast.cli import main
 
-    stopped = _stopped_run(tiny_imagefolder, tmp_path / "stopped", monkeypatch)
+    stopped = _stopped_run(tiny_imagefolder, tmp_path / "stopped", monkeypatch, iters=2, stop_after=1)
 
     def resume(name, *flags):
         out = tmp_path / name
         shutil.copytree(stopped, out)
         return out, main(["train", "--resume", str(out), "--no-progress", "--device", "cpu", *flags])
 
-    out, code = resume("same", "--model", "resnet18", "--iters", "4")
-    assert code == 0 and load_checkpoint(out)["iteration"] == 4, "the run's own values may be named again"
+    out, code = resume("same", "--model", "resnet18", "--iters", "2")
+    assert code == 0 and load_checkpoint(out)["iteration"] == 2, "the run's own values may be named again"
     capsys.readouterr()
     out, code = resume("changed", "--iters", "5", "--lr", "0.5")
     assert code == 2
     error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and "--iters 5 (the run has 4)" in error and "--lr 0.5" in error, error
+    assert len(error.splitlines()) == 1 and "--iters 5 (the run has 2)" in error and "--lr 0.5" in error, error
     out, code = resume("faster", "--log-every", "1", "--teacher-fused-conv")
     assert code == 0
     written = (out / "config.yaml").read_text()
-    assert "log_every: 1" in written and "teacher_fused_conv: true" in written and "iters: 4" in written
+    assert "log_every: 1" in written and "teacher_fused_conv: true" in written and "iters: 2" in written
     capsys.readouterr()
     out, code = resume("moved", "--out", str(tmp_path / "elsewhere"))
     assert code == 0
@@ -267,14 +267,17 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_imagefolder, tmp_path, ca
     assert {name: (out / name).read_bytes() for name in before} == before, "a finished run's files were rewritten"
 
 
-def test_a_new_run_refuses_a_folder_that_holds_a_run(tiny_imagefolder, tmp_path, capsys, monkeypatch):
+def test_a_new_run_refuses_a_folder_that_holds_a_run(tiny_imagefolder, tmp_path, capsys):
     from smile_fast.cli import main
 
     command = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--model", "resnet18"]
-    command += ["--weights", "none", "--iters", "2", "--batch-size", "4", "--device", "cpu", "--no-progress"]
-    finished = tmp_path / "finished"
-    train(_config(tiny_imagefolder, finished, iters=2, eval_every=2), progress=False)
-    stopped = _stopped_run(tiny_imagefolder, tmp_path / "stopped", monkeypatch)
+    command += ["--weights", "none", "--iters", "1", "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    # The check reads only which files a folder holds: a finished run (summary.json), a stopped one (last.pt).
+    finished, stopped = tmp_path / "finished", tmp_path / "stopped"
+    for out, name in ((finished, "summary.json"), (stopped, "last.pt")):
+        out.mkdir()
+        (out / name).write_text("an earlier run's")
+        (out / "config.yaml").write_text("iters: 9000\n")
     for out in (finished, stopped):
         before = {path.name: path.read_bytes() for path in out.iterdir()}
         capsys.readouterr()
