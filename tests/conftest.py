@@ -33,3 +33,13 @@ def rng_seed(request) -> int:
     seed = zlib.crc32(request.node.nodeid.encode()) % (2**31)
     torch.manual_seed(seed)
     return seed
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """smile-fast's cache (check_images' verdicts, the demo data) goes to the test's folder, not the user's home.
+
+    A module that builds loaders or runs training opts in with
+    `pytestmark = pytest.mark.usefixtures("private_cache")`.
+    """
+    monkeypatch.setenv("SMILE_FAST_CACHE", str(tmp_path / "cache"))

@@ -39,10 +39,7 @@ BATCH = 8
 PLAN_SEED = 13
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """check_images' cache (DALI loader) goes to the test's folder, not the user's home."""
-    monkeypatch.setenv("SMILE_FAST_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

@@ -37,10 +37,7 @@ needs_dali = pytest.mark.skipif(
 both_cpu_resizes = pytest.mark.parametrize("cpu_resize", dali.CPU_RESIZES)
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """check_images' cache goes to the test's folder, not the user's home."""
-    monkeypatch.setenv("SMILE_FAST_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

@@ -34,21 +34,18 @@ from smile_fast.data import dali
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
 
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and dali.dali_available()), reason="needs a CUDA device and NVIDIA DALI"
-)
+pytestmark = [
+    pytest.mark.usefixtures("private_cache"),
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and dali.dali_available()), reason="needs a CUDA device and NVIDIA DALI"
+    ),
+]
 
 # Bounds in grey levels (0-255): see the module docstring.
 LUMA_MEAN_LEVELS = 1.0
 LUMA_MAX_LEVELS = 16.0
 CHANNEL_MEAN_LEVELS = 1.0
 ANY_VALUE_LEVELS = 64.0
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """check_images' cache goes to the test's folder, not the user's home."""
-    monkeypatch.setenv("SMILE_FAST_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,7 @@ def tiny_imagefolder(tmp_path_factory):
 _config = tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SMILE_FAST_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_run_folder_is_complete(tiny_imagefolder, tmp_path):
