@@ -92,6 +92,12 @@ def test_imagefolder_requires_the_same_classes(tmp_path: Path):
         load_dataset("imagefolder", tmp_path)
 
 
+def test_imagefolder_with_one_class_is_a_user_error(tmp_path: Path):
+    build_imagefolder(tmp_path, classes=("cat",))
+    with pytest.raises(UserError, match="one class folder .* at least 2"):
+        load_dataset("imagefolder", tmp_path)
+
+
 def test_unknown_dataset_lists_the_valid_names(tmp_path: Path):
     with pytest.raises(UserError) as error:
         load_dataset("imagenet", tmp_path)

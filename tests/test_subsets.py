@@ -112,7 +112,8 @@ def test_class_subset_draws_uniformly_from_the_chosen_images():
 @pytest.mark.parametrize(
     ("fraction", "samples", "match"),
     [
-        (0.01, None, "rounds to 0"),
+        (0.01, None, "rounds to 0 classes"),
+        (0.15, None, "rounds to 1 class; a classifier needs at least 2"),
         (0.0, None, "class-fraction"),
         (1.5, None, "class-fraction"),
         (0.25, 10_000, "train-samples"),

@@ -359,6 +359,8 @@ def _load_imagefolder(data_dir: Path) -> DatasetSplits:
             f"only in test: {only_test[:5]})",
         )
     classes = sorted(train_files)
+    if len(classes) < 2:
+        raise _fail("imagefolder", f"found one class folder in {data_dir / 'train'}; a classifier needs at least 2")
     empty = [name for name in classes if not train_files[name]]
     if empty:
         raise _fail("imagefolder", f"class folder {data_dir / 'train' / empty[0]} holds no images")

@@ -67,10 +67,11 @@ def apply_class_subset(
     if not 0 < class_fraction <= 1:
         raise UserError(f"--class-fraction must be in (0, 1], got {class_fraction}")
     num_chosen = round(class_fraction * splits.num_classes)
-    if num_chosen == 0:
+    # One class would train a classifier that cannot be wrong: its top-1 is 100% whatever it learns.
+    if num_chosen < 2:
         raise UserError(
-            f"--class-fraction {class_fraction} of {splits.num_classes} classes rounds to 0 classes; "
-            "use a larger fraction"
+            f"--class-fraction {class_fraction} of {splits.num_classes} classes rounds to {num_chosen} "
+            f"class{'' if num_chosen == 1 else 'es'}; a classifier needs at least 2, use a larger fraction"
         )
     # Sorted so that new label i keeps the relative order of the original class names.
     chosen = sorted(_seeded_order(splits.num_classes, seed)[:num_chosen])
