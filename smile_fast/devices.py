@@ -75,3 +75,13 @@ def to_device_async(host_tensor: torch.Tensor, device: torch.device) -> torch.Te
     if device.type != "cuda":
         return host_tensor.to(device)
     return host_tensor.pin_memory().to(device, non_blocking=True)
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX).
+
+    Without them autocast's bfloat16 convolutions are emulated: a resnet18 step at 112 px, batch 16, took
+    14.5 s with --amp against 3.4 s without on the 2-core AMD EPYC (AVX2) development machine.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up defensively
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)

@@ -25,7 +25,7 @@ from smile_fast.checkpoint import load_checkpoint, save_atomic
 from smile_fast.config import RESUME_MAY_CHANGE, TrainConfig, build_config, resolve_for_device
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec
-from smile_fast.devices import resolve_device, setup_distributed
+from smile_fast.devices import cpu_has_fast_bfloat16, resolve_device, setup_distributed
 from smile_fast.errors import UserError
 from smile_fast.methods import build_method
 from smile_fast.models import build_models
@@ -169,6 +169,11 @@ class Trainer:
             f"model {config.model}, weights: {self.weights_description}; {self.num_classes} classes, "
             f"{len(train_samples)} training / {len(self.test_samples)} test images; device {device}"
         )
+        if config.amp and device.type == "cpu" and not cpu_has_fast_bfloat16():
+            self.log(
+                "note: this CPU has no AVX512-BF16 or AMX instructions, so --amp's half-precision convolutions "
+                "run several times slower than float32 here; leave --amp off for CPU runs"
+            )
         self.step = TrainingStep(config, self.method, student, source, device, self.dist)
         del source
         self.student, self.teacher = self.step.student, self.step.teacher

@@ -322,3 +322,14 @@ def test_a_start_that_fails_leaves_no_run_folder(tiny_imagefolder, tmp_path, cap
     assert main(command) == 2
     assert "batch" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fast_bfloat16", [False, True])
+def test_amp_on_a_cpu_without_bfloat16_instructions_says_it_is_slow(
+    tiny_imagefolder, tmp_path, monkeypatch, fast_bfloat16
+):
+    monkeypatch.setattr("smile_fast.engine.cpu_has_fast_bfloat16", lambda: fast_bfloat16)
+    said = []
+    Trainer(_config(tiny_imagefolder, tmp_path / "run", amp=True, iters=1), progress=False, log=said.append)
+    notes = [line for line in said if "--amp" in line and "slower" in line]
+    assert len(notes) == (0 if fast_bfloat16 else 1), said
