@@ -29,6 +29,18 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends each option's default to its help, as on/off for switches; skips options without one and
+    helps that already say their default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        shown = ("on" if action.default else "off") if isinstance(action.default, bool) else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
 def _integer(text: str) -> int:
     try:
         value = int(text)
@@ -194,17 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure speed on the current device")
     bench_commands = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
-    step = bench_commands.add_parser("step", help="finetune vs mixup vs SMILE step time on synthetic data")
-    step.add_argument("--model", default="resnet50")
-    step.add_argument("--batch-size", type=_integer, default=48)
-    step.add_argument("--image-size", type=_integer, default=224)
-    step.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
-    step.add_argument("--amp-dtype", choices=AMP_DTYPES, default="bfloat16")
-    step.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA"
+    # Every bench option has a default, so --help shows it; train's defaults depend on the dataset.
+    bench_parser = {"formatter_class": _DefaultsHelpFormatter}
+    step = bench_commands.add_parser(
+        "step", help="finetune vs mixup vs SMILE step time on synthetic data", **bench_parser
     )
-    step.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
-    step.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
+    step.add_argument("--model", default="resnet50", help="backbone, as for train --model")
+    step.add_argument("--batch-size", type=_integer, default=48, help="images per step")
+    step.add_argument("--image-size", type=_integer, default=224, help="side of the square synthetic images")
+    step.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision")
+    step.add_argument("--amp-dtype", choices=AMP_DTYPES, default="bfloat16", help="autocast dtype under --amp")
+    step.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels-last memory format (default: on with CUDA)",
+    )
+    step.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the step")
+    step.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile's mode")
     _add_capture_flags(step.add_argument, default=False)
     step.add_argument("--fused-input", action=argparse.BooleanOptionalAction, default=False, help=FUSED_INPUT_HELP)
     step.add_argument(
@@ -213,34 +232,38 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument(
         "--teacher-fused-conv", action=argparse.BooleanOptionalAction, default=False, help=TEACHER_FUSED_CONV_HELP
     )
-    step.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    step.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     step.add_argument("--steps", type=_integer, default=20, help="timed steps per method")
     step.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
-    step.add_argument("--methods", default="finetune,mixup,smile")
+    step.add_argument("--methods", default="finetune,mixup,smile", help="comma-separated methods to time")
     step.add_argument("--baseline", choices=("eager-fp32",), help="also time the authors'-style SMILE step")
     step.add_argument(
         "--fold-teacher-bn",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="fold the teacher's BatchNorm into its convolutions (default on)",
+        help="fold the teacher's BatchNorm into its convolutions",
     )
     step.add_argument(
         "--teacher-stream",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="CUDA: run the teacher's forward on a side stream (default on)",
+        help="CUDA: run the teacher's forward on a side stream",
     )
     step.add_argument("--json", help="write the results as JSON here")
 
-    loader = bench_commands.add_parser("loader", help="images/s of a loader through the full train transform")
-    loader.add_argument("--loader", choices=("dali", "torchvision"), default="torchvision")
-    loader.add_argument("--dataset", choices=DATASET_CHOICES, default="demo")
-    loader.add_argument("--data-dir")
-    loader.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    loader.add_argument("--batch-size", type=_integer, default=48)
-    loader.add_argument("--iterations", type=_integer, default=30)
-    loader.add_argument("--warmup", type=int, default=5)
-    loader.add_argument("--workers", type=int, default=None)
+    loader = bench_commands.add_parser(
+        "loader", help="images/s of a loader through the full train transform", **bench_parser
+    )
+    loader.add_argument("--loader", choices=("dali", "torchvision"), default="torchvision", help="which loader")
+    loader.add_argument("--dataset", choices=DATASET_CHOICES, default="demo", help="dataset, as for train")
+    loader.add_argument("--data-dir", help="folder holding the dataset's official layout")
+    loader.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    loader.add_argument("--batch-size", type=_integer, default=48, help="images per batch")
+    loader.add_argument("--iterations", type=_integer, default=30, help="timed batches")
+    loader.add_argument("--warmup", type=int, default=5, help="untimed batches first (workers start, DALI builds)")
+    loader.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers or DALI threads (default: as train picks them)"
+    )
     loader.add_argument(
         "--dali-decoder-option",
         action="append",
@@ -255,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", parser_class=_Parser)
     data_commands.add_parser("prepare", help="generate the embedded demo dataset in the cache")
     verify = data_commands.add_parser("verify", help="check a dataset folder: layout, counts, unreadable files")
-    verify.add_argument("--dataset", choices=DATASET_CHOICES, required=True)
-    verify.add_argument("--data-dir")
+    verify.add_argument("--dataset", choices=DATASET_CHOICES, required=True, help="which layout to check")
+    verify.add_argument("--data-dir", help="folder holding the dataset's official layout")
     return parser
 
 

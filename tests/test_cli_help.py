@@ -1,0 +1,38 @@
+"""`--help` of every subcommand describes each option, and the bench commands show their defaults."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from smile_fast.cli import build_parser
+
+
+def _subparser(path: tuple[str, ...]) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for name in path:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    return parser
+
+
+@pytest.mark.parametrize("path", [("train",), ("eval",), ("bench", "step"), ("bench", "loader"), ("data", "verify")])
+def test_every_option_has_help(path):
+    parser = _subparser(path)
+    undescribed = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not undescribed, f"{' '.join(path)} options without help: {undescribed}"
+
+
+@pytest.mark.parametrize("path", [("bench", "step"), ("bench", "loader")])
+def test_bench_help_shows_every_default(path):
+    parser = _subparser(path)
+    text = " ".join(parser.format_help().split())  # unwrap the columns
+    for action in parser._actions:
+        if not action.option_strings or action.default in (None, [], argparse.SUPPRESS):
+            continue
+        shown = ("on" if action.default else "off") if isinstance(action.default, bool) else str(action.default)
+        described = " ".join(action.help.split())
+        assert f"{described} (default: {shown})" in text or "default" in described, (
+            f"{action.option_strings[0]} does not show its default {shown!r} in `smile-fast {' '.join(path)} --help`"
+        )
