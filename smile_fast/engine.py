@@ -539,15 +539,16 @@ def train(
 ) -> dict[str, Any]:
     """Run one training job and return its summary (also written to the run folder's summary.json).
     given: the settings the command line and YAML named (see Trainer)."""
-    trainer = Trainer(config, log=log, progress=progress, given=given)
-    try:
-        return trainer.run()
-    finally:
-        if trainer.dist.enabled:
-            import torch.distributed as dist
+    import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    # Under torchrun the Trainer joins the process group; it is left again however the run ends, a failed
+    # start included (a UserError, or "already finished"), unless the caller had joined it before.
+    joined_before = dist.is_available() and dist.is_initialized()
+    try:
+        return Trainer(config, log=log, progress=progress, given=given).run()
+    finally:
+        if not joined_before and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = None) -> dict[str, Any]:

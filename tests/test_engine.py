@@ -14,6 +14,7 @@ from _tiny_runs import tiny_config, write_tiny_imagefolder
 from smile_fast.checkpoint import load_checkpoint
 from smile_fast.config import build_config
 from smile_fast.engine import Trainer, TrainingStopped, train
+from smile_fast.errors import UserError
 from smile_fast.step import TrainingStep
 
 
@@ -333,3 +334,31 @@ def test_amp_on_a_cpu_without_bfloat16_instructions_says_it_is_slow(
     Trainer(_config(tiny_imagefolder, tmp_path / "run", amp=True, iters=1), progress=False, log=said.append)
     notes = [line for line in said if "--amp" in line and "slower" in line]
     assert len(notes) == (0 if fast_bfloat16 else 1), said
+
+
+class _JoinsThenFails:
+    """Stands in for Trainer: joins a one-rank gloo group, as setup_distributed does under torchrun, then fails."""
+
+    def __init__(self, config, **_):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method=f"file://{config.out}.store", rank=0, world_size=1)
+        raise UserError("failed start")
+
+
+@pytest.mark.parametrize("joined_before", [False, True])
+def test_train_leaves_the_process_group_it_joined_even_when_the_start_fails(tmp_path, monkeypatch, joined_before):
+    import torch.distributed as dist
+
+    monkeypatch.setattr("smile_fast.engine.Trainer", _JoinsThenFails)
+    config = tiny_config(tmp_path / "data", tmp_path / "run")
+    if joined_before:  # a caller's own group is the caller's to leave
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/caller.store", rank=0, world_size=1)
+    try:
+        with pytest.raises(UserError, match="failed start"):
+            train(config, progress=False)
+        assert dist.is_initialized() == joined_before
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
