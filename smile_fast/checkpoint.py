@@ -7,44 +7,22 @@ Reads use `weights_only=True`, which refuses pickles that would run code.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from smile_fast.atomic_file import atomic_write
 from smile_fast.errors import UserError
 
 
-def regular_file_mode() -> int:
-    """The mode open() gives a new file under the current umask (mkstemp's temp files are 0600, and a
-    run's checkpoint and manifest should be as readable as its other files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
-    """torch.save `state` to `path` through a temp file + fsync + rename."""
+    """torch.save `state` to `path` through a temp file + fsync + rename (see atomic_file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(handle, regular_file_mode())
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        # Whatever stopped the write (full disk, signal, bug), the old checkpoint stays as it was.
-        try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path, binary=True) as stream:
+        torch.save(state, stream)
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:

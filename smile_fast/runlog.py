@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from smile_fast.atomic_file import atomic_write
 
 
 def default_run_dir(dataset: str, method: str) -> Path:
@@ -15,9 +16,8 @@ def default_run_dir(dataset: str, method: str) -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
+    with atomic_write(path) as stream:
+        stream.write(text)
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
@@ -99,7 +99,8 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
         right.plot(*zip(*acc_points), marker="o", color="tab:green")
     right.set(title="test top-1 (%)", xlabel="iteration", ylabel="top-1 (%)")
     figure.tight_layout()
-    temp = out_path.with_name(f".{out_path.name}.tmp.png")
-    figure.savefig(temp, dpi=100)
-    plt.close(figure)
-    os.replace(temp, out_path)
+    try:
+        with atomic_write(out_path, binary=True) as stream:
+            figure.savefig(stream, format="png", dpi=100)
+    finally:
+        plt.close(figure)

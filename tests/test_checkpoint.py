@@ -8,6 +8,7 @@ import pytest
 import torch
 from _payloads import write_malicious_pickle
 
+import smile_fast.atomic_file as atomic_file
 import smile_fast.checkpoint as checkpoint
 from smile_fast.checkpoint import load_checkpoint, save_atomic
 from smile_fast.errors import UserError
@@ -78,7 +79,7 @@ def test_a_failed_rename_leaves_the_previous_checkpoint_intact(tmp_path, monkeyp
     def failing_replace(src, dst):
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(checkpoint.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic_file.os, "replace", failing_replace)
     with pytest.raises(OSError):
         save_atomic(_state(2.0), path)
     assert path.read_bytes() == previous

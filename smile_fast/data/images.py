@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from smile_fast.atomic_file import atomic_write
 
 # Above this many files to check, check_images shows a progress bar.
 _PROGRESS_THRESHOLD = 2_000
@@ -106,10 +107,8 @@ def _write_cache(cache_file: Path, entries: dict[str, list]) -> None:
     """Atomic write; a cache that cannot be written only costs time next run, so errors are ignored."""
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temp_name = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.")
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        with atomic_write(cache_file, durable=False) as handle:
             json.dump(entries, handle)
-        os.replace(temp_name, cache_file)
     except OSError:
         pass
 

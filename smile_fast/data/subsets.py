@@ -11,13 +11,11 @@ so a subset chosen today is the same subset next year. The result keeps the data
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from smile_fast.checkpoint import regular_file_mode
+from smile_fast.atomic_file import atomic_write
 from smile_fast.data.datasets import DatasetSplits
 from smile_fast.errors import UserError
 
@@ -101,17 +99,8 @@ def write_manifest(path: str | Path, samples: list[tuple[str, int]]) -> None:
     for sample_path, _ in samples:
         if "\n" in sample_path or "\t" in sample_path or "\r" in sample_path:
             raise UserError(f"cannot record {sample_path!r} in a manifest: its name holds a tab or line break")
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(descriptor, regular_file_mode())
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as handle:
-            handle.writelines(f"{label}\t{sample_path}\n" for sample_path, label in samples)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        handle.writelines(f"{label}\t{sample_path}\n" for sample_path, label in samples)
 
 
 def read_manifest(path: str | Path) -> list[tuple[str, int]]:
