@@ -138,7 +138,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------- set-up
     def _build(self) -> None:
         config, device = self.config, self.device
-        from smile_fast.data.images import check_images
+        from smile_fast.data.images import check_images, skipped_message
         from smile_fast.data.loaders import build_train_loader, choose_loader, default_workers
         from smile_fast.data.subsets import read_manifest, write_manifest
 
@@ -154,7 +154,7 @@ class Trainer:
         self.test_samples, bad_test = check_images(splits.test, cache)
         self.skipped_up_front = len(bad_train) + len(bad_test)
         if self.skipped_up_front:
-            self.log(f"skipping {self.skipped_up_front} unreadable image(s) (e.g. {(bad_train + bad_test)[0]})")
+            self.log(skipped_message(bad_train + bad_test))
         if not train_samples:
             raise UserError("no readable training images are left after the subset protocol and image checks")
         self.train_samples = train_samples
@@ -551,11 +551,16 @@ def train(
             dist.destroy_process_group()
 
 
-def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = None) -> dict[str, Any]:
-    """Test top-1 of a checkpoint's student on its dataset's test split."""
-    from smile_fast.data.images import check_images
+def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = None, log=None) -> dict[str, Any]:
+    """Test top-1 of a checkpoint's student on its dataset's test split.
+
+    The student runs with the run's precision (--amp and its dtype) and memory format, as the run's own
+    evaluations did, so that on the same kind of device the top-1 is the one the run reported.
+    """
+    from smile_fast.data.images import check_images, skipped_message
     from smile_fast.data.loaders import eval_batches
 
+    log = log or (lambda message: print(message, file=sys.stderr))
     state = load_checkpoint(path)
     values = dict(state["config"])
     values.update(resume=None, out=None, device=device)
@@ -566,10 +571,16 @@ def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = 
     splits, _, test_spec = prepare_data(config)
     student, _, _ = build_models(config.model, len(splits.classes), "none", with_aux_head=state["teacher"] is not None)
     student.load_state_dict(state["student"])
-    student.to(device_obj).eval()
-    test_samples, _ = check_images(splits.test, _cache_dir() / "image-checks")
+    channels_last = config.channels_last if config.channels_last is not None else device_obj.type == "cuda"
+    student.to(device_obj, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
+    test_samples, bad = check_images(splits.test, _cache_dir() / "image-checks")
+    if bad:
+        log(skipped_message(bad))
+    if not test_samples:
+        raise UserError("the test split is empty; nothing to evaluate")
+    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[config.amp_dtype]
     correct = total = 0
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device_obj.type, dtype=amp_dtype, enabled=config.amp):
         for images, labels in eval_batches(
             "torchvision",
             test_samples,
@@ -579,15 +590,16 @@ def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = 
             min(4, os.cpu_count() or 1),
             0,
             1,
-            False,
+            channels_last,
         ):
             correct += int((student.classify(images).argmax(1) == labels).sum())
             total += labels.numel()
     return {
         "checkpoint": str(path),
         "iteration": int(state["iteration"]),
-        "test_top1": 100.0 * correct / max(total, 1),
+        "test_top1": 100.0 * correct / total,
         "test_images": total,
+        "amp": config.amp,
     }
 
 

@@ -362,3 +362,28 @@ def test_train_leaves_the_process_group_it_joined_even_when_the_start_fails(tmp_
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_eval_of_an_amp_run_reports_the_runs_top1(tiny_imagefolder, tmp_path):
+    """eval runs the student with the run's autocast dtype, as the run's own evaluation did."""
+    from smile_fast.engine import evaluate_checkpoint
+
+    out = tmp_path / "amp"
+    summary = train(_config(tiny_imagefolder, out, method="finetune", iters=3, amp=True), progress=False)
+    result = evaluate_checkpoint(str(out), device="cpu")
+    assert result["amp"] is True and result["test_images"] == 12
+    assert result["test_top1"] == pytest.approx(summary["test_top1"])
+
+
+def test_eval_says_which_test_images_it_skipped(tmp_path):
+    from smile_fast.engine import evaluate_checkpoint
+
+    data = write_tiny_imagefolder(tmp_path / "data")
+    out = tmp_path / "run"
+    train(_config(data, out, method="finetune", iters=1), progress=False)
+    broken = data / "test" / "c0" / "0.jpg"
+    broken.write_bytes(b"not a jpeg")
+    said = []
+    result = evaluate_checkpoint(str(out), device="cpu", log=said.append)
+    assert result["test_images"] == 11
+    assert said == [f"skipping 1 unreadable image file(s): {broken}"]

@@ -81,12 +81,11 @@ def _relative_position(offset: int, size: int, crop: int) -> np.ndarray:
 def _checked(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[str]]:
     """images.check_images with the cache folder the engine uses (a second check only stats the files); logs skips."""
     from smile_fast.data.demo import default_cache_dir
-    from smile_fast.data.images import check_images
+    from smile_fast.data.images import check_images, skipped_message
 
     good, bad = check_images(list(samples), default_cache_dir() / "image-checks")
     if bad:
-        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-        logger.warning("skipping %d unreadable image file(s): %s", len(bad), shown)
+        logger.warning("%s", skipped_message(bad))
     return good, bad
 
 

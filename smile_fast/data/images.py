@@ -113,6 +113,12 @@ def _write_cache(cache_file: Path, entries: dict[str, list]) -> None:
         pass
 
 
+def skipped_message(bad_paths: list[str]) -> str:
+    """How the trainer and both loaders word the files a header check skipped."""
+    shown = ", ".join(bad_paths[:3]) + (", ..." if len(bad_paths) > 3 else "")
+    return f"skipping {len(bad_paths)} unreadable image file(s): {shown}"
+
+
 def check_images(samples: list[tuple[str, int]], cache_dir: Path | None) -> tuple[list[tuple[str, int]], list[str]]:
     """Split samples into (readable samples, unreadable paths), keeping their order.
 

@@ -168,7 +168,11 @@ class TorchvisionTrainLoader:
             for path in failed:
                 if path not in self.skipped_paths:
                     self.skipped_paths.add(path)
-                    logger.warning("skipped an unreadable image (%d so far): %s", len(self.skipped_paths), path)
+                    logger.warning(
+                        "skipping an image file that failed to decode (%d so far), another sample takes its place: %s",
+                        len(self.skipped_paths),
+                        path,
+                    )
             if self.output_uint8:
                 yield (
                     images.to(self.device, non_blocking=non_blocking),
