@@ -269,6 +269,9 @@ def run_step_benchmark(
         raise UserError(f"--steps must be at least 1 (the figures are medians of timed steps), got {steps}")
     if warmup < 0:
         raise UserError(f"--warmup must be at least 0, got {warmup}")
+    if baseline == "eager-fp32" and not model.startswith("resnet"):
+        # The baseline hooks layer4 and swaps `fc`, as the authors' ResNet code does.
+        raise UserError(f"--baseline eager-fp32 times the authors' ResNet step; use a resnet model, not {model}")
     device_obj = resolve_device(device)
     if cuda_graph:
         # Three eager steps, then the captures; the teacher's EMA graph is captured at the first EMA

@@ -57,7 +57,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--method", choices=METHOD_CHOICES, help="training objective (default: smile)")
     flag("--smile-form", choices=FORM_CHOICES, help="official (the authors' code, default) or paper (the equations)")
     flag(
-        "--model", help="backbone: resnet18, resnet34, resnet50 (default for real datasets), resnet101, efficientnet_b4"
+        "--model",
+        help="backbone: resnet18, resnet34, resnet50 (default for real datasets), resnet101, efficientnet_b4 "
+        "(default for food101, as in the paper)",
     )
     flag("--weights", help="auto (default), imagenet, none, or a path to a state_dict")
     flag("--iters", type=_integer, help="training iterations (default 9000; 150 for the demo)")

@@ -9,6 +9,7 @@ iteration's optimizer step, then the optimizer step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -220,9 +221,10 @@ class Trainer:
             self.metrics.drop_after(self.start_iteration)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
-        if self.teacher is not None:
-            self.teacher.load_teacher_state(state["teacher"])
+        with _model_layout_check(self.run_dir):
+            self.student.load_state_dict(state["student"])
+            if self.teacher is not None:
+                self.teacher.load_teacher_state(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -551,6 +553,20 @@ def train(
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _model_layout_check(where: str | Path):
+    """A checkpoint whose tensors do not fit the model this version builds is one clear line, not a traceback
+    (e.g. an EfficientNet run from before the feature map moved to the authors' block)."""
+    try:
+        yield
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0][:160]
+        raise UserError(
+            f"the checkpoint in {where} does not fit the model this version of smile-fast builds ({first}); "
+            "start a new run, or use the version that wrote it"
+        ) from None
+
+
 def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = None, log=None) -> dict[str, Any]:
     """Test top-1 of a checkpoint's student on its dataset's test split.
 
@@ -570,7 +586,8 @@ def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = 
     device_obj = resolve_device(config.device)
     splits, _, test_spec = prepare_data(config)
     student, _, _ = build_models(config.model, len(splits.classes), "none", with_aux_head=state["teacher"] is not None)
-    student.load_state_dict(state["student"])
+    with _model_layout_check(path):
+        student.load_state_dict(state["student"])
     channels_last = config.channels_last if config.channels_last is not None else device_obj.type == "cuda"
     student.to(device_obj, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
     test_samples, bad = check_images(splits.test, _cache_dir() / "image-checks")

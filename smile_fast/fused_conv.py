@@ -190,13 +190,12 @@ def _folded_conv(module: nn.Module) -> bool:
 def fusable_resnet_trunk(trunk: nn.Module) -> str | None:
     """None when `trunk` is a BN-folded torchvision ResNet trunk (stem conv, Identity, ReLU, max pool,
     four stages of BasicBlock or Bottleneck); else what does not fit."""
-    if not isinstance(trunk, nn.Sequential) or len(trunk) != 8:
+    # Eight children as in a ResNet trunk, but not its stages (EfficientNet's trunk also has eight).
+    if not isinstance(trunk, nn.Sequential) or len(trunk) != 8 or not isinstance(trunk[3], nn.MaxPool2d):
         return "not a torchvision ResNet trunk"
-    stem, norm, relu, pool = trunk[0], trunk[1], trunk[2], trunk[3]
+    stem, norm, relu = trunk[0], trunk[1], trunk[2]
     if not (_folded_conv(stem) and isinstance(norm, nn.Identity) and isinstance(relu, nn.ReLU)):
         return "the stem is not a folded convolution and a ReLU"
-    if not isinstance(pool, nn.MaxPool2d):
-        return "no max pool after the stem"
     for stage in trunk[4:]:
         for block in stage:
             if not isinstance(block, (BasicBlock, Bottleneck)):

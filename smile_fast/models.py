@@ -44,19 +44,34 @@ class StudentOutput:
 
 
 class Backbone(nn.Module):
-    """The convolutional trunk of a torchvision classifier: image [B, 3, H, W] -> feature map [B, C, h, w]."""
+    """The convolutional trunk of a torchvision classifier and what lies between it and the classifier.
 
-    def __init__(self, trunk: nn.Module, feature_dim: int):
+    forward: image [B, 3, H, W] -> SMILE's feature map [B, C, h, w], the map L_fe compares (ResNet's
+    layer4 output; EfficientNet's last MBConv block, the authors' `_blocks.31`, 448 channels for B4).
+    pool: feature map -> the classifier's input [B, feature_dim]: the `neck` (EfficientNet's 1x1 head
+    convolution to 1792 channels; none for ResNets), then the global average pool.
+    head_dropout: the dropout the source model applies before its classifier (0.4 for EfficientNet-B4,
+    none for ResNets); the student applies it before both heads while training, as the authors' code does.
+    """
+
+    def __init__(self, trunk: nn.Module, feature_dim: int, neck: nn.Module | None = None, head_dropout: float = 0.0):
         super().__init__()
         self.trunk = trunk
+        self.neck = neck
         self.feature_dim = feature_dim
+        self.head_dropout = head_dropout
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.trunk(images)
 
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        if self.neck is not None:
+            features = self.neck(features)
+        return features.mean(dim=(2, 3))
+
 
 class SmileNet(nn.Module):
-    """Student: backbone, global average pool, fc1 (new target head) and fc2 (auxiliary source head).
+    """Student: backbone, pool, fc1 (new target head) and fc2 (auxiliary source head).
 
     fc2 starts as a copy of the pre-trained model's own classifier and is trained (SMILE_SPEC.md);
     only fc1 is used for evaluation. Methods that never read fc2 (finetune, mixup, cutmix) build the
@@ -67,24 +82,29 @@ class SmileNet(nn.Module):
     def __init__(self, backbone: Backbone, num_classes: int, source_head: nn.Linear | None):
         super().__init__()
         self.backbone = backbone
+        self.dropout = nn.Dropout(backbone.head_dropout) if backbone.head_dropout > 0 else None
         self.fc1 = nn.Linear(backbone.feature_dim, num_classes)
         self.fc2 = copy.deepcopy(source_head) if source_head is not None else None
 
+    def _head_input(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.dropout(pooled) if self.dropout is not None else pooled
+
     def forward(self, images: torch.Tensor) -> StudentOutput:
         features = self.backbone(images)
-        pooled = features.mean(dim=(2, 3))
-        aux_logits = self.fc2(pooled) if self.fc2 is not None else None
-        return StudentOutput(features, pooled, self.fc1(pooled), aux_logits)
+        pooled = self.backbone.pool(features)
+        head_input = self._head_input(pooled)
+        aux_logits = self.fc2(head_input) if self.fc2 is not None else None
+        return StudentOutput(features, pooled, self.fc1(head_input), aux_logits)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Target-class logits [B, num_classes], the only output used at evaluation."""
-        return self.fc1(self.backbone(images).mean(dim=(2, 3)))
+        return self.fc1(self._head_input(self.backbone.pool(self.backbone(images))))
 
 
 class SourceNet(nn.Module):
     """The pre-trained model itself (backbone + its original fc); the mean teacher is one of these."""
 
-    def __init__(self, backbone: nn.Module, fc: nn.Linear):
+    def __init__(self, backbone: Backbone, fc: nn.Linear):
         super().__init__()
         self.backbone = backbone
         self.fc = fc
@@ -92,7 +112,7 @@ class SourceNet(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (feature map [B, C, h, w], source logits [B, num_source])."""
         features = self.backbone(images)
-        return features, self.fc(features.mean(dim=(2, 3)))
+        return features, self.fc(self.backbone.pool(features))
 
 
 def _split_torchvision(model: nn.Module, name: str) -> tuple[Backbone, nn.Linear]:
@@ -103,8 +123,11 @@ def _split_torchvision(model: nn.Module, name: str) -> tuple[Backbone, nn.Linear
         )
         return Backbone(trunk, model.fc.in_features), model.fc
     if name.startswith("efficientnet"):
-        linear = model.classifier[1]
-        return Backbone(model.features, linear.in_features), linear
+        # The authors hook `_blocks.31`, the last MBConv block, for L_fe: features[:-1] here; the 1x1 head
+        # convolution (features[-1]) runs between it and the pool. Their forward keeps the dropout before fc.
+        dropout, linear = model.classifier
+        trunk = nn.Sequential(*list(model.features)[:-1])
+        return Backbone(trunk, linear.in_features, neck=model.features[-1], head_dropout=dropout.p), linear
     raise UserError(f"unsupported model {name!r}; choose one of: {', '.join(SUPPORTED_MODELS)}")
 
 

@@ -134,13 +134,12 @@ class MeanTeacher(nn.Module):
         if self.low_precision is not None:
             dtype = self.low_precision["fc"].weight.dtype
             with torch.autocast(images.device.type, enabled=False):
-                features = self._features(self.low_precision["backbone"], images.to(dtype))
-                return features, self.low_precision["fc"](features.mean(dim=(2, 3)))
-        if self.folded is not None:
-            features = self._features(self.folded.folded, images)
-        else:
-            features = self.model.backbone(images)
-        return features, self.model.fc(features.mean(dim=(2, 3)))
+                backbone = self.low_precision["backbone"]
+                features = self._features(backbone, images.to(dtype))
+                return features, self.low_precision["fc"](backbone.pool(features))
+        backbone = self.folded.folded if self.folded is not None else self.model.backbone
+        features = self._features(backbone, images) if self.folded is not None else backbone(images)
+        return features, self.model.fc(backbone.pool(features))
 
     def teacher_state(self) -> dict[str, torch.Tensor]:
         """The unfolded teacher's state (the fold is derived from it)."""

@@ -153,3 +153,6 @@ def test_teacher_fused_conv_is_recorded_and_refused_where_it_cannot_apply(tmp_pa
     argv[argv.index("resnet18")] = "efficientnet_b4"
     assert main([*argv, "--methods", "smile"]) == 2
     assert "--teacher-fused-conv needs a BatchNorm-folded torchvision ResNet teacher" in capsys.readouterr().err
+    argv.remove("--teacher-fused-conv")
+    assert main([*argv, "--methods", "smile", "--baseline", "eager-fp32"]) == 2
+    assert "--baseline eager-fp32 times the authors' ResNet step" in capsys.readouterr().err

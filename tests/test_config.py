@@ -18,7 +18,7 @@ from smile_fast.errors import UserError
         ("cub", "resnet50", 9000, 48, 0.01),
         ("cars", "resnet50", 9000, 48, 0.01),
         ("aircraft", "resnet50", 9000, 48, 0.01),
-        ("food101", "resnet50", 15000, 48, 0.01),
+        ("food101", "efficientnet_b4", 15000, 48, 0.01),
         ("indoor67", "resnet50", 9000, 48, 0.001),
         ("imagefolder", "resnet50", 9000, 48, 0.01),
     ],

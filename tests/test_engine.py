@@ -387,3 +387,18 @@ def test_eval_says_which_test_images_it_skipped(tmp_path):
     result = evaluate_checkpoint(str(out), device="cpu", log=said.append)
     assert result["test_images"] == 11
     assert said == [f"skipping 1 unreadable image file(s): {broken}"]
+
+
+def test_a_checkpoint_of_another_model_layout_is_one_clear_error(tiny_imagefolder, tmp_path, monkeypatch):
+    """eval and --resume of a checkpoint whose tensors do not fit the model say so in one line."""
+    from smile_fast.checkpoint import save_atomic
+    from smile_fast.engine import evaluate_checkpoint
+
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=2, stop_after=1)
+    state = load_checkpoint(out / "last.pt")
+    state["student"] = {name.replace("trunk.", "trunk.old."): value for name, value in state["student"].items()}
+    save_atomic(state, out / "last.pt")
+    with pytest.raises(UserError, match="does not fit the model this version of smile-fast builds"):
+        evaluate_checkpoint(str(out), device="cpu")
+    with pytest.raises(UserError, match="does not fit the model this version of smile-fast builds"):
+        train(_config(tiny_imagefolder, out, iters=2, eval_every=2, resume=str(out)), progress=False)

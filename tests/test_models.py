@@ -54,6 +54,46 @@ def test_smile_net_outputs_have_the_documented_shapes(rng_seed):
     assert features.shape == (2, 512, 2, 2) and source_logits.shape == (2, 1000)
 
 
+def test_efficientnet_feature_map_is_the_authors_hooked_block_and_the_heads_keep_its_dropout(rng_seed):
+    """The authors hook EfficientNet-B4's `_blocks.31` (the last MBConv block, 448 channels) for L_fe; the 1x1
+    head convolution to 1792 channels, the pool and the classifier's dropout (p=0.4) sit between it and fc."""
+    from smile_fast.teacher import MeanTeacher
+
+    student, source, _ = build_models("efficientnet_b4", NUM_CLASSES, weights="none")
+    reference = torchvision.models.efficientnet_b4(weights=None)
+    reference.features.load_state_dict(source.backbone.trunk.state_dict() | _prefixed(source.backbone.neck, "8."))
+    reference.classifier[1].load_state_dict(source.fc.state_dict())
+    reference.eval()
+    x = torch.randn(2, 3, 64, 64)
+    features, source_logits = source.eval()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(features, reference.features[:-1](x), msg="feature map = last MBConv block")
+        torch.testing.assert_close(source_logits, reference(x), msg="the split source model is the model")
+        teacher_features, teacher_logits = MeanTeacher(source)(x)
+    assert features.shape == (2, 448, 2, 2)
+    torch.testing.assert_close(teacher_features, features, rtol=1e-4, atol=1e-4, msg="folded teacher features")
+    torch.testing.assert_close(teacher_logits, source_logits, rtol=1e-4, atol=1e-4, msg="folded teacher logits")
+
+    assert isinstance(student.dropout, nn.Dropout) and student.dropout.p == 0.4
+    student.eval()
+    output = student(x)
+    assert output.features.shape == (2, 448, 2, 2) and output.pooled.shape == (2, 1792)
+    torch.testing.assert_close(output.logits, student.fc1(output.pooled), msg="no dropout in eval mode")
+    torch.testing.assert_close(student.classify(x), output.logits)
+    training = student.train()(x)  # train-mode BatchNorm: a random-init net's eval features are ~1e-14
+    assert training.pooled.abs().max() > 1e-3
+    with torch.no_grad():
+        undropped_logits, undropped_aux = student.fc1(training.pooled), student.fc2(training.pooled)
+    assert not torch.allclose(training.logits, undropped_logits), "training applies dropout before fc1"
+    assert not torch.allclose(training.aux_logits, undropped_aux), "and before fc2"
+    resnet_student, _, _ = build_models("resnet18", NUM_CLASSES, weights="none")
+    assert resnet_student.dropout is None, "torchvision's ResNets have no dropout before fc"
+
+
+def _prefixed(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + name: value for name, value in module.state_dict().items()}
+
+
 def test_student_heads_start_from_the_source_model(rng_seed):
     student, source, _ = build_models("resnet18", NUM_CLASSES, weights="none")
     for name in ("weight", "bias"):

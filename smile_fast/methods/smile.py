@@ -84,8 +84,11 @@ class Smile(Method):
             loss_fe = frobenius_over_ranks(loss_fe, output.features.shape[2] * output.features.shape[3])
             loss_fc = soft_mixup_cross_entropy(output.aux_logits, teacher_logits.detach(), perm, lam)
         else:
+            # pool(f_t) against pool(f_s) (SMILE_SPEC.md): the pooled feature maps L_fe's official form
+            # compares. For ResNets that is the heads' input too; EfficientNet's heads read it after its neck.
+            student_pooled = output.features.mean(dim=(2, 3))
             teacher_pooled = teacher_features.detach().mean(dim=(2, 3))
-            loss_fe = feature_mixup_loss(output.pooled, teacher_pooled, perm, lam, form="paper")
+            loss_fe = feature_mixup_loss(student_pooled, teacher_pooled, perm, lam, form="paper")
             loss_fc = soft_mixup_mse(output.aux_logits, teacher_logits.detach(), perm, lam)
         loss = loss_mxp + self.gamma_fe * loss_fe + self.gamma_fc * loss_fc
         return loss, {"l_mxp": loss_mxp.detach(), "l_fe": loss_fe.detach(), "l_fc": loss_fc.detach()}
