@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from smile_fast.data.datasets import DatasetSplits
-from smile_fast.data.subsets import apply_class_subset, apply_sample_rate, read_manifest, write_manifest
+from smile_fast.data.subsets import (
+    apply_class_subset,
+    apply_sample_rate,
+    read_manifest,
+    round_half_up,
+    write_manifest,
+)
 from smile_fast.errors import UserError
 
 # Uneven class sizes, so that per-class rounding is visible: class c has 3 + 4 * c training images.
@@ -28,10 +34,34 @@ def test_sample_rate_keeps_the_spec_count_per_class(rate: float):
     splits = make_splits()
     subset = apply_sample_rate(splits, rate, seed=3)
     counts = Counter(label for _, label in subset.train)
-    assert [counts[c] for c in range(8)] == [max(1, round(rate * n)) for n in TRAIN_PER_CLASS]
+    assert [counts[c] for c in range(8)] == [max(1, _half_up(rate * n)) for n in TRAIN_PER_CLASS]
     assert set(subset.train) <= set(splits.train)
     assert len(set(subset.train)) == len(subset.train)
     assert subset.test == splits.test and subset.classes == splits.classes
+
+
+def _half_up(value: float) -> int:
+    """The reference: the nearest integer, halves up, with a margin for binary fractions like 0.15 * 30."""
+    return int(value + 0.5 + 1e-9)
+
+
+@pytest.mark.parametrize(
+    ("fraction", "count", "expected"),
+    [(0.15, 30, 5), (0.5, 29, 15), (0.3, 5, 2), (0.25, 10, 3), (0.15, 29, 4), (0.5, 1, 1), (0.35, 30, 11)],
+)
+def test_round_half_up_rounds_the_written_decimal(fraction, count, expected):
+    # Python's round() gives 4, 14, 2 (0.3 * 5 is 1.5 exactly), 2 and 10 for the ties here.
+    assert round_half_up(fraction, count) == expected == _half_up(fraction * count)
+
+
+def test_cub_at_15_percent_keeps_five_images_of_a_30_image_class():
+    splits = make_splits()
+    thirty = DatasetSplits(
+        "cub-like", Path("/d"), ["a", "b"], [(f"/d/{c}/{k}.jpg", c) for c in range(2) for k in range(30)], [], "shorter"
+    )
+    subset = apply_sample_rate(thirty, 0.15, seed=0)
+    assert Counter(label for _, label in subset.train) == {0: 5, 1: 5}
+    assert len(apply_class_subset(splits, 0.3125, None, seed=0).classes) == 3  # 2.5 classes -> 3
 
 
 def test_sample_rate_keeps_at_least_one_image_per_class():

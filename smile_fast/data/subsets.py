@@ -3,6 +3,8 @@
 `--sample-rate R`: per class keep max(1, round(R * n_class)) training images.
 `--class-fraction X --train-samples Y`: keep round(X * num_classes) classes, remap their labels to
 0..C'-1, draw Y training images uniformly from them; the test split keeps only those classes.
+"round" rounds halves up, as on paper (CUB's 30-image classes at 15%: 4.5 -> 5 images), not to even as
+Python's round() does (4.5 -> 4, which would train CUB's C:All/N:15% on 800 images instead of 994).
 
 Every choice is a seeded shuffle whose order only depends on `random.Random(seed).random()`, the
 one part of Python's random module guaranteed to produce the same numbers on every Python version,
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 from smile_fast.atomic_file import atomic_write
@@ -28,6 +31,12 @@ def _seeded_order(count: int, seed: int) -> list[int]:
     generator = random.Random(seed)
     keys = [generator.random() for _ in range(count)]
     return sorted(range(count), key=keys.__getitem__)
+
+
+def round_half_up(fraction: float, count: int) -> int:
+    """round(fraction * count) with halves rounded up, on the decimal the user wrote (0.15, not the binary
+    0.1499999999999999944...), so that 0.15 * 30 gives 5."""
+    return int((Decimal(repr(fraction)) * count).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 def apply_sample_rate(splits: DatasetSplits, rate: float, seed: int) -> DatasetSplits:
@@ -46,7 +55,7 @@ def apply_sample_rate(splits: DatasetSplits, rate: float, seed: int) -> DatasetS
     generator = random.Random(seed)
     for label in sorted(positions_by_class):
         positions = positions_by_class[label]
-        keep = max(1, round(rate * len(positions)))
+        keep = max(1, round_half_up(rate, len(positions)))
         # One sub-seed per class, drawn in label order, so that each class's choice is independent.
         order = _seeded_order(len(positions), generator.getrandbits(63))
         kept += [positions[i] for i in order[:keep]]
@@ -64,7 +73,7 @@ def apply_class_subset(
     """
     if not 0 < class_fraction <= 1:
         raise UserError(f"--class-fraction must be in (0, 1], got {class_fraction}")
-    num_chosen = round(class_fraction * splits.num_classes)
+    num_chosen = round_half_up(class_fraction, splits.num_classes)
     # One class would train a classifier that cannot be wrong: its top-1 is 100% whatever it learns.
     if num_chosen < 2:
         raise UserError(
@@ -80,9 +89,12 @@ def apply_class_subset(
         if train_samples < 1:
             raise UserError(f"--train-samples must be at least 1, got {train_samples}")
         if train_samples > len(train):
+            where = (
+                f"the {num_chosen} classes" if num_chosen == splits.num_classes else f"the {num_chosen} chosen classes"
+            )
+            remedy = "lower it" if num_chosen == splits.num_classes else "lower it or raise --class-fraction"
             raise UserError(
-                f"--train-samples {train_samples} is more than the {len(train)} training images of the "
-                f"{num_chosen} chosen classes; lower it or raise --class-fraction"
+                f"--train-samples {train_samples} is more than the {len(train)} training images of {where}; {remedy}"
             )
         picked = sorted(_seeded_order(len(train), seed * _IMAGE_DRAW_SALT + 1)[:train_samples])
         train = [train[position] for position in picked]
