@@ -304,6 +304,7 @@ def _print_summary_table(summary: dict) -> None:
     rows = [
         ("method", summary["method"] + (f" ({summary['smile_form']})" if summary.get("smile_form") else "")),
         ("iterations", str(summary["iters"])),
+        ("weights", summary["weights"]),
         ("test top-1", f"{top1:.2f}%" if top1 is not None else "n/a"),
         ("images/s", f"{summary['train_images_per_sec']:.1f}"),
         ("run folder", summary["run_dir"]),
@@ -374,7 +375,7 @@ def _bench_loader(args: argparse.Namespace) -> dict:
     from smile_fast.engine import prepare_data
 
     config = build_config(overrides={"dataset": args.dataset, "data_dir": args.data_dir, "device": args.device})
-    splits, train_spec, _ = prepare_data(config)
+    splits, train_spec, _, _ = prepare_data(config)
     workers = args.workers if args.workers is not None else default_workers()
     return run_loader_benchmark(
         args.loader,
@@ -400,11 +401,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
         if args.dataset == "demo":
             from smile_fast.data.demo import demo_dataset_root
 
-            print(verify_dataset("imagefolder", demo_dataset_root()))
+            report = verify_dataset("imagefolder", demo_dataset_root())
         else:
             if not args.data_dir:
                 raise UserError(f"--data-dir is required to verify --dataset {args.dataset}")
-            print(verify_dataset(args.dataset, args.data_dir))
+            report = verify_dataset(args.dataset, args.data_dir)
+        print(report.text)
+        return 1 if report.missing or report.unreadable else 0  # like fsck: 1 = problems found
     else:
         raise UserError("choose `smile-fast data prepare` or `smile-fast data verify --dataset D --data-dir DIR`")
     return 0
@@ -416,7 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         if not argv:
             argv = ["train"]  # `smile-fast` alone runs the demo, like `smile-fast train`
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            # Reported here rather than by argparse's top-level parser, so that the hint names the
+            # subcommand's own --help (where the flag would be listed), not `smile-fast --help`.
+            words = [getattr(args, key, None) for key in ("command", "bench_command", "data_command")]
+            command = " ".join(["smile-fast", *[word for word in words if word]])
+            raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see `{command} --help`)")
         if args.command == "train":
             return _cmd_train(args)
         if args.command == "eval":

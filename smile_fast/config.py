@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,10 @@ FIELD_NAMES = {f.name for f in dataclasses.fields(TrainConfig)}
 # What a resumed run may change: how it runs, not what it computes (the data, model, objective and
 # schedule stay the run's own). The device could always change; the speed options are as much a
 # property of the machine, and a run started eager may be continued with the fast stack once it has
-# been measured. `out` is the run folder being resumed.
+# been measured. `out` is the run folder being resumed. `data_dir` is where the same files are now (a
+# dataset moved, another node's mount): the run's manifest is read from there.
 RESUME_MAY_CHANGE = (
+    "data_dir",
     "device",
     "workers",
     "loader",
@@ -131,7 +134,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults < YAML < overrides (flags given on the command line), then resolve and validate."""
     values: dict[str, Any] = {}
-    values.update(yaml_values or {})
+    # A YAML `null` means what an unset flag means: the default.
+    values.update({k: v for k, v in (yaml_values or {}).items() if v is not None})
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for key, value in values.items():
@@ -149,6 +153,12 @@ def _coerce(key: str, value: Any, type_text: str) -> Any:
         return value
     if wanted is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if wanted is float and isinstance(value, str):
+        # PyYAML reads 1e-2 (no dot in the mantissa) as a string, though everyone means the number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if wanted is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
@@ -160,6 +170,9 @@ def _coerce(key: str, value: Any, type_text: str) -> Any:
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill dataset-dependent defaults, then validate every value (UserError on the first bad one)."""
     demo = config.dataset == "demo"
+    if config.data_dir:
+        # Absolute, so that the run (its manifest, a --resume, eval) does not depend on the folder it started in.
+        config.data_dir = os.path.abspath(os.path.expanduser(config.data_dir))
     if config.model is None:
         # The paper's Food-101 results (Table 3) start from ImageNet EfficientNet-B4, the others from ResNet-50.
         config.model = "resnet18" if demo else ("efficientnet_b4" if config.dataset == "food101" else "resnet50")
@@ -248,8 +261,8 @@ def validate(config: TrainConfig) -> None:
     if config.train_samples is not None:
         _check(config.train_samples >= 1, f"--train-samples must be at least 1, got {config.train_samples}")
     _check(
-        config.sample_rate is None or config.class_fraction is None,
-        "--sample-rate and --class-fraction are two different protocols; give one of them",
+        config.sample_rate is None or (config.class_fraction is None and config.train_samples is None),
+        "--sample-rate and --class-fraction/--train-samples are two different protocols; give one of them",
     )
     _check(config.alpha > 0, f"alpha must be positive, got {config.alpha}")
     _check(config.gamma_fe >= 0 and config.gamma_fc >= 0, "gamma_fe and gamma_fc must be non-negative")

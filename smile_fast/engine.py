@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -70,24 +70,56 @@ class _StopSignal:
         return False
 
 
-def prepare_data(config: TrainConfig) -> tuple[Any, TransformSpec, TransformSpec]:
-    """The dataset's splits after the subset protocol, and the train/test TransformSpecs of the config."""
+class PreparedData(NamedTuple):
+    splits: Any  # DatasetSplits: the readable files, after the subset protocol
+    train_spec: TransformSpec
+    test_spec: TransformSpec
+    skipped: list[str]  # the dataset's files that are missing or cannot be read
+
+
+def prepare_data(config: TrainConfig, log=None) -> PreparedData:
+    """The dataset's readable files after the subset protocol, and the train/test TransformSpecs of the config.
+
+    Files are checked (a header read, cached per file) before the protocol draws its subset, so that a
+    missing or corrupt file never takes a place in `--train-samples` or a class's `--sample-rate` quota.
+    `log` gets one line on the files skipped and one on classes left without training images.
+    """
+    from dataclasses import replace
+
     from smile_fast.data.datasets import load_dataset
+    from smile_fast.data.images import check_images, skipped_message
     from smile_fast.data.subsets import apply_class_subset, apply_sample_rate
 
+    log = log or _stderr_line
     if config.dataset == "demo":
         from smile_fast.data.demo import demo_dataset_root
 
         splits = load_dataset("imagefolder", demo_dataset_root())
     else:
         splits = load_dataset(config.dataset, config.data_dir)
+    cache = _cache_dir() / "image-checks"
+    train, bad_train = check_images(splits.train, cache)
+    test, bad_test = check_images(splits.test, cache)
+    if bad_train or bad_test:
+        log(skipped_message(bad_train + bad_test))
+    splits = replace(splits, train=train, test=test)
     if config.sample_rate is not None:
         splits = apply_sample_rate(splits, config.sample_rate, config.seed)
     if config.class_fraction is not None or config.train_samples is not None:
         splits = apply_class_subset(splits, config.class_fraction or 1.0, config.train_samples, config.seed)
+    if config.train_samples is None:  # a --train-samples draw may leave classes out by design
+        present = {label for _, label in splits.train}
+        empty = [name for label, name in enumerate(splits.classes) if label not in present]
+        if empty:
+            shown = ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
+            log(f"warning: {len(empty)} class(es) have no readable training image: {shown}")
     train_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=True)
     test_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=False)
-    return splits, train_spec, test_spec
+    return PreparedData(splits, train_spec, test_spec, bad_train + bad_test)
+
+
+def _stderr_line(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _cache_dir() -> Path:
@@ -143,19 +175,21 @@ class Trainer:
         from smile_fast.data.loaders import build_train_loader, choose_loader, default_workers
         from smile_fast.data.subsets import read_manifest, write_manifest
 
-        splits, self.train_spec, self.test_spec = prepare_data(config)
+        splits, self.train_spec, self.test_spec, skipped = prepare_data(config, log=self.log)
         self.num_classes = len(splits.classes)
+        self.test_samples = splits.test
         manifest = self.run_dir / "manifest.txt"
         if self.resume_state is not None and manifest.is_file():
-            train_samples = read_manifest(manifest)  # exactly the files the stopped run trained on
+            recorded = read_manifest(manifest)  # exactly the files the stopped run trained on
+            train_samples = _rebase(recorded, self.resume_state["config"].get("data_dir"), config.data_dir)
+            moved = train_samples != recorded  # rewritten below, so that a later --resume finds them too
+            train_samples, gone = check_images(train_samples, _cache_dir() / "image-checks")
+            if gone:
+                self.log(skipped_message(gone))
+                skipped = skipped + gone
         else:
-            train_samples = splits.train
-        cache = _cache_dir() / "image-checks"
-        train_samples, bad_train = check_images(train_samples, cache)
-        self.test_samples, bad_test = check_images(splits.test, cache)
-        self.skipped_up_front = len(bad_train) + len(bad_test)
-        if self.skipped_up_front:
-            self.log(skipped_message(bad_train + bad_test))
+            train_samples, moved = splits.train, False
+        self.skipped_up_front = len(skipped)
         if not train_samples:
             raise UserError("no readable training images are left after the subset protocol and image checks")
         self.train_samples = train_samples
@@ -209,9 +243,9 @@ class Trainer:
         # (weights missing, batch larger than the data, ...) leaves no half-made run folder behind.
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self.resume_state is None:
+            if self.resume_state is None or moved:
                 write_manifest(manifest, train_samples)
-            write_config(self.run_dir, config.to_dict())
+            write_config(self.run_dir, config.to_dict(), self.weights_description)
         self.metrics = (
             MetricsLog(self.run_dir / "metrics.csv", resume=self.resume_state is not None)
             if self.dist.is_main
@@ -237,9 +271,6 @@ class Trainer:
         self.log(f"resuming {self.run_dir} at iteration {self.start_iteration}")
         if self._unused_out:
             self.log(f"(--out {self._unused_out} is not used: a resumed run continues in its own folder)")
-
-    def _autocast(self):
-        return self.step.autocast()
 
     def train_step(
         self, iteration: int, images: torch.Tensor, labels: torch.Tensor, next_images: torch.Tensor | None = None
@@ -268,9 +299,10 @@ class Trainer:
             self.dist.world_size,
             self.config.channels_last,
         )
+        # float32 whatever --amp says, as the authors' code evaluates: bfloat16 logits can flip a borderline
+        # prediction, and a test pass is a small cost next to the iterations between evaluations.
         for images, labels in batches:
-            with self._autocast():
-                logits = self.student.classify(images)
+            logits = self.student.classify(images)
             correct += (logits.argmax(dim=1) == labels).sum()
             total += labels.numel()
         if self.dist.enabled:
@@ -520,6 +552,20 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     )
 
 
+def _rebase(samples: list[tuple[str, int]], old_root: str | None, new_root: str | None) -> list[tuple[str, int]]:
+    """The manifest's files under `old_root` (the data folder the run started with), now under `new_root`."""
+    if not old_root or not new_root:
+        return samples
+    old_root, new_root = os.path.abspath(old_root), os.path.abspath(new_root)
+    if old_root == new_root:
+        return samples
+    prefix = old_root.rstrip(os.sep) + os.sep
+    return [
+        (os.path.join(new_root, path[len(prefix) :]) if path.startswith(prefix) else path, label)
+        for path, label in samples
+    ]
+
+
 def _check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any]) -> None:
     """A resumed run keeps its own data, model, objective and schedule: naming the same values again is
     fine (re-running the original command with --resume), a different one is an error, not ignored."""
@@ -568,15 +614,10 @@ def _model_layout_check(where: str | Path):
 
 
 def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = None, log=None) -> dict[str, Any]:
-    """Test top-1 of a checkpoint's student on its dataset's test split.
-
-    The student runs with the run's precision (--amp and its dtype) and memory format, as the run's own
-    evaluations did, so that on the same kind of device the top-1 is the one the run reported.
-    """
-    from smile_fast.data.images import check_images, skipped_message
+    """Test top-1 of a checkpoint's student on its dataset's test split, in float32 as the run's own
+    evaluations (and the authors' code) do, with the run's memory format."""
     from smile_fast.data.loaders import eval_batches
 
-    log = log or (lambda message: print(message, file=sys.stderr))
     state = load_checkpoint(path)
     values = dict(state["config"])
     values.update(resume=None, out=None, device=device)
@@ -584,23 +625,19 @@ def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = 
         values["data_dir"] = data_dir
     config = build_config(values)
     device_obj = resolve_device(config.device)
-    splits, _, test_spec = prepare_data(config)
+    splits, _, test_spec, _ = prepare_data(config, log=log)
     student, _, _ = build_models(config.model, len(splits.classes), "none", with_aux_head=state["teacher"] is not None)
     with _model_layout_check(path):
         student.load_state_dict(state["student"])
     channels_last = config.channels_last if config.channels_last is not None else device_obj.type == "cuda"
     student.to(device_obj, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
-    test_samples, bad = check_images(splits.test, _cache_dir() / "image-checks")
-    if bad:
-        log(skipped_message(bad))
-    if not test_samples:
+    if not splits.test:
         raise UserError("the test split is empty; nothing to evaluate")
-    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[config.amp_dtype]
     correct = total = 0
-    with torch.no_grad(), torch.autocast(device_obj.type, dtype=amp_dtype, enabled=config.amp):
+    with torch.no_grad():
         for images, labels in eval_batches(
             "torchvision",
-            test_samples,
+            splits.test,
             test_spec,
             config.eval_batch_size,
             device_obj,
@@ -616,7 +653,6 @@ def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = 
         "iteration": int(state["iteration"]),
         "test_top1": 100.0 * correct / total,
         "test_images": total,
-        "amp": config.amp,
     }
 
 

@@ -188,7 +188,11 @@ def build_source_model(name: str, weights: str = "auto", log=print) -> tuple[nn.
                     f"and the download failed: {reason}); copy {os.path.basename(tv_weights.url)} there "
                     "or pass --weights none/PATH"
                 ) from None
-            log(f"ImageNet weights for {name} are not cached and cannot be downloaded ({reason}); using random init")
+            log(
+                f"warning: ImageNet weights for {name} are not cached and cannot be downloaded ({reason}); "
+                f"training from random init, far below the paper's numbers (copy {os.path.basename(tv_weights.url)} "
+                f"to {_cached_weights_file(tv_weights).parent}, or pass --weights imagenet to make this an error)"
+            )
             return getattr(torchvision.models, name)(weights=None), "none (ImageNet weights unavailable)"
     if weights == "none":
         return getattr(torchvision.models, name)(weights=None), "none"

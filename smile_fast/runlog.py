@@ -20,10 +20,22 @@ def write_text_atomic(path: Path, text: str) -> None:
         stream.write(text)
 
 
-def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+# Where a run is, not what it is: left out, so that `train -c config.yaml` repeats the run in a new folder
+# instead of being refused by (or resuming) this one.
+_NOT_REPEATED = ("out", "resume")
+
+
+def write_config(run_dir: Path, config: dict[str, Any], weights_used: str) -> None:
+    """config.yaml: every resolved setting of the run, reusable as `smile-fast train -c config.yaml`."""
     import yaml
 
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    header = (
+        "# smile-fast run settings. `smile-fast train -c config.yaml [--out DIR]` repeats this run in a new\n"
+        f"# folder; `smile-fast train --resume {run_dir}` continues it.\n"
+        f"# weights used: {weights_used}\n"
+    )
+    settings = {key: value for key, value in config.items() if key not in _NOT_REPEATED}
+    write_text_atomic(run_dir / "config.yaml", header + yaml.safe_dump(settings, sort_keys=False))
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

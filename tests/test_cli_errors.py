@@ -106,6 +106,7 @@ FLAG_CASES = {
     "class-fraction-above-one": (["--class-fraction", "2"], ["--class-fraction"]),
     "train-samples-zero": (["--train-samples", "0"], ["--train-samples"]),
     "both-protocols": (["--sample-rate", "0.5", "--class-fraction", "0.5"], ["--sample-rate"]),
+    "sample-rate-with-train-samples": (["--sample-rate", "0.5", "--train-samples", "6"], ["--sample-rate"]),
     "unknown-dataset": (["--dataset", "foo"], ["foo"]),
     "unknown-method": (["--method", "bar"], ["bar"]),
     "unknown-model": (["--model", "vgg99"], ["vgg99"]),

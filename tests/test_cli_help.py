@@ -36,3 +36,21 @@ def test_bench_help_shows_every_default(path):
         assert f"{described} (default: {shown})" in text or "default" in described, (
             f"{action.option_strings[0]} does not show its default {shown!r} in `smile-fast {' '.join(path)} --help`"
         )
+
+
+@pytest.mark.parametrize(
+    ("argv", "unknown", "hint"),
+    [
+        (["train", "--datset", "cub"], "--datset cub", "smile-fast train --help"),
+        (["data", "prepare", "--dataset", "cub"], "--dataset cub", "smile-fast data prepare --help"),
+        (["bench", "step", "--stepz", "3"], "--stepz 3", "smile-fast bench step --help"),
+        (["--bogus"], "--bogus", "smile-fast --help"),
+    ],
+)
+def test_an_unknown_flag_points_to_the_subcommands_help(argv, unknown, hint, capsys):
+    from smile_fast.cli import main
+
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert f"unrecognized arguments: {unknown} (see `{hint}`)" in error, error

@@ -102,6 +102,7 @@ def test_cli_flags_reach_the_config_over_yaml(tmp_path, monkeypatch, capsys):
             "test_top1": 50.0,
             "train_images_per_sec": 1.0,
             "run_dir": "x",
+            "weights": "none",
         }
 
     monkeypatch.setattr(smile_fast.engine, "train", fake_train)
@@ -138,7 +139,14 @@ def test_off_by_default_speed_flags_and_yaml_reach_the_config(flag, tmp_path, mo
 
     def fake_train(config, progress=True, given=None):
         seen.append(config)
-        return {"method": config.method, "iters": 1, "test_top1": None, "train_images_per_sec": 1.0, "run_dir": "x"}
+        return {
+            "method": config.method,
+            "iters": 1,
+            "test_top1": None,
+            "train_images_per_sec": 1.0,
+            "run_dir": "x",
+            "weights": "none",
+        }
 
     monkeypatch.setattr(smile_fast.engine, "train", fake_train)
     path = tmp_path / "c.yaml"
@@ -148,3 +156,22 @@ def test_off_by_default_speed_flags_and_yaml_reach_the_config(flag, tmp_path, mo
     assert main(["train", "--no-progress"]) == 0
     key = flag.replace("-", "_")
     assert [getattr(config, key) for config in seen] == [True, False, False], "off unless asked for"
+
+
+def test_yaml_null_means_the_default_and_exponent_floats_are_numbers(tmp_path):
+    """PyYAML reads `lr: 1e-2` as a string and `weights:` as None; neither may crash or be refused."""
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: cub\ndata_dir: /data/cub\nlr: 1e-2\nweights: null\nseed:\nalpha: ~\nlog_every: null\n")
+    config = build_config(load_yaml(path))
+    assert config.lr == 0.01 and config.weights == "auto" and config.seed == 0 and config.alpha == 0.2
+    path.write_text("dataset: cub\ndata_dir: /data/cub\nlr: fast\n")
+    with pytest.raises(UserError, match="'lr' must be a float, got 'fast'"):
+        build_config(load_yaml(path))
+
+
+def test_data_dir_is_made_absolute(tmp_path, monkeypatch):
+    """A run records where its data is, not where it was started from (manifest, --resume, eval)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert build_config(overrides={"dataset": "cub", "data_dir": "data/cub/"}).data_dir == str(tmp_path / "data/cub")
+    assert build_config(overrides={"dataset": "cub", "data_dir": "~/cub"}).data_dir == str(tmp_path / "home/cub")

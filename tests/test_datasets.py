@@ -191,14 +191,35 @@ def test_food101_class_missing_from_classes_txt(tmp_path: Path):
 
 
 def test_verify_dataset_reports_counts_and_bad_files(tmp_path: Path):
-    expected = build_imagefolder(tmp_path / "data")
+    expected = build_cub(tmp_path / "data")
     bad = Path(expected.train[1][0])
     bad.write_bytes(b"garbage, not an image")
-    report = verify_dataset("imagefolder", tmp_path / "data", cache_dir=tmp_path / "cache")
-    assert "3 classes" in report
-    assert f"train: {len(expected.train)} images listed, {len(expected.train) - 1} readable, 1 unreadable" in report
-    assert f"test: {len(expected.test)} images listed, {len(expected.test)} readable, 0 unreadable" in report
-    assert str(bad) in report
+    missing = Path(expected.test[-1][0])
+    missing.unlink()
+    report = verify_dataset("cub", tmp_path / "data", cache_dir=tmp_path / "cache")
+    text = report.text
+    assert "3 classes" in text
+    train_count, test_count = len(expected.train), len(expected.test)
+    assert f"train: {train_count} images listed, {train_count - 1} readable, 0 missing, 1 unreadable" in text
+    assert f"test: {test_count} images listed, {test_count - 1} readable, 1 missing, 0 unreadable" in text
+    assert f"unreadable: {bad}" in text and f"missing: {missing}" in text
+    assert (report.missing, report.unreadable) == (1, 1) and "PROBLEMS" in text
+
+
+def test_verify_names_classes_without_training_images_and_the_cli_exits_1(tmp_path: Path, capsys, private_cache):
+    from smile_fast.cli import main
+
+    expected = build_cub(tmp_path / "data")
+    argv = ["data", "verify", "--dataset", "cub", "--data-dir", str(tmp_path / "data")]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.rstrip().endswith("OK")
+    for path, label in expected.train:
+        if label == 1:  # a partial download: one class's training images never arrived
+            Path(path).unlink()
+    assert main(argv) == 1
+    printed = capsys.readouterr().out
+    assert f"1 class(es) without a readable training image: {expected.classes[1]}" in printed
+    assert "2 missing" in printed and printed.rstrip().splitlines()[-1].startswith("PROBLEMS")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,13 +81,14 @@ def test_interrupted_generation_leaves_no_dataset(tmp_path: Path, monkeypatch: p
 
     def small(folder: Path) -> None:
         for split in ("train", "test"):
-            (folder / split / "disc").mkdir(parents=True)
-            Image.new("RGB", (8, 8)).save(folder / split / "disc" / "a.jpg")
+            for name in ("disc", "ring"):
+                (folder / split / name).mkdir(parents=True)
+                Image.new("RGB", (8, 8)).save(folder / split / name / "a.jpg")
 
     monkeypatch.setattr(demo, "_generate", small)
     root = demo_dataset_root(tmp_path)
     assert root == tmp_path / "demo-v1"
-    assert load_dataset("imagefolder", root).classes == ["disc"]
+    assert load_dataset("imagefolder", root).classes == ["disc", "ring"]
     assert [entry.name for entry in tmp_path.iterdir()] == ["demo-v1"]
 
 

@@ -364,14 +364,25 @@ def test_train_leaves_the_process_group_it_joined_even_when_the_start_fails(tmp_
             dist.destroy_process_group()
 
 
-def test_eval_of_an_amp_run_reports_the_runs_top1(tiny_imagefolder, tmp_path):
-    """eval runs the student with the run's autocast dtype, as the run's own evaluation did."""
+def test_an_amp_run_evaluates_in_float32_and_eval_reports_its_top1(tiny_imagefolder, tmp_path, monkeypatch):
+    """Evaluation runs in float32 whatever --amp says, as the authors' code evaluates; eval gives the same top-1."""
     from smile_fast.engine import evaluate_checkpoint
+    from smile_fast.models import SmileNet
 
+    dtypes = []
+    original_classify = SmileNet.classify
+
+    def recording_classify(self, images):
+        logits = original_classify(self, images)
+        dtypes.append(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(SmileNet, "classify", recording_classify)
     out = tmp_path / "amp"
     summary = train(_config(tiny_imagefolder, out, method="finetune", iters=3, amp=True), progress=False)
+    assert dtypes and set(dtypes) == {torch.float32}, "the run's evaluations must not autocast"
     result = evaluate_checkpoint(str(out), device="cpu")
-    assert result["amp"] is True and result["test_images"] == 12
+    assert result["test_images"] == 12 and set(dtypes) == {torch.float32}
     assert result["test_top1"] == pytest.approx(summary["test_top1"])
 
 
@@ -386,7 +397,7 @@ def test_eval_says_which_test_images_it_skipped(tmp_path):
     said = []
     result = evaluate_checkpoint(str(out), device="cpu", log=said.append)
     assert result["test_images"] == 11
-    assert said == [f"skipping 1 unreadable image file(s): {broken}"]
+    assert said == [f"skipping image files: 1 unreadable ({broken})"]
 
 
 def test_a_checkpoint_of_another_model_layout_is_one_clear_error(tiny_imagefolder, tmp_path, monkeypatch):
@@ -402,3 +413,54 @@ def test_a_checkpoint_of_another_model_layout_is_one_clear_error(tiny_imagefolde
         evaluate_checkpoint(str(out), device="cpu")
     with pytest.raises(UserError, match="does not fit the model this version of smile-fast builds"):
         train(_config(tiny_imagefolder, out, iters=2, eval_every=2, resume=str(out)), progress=False)
+
+
+def test_unreadable_files_are_dropped_before_the_subset_is_drawn(tmp_path):
+    """A corrupt file must not take one of the --train-samples places: the run trains on exactly that many."""
+    data = write_tiny_imagefolder(tmp_path / "data")
+    broken = data / "train" / "c2" / "5.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    said = []
+    trainer = Trainer(
+        _config(data, tmp_path / "run", train_samples=31, class_fraction=1.0), progress=False, log=said.append
+    )
+    manifest = (tmp_path / "run" / "manifest.txt").read_text().splitlines()
+    assert len(manifest) == 31 and len(trainer.train_samples) == 31
+    assert str(broken) not in "\n".join(manifest)
+    assert trainer.skipped_up_front == 1
+    assert f"skipping image files: 1 unreadable ({broken})" in said
+
+
+def test_resume_reads_a_moved_dataset_from_its_new_data_dir(tmp_path, monkeypatch):
+    """--data-dir may change on --resume (a dataset moved, another node's mount): the manifest's files are
+    read from the new folder and the manifest is rewritten to point there."""
+    import shutil
+
+    first = write_tiny_imagefolder(tmp_path / "first")
+    out = _stopped_run(first, tmp_path / "run", monkeypatch, iters=2, stop_after=1)
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    monkeypatch.chdir(tmp_path)
+    config = _config("moved", out, iters=2, eval_every=2, resume=str(out))
+    summary = train(config, progress=False, given={"data_dir": "moved"})  # as the command line names it
+    assert summary["iters"] == 2 and summary["skipped_files"] == 0
+    manifest = (out / "manifest.txt").read_text().splitlines()
+    assert len(manifest) == 32 and all(line.split("\t")[1].startswith(f"{moved}/") for line in manifest)
+    assert json.loads((out / "summary.json").read_text())["iters"] == 2
+
+
+def test_config_yaml_repeats_the_run_in_a_new_folder(tiny_imagefolder, tmp_path, capsys):
+    """config.yaml holds what the run is, not where: `train -c config.yaml` trains again, into its own folder,
+    even from a resumed run's config; it names the weights actually used."""
+    from smile_fast.cli import main
+
+    first = tmp_path / "first"
+    train(_config(tiny_imagefolder, first, method="finetune", iters=1, resume=None), progress=False)
+    written = (first / "config.yaml").read_text()
+    assert "# weights used: none" in written
+    assert "\nout:" not in written and "\nresume:" not in written
+    again = tmp_path / "again"
+    assert main(["train", "-c", str(first / "config.yaml"), "--out", str(again), "--no-progress"]) == 0
+    assert "weights" in capsys.readouterr().out, "the summary table names the weights"
+    assert (again / "last.pt").is_file()
+    assert (again / "manifest.txt").read_text() == (first / "manifest.txt").read_text()

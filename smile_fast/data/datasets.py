@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from smile_fast.errors import UserError
 
@@ -405,29 +406,50 @@ def load_dataset(name: str, data_dir: str | Path) -> DatasetSplits:
     return _LOADERS[name](data_dir)
 
 
-def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = None) -> str:
-    """Load a dataset's lists and check every image header; a short human-readable report.
+class DatasetReport(NamedTuple):
+    text: str  # what `smile-fast data verify` prints
+    missing: int  # listed files that do not exist
+    unreadable: int  # files that exist but cannot be read
+
+
+def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = None) -> DatasetReport:
+    """Load a dataset's lists and check every image header; a short human-readable report and the counts.
 
     Used by `smile-fast data verify`. cache_dir defaults to the image-check cache training uses
     (<smile-fast cache>/image-checks), so that a verified dataset is not checked again at train time.
     Raises UserError when the layout itself is broken.
     """
     from smile_fast.data.demo import default_cache_dir
-    from smile_fast.data.images import check_images
+    from smile_fast.data.images import check_images, split_missing
 
     if cache_dir is None:
         cache_dir = default_cache_dir() / "image-checks"
 
     splits = load_dataset(name, data_dir)
     lines = [f"{_PRETTY[name]} at {splits.root}: {splits.num_classes} classes"]
-    total_bad = 0
+    total_missing = total_unreadable = 0
     for split_name, samples in (("train", splits.train), ("test", splits.test)):
         good, bad = check_images(samples, cache_dir)
-        total_bad += len(bad)
-        lines.append(f"  {split_name}: {len(samples)} images listed, {len(good)} readable, {len(bad)} unreadable")
-        for path in bad[:10]:
-            lines.append(f"    unreadable: {path}")
-        if len(bad) > 10:
-            lines.append(f"    ... and {len(bad) - 10} more")
-    lines.append("OK" if total_bad == 0 else f"{total_bad} unreadable files will be skipped during training")
-    return "\n".join(lines)
+        missing, unreadable = split_missing(bad)
+        total_missing, total_unreadable = total_missing + len(missing), total_unreadable + len(unreadable)
+        lines.append(
+            f"  {split_name}: {len(samples)} images listed, {len(good)} readable, {len(missing)} missing, "
+            f"{len(unreadable)} unreadable"
+        )
+        for kind, paths in (("missing", missing), ("unreadable", unreadable)):
+            lines += [f"    {kind}: {path}" for path in paths[:10]]
+            if len(paths) > 10:
+                lines.append(f"    ... and {len(paths) - 10} more {kind}")
+        if split_name == "train":
+            present = {label for _, label in good}
+            empty = [class_name for label, class_name in enumerate(splits.classes) if label not in present]
+            if empty:
+                lines.append(f"    {len(empty)} class(es) without a readable training image: {', '.join(empty[:5])}")
+    if total_missing or total_unreadable:
+        lines.append(
+            f"PROBLEMS: {total_missing} missing and {total_unreadable} unreadable files; training skips them, "
+            "so a partial download trains on less data than the paper's protocol"
+        )
+    else:
+        lines.append("OK")
+    return DatasetReport("\n".join(lines), total_missing, total_unreadable)

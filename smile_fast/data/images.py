@@ -113,10 +113,24 @@ def _write_cache(cache_file: Path, entries: dict[str, list]) -> None:
         pass
 
 
+def _listed(paths: list[str]) -> str:
+    return ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+
+def split_missing(bad_paths: list[str]) -> tuple[list[str], list[str]]:
+    """(files that do not exist, files that exist but cannot be read): a partial download or a move shows
+    as the first, a corrupt file as the second."""
+    missing = [path for path in bad_paths if not os.path.exists(path)]
+    gone = set(missing)
+    return missing, [path for path in bad_paths if path not in gone]
+
+
 def skipped_message(bad_paths: list[str]) -> str:
-    """How the trainer and both loaders word the files a header check skipped."""
-    shown = ", ".join(bad_paths[:3]) + (", ..." if len(bad_paths) > 3 else "")
-    return f"skipping {len(bad_paths)} unreadable image file(s): {shown}"
+    """How the trainer, eval and both loaders word the files a header check skipped."""
+    missing, unreadable = split_missing(bad_paths)
+    parts = [f"{len(missing)} missing ({_listed(missing)})"] if missing else []
+    parts += [f"{len(unreadable)} unreadable ({_listed(unreadable)})"] if unreadable else []
+    return "skipping image files: " + "; ".join(parts)
 
 
 def check_images(samples: list[tuple[str, int]], cache_dir: Path | None) -> tuple[list[tuple[str, int]], list[str]]:
