@@ -24,8 +24,12 @@ from smile_fast.teacher import MeanTeacher
 
 
 def lr_at(config: TrainConfig, iteration: int) -> float:
-    """Step schedule: lr until `lr_decay_fraction` of the iterations, then lr / lr_decay_factor (no warm-up)."""
-    decay_start = int(math.floor(config.iters * config.lr_decay_fraction))
+    """Step schedule: lr until `lr_decay_fraction` of the iterations, then lr / lr_decay_factor (no warm-up).
+
+    The first decayed iteration is ceil(iters * fraction), as the authors' `iter < 2 * N / 3` test keeps the
+    lr up to there (N=10: iterations 0..6); the 1e-9 absorbs a binary fraction's rounding at whole numbers.
+    """
+    decay_start = math.ceil(config.iters * config.lr_decay_fraction - 1e-9)
     return config.lr / config.lr_decay_factor if iteration >= decay_start else config.lr
 
 

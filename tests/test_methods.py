@@ -4,7 +4,6 @@ computations, the learning-rate schedule and one TrainingStep (draw, EMA before 
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -206,10 +205,11 @@ def test_build_method_names():
 
 
 # ------------------------------------------------------------------------------------ schedule
-@pytest.mark.parametrize("iters", [1, 2, 3, 9, 10, 150, 9000, 15000])
+@pytest.mark.parametrize("iters", [1, 2, 3, 9, 10, 25, 150, 9000, 15000, 29999])
 def test_lr_steps_down_tenfold_after_two_thirds(iters):
+    """As the authors' code: the lr stays while `iteration < 2 * iters / 3` (exact rational arithmetic here)."""
     config = build_config(overrides={"iters": iters, "batch_size": 4})
-    boundary = math.floor(iters * 2 / 3)
+    boundary = next(i for i in range(iters + 1) if 3 * i >= 2 * iters)  # first iteration not below 2N/3
     for iteration in sorted({0, boundary - 1, boundary, boundary + 1, iters - 1}):
         if not 0 <= iteration < iters:
             continue
