@@ -101,7 +101,11 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="several CUDA processes: SyncBatchNorm over the global batch (default on)",
     )
-    flag("--no-progress", action="store_true", help="no progress bar")
+    flag(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: one log line per --log-every interval instead (also when stderr is not a terminal)",
+    )
 
 
 FUSED_INPUT_HELP = (

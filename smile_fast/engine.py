@@ -160,7 +160,9 @@ class Trainer:
 
             check_cuda_graph_device(self.device, self.dist)  # before the data and models are read
         self._log = log or (lambda message: print(message, file=sys.stderr))
-        self.progress = progress and self.dist.is_main
+        # A bar on a terminal; in a batch job's log (stderr not a terminal) or with --no-progress, one line
+        # per log interval instead, so that the log shows progress without a stream of carriage returns.
+        self.progress = progress and self.dist.is_main and sys.stderr.isatty()
         torch.manual_seed(config.seed)
         self._build()
 
@@ -431,6 +433,11 @@ class Trainer:
                         row["test_top1"] = top1
                     if self.metrics is not None:
                         self.metrics.append(row)
+                    if not self.progress:
+                        self.log(
+                            f"iteration {iteration}/{config.iters}: loss {mean_loss:.4f}, lr {row['lr']:.3g}, "
+                            f"{images_per_sec:.1f} images/s" + (f", test top-1 {top1:.2f}%" if at_eval else "")
+                        )
                     progress.set_postfix(
                         loss=f"{mean_loss:.3f}",
                         lr=f"{row['lr']:.2g}",

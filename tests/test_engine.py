@@ -464,3 +464,12 @@ def test_config_yaml_repeats_the_run_in_a_new_folder(tiny_imagefolder, tmp_path,
     assert "weights" in capsys.readouterr().out, "the summary table names the weights"
     assert (again / "last.pt").is_file()
     assert (again / "manifest.txt").read_text() == (first / "manifest.txt").read_text()
+
+
+def test_without_a_progress_bar_each_log_interval_is_a_line(tiny_imagefolder, tmp_path):
+    """--no-progress, or stderr that is not a terminal (a batch job's log): one line per log interval."""
+    said = []
+    train(_config(tiny_imagefolder, tmp_path / "run", method="finetune", iters=4), progress=False, log=said.append)
+    lines = [line for line in said if line.startswith("iteration ")]
+    assert [line.split(":")[0] for line in lines] == ["iteration 2/4", "iteration 3/4", "iteration 4/4"], said
+    assert "test top-1" in lines[1] and "test top-1" not in lines[0] and "images/s" in lines[0]
