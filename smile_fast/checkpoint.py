@@ -8,6 +8,7 @@ Reads use `weights_only=True`, which refuses pickles that would run code.
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,12 @@ def safe_load(path: Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # torch's message is a paragraph of advice; the one useful fact in it is the object it refused.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what_is_in_it = f"it holds a {found.group(1)} object" if found else "it is not a plain tensor file"
         raise UserError(
-            f"refused to load {what} {path}: it is not a plain tensor file ({_first_line(error, 160)}); "
-            "only files written by torch.save of tensors/state_dicts are accepted"
+            f"refused to load {what} {path}: {what_is_in_it}, and unpickling it could run code; only files "
+            "written by torch.save of tensors/state_dicts are accepted"
         ) from None
     except Exception as error:  # noqa: BLE001 - torch.load raises many types on corrupt input (EOF, IndexError, ...)
         raise UserError(f"cannot read {what} {path}: {_first_line(error)}") from None

@@ -159,3 +159,18 @@ def test_truncated_checkpoint_is_a_user_error(tmp_path):
 def test_missing_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "nothing")
+
+
+def test_a_pickle_of_other_objects_is_one_short_line_naming_the_object(tmp_path):
+    """torch's refusal is a paragraph of advice; the error keeps only what was refused."""
+    path = tmp_path / "not-weights.pt"
+    torch.save({"student": _NotATensor()}, path)
+    with pytest.raises(UserError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 300, message
+    assert f"it holds a {__name__}._NotATensor object" in message, message
+
+
+class _NotATensor:
+    pass

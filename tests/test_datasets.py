@@ -54,8 +54,9 @@ def test_cub_without_classes_txt_names_classes_from_folders(tmp_path: Path):
     assert load_dataset("cub", tmp_path).classes == expected.classes
 
 
-def test_cars_reads_the_kaggle_nested_folders(tmp_path: Path):
-    """The Kaggle mirror nests cars_train/cars_train/; the parser follows it."""
+@pytest.mark.parametrize("devkit_in_car_devkit", [False, True], ids=["devkit", "car_devkit-devkit"])
+def test_cars_reads_the_kaggle_nested_folders(tmp_path: Path, devkit_in_car_devkit: bool):
+    """The Kaggle mirror nests cars_train/cars_train/ and keeps the devkit in car_devkit/devkit/; both are followed."""
     expected = build_cars(tmp_path)
     root = tmp_path / "stanford_cars"
     for split in ("cars_train", "cars_test"):
@@ -63,9 +64,13 @@ def test_cars_reads_the_kaggle_nested_folders(tmp_path: Path):
         (root / split).rename(inner)
         (root / split).mkdir()
         inner.rename(root / split / split)
-    splits = load_dataset("cars", tmp_path)
-    assert len(splits.train) == len(expected.train)
-    assert all(Path(path).is_file() for path, _ in splits.train + splits.test)
+    if devkit_in_car_devkit:
+        (root / "car_devkit").mkdir()
+        (root / "devkit").rename(root / "car_devkit" / "devkit")
+    for data_dir in (tmp_path, root):
+        splits = load_dataset("cars", data_dir)
+        assert splits.classes == expected.classes and len(splits.train) == len(expected.train)
+        assert all(Path(path).is_file() for path, _ in splits.train + splits.test)
 
 
 def test_food101_without_classes_txt_sorts_the_json_keys(tmp_path: Path):

@@ -26,9 +26,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 _WHERE = {
     "cub": "download CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/ and extract it",
     "cars": (
-        "the official Stanford download (ai.stanford.edu) is gone; get the files from the Kaggle mirror linked in "
-        "torchvision's StanfordCars documentation (https://pytorch.org/vision/stable/generated/"
-        "torchvision.datasets.StanfordCars.html), with cars_test_annos_withlabels.mat, into a stanford_cars folder"
+        "the official Stanford download (ai.stanford.edu) is gone; get a copy from Kaggle (torchvision 0.20's "
+        "StanfordCars docs point there: https://pytorch.org/vision/0.20/generated/"
+        "torchvision.datasets.StanfordCars.html) holding devkit/ (or car_devkit/devkit/), cars_train/, cars_test/ "
+        "and cars_test_annos_withlabels.mat, in a stanford_cars folder"
     ),
     "aircraft": (
         "download fgvc-aircraft-2013b.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ and extract it"
@@ -191,8 +192,13 @@ def _load_cars(data_dir: Path) -> DatasetSplits:
     import numpy as np
     import scipy.io
 
-    root = _find_root("cars", data_dir, "stanford_cars", "devkit")
-    devkit = root / "devkit"
+    # torchvision's layout has devkit/ beside the image folders; the Kaggle copy has car_devkit/devkit/.
+    try:
+        root = _find_root("cars", data_dir, "stanford_cars", "devkit")
+        devkit = root / "devkit"
+    except UserError:
+        root = _find_root("cars", data_dir, "stanford_cars", "car_devkit/devkit")
+        devkit = root / "car_devkit" / "devkit"
 
     def load_mat(path: Path) -> dict:
         _require_file("cars", path)
