@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from _reporting import FIGURES, skip_if_timing_is_off
 
 # Calls captured in one graph. Enough that the replay's fixed cost (one graph launch, one synchronize,
 # ~10-20 us) is a small share of the round even when a call's kernels take only a few microseconds.
@@ -80,6 +81,7 @@ def record_timing(
     # Warm-up rounds absorb torch.compile's compilation, Triton's JIT and a graph's first upload; not timed.
     warmup_rounds = 3 if device.type == "cuda" else 1
     benchmark.pedantic(timed, rounds=rounds or default_rounds, iterations=1, warmup_rounds=warmup_rounds)
+    skip_if_timing_is_off(benchmark)
     median = benchmark.stats.stats.median / calls_per_round
     benchmark.extra_info["median_us"] = round(median * 1e6, 2)
     benchmark.extra_info["gb_per_s"] = float(f"{bytes_moved / median / 1e9:.3g}") if median > 0 else None
@@ -191,3 +193,12 @@ def measure_graphed(graph_device: torch.device, benchmark) -> Callable[..., floa
 
     # The training step's own capture (--cuda-graph): side-stream warm-up, thread_local capture mode.
     return functools.partial(measure_graph_replay, benchmark, graph_device, graphs=CudaGraphs(graph_device))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The figures the benchmarks reported (report()), after pytest-benchmark's tables."""
+    if FIGURES:
+        terminalreporter.section("smile-fast figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -379,9 +379,9 @@ def _bench_loader(args: argparse.Namespace) -> dict:
     from smile_fast.engine import prepare_data
 
     config = build_config(overrides={"dataset": args.dataset, "data_dir": args.data_dir, "device": args.device})
-    splits, train_spec, _, _ = prepare_data(config)
+    splits, train_spec, _, skipped = prepare_data(config)
     workers = args.workers if args.workers is not None else default_workers()
-    return run_loader_benchmark(
+    result = run_loader_benchmark(
         args.loader,
         splits.train,
         train_spec,
@@ -392,6 +392,9 @@ def _bench_loader(args: argparse.Namespace) -> dict:
         workers,
         dali_decoder_options=dict(args.dali_decoder_option),
     )
+    # The files the up-front check left out (as training leaves them out) count as skipped too.
+    result["skipped_files"] += len(skipped)
+    return result
 
 
 def _cmd_data(args: argparse.Namespace) -> int:

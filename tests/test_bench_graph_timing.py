@@ -29,6 +29,7 @@ def _load(name: str, path: Path):
     return module
 
 
+_load("_reporting", BENCH / "_reporting.py")  # what bench/conftest.py imports from its own folder
 bench_conftest = _load("bench_conftest_under_test", BENCH / "conftest.py")
 summarize_gpu = _load("bench_summarize_gpu_under_test", BENCH / "summarize_gpu.py")
 

@@ -156,3 +156,29 @@ def test_teacher_fused_conv_is_recorded_and_refused_where_it_cannot_apply(tmp_pa
     argv.remove("--teacher-fused-conv")
     assert main([*argv, "--methods", "smile", "--baseline", "eager-fp32"]) == 2
     assert "--baseline eager-fp32 times the authors' ResNet step" in capsys.readouterr().err
+
+
+def test_smiles_per_step_figure_spreads_its_teacher_update_over_ema_every_steps():
+    """A median alone leaves out the teacher update every 10th SMILE step pays; a run pays it."""
+    from smile_fast.bench_step import per_step_seconds, ratio_quartiles
+
+    # Timed iterations 5..24: updates at 10 and 20 cost 0.5 s more than the 1.0 s of the others.
+    times = [1.5 if iteration % 10 == 0 else 1.0 for iteration in range(5, 25)]
+    assert per_step_seconds(times, 5, None) == (1.0, False), "finetune: the plain median"
+    seconds, included = per_step_seconds(times, 5, 10)
+    assert included and seconds == pytest.approx(1.05)
+    assert per_step_seconds(times[:3], 5, 10) == (1.0, False), "iterations 5..7 hold no update: said so"
+    assert ratio_quartiles([2.0, 3.0, 4.0, 5.0], [1.0, 1.0, 1.0, 1.0]) == pytest.approx([2.25, 3.5, 4.75])
+
+
+def test_bench_step_json_says_the_update_is_included_and_gives_the_ratio_spread(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    argv = ["bench", "step", "--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--device", "cpu"]
+    assert main([*argv, "--methods", "finetune,smile", "--steps", "10", "--warmup", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["smile_ema_update_included"] is True and "finetune_ema_update_included" not in result
+    low, middle, high = result["smile_over_finetune_round_quartiles"]
+    assert low <= middle <= high
+    assert "includes its teacher update" in capsys.readouterr().out
+    assert main([*argv, "--methods", ","]) == 2
+    assert "--methods names no method" in capsys.readouterr().err

@@ -109,3 +109,21 @@ def test_dali_decoder_options_from_the_command_line_reach_the_result(tmp_path, c
     }
     assert main(["bench", "loader", "--loader", "dali", "--dali-decoder-option", "hw_decoder_load"]) == 2
     assert "expected NAME=VALUE, got 'hw_decoder_load'" in capsys.readouterr().err
+
+
+def test_bench_loader_counts_the_files_the_up_front_check_left_out(tmp_path, capsys, private_cache):
+    import json
+
+    from _tiny_runs import write_tiny_imagefolder
+
+    from smile_fast.cli import main
+
+    data = write_tiny_imagefolder(tmp_path / "data")
+    (data / "train" / "c1" / "2.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "loader.json"
+    argv = ["bench", "loader", "--loader", "torchvision", "--dataset", "imagefolder", "--data-dir", str(data)]
+    argv += ["--device", "cpu", "--batch-size", "4", "--iterations", "2", "--warmup", "1", "--workers", "0"]
+    assert main([*argv, "--json", str(out)]) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["skipped_files"] == 1 and result["num_samples"] == 31
+    assert "1 unreadable" in capsys.readouterr().err
