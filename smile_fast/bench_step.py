@@ -179,9 +179,9 @@ def per_step_seconds(times: list[float], first_iteration: int, ema_every: int | 
     an EMA update was among them.
 
     Without a teacher: the median. With one (SMILE), every `ema_every`-th step also updates the teacher
-    (EMA, BN re-fold, its bf16 copy), and a plain median would leave that out (82 ms per update for
-    resnet18 on this 2-core CPU, about +0.01 of ratio): the median of the other steps plus the median
-    extra cost of an update step, spread over `ema_every` steps.
+    (EMA, BN re-fold, its bf16 copy), and a plain median leaves that out (an update took 82 ms for resnet18
+    in one probe on this 2-core CPU, about +0.01 of ratio; in another run it was within the noise): the
+    median of the other steps plus the median extra cost of an update step, spread over `ema_every` steps.
     """
     if not ema_every:
         return statistics.median(times), False
