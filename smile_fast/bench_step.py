@@ -7,10 +7,12 @@ batch ahead as the training loop fetches it, and with `--fused-input` the step g
 normalizes (and mixes) them itself. Either way the same input work is on the clock, so the two
 can be compared. Each method gets its own freshly built models, `warmup` untimed steps (compilation,
 cuDNN autotuning, allocator growth), then `steps` timed steps, each synchronized so that the host
-clock brackets the device work; the median step time is reported.
+clock brackets the device work; the methods run round-robin, one step each per round. The figure is
+the median step time, plus, for SMILE, its teacher update's extra cost spread over the 10 steps it
+comes every (per_step_seconds).
 
-`--baseline eager-fp32` adds the SMILE step the way the authors' code runs it: fp32, NCHW, eager,
-the feature map taken by a forward hook, an unfolded teacher, plain PyTorch losses and a
+`--baseline eager-fp32` adds the SMILE step the way the authors' code runs it, in the same rounds: fp32,
+NCHW, eager, the feature map taken by a forward hook, an unfolded teacher, plain PyTorch losses and a
 per-parameter EMA loop. It is the reference for the speed-up figure.
 """
 
@@ -39,19 +41,6 @@ from smile_fast.step import TrainingStep
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _time_steps(run_one, device: torch.device, steps: int, warmup: int) -> list[float]:
-    for iteration in range(warmup):
-        run_one(iteration)
-    _synchronize(device)
-    times = []
-    for iteration in range(warmup, warmup + steps):
-        start = time.perf_counter()
-        run_one(iteration)
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def _synthetic_batch(batch_size: int, image_size: int, num_classes: int, device: torch.device):
@@ -203,17 +192,15 @@ def ratio_quartiles(numerators: list[float], denominators: list[float]) -> list[
     return [first, middle, third]
 
 
-def time_authors_style_smile(
-    *,
-    model: str,
-    batch_size: int,
-    image_size: int,
-    device: torch.device,
-    steps: int,
-    warmup: int,
-    num_classes: int = 200,
-) -> list[float]:
-    """SMILE as the authors' code runs it: fp32, NCHW, eager, hooks, unfolded teacher, per-parameter EMA."""
+BASELINE = "eager_fp32_smile"  # the authors'-style step's name among the interleaved runners
+
+
+def build_authors_style_runner(
+    *, model: str, batch_size: int, image_size: int, device: torch.device, num_classes: int = 200
+):
+    """One SMILE step as the authors' code runs it (fp32, NCHW, eager, hooks, unfolded teacher, per-parameter
+    EMA) per call, each the next iteration, the device synchronized before it returns: a runner for
+    time_interleaved, so that the baseline is timed in the same rounds as the product's steps."""
     torch.manual_seed(0)
     source, _ = build_source_model(model, "none", log=lambda m: None)
     student = copy.deepcopy(source)
@@ -260,14 +247,20 @@ def time_authors_style_smile(
                     t.mul_(0.999).add_(s, alpha=0.001)
         optimizer.step()
 
-    # The authors' code (PaddlePaddle) keeps its default convolution-algorithm choice; --cudnn-benchmark
-    # of the product's steps is process-wide, so it is switched off around this baseline.
-    benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        return _time_steps(run_one, device, steps, warmup)
-    finally:
-        torch.backends.cudnn.benchmark = benchmark
+    counter = iter(range(10**9))
+
+    def run_one_synchronized() -> None:
+        # The authors' code (PaddlePaddle) keeps its default convolution-algorithm choice; --cudnn-benchmark
+        # of the product's steps is process-wide, so it is off during each baseline step only.
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = False
+        try:
+            run_one(next(counter))
+            _synchronize(device)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
+
+    return run_one_synchronized
 
 
 def run_step_benchmark(
@@ -357,13 +350,15 @@ def run_step_benchmark(
     step_settings = {k: v for k, v in settings.items() if k not in ("steps", "warmup")}
     unique_methods = tuple(dict.fromkeys(methods))
     warmup_seconds: dict[str, float] = {}
-    all_times = time_interleaved(
-        {name: build_step_runner(name, **step_settings) for name in unique_methods},
-        steps,
-        warmup,
-        device_obj,
-        warmup_seconds,
-    )
+    runners = {name: build_step_runner(name, **step_settings) for name in unique_methods}
+    if baseline == "eager-fp32":
+        # In the same rounds as the product's steps: timed in a block of its own, a shared machine's drift
+        # between blocks (20% on this CPU) would enter the speed-up.
+        runners[BASELINE] = build_authors_style_runner(
+            model=model, batch_size=batch_size, image_size=image_size, device=device_obj
+        )
+    all_times = time_interleaved(runners, steps, warmup, device_obj, warmup_seconds)
+    baseline_times = all_times.pop(BASELINE, None)
     ema_every = TrainConfig.ema_every
     for name, times in all_times.items():
         uses_teacher = build_method(name).uses_teacher
@@ -384,12 +379,9 @@ def run_step_benchmark(
     if "finetune" in methods and "smile" in methods:
         result["smile_over_finetune"] = result["smile_ms_per_step"] / result["finetune_ms_per_step"]
         result["smile_over_finetune_round_quartiles"] = ratio_quartiles(all_times["smile"], all_times["finetune"])
-    if baseline == "eager-fp32":
-        times = time_authors_style_smile(
-            model=model, batch_size=batch_size, image_size=image_size, device=device_obj, steps=steps, warmup=warmup
-        )
+    if baseline_times is not None:
         # The same rule as the product's SMILE step: its per-parameter EMA every 10th step is included.
-        seconds, _ = per_step_seconds(times, warmup, 10)
+        seconds, _ = per_step_seconds(baseline_times, warmup, 10)
         result["eager_fp32_smile_ms_per_step"] = 1000.0 * seconds
         result["eager_fp32_smile_images_per_sec"] = batch_size / seconds
         if "smile" in methods:

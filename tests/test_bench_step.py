@@ -99,10 +99,11 @@ def test_cudnn_benchmark_is_recorded_and_leaves_a_cpu_process_alone(tmp_path, mo
 
     seen = []
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    monkeypatch.setattr(bench_step, "_time_steps", lambda *args: seen.append(torch.backends.cudnn.benchmark) or [1.0])
-    bench_step.time_authors_style_smile(
-        model="resnet18", batch_size=2, image_size=32, device=torch.device("cpu"), steps=1, warmup=0
+    monkeypatch.setattr(bench_step, "_synchronize", lambda device: seen.append(torch.backends.cudnn.benchmark))
+    run_one = bench_step.build_authors_style_runner(
+        model="resnet18", batch_size=2, image_size=32, device=torch.device("cpu")
     )
+    run_one()
     assert seen == [False] and torch.backends.cudnn.benchmark is True
 
 
@@ -169,6 +170,32 @@ def test_smiles_per_step_figure_spreads_its_teacher_update_over_ema_every_steps(
     assert included and seconds == pytest.approx(1.05)
     assert per_step_seconds(times[:3], 5, 10) == (1.0, False), "iterations 5..7 hold no update: said so"
     assert ratio_quartiles([2.0, 3.0, 4.0, 5.0], [1.0, 1.0, 1.0, 1.0]) == pytest.approx([2.25, 3.5, 4.75])
+
+
+def test_the_authors_style_baseline_is_timed_in_the_same_rounds(monkeypatch):
+    """Interleaved with the product's steps, not in a block after them (a shared machine drifts between blocks)."""
+    from smile_fast import bench_step
+
+    order = []
+    original = bench_step.time_interleaved
+
+    def recording(runners, *args, **kwargs):
+        order.extend(runners)
+        return original(runners, *args, **kwargs)
+
+    monkeypatch.setattr(bench_step, "time_interleaved", recording)
+    result = bench_step.run_step_benchmark(
+        model="resnet18",
+        batch_size=2,
+        image_size=32,
+        device="cpu",
+        steps=1,
+        warmup=0,
+        methods=("smile",),
+        baseline="eager-fp32",
+    )
+    assert order == ["smile", "eager_fp32_smile"]
+    assert result["eager_fp32_smile_ms_per_step"] > 0 and "eager_fp32_smile_warmup_seconds" not in result
 
 
 def test_bench_step_json_says_the_update_is_included_and_gives_the_ratio_spread(tmp_path, capsys):
