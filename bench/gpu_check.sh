@@ -59,6 +59,15 @@ CAPTURE_COMPILE="${CAPTURE_COMPILE:-1}"
 part() { [[ "$PARTS" == *",$1,"* ]]; }
 : > "$LOG"
 say() { echo "== $(date +%H:%M:%S) $*" | tee -a "$LOG"; }
+# timeout, and a line saying so when a part's own limit cut it (else a cut part just ends, unexplained).
+limited() {
+  local seconds=$1 status
+  shift
+  timeout "$seconds" "$@"
+  status=$?
+  [ "$status" -eq 124 ] && echo "== $(date +%H:%M:%S) TIMED OUT: stopped at this part's limit of ${seconds} s: $*" >&2
+  return "$status"
+}
 
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   GPU=1; export TRITON_INTERPRET=0
@@ -96,12 +105,12 @@ PYEOF
 if part tests; then
 say "1. GPU tests"
 # On the GPU only the CUDA cases (-k cuda: 211 of 463, the ones CI skips); CI runs the rest on its CPU.
-timeout $((240 * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -x -p no:cacheprovider "${TEST_SEL[@]}" "${TEST_K[@]}" 2>&1 | tail -n 25 | tee -a "$LOG"
+limited $((240 * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -x -p no:cacheprovider "${TEST_SEL[@]}" "${TEST_K[@]}" 2>&1 | tail -n 25 | tee -a "$LOG"
 fi
 
 if part step48; then
 say "3a. step time batch $B_SMALL, full stack (AMP bf16, channels-last, ${STACK_FLAGS[*]}) + eager fp32 baseline"
-timeout $((180 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
+limited $((180 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
   --channels-last "${STACK_FLAGS[@]}" --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
   --baseline eager-fp32 --json "$OUT/step_b48.json" 2>&1 | grep -v Warning | tail -n 12 | tee -a "$LOG"
 fi
@@ -109,13 +118,13 @@ fi
 if part capture; then
 if [ "$GPU" = 1 ]; then
   say "3e. captured step: real CUDA graphs against the eager step (tests/test_step_capture.py)"
-  timeout $((120 * TS)) "$PY" -m pytest -q -p no:cacheprovider tests/test_step_capture.py 2>&1 | tail -n 15 | tee -a "$LOG"
+  limited $((120 * TS)) "$PY" -m pytest -q -p no:cacheprovider tests/test_step_capture.py 2>&1 | tail -n 15 | tee -a "$LOG"
   # Lookahead first at each size: the second run of a size finds the compiled code in Inductor's cache.
   for batch in "$B_SMALL" "$B_LARGE"; do
     for lookahead in teacher-lookahead no-teacher-lookahead; do
       say "3e. step time batch $batch, the step captured by hand (--cuda-graph, --$lookahead)"
       name="step_capture$([ "$lookahead" = teacher-lookahead ] && echo _lookahead)_b$batch"
-      timeout $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" \
+      limited $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" \
         --amp --channels-last "$([ "$CAPTURE_COMPILE" = 1 ] && echo --compile || echo --no-compile)" --cuda-graph \
         --"$lookahead" --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" --json "$OUT/$name.json" 2>&1 \
         | grep -v Warning | tail -n 8 | tee -a "$LOG"
@@ -133,7 +142,7 @@ if part fused; then
 # with uint8 batches that the step normalizes and mixes in one kernel, written in bf16.
 if [ "$GPU" = 1 ]; then
   say "3f. step time batch $B_SMALL, captured step with teacher lookahead and --fused-input"
-  timeout $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" \
+  limited $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" \
     --amp --channels-last "$([ "$CAPTURE_COMPILE" = 1 ] && echo --compile || echo --no-compile)" --cuda-graph \
     --teacher-lookahead --fused-input --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
     --json "$OUT/step_capture_lookahead_fused_b$B_SMALL.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
@@ -146,7 +155,7 @@ fi
 
 if part overlap; then
 say "3d. overlap probe: teacher forward beside the student's forward + backward (eager, streams, CUDA graphs)"
-timeout $((60 * TS)) "$PY" bench/overlap_probe.py --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" \
+limited $((60 * TS)) "$PY" bench/overlap_probe.py --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" \
   --steps $((STEPS + 5)) --rounds 5 --json "$OUT/overlap.json" 2>&1 | grep -v Warning | tail -n 12 | tee -a "$LOG"
 fi
 
@@ -155,14 +164,14 @@ say "2. op benchmarks"
 # 180 s: the per-call cases took 41 s on the H200; the graph-replay cases (one capture and ~63 replays
 # each, 71 of them) come on top and have not been timed yet. The log keeps the whole table.
 # OPS_K narrows it to a pytest -k expression (e.g. OPS_K=mixup_batch) on a short lease.
-timeout $((180 * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider bench/test_ops_bench.py --benchmark-only \
+limited $((180 * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider bench/test_ops_bench.py --benchmark-only \
   ${OPS_K:+-k "$OPS_K"} --benchmark-json="$OUT/ops_bench.json" --benchmark-columns=median,iqr,rounds 2>&1 \
   | tail -n 200 >> "$LOG"
 fi
 
 if part step256; then
 say "3b. step time batch $B_LARGE (AMP bf16, channels-last, ${STACK_FLAGS[*]})"
-timeout $(( $([ "$STACK" = eager ] && echo 50 || echo 170) * TS )) "$PY" -m smile_fast bench step --model "$MODEL" \
+limited $(( $([ "$STACK" = eager ] && echo 50 || echo 170) * TS )) "$PY" -m smile_fast bench step --model "$MODEL" \
   --batch-size "$B_LARGE" --image-size "$SIZE" --amp --channels-last "${STACK_FLAGS[@]}" --methods finetune,smile \
   --steps "$STEPS" --warmup "$WARMUP" --json "$OUT/step_b256.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
 fi
@@ -171,7 +180,7 @@ if part cudnn; then
 # Off by default until measured: compare with step_b48.json (same stack, same run; the compiled code is
 # in Inductor's cache by now, so this costs mostly cuDNN's search and the timed steps).
 say "3g. step time batch $B_SMALL, step48's stack with --cudnn-benchmark"
-timeout $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
+limited $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
   --channels-last "${STACK_FLAGS[@]}" --cudnn-benchmark --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
   --json "$OUT/step_b48_cudnn_benchmark.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
 fi
@@ -181,7 +190,7 @@ if part fusedconv; then
 # epilogues (smile_fast/fused_conv.py). Compare SMILE / finetune with step_b48.json (same stack, same run);
 # the JSON's cudnn_fusion_problems lists the convolutions cuDNN could not fuse (empty: all fused).
 say "3h. step time batch $B_SMALL, step48's stack with --teacher-fused-conv"
-timeout $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
+limited $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
   --channels-last "${STACK_FLAGS[@]}" --teacher-fused-conv --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
   --json "$OUT/step_b48_teacher_fused_conv.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
 fi
@@ -191,7 +200,7 @@ say "3c. teacher options, finetune vs SMILE at batch $B_SMALL eager AMP: BN fold
 VAR="${TMPDIR:-/tmp}/smile-fast-variants"; mkdir -p "$VAR"
 for fold in fold-teacher-bn no-fold-teacher-bn; do
   for stream in teacher-stream no-teacher-stream; do
-    timeout $((25 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
+    limited $((25 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
       --channels-last --no-compile --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" --"$fold" --"$stream" \
       --json "$VAR/$fold-$stream.json" 2>&1 | tail -n 1 | tee -a "$LOG"
   done
@@ -206,20 +215,21 @@ fi
 
 if part loader; then
 say "4. loader throughput"
-DATA="${TMPDIR:-/tmp}/smile-fast-loader-data"
+# One folder per size: a folder left by a run at another size (the CPU mode's) is not reused.
+DATA="${TMPDIR:-/tmp}/smile-fast-loader-data-$PER_CLASS"
 [ -d "$DATA/train" ] || "$PY" bench/make_loader_dataset.py "$DATA" --images-per-class "$PER_CLASS" >> "$LOG" 2>&1
 HAVE_DALI=0; "$PY" -c "import nvidia.dali" 2>/dev/null && HAVE_DALI=1
 if [ "$HAVE_DALI" = 1 ]; then
   # Its first run on a GPU decides whether the figures below mean anything: nvJPEG against the spec's
   # transform, uint8 output through the fused normalization, seeds, shards, and train --loader dali.
   say "4a. DALI's GPU pipeline against the spec (tests/test_dali_cuda.py; all skipped without a GPU)"
-  timeout $((120 * TS)) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_dali_cuda.py 2>&1 | tail -n 30 | tee -a "$LOG"
+  limited $((120 * TS)) "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_dali_cuda.py 2>&1 | tail -n 30 | tee -a "$LOG"
 fi
 for loader in torchvision dali; do
   if [ "$loader" = dali ] && [ "$HAVE_DALI" = 0 ]; then
     say "DALI not installed here: loader figure for DALI not measured"; continue
   fi
-  timeout $((40 * TS)) "$PY" -m smile_fast bench loader --loader "$loader" --dataset imagefolder --data-dir "$DATA" \
+  limited $((40 * TS)) "$PY" -m smile_fast bench loader --loader "$loader" --dataset imagefolder --data-dir "$DATA" \
     --batch-size "$B_SMALL" --iterations "$LOADER_ITERS" --workers "$LOADER_WORKERS" --json "$OUT/loader_$loader.json" \
     2>&1 | tail -n 3 | tee -a "$LOG"
 done
@@ -229,14 +239,14 @@ if [ "$HAVE_DALI" = 1 ]; then
   # and nvJPEG's own chroma upsampling (what the fidelity default, libjpeg-turbo's, costs).
   for variant in default hw_decoder_load=0.9 jpeg_fancy_upsampling=false; do
     option=(); [ "$variant" != default ] && option=(--dali-decoder-option "$variant")
-    timeout $((40 * TS)) "$PY" -m smile_fast bench loader --loader dali --dataset imagefolder --data-dir "$DATA" \
+    limited $((40 * TS)) "$PY" -m smile_fast bench loader --loader dali --dataset imagefolder --data-dir "$DATA" \
       --batch-size "$B_LARGE" --iterations "$LOADER_ITERS" --workers "$LOADER_WORKERS" "${option[@]}" \
       --json "$OUT/loader_dali_b${B_LARGE}$([ "$variant" != default ] && echo "_${variant%%=*}").json" 2>&1 \
       | tail -n 3 | tee -a "$LOG"
   done
   say "4b. smile-fast train --loader dali on the demo (DALI's mixed decode on a GPU), AMP + channels-last"
   rm -rf "${TMPDIR:-/tmp}/smile-fast-dali-run"  # a new run refuses a folder that holds an earlier one (a rerun)
-  timeout $((90 * TS)) "$PY" -m smile_fast train --loader dali --iters 20 --eval-every 20 --amp --channels-last \
+  limited $((90 * TS)) "$PY" -m smile_fast train --loader dali --iters 20 --eval-every 20 --amp --channels-last \
     --no-progress --out "${TMPDIR:-/tmp}/smile-fast-dali-run" 2>&1 | tail -n 8 | tee -a "$LOG"
   cp "${TMPDIR:-/tmp}/smile-fast-dali-run/summary.json" "$OUT/dali_train_summary.json" 2>/dev/null || say "no DALI run summary"
 fi
@@ -245,7 +255,7 @@ fi
 if part ddp; then
 say "5. torchrun, one process on the GPU (NCCL): smile-fast train end to end on the demo, AMP + channels-last"
 rm -rf "${TMPDIR:-/tmp}/smile-fast-ddp-run"  # a new run refuses a folder that holds an earlier one (a rerun)
-timeout $((90 * TS)) "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m smile_fast train \
+limited $((90 * TS)) "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m smile_fast train \
   --iters 20 --eval-every 20 --amp --channels-last --no-progress --out "${TMPDIR:-/tmp}/smile-fast-ddp-run" \
   2>&1 | tail -n 8 | tee -a "$LOG"
 cp "${TMPDIR:-/tmp}/smile-fast-ddp-run/summary.json" "$OUT/ddp_summary.json" 2>/dev/null || say "no ddp summary"
