@@ -4,7 +4,7 @@
 `--class-fraction X --train-samples Y`: keep round(X * num_classes) classes, remap their labels to
 0..C'-1, draw Y training images uniformly from them; the test split keeps only those classes.
 "round" rounds halves up, as on paper (CUB's 30-image classes at 15%: 4.5 -> 5 images), not to even as
-Python's round() does (4.5 -> 4, which would train CUB's C:All/N:15% on 800 images instead of 994).
+Python's round() does (4.5 -> 4: CUB's C:All/N:15% would train on about 800 images, not about 1,000).
 
 Every choice is a seeded shuffle whose order only depends on `random.Random(seed).random()`, the
 one part of Python's random module guaranteed to produce the same numbers on every Python version,
