@@ -86,8 +86,8 @@ def prepare_data(config: TrainConfig, log=None) -> PreparedData:
     """
     from dataclasses import replace
 
-    from smile_fast.data.datasets import load_dataset
-    from smile_fast.data.images import check_images, skipped_message
+    from smile_fast.data.datasets import classes_without_images, load_dataset
+    from smile_fast.data.images import check_images, listed, skipped_message
     from smile_fast.data.subsets import apply_class_subset, apply_sample_rate
 
     log = log or _stderr_line
@@ -108,14 +108,24 @@ def prepare_data(config: TrainConfig, log=None) -> PreparedData:
     if config.class_fraction is not None or config.train_samples is not None:
         splits = apply_class_subset(splits, config.class_fraction or 1.0, config.train_samples, config.seed)
     if config.train_samples is None:  # a --train-samples draw may leave classes out by design
-        present = {label for _, label in splits.train}
-        empty = [name for label, name in enumerate(splits.classes) if label not in present]
-        if empty:
-            shown = ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
-            log(f"warning: {len(empty)} class(es) have no readable training image: {shown}")
+        if empty := classes_without_images(splits.classes, splits.train):
+            log(f"warning: {len(empty)} class(es) have no readable training image: {listed(empty)}")
     train_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=True)
     test_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=False)
     return PreparedData(splits, train_spec, test_spec, bad_train + bad_test)
+
+
+@torch.no_grad()
+def _count_correct(student, batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, total) top-1 predictions of fc1 over `batches`, as int64 tensors on `device` (one host sync
+    at the end, by the caller). float32 whatever --amp says, as the authors' code evaluates: bfloat16 logits
+    can flip a borderline prediction, and a test pass is a small cost next to the steps between evaluations."""
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    for images, labels in batches:
+        correct += (student.classify(images).argmax(dim=1) == labels).sum()
+        total += labels.numel()
+    return correct, total
 
 
 def _stderr_line(message: str) -> None:
@@ -159,7 +169,7 @@ class Trainer:
             from smile_fast.step_capture import check_cuda_graph_device
 
             check_cuda_graph_device(self.device, self.dist)  # before the data and models are read
-        self._log = log or (lambda message: print(message, file=sys.stderr))
+        self._log = log or _stderr_line
         # A bar on a terminal; in a batch job's log (stderr not a terminal) or with --no-progress, one line
         # per log interval instead, so that the log shows progress without a stream of carriage returns.
         self.progress = progress and self.dist.is_main and sys.stderr.isatty()
@@ -288,8 +298,6 @@ class Trainer:
         if self.dist.enabled:
             self._share_buffers()
         self.student.eval()
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        total = torch.zeros((), dtype=torch.int64, device=self.device)
         batches = eval_batches(
             self.loader_kind,
             self.test_samples,
@@ -301,12 +309,7 @@ class Trainer:
             self.dist.world_size,
             self.config.channels_last,
         )
-        # float32 whatever --amp says, as the authors' code evaluates: bfloat16 logits can flip a borderline
-        # prediction, and a test pass is a small cost next to the iterations between evaluations.
-        for images, labels in batches:
-            logits = self.student.classify(images)
-            correct += (logits.argmax(dim=1) == labels).sum()
-            total += labels.numel()
+        correct, total = _count_correct(self.student, batches, self.device)
         if self.dist.enabled:
             import torch.distributed as dist
 
@@ -640,26 +643,23 @@ def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = 
     student.to(device_obj, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
     if not splits.test:
         raise UserError("the test split is empty; nothing to evaluate")
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels in eval_batches(
-            "torchvision",
-            splits.test,
-            test_spec,
-            config.eval_batch_size,
-            device_obj,
-            min(4, os.cpu_count() or 1),
-            0,
-            1,
-            channels_last,
-        ):
-            correct += int((student.classify(images).argmax(1) == labels).sum())
-            total += labels.numel()
+    batches = eval_batches(
+        "torchvision",
+        splits.test,
+        test_spec,
+        config.eval_batch_size,
+        device_obj,
+        min(4, os.cpu_count() or 1),
+        0,
+        1,
+        channels_last,
+    )
+    correct, total = _count_correct(student, batches, device_obj)
     return {
         "checkpoint": str(path),
         "iteration": int(state["iteration"]),
-        "test_top1": 100.0 * correct / total,
-        "test_images": total,
+        "test_top1": 100.0 * correct.item() / total.item(),
+        "test_images": total.item(),
     }
 
 

@@ -412,6 +412,12 @@ def load_dataset(name: str, data_dir: str | Path) -> DatasetSplits:
     return _LOADERS[name](data_dir)
 
 
+def classes_without_images(classes: list[str], samples: list[tuple[str, int]]) -> list[str]:
+    """The names of the classes no sample is labelled with."""
+    present = {label for _, label in samples}
+    return [name for label, name in enumerate(classes) if label not in present]
+
+
 class DatasetReport(NamedTuple):
     text: str  # what `smile-fast data verify` prints
     missing: int  # listed files that do not exist
@@ -426,7 +432,7 @@ def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = Non
     Raises UserError when the layout itself is broken.
     """
     from smile_fast.data.demo import default_cache_dir
-    from smile_fast.data.images import check_images, split_missing
+    from smile_fast.data.images import check_images, listed, split_missing
 
     if cache_dir is None:
         cache_dir = default_cache_dir() / "image-checks"
@@ -446,11 +452,8 @@ def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = Non
             lines += [f"    {kind}: {path}" for path in paths[:10]]
             if len(paths) > 10:
                 lines.append(f"    ... and {len(paths) - 10} more {kind}")
-        if split_name == "train":
-            present = {label for _, label in good}
-            empty = [class_name for label, class_name in enumerate(splits.classes) if label not in present]
-            if empty:
-                lines.append(f"    {len(empty)} class(es) without a readable training image: {', '.join(empty[:5])}")
+        if split_name == "train" and (empty := classes_without_images(splits.classes, good)):
+            lines.append(f"    {len(empty)} class(es) without a readable training image: {listed(empty)}")
     if total_missing or total_unreadable:
         lines.append(
             f"PROBLEMS: {total_missing} missing and {total_unreadable} unreadable files; training skips them, "

@@ -113,8 +113,9 @@ def _write_cache(cache_file: Path, entries: dict[str, list]) -> None:
         pass
 
 
-def _listed(paths: list[str]) -> str:
-    return ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+def listed(names: list[str]) -> str:
+    """The first three names, and "..." when there are more: how messages show a list of files or classes."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def split_missing(bad_paths: list[str]) -> tuple[list[str], list[str]]:
@@ -128,8 +129,8 @@ def split_missing(bad_paths: list[str]) -> tuple[list[str], list[str]]:
 def skipped_message(bad_paths: list[str]) -> str:
     """How the trainer, eval and both loaders word the files a header check skipped."""
     missing, unreadable = split_missing(bad_paths)
-    parts = [f"{len(missing)} missing ({_listed(missing)})"] if missing else []
-    parts += [f"{len(unreadable)} unreadable ({_listed(unreadable)})"] if unreadable else []
+    parts = [f"{len(missing)} missing ({listed(missing)})"] if missing else []
+    parts += [f"{len(unreadable)} unreadable ({listed(unreadable)})"] if unreadable else []
     return "skipping image files: " + "; ".join(parts)
 
 
