@@ -196,8 +196,11 @@ def _load_cars(data_dir: Path) -> DatasetSplits:
     try:
         root = _find_root("cars", data_dir, "stanford_cars", "devkit")
         devkit = root / "devkit"
-    except UserError:
-        root = _find_root("cars", data_dir, "stanford_cars", "car_devkit/devkit")
+    except UserError as torchvision_layout:
+        try:
+            root = _find_root("cars", data_dir, "stanford_cars", "car_devkit/devkit")
+        except UserError:
+            raise torchvision_layout from None  # names the usual layout; the message lists the Kaggle one too
         devkit = root / "car_devkit" / "devkit"
 
     def load_mat(path: Path) -> dict:
