@@ -11,14 +11,14 @@ the kernels' (what the training step pays under `--cuda-graph`).
 
 from __future__ import annotations
 
-import datetime
 import functools
-import platform
 from collections.abc import Callable
 
 import pytest
 import torch
 from _reporting import FIGURES, skip_if_timing_is_off
+
+from smile_fast.run_environment import environment
 
 # Calls captured in one graph. Enough that the replay's fixed cost (one graph launch, one synchronize,
 # ~10-20 us) is a small share of the round even when a call's kernels take only a few microseconds.
@@ -34,22 +34,9 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def environment_info(device: torch.device) -> dict[str, str]:
-    """The card (or CPU), the versions and the date, stored beside every number."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "missing"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'cpu'})"
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": str(torch.version.cuda),
-        "date": datetime.date.today().isoformat(),
-    }
+def environment_info(device: torch.device) -> dict[str, object]:
+    """The card (or CPU), the versions, the commit and the date, stored beside every number."""
+    return environment(device)
 
 
 def synchronize(device: torch.device) -> None:

@@ -23,6 +23,8 @@
 # in order of importance, each under a time limit, so that a lease cut short still returns the first ones.
 # and prints a short table last (summary.txt). Writes under $OUT (default ./gpu-results).
 # Without a GPU it runs the same steps at small sizes, which is how it is debugged before a lease.
+# Every JSON names its commit; where the checkout has no .git (the GPU machine's copy), pass it in:
+# SMILE_FAST_COMMIT=$(git rev-parse HEAD) on this side of the `run` call.
 # Not `set -e`: a failing part must not hide the figures of the others; each part has a time limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -96,6 +98,8 @@ try:
 except Exception as e:  # noqa: BLE001
     tv = f"missing ({e})"
 print(f"python {platform.python_version()} torch {torch.__version__} triton {tv} cuda {torch.version.cuda}")
+from smile_fast.run_environment import COMMIT_VARIABLE, git_commit
+print(f"commit {git_commit() or f'unknown (no .git here: set {COMMIT_VARIABLE})'}")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"device {p.name} sms={p.multi_processor_count} mem={p.total_memory/2**30:.1f}GiB")

@@ -47,6 +47,7 @@ import torchvision
 
 from smile_fast.fused_conv import cudnn_fusion_problems, fused_resnet_trunk
 from smile_fast.models import FoldedBackbone
+from smile_fast.run_environment import environment
 
 
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -134,12 +135,11 @@ def main() -> None:
         teacher_forward()
 
     results: dict[str, object] = {
-        "device_name": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+        **environment(device),
         "model": args.model,
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "dtype": str(dtype),
-        "torch_version": torch.__version__,
     }
     timings: dict[str, float] = {}
     timings["student"] = _timed_ms(student_step, device, args.steps, args.rounds)

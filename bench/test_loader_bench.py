@@ -10,7 +10,6 @@ are counted. extra_info carries images/s (from the median), the device and the v
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
@@ -18,9 +17,10 @@ import torch
 from _reporting import report, skip_if_timing_is_off
 
 from smile_fast.data import dali
-from smile_fast.data.loader_bench import device_name, write_synthetic_jpegs
+from smile_fast.data.loader_bench import write_synthetic_jpegs
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec
+from smile_fast.run_environment import device_name, environment
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda", torch.cuda.current_device()) if ON_GPU else torch.device("cpu")
@@ -83,11 +83,8 @@ def test_loader_throughput(benchmark, loader, photos):
             "images_per_sec": BATCH_SIZE / median,
             "batch_size": BATCH_SIZE,
             "workers": WORKERS,
-            "device": str(DEVICE),
-            "device_name": device_name(DEVICE),
-            "torch": torch.__version__,
-            "dali": _dali_version(),
-            "date": datetime.date.today().isoformat(),
+            **environment(DEVICE),
+            "dali_version": _dali_version(),
         }
     )
     report(

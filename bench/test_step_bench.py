@@ -20,6 +20,7 @@ from _reporting import report, skip_if_timing_is_off
 
 from smile_fast.bench_step import build_step_runner, per_step_seconds, ratio_quartiles
 from smile_fast.config import TrainConfig
+from smile_fast.run_environment import environment
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda", torch.cuda.current_device()) if ON_GPU else torch.device("cpu")
@@ -79,8 +80,7 @@ def test_smile_over_finetune_step_time(benchmark):
     ratio = per_step["smile"] / per_step["finetune"]
     quartiles = ratio_quartiles(timed["smile"], timed["finetune"])
     benchmark.extra_info.update(
-        device=torch.cuda.get_device_name(DEVICE) if ON_GPU else "cpu",
-        torch=torch.__version__,
+        **environment(DEVICE),
         finetune_ms_per_step=1000 * per_step["finetune"],
         smile_ms_per_step=1000 * per_step["smile"],
         finetune_images_per_sec=SETTINGS["batch_size"] / per_step["finetune"],
@@ -90,7 +90,7 @@ def test_smile_over_finetune_step_time(benchmark):
         **SETTINGS,
     )
     report(
-        f"SMILE / finetune step time on {benchmark.extra_info['device']}: {ratio:.3f} (limit {LIMIT}; per-round "
+        f"SMILE / finetune step time on {benchmark.extra_info['device_name']}: {ratio:.3f} (limit {LIMIT}; per-round "
         f"quartiles {quartiles[0]:.3f} / {quartiles[2]:.3f}; {SETTINGS['model']} b{SETTINGS['batch_size']})"
     )
     assert ratio <= LIMIT, f"SMILE costs {ratio:.3f}x a finetune step, over the {LIMIT} limit"

@@ -35,6 +35,7 @@ from smile_fast.fused_conv import cudnn_fusion_problems
 from smile_fast.methods import build_method, step_generator
 from smile_fast.methods.base import folded_beta
 from smile_fast.models import build_models, build_source_model
+from smile_fast.run_environment import environment
 from smile_fast.step import TrainingStep
 
 
@@ -324,8 +325,7 @@ def run_step_benchmark(
         teacher_stream=teacher_stream,
     )
     result: dict[str, Any] = {
-        "device_name": torch.cuda.get_device_name(device_obj) if device_obj.type == "cuda" else "cpu",
-        "device": str(device_obj),
+        **environment(device_obj),
         "model": model,
         "batch_size": batch_size,
         "image_size": image_size,
@@ -343,9 +343,6 @@ def run_step_benchmark(
         "teacher_stream": teacher_stream and device_obj.type == "cuda",
         "steps": steps,
         "warmup": warmup,
-        "torch_version": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "cpu_threads": torch.get_num_threads(),
     }
     step_settings = {k: v for k, v in settings.items() if k not in ("steps", "warmup")}
     unique_methods = tuple(dict.fromkeys(methods))

@@ -427,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         if not argv:
             argv = ["train"]  # `smile-fast` alone runs the demo, like `smile-fast train`
         args, unknown = parser.parse_known_args(argv)
+        from smile_fast.run_environment import record_command
+
+        record_command(["smile-fast", *argv])  # for the benchmarks' JSON, also when main() is called in-process
         if unknown:
             # Reported here rather than by argparse's top-level parser, so that the hint names the
             # subcommand's own --help (where the flag would be listed), not `smile-fast --help`.

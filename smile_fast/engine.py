@@ -30,6 +30,7 @@ from smile_fast.devices import cpu_has_fast_bfloat16, resolve_device, setup_dist
 from smile_fast.errors import UserError
 from smile_fast.methods import build_method
 from smile_fast.models import build_models
+from smile_fast.run_environment import environment
 from smile_fast.runlog import MetricsLog, default_run_dir, plot_curves, write_config, write_summary
 from smile_fast.step import TrainingStep, lr_at
 
@@ -484,8 +485,6 @@ class Trainer:
             "test_top1": top1,
             "train_images_per_sec": trained * config.batch_size * self.dist.world_size / max(train_seconds, 1e-9),
             "wall_seconds": previous_wall + time.perf_counter() - self.started,
-            "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "loader": self.loader_kind,
             "train_images": len(self.train_samples),
             "test_images": len(self.test_samples),
@@ -497,6 +496,9 @@ class Trainer:
             "teacher_fused_conv": self.teacher is not None and self.teacher.fused_conv,
             "seed": config.seed,
             "run_dir": str(self.run_dir),
+            # The card, the versions, the commit and the command, as every benchmark JSON gives them; on a
+            # resumed run, those of the process that finished it.
+            **environment(self.device),
         }
         if self.dist.is_main:
             write_summary(self.run_dir, summary)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -36,7 +37,10 @@ def test_bench_step_prints_the_table_and_writes_the_json(tmp_path, capsys):
         "smile_speedup_over_eager_fp32",
     ):
         assert key in result, f"bench step JSON lacks {key}: {sorted(result)}"
-    assert result["device_name"] == "cpu" and result["model"] == "resnet18" and result["batch_size"] == 2
+    assert result["device_name"].startswith("cpu: ") and result["model"] == "resnet18" and result["batch_size"] == 2
+    # Where and how it was measured, as every benchmark JSON says it (run_environment.environment).
+    assert result["device"] == "cpu" and result["torch_version"] == torch.__version__
+    assert result["command"] == shlex.join(["smile-fast", *argv, "--json", str(out)])
     assert result["smile_over_finetune"] == pytest.approx(result["smile_ms_per_step"] / result["finetune_ms_per_step"])
     assert result["finetune_images_per_sec"] == pytest.approx(2 / (result["finetune_ms_per_step"] / 1000))
     # The warm-up (compilation, graph captures on a GPU) is reported apart from the steady step time.

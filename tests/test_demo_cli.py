@@ -35,6 +35,8 @@ def test_demo_train_shortened(tmp_path, monkeypatch, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "demo" and summary["method"] == "smile" and summary["iters"] == 2
     assert summary["test_images"] == 160 and summary["train_images"] == 320
+    # Where it ran, as the benchmarks' JSON says it: the command is the one main() was given.
+    assert summary["device_name"].startswith("cpu: ") and summary["command"].startswith("smile-fast train --iters")
     assert (tmp_path / "cache" / "demo-v1").is_dir(), "the demo dataset should be cached under the cache folder"
 
 

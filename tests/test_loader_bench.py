@@ -103,10 +103,10 @@ def test_dali_decoder_options_from_the_command_line_reach_the_result(tmp_path, c
     argv += ["--warmup", "1", "--workers", "1", "--json", str(out)]
     argv += ["--dali-decoder-option", "hw_decoder_load=0.9", "--dali-decoder-option", "jpeg_fancy_upsampling=false"]
     assert main(argv) == 0, capsys.readouterr().err
-    assert json.loads(out.read_text())["dali_decoder_options"] == {
-        "hw_decoder_load": 0.9,
-        "jpeg_fancy_upsampling": False,
-    }
+    written = json.loads(out.read_text())
+    assert written["dali_decoder_options"] == {"hw_decoder_load": 0.9, "jpeg_fancy_upsampling": False}
+    assert written["dali_decoder_options_used"] is False
+    assert "on a CPU they are not used" in capsys.readouterr().err
     assert main(["bench", "loader", "--loader", "dali", "--dali-decoder-option", "hw_decoder_load"]) == 2
     assert "expected NAME=VALUE, got 'hw_decoder_load'" in capsys.readouterr().err
 

@@ -8,7 +8,7 @@ synchronized before the clock is read at both ends, so queued GPU copies are cou
 from __future__ import annotations
 
 import os
-import platform
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +19,7 @@ import torch
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec
 from smile_fast.errors import UserError
+from smile_fast.run_environment import environment
 
 LOADERS = ("dali", "torchvision")
 
@@ -26,22 +27,6 @@ LOADERS = ("dali", "torchvision")
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    """The card's name for CUDA, else the CPU's model and core count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
 
 
 def run_loader_benchmark(
@@ -62,10 +47,11 @@ def run_loader_benchmark(
 
     Each batch is float32 [batch_size, 3, crop, crop] on `device` (see data/torchvision.py). Worker
     start-up and the first batches (DALI builds its pipeline, the DataLoader forks its workers) fall
-    in the warm-up. Returns a JSON-ready dict: loader, device, device_name, images_per_sec,
-    batch_size, iterations, warmup, num_workers, seconds, channels_last, resize, resize_size,
-    crop_size, skipped_files, resize_by, num_samples, torch_version, dali_version, cpu_count, and for
-    DALI dali_decoder_options (what was given, over data/dali.py's GPU_DECODER_DEFAULTS on a GPU).
+    in the warm-up. Returns a JSON-ready dict: run_environment.environment's fields (device, device_name,
+    versions, commit, command, date), loader, images_per_sec, batch_size, iterations, warmup,
+    num_workers, seconds, channels_last, resize, resize_size, crop_size, skipped_files, resize_by,
+    num_samples, dali_version, and for DALI dali_decoder_options (what was given, over data/dali.py's
+    GPU_DECODER_DEFAULTS) with dali_decoder_options_used (False on a CPU, whose decoder takes none).
     """
     from smile_fast.data.loaders import build_train_loader
 
@@ -81,6 +67,8 @@ def run_loader_benchmark(
     plan = TrainBatchPlan(len(samples), batch_size, seed=seed)
     if dali_decoder_options and loader != "dali":
         raise UserError("decoder options are settings of DALI's GPU decoder; use them with --loader dali")
+    if dali_decoder_options and device.type != "cuda":
+        print("note: the DALI decoder options are the GPU decoder's; on a CPU they are not used", file=sys.stderr)
     source = build_train_loader(
         loader, list(samples), spec, plan, device, num_workers, channels_last, dali_decoder_options=dali_decoder_options
     )
@@ -99,9 +87,8 @@ def run_loader_benchmark(
     if tuple(images.shape) != (batch_size, 3, spec.crop_size, spec.crop_size):
         raise RuntimeError(f"the {loader} loader gave a batch of shape {tuple(images.shape)}")
     return {
+        **environment(device),
         "loader": loader,
-        "device": str(device),
-        "device_name": device_name(device),
         "images_per_sec": iterations * batch_size / seconds,
         "batch_size": batch_size,
         "iterations": iterations,
@@ -116,10 +103,10 @@ def run_loader_benchmark(
         # Who resizes: PIL in torchvision's workers; DALI on a GPU; torch after DALI's decode on a CPU.
         "resize_by": "PIL" if loader == "torchvision" else ("torch" if device.type == "cpu" else "DALI"),
         "num_samples": len(samples),
-        "torch_version": torch.__version__,
         "dali_version": _dali_version(),
-        "cpu_count": os.cpu_count(),
         "dali_decoder_options": dict(dali_decoder_options or {}) if loader == "dali" else None,
+        # The options are the GPU decoder's: DALI's CPU decoder is built without them.
+        "dali_decoder_options_used": bool(dali_decoder_options) and device.type == "cuda",
     }
 
 
