@@ -18,12 +18,14 @@ def _load(path: Path):
 
 
 def step_lines(name: str, result: dict | None) -> list[str]:
-    """The `smile-fast bench step` table itself, indented under the part's name."""
+    """The `smile-fast bench step` table itself, indented under the part's name. `name` may hold "{batch}":
+    the batch the JSON says was run (48 or 256 on a GPU, smaller in the CPU mode)."""
     if not result:
-        return [f"{name}: missing (see log.txt)"]
+        return [f"{name.format(batch='?')}: missing (see log.txt)"]
     from smile_fast.bench_step import format_step_table
 
-    return [f"{name}:"] + ["  " + line for line in format_step_table(result).splitlines()]
+    label = name.format(batch=result["batch_size"])
+    return [f"{label}:"] + ["  " + line for line in format_step_table(result).splitlines()]
 
 
 def _is_graph_replay(bench: dict) -> bool:
@@ -95,20 +97,37 @@ def fused_input_lines(plain: dict | None, fused: dict | None) -> list[str]:
     return with_and_without_lines("--fused-input (captured step, lookahead)", plain, fused)
 
 
+def where_lines(out: Path) -> list[str]:
+    """The card, versions and commit of the run, from the first JSON that names them (bench step, loader,
+    overlap probe): the summary is pasted into RESULTS.md, and a figure without its card is no result."""
+    for path in sorted(out.glob("*.json")):
+        found = _load(path)
+        if isinstance(found, dict) and found.get("device_name"):
+            commit = found.get("git_commit") or "not recorded (set SMILE_FAST_COMMIT)"
+            return [
+                f"measured on {found['device_name']}, torch {found.get('torch_version')}, "
+                f"triton {found.get('triton_version')}, CUDA {found.get('cuda_version')}, commit {commit}, "
+                f"{found.get('time_utc') or found.get('date')}"
+            ]
+    return []
+
+
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-results")
-    lines = []
-    lines += step_lines("step b48", _load(out / "step_b48.json"))
-    lines += step_lines("step b256", _load(out / "step_b256.json"))
+    lines = where_lines(out)
+    lines += step_lines("step b{batch} (step_b48.json)", _load(out / "step_b48.json"))
+    lines += step_lines("step b{batch} (step_b256.json)", _load(out / "step_b256.json"))
     cudnn = _load(out / "step_b48_cudnn_benchmark.json")
     if cudnn:
-        lines += step_lines("step b48 --cudnn-benchmark", cudnn)
-        lines += with_and_without_lines("--cudnn-benchmark (step b48's stack)", _load(out / "step_b48.json"), cudnn)
+        lines += step_lines("step b{batch} --cudnn-benchmark", cudnn)
+        lines += with_and_without_lines(
+            "--cudnn-benchmark (the small-batch step's stack)", _load(out / "step_b48.json"), cudnn
+        )
     fused_conv = _load(out / "step_b48_teacher_fused_conv.json")
     if fused_conv:
-        lines += step_lines("step b48 --teacher-fused-conv", fused_conv)
+        lines += step_lines("step b{batch} --teacher-fused-conv", fused_conv)
         lines += with_and_without_lines(
-            "--teacher-fused-conv (step b48's stack)", _load(out / "step_b48.json"), fused_conv
+            "--teacher-fused-conv (the small-batch step's stack)", _load(out / "step_b48.json"), fused_conv
         )
         for problem in fused_conv.get("cudnn_fusion_problems") or []:
             lines.append(f"  not fused by cuDNN: {problem}")

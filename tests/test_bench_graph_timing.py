@@ -186,3 +186,28 @@ def test_summary_compares_fused_input_with_the_same_captured_step():
     assert "finetune 10.00 -> 9.50 (-5.0%)" in line and "smile 12.00 -> 12.60 (+5.0%)" in line, line
     assert line.startswith("--fused-input"), line
     assert summarize_gpu.fused_input_lines(plain, None) == []
+
+
+def test_summary_names_the_card_and_the_batch_each_step_file_ran(tmp_path, capsys, monkeypatch):
+    """gpu_check's CPU mode runs its "b48" part at batch 2: the summary says the batch the JSON holds, and
+    starts with the device, the versions and the commit that every figure needs beside it."""
+    from smile_fast.cli import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ops' CPU path: interpreted kernels make a step slow
+    monkeypatch.setenv("SMILE_FAST_COMMIT", "0123abc")
+    from smile_fast import run_environment
+
+    run_environment.git_commit.cache_clear()
+    argv = ["bench", "step", "--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--device", "cpu"]
+    argv += ["--methods", "finetune,smile", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "step_b48.json")]
+    try:
+        assert main(argv) == 0
+    finally:
+        run_environment.git_commit.cache_clear()
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["summarize_gpu.py", str(tmp_path)])
+    summarize_gpu.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("measured on cpu: ") and "commit 0123abc" in lines[0], lines[0]
+    assert "step b2 (step_b48.json):" in lines
+    assert "step b? (step_b256.json): missing (see log.txt)" in lines
