@@ -78,12 +78,16 @@ class PreparedData(NamedTuple):
     skipped: list[str]  # the dataset's files that are missing or cannot be read
 
 
-def prepare_data(config: TrainConfig, log=None) -> PreparedData:
+def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True) -> PreparedData:
     """The dataset's readable files after the subset protocol, and the train/test TransformSpecs of the config.
 
     Files are checked (a header read, cached per file) before the protocol draws its subset, so that a
     missing or corrupt file never takes a place in `--train-samples` or a class's `--sample-rate` quota.
     `log` gets one line on the files skipped and one on classes left without training images.
+
+    with_train=False (evaluation): the training split is neither checked nor drawn from, and comes back
+    empty. The test split depends only on the classes a protocol keeps, which the seed alone decides, so a
+    checkpoint evaluates on the run's test images also where training files are missing or unread.
     """
     from dataclasses import replace
 
@@ -99,16 +103,17 @@ def prepare_data(config: TrainConfig, log=None) -> PreparedData:
     else:
         splits = load_dataset(config.dataset, config.data_dir)
     cache = _cache_dir() / "image-checks"
-    train, bad_train = check_images(splits.train, cache)
+    train, bad_train = check_images(splits.train, cache) if with_train else ([], [])
     test, bad_test = check_images(splits.test, cache)
     if bad_train or bad_test:
         log(skipped_message(bad_train + bad_test))
     splits = replace(splits, train=train, test=test)
-    if config.sample_rate is not None:
+    if config.sample_rate is not None and with_train:
         splits = apply_sample_rate(splits, config.sample_rate, config.seed)
     if config.class_fraction is not None or config.train_samples is not None:
-        splits = apply_class_subset(splits, config.class_fraction or 1.0, config.train_samples, config.seed)
-    if config.train_samples is None:  # a --train-samples draw may leave classes out by design
+        train_samples = config.train_samples if with_train else None
+        splits = apply_class_subset(splits, config.class_fraction or 1.0, train_samples, config.seed)
+    if config.train_samples is None and with_train:  # a --train-samples draw may leave classes out by design
         if empty := classes_without_images(splits.classes, splits.train):
             log(f"warning: {len(empty)} class(es) have no readable training image: {listed(empty)}")
     train_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=True)
@@ -637,7 +642,7 @@ def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = 
         values["data_dir"] = data_dir
     config = build_config(values)
     device_obj = resolve_device(config.device)
-    splits, _, test_spec, _ = prepare_data(config, log=log)
+    splits, _, test_spec, _ = prepare_data(config, log=log, with_train=False)
     student, _, _ = build_models(config.model, len(splits.classes), "none", with_aux_head=state["teacher"] is not None)
     with _model_layout_check(path):
         student.load_state_dict(state["student"])

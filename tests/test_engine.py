@@ -400,6 +400,26 @@ def test_eval_says_which_test_images_it_skipped(tmp_path):
     assert said == [f"skipping image files: 1 unreadable ({broken})"]
 
 
+def test_eval_reads_no_training_file_and_keeps_the_run_s_class_subset(tmp_path):
+    """A checkpoint evaluates where the training images are gone (another machine, a cleaned disk), with
+    the test images of the classes its run drew, and no check of a training file."""
+    from smile_fast.engine import evaluate_checkpoint
+
+    data = write_tiny_imagefolder(tmp_path / "data")
+    out = tmp_path / "run"
+    summary = train(
+        _config(data, out, method="finetune", iters=2, eval_every=2, class_fraction=0.5, train_samples=8),
+        progress=False,
+    )
+    for image in (data / "train").rglob("*.jpg"):
+        if image.name != "0.jpg":
+            image.unlink()  # one left per class: --train-samples 8 could no longer be drawn, and eval must not try
+    said = []
+    result = evaluate_checkpoint(str(out), device="cpu", log=said.append)
+    assert said == [] and result["test_images"] == summary["test_images"] == 6  # 2 of 4 classes, 3 test images each
+    assert result["test_top1"] == pytest.approx(summary["test_top1"])
+
+
 def test_a_checkpoint_of_another_model_layout_is_one_clear_error(tiny_imagefolder, tmp_path, monkeypatch):
     """eval and --resume of a checkpoint whose tensors do not fit the model say so in one line."""
     from smile_fast.checkpoint import save_atomic
