@@ -84,7 +84,7 @@ def test_out_of_range_target_is_a_clear_error(path: str, bad: int) -> None:
 @pytest.mark.parametrize(
     ("target", "message"),
     [
-        (torch.tensor([1, 2]), r"target must be a long tensor \[5\]"),
+        (torch.tensor([1, 2]), r"target must have 5 entries, one per sample, got 2"),
         (torch.tensor([1.0, 2.0, 0.0, 1.0, 3.0]), r"target must be a long tensor \[5\]"),
     ],
 )
@@ -227,3 +227,63 @@ def test_ema_update_checks_a_new_view_of_the_same_student_storage(path: str) -> 
     teacher.zero_()
     ops.ema_update_([teacher], [student.t()], 0.0)
     assert torch.equal(teacher, student.t())
+
+
+def test_perm_that_is_no_tensor_is_a_clear_error(path: str) -> None:
+    with pytest.raises(ValueError, match=r"perm must be a long tensor \[4\], got list"):
+        ops.mixup_batch(torch.randn(4, 3, 2, 2), [1, 0, 3, 2], 0.5)
+
+
+@pytest.mark.parametrize("std", [(0.229, 0.0, 0.225), (58.395, 57.12, 57.375)])
+def test_normalize_std_of_zero_or_on_the_0_255_scale_is_a_clear_error(path: str, std) -> None:
+    pixels = torch.randint(0, 256, (2, 4, 4, 3), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="on the 0..1 scale"):
+        ops.normalize_uint8(pixels, (0.485, 0.456, 0.406), std, torch.float32)
+    with pytest.raises(ValueError, match="on the 0..1 scale"):
+        ops.mixup_normalize_uint8(pixels, torch.tensor([1, 0]), 0.5, (123.675, 116.28, 103.53), (0.2, 0.2, 0.2))
+
+
+@pytest.mark.parametrize(("decay", "message"), [(None, "got NoneType"), ("0.9", "got str"), (1.5, r"in \[0, 1\]")])
+def test_ema_update_decay_of_the_wrong_kind_is_a_clear_error(path: str, decay, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ops.ema_update_([torch.zeros(2)], [torch.ones(2)], decay)
+
+
+def test_ema_update_entries_that_are_no_tensors_are_a_clear_error(path: str) -> None:
+    with pytest.raises(ValueError, match="tensor 0: teacher and student entries must be tensors, got a float"):
+        ops.ema_update_([1.0], [2.0], 0.9)
+    with pytest.raises(ValueError, match="tensor 1: .* got a int"):
+        ops.ema_update_([torch.zeros(2), torch.zeros(2)], [torch.ones(2), 3], 0.9)
+
+
+def test_ema_update_sees_a_teacher_whose_data_was_replaced_by_a_view(path: str) -> None:
+    """Same object, same address, another layout: the cached plan must not serve it."""
+    teacher, student = torch.zeros(3, 4), torch.arange(12.0).view(3, 4)
+    ops.ema_update_([teacher], [student], 0.5)
+    teacher.data = teacher.data.t()
+    with pytest.raises(ValueError, match=r"teacher \(4, 3\) vs student \(3, 4\)"):
+        ops.ema_update_([teacher], [student], 0.5)
+
+
+def test_ema_update_is_an_in_place_write_autograd_knows_of(path: str) -> None:
+    """A graph that saved the teacher before the update raises at backward, as after any in-place op, on the
+    kernel path too (it writes through raw pointers); it must never backpropagate with the new values."""
+    teacher = torch.randn(3, requires_grad=True)
+    weight = torch.randn(3, requires_grad=True)
+    product = (teacher * weight).sum()  # saves teacher for weight's gradient
+    version = teacher._version
+    ops.ema_update_([teacher], [torch.zeros(3)], 0.5)
+    assert teacher._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        product.backward()
+
+
+def test_ema_update_of_an_inference_teacher_outside_inference_mode_is_refused(path: str) -> None:
+    with torch.inference_mode():
+        teacher = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="(?i)inference"):
+        ops.ema_update_([teacher], [torch.ones(3)], 0.5)
+    assert torch.equal(teacher, torch.zeros(3))
+    with torch.inference_mode():
+        ops.ema_update_([teacher], [torch.ones(3)], 0.5)
+    assert torch.equal(teacher, torch.full((3,), 0.5))

@@ -45,8 +45,12 @@ def check_index(index: Tensor, length: int, limit: int, name: str) -> None:
     tensor's values would synchronize the device at every call, so there the kernels turn an out-of-range
     value into NaN in the rows it touches (they never read out of bounds).
     """
-    if index.dtype != torch.long or index.dim() != 1 or index.shape[0] != length:
+    if not isinstance(index, Tensor):
+        raise ValueError(f"{name} must be a long tensor [{length}], got {type(index).__name__}")
+    if index.dtype != torch.long or index.dim() != 1:
         raise ValueError(f"{name} must be a long tensor [{length}], got {index.dtype} {tuple(index.shape)}")
+    if index.shape[0] != length:
+        raise ValueError(f"{name} must have {length} entries, one per sample, got {index.shape[0]}")
     if length and index.device.type == "cpu" and not torch.compiler.is_compiling():
         low, high = torch.aminmax(index)
         if low < 0 or high >= limit:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 import weakref
 from collections import OrderedDict
@@ -14,14 +15,22 @@ from torch import Tensor
 from smile_fast.ops._common import use_triton
 
 _STUDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# As torch's own in-place ops refuse it, but before anything is written (torch's copy_ writes, then raises).
+INFERENCE_TEACHER = "teacher tensors made under torch.inference_mode() can be updated only inside inference mode"
 
 
 def _check_ema_inputs(teacher_tensors: Sequence[Tensor], student_tensors: Sequence[Tensor]) -> None:
     if len(teacher_tensors) != len(student_tensors):
         raise ValueError(f"{len(teacher_tensors)} teacher tensors but {len(student_tensors)} student tensors")
     for index, (teacher, student) in enumerate(zip(teacher_tensors, student_tensors, strict=True)):
+        if not isinstance(teacher, Tensor) or not isinstance(student, Tensor):
+            found = type(student if isinstance(teacher, Tensor) else teacher).__name__
+            raise ValueError(f"tensor {index}: teacher and student entries must be tensors, got a {found}")
         if teacher.dtype != torch.float32:
             raise ValueError(f"teacher tensor {index} must be float32, got {teacher.dtype}")
+        # (Dynamo cannot trace is_inference(); compiled code is functionalized, and torch checks there.)
+        if not torch.compiler.is_compiling() and teacher.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(INFERENCE_TEACHER)
         if student.dtype not in _STUDENT_DTYPES:
             raise ValueError(f"student tensor {index} must be float32, bfloat16 or float16, got {student.dtype}")
         if teacher.shape != student.shape:
@@ -76,6 +85,11 @@ class _EmaPlan(NamedTuple):
     student_dtypes: tuple[torch.dtype, ...]
     student_shapes: tuple[torch.Size, ...]
     student_strides: tuple[tuple[int, ...], ...]
+    teacher_strides: tuple[tuple[int, ...], ...]
+    # Teachers whose writes autograd must hear of (the kernel writes through raw pointers), and whether any
+    # is an inference tensor, which only an update inside inference mode may write (as torch's own ops).
+    versioned_teachers: list[Tensor]
+    has_inference_teacher: bool
 
     def still_matches(self, teacher_tensors: list[Tensor], student_tensors: list[Tensor]) -> bool:
         """True when the tables' raw addresses still belong to these tensors, although a freed tensor's
@@ -84,15 +98,18 @@ class _EmaPlan(NamedTuple):
         Teachers (written) must be the same live objects; students (only read) may be new views of the
         same storage, as `[p.detach() for p in student.parameters()]` gives on every call, with the same
         dtypes, shapes and strides (a transposed view of the same storage would be read in the wrong order
-        by a table built for the original, and a reshaped one would skip the shape check). map() keeps the
-        loops in C.
+        by a table built for the original, and a reshaped one would skip the shape check). The teachers'
+        shapes and strides are compared too: `teacher.data = teacher.data.t()` keeps the object and the
+        address but not the layout. map() keeps the loops in C.
         """
         return (
             len(teacher_tensors) == len(self.teacher_refs)
             and all(map(operator.is_, map(weakref.ref.__call__, self.teacher_refs), teacher_tensors))
             and tuple(map(operator.attrgetter("dtype"), student_tensors)) == self.student_dtypes
             and tuple(map(operator.attrgetter("shape"), student_tensors)) == self.student_shapes
+            and tuple(map(operator.attrgetter("shape"), teacher_tensors)) == self.student_shapes
             and tuple(map(Tensor.stride, student_tensors)) == self.student_strides
+            and tuple(map(Tensor.stride, teacher_tensors)) == self.teacher_strides
         )
 
 
@@ -106,7 +123,11 @@ _PLAN_CACHE_SIZE = 8
 
 
 def _ema_plan(teacher_tensors: list[Tensor], student_tensors: list[Tensor]) -> _EmaPlan:
-    key = (tuple(map(Tensor.data_ptr, teacher_tensors)), tuple(map(Tensor.data_ptr, student_tensors)))
+    try:
+        key = (tuple(map(Tensor.data_ptr, teacher_tensors)), tuple(map(Tensor.data_ptr, student_tensors)))
+    except TypeError:  # an entry that is no tensor: say which
+        _check_ema_inputs(teacher_tensors, student_tensors)
+        raise
     plan = _plan_cache.get(key)
     if plan is not None and plan.still_matches(teacher_tensors, student_tensors):
         _plan_cache.move_to_end(key)
@@ -130,6 +151,9 @@ def _ema_plan(teacher_tensors: list[Tensor], student_tensors: list[Tensor]) -> _
         tuple(student.dtype for student in student_tensors),
         tuple(student.shape for student in student_tensors),
         tuple(student.stride() for student in student_tensors),
+        tuple(teacher.stride() for teacher in teacher_tensors),
+        [teacher for teacher in teacher_tensors if not teacher.is_inference()],
+        any(teacher.is_inference() for teacher in teacher_tensors),
     )
     _plan_cache[key] = plan
     if len(_plan_cache) > _PLAN_CACHE_SIZE:
@@ -147,8 +171,13 @@ def _ema_update_impl(teacher_tensors: list[Tensor], student_tensors: list[Tensor
 
     # One launch per student dtype (in practice one: a model's parameters share a dtype).
     plan = _ema_plan(teacher_tensors, student_tensors)
+    if plan.has_inference_teacher and not torch.is_inference_mode_enabled():
+        raise RuntimeError(INFERENCE_TEACHER)
     for table in plan.tables:
         launch_ema_update(table, decay)
+    # The kernel writes through raw pointers, which autograd does not see: without this, a graph that saved
+    # a teacher tensor before the update would backpropagate with the new values instead of raising.
+    torch.autograd.graph.increment_version(plan.versioned_teachers)
     if plan.leftover_positions:
         ema_update_reference(
             [teacher_tensors[i] for i in plan.leftover_positions],
@@ -175,6 +204,10 @@ def _decay_tensor(decay: float | Tensor, device: torch.device) -> Tensor:
         if decay.dim() != 0:
             raise ValueError(f"decay must be a Python float or a 0-d tensor, got shape {tuple(decay.shape)}")
         return decay.detach().to(device=device, dtype=torch.float32)
+    if not isinstance(decay, numbers.Real) or isinstance(decay, bool):
+        raise ValueError(f"decay must be a Python float or a 0-d tensor, got {type(decay).__name__} {decay!r}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
     if torch.compiler.is_compiling():
         return torch.tensor(float(decay), dtype=torch.float32, device=device)
     key = (device, float(decay))
@@ -193,9 +226,16 @@ def ema_update_(teacher_tensors: Sequence[Tensor], student_tensors: Sequence[Ten
     pointer table, instead of one or more launches per tensor.
 
     Args:
-        teacher_tensors: float32 tensors (e.g. the teacher's parameters), updated in place.
+        teacher_tensors: float32 tensors (e.g. the teacher's parameters, or its floating-point buffers),
+            updated in place; integer tensors such as BatchNorm's num_batches_tracked are refused, so pass
+            parameters rather than all of state_dict().values(). A bfloat16 or float16 teacher is refused:
+            an average kept in 16 bits loses most (1 - decay) steps (a step of 1e-3 of the teacher-student
+            difference is under bfloat16's relative resolution of about 4e-3).
         student_tensors: the same shapes, float32/bfloat16/float16, on the same device.
-        decay: Python float or 0-d tensor, e.g. 0.999.
+        decay: Python float in [0, 1] or 0-d tensor, e.g. 0.999.
+
+    No gradient flows through the update; autograd is told that the teachers changed, so a graph that
+    saved one before the update raises at backward, as after any in-place op.
     """
     # Any iterable works (model.parameters() is a generator); the cached plan is found by the tensors.
     if not isinstance(teacher_tensors, (list, tuple)):
@@ -206,6 +246,8 @@ def ema_update_(teacher_tensors: Sequence[Tensor], student_tensors: Sequence[Ten
         raise ValueError(f"{len(teacher_tensors)} teacher tensors but {len(student_tensors)} student tensors")
     if len(teacher_tensors) == 0:
         return
+    if not isinstance(teacher_tensors[0], Tensor):
+        _check_ema_inputs(teacher_tensors, student_tensors)  # names the entry that is no tensor
     decay_tensor = _decay_tensor(decay, teacher_tensors[0].device)
     if torch.compiler.is_compiling():
         _check_ema_inputs(teacher_tensors, student_tensors)

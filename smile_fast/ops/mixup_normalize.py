@@ -22,6 +22,13 @@ def _check_inputs(images: Tensor, mean: Sequence[float], std: Sequence[float], o
         raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std must have 3 values each, got {len(mean)} and {len(std)}")
+    if not all(0.0 < float(value) <= 1.0 for value in std) or not all(0.0 <= float(value) <= 1.0 for value in mean):
+        # Both are fractions of the 0..255 range for image data; 0..255-scale values (123.7, ...) would
+        # normalize silently to nonsense, and a zero std divides by zero.
+        raise ValueError(
+            f"mean and std are on the 0..1 scale (ImageNet's: (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "
+            f"std above 0: got mean {tuple(mean)}, std {tuple(std)}"
+        )
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
 

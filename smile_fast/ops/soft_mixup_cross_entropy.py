@@ -182,11 +182,14 @@ def soft_mixup_cross_entropy(
 ) -> Tensor:
     """Soft cross-entropy of log_softmax(student) against the mixed teacher probabilities, batch mean.
 
+    The target is q = lam * softmax(teacher) + (1 - lam) * softmax(teacher)[perm], one row per sample.
+
     Args:
         student_logits: [B, K] float32/bfloat16/float16; receives the gradient.
-        teacher_logits: [B, K]; never receives a gradient.
-        perm: long [B].
-        lam: Python float or 0-d tensor.
+        teacher_logits: [B, K] float32/bfloat16/float16 (any of them, whatever the student's); never
+            receives a gradient.
+        perm: long [B], the mixup partner of each sample.
+        lam: Python float or 0-d tensor; receives no gradient (one that requires it is refused).
 
     Returns:
         0-d float32 loss `mean_b sum_k -q[b,k] log_softmax(student)[b,k]`.
@@ -202,13 +205,14 @@ def soft_mixup_cross_entropy(
 
 
 def soft_mixup_mse(student_logits: Tensor, teacher_logits: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:
-    """SMILE's paper-form sample-to-label loss `mean_b ||softmax(student)[b] - q[b]||^2`.
+    """SMILE's paper-form sample-to-label loss `mean_b ||softmax(student)[b] - q[b]||^2`, with
+    q = lam * softmax(teacher) + (1 - lam) * softmax(teacher)[perm].
 
     Args:
-        student_logits: [B, K]; receives the gradient.
-        teacher_logits: [B, K]; never receives a gradient.
-        perm: long [B].
-        lam: Python float or 0-d tensor.
+        student_logits: [B, K] float32/bfloat16/float16; receives the gradient.
+        teacher_logits: [B, K] float32/bfloat16/float16; never receives a gradient.
+        perm: long [B], the mixup partner of each sample.
+        lam: Python float or 0-d tensor; receives no gradient (one that requires it is refused).
 
     Returns:
         0-d float32 loss.
