@@ -86,7 +86,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--loader", choices=LOADER_CHOICES, help="auto (DALI on a GPU when installed), dali or torchvision")
     flag("--workers", type=int, help="loader processes / DALI threads per rank (default: its CPUs, at most 16)")
     flag("--device", help="auto (default), cpu, cuda or cuda:N")
-    flag("--eval-every", type=_integer, help="evaluate every N iterations (and at the end)")
+    flag(
+        "--eval-every",
+        type=_integer,
+        help="evaluate every N iterations (and at the end) and write the checkpoint last.pt then; a run stopped by "
+        "a signal writes it too, a crash loses the steps since the last evaluation",
+    )
     flag("--log-every", type=_integer, help="log a metrics row every N iterations (default 10)")
     flag("--out", help="run folder (default runs/<time>-<dataset>-<method>)")
     flag("--resume", help="continue a stopped run: its run folder or last.pt")
@@ -303,11 +308,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_text(per_process: int, world_size: int) -> str:
+    return (
+        str(per_process) if world_size == 1 else f"{per_process * world_size} ({world_size} processes x {per_process})"
+    )
+
+
 def _print_summary_table(summary: dict) -> None:
     top1 = summary["test_top1"]
     rows = [
         ("method", summary["method"] + (f" ({summary['smile_form']})" if summary.get("smile_form") else "")),
         ("iterations", str(summary["iters"])),
+        ("batch", _batch_text(summary.get("batch_size"), summary.get("world_size", 1))),
         ("weights", summary["weights"]),
         ("test top-1", f"{top1:.2f}%" if top1 is not None else "n/a"),
         ("images/s", f"{summary['train_images_per_sec']:.1f}"),

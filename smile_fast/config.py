@@ -26,6 +26,10 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # the modes that capture CUDA-graph trees
 
 
+# SMILE_SPEC.md: every paper run trains with batches of 48 images (one GPU).
+PAPER_BATCH = 48
+
+
 @dataclass
 class TrainConfig:
     # what to train
@@ -179,7 +183,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if config.iters is None:
         config.iters = 150 if demo else (15_000 if config.dataset == "food101" else 9_000)
     if config.batch_size is None:
-        config.batch_size = 32 if demo else 48
+        config.batch_size = 32 if demo else PAPER_BATCH
     if config.lr is None:
         config.lr = 0.001 if config.dataset == "indoor67" else 0.01
     if config.resize_size is None:

@@ -27,18 +27,41 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
+    """The device of `--device name` for this process: under torchrun, `auto` and `cuda` mean the GPU of
+    the process's LOCAL_RANK (one GPU per process)."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = torch.device(f"cuda:{local_rank}")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        if device.type != "cuda":
+            return device
         if not torch.cuda.is_available():
             raise UserError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+        if device.index is not None and local_world_size > 1:
+            # Every process would take the same GPU (NCCL then fails on a "duplicate GPU").
+            raise UserError(
+                f"--device {name} names one GPU for all {local_world_size} processes of this machine; use "
+                "--device cuda (each process takes the GPU of its LOCAL_RANK), and CUDA_VISIBLE_DEVICES to choose GPUs"
+            )
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        where = f"process {local_rank} of {local_world_size} on this machine needs" if local_world_size > 1 else "needs"
+        raise UserError(
+            f"{where} {device}, but {count} GPU{'' if count == 1 else 's'} {'is' if count == 1 else 'are'} visible"
+            + (
+                f"; start at most {count} processes per machine (torchrun --nproc_per_node={count})"
+                if local_world_size > 1
+                else ""
+            )
+        )
     return device
 
 
@@ -53,7 +76,7 @@ def setup_distributed(device_name: str, timeout_minutes: float = 10.0) -> tuple[
     import torch.distributed as dist
 
     context = DistributedContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    device = resolve_device(device_name, context.local_rank)
+    device = resolve_device(device_name, context.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

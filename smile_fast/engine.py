@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from smile_fast.checkpoint import load_checkpoint, save_atomic
-from smile_fast.config import RESUME_MAY_CHANGE, TrainConfig, build_config, resolve_for_device
+from smile_fast.config import PAPER_BATCH, RESUME_MAY_CHANGE, TrainConfig, build_config, resolve_for_device
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec
 from smile_fast.devices import cpu_has_fast_bfloat16, resolve_device, setup_distributed
@@ -169,8 +169,19 @@ class Trainer:
         self.run_dir = Path(config.out) if config.out else default_run_dir(config.dataset, config.method)
         if self.resume_state is not None:
             _refuse_finished_run(self.run_dir, self.resume_state, config.iters)
-        if self.dist.is_main:  # only the main rank writes the folder (other nodes may not even see it)
-            _check_run_dir(self.run_dir, resuming=self.resume_state is not None)
+            _refuse_other_world_size(self.run_dir, self.resume_state, self.dist.world_size, config.batch_size)
+        # Only the main rank reads the folder (other nodes may not even see it); the others learn its verdict,
+        # so that a refused folder is one line from each rank rather than the others' DDP tracebacks.
+        refused = None
+        if self.dist.is_main:
+            try:
+                _check_run_dir(self.run_dir, resuming=self.resume_state is not None)
+            except UserError as error:
+                refused = str(error)
+        if self.dist.enabled:
+            refused = _main_rank_says(refused)
+        if refused:
+            raise UserError(refused)
         if config.cuda_graph:
             from smile_fast.step_capture import check_cuda_graph_device
 
@@ -218,10 +229,27 @@ class Trainer:
         student, source, self.weights_description = build_models(
             config.model, self.num_classes, config.weights, with_aux_head=self.method.uses_teacher, log=self.log
         )
+        world = self.dist.world_size
         self.log(
             f"model {config.model}, weights: {self.weights_description}; {self.num_classes} classes, "
             f"{len(train_samples)} training / {len(self.test_samples)} test images; device {device}"
+            + (
+                f"; {world} processes x batch {config.batch_size} = global batch {world * config.batch_size}"
+                if world > 1
+                else ""
+            )
         )
+        if world > 1 and config.dataset not in ("demo", "imagefolder") and world * config.batch_size != PAPER_BATCH:
+            hint = f": --batch-size {PAPER_BATCH // world} gives the paper's" if PAPER_BATCH % world == 0 else ""
+            self.log(
+                f"note: the paper trains with a batch of {PAPER_BATCH} in all; this run's global batch is "
+                f"{world * config.batch_size} (--batch-size is per process{hint})"
+            )
+        if world > 1 and device.type == "cpu" and config.sync_bn:
+            self.log(
+                "note: SyncBatchNorm is for GPUs; on CPU processes each BatchNorm normalizes over its own "
+                f"batch of {config.batch_size}"
+            )
         if config.amp and device.type == "cpu" and not cpu_has_fast_bfloat16():
             self.log(
                 "note: this CPU has no AVX512-BF16 or AMX instructions, so --amp's half-precision convolutions "
@@ -263,7 +291,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if self.resume_state is None or moved:
                 write_manifest(manifest, train_samples)
-            write_config(self.run_dir, config.to_dict(), self.weights_description)
+            write_config(self.run_dir, config.to_dict(), self.weights_description, self.dist.world_size)
         self.metrics = (
             MetricsLog(self.run_dir / "metrics.csv", resume=self.resume_state is not None)
             if self.dist.is_main
@@ -354,6 +382,7 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "num_classes": self.num_classes,
+            "world_size": self.dist.world_size,  # --batch-size is per process (see _refuse_other_world_size)
             "wall_seconds": wall,
             "train_seconds": train_seconds,
         }
@@ -412,6 +441,8 @@ class Trainer:
                 if at_log or at_eval:
                     steps = iteration - last_row_iteration
                     last_row_iteration = iteration
+                    if self.dist.enabled:  # the global batch's mean, not the main rank's shard's
+                        loss_sum, part_sums = _mean_over_ranks(loss_sum, part_sums, self.dist.world_size)
                     mean_loss = loss_sum.item() / steps  # the one host sync of the interval
                     elapsed = time.perf_counter() - interval_start
                     train_seconds += elapsed
@@ -539,6 +570,47 @@ def _check_run_dir(run_dir: Path, resuming: bool) -> None:
         raise UserError(f"cannot create the run folder {run_dir}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write the run folder {run_dir}: {existing} is not writable")
+
+
+def _mean_over_ranks(
+    loss_sum: torch.Tensor, part_sums: dict[str, torch.Tensor], world_size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The interval's loss sums averaged over the ranks, in one all-reduce. Each rank's loss is its shard's
+    mean (L_fe, already the global batch's, is the same on every rank), so their mean is the global one;
+    every rank then also judges the same value finite or not, and stops together."""
+    import torch.distributed as dist
+
+    names = list(part_sums)
+    stacked = torch.stack([loss_sum.float(), *(torch.as_tensor(part_sums[name]).float() for name in names)])
+    dist.all_reduce(stacked)
+    stacked /= world_size
+    return stacked[0], {name: stacked[index + 1] for index, name in enumerate(names)}
+
+
+def _main_rank_says(value):
+    """The main rank's `value` on every rank (a collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _refuse_other_world_size(run_dir: Path, state: Mapping[str, Any], world_size: int, batch_size: int) -> None:
+    """--batch-size is per process: resumed with another number of processes, a run would go on at another
+    global batch (and another data order) without a word. Checkpoints written before this check hold no
+    world size and resume as before."""
+    trained = state.get("world_size")
+    if trained is None or int(trained) == world_size:
+        return
+    trained = int(trained)
+    how = (
+        "without torchrun" if trained == 1 else f"with {trained} processes in all (torchrun: nodes x --nproc_per_node)"
+    )
+    raise UserError(
+        f"{run_dir} trained with {trained} process{'es' if trained > 1 else ''} (global batch {trained * batch_size}); "
+        f"resume it {how}: with {world_size} the global batch would become {world_size * batch_size}"
+    )
 
 
 def _refuse_finished_run(run_dir: Path, state: Mapping[str, Any], iters: int) -> None:

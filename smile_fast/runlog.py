@@ -25,15 +25,22 @@ def write_text_atomic(path: Path, text: str) -> None:
 _NOT_REPEATED = ("out", "resume")
 
 
-def write_config(run_dir: Path, config: dict[str, Any], weights_used: str) -> None:
-    """config.yaml: every resolved setting of the run, reusable as `smile-fast train -c config.yaml`."""
+def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world_size: int = 1) -> None:
+    """config.yaml: every resolved setting of the run, reusable as `smile-fast train -c config.yaml`.
+    With several processes the commands name torchrun: batch_size is per process."""
     import yaml
 
+    launch = "smile-fast" if world_size == 1 else f"torchrun --nproc_per_node={world_size} -m smile_fast"
     header = (
-        "# smile-fast run settings. `smile-fast train -c config.yaml [--out DIR]` repeats this run in a new\n"
-        f"# folder; `smile-fast train --resume {run_dir}` continues it.\n"
+        f"# smile-fast run settings. `{launch} train -c config.yaml [--out DIR]` repeats this run in a new\n"
+        f"# folder; `{launch} train --resume {run_dir}` continues it.\n"
         f"# weights used: {weights_used}\n"
     )
+    if world_size > 1:
+        header += (
+            f"# trained by {world_size} processes in all (nodes x --nproc_per_node): batch_size is per process,\n"
+            f"# the global batch was {world_size * config['batch_size']}\n"
+        )
     settings = {key: value for key, value in config.items() if key not in _NOT_REPEATED}
     write_text_atomic(run_dir / "config.yaml", header + yaml.safe_dump(settings, sort_keys=False))
 

@@ -30,7 +30,7 @@ def test_demo_train_shortened(tmp_path, monkeypatch, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    for row in ("method", "iterations", "test top-1", "images/s", "run folder"):
+    for row in ("method", "iterations", "batch       8", "test top-1", "images/s", "run folder"):
         assert row in printed, f"the final table lacks {row!r}: {printed}"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "demo" and summary["method"] == "smile" and summary["iters"] == 2

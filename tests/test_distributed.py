@@ -8,6 +8,7 @@ global batch, the gradient averaging, the learning rate, the teacher's EMA and t
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -181,6 +182,21 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(folder, tmp
     assert summary_double["world_size"] == 2 and summary_single["world_size"] == 1
     assert summary_double["test_images"] == 15
     assert summary_double["test_top1"] == pytest.approx(summary_single["test_top1"]), "evaluation differs"
+    # The logged loss is the global batch's (both ranks' shards), as one process logs it.
+    losses = {
+        name: [float(row["loss"]) for row in csv.DictReader((tmp_path / name / "metrics.csv").open())]
+        for name in ("single", "double")
+    }
+    assert losses["double"] == pytest.approx(losses["single"], rel=1e-4), losses
+    header = (tmp_path / "double" / "config.yaml").read_text()
+    assert "`torchrun --nproc_per_node=2 -m smile_fast train -c config.yaml" in header, header
+    assert "batch_size is per process,\n# the global batch was 8" in header, header
+
+    # A new run into the finished one's folder: every rank says so in one line; none goes on into DDP.
+    refused = _run(folder, tmp_path / "double", 2, 4, "finetune", expect_success=False)
+    assert refused.returncode != 0
+    assert refused.stderr.count(f"smile-fast: error: {tmp_path / 'double'} already holds a run") == 2, refused.stderr
+    assert "DistributedDataParallel" not in refused.stderr and "Connection" not in refused.stderr, refused.stderr
 
 
 @pytest.mark.parametrize("extra_args", [(), ("--fused-input",)], ids=["normalized", "fused-input"])

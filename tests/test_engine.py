@@ -219,6 +219,26 @@ def _stopped_run(tiny_imagefolder, out, monkeypatch, iters=4, stop_after=2):
     return out
 
 
+def test_resume_with_another_number_of_processes_is_refused(tiny_imagefolder, tmp_path, monkeypatch):
+    """--batch-size is per process: a run of 2 processes resumed by 1 would go on at half its global batch."""
+    from smile_fast.checkpoint import save_atomic
+
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=2, stop_after=1)
+    state = load_checkpoint(out / "last.pt")
+    assert state["world_size"] == 1
+    state["world_size"] = 2  # as a torchrun run of 2 processes writes it
+    save_atomic(state, out / "last.pt")
+    with pytest.raises(
+        UserError,
+        match=r"trained with 2 processes \(global batch 8\); resume it with 2 processes in "
+        r"all \(torchrun: nodes x --nproc_per_node\): with 1 the global batch would become 4",
+    ):
+        train(_config(tiny_imagefolder, out, iters=2, eval_every=2, resume=str(out)), progress=False)
+    del state["world_size"]  # a checkpoint from before the check: resumes as before
+    save_atomic(state, out / "last.pt")
+    assert train(_config(tiny_imagefolder, out, iters=2, eval_every=2, resume=str(out)), progress=False)["iters"] == 2
+
+
 def test_resume_keeps_the_runs_settings_and_takes_only_how_it_runs(tiny_imagefolder, tmp_path, capsys, monkeypatch):
     """Re-running the original command with --resume works; a flag that would change what the run computes
     (here --iters) is a one-line error instead of being ignored; speed and logging flags apply."""
