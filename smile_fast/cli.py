@@ -334,6 +334,10 @@ def _print_summary_table(summary: dict) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from smile_fast.engine import evaluate_checkpoint
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every process would evaluate the whole test split and print the same line.
+        raise UserError("smile-fast eval runs in one process; start it without torchrun")
+
     result = evaluate_checkpoint(args.checkpoint, device=args.device, data_dir=args.data_dir)
     print(
         f"test top-1 {result['test_top1']:.2f}% on {result['test_images']} images "

@@ -244,3 +244,9 @@ def test_property_bad_numbers_are_one_line_and_status_2(argv, no_training, tmp_p
     captured.err = err.getvalue()
     assert_one_line_error(rc, captured, " ".join(argv))
     assert out.getvalue() == "", f"{argv}: nothing on stdout for an error"
+
+
+def test_eval_under_torchrun_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["eval", "no-such-run"]) == 2
+    assert "smile-fast eval runs in one process; start it without torchrun" in capsys.readouterr().err
