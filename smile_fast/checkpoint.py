@@ -56,6 +56,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
+        if (path.parent / "metrics.csv").is_file():
+            raise UserError(
+                f"{path.parent} holds no checkpoint: its run ended before the first one (written at each "
+                "evaluation, --eval-every), so there is nothing to resume or evaluate; start a new run"
+            )
         raise UserError(f"checkpoint {path} does not exist; pass a run folder or its last.pt")
     state = safe_load(path, "checkpoint")
     if not isinstance(state, dict) or "student" not in state or "config" not in state:

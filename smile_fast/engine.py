@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -69,6 +70,37 @@ class _StopSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         return False
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block is done (then are handled as usual): a checkpoint write is
+    never broken off halfway. Where signals cannot be blocked (not Unix), the block runs as it is."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _write_failed(path: Path, error: BaseException) -> TrainingStopped:
+    """A run-folder write that failed mid-run (disk full, permissions, the folder removed), as one line."""
+    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    previous = path.parent / "last.pt"
+    kept = (
+        f"the last checkpoint in {path.parent} is intact"
+        if previous.is_file()
+        else "no checkpoint had been written yet"
+    )
+    return TrainingStopped(
+        f"could not write {path} ({reason}); is the disk full or the folder not writable? {kept}; fix it and "
+        f"`smile-fast train --resume {shlex.quote(str(path.parent))}`",
+        exit_code=1,
+    )
 
 
 class PreparedData(NamedTuple):
@@ -205,6 +237,9 @@ class Trainer:
         from smile_fast.data.subsets import read_manifest, write_manifest
 
         splits, self.train_spec, self.test_spec, skipped = prepare_data(config, log=self.log)
+        if self.resume_state is not None:
+            _check_classes(self.run_dir, self.resume_state, splits.classes)
+        self.class_names = list(splits.classes)
         self.num_classes = len(splits.classes)
         self.test_samples = splits.test
         manifest = self.run_dir / "manifest.txt"
@@ -215,6 +250,10 @@ class Trainer:
             train_samples, gone = check_images(train_samples, _cache_dir() / "image-checks")
             if gone:
                 self.log(skipped_message(gone))
+                self.log(
+                    f"warning: the resumed run trains on {len(train_samples)} images, not the {len(recorded)} it "
+                    "started with, so its batches from here on differ from the stopped run's"
+                )
                 skipped = skipped + gone
         else:
             train_samples, moved = splits.train, False
@@ -298,7 +337,10 @@ class Trainer:
             else None
         )
         if self.metrics is not None and self.resume_state is not None:
-            self.metrics.drop_after(self.start_iteration)
+            try:
+                self.metrics.drop_after(self.start_iteration)
+            except OSError as error:
+                raise UserError(f"cannot rewrite {self.metrics.path} to resume the run: {error}") from None
 
     def _restore(self, state: dict[str, Any]) -> None:
         with _model_layout_check(self.run_dir):
@@ -382,11 +424,17 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "num_classes": self.num_classes,
+            "classes": self.class_names,  # label i is classes[i]: eval and --resume check the dataset still agrees
             "world_size": self.dist.world_size,  # --batch-size is per process (see _refuse_other_world_size)
             "wall_seconds": wall,
             "train_seconds": train_seconds,
         }
-        save_atomic(state, self.run_dir / "last.pt")
+        path = self.run_dir / "last.pt"
+        try:
+            with _signals_held():  # a second Ctrl-C waits for the write instead of breaking it off
+                save_atomic(state, path)
+        except (OSError, RuntimeError) as error:  # torch.save says "unexpected pos" when the disk is full
+            raise _write_failed(path, error) from error
 
     def _stop_agreed(self, stop: _StopSignal, iteration: int) -> bool:
         """All ranks stop at the same step boundary when any of them was signalled.
@@ -452,12 +500,7 @@ class Trainer:
                         # With fp16 the gradient scaler skips overflowing steps and lowers its scale:
                         # give it three log intervals to recover before declaring the run diverged.
                         if not self.scaler.is_enabled() or nonfinite_checks >= 3:
-                            raise TrainingStopped(
-                                f"the loss became {mean_loss} before iteration {iteration}; the last good checkpoint "
-                                f"(iteration {last_good_iteration}) is kept in {self.run_dir}; try a lower --lr "
-                                "or --amp-dtype bfloat16",
-                                exit_code=3,
-                            )
+                            raise TrainingStopped(_diverged_message(self, mean_loss, iteration, last_good_iteration), 3)
                     else:
                         nonfinite_checks = 0
                     row = {
@@ -471,8 +514,14 @@ class Trainer:
                     if at_eval:
                         top1 = self.evaluate()
                         row["test_top1"] = top1
+                    if at_eval and math.isfinite(mean_loss):  # the checkpoint first: a failing log must not cost it
+                        self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
+                        last_good_iteration = iteration
                     if self.metrics is not None:
-                        self.metrics.append(row)
+                        try:
+                            self.metrics.append(row)
+                        except OSError as error:
+                            raise _write_failed(self.metrics.path, error) from error
                     if not self.progress:
                         self.log(
                             f"iteration {iteration}/{config.iters}: loss {mean_loss:.4f}, lr {row['lr']:.3g}, "
@@ -484,9 +533,6 @@ class Trainer:
                         img_s=f"{images_per_sec:.0f}",
                         **({"top1": f"{top1:.1f}"} if top1 is not None else {}),
                     )
-                    if at_eval and math.isfinite(mean_loss):
-                        self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
-                        last_good_iteration = iteration
                     loss_sum.zero_()
                     part_sums = {}
                     interval_images, interval_start = 0, time.perf_counter()
@@ -500,7 +546,7 @@ class Trainer:
                     signum = stop.requested or signal.SIGTERM  # a rank that only agreed to the others' stop
                     raise TrainingStopped(
                         f"stopped by {signal.Signals(signum).name} at iteration {iteration}; checkpoint written; "
-                        f"continue with `smile-fast train --resume {self.run_dir}`",
+                        f"continue with `smile-fast train --resume {shlex.quote(str(self.run_dir))}`",
                         exit_code=128 + int(signum),
                     )
         progress.close()
@@ -537,8 +583,14 @@ class Trainer:
             **environment(self.device),
         }
         if self.dist.is_main:
-            write_summary(self.run_dir, summary)
-            plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
+            try:
+                write_summary(self.run_dir, summary)
+            except OSError as error:
+                raise _write_failed(self.run_dir / "summary.json", error) from error
+            try:
+                plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
+            except (OSError, ValueError) as error:  # a picture of the log: the run itself is done
+                self.log(f"warning: could not draw {self.run_dir / 'curves.png'}: {error}")
         return summary
 
 
@@ -558,10 +610,17 @@ def _check_run_dir(run_dir: Path, resuming: bool) -> None:
         metrics = run_dir / "metrics.csv"
         if metrics.is_file() and len(metrics.read_text(encoding="utf-8", errors="replace").splitlines()) > 1:
             found.append("metrics.csv")
+        if found == ["metrics.csv"]:
+            # A run that ended before its first checkpoint (it diverged, or was killed): its log is kept,
+            # but there is nothing to resume.
+            raise UserError(
+                f"{run_dir} holds the metrics.csv of a run that ended before its first checkpoint, so there is "
+                "nothing to resume; give another --out (or remove the folder to reuse it)"
+            )
         if found:
             raise UserError(
                 f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
-                f"`smile-fast train --resume {run_dir}`, or give another --out"
+                f"`smile-fast train --resume {shlex.quote(str(run_dir))}`, or give another --out"
             )
     existing = run_dir
     while not existing.exists():
@@ -570,6 +629,43 @@ def _check_run_dir(run_dir: Path, resuming: bool) -> None:
         raise UserError(f"cannot create the run folder {run_dir}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write the run folder {run_dir}: {existing} is not writable")
+
+
+def _check_classes(where: str | Path, state: Mapping[str, Any], classes: list[str]) -> None:
+    """The dataset's classes, in label order, must be the run's: a renamed, added or removed class folder
+    shifts the labels, and the checkpoint would score (or train on) the wrong ones without a word.
+    Checkpoints written before the class list was recorded are not checked."""
+    recorded = state.get("classes")
+    if recorded is None or list(recorded) == list(classes):
+        return
+    from smile_fast.data.images import listed
+
+    gone = [name for name in recorded if name not in set(classes)]
+    new = [name for name in classes if name not in set(recorded)]
+    what = []
+    if gone:
+        what.append(f"missing now: {listed(gone)}")
+    if new:
+        what.append(f"new: {listed(new)}")
+    if not what:
+        what.append("the same names in another order")
+    raise UserError(
+        f"the dataset's classes differ from those {where} was trained on ({len(recorded)} then, {len(classes)} now; "
+        f"{'; '.join(what)}), so its labels would not match; use the dataset as it was (--data-dir)"
+    )
+
+
+def _diverged_message(trainer: Trainer, loss: float, iteration: int, last_good_iteration: int) -> str:
+    """What a diverged run leaves and what to do: --resume keeps the run's --lr, so a lower one is a new run."""
+    config = trainer.config
+    if (trainer.run_dir / "last.pt").is_file():
+        kept = f"the last good checkpoint (iteration {last_good_iteration}) is kept in {trainer.run_dir}"
+    else:
+        kept = f"no checkpoint was written yet (the first is at iteration {min(config.eval_every, config.iters)})"
+    remedy = "start a new run (another --out) with a lower --lr"
+    if config.amp and config.amp_dtype == "float16":
+        remedy += " or --amp-dtype bfloat16"
+    return f"the loss became {loss} before iteration {iteration}; {kept}; {remedy}"
 
 
 def _mean_over_ranks(
@@ -715,6 +811,7 @@ def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = 
     config = build_config(values)
     device_obj = resolve_device(config.device)
     splits, _, test_spec, _ = prepare_data(config, log=log, with_train=False)
+    _check_classes(path, state, splits.classes)
     student, _, _ = build_models(config.model, len(splits.classes), "none", with_aux_head=state["teacher"] is not None)
     with _model_layout_check(path):
         student.load_state_dict(state["student"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world
     launch = "smile-fast" if world_size == 1 else f"torchrun --nproc_per_node={world_size} -m smile_fast"
     header = (
         f"# smile-fast run settings. `{launch} train -c config.yaml [--out DIR]` repeats this run in a new\n"
-        f"# folder; `{launch} train --resume {run_dir}` continues it.\n"
+        f"# folder; `{launch} train --resume {shlex.quote(str(run_dir))}` continues it.\n"
         f"# weights used: {weights_used}\n"
     )
     if world_size > 1:
@@ -78,17 +79,32 @@ class MetricsLog:
             return
         with self.path.open(newline="") as stream:
             rows = list(csv.reader(stream))
-        kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= iteration]
+        # A row cut short (the run was killed mid-write) is dropped with the rows after the checkpoint.
+        header = rows[0] if rows else list(self.COLUMNS)
+        kept = [header] + [row for row in rows[1:] if _logged_at_or_before(row, iteration, len(header))]
         with self.path.open("w", newline="") as stream:
             csv.writer(stream).writerows(kept)
 
     def append(self, row: dict[str, Any]) -> None:
+        new_file = not self.path.is_file()  # removed while the run went on: start it again with its header
         with self.path.open("a", newline="") as stream:
-            csv.writer(stream).writerow([_format(row.get(column)) for column in self.COLUMNS])
+            writer = csv.writer(stream)
+            if new_file:
+                writer.writerow(self.COLUMNS)
+            writer.writerow([_format(row.get(column)) for column in self.COLUMNS])
 
     def rows(self) -> list[dict[str, str]]:
         with self.path.open(newline="") as stream:
             return list(csv.DictReader(stream))
+
+
+def _logged_at_or_before(row: list[str], iteration: int, width: int) -> bool:
+    if len(row) != width:
+        return False
+    try:
+        return int(row[0]) <= iteration
+    except ValueError:
+        return False
 
 
 def _format(value: Any) -> str:

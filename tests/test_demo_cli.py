@@ -58,3 +58,12 @@ def test_a_run_writes_only_in_its_run_folder_and_the_cache(tmp_path, monkeypatch
     outside = [p for p in written if not any(p.is_relative_to(root) for root in allowed)]
     assert not outside, f"files written outside the run folder and the cache: {outside}"
     assert (work / "runs" / "from-yaml" / "summary.json").is_file()
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("SMILE_FAST_CACHE", str(blocked / "cache"))
+    assert main(["train", "--iters", "1", "--weights", "none", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the demo dataset into the cache folder" in err and "SMILE_FAST_CACHE" in err, err

@@ -513,3 +513,120 @@ def test_without_a_progress_bar_each_log_interval_is_a_line(tiny_imagefolder, tm
     lines = [line for line in said if line.startswith("iteration ")]
     assert [line.split(":")[0] for line in lines] == ["iteration 2/4", "iteration 3/4", "iteration 4/4"], said
     assert "test top-1" in lines[1] and "test top-1" not in lines[0] and "images/s" in lines[0]
+
+
+def test_a_run_that_diverged_before_its_first_checkpoint_says_so_and_what_to_do(
+    tiny_imagefolder, tmp_path, monkeypatch
+):
+    """No "last good checkpoint" that does not exist; the folder is then refused by --resume and by a new run
+    with the reason (nothing to resume), not the advice to resume it."""
+    out = tmp_path / "nan-early"
+    original_call = TrainingStep.__call__
+
+    def poisoned(self, iteration, *batch):  # one logged row (iteration 1), then NaN before the evaluation at 3
+        loss, parts = original_call(self, iteration, *batch)
+        return (loss * float("nan") if iteration >= 1 else loss), parts
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingStep, "__call__", poisoned)
+        with pytest.raises(TrainingStopped) as stop:
+            train(_config(tiny_imagefolder, out, method="finetune", log_every=1), progress=False)
+    assert stop.value.exit_code == 3
+    message = str(stop.value)
+    assert "no checkpoint was written yet (the first is at iteration 3)" in message, message
+    assert "start a new run (another --out) with a lower --lr" in message and "amp-dtype" not in message, message
+    with pytest.raises(UserError, match="ended before its first checkpoint, so there is nothing to resume"):
+        train(_config(tiny_imagefolder, out, method="finetune"), progress=False)
+    with pytest.raises(UserError, match="holds no checkpoint: its run ended before the first one"):
+        train(_config(tiny_imagefolder, out, method="finetune", resume=str(out)), progress=False)
+
+
+def test_eval_and_resume_refuse_a_dataset_whose_classes_changed(tmp_path, monkeypatch):
+    """A renamed class folder shifts every label after it: eval would report 0% and resume would train on
+    the wrong labels, without a word."""
+    from smile_fast.engine import evaluate_checkpoint
+
+    data = write_tiny_imagefolder(tmp_path / "data")
+    out = _stopped_run(data, tmp_path / "run", monkeypatch, iters=2, stop_after=1)
+    assert load_checkpoint(out)["classes"] == ["c0", "c1", "c2", "c3"]
+    for split in ("train", "test"):
+        (data / split / "c0").rename(data / split / "z0")
+    expected = r"classes differ from those .* was trained on \(4 then, 4 now; missing now: c0; new: z0\)"
+    with pytest.raises(UserError, match=expected):
+        evaluate_checkpoint(str(out), device="cpu")
+    with pytest.raises(UserError, match=expected):
+        train(_config(data, out, iters=2, eval_every=2, resume=str(out)), progress=False)
+
+
+def test_a_failed_run_folder_write_is_one_line_and_keeps_the_checkpoint(tiny_imagefolder, tmp_path, monkeypatch):
+    """Disk full while logging: exit status 1, a message naming the file and the way back; the evaluation's
+    checkpoint was written first. The same for the checkpoint write itself (torch.save's disk-full error)."""
+    from smile_fast.runlog import MetricsLog
+
+    out = tmp_path / "full"
+    original_append = MetricsLog.append
+
+    def full_at_the_evaluation(self, row):
+        if row.get("test_top1") is not None:
+            raise OSError(28, "No space left on device")
+        original_append(self, row)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MetricsLog, "append", full_at_the_evaluation)
+        with pytest.raises(TrainingStopped) as stop:
+            train(_config(tiny_imagefolder, out, method="finetune"), progress=False)
+    assert stop.value.exit_code == 1
+    assert f"could not write {out / 'metrics.csv'} ([Errno 28] No space left on device)" in str(stop.value)
+    assert "the last checkpoint in" in str(stop.value) and "--resume" in str(stop.value)
+    assert load_checkpoint(out)["iteration"] == 3
+
+    def torch_save_on_a_full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 62748992 vs 62748888")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", torch_save_on_a_full_disk)
+        with pytest.raises(TrainingStopped) as stop:
+            train(_config(tiny_imagefolder, tmp_path / "full2", method="finetune"), progress=False)
+    assert stop.value.exit_code == 1 and "is the disk full" in str(stop.value)
+    assert "no checkpoint had been written yet" in str(stop.value)
+
+
+def test_signals_wait_for_the_checkpoint_write():
+    from smile_fast.engine import _signals_held
+
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        with _signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert received == [], "the signal was handled during the write"
+        assert received == [signal.SIGINT], "the held signal was lost"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_metrics_log_survives_a_cut_last_line_and_its_own_removal(tmp_path):
+    """A run killed mid-write leaves a partial row; resuming drops it rather than failing to parse it. A log
+    removed while the run goes on starts again with its header."""
+    from smile_fast.runlog import MetricsLog
+
+    path = tmp_path / "metrics.csv"
+    log = MetricsLog(path, resume=False)
+    for iteration in (2, 4):
+        log.append({"iteration": iteration, "loss": 1.0})
+    with path.open("a") as stream:
+        stream.write("ab,0.01")  # cut off mid-row
+    MetricsLog(path, resume=True).drop_after(4)
+    assert [line.split(",")[0] for line in path.read_text().splitlines()] == ["iteration", "2", "4"]
+    path.unlink()
+    log.append({"iteration": 6, "loss": 1.0})
+    assert [row["iteration"] for row in log.rows()] == ["6"]
+
+
+def test_commands_in_config_yaml_are_quoted_for_the_shell(tmp_path):
+    from smile_fast.runlog import write_config
+
+    run_dir = tmp_path / "my runs" / "rün 1"
+    run_dir.mkdir(parents=True)
+    write_config(run_dir, {"batch_size": 4}, "none")
+    assert f"`smile-fast train --resume '{run_dir}'` continues it" in (run_dir / "config.yaml").read_text()
