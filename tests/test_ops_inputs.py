@@ -287,3 +287,16 @@ def test_ema_update_of_an_inference_teacher_outside_inference_mode_is_refused(pa
     with torch.inference_mode():
         ops.ema_update_([teacher], [torch.ones(3)], 0.5)
     assert torch.equal(teacher, torch.full((3,), 0.5))
+
+
+def test_ema_update_keeps_no_dropped_teacher_alive(path: str) -> None:
+    """The kernel path caches a launch plan per set of tensors; it must not hold the teacher itself."""
+    import gc
+    import weakref
+
+    teacher, student = torch.zeros(3), torch.ones(3)
+    ops.ema_update_([teacher], [student], 0.5)
+    alive = weakref.ref(teacher)
+    del teacher
+    gc.collect()
+    assert alive() is None, "a cached EMA plan keeps the teacher tensor alive"

@@ -86,9 +86,8 @@ class _EmaPlan(NamedTuple):
     student_shapes: tuple[torch.Size, ...]
     student_strides: tuple[tuple[int, ...], ...]
     teacher_strides: tuple[tuple[int, ...], ...]
-    # Teachers whose writes autograd must hear of (the kernel writes through raw pointers), and whether any
-    # is an inference tensor, which only an update inside inference mode may write (as torch's own ops).
-    versioned_teachers: list[Tensor]
+    # Whether any teacher is an inference tensor, which only an update inside inference mode may write (as
+    # torch's own ops). The plan holds no teacher itself (a strong reference would keep a dropped model alive).
     has_inference_teacher: bool
 
     def still_matches(self, teacher_tensors: list[Tensor], student_tensors: list[Tensor]) -> bool:
@@ -152,7 +151,6 @@ def _ema_plan(teacher_tensors: list[Tensor], student_tensors: list[Tensor]) -> _
         tuple(student.shape for student in student_tensors),
         tuple(student.stride() for student in student_tensors),
         tuple(teacher.stride() for teacher in teacher_tensors),
-        [teacher for teacher in teacher_tensors if not teacher.is_inference()],
         any(teacher.is_inference() for teacher in teacher_tensors),
     )
     _plan_cache[key] = plan
@@ -177,7 +175,8 @@ def _ema_update_impl(teacher_tensors: list[Tensor], student_tensors: list[Tensor
         launch_ema_update(table, decay)
     # The kernel writes through raw pointers, which autograd does not see: without this, a graph that saved
     # a teacher tensor before the update would backpropagate with the new values instead of raising.
-    torch.autograd.graph.increment_version(plan.versioned_teachers)
+    # (Inference tensors have no version counter; increment_version passes over them.)
+    torch.autograd.graph.increment_version(teacher_tensors)
     if plan.leftover_positions:
         ema_update_reference(
             [teacher_tensors[i] for i in plan.leftover_positions],
