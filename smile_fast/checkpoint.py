@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from smile_fast.atomic_file import atomic_write
-from smile_fast.errors import UserError
+from smile_fast.errors import UserError, first_line
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
@@ -24,11 +24,6 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, binary=True) as stream:
         torch.save(state, stream)
-
-
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:limit] if text else type(error).__name__
 
 
 def safe_load(path: Path, what: str) -> Any:
@@ -47,7 +42,7 @@ def safe_load(path: Path, what: str) -> Any:
             "written by torch.save of tensors/state_dicts are accepted"
         ) from None
     except Exception as error:  # noqa: BLE001 - torch.load raises many types on corrupt input (EOF, IndexError, ...)
-        raise UserError(f"cannot read {what} {path}: {_first_line(error)}") from None
+        raise UserError(f"cannot read {what} {path}: {first_line(error)}") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smile_fast.errors import UserError
+from smile_fast.errors import UserError, first_line
 
 DATASET_CHOICES = ("demo", "cub", "cars", "aircraft", "indoor67", "food101", "imagefolder")
 METHOD_CHOICES = ("finetune", "mixup", "cutmix", "smile")
@@ -123,7 +123,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise UserError(f"config file {path} is not valid YAML: {first_line(error)}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of setting: value")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}

@@ -28,7 +28,7 @@ from smile_fast.config import PAPER_BATCH, RESUME_MAY_CHANGE, TrainConfig, build
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec
 from smile_fast.devices import cpu_has_fast_bfloat16, resolve_device, setup_distributed
-from smile_fast.errors import UserError
+from smile_fast.errors import UserError, first_line
 from smile_fast.methods import build_method
 from smile_fast.models import build_models
 from smile_fast.run_environment import environment
@@ -89,7 +89,7 @@ def _signals_held():
 
 def _write_failed(path: Path, error: BaseException) -> TrainingStopped:
     """A run-folder write that failed mid-run (disk full, permissions, the folder removed), as one line."""
-    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    reason = first_line(error, 160)
     previous = path.parent / "last.pt"
     kept = (
         f"the last checkpoint in {path.parent} is intact"
@@ -791,7 +791,7 @@ def _model_layout_check(where: str | Path):
     try:
         yield
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0][:160]
+        first = first_line(error, 160)
         raise UserError(
             f"the checkpoint in {where} does not fit the model this version of smile-fast builds ({first}); "
             "start a new run, or use the version that wrote it"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from smile_fast.checkpoint import safe_load
-from smile_fast.errors import UserError
+from smile_fast.errors import UserError, first_line
 
 # torchvision constructor name -> (weights enum name, name of the last Linear in the model).
 # IMAGENET1K_V1 is the weight set the paper's ResNet-50 results were produced with (76.1% top-1),
@@ -181,7 +181,7 @@ def build_source_model(name: str, weights: str = "auto", log=print) -> tuple[nn.
             model = getattr(torchvision.models, name)(weights=tv_weights, progress=sys.stderr.isatty())
             return model, f"imagenet ({enum_name}.{member}{', cached' if cached else ', downloaded'})"
         except Exception as error:  # noqa: BLE001 - any download failure (no network, proxy, disk) lands here
-            reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+            reason = first_line(error, 120)
             if weights == "imagenet":
                 raise UserError(
                     f"cannot get ImageNet weights for {name} (not in {_cached_weights_file(tv_weights).parent} "
