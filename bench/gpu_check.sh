@@ -109,7 +109,10 @@ PYEOF
 if part tests; then
 say "1. GPU tests"
 # On the GPU only the CUDA cases (-k cuda: 211 of 463, the ones CI skips); CI runs the rest on its CPU.
-limited $((240 * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -x -p no:cacheprovider "${TEST_SEL[@]}" "${TEST_K[@]}" 2>&1 | tail -n 25 | tee -a "$LOG"
+# TEST_LIMIT (seconds, default 240) shortens it on a lease split into several calls; --durations says
+# where the time went, for sizing the next one.
+limited $(( ${TEST_LIMIT:-240} * TS)) "${KERNEL_ENV[@]}" "$PY" -m pytest -q -x -p no:cacheprovider --durations=8 \
+  "${TEST_SEL[@]}" "${TEST_K[@]}" 2>&1 | tail -n 35 | tee -a "$LOG"
 fi
 
 if part step48; then
