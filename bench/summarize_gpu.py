@@ -123,14 +123,15 @@ def main() -> None:
         lines += with_and_without_lines(
             "--cudnn-benchmark (the small-batch step's stack)", _load(out / "step_b48.json"), cudnn
         )
-    fused_conv = _load(out / "step_b48_teacher_fused_conv.json")
-    if fused_conv:
-        lines += step_lines("step b{batch} --teacher-fused-conv", fused_conv)
-        lines += with_and_without_lines(
-            "--teacher-fused-conv (the small-batch step's stack)", _load(out / "step_b48.json"), fused_conv
-        )
-        for problem in fused_conv.get("cudnn_fusion_problems") or []:
-            lines.append(f"  not fused by cuDNN: {problem}")
+    # --teacher-fused-conv is on by default with CUDA and AMP, so part 3h times the step without it.
+    unfused, small = _load(out / "step_b48_no_teacher_fused_conv.json"), _load(out / "step_b48.json")
+    if unfused:
+        lines += step_lines("step b{batch} --no-teacher-fused-conv", unfused)
+        if small and small.get("teacher_fused_conv"):  # off by default on a CPU: then nothing to compare
+            lines += with_and_without_lines("--teacher-fused-conv (the small-batch step's stack)", unfused, small)
+    for name in ("step_b48.json", "step_b256.json"):
+        for problem in (_load(out / name) or {}).get("cudnn_fusion_problems") or []:
+            lines.append(f"  not fused by cuDNN ({name}): {problem}")
     for capture in sorted(out.glob("step_capture*.json")):  # --cuda-graph, with and without lookahead
         lines += step_lines(capture.stem, _load(capture))
     lines += fused_input_lines(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from smile_fast.config import TrainConfig, build_config
+from smile_fast.config import TrainConfig, build_config, teacher_fused_conv_default
 from smile_fast.data.transforms import normalize_uint8
 from smile_fast.devices import resolve_device
 from smile_fast.errors import UserError
@@ -68,7 +68,7 @@ def build_step_runner(
     teacher_lookahead: bool = False,
     fused_input: bool = False,
     cudnn_benchmark: bool = False,
-    teacher_fused_conv: bool = False,
+    teacher_fused_conv: bool | None = None,  # None: the product's default (config.teacher_fused_conv_default)
     fold_teacher_bn: bool = True,
     teacher_stream: bool = True,
     num_classes: int = 200,
@@ -278,7 +278,7 @@ def run_step_benchmark(
     teacher_lookahead: bool = False,
     fused_input: bool = False,
     cudnn_benchmark: bool = False,
-    teacher_fused_conv: bool = False,
+    teacher_fused_conv: bool | None = None,
     device: str = "auto",
     steps: int = 20,
     warmup: int = 5,
@@ -304,6 +304,10 @@ def run_step_benchmark(
         warmup = max(warmup, 11)
     if channels_last is None:
         channels_last = device_obj.type == "cuda"
+    if teacher_fused_conv is None:  # the product's default, so that the figures are the product's
+        teacher_fused_conv = "smile" in methods and teacher_fused_conv_default(
+            model, device_obj, amp=amp, fold_teacher_bn=fold_teacher_bn
+        )
     settings = dict(
         model=model,
         batch_size=batch_size,

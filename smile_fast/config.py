@@ -72,7 +72,9 @@ class TrainConfig:
     fused_input: bool = False  # the loader stops at uint8; the step normalizes (and mixes) in one kernel
     fold_teacher_bn: bool = True
     cudnn_benchmark: bool = False  # CUDA: cuDNN times its algorithms for each convolution shape once
-    teacher_fused_conv: bool = False  # folded ResNet teacher: bias, residual add and ReLU in cuDNN's epilogue
+    # Folded ResNet teacher: bias, residual add and ReLU in cuDNN's epilogue. None: on where it was measured
+    # to help (resolve_for_device), else off.
+    teacher_fused_conv: bool | None = None
     teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
     sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch, as on one GPU
     loader: str = "auto"
@@ -203,10 +205,26 @@ def resolve_for_device(config: TrainConfig, device) -> TrainConfig:
 
     channels_last: on with CUDA, where bf16 and fp32 convolutions run in cuDNN's NHWC kernels without
     layout transposes; off on a CPU, where it measured within the noise here (2-3%, bench/RESULTS.md).
+    teacher_fused_conv: see teacher_fused_conv_default.
     """
     if config.channels_last is None:
         config.channels_last = device.type == "cuda"
+    if config.teacher_fused_conv is None:
+        config.teacher_fused_conv = config.method == "smile" and teacher_fused_conv_default(
+            config.model, device, amp=config.amp, fold_teacher_bn=config.fold_teacher_bn
+        )
     return config
+
+
+def teacher_fused_conv_default(model: str, device, *, amp: bool, fold_teacher_bn: bool) -> bool:
+    """Whether the teacher's convolutions run with cuDNN's fused epilogues when no flag says.
+
+    On where it was measured (bench/RESULTS.md, H100, 2026-11-27): CUDA, AMP, a BN-folded ResNet. The
+    teacher's forward alone went from 4.14 to 2.22 ms at batch 48, and the SMILE step of the full stack
+    from 1.220 to 1.192 times the finetune step (1.246 to 1.202 at batch 256). Off on a CPU (the same ops
+    one by one, no gain) and in float32 on CUDA (not measured, and cuDNN might pick TF32 kernels there).
+    """
+    return device.type == "cuda" and amp and fold_teacher_bn and model.startswith("resnet")
 
 
 # Settings that have a command-line flag, named as the flag in error messages.

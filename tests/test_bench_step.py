@@ -161,6 +161,10 @@ def test_teacher_fused_conv_is_recorded_and_refused_where_it_cannot_apply(tmp_pa
     argv.remove("--teacher-fused-conv")
     assert main([*argv, "--methods", "smile", "--baseline", "eager-fp32"]) == 2
     assert "--baseline eager-fp32 times the authors' ResNet step" in capsys.readouterr().err
+    # Unasked, it follows the product's default, which is off on a CPU (and for a model it cannot fuse).
+    argv[argv.index("efficientnet_b4")] = "resnet18"
+    assert main([*argv, "--methods", "smile", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["teacher_fused_conv"] is False
 
 
 def test_smiles_per_step_figure_spreads_its_teacher_update_over_ema_every_steps():
