@@ -164,6 +164,14 @@ def main() -> None:
             f"train --loader dali ({dali_run.get('device_name')}): {dali_run['iters']} its, "
             f"top-1 {dali_run['test_top1']:.1f}%, {dali_run['train_images_per_sec']:.0f} images/s"
         )
+    for bench in (_load(out / "pytest_step_bench.json") or {}).get("benchmarks", []):  # part pybench
+        info = bench.get("extra_info", {})
+        if "smile_over_finetune" in info:
+            lines.append(
+                f"pytest bench step ({info.get('device_name')}, b{info.get('batch_size')}): SMILE / finetune "
+                f"{info['smile_over_finetune']:.3f} (finetune {info['finetune_ms_per_step']:.2f} ms, "
+                f"SMILE {info['smile_ms_per_step']:.2f} ms; the test asserts <= 1.20 on CUDA, <= 1.45 on a CPU)"
+            )
     ddp = _load(out / "ddp_summary.json")
     if ddp:
         lines.append(
