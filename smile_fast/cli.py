@@ -276,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None, help="DataLoader workers or DALI threads (default: as train picks them)"
     )
     loader.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="batches in channels-last memory format, as train gives the model (default: on with CUDA, as train)",
+    )
+    loader.add_argument(
         "--dali-decoder-option",
         action="append",
         default=[],
@@ -377,7 +383,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = _bench_loader(args)
         print(
             f"{result['loader']} on {result['device_name']}: {result['images_per_sec']:.1f} images/s "
-            f"(batch {result['batch_size']}, {result['iterations']} batches)"
+            f"(batch {result['batch_size']}, {result['iterations']} batches, "
+            f"{'channels-last' if result['memory_format'] == 'channels_last' else 'NCHW'})"
         )
     else:
         raise UserError("choose a benchmark: `smile-fast bench step` or `smile-fast bench loader`")
@@ -397,15 +404,20 @@ def _bench_loader(args: argparse.Namespace) -> dict:
     config = build_config(overrides={"dataset": args.dataset, "data_dir": args.data_dir, "device": args.device})
     splits, train_spec, _, skipped = prepare_data(config)
     workers = args.workers if args.workers is not None else default_workers()
+    device = resolve_device(args.device)
+    # As train decides it (config.resolve_for_device): on CUDA the loader hands the model NHWC batches,
+    # which DALI writes directly; timing NCHW there would time a layout training does not use.
+    channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
     result = run_loader_benchmark(
         args.loader,
         splits.train,
         train_spec,
         args.batch_size,
-        resolve_device(args.device),
+        device,
         args.iterations,
         args.warmup,
         workers,
+        channels_last=channels_last,
         dali_decoder_options=dict(args.dali_decoder_option),
     )
     # The files the up-front check left out (as training leaves them out) count as skipped too.

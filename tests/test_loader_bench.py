@@ -20,6 +20,7 @@ RESULT_KEYS = {
     "device",
     "device_name",
     "images_per_sec",
+    "memory_format",
     "batch_size",
     "iterations",
     "warmup",
@@ -73,6 +74,11 @@ def test_benchmark_reports_images_per_second_through_the_train_transform(loader,
     assert math.isclose(result["images_per_sec"], 3 * 4 / result["seconds"])
     assert (result["dali_version"] is not None) == dali.dali_available()
     assert result["resize_by"] == {"torchvision": "PIL", "dali": "torch"}[loader]
+    assert result["channels_last"] is False and result["memory_format"] == "contiguous"
+    nhwc = run_loader_benchmark(
+        loader, photos, SMALL, 4, torch.device("cpu"), iterations=1, warmup=0, num_workers=1, channels_last=True
+    )
+    assert nhwc["channels_last"] is True and nhwc["memory_format"] == "channels_last"
 
 
 def test_bad_arguments_are_user_errors(photos, monkeypatch):

@@ -49,7 +49,8 @@ def run_loader_benchmark(
     start-up and the first batches (DALI builds its pipeline, the DataLoader forks its workers) fall
     in the warm-up. Returns a JSON-ready dict: run_environment.environment's fields (device, device_name,
     versions, commit, command, date), loader, images_per_sec, batch_size, iterations, warmup,
-    num_workers, seconds, channels_last, resize, resize_size, crop_size, skipped_files, resize_by,
+    num_workers, seconds, channels_last, memory_format (the last batch's, as checked), resize, resize_size,
+    crop_size, skipped_files, resize_by,
     num_samples, dali_version, and for DALI dali_decoder_options (what was given, over data/dali.py's
     GPU_DECODER_DEFAULTS) with dali_decoder_options_used (False on a CPU, whose decoder takes none).
     """
@@ -86,6 +87,8 @@ def run_loader_benchmark(
         batches.close()  # stops DataLoader workers / frees the DALI pipeline now, not at garbage collection
     if tuple(images.shape) != (batch_size, 3, spec.crop_size, spec.crop_size):
         raise RuntimeError(f"the {loader} loader gave a batch of shape {tuple(images.shape)}")
+    # What the model was handed, checked rather than assumed from the request.
+    memory_format = "channels_last" if images.is_contiguous(memory_format=torch.channels_last) else "contiguous"
     return {
         **environment(device),
         "loader": loader,
@@ -96,6 +99,7 @@ def run_loader_benchmark(
         "num_workers": num_workers,
         "seconds": seconds,
         "channels_last": channels_last,
+        "memory_format": memory_format,
         "resize": spec.resize,
         "resize_size": spec.resize_size,
         "crop_size": spec.crop_size,
