@@ -112,6 +112,40 @@ def test_jpeg_size_reads_the_frame_header_as_pil_does(tmp_path, mode, options):
     assert encoded_images.jpeg_size(b"\xff\xd8\xff\xe0\x00\x10JFIF") is None
 
 
+def test_batch_reader_reads_what_read_encoded_reads_into_reused_memory(tmp_path):
+    """BatchReader (the DALI feeder's reads) gives read_encoded's bytes and sizes for every kind of file,
+    keeps a batch intact for `depth` reads, and then reuses its memory, which is what makes it cheaper."""
+    paths = []
+    for name, size, form, options in [
+        ("a.jpg", (37, 23), "JPEG", {}),
+        ("b.jpg", (64, 48), "JPEG", {"progressive": True}),
+        ("c.png", (20, 30), "PNG", {}),
+        ("d.jpg", (16, 12), "GIF", {}),  # a GIF named .jpg: DALI cannot decode it, so it is re-encoded
+        ("e.jpg", (300, 200), "JPEG", {"quality": 95}),
+    ]:
+        path = tmp_path / name
+        Image.fromarray(np.random.default_rng(len(paths)).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(
+            path, format=form, **options
+        )
+        paths.append(str(path))
+    expected = [encoded_images.read_encoded(path) for path in paths]
+    reader = encoded_images.BatchReader(depth=2)
+
+    def same(got, want):
+        return all(g[1:] == w[1:] and np.array_equal(g[0], w[0]) for g, w in zip(got, want, strict=True))
+
+    first = reader.read(paths)
+    assert same(first, expected)
+    assert [shape[1:] for shape in first] == [(23, 37), (48, 64), (30, 20), (12, 16), (200, 300)]
+    second = reader.read(paths[::-1])
+    assert same(second, expected[::-1]) and same(first, expected), "a batch stays intact for depth reads"
+    third = reader.read(paths)
+    assert same(third, expected)
+    assert np.shares_memory(third[0][0], first[0][0]), "after depth reads the memory is reused"
+    with pytest.raises(ValueError, match="depth must be at least 1"):
+        encoded_images.BatchReader(depth=0)
+
+
 # --- the pipeline against the spec's transform -------------------------------------------------------
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from smile_fast.data.crop_geometry import CropWindow, crop_window, resized_size
-from smile_fast.data.encoded_images import read_encoded
+from smile_fast.data.encoded_images import BatchReader
 from smile_fast.data.host_crop import crop_on_host, normalize_on_host, one_torch_thread
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
@@ -113,16 +113,21 @@ GPU_DECODER_DEFAULTS = {"jpeg_fancy_upsampling": True}
 
 
 class _SampleFeeder:
-    """Reads files and draws crop windows: (path, augment seed or None) -> (encoded bytes, CropWindow)."""
+    """Reads files and draws crop windows: (path, augment seed or None) -> (encoded bytes, CropWindow).
 
-    def __init__(self, spec: TransformSpec, seed: int):
+    It runs on the training loop's thread, so the files are read into reused memory (BatchReader): the
+    arrays it returns stay valid for `depth` calls, and DALI copies them when it is fed.
+    """
+
+    def __init__(self, spec: TransformSpec, seed: int, depth: int = 3):
         self.spec = spec
         self.seed = seed
+        self._reader = BatchReader(depth)
 
     def __call__(self, items: Sequence[tuple[str, int | None]]) -> tuple[list[np.ndarray], list[CropWindow]]:
         encoded_batch, windows = [], []
-        for path, augment_seed in items:
-            encoded, height, width = read_encoded(path)
+        read = self._reader.read([path for path, _ in items])
+        for (encoded, height, width), (_, augment_seed) in zip(read, items, strict=True):
             out_height, out_width = resized_size(self.spec, height, width)
             draw_seed = None if augment_seed is None else augment_seed ^ self.seed
             top, left, mirror = crop_window(self.spec, out_height, out_width, draw_seed)
@@ -263,7 +268,8 @@ class _DaliBatches:
     def __init__(self, next_items: Callable[[], list[tuple[str, int, int | None]]], settings: _PipelineSettings):
         self.settings = settings
         self._pending: deque[tuple[list[CropWindow], list[int]]] = deque()
-        feeder = _SampleFeeder(settings.spec, settings.seed)
+        # One more buffer than the batches DALI asks for ahead of the consumer.
+        feeder = _SampleFeeder(settings.spec, settings.seed, depth=settings.prefetch_queue_depth + 1)
         crop = settings.spec.crop_size
 
         def source() -> object:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,15 +60,79 @@ def read_encoded(path: str) -> tuple[np.ndarray, int, int]:
     DALI decoder is told not to either. Formats DALI cannot decode are decoded with PIL
     (images.load_rgb) and handed over as a lossless PNG.
     """
+    data = Path(path).read_bytes()
+    if not _decoder_reads(data[:12]):
+        return _reencoded(path)
+    height, width = _stored_size(data)
+    return np.frombuffer(data, dtype=np.uint8), height, width
+
+
+class BatchReader:
+    """read_encoded for a batch of files, into memory it reuses instead of a new bytes object per file.
+
+    Why: DALI's feeder reads every image on the training loop's thread, so its cost per image caps the
+    loader. On the 2-core development machine (a Firecracker VM, as the GPU machines are) reading
+    73 KB JPEGs into new bytes objects took 119-159 us per file, into memory already touched 40-53 us
+    (480 files, interleaved, three times). In the feeder, with two batches alive as DALI keeps them,
+    the whole per-image cost went from a median 103 to 73 us. Threads did not help: reads in 2-8
+    threads took longer than in one, here.
+
+    `read(paths)` returns (uint8 array, height, width) per path, as read_encoded does. The arrays are
+    views into one of `depth` buffers used in turn, so they stay valid until `depth` more batches have
+    been read. DALI's external_source copies what its source returns when it is fed (its default,
+    no_copy=False), so the loader needs them only until the call returns; depth adds a margin.
+    """
+
+    def __init__(self, depth: int = 3):
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
+        self._buffers = [np.empty(0, dtype=np.uint8) for _ in range(depth)]
+        self._turn = 0
+
+    def read(self, paths: Sequence[str]) -> list[tuple[np.ndarray, int, int]]:
+        sizes = [os.stat(path).st_size for path in paths]
+        buffer = self._next_buffer(sum(sizes))
+        view = memoryview(buffer)
+        results, offset = [], 0
+        for path, size in zip(paths, sizes, strict=True):
+            with open(path, "rb", buffering=0) as file:
+                count = file.readinto(view[offset : offset + size])
+            data = view[offset : offset + count]
+            if count != size or not _decoder_reads(bytes(data[:12])):
+                # Changed since the stat, or a format DALI cannot decode: the one-file path handles both.
+                results.append(read_encoded(path))
+                continue
+            height, width = _stored_size(data)
+            results.append((buffer[offset : offset + count], height, width))
+            offset += count
+        return results
+
+    def _next_buffer(self, size: int) -> np.ndarray:
+        self._turn = (self._turn + 1) % len(self._buffers)
+        if self._buffers[self._turn].size < size:
+            # A quarter more than this batch needs, so that slightly larger batches later fit too.
+            self._buffers[self._turn] = np.empty(size + size // 4, dtype=np.uint8)
+        return self._buffers[self._turn]
+
+
+def _decoder_reads(head: bytes) -> bool:
+    """Whether DALI's decoder reads a file that starts with these (at least 12) bytes."""
+    return head.startswith(DECODER_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _stored_size(data: bytes | memoryview) -> tuple[int, int]:
+    """(height, width) from a JPEG's frame header, else from PIL's header parse."""
     from PIL import Image
 
-    data = Path(path).read_bytes()
-    if data.startswith(DECODER_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
-        size = jpeg_size(data) if data.startswith(b"\xff\xd8\xff") else None
-        if size is None:
-            with Image.open(io.BytesIO(data)) as image:
-                size = image.height, image.width
-        return np.frombuffer(data, dtype=np.uint8), size[0], size[1]
+    size = jpeg_size(data) if bytes(data[:3]) == b"\xff\xd8\xff" else None
+    if size is None:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.height, image.width
+    return size
+
+
+def _reencoded(path: str) -> tuple[np.ndarray, int, int]:
+    """An image DALI cannot decode (a GIF named .jpg, say), decoded with PIL and re-encoded as a lossless PNG."""
     from smile_fast.data.images import load_rgb
 
     image = load_rgb(path)
