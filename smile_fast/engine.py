@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,16 +76,27 @@ class _StopSignal:
 @contextlib.contextmanager
 def _signals_held():
     """SIGINT and SIGTERM wait until the block is done (then are handled as usual): a checkpoint write is
-    never broken off halfway. Where signals cannot be blocked (not Unix), the block runs as it is."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask"):
+    never broken off halfway.
+
+    Held in Python, not with pthread_sigmask: a mask holds a signal only for the thread that sets it, and
+    a training process has other threads (torch's, DALI's, the DataLoader's), any of which the kernel may
+    hand a Ctrl-C to; Python then runs the handler in the main thread all the same, halfway through the
+    write. So for the block the handlers only note what came, and the notes are raised again after it.
+    Outside the main thread handlers cannot be set, and the block runs as it is.
+    """
+    held = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    came: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: came.append(signum)) for signum in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(came):  # once each, in order: a second Ctrl-C during the write is the same request
+            signal.raise_signal(signum)
 
 
 def _write_failed(path: Path, error: BaseException) -> TrainingStopped:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -591,17 +592,41 @@ def test_a_failed_run_folder_write_is_one_line_and_keeps_the_checkpoint(tiny_ima
     assert "no checkpoint had been written yet" in str(stop.value)
 
 
-def test_signals_wait_for_the_checkpoint_write():
+@pytest.mark.parametrize("sender", ["main thread", "another thread"])
+def test_signals_wait_for_the_checkpoint_write(sender):
+    """Also when the kernel hands the signal to another thread, as it may in a training process (torch's,
+    DALI's or the DataLoader's threads): Python runs handlers in the main thread all the same. A thread
+    mask (the first version) held it only when the main thread got it."""
+    import threading
+
     from smile_fast.engine import _signals_held
 
     received = []
+    go = threading.Event()
+
+    def send_when_told():
+        go.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    # Started before the block, so that its signal mask is the usual one (a thread copies its creator's).
+    thread = threading.Thread(target=send_when_told)
+    thread.start()
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         with _signals_held():
-            os.kill(os.getpid(), signal.SIGINT)
+            if sender == "main thread":
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)  # a second Ctrl-C during the write
+            else:
+                go.set()  # to the process: the kernel may hand it to any thread that does not block it
+                thread.join()
+            time.sleep(0.2)  # time for the handler to run, if it were going to run now
             assert received == [], "the signal was handled during the write"
-        assert received == [signal.SIGINT], "the held signal was lost"
+        time.sleep(0.05)
+        assert received == [signal.SIGINT], "the held signal was lost, or handled twice"
     finally:
+        go.set()
+        thread.join()
         signal.signal(signal.SIGINT, previous)
 
 
