@@ -223,6 +223,8 @@ def teacher_fused_conv_default(model: str, device, *, amp: bool, fold_teacher_bn
     teacher's forward alone went from 4.14 to 2.22 ms at batch 48, and the SMILE step of the full stack
     from 1.220 to 1.192 times the finetune step (1.246 to 1.202 at batch 256). Off on a CPU (the same ops
     one by one, no gain) and in float32 on CUDA (not measured, and cuDNN might pick TF32 kernels there).
+    The speed was measured with bf16; float16 runs the same cuDNN entry points, and the CUDA tests check
+    both against the unfused teacher (tests/test_fused_conv.py), so it is on there too.
     """
     return device.type == "cuda" and amp and fold_teacher_bn and model.startswith("resnet")
 

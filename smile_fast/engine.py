@@ -92,11 +92,25 @@ def _signals_held():
     previous = {signum: signal.signal(signum, lambda signum, frame: came.append(signum)) for signum in held}
     try:
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(came):  # once each, in order: a second Ctrl-C during the write is the same request
+    except BaseException:
+        # The block failed (a write error): that error ends the run, and a handler raising here would hide
+        # it. The signals it held are dropped with it.
+        _restore_handlers(previous)
+        raise
+    _restore_handlers(previous)
+    for signum in dict.fromkeys(came):  # once each, in order: a second Ctrl-C during the write is the same request
+        handler = previous[signum]
+        # Called here rather than raised again, so that it runs now, in this frame, whatever the interpreter's
+        # next check for pending signals would be.
+        if callable(handler):
+            handler(signum, None)
+        elif handler == signal.SIG_DFL:
             signal.raise_signal(signum)
+
+
+def _restore_handlers(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def _write_failed(path: Path, error: BaseException) -> TrainingStopped:
@@ -447,6 +461,14 @@ class Trainer:
                 save_atomic(state, path)
         except (OSError, RuntimeError) as error:  # torch.save says "unexpected pos" when the disk is full
             raise _write_failed(path, error) from error
+        except KeyboardInterrupt:
+            # A second Ctrl-C (stop now) came during the write and was held until it was complete: say so,
+            # rather than a bare "interrupted" that leaves the user wondering whether last.pt survived.
+            raise TrainingStopped(
+                f"interrupted at iteration {next_iteration}; checkpoint written; continue with "
+                f"`smile-fast train --resume {shlex.quote(str(self.run_dir))}`",
+                exit_code=128 + int(signal.SIGINT),
+            ) from None
 
     def _stop_agreed(self, stop: _StopSignal, iteration: int) -> bool:
         """All ranks stop at the same step boundary when any of them was signalled.

@@ -146,6 +146,24 @@ def test_batch_reader_reads_what_read_encoded_reads_into_reused_memory(tmp_path)
         encoded_images.BatchReader(depth=0)
 
 
+def test_batch_reader_reads_a_file_that_changed_since_it_was_sized_whole(tmp_path, monkeypatch):
+    """A file rewritten between the size check and the read (longer or shorter) is read whole, not cut."""
+    path = tmp_path / "image.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(path)
+    whole = path.read_bytes()
+    real_stat = encoded_images.os.stat
+    for wrong in (len(whole) // 2, len(whole) + 100):  # it grew since, or shrank since
+
+        class Stat:
+            st_size = wrong
+
+        monkeypatch.setattr(
+            encoded_images.os, "stat", lambda p, *a, **k: Stat() if p == str(path) else real_stat(p, *a, **k)
+        )
+        ((data, height, width),) = encoded_images.BatchReader().read([str(path)])
+        assert bytes(data) == whole and (height, width) == (60, 80)
+
+
 # --- the pipeline against the spec's transform -------------------------------------------------------
 
 

@@ -630,6 +630,60 @@ def test_signals_wait_for_the_checkpoint_write(sender):
         signal.signal(signal.SIGINT, previous)
 
 
+def _saving_trainer(run_dir):
+    """Just what Trainer.save reads, for the tests of what happens around the write."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(2, 2)
+    return SimpleNamespace(
+        dist=SimpleNamespace(is_main=True, world_size=1),
+        config=SimpleNamespace(to_dict=lambda: {}),
+        student=model,
+        teacher=None,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        device=torch.device("cpu"),
+        num_classes=2,
+        class_names=["a", "b"],
+        run_dir=run_dir,
+    )
+
+
+def test_a_second_ctrl_c_during_the_stop_checkpoint_says_the_checkpoint_was_written(tmp_path, monkeypatch):
+    """The first Ctrl-C asked for a stop; a second one during its checkpoint write means "now". It waits
+    for the write, then ends the run with the resume command, not a bare "interrupted"."""
+    import smile_fast.engine as engine
+    from smile_fast.checkpoint import save_atomic
+
+    def write_with_a_ctrl_c(state, path):
+        signal.raise_signal(signal.SIGINT)
+        save_atomic(state, path)
+
+    monkeypatch.setattr(engine, "save_atomic", write_with_a_ctrl_c)
+    with engine._StopSignal() as stop:
+        stop.requested = signal.SIGINT
+        with pytest.raises(engine.TrainingStopped, match="checkpoint written; continue with") as stopped:
+            engine.Trainer.save(_saving_trainer(tmp_path), 7, 1.0, 1.0)
+    assert stopped.value.exit_code == 130
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["iteration"] == 7, "the write was completed"
+
+
+def test_a_failed_write_is_reported_even_with_a_signal_held(tmp_path, monkeypatch):
+    """A write error (disk full) during which a Ctrl-C came is the error's one line, not a KeyboardInterrupt."""
+    import smile_fast.engine as engine
+
+    def full_disk(state, path):
+        signal.raise_signal(signal.SIGINT)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine, "save_atomic", full_disk)
+    with engine._StopSignal() as stop:
+        stop.requested = signal.SIGINT
+        with pytest.raises(engine.TrainingStopped, match="No space left on device") as stopped:
+            engine.Trainer.save(_saving_trainer(tmp_path), 7, 1.0, 1.0)
+    assert stopped.value.exit_code == 1
+
+
 def test_metrics_log_survives_a_cut_last_line_and_its_own_removal(tmp_path):
     """A run killed mid-write leaves a partial row; resuming drops it rather than failing to parse it. A log
     removed while the run goes on starts again with its header."""

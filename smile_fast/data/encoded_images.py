@@ -91,15 +91,18 @@ class BatchReader:
 
     def read(self, paths: Sequence[str]) -> list[tuple[np.ndarray, int, int]]:
         sizes = [os.stat(path).st_size for path in paths]
-        buffer = self._next_buffer(sum(sizes))
+        # One spare byte: each read asks for one byte more than the stat said, so that a file grown since
+        # (rewritten in place) shows up as a longer read instead of being cut short without a word.
+        buffer = self._next_buffer(sum(sizes) + 1)
         view = memoryview(buffer)
         results, offset = [], 0
         for path, size in zip(paths, sizes, strict=True):
             with open(path, "rb", buffering=0) as file:
-                count = file.readinto(view[offset : offset + size])
+                count = file.readinto(view[offset : offset + size + 1])
             data = view[offset : offset + count]
             if count != size or not _decoder_reads(bytes(data[:12])):
                 # Changed since the stat, or a format DALI cannot decode: the one-file path handles both.
+                # (The next file is read at the same offset, over whatever this one left there.)
                 results.append(read_encoded(path))
                 continue
             height, width = _stored_size(data)
