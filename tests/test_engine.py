@@ -649,39 +649,33 @@ def _saving_trainer(run_dir):
     )
 
 
-def test_a_second_ctrl_c_during_the_stop_checkpoint_says_the_checkpoint_was_written(tmp_path, monkeypatch):
-    """The first Ctrl-C asked for a stop; a second one during its checkpoint write means "now". It waits
-    for the write, then ends the run with the resume command, not a bare "interrupted"."""
+@pytest.mark.parametrize("write", ["completes", "fails: disk full"])
+def test_a_ctrl_c_during_the_stop_checkpoint_waits_and_the_run_ends_in_one_line(write, tmp_path, monkeypatch):
+    """The first Ctrl-C asked for a stop; a second one during its checkpoint write means "now". It waits for
+    the write, then ends the run with the resume command, not a bare "interrupted". If the write fails
+    (disk full), the run ends with that error's one line, not a KeyboardInterrupt that hides it."""
     import smile_fast.engine as engine
     from smile_fast.checkpoint import save_atomic
 
     def write_with_a_ctrl_c(state, path):
         signal.raise_signal(signal.SIGINT)
-        save_atomic(state, path)
+        if write == "completes":
+            save_atomic(state, path)
+        else:
+            raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(engine, "save_atomic", write_with_a_ctrl_c)
+    expected, exit_code = {
+        "completes": ("checkpoint written; continue with", 130),
+        "fails: disk full": ("No space left on device", 1),
+    }[write]
     with engine._StopSignal() as stop:
         stop.requested = signal.SIGINT
-        with pytest.raises(engine.TrainingStopped, match="checkpoint written; continue with") as stopped:
+        with pytest.raises(engine.TrainingStopped, match=expected) as stopped:
             engine.Trainer.save(_saving_trainer(tmp_path), 7, 1.0, 1.0)
-    assert stopped.value.exit_code == 130
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["iteration"] == 7, "the write was completed"
-
-
-def test_a_failed_write_is_reported_even_with_a_signal_held(tmp_path, monkeypatch):
-    """A write error (disk full) during which a Ctrl-C came is the error's one line, not a KeyboardInterrupt."""
-    import smile_fast.engine as engine
-
-    def full_disk(state, path):
-        signal.raise_signal(signal.SIGINT)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(engine, "save_atomic", full_disk)
-    with engine._StopSignal() as stop:
-        stop.requested = signal.SIGINT
-        with pytest.raises(engine.TrainingStopped, match="No space left on device") as stopped:
-            engine.Trainer.save(_saving_trainer(tmp_path), 7, 1.0, 1.0)
-    assert stopped.value.exit_code == 1
+    assert stopped.value.exit_code == exit_code
+    if write == "completes":
+        assert torch.load(tmp_path / "last.pt", weights_only=False)["iteration"] == 7, "the write was completed"
 
 
 def test_metrics_log_survives_a_cut_last_line_and_its_own_removal(tmp_path):
