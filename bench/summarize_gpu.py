@@ -112,6 +112,19 @@ def where_lines(out: Path) -> list[str]:
     return []
 
 
+def part_time_lines(out: Path) -> list[str]:
+    """gpu_check's part_seconds.tsv as one line: each part's wall time, or that the budget skipped it. The
+    next lease is sized from these (gpu_check.sh's EXPECT table)."""
+    try:
+        rows = [line.split("\t") for line in (out / "part_seconds.tsv").read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+    if not rows:
+        return []
+    shown = [f"{name} {value}" + ("" if value == "skipped" else " s") for name, value in rows]
+    return ["part times: " + ", ".join(shown)]
+
+
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-results")
     lines = where_lines(out)
@@ -188,6 +201,7 @@ def main() -> None:
         for problem in overlap.get("cudnn_fusion_problems") or []:
             lines.append(f"  not fused by cuDNN: {problem}")
     lines += ops_lines(_load(out / "ops_bench.json"))
+    lines += part_time_lines(out)
     print("\n".join(lines))
 
 
