@@ -113,6 +113,10 @@ def _restore_handlers(previous: dict) -> None:
         signal.signal(signum, handler)
 
 
+# sysexits.h's EX_IOERR: a wrapper script can tell "free the disk, then --resume" from a crash (status 1).
+EXIT_WRITE_FAILED = 74
+
+
 def _write_failed(path: Path, error: BaseException) -> TrainingStopped:
     """A run-folder write that failed mid-run (disk full, permissions, the folder removed), as one line."""
     reason = first_line(error, 160)
@@ -125,7 +129,7 @@ def _write_failed(path: Path, error: BaseException) -> TrainingStopped:
     return TrainingStopped(
         f"could not write {path} ({reason}); is the disk full or the folder not writable? {kept}; fix it and "
         f"`smile-fast train --resume {shlex.quote(str(path.parent))}`",
-        exit_code=1,
+        exit_code=EXIT_WRITE_FAILED,
     )
 
 

@@ -560,7 +560,7 @@ def test_eval_and_resume_refuse_a_dataset_whose_classes_changed(tmp_path, monkey
 
 
 def test_a_failed_run_folder_write_is_one_line_and_keeps_the_checkpoint(tiny_imagefolder, tmp_path, monkeypatch):
-    """Disk full while logging: exit status 1, a message naming the file and the way back; the evaluation's
+    """Disk full while logging: exit status 74 (EX_IOERR, not a crash's 1), a message naming the file and the way back; the evaluation's
     checkpoint was written first. The same for the checkpoint write itself (torch.save's disk-full error)."""
     from smile_fast.runlog import MetricsLog
 
@@ -576,7 +576,7 @@ def test_a_failed_run_folder_write_is_one_line_and_keeps_the_checkpoint(tiny_ima
         patch.setattr(MetricsLog, "append", full_at_the_evaluation)
         with pytest.raises(TrainingStopped) as stop:
             train(_config(tiny_imagefolder, out, method="finetune"), progress=False)
-    assert stop.value.exit_code == 1
+    assert stop.value.exit_code == 74
     assert f"could not write {out / 'metrics.csv'} ([Errno 28] No space left on device)" in str(stop.value)
     assert "the last checkpoint in" in str(stop.value) and "--resume" in str(stop.value)
     assert load_checkpoint(out)["iteration"] == 3
@@ -588,7 +588,7 @@ def test_a_failed_run_folder_write_is_one_line_and_keeps_the_checkpoint(tiny_ima
         patch.setattr(torch, "save", torch_save_on_a_full_disk)
         with pytest.raises(TrainingStopped) as stop:
             train(_config(tiny_imagefolder, tmp_path / "full2", method="finetune"), progress=False)
-    assert stop.value.exit_code == 1 and "is the disk full" in str(stop.value)
+    assert stop.value.exit_code == 74 and "is the disk full" in str(stop.value)
     assert "no checkpoint had been written yet" in str(stop.value)
 
 
