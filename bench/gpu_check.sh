@@ -26,8 +26,8 @@
 #   3a. step time finetune vs SMILE, ResNet-50, bf16, batch 48, full stack ($STACK, below) + eager fp32
 #       baseline -> step_b48.json
 #   3b. the same at batch 256                               -> step_b256.json
-#   3e. the step captured by hand (--cuda-graph; with and without --teacher-lookahead), batch 48 and 256
-#       -> step_capture[_lookahead]_b*.json
+#   3e. the step captured by hand (--cuda-graph; --teacher-lookahead with and without --teacher-background,
+#       and neither), batch 48 and 256 -> step_capture[_lookahead|_background]_b*.json
 #   3f. the same captured step with --fused-input (uint8 batches, normalize+mix in one kernel), batch 48
 #       -> step_capture_lookahead_fused_b48.json (compare with step_capture_lookahead_b48.json)
 #   3d. can the teacher hide behind the student (streams, graphs)? -> overlap.json
@@ -150,7 +150,7 @@ declare -A EXPECT=(
   [tests]=40      # est.: 66 m as one process; now TEST_JOBS processes side by side
   [step48]=124    # m (cold Inductor cache; unique kernel names still on then)
   [step256]=102   # m (the same)
-  [capture]=180   # est.: its tests 85 s m on the H200, then four compiled runs that find step48/256's cache
+  [capture]=210   # est.: its tests 85 s m on the H200, then six compiled runs that find step48/256's cache
   [fused]=30      # est.: 12 s m on the H200 without compilation
   [overlap]=31    # m
   [ops]=45        # est.: the whole part 56 s m on the H200, now its graph-replay half by default
@@ -225,14 +225,20 @@ if part capture; then
 if [ "$GPU" = 1 ]; then
   say "3e. captured step: real CUDA graphs against the eager step (tests/test_step_capture.py)"
   limited $((120 * TS)) "$PY" -m pytest -q -p no:cacheprovider tests/test_step_capture.py 2>&1 | tail -n 15 | tee -a "$LOG"
-  # Lookahead first at each size: the second run of a size finds the compiled code in Inductor's cache.
+  # Lookahead first at each size: the later runs of a size find the compiled code in Inductor's cache.
+  # Then the lookahead with --teacher-background (the student's graph on a high-priority stream), then
+  # the captured step without lookahead.
   for batch in "$B_SMALL" "$B_LARGE"; do
-    for lookahead in teacher-lookahead no-teacher-lookahead; do
-      say "3e. step time batch $batch, the step captured by hand (--cuda-graph, --$lookahead)"
-      name="step_capture$([ "$lookahead" = teacher-lookahead ] && echo _lookahead)_b$batch"
+    for variant in lookahead background plain; do
+      case "$variant" in
+        lookahead) flags=(--teacher-lookahead --no-teacher-background); name="step_capture_lookahead_b$batch" ;;
+        background) flags=(--teacher-lookahead --teacher-background); name="step_capture_background_b$batch" ;;
+        plain) flags=(--no-teacher-lookahead --no-teacher-background); name="step_capture_b$batch" ;;
+      esac
+      say "3e. step time batch $batch, the step captured by hand (--cuda-graph ${flags[*]})"
       limited $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" \
         --amp --channels-last "$([ "$CAPTURE_COMPILE" = 1 ] && echo --compile || echo --no-compile)" --cuda-graph \
-        --"$lookahead" --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" --json "$OUT/$name.json" 2>&1 \
+        "${flags[@]}" --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" --json "$OUT/$name.json" 2>&1 \
         | grep -v Warning | tail -n 8 | tee -a "$LOG"
     done
   done

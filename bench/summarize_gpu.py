@@ -150,6 +150,12 @@ def main() -> None:
     lines += fused_input_lines(
         _load(out / "step_capture_lookahead_b48.json"), _load(out / "step_capture_lookahead_fused_b48.json")
     )
+    for batch in (48, 256):  # --teacher-background against the same lookahead step (gpu_check part 3e)
+        lines += with_and_without_lines(
+            "--teacher-background (captured step, lookahead)",
+            _load(out / f"step_capture_lookahead_b{batch}.json"),
+            _load(out / f"step_capture_background_b{batch}.json"),
+        )
     variants = _load(out / "teacher_variants.json") or {}
     for name, result in variants.items():
         lines.append(

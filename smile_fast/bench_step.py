@@ -66,6 +66,7 @@ def build_step_runner(
     compile_mode: str = "default",
     cuda_graph: bool = False,
     teacher_lookahead: bool = False,
+    teacher_background: bool = False,
     fused_input: bool = False,
     cudnn_benchmark: bool = False,
     teacher_fused_conv: bool | None = None,  # None: the product's default (config.teacher_fused_conv_default)
@@ -90,6 +91,7 @@ def build_step_runner(
             compile_mode=compile_mode,
             cuda_graph=cuda_graph,
             teacher_lookahead=teacher_lookahead,
+            teacher_background=teacher_background,
             fused_input=fused_input,
             cudnn_benchmark=cudnn_benchmark,
             teacher_fused_conv=teacher_fused_conv,
@@ -276,6 +278,7 @@ def run_step_benchmark(
     compile_mode: str = "default",
     cuda_graph: bool = False,
     teacher_lookahead: bool = False,
+    teacher_background: bool = False,
     fused_input: bool = False,
     cudnn_benchmark: bool = False,
     teacher_fused_conv: bool | None = None,
@@ -319,6 +322,7 @@ def run_step_benchmark(
         compile_mode=compile_mode,
         cuda_graph=cuda_graph,
         teacher_lookahead=teacher_lookahead,
+        teacher_background=teacher_background,
         fused_input=fused_input,
         cudnn_benchmark=cudnn_benchmark,
         teacher_fused_conv=teacher_fused_conv,
@@ -340,6 +344,7 @@ def run_step_benchmark(
         "compile_mode": compile_mode if compile else None,
         "cuda_graph": cuda_graph,
         "teacher_lookahead": teacher_lookahead,
+        "teacher_background": teacher_background,
         "fused_input": fused_input,
         "cudnn_benchmark": cudnn_benchmark and device_obj.type == "cuda",
         "teacher_fused_conv": teacher_fused_conv,
@@ -400,6 +405,7 @@ def format_step_table(result: dict[str, Any]) -> str:
         f"compile={result['compile_mode'] if result['compile'] else False}"
         f"{', captured step' if result.get('cuda_graph') else ''}"
         f"{', teacher lookahead' if result.get('teacher_lookahead') else ''}"
+        f"{' in the background' if result.get('teacher_background') else ''}"
         f"{', fused uint8 input' if result.get('fused_input') else ''}"
         f"{', cudnn benchmark' if result.get('cudnn_benchmark') else ''}"
         f"{', teacher fused conv' if result.get('teacher_fused_conv') else ''})",

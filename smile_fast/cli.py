@@ -161,6 +161,13 @@ def _add_capture_flags(add_argument, default: bool | None) -> None:
         default=default,
         help="with --cuda-graph: the next batch's teacher forward runs beside this step's forward and backward",
     )
+    add_argument(
+        "--teacher-background",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help="with --teacher-lookahead: the student's graphs on a high-priority CUDA stream, the next batch's "
+        "teacher in the SMs it leaves idle (off by default: not yet measured on a GPU)",
+    )
 
 
 TRAIN_KEYS = (
@@ -197,6 +204,7 @@ TRAIN_KEYS = (
     "compile_mode",
     "cuda_graph",
     "teacher_lookahead",
+    "teacher_background",
     "fused_input",
     "cudnn_benchmark",
     "teacher_fused_conv",
@@ -367,6 +375,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             compile_mode=args.compile_mode,
             cuda_graph=args.cuda_graph,
             teacher_lookahead=args.teacher_lookahead,
+            teacher_background=args.teacher_background,
             fused_input=args.fused_input,
             cudnn_benchmark=args.cudnn_benchmark,
             teacher_fused_conv=args.teacher_fused_conv,

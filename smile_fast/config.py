@@ -69,6 +69,9 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     cuda_graph: bool = False  # capture the whole step as CUDA graphs by hand (step_capture.py)
     teacher_lookahead: bool = False  # with cuda_graph: the next batch's teacher forward beside this step
+    # With teacher_lookahead: the student's graphs on a high-priority CUDA stream, so that the next batch's
+    # teacher (on a normal one) takes only the SMs the student leaves idle. Off until measured on a GPU.
+    teacher_background: bool = False
     fused_input: bool = False  # the loader stops at uint8; the step normalizes (and mixes) in one kernel
     fold_teacher_bn: bool = True
     cudnn_benchmark: bool = False  # CUDA: cuDNN times its algorithms for each convolution shape once
@@ -107,6 +110,7 @@ RESUME_MAY_CHANGE = (
     "compile_mode",
     "cuda_graph",
     "teacher_lookahead",
+    "teacher_background",
     "fused_input",
     "cudnn_benchmark",
     "teacher_fused_conv",
@@ -298,6 +302,10 @@ def validate(config: TrainConfig) -> None:
     _check(
         config.cuda_graph or not config.teacher_lookahead,
         "--teacher-lookahead runs the teacher inside the captured step; give --cuda-graph with it",
+    )
+    _check(
+        config.teacher_lookahead or not config.teacher_background,
+        "--teacher-background sets the priority of --teacher-lookahead's streams; give --teacher-lookahead with it",
     )
     # Checked here, before any data or model is read; TrainingStep checks the teacher's structure itself.
     _check(

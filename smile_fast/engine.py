@@ -334,6 +334,8 @@ class Trainer:
         self.step.finalize()
         if self.step.captured is not None:
             lookahead = ", the next batch's teacher beside each step" if self.step.captured.lookahead else ""
+            if self.step.captured.lookahead and config.teacher_background:
+                lookahead += " (the student's graph on a high-priority stream)"
             self.log(
                 f"--cuda-graph: {self.step.captured.warmup_steps} eager warm-up steps, then the step is captured "
                 f"and replayed as CUDA graphs{lookahead}"

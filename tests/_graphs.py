@@ -10,8 +10,9 @@ class ReplayByCalling:
     doing it) and the replay calls it; `beside` runs the side work, then the main work. Takes CudaGraphs'
     constructor arguments, so that it can replace the class itself."""
 
-    def __init__(self, device=None, dist=None):
+    def __init__(self, device=None, dist=None, main_priority=False):
         self.warmups = 0
+        self.main_priority = main_priority
 
     @contextlib.contextmanager
     def warmup(self):

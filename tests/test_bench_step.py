@@ -46,6 +46,7 @@ def test_bench_step_prints_the_table_and_writes_the_json(tmp_path, capsys):
     # The warm-up (compilation, graph captures on a GPU) is reported apart from the steady step time.
     assert result["finetune_warmup_seconds"] > 0 and result["smile_warmup_seconds"] > 0
     assert result["cuda_graph"] is False and result["teacher_lookahead"] is False
+    assert result["teacher_background"] is False
 
 
 @pytest.mark.parametrize("fused_input", [False, True])

@@ -100,10 +100,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_imagefolder, tmp_pat
     assert load_checkpoint(out)["iteration"] == 3, "the checkpoint from the last good evaluation must be kept"
 
 
-def test_captured_step_with_teacher_lookahead_trains_as_the_plain_loop(tiny_imagefolder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("background", [False, True])
+def test_captured_step_with_teacher_lookahead_trains_as_the_plain_loop(
+    tiny_imagefolder, tmp_path, monkeypatch, background
+):
     """--cuda-graph --teacher-lookahead through the real loop, which then fetches each batch one step
     early and announces it: with CUDA graphs replaced by calling the captured functions, the weights
-    equal a plain run's, and the next batch's teacher did run beside the steps."""
+    equal a plain run's, and the next batch's teacher did run beside the steps. --teacher-background
+    reaches the graphs (it changes only which CUDA stream replays the student's graph)."""
     import smile_fast.step_capture as step_capture
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ops' CPU path: the step around them is what is tested
@@ -115,9 +119,18 @@ def test_captured_step_with_teacher_lookahead_trains_as_the_plain_loop(tiny_imag
     monkeypatch.setattr(step_capture, "check_cuda_graph_device", lambda device, dist=None: None)
     captured = tmp_path / "captured"
     trainer = Trainer(
-        _config(tiny_imagefolder, captured, cuda_graph=True, teacher_lookahead=True, **settings), progress=False
+        _config(
+            tiny_imagefolder,
+            captured,
+            cuda_graph=True,
+            teacher_lookahead=True,
+            teacher_background=background,
+            **settings,
+        ),
+        progress=False,
     )
     trainer.run()
+    assert trainer.step.captured.graphs.main_priority is background
     assert trainer.step.captured.teacher_beside == 2  # iterations 4 and 5 (6 is an EMA step, 7 the last)
     plain_state, captured_state = _student_state(plain), _student_state(captured)
     for name, value in plain_state.items():
@@ -560,8 +573,9 @@ def test_eval_and_resume_refuse_a_dataset_whose_classes_changed(tmp_path, monkey
 
 
 def test_a_failed_run_folder_write_is_one_line_and_keeps_the_checkpoint(tiny_imagefolder, tmp_path, monkeypatch):
-    """Disk full while logging: exit status 74 (EX_IOERR, not a crash's 1), a message naming the file and the way back; the evaluation's
-    checkpoint was written first. The same for the checkpoint write itself (torch.save's disk-full error)."""
+    """Disk full while logging: exit status 74 (EX_IOERR, not a crash's 1), a message naming the file and
+    the way back; the evaluation's checkpoint was written first. The same for the checkpoint write itself
+    (torch.save's disk-full error)."""
     from smile_fast.runlog import MetricsLog
 
     out = tmp_path / "full"

@@ -182,6 +182,13 @@ def test_teacher_lookahead_schedules_equal_the_eager_step(ema_every, warmup_step
     _assert_same_training(eager_history, captured_history, _state(eager), _state(step), exact=True)
 
 
+def test_teacher_background_needs_the_lookahead():
+    from smile_fast.errors import UserError
+
+    with pytest.raises(UserError, match="give --teacher-lookahead with it"):
+        _step("smile", teacher_background=True)
+
+
 def test_teacher_lookahead_needs_the_captured_step():
     from smile_fast.errors import UserError
 
@@ -261,15 +268,31 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 @needs_cuda
-@pytest.mark.parametrize("method_name,lookahead", [("smile", False), ("smile", True), ("finetune", False)])
-def test_cuda_graphs_train_as_the_eager_step_on_the_gpu(method_name, lookahead):
+@pytest.mark.parametrize(
+    "method_name,lookahead,background",
+    [("smile", False, False), ("smile", True, False), ("smile", True, True), ("finetune", False, False)],
+)
+def test_cuda_graphs_train_as_the_eager_step_on_the_gpu(method_name, lookahead, background):
     """fp32, so that the comparison is tight; the teacher runs on a side stream, inside the forward-backward
-    graph or (lookahead) as its own graph beside it."""
+    graph or (lookahead) as its own graph beside it, with `--teacher-background` beside the student's
+    graph replayed on a high-priority stream."""
     batches = _batches("cuda")
     eager = _step(method_name, device="cuda", channels_last=True)
     eager_history = _train(eager, batches)
-    graphed = _step(method_name, device="cuda", channels_last=True, cuda_graph=True, teacher_lookahead=lookahead)
+    graphed = _step(
+        method_name,
+        device="cuda",
+        channels_last=True,
+        cuda_graph=True,
+        teacher_lookahead=lookahead,
+        teacher_background=background,
+    )
     assert isinstance(graphed.captured, CapturedStep)
+    graphs = graphed.captured.graphs
+    if background:
+        assert graphs.main_stream.priority < graphs.side_stream.priority  # lower number: higher priority
+    else:
+        assert graphs.main_stream is None
     graphed_history = _train(graphed, batches, announce=lambda i: batches[i + 1][0] if i + 1 < ITERATIONS else None)
     _assert_same_training(eager_history, graphed_history, _state(eager), _state(graphed), exact=False)
     expected = {"forward_backward": 1, "optimizer_step": 2}
