@@ -18,6 +18,9 @@ It times ResNet-50 bf16 channels-last pieces, in ms per iteration:
   graphs_sequential  each captured as its own CUDA graph, replayed one after the other
   graphs_two_streams the same two graphs, the teacher's replayed on a side stream
   one_graph_fork     one graph captured with a fork to a side stream for the teacher and a join
+  graphs_*_fused_teacher: the student's graph with the fused teacher's (today's teacher on CUDA with AMP):
+                     one after the other; on two streams (--teacher-lookahead); and with the student's
+                     replayed first on a high-priority stream (--teacher-background)
   graph_teacher, graph_teacher_amp_copy, graph_teacher_fused_conv: the teacher forwards, each captured
                      as one CUDA graph (the figures to compare for the teacher's own cost)
   graph_teacher_amp_copy_2x_batch: graph_teacher_amp_copy on two batches at once, in ms per batch (half
@@ -171,9 +174,10 @@ def main() -> None:
         teacher_graph = _capture(teacher_forward)
         timings["graph_student"] = _timed_ms(student_graph.replay, device, args.steps, args.rounds)
         timings["graph_teacher"] = _timed_ms(teacher_graph.replay, device, args.steps, args.rounds)
+        teacher_graphs = {}
         for name, forward in (("amp_copy", teacher_amp_copy), ("fused_conv", teacher_fused_conv)):
-            graph = _capture(forward)
-            timings[f"graph_teacher_{name}"] = _timed_ms(graph.replay, device, args.steps, args.rounds)
+            teacher_graphs[name] = _capture(forward)
+            timings[f"graph_teacher_{name}"] = _timed_ms(teacher_graphs[name].replay, device, args.steps, args.rounds)
         # The teacher's forward is a third of the student's arithmetic but runs far below the card's peak at
         # batch 48 (197 GFLOP in 3.9 ms on the H200, about 50 TFLOP/s). Does a doubled batch run it closer?
         doubled = torch.cat([teacher_images, teacher_images.flip(0)]).contiguous(memory_format=memory_format)
@@ -201,6 +205,39 @@ def main() -> None:
 
         timings["graphs_sequential"] = _timed_ms(graphs_sequential, device, args.steps, args.rounds)
         timings["graphs_two_streams"] = _timed_ms(graphs_two_streams, device, args.steps, args.rounds)
+
+        # Today's teacher (bf16 copy, fused convolutions) beside the student's graph, as --teacher-lookahead
+        # runs it, and with --teacher-background: the student's graph replayed first on a high-priority
+        # stream, the teacher's on the normal-priority side stream, filling the SMs the student leaves idle.
+        fused_teacher = teacher_graphs["fused_conv"]
+        high = torch.cuda.Stream(priority=-1)
+
+        def fused_sequential() -> None:
+            student_graph.replay()
+            fused_teacher.replay()
+
+        def fused_two_streams() -> None:
+            current = torch.cuda.current_stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                fused_teacher.replay()
+            student_graph.replay()
+            current.wait_stream(side)
+
+        def fused_background() -> None:
+            current = torch.cuda.current_stream()
+            high.wait_stream(current)
+            side.wait_stream(current)
+            with torch.cuda.stream(high):
+                student_graph.replay()
+            with torch.cuda.stream(side):
+                fused_teacher.replay()
+            current.wait_stream(high)
+            current.wait_stream(side)
+
+        timings["graphs_sequential_fused_teacher"] = _timed_ms(fused_sequential, device, args.steps, args.rounds)
+        timings["graphs_two_streams_fused_teacher"] = _timed_ms(fused_two_streams, device, args.steps, args.rounds)
+        timings["graphs_background_fused_teacher"] = _timed_ms(fused_background, device, args.steps, args.rounds)
         forked_graph = _capture(two_streams, clear_grads)
         timings["one_graph_fork"] = _timed_ms(forked_graph.replay, device, args.steps, args.rounds)
 
