@@ -681,7 +681,7 @@ def test_a_ctrl_c_during_the_stop_checkpoint_waits_and_the_run_ends_in_one_line(
     monkeypatch.setattr(engine, "save_atomic", write_with_a_ctrl_c)
     expected, exit_code = {
         "completes": ("checkpoint written; continue with", 130),
-        "fails: disk full": ("No space left on device", 1),
+        "fails: disk full": ("No space left on device", engine.EXIT_WRITE_FAILED),
     }[write]
     with engine._StopSignal() as stop:
         stop.requested = signal.SIGINT
