@@ -74,6 +74,14 @@ class MeanTeacher(nn.Module):
             self._bound_to = weakref.ref(student)
         return self._pairs
 
+    def run_channels_last(self) -> None:
+        """Lay out the folded backbone, the module that runs the forward, channels-last. The unfolded
+        backbone keeps the student's layout: the EMA walks teacher and student tensors side by side, and
+        the fold copies from it whatever the two layouts. Call before `use_compute_dtype` (its copy
+        follows the fold's layout). Without a fold the forward runs the EMA's own modules: nothing to do."""
+        if self.folded is not None:
+            self.folded.to(memory_format=torch.channels_last)
+
     def use_compute_dtype(self, dtype: torch.dtype) -> None:
         """Run the folded teacher in `dtype` (the step's AMP dtype), with autocast off inside its forward.
 

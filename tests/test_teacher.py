@@ -385,3 +385,44 @@ def test_teacher_in_the_amp_dtype_gives_autocasts_bits_without_its_casts(
 
 
 LAYERS = ("aten::conv2d", "aten::linear")
+
+
+def test_channels_last_fold_keeps_the_ema_in_the_students_layout_and_its_outputs(setup):
+    """On a CPU the step runs the folded teacher channels-last (oneDNN's inference convolutions are faster
+    so). The unfolded backbone, which the EMA walks beside the student, keeps the student's layout; the
+    fold copies across layouts, so before and after an update the outputs are the unfolded eval
+    teacher's, and the update moves the same parameters as with an NCHW teacher."""
+    kind, student, source = setup
+    teacher, plain = MeanTeacher(source), MeanTeacher(source)
+    teacher.run_channels_last()
+    four_d = [name for name, p in teacher.folded.folded.named_parameters() if p.dim() == 4]
+    assert four_d and all(
+        teacher.folded.folded.get_parameter(name).is_contiguous(memory_format=torch.channels_last) for name in four_d
+    )
+    assert all(p.is_contiguous() for p in teacher.model.backbone.parameters()), "the EMA's tensors moved layout"
+    x = torch.randn(2, 3, 32, 32)
+    for stage in ("before update", "after update"):
+        features, logits = teacher(x)
+        expected_features, expected_logits = _unfolded_eval(teacher, x)
+        scale = float(expected_features.abs().max())
+        torch.testing.assert_close(features, expected_features, rtol=1e-4, atol=1e-4 * scale, msg=f"[{kind}] {stage}")
+        torch.testing.assert_close(
+            logits, expected_logits, rtol=1e-4, atol=1e-4 * float(expected_logits.abs().max()), msg=f"[{kind}] {stage}"
+        )
+        teacher.update(student)
+        plain.update(student)
+    for (name, value), (_, expected) in zip(teacher.teacher_state().items(), plain.teacher_state().items()):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=f"[{kind}] EMA of {name}")
+
+
+def test_the_cpu_step_runs_the_fold_channels_last_and_the_student_as_configured(rng_seed, cpu_reference_ops):
+    from smile_fast.config import build_config
+    from smile_fast.methods import build_method
+    from smile_fast.step import TrainingStep
+
+    student, source = make_pair("resnet18", rng_seed)
+    config = build_config(overrides=dict(method="smile", model="resnet18", weights="none", device="cpu"))
+    step = TrainingStep(config, build_method("smile"), student, source, torch.device("cpu"))
+    assert step.student.backbone.trunk[0].weight.is_contiguous()  # NCHW on a CPU unless --channels-last
+    assert step.teacher.folded.folded.trunk[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert step.teacher.model.backbone.trunk[0].weight.is_contiguous()
