@@ -75,8 +75,11 @@ def _timed_ms(run: Callable[[], None], device: torch.device, steps: int, rounds:
     return statistics.median(blocks)
 
 
-def _capture(run: Callable[[], None], before_capture: Callable[[], None] = lambda: None) -> torch.cuda.CUDAGraph:
-    """Capture `run` as in PyTorch's CUDA-graph recipe: warm up on a side stream, then record."""
+def _capture(
+    run: Callable[[], None], before_capture: Callable[[], None] = lambda: None, stream: torch.cuda.Stream | None = None
+) -> torch.cuda.CUDAGraph:
+    """Capture `run` as in PyTorch's CUDA-graph recipe: warm up on a side stream, then record (on `stream`
+    if given: a graph's kernels keep the priority of the stream they were captured on)."""
     warmup = torch.cuda.Stream()
     warmup.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(warmup):
@@ -85,7 +88,7 @@ def _capture(run: Callable[[], None], before_capture: Callable[[], None] = lambd
     torch.cuda.current_stream().wait_stream(warmup)
     before_capture()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         run()
     return graph
 
@@ -207,10 +210,14 @@ def main() -> None:
         timings["graphs_two_streams"] = _timed_ms(graphs_two_streams, device, args.steps, args.rounds)
 
         # Today's teacher (bf16 copy, fused convolutions) beside the student's graph, as --teacher-lookahead
-        # runs it, and with --teacher-background: the student's graph replayed first on a high-priority
-        # stream, the teacher's on the normal-priority side stream, filling the SMs the student leaves idle.
-        fused_teacher = teacher_graphs["fused_conv"]
+        # runs it, and with --teacher-background: the student's graph captured and replayed first on a
+        # high-priority stream, the teacher's on the normal-priority side stream, filling the SMs the
+        # student leaves idle. As in smile_fast/step_capture.py, the graphs that run side by side are
+        # captured on different streams (each has its own cuBLAS workspace) and PyTorch's graphs keep the
+        # priority of their capture stream.
+        fused_teacher = _capture(teacher_fused_conv, stream=side)
         high = torch.cuda.Stream(priority=-1)
+        student_graph_high = _capture(student_step, clear_grads, stream=high)
 
         def fused_sequential() -> None:
             student_graph.replay()
@@ -229,7 +236,7 @@ def main() -> None:
             high.wait_stream(current)
             side.wait_stream(current)
             with torch.cuda.stream(high):
-                student_graph.replay()
+                student_graph_high.replay()
             with torch.cuda.stream(side):
                 fused_teacher.replay()
             current.wait_stream(high)

@@ -49,13 +49,20 @@ def check_cuda_graph_device(device: torch.device, dist=None) -> None:
 class CudaGraphs:
     """Captures functions as CUDA graphs on `device` (one private memory pool each) and replays them.
 
-    main_priority (`--teacher-background`): `beside` runs its main work on a high-priority stream. The
-    GPU's block scheduler then gives the SMs that free up to the main work's blocks first, and the side
-    work (the next batch's teacher, whose outputs are needed only at the next step) gets the SMs the main
-    work leaves idle: at batch 48 ResNet-50's layer3/layer4 kernels launch fewer blocks than an H100 has
-    SMs, and each kernel has a tail. Without priorities both streams' blocks compete on equal terms, so
-    the teacher also delays the student. The graphs themselves are the same; a graph's kernels take the
-    priority of the stream it is replayed on.
+    main_priority (`--teacher-background`): the main work of `beside` is captured and replayed on a
+    high-priority stream. The GPU's block scheduler then gives the SMs that free up to the main work's
+    blocks first, and the side work (the next batch's teacher, whose outputs are needed only at the next
+    step) gets the SMs the main work leaves idle: at batch 48 ResNet-50's layer3/layer4 kernels launch
+    fewer blocks than an H100 has SMs, and each kernel has a tail. Without priorities both streams' blocks
+    compete on equal terms, so the teacher also delays the student.
+    Captured on it, not only replayed: PyTorch instantiates graphs with
+    cudaGraphInstantiateFlagUseNodePriority (since late 2025), under which each kernel keeps the priority
+    of the stream it was captured on, whatever stream replays the graph. Replaying on it too covers
+    versions without that flag, where the replaying stream's priority applies.
+
+    Graphs that `beside` runs concurrently must be captured on different streams (`stream=`): PyTorch
+    gives each (cuBLAS handle, stream) pair its own cuBLAS workspace, and a graph keeps the workspace its
+    capture used, so two graphs captured on one stream would share it while they run side by side.
     """
 
     def __init__(self, device: torch.device, dist=None, main_priority: bool = False):
@@ -75,13 +82,14 @@ class CudaGraphs:
             yield
         main.wait_stream(side)
 
-    def capture(self, function: Callable[[], None]) -> Callable[[], None]:
-        """Record `function`'s device work (it does not run now) and return the replay."""
+    def capture(self, function: Callable[[], None], stream: torch.cuda.Stream | None = None) -> Callable[[], None]:
+        """Record `function`'s device work (it does not run now) and return the replay. `stream`: the
+        stream to capture on (default: PyTorch's capture stream, shared by every such capture)."""
         graph = torch.cuda.CUDAGraph()
         # thread_local: the loaders' threads (the DataLoader's pinning thread, DALI's GPU decoding) keep
         # calling CUDA while the training thread captures; the default "global" mode would make those
         # calls fail in their threads.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             function()
         return graph.replay
 
@@ -128,6 +136,7 @@ class CapturedStep:
         self.lookahead = bool(lookahead) and step.teacher is not None
         self.eager_steps = 0
         self.captures: dict[str, int] = {}  # name -> how many graphs were captured (for tests and logs)
+        self.capture_streams: dict[str, object] = {}  # name -> the stream its last capture ran on (None: PyTorch's)
         self.teacher_beside = 0  # lookahead teacher forwards that ran beside a step (for tests and logs)
         self._static: dict[str, torch.Tensor] = {}
         self._draw: MixDraw | None = None
@@ -168,7 +177,10 @@ class CapturedStep:
             # not the one it announced): its teacher runs now, before the step.
             self._teacher_forward_on(images)
         if self._forward_backward is None:
-            self._forward_backward = self._capture("forward_backward", self._run_forward_backward)
+            # With lookahead it runs beside the teacher's graph, which is captured on the side stream; with
+            # main_priority it is captured on the high-priority stream (see CudaGraphs), else on PyTorch's.
+            stream = self.graphs.main_stream if self.lookahead else None
+            self._forward_backward = self._capture("forward_backward", self._run_forward_backward, stream)
 
         if next_beside:
             self._static["next_images"].copy_(next_images)
@@ -194,10 +206,11 @@ class CapturedStep:
         return self._outputs
 
     # ------------------------------------------------------------------------------------------ parts
-    def _capture(self, name: str, function: Callable[[], None]) -> Callable[[], None]:
+    def _capture(self, name: str, function: Callable[[], None], stream=None) -> Callable[[], None]:
         self.captures[name] = self.captures.get(name, 0) + 1
+        self.capture_streams[name] = stream
         try:
-            return self.graphs.capture(function)
+            return self.graphs.capture(function, stream)
         except Exception as error:
             # CUDA's own message ("operation not permitted when stream is capturing", ...) does not say
             # which flag brought the capture in, nor what to do about it.
@@ -268,7 +281,8 @@ class CapturedStep:
 
     def _replay_teacher_forward(self) -> None:
         if self._teacher_forward is None:
-            self._teacher_forward = self._capture("teacher_forward", self._run_teacher_forward)
+            # On the side stream, which it runs on beside forward_backward: its own cuBLAS workspace.
+            self._teacher_forward = self._capture("teacher_forward", self._run_teacher_forward, self.graphs.side_stream)
         self._teacher_forward()
 
     def _promote_teacher_outputs(self) -> None:

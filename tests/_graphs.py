@@ -13,13 +13,16 @@ class ReplayByCalling:
     def __init__(self, device=None, dist=None, main_priority=False):
         self.warmups = 0
         self.main_priority = main_priority
+        # Stand-ins for CudaGraphs' streams: what the captures are told to run on, for the tests to check.
+        self.side_stream = "side stream"
+        self.main_stream = "high-priority stream" if main_priority else None
 
     @contextlib.contextmanager
     def warmup(self):
         self.warmups += 1
         yield
 
-    def capture(self, function):
+    def capture(self, function, stream=None):
         return function
 
     def beside(self, side_work, main_work):

@@ -131,6 +131,9 @@ def test_captured_step_with_teacher_lookahead_trains_as_the_plain_loop(
     )
     trainer.run()
     assert trainer.step.captured.graphs.main_priority is background
+    streams = trainer.step.captured.capture_streams  # the stand-in's stream names
+    assert streams["teacher_forward"] == "side stream"
+    assert streams["forward_backward"] == ("high-priority stream" if background else None)
     assert trainer.step.captured.teacher_beside == 2  # iterations 4 and 5 (6 is an EMA step, 7 the last)
     plain_state, captured_state = _student_state(plain), _student_state(captured)
     for name, value in plain_state.items():

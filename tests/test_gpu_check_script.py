@@ -36,10 +36,22 @@ def test_a_part_that_does_not_fit_the_budget_is_skipped_and_says_how_to_run_it(t
     assert not (out / "step_b256.json").exists() and not (out / "loader_torchvision.json").exists()
 
 
+def test_a_part_that_runs_gets_its_wall_time(tmp_path):
+    """Part `capture` on a CPU is one quick `bench step --cuda-graph`, refused there: the part still ran,
+    so its row holds whole seconds, and no budget skipped it (none is set on a CPU)."""
+    done = _run(tmp_path, PARTS="capture")
+    assert done.returncode == 0, done.stderr
+    ((name, seconds),) = [line.split("\t") for line in (tmp_path / "out" / "part_seconds.tsv").read_text().splitlines()]
+    assert name == "capture" and seconds.isdigit() and int(seconds) < 60, (name, seconds)
+    assert "--cuda-graph needs a CUDA device" in (tmp_path / "out" / "log.txt").read_text()
+    assert f"part times: capture {seconds} s" in done.stdout
+
+
 @pytest.mark.parametrize(
     ("variables", "message"),
     [
         ({"BUDGET": "6min"}, "BUDGET must be whole seconds (0: none), not '6min'"),
+        ({"TEST_JOBS": "0"}, "TEST_JOBS must be a count of processes (1 or more), not '0'"),
         ({"PARTS": "tests,speed"}, "unknown part 'speed'"),
         ({"STACK": "fast"}, "unknown STACK 'fast'"),
     ],

@@ -243,7 +243,7 @@ def test_a_captured_step_refuses_a_new_batch_shape():
 
 def test_a_failed_capture_names_the_flag_and_the_way_out():
     class FailingCapture(ReplayByCalling):
-        def capture(self, function):
+        def capture(self, function, stream=None):
             raise RuntimeError("operation not permitted when stream is capturing")
 
     captured = CapturedStep(_step("finetune"), FailingCapture(), warmup_steps=1)
@@ -301,6 +301,11 @@ def test_cuda_graphs_train_as_the_eager_step_on_the_gpu(method_name, lookahead, 
     if lookahead:
         expected["teacher_forward"] = 1
         assert graphed.captured.teacher_beside == 5  # iterations 4, 5, 7, 8, 10 (EMA at 3, 6, 9; none after 11)
+        # The two graphs that run side by side were captured on different streams (their own cuBLAS
+        # workspaces); with --teacher-background the student's on the high-priority one, whose priority
+        # its kernels keep.
+        assert graphed.captured.capture_streams["teacher_forward"] is graphs.side_stream
+        assert graphed.captured.capture_streams["forward_backward"] is graphs.main_stream
     assert graphed.captured.captures == expected
 
 

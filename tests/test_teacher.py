@@ -415,14 +415,20 @@ def test_channels_last_fold_keeps_the_ema_in_the_students_layout_and_its_outputs
         torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=f"[{kind}] EMA of {name}")
 
 
-def test_the_cpu_step_runs_the_fold_channels_last_and_the_student_as_configured(rng_seed, cpu_reference_ops):
+@pytest.mark.parametrize("fused_conv", [False, True])
+def test_the_cpu_step_runs_the_fold_channels_last_and_the_student_as_configured(
+    rng_seed, cpu_reference_ops, fused_conv
+):
+    """Not with --teacher-fused-conv: its CPU ops lay each output out like their input (NCHW), so
+    channels-last weights would cost a copy back at every convolution."""
     from smile_fast.config import build_config
     from smile_fast.methods import build_method
     from smile_fast.step import TrainingStep
 
     student, source = make_pair("resnet18", rng_seed)
-    config = build_config(overrides=dict(method="smile", model="resnet18", weights="none", device="cpu"))
-    step = TrainingStep(config, build_method("smile"), student, source, torch.device("cpu"))
+    overrides = dict(method="smile", model="resnet18", weights="none", device="cpu", teacher_fused_conv=fused_conv)
+    step = TrainingStep(build_config(overrides=overrides), build_method("smile"), student, source, torch.device("cpu"))
     assert step.student.backbone.trunk[0].weight.is_contiguous()  # NCHW on a CPU unless --channels-last
-    assert step.teacher.folded.folded.trunk[0].weight.is_contiguous(memory_format=torch.channels_last)
+    fold = step.teacher.folded.folded.trunk[0].weight
+    assert fold.is_contiguous(memory_format=torch.channels_last) is not fused_conv
     assert step.teacher.model.backbone.trunk[0].weight.is_contiguous()
