@@ -3,7 +3,8 @@
 On CUDA: ResNet-50, batch 48, 224 px, bf16 AMP, channels-last, the product's fastest measured stack
 (`--compile --cuda-graph`: the step captured by hand over torch.compile's kernels, with the teacher's
 fused convolutions, the default with CUDA and AMP; see STACKS below; SMILE_FAST_STEP_STACK=lookahead adds
-`--teacher-lookahead`, =reduce-overhead times torch.compile's own CUDA graphs instead); asserts SMILE /
+`--teacher-lookahead`, =background adds `--teacher-lookahead --teacher-background`, =reduce-overhead
+times torch.compile's own CUDA graphs instead); asserts SMILE /
 finetune <= 1.20, the paper's claim (1.186 and 1.192 from `bench step` on an H100). On a CPU: ResNet-18,
 batch 16, 112 px, float32 eager; asserts <= 1.45 (issue 5's CPU bound; a teacher forward is about a
 third of a forward + backward, so 1.33 is what an unhidden teacher costs).
@@ -30,7 +31,7 @@ DEVICE = torch.device("cuda", torch.cuda.current_device()) if ON_GPU else torch.
 # finetune 1.186-1.192). On the H200 the captured step with lookahead was 8% faster than reduce-overhead,
 # and the lookahead itself changed nothing measurable; captured without it against reduce-overhead has
 # not been timed on the same card (bench/RESULTS.md). The others are kept to compare against it.
-STACKS = ("captured", "lookahead", "reduce-overhead")
+STACKS = ("captured", "lookahead", "background", "reduce-overhead")
 STACK = os.environ.get("SMILE_FAST_STEP_STACK", "captured")
 if STACK not in STACKS:
     raise ValueError(f"SMILE_FAST_STEP_STACK must be one of {', '.join(STACKS)}, got {STACK!r}")
@@ -46,7 +47,8 @@ if ON_GPU:
         compile=True,
         compile_mode="default" if CAPTURED else "reduce-overhead",
         cuda_graph=CAPTURED,
-        teacher_lookahead=STACK == "lookahead",
+        teacher_lookahead=STACK in ("lookahead", "background"),
+        teacher_background=STACK == "background",
     )
     # 12 warm-up rounds with the captured step: its EMA graph is captured at iteration 10.
     ROUNDS, WARMUP, LIMIT = 30, 12 if CAPTURED else 5, 1.20
