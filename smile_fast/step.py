@@ -93,14 +93,13 @@ class TrainingStep:
         if method.uses_teacher:
             self.teacher = MeanTeacher(source, config.ema_decay, config.ema_every, config.fold_teacher_bn)
             self.teacher.to(device=device, memory_format=memory_format)
-            if device.type == "cpu" and not config.teacher_fused_conv:
+            if device.type == "cpu":
                 # oneDNN's inference convolutions run faster on channels-last activations: the folded
                 # ResNet-18 teacher's forward at batch 16, 112 px took 132 ms against 172 (-23%) on the
                 # development CPU, while the student's training step gained 6%, within noise
                 # (bench/RESULTS.md). So on a CPU the teacher alone runs channels-last; its NCHW input
-                # becomes channels-last at the first convolution, whose weights are. Not with
-                # --teacher-fused-conv (off by default on a CPU): its ops lay each output out like the
-                # input, so channels-last weights would cost a copy back per convolution.
+                # becomes channels-last at the first convolution, whose weights are (with
+                # --teacher-fused-conv, at the trunk's entry: fused_resnet_trunk).
                 self.teacher.run_channels_last()
             if config.amp:
                 self.teacher.use_compute_dtype(self.amp_dtype)
