@@ -20,7 +20,8 @@ It times ResNet-50 bf16 channels-last pieces, in ms per iteration:
   one_graph_fork     one graph captured with a fork to a side stream for the teacher and a join
   graphs_*_fused_teacher: the student's graph with the fused teacher's (today's teacher on CUDA with AMP):
                      one after the other; on two streams (--teacher-lookahead); and with the student's
-                     replayed first on a high-priority stream (--teacher-background)
+                     captured and replayed first on a high-priority stream (--teacher-background);
+                     graph_student_high_priority is that student's graph alone
   graph_teacher, graph_teacher_amp_copy, graph_teacher_fused_conv: the teacher forwards, each captured
                      as one CUDA graph (the figures to compare for the teacher's own cost)
   graph_teacher_amp_copy_2x_batch: graph_teacher_amp_copy on two batches at once, in ms per batch (half
@@ -242,6 +243,8 @@ def main() -> None:
             current.wait_stream(high)
             current.wait_stream(side)
 
+        # The student's graph as captured on the high-priority stream, alone: the background row's own base.
+        timings["graph_student_high_priority"] = _timed_ms(student_graph_high.replay, device, args.steps, args.rounds)
         timings["graphs_sequential_fused_teacher"] = _timed_ms(fused_sequential, device, args.steps, args.rounds)
         timings["graphs_two_streams_fused_teacher"] = _timed_ms(fused_two_streams, device, args.steps, args.rounds)
         timings["graphs_background_fused_teacher"] = _timed_ms(fused_background, device, args.steps, args.rounds)

@@ -221,10 +221,9 @@ def fused_resnet_trunk(trunk: nn.Sequential, images: Tensor) -> Tensor:
     and weights, each convolution with its bias, ReLU and residual add as one `conv_bias_act`.
 
     Only the shortcut's projection (no ReLU of its own) and the max pool run as plain PyTorch ops.
-    The trunk runs in its weights' layout: with channels-last weights (the teacher on a CPU, whose input
-    stays NCHW) the images are made channels-last first, as a plain convolution with those weights
-    does internally; each op lays its output out like its input, so they would otherwise be copied back
-    to NCHW at every convolution.
+    With channels-last weights (the teacher on a CPU, whose input stays NCHW) the images are made
+    channels-last first, as a plain convolution with those weights does internally; each op lays its
+    output out like its input, so they would otherwise be copied back to NCHW at every convolution.
     """
     if _output_format(trunk[0].weight) == torch.channels_last and _output_format(images) != torch.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)

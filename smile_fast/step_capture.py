@@ -69,7 +69,13 @@ class CudaGraphs:
         check_cuda_graph_device(device, dist)
         self.device = device
         self.side_stream = torch.cuda.Stream(device)
-        # Lower numbers are higher priorities; 0, the side stream's, is CUDA's lowest.
+        # The other captures' stream, drawn right after the side stream. PyTorch hands streams out in turn
+        # from a pool of 32 per priority, so a stream drawn elsewhere (PyTorch's own capture stream, made
+        # once per process) may be the side stream itself; two consecutive draws never are.
+        self.capture_stream = torch.cuda.Stream(device)
+        if self.capture_stream.cuda_stream == self.side_stream.cuda_stream:
+            raise RuntimeError("CUDA stream pool returned the side stream twice; cannot capture beside it")
+        # Lower numbers are higher priorities; 0, the other two's, is CUDA's lowest.
         self.main_stream = torch.cuda.Stream(device, priority=-1) if main_priority else None
 
     @contextlib.contextmanager
@@ -84,7 +90,8 @@ class CudaGraphs:
 
     def capture(self, function: Callable[[], None], stream: torch.cuda.Stream | None = None) -> Callable[[], None]:
         """Record `function`'s device work (it does not run now) and return the replay. `stream`: the
-        stream to capture on (default: PyTorch's capture stream, shared by every such capture)."""
+        stream to capture on (default: `capture_stream`, which is never the side stream)."""
+        stream = stream if stream is not None else self.capture_stream
         graph = torch.cuda.CUDAGraph()
         # thread_local: the loaders' threads (the DataLoader's pinning thread, DALI's GPU decoding) keep
         # calling CUDA while the training thread captures; the default "global" mode would make those
@@ -178,7 +185,8 @@ class CapturedStep:
             self._teacher_forward_on(images)
         if self._forward_backward is None:
             # With lookahead it runs beside the teacher's graph, which is captured on the side stream; with
-            # main_priority it is captured on the high-priority stream (see CudaGraphs), else on PyTorch's.
+            # main_priority it is captured on the high-priority stream (see CudaGraphs), else on the
+            # graphs' capture stream.
             stream = self.graphs.main_stream if self.lookahead else None
             self._forward_backward = self._capture("forward_backward", self._run_forward_backward, stream)
 

@@ -306,6 +306,9 @@ def test_cuda_graphs_train_as_the_eager_step_on_the_gpu(method_name, lookahead, 
         # its kernels keep.
         assert graphed.captured.capture_streams["teacher_forward"] is graphs.side_stream
         assert graphed.captured.capture_streams["forward_backward"] is graphs.main_stream
+        # The CUDA streams themselves (PyTorch's pool can hand one stream out under two Python objects).
+        others = {graphs.capture_stream.cuda_stream} | ({graphs.main_stream.cuda_stream} if background else set())
+        assert graphs.side_stream.cuda_stream not in others
     assert graphed.captured.captures == expected
 
 

@@ -442,6 +442,7 @@ def test_the_cpu_step_runs_the_fold_channels_last_and_the_student_as_configured(
 
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.Tensor, "contiguous", counting)
-        features, _ = step.teacher(torch.randn(2, 3, 32, 32))
-    assert features.is_contiguous(memory_format=torch.channels_last)
+        features, _ = step.teacher(torch.randn(2, 3, 64, 64))
+    assert features.shape[-2:] == (2, 2)  # a 1x1 map would count as channels-last in either layout
+    assert features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
     assert len(copies) <= 1, f"layout copies in the teacher's forward: {copies}"  # at most the input's
