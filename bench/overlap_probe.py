@@ -52,6 +52,7 @@ import torchvision
 from smile_fast.fused_conv import cudnn_fusion_problems, fused_resnet_trunk
 from smile_fast.models import FoldedBackbone
 from smile_fast.run_environment import environment
+from smile_fast.step_capture import CudaGraphs
 
 
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -199,13 +200,11 @@ def main() -> None:
             student_graph.replay()
             teacher_graph.replay()
 
+        # The two-stream rows replay through the product's own CudaGraphs.beside (smile_fast/step_capture.py).
+        plain = CudaGraphs(device)
+
         def graphs_two_streams() -> None:
-            current = torch.cuda.current_stream()
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                teacher_graph.replay()
-            student_graph.replay()
-            current.wait_stream(side)
+            plain.beside(teacher_graph.replay, student_graph.replay)
 
         timings["graphs_sequential"] = _timed_ms(graphs_sequential, device, args.steps, args.rounds)
         timings["graphs_two_streams"] = _timed_ms(graphs_two_streams, device, args.steps, args.rounds)
@@ -216,32 +215,19 @@ def main() -> None:
         # student leaves idle. As in smile_fast/step_capture.py, the graphs that run side by side are
         # captured on different streams (each has its own cuBLAS workspace) and PyTorch's graphs keep the
         # priority of their capture stream.
-        fused_teacher = _capture(teacher_fused_conv, stream=side)
-        high = torch.cuda.Stream(priority=-1)
-        student_graph_high = _capture(student_step, clear_grads, stream=high)
+        background = CudaGraphs(device, main_priority=True)
+        fused_teacher = _capture(teacher_fused_conv, stream=background.side_stream)
+        student_graph_high = _capture(student_step, clear_grads, stream=background.main_stream)
 
         def fused_sequential() -> None:
             student_graph.replay()
             fused_teacher.replay()
 
         def fused_two_streams() -> None:
-            current = torch.cuda.current_stream()
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                fused_teacher.replay()
-            student_graph.replay()
-            current.wait_stream(side)
+            plain.beside(fused_teacher.replay, student_graph.replay)
 
         def fused_background() -> None:
-            current = torch.cuda.current_stream()
-            high.wait_stream(current)
-            side.wait_stream(current)
-            with torch.cuda.stream(high):
-                student_graph_high.replay()
-            with torch.cuda.stream(side):
-                fused_teacher.replay()
-            current.wait_stream(high)
-            current.wait_stream(side)
+            background.beside(fused_teacher.replay, student_graph_high.replay)
 
         # The student's graph as captured on the high-priority stream, alone: the background row's own base.
         timings["graph_student_high_priority"] = _timed_ms(student_graph_high.replay, device, args.steps, args.rounds)
