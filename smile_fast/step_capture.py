@@ -52,9 +52,10 @@ class CudaGraphs:
     main_priority (`--teacher-background`): the main work of `beside` is captured and replayed on a
     high-priority stream. The GPU's block scheduler then gives the SMs that free up to the main work's
     blocks first, and the side work (the next batch's teacher, whose outputs are needed only at the next
-    step) gets the SMs the main work leaves idle: at batch 48 ResNet-50's layer3/layer4 kernels launch
-    fewer blocks than an H100 has SMs, and each kernel has a tail. Without priorities both streams' blocks
-    compete on equal terms, so the teacher also delays the student.
+    step) gets the SMs the main work leaves idle: at batch 48 ResNet-50's layer4 kernels likely launch
+    fewer blocks than an H100 has SMs (a tile count, not profiled: its 3x3 convolution is a 2,352 x 512
+    GEMM, 76 tiles of 128 x 128 for 132 SMs), and each kernel has a tail. Without priorities both
+    streams' blocks compete on equal terms, so the teacher also delays the student.
     Captured on it, not only replayed: PyTorch instantiates graphs with
     cudaGraphInstantiateFlagUseNodePriority (since late 2025), under which each kernel keeps the priority
     of the stream it was captured on, whatever stream replays the graph. Replaying on it too covers
