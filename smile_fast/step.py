@@ -154,10 +154,8 @@ class TrainingStep:
         if config.cuda_graph:
             from smile_fast.step_capture import CapturedStep, CudaGraphs
 
-            self.captured = CapturedStep(
-                self,
-                CudaGraphs(device, self.dist, main_priority=config.teacher_lookahead and config.teacher_background),
-            )
+            # validate() has checked that --teacher-background comes with --teacher-lookahead.
+            self.captured = CapturedStep(self, CudaGraphs(device, self.dist, main_priority=config.teacher_background))
 
     def autocast(self):
         if not self.config.amp:

@@ -144,7 +144,8 @@ class CapturedStep:
         self.lookahead = bool(lookahead) and step.teacher is not None
         self.eager_steps = 0
         self.captures: dict[str, int] = {}  # name -> how many graphs were captured (for tests and logs)
-        self.capture_streams: dict[str, object] = {}  # name -> the stream its last capture ran on (None: PyTorch's)
+        # name -> the stream asked for at its last capture (None: the graphs' capture_stream), for tests
+        self.capture_streams: dict[str, object] = {}
         self.teacher_beside = 0  # lookahead teacher forwards that ran beside a step (for tests and logs)
         self._static: dict[str, torch.Tensor] = {}
         self._draw: MixDraw | None = None
