@@ -223,6 +223,7 @@ class Trainer:
                 self._unused_out = given["out"]
             given = {key: value for key, value in (given or {}).items() if key not in ("resume", "out", "device")}
             saved.update({key: value for key, value in given.items() if key in RESUME_MAY_CHANGE})
+            _turn_off_dependent_flags(saved, given)
             config = build_config(saved)
             _check_resume_settings(config, given)
         self.config = config
@@ -244,11 +245,19 @@ class Trainer:
             refused = _main_rank_says(refused)
         if refused:
             raise UserError(refused)
+        self._log = log or _stderr_line
+        if self.resume_state is not None:
+            dropped = _drop_capture_flags(config, self.device, self.dist, given)
+            if dropped:
+                where = "under torchrun" if self.dist.enabled else f"on {self.device}"
+                self.log(
+                    f"note: the run's {' '.join(dropped)}: off for this resume {where}, where the step cannot be "
+                    "captured (one CUDA process only); they change how fast a step runs, not what it computes"
+                )
         if config.cuda_graph:
             from smile_fast.step_capture import check_cuda_graph_device
 
             check_cuda_graph_device(self.device, self.dist)  # before the data and models are read
-        self._log = log or _stderr_line
         # A bar on a terminal; in a batch job's log (stderr not a terminal) or with --no-progress, one line
         # per log interval instead, so that the log shows progress without a stream of carriage returns.
         self.progress = progress and self.dist.is_main and sys.stderr.isatty()
@@ -789,6 +798,33 @@ def _rebase(samples: list[tuple[str, int]], old_root: str | None, new_root: str 
         (os.path.join(new_root, path[len(prefix) :]) if path.startswith(prefix) else path, label)
         for path, label in samples
     ]
+
+
+# The capture flags, in the order validate() ties them together: each later one needs the one before.
+_CAPTURE_FLAGS = ("cuda_graph", "teacher_lookahead", "teacher_background")
+
+
+def _turn_off_dependent_flags(saved: dict[str, Any], given: Mapping[str, Any]) -> None:
+    """`--resume RUN --no-cuda-graph` turns off the run's recorded lookahead flags with it (and
+    `--no-teacher-lookahead` its background flag), since each needs the one before; flags named again are kept."""
+    for position, key in enumerate(_CAPTURE_FLAGS):
+        if not saved.get(key):
+            for later in _CAPTURE_FLAGS[position + 1 :]:
+                if later not in given:
+                    saved[later] = False
+
+
+def _drop_capture_flags(config: TrainConfig, device, dist, given: Mapping[str, Any] | None) -> list[str]:
+    """A run recorded with --cuda-graph (and its lookahead flags) on one GPU, resumed where the step cannot be
+    captured (a CPU, torchrun): the run's recorded flags are turned off, as the flags to spell out, instead of
+    one error per flag that the user never typed. A flag this invocation names is kept, and checked as usual."""
+    if not config.cuda_graph or (device.type == "cuda" and not dist.enabled) or "cuda_graph" in (given or {}):
+        return []
+    dropped = [f"--{key.replace('_', '-')}" for key in _CAPTURE_FLAGS if getattr(config, key)]
+    for key in _CAPTURE_FLAGS:
+        if key not in (given or {}):
+            setattr(config, key, False)
+    return dropped
 
 
 def _check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any]) -> None:

@@ -288,6 +288,44 @@ def test_resume_keeps_the_runs_settings_and_takes_only_how_it_runs(tiny_imagefol
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_resume_on_a_cpu_of_a_captured_run_runs_without_its_capture_flags(
+    tiny_imagefolder, tmp_path, monkeypatch, capsys
+):
+    """A run recorded with --cuda-graph and its lookahead flags (one GPU), resumed on a CPU: the recorded flags
+    are turned off with one note, instead of an error for each flag the user never typed. Naming --cuda-graph
+    again on the CPU is still the usual error, and --no-cuda-graph turns off the flags that need it."""
+    import shutil
+
+    from smile_fast.checkpoint import save_atomic
+    from smile_fast.cli import main
+
+    stopped = _stopped_run(tiny_imagefolder, tmp_path / "stopped", monkeypatch, iters=2, stop_after=1)
+    state = load_checkpoint(stopped / "last.pt")
+    state["config"].update(cuda_graph=True, teacher_lookahead=True, teacher_background=True)  # as a GPU run writes it
+    save_atomic(state, stopped / "last.pt")
+
+    def resume(name, *flags):
+        out = tmp_path / name
+        shutil.copytree(stopped, out)
+        code = main(["train", "--resume", str(out), "--no-progress", "--device", "cpu", *flags])
+        return out, code, capsys.readouterr().err
+
+    out, code, err = resume("plain")
+    assert code == 0, err
+    assert "note: the run's --cuda-graph --teacher-lookahead --teacher-background: off for this resume on cpu" in err
+    assert load_checkpoint(out)["iteration"] == 2
+    written = (out / "config.yaml").read_text()
+    assert "cuda_graph: false" in written and "teacher_lookahead: false" in written, written
+    assert "teacher_background: false" in written
+
+    out, code, err = resume("named", "--cuda-graph")
+    assert code == 2 and "--cuda-graph needs a CUDA device" in err and len(err.strip().splitlines()) == 1, err
+
+    out, code, err = resume("off", "--no-cuda-graph")
+    assert code == 0 and "note: the run's" not in err, err
+    assert load_checkpoint(out)["iteration"] == 2
+
+
 def test_resume_of_a_finished_run_changes_nothing(tiny_imagefolder, tmp_path, capsys):
     # It used to run on and rewrite summary.json with test_top1 null (no evaluation after the last step).
     from smile_fast.cli import main
