@@ -142,7 +142,8 @@ fi
 KERNEL_ENV=(env TRITON_INTERPRET=$(( 1 - GPU )))
 TEST_JOBS="${TEST_JOBS:-4}"
 export TORCHINDUCTOR_UNIQUE_KERNEL_NAMES="${TORCHINDUCTOR_UNIQUE_KERNEL_NAMES:-0}"  # see the header
-HAVE_DALI=0; "$PY" -c "import nvidia.dali" 2>/dev/null && HAVE_DALI=1
+# Imported only when part dali is asked for: importing DALI takes a second or two.
+HAVE_DALI=0; [[ "$PARTS" == *",dali,"* ]] && "$PY" -c "import nvidia.dali" 2>/dev/null && HAVE_DALI=1
 BUDGET="${BUDGET:-$([ "$GPU" = 1 ] && echo 350 || echo 0)}"
 [[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: BUDGET must be whole seconds (0: none), not '$BUDGET'" >&2; exit 2; }
 [[ "$TEST_JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check.sh: TEST_JOBS must be a count of processes (1 or more), not '$TEST_JOBS'" >&2; exit 2; }
