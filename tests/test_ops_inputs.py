@@ -132,6 +132,37 @@ def test_lam_that_is_not_a_number_is_refused(path: str, lam: object) -> None:
         ops.mixup_batch(torch.randn(2, 3), torch.tensor([1, 0]), lam)
 
 
+@pytest.mark.parametrize("lam", [True, 1.5, -0.25, float("nan"), torch.tensor(1.5), torch.tensor(float("nan"))])
+@pytest.mark.parametrize("name", list(_calls()))
+def test_lam_outside_zero_one_is_refused_by_every_op(path: str, name: str, lam) -> None:
+    """Outside [0, 1] a mix extrapolates, and a NaN lam spreads through the step: a Python number or a CPU
+    tensor is checked (a CUDA tensor is not: reading it would synchronize the device)."""
+    batch = 5
+    x = torch.randn(batch, 3, 2, 2)
+    perm, target = torch.randperm(batch), torch.randint(0, 4, (batch,))
+    logits, teacher_logits = torch.randn(batch, 4), torch.randn(batch, 4)
+    pixels = torch.randint(0, 256, (batch, 2, 2, 3), dtype=torch.uint8)
+    call = {
+        "mixup_batch": lambda: ops.mixup_batch(x, perm, lam),
+        "mixup_normalize_uint8": lambda: ops.mixup_normalize_uint8(pixels, perm, lam, (0.5,) * 3, (0.25,) * 3),
+        "mixup_cross_entropy": lambda: ops.mixup_cross_entropy(logits, target, perm, lam),
+        "soft_mixup_cross_entropy": lambda: ops.soft_mixup_cross_entropy(logits, teacher_logits, perm, lam),
+        "soft_mixup_mse": lambda: ops.soft_mixup_mse(logits, teacher_logits, perm, lam),
+        "feature_official": lambda: ops.feature_mixup_loss(x, torch.randn_like(x), perm, lam),
+        "feature_paper": lambda: ops.feature_mixup_loss(logits, teacher_logits, perm, lam, form="paper"),
+    }[name]
+    match = "lam must be a Python float" if lam is True else r"lam must be in \[0, 1\]"
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0, torch.tensor(0.0), torch.tensor(1.0, dtype=torch.float64)])
+def test_lam_at_the_ends_of_zero_one_is_taken(path: str, lam) -> None:
+    x, perm = torch.randn(4, 3), torch.tensor([1, 2, 3, 0])
+    expected = x if float(lam) == 1.0 else x[perm]
+    torch.testing.assert_close(ops.mixup_batch(x, perm, lam), expected, rtol=0, atol=0)
+
+
 def test_lam_asking_for_a_gradient_is_refused(path: str) -> None:
     # It used to be detached silently: a caller learning lam would train nothing.
     lam = torch.tensor(0.7, requires_grad=True)
@@ -243,10 +274,24 @@ def test_normalize_std_of_zero_or_on_the_0_255_scale_is_a_clear_error(path: str,
         ops.mixup_normalize_uint8(pixels, torch.tensor([1, 0]), 0.5, (123.675, 116.28, 103.53), (0.2, 0.2, 0.2))
 
 
-@pytest.mark.parametrize(("decay", "message"), [(None, "got NoneType"), ("0.9", "got str"), (1.5, r"in \[0, 1\]")])
-def test_ema_update_decay_of_the_wrong_kind_is_a_clear_error(path: str, decay, message: str) -> None:
+_BAD_KIND = [(None, "got NoneType"), ("0.9", "got str"), (True, "got bool")]  # the public op's check
+_OUT_OF_RANGE = [1.5, float("nan"), torch.tensor(1.5), torch.tensor(-0.1)]
+
+
+@pytest.mark.parametrize(
+    ("function", "decay", "message"),
+    [("ema_update_", decay, message) for decay, message in _BAD_KIND]
+    + [
+        (function, decay, r"in \[0, 1\]")
+        for function in ("ema_update_", "ema_update_reference")
+        for decay in _OUT_OF_RANGE
+    ],
+)
+def test_ema_update_decay_of_the_wrong_kind_is_a_clear_error(path: str, function: str, decay, message: str) -> None:
+    teacher = torch.zeros(2)
     with pytest.raises(ValueError, match=message):
-        ops.ema_update_([torch.zeros(2)], [torch.ones(2)], decay)
+        getattr(ops, function)([teacher], [torch.ones(2)], decay)
+    assert torch.equal(teacher, torch.zeros(2)), "a refused decay must leave the teacher as it was"
 
 
 def test_ema_update_entries_that_are_no_tensors_are_a_clear_error(path: str) -> None:

@@ -28,3 +28,16 @@ def test_readme_documents_every_train_flag():
         and option not in readme
     ]
     assert not missing, f"train flags missing from the README: {missing}"
+
+
+def test_the_readme_ops_example_runs_as_written():
+    """The fused-ops section's code block, run as a user would paste it (on the ops' CPU path)."""
+    import torch
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Use the fused ops in your own training code") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```")]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert torch.isfinite(namespace["loss"]) and namespace["model"][0].weight.grad is not None

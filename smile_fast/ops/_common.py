@@ -25,10 +25,27 @@ def lam_as_tensor(lam: float | Tensor, device: torch.device) -> Tensor:
             raise ValueError(f"lam must be a Python float or a 0-d tensor, got a tensor of shape {tuple(lam.shape)}")
         if lam.requires_grad and torch.is_grad_enabled():
             raise ValueError("lam receives no gradient from these ops; pass lam.detach()")
+        check_unit_interval(lam, "lam")
         return saveable(lam.detach().to(device=device, dtype=torch.float32))
-    if not isinstance(lam, numbers.Real):
+    if not isinstance(lam, numbers.Real) or isinstance(lam, bool):
         raise ValueError(f"lam must be a Python float or a 0-d tensor, got {type(lam).__name__} {lam!r}")
+    check_unit_interval(lam, "lam")
     return torch.tensor(float(lam), dtype=torch.float32, device=device)
+
+
+def check_unit_interval(value: float | Tensor, name: str) -> None:
+    """Raise a clear error when a mixing weight (lam, an EMA decay) is outside [0, 1] or NaN.
+
+    Outside [0, 1] a mix extrapolates instead of interpolating, and a NaN would spread through the whole
+    step. A Python number, or a CPU tensor outside torch.compile, is checked; reading a CUDA tensor's value
+    would synchronize the device at every call, so there it is taken as it is.
+    """
+    if isinstance(value, Tensor):
+        if value.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        value = float(value)
+    if not 0.0 <= value <= 1.0:  # False for NaN too
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
 def check_float(tensor: Tensor, name: str) -> None:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smile_fast.ops._common import use_triton
+from smile_fast.ops._common import check_unit_interval, use_triton
 
 _STUDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # As torch's own in-place ops refuse it, but before anything is written (torch's copy_ writes, then raises).
@@ -53,6 +53,7 @@ def ema_update_reference(
     _check_ema_inputs(teacher_tensors, student_tensors)
     if isinstance(decay, Tensor) and decay.dim() != 0:
         raise ValueError(f"decay must be a Python float or a 0-d tensor, got a tensor of shape {tuple(decay.shape)}")
+    check_unit_interval(decay, "decay")
     for teacher, student in zip(teacher_tensors, student_tensors, strict=True):
         decay_t = decay.to(device=teacher.device, dtype=torch.float32) if isinstance(decay, Tensor) else decay
         teacher.copy_(decay_t * teacher + (1.0 - decay_t) * student.float())
@@ -202,11 +203,11 @@ def _decay_tensor(decay: float | Tensor, device: torch.device) -> Tensor:
     if isinstance(decay, Tensor):
         if decay.dim() != 0:
             raise ValueError(f"decay must be a Python float or a 0-d tensor, got shape {tuple(decay.shape)}")
+        check_unit_interval(decay, "decay")
         return decay.detach().to(device=device, dtype=torch.float32)
     if not isinstance(decay, numbers.Real) or isinstance(decay, bool):
         raise ValueError(f"decay must be a Python float or a 0-d tensor, got {type(decay).__name__} {decay!r}")
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    check_unit_interval(decay, "decay")
     if torch.compiler.is_compiling():
         return torch.tensor(float(decay), dtype=torch.float32, device=device)
     key = (device, float(decay))
