@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from smile_fast.data.images import load_rgb
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec, build_torchvision_transform, normalize_uint8
+from smile_fast.data.worker_signals import outlive_first_stop_signal
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ class TorchvisionTrainLoader:
             persistent_workers=self.num_workers > 0,
             prefetch_factor=_PREFETCH_FACTOR if self.num_workers > 0 else None,
             generator=_private_generator(),
+            worker_init_fn=outlive_first_stop_signal,
         )
         non_blocking = self.pin_memory and self.device.type == "cuda"
         for images, labels, failed in loader:
@@ -239,6 +241,7 @@ def eval_batches(
         pin_memory=pin_memory,
         prefetch_factor=_PREFETCH_FACTOR if num_workers > 0 else None,
         generator=_private_generator(),
+        worker_init_fn=outlive_first_stop_signal,
     )
     for images, labels, ok in loader:
         if not bool(ok.all()):
