@@ -31,18 +31,25 @@ def safe_load(path: Path, what: str) -> Any:
 
     Any failure is a UserError naming the file: a refused pickle, a truncated or empty file, a text file.
     """
+    not_written_by_torch = "it is truncated, corrupt, or not a file written by torch.save"
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's message is a paragraph of advice; the one useful fact in it is the object it refused.
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        what_is_in_it = f"it holds a {found.group(1)} object" if found else "it is not a plain tensor file"
+        if not found:  # torch's message cannot tell a text file from a pickle of objects here
+            raise UserError(
+                f"refused to load {what} {path}: it is not a torch.save file of plain tensors (it is another kind "
+                "of file, or a pickle of other objects, which could run code when unpickled)"
+            ) from None
         raise UserError(
-            f"refused to load {what} {path}: {what_is_in_it}, and unpickling it could run code; only files "
-            "written by torch.save of tensors/state_dicts are accepted"
+            f"refused to load {what} {path}: it holds a {found.group(1)} object, and unpickling it could run code; "
+            "only files written by torch.save of tensors/state_dicts are accepted"
         ) from None
     except Exception as error:  # noqa: BLE001 - torch.load raises many types on corrupt input (EOF, IndexError, ...)
-        raise UserError(f"cannot read {what} {path}: {first_line(error)}") from None
+        # Only torch's first sentence: the rest is advice about miniz, cut off mid-sentence by a length limit.
+        reason = first_line(error, 120).split(". ")[0].rstrip(".")
+        raise UserError(f"cannot read {what} {path}: {not_written_by_torch} ({reason})") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -114,6 +114,21 @@ def test_malicious_checkpoint_is_refused_and_not_executed(writer, wrap, tmp_path
     assert not marker.exists(), "the malicious checkpoint was executed"
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+def test_a_damaged_checkpoint_is_one_whole_sentence(damage, tmp_path):
+    """torch's own message for a truncated file runs on about miniz for several sentences; quoting its first 200
+    characters cut it off mid-sentence. The error says what the file is, with torch's first sentence at most."""
+    path = tmp_path / "last.pt"
+    save_atomic(_state(1.0), path)
+    whole = path.read_bytes()
+    path.write_bytes({"truncated": whole[: len(whole) // 2], "empty": b"", "text": b"lr: 0.1\n"}[damage])
+    with pytest.raises(UserError) as raised:
+        load_checkpoint(path)
+    message = str(raised.value)
+    assert "truncated, corrupt" in message or "another kind of file" in message, message
+    assert "likelihood" not in message and message.endswith(")"), message
+
+
 @pytest.mark.parametrize(
     "payload",
     [{"student": {}}, {"config": {}}, {"weights": torch.zeros(2)}, [1, 2], torch.zeros(3)],
