@@ -297,6 +297,11 @@ def run_step_benchmark(
         raise UserError(f"--warmup must be at least 0, got {warmup}")
     if not methods:
         raise UserError("--methods names no method; give some of finetune,mixup,cutmix,smile")
+    pairs = [method for method in methods if method != "finetune"]
+    if batch_size < 2 and pairs:  # said here in bench's words: the step's own check names train's --method
+        raise UserError(
+            f"--batch-size {batch_size}: {', '.join(pairs)} mix pairs of images; give at least 2, or --methods finetune"
+        )
     if baseline == "eager-fp32" and not model.startswith("resnet"):
         # The baseline hooks layer4 and swaps `fc`, as the authors' ResNet code does.
         raise UserError(f"--baseline eager-fp32 times the authors' ResNet step; use a resnet model, not {model}")

@@ -89,8 +89,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag(
         "--eval-every",
         type=_integer,
-        help="evaluate every N iterations (and at the end) and write the checkpoint last.pt then; a run stopped by "
-        "a signal writes it too, a crash loses the steps since the last evaluation",
+        help="evaluate every N iterations (and at the end) and write the checkpoint last.pt then (default 1,000; 50 "
+        "for the demo); a run stopped by a signal writes it too, a crash loses the steps since the last evaluation",
     )
     flag("--log-every", type=_integer, help="log a metrics row every N iterations (default 10)")
     flag("--out", help="run folder (default runs/<time>-<dataset>-<method>)")
@@ -212,7 +212,14 @@ TRAIN_KEYS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="smile-fast", description="Fast, faithful SMILE fine-tuning of pre-trained classifiers.")
+    parser = _Parser(
+        prog="smile-fast",
+        description="Fast, faithful SMILE fine-tuning of pre-trained classifiers.",
+        epilog="`smile-fast train` with no flags runs the embedded offline demo (SMILE, a few minutes on a CPU).",
+    )
+    from smile_fast import __version__
+
+    parser.add_argument("--version", action="version", version=f"smile-fast {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     train = commands.add_parser("train", help="fine-tune (no arguments: the embedded offline demo with SMILE)")
@@ -360,7 +367,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_json_path(path: str) -> Path:
+    """--json is checked before the benchmark, which may compile and time for minutes on a GPU: a path that
+    cannot be written is one line then, not a traceback after the work."""
+    import tempfile
+
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"--json {path} is a folder; name the file to write, e.g. {target / 'bench.json'}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".check"):
+            pass
+    except OSError as error:
+        raise UserError(f"--json {path}: cannot write in {target.parent} ({error.strerror or error})") from None
+    return target
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    json_path = _check_json_path(args.json) if getattr(args, "json", None) else None
     if args.bench_command == "step":
         from smile_fast.bench_step import format_step_table, run_step_benchmark
 
@@ -397,9 +422,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
     else:
         raise UserError("choose a benchmark: `smile-fast bench step` or `smile-fast bench loader`")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if json_path is not None:
+        from smile_fast.atomic_file import atomic_write
+        from smile_fast.engine import EXIT_WRITE_FAILED
+
+        try:
+            with atomic_write(json_path) as stream:
+                stream.write(json.dumps(result, indent=2) + "\n")
+        except OSError as error:
+            print(f"smile-fast: error: could not write --json {json_path}: {error}", file=sys.stderr)
+            return EXIT_WRITE_FAILED
     return 0
 
 
@@ -461,8 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser()
-        if not argv:
-            argv = ["train"]  # `smile-fast` alone runs the demo, like `smile-fast train`
+        if not argv:  # what the commands are, rather than a training run the user did not ask for
+            parser.print_help()
+            return 0
         args, unknown = parser.parse_known_args(argv)
         from smile_fast.run_environment import record_command
 

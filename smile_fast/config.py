@@ -119,6 +119,33 @@ RESUME_MAY_CHANGE = (
 )
 
 
+class _RepeatedSetting(Exception):
+    pass
+
+
+def _loader_refusing_repeated_settings():
+    """PyYAML's safe loader, except that a mapping naming one setting twice (`lr` twice, or `batch_size` and
+    `batch-size`) is refused: PyYAML keeps the last silently, and which one a user meant is a guess."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen: dict[str, Any] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            name = str(key).replace("-", "_")
+            if name in seen:
+                spelled = f" (as {seen[name]!r} and {key!r})" if seen[name] != key else ""
+                raise _RepeatedSetting(f"{name} twice{spelled}")
+            seen[name] = key
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config; unknown keys are an error (a typo must not silently do nothing)."""
     import yaml
@@ -127,9 +154,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_loader_refusing_repeated_settings()) or {}
     except yaml.YAMLError as error:
         raise UserError(f"config file {path} is not valid YAML: {first_line(error)}") from None
+    except _RepeatedSetting as repeated:
+        raise UserError(f"config file {path} sets {repeated}; keep one (YAML would silently take the last)") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of setting: value")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -252,6 +281,11 @@ def validate(config: TrainConfig) -> None:
         f"--data-dir is required for --dataset {config.dataset} (the folder holding its official layout)",
     )
     _check(
+        config.dataset != "demo" or not config.data_dir,
+        f"--data-dir {config.data_dir} was given without --dataset, so the run would train on the built-in demo "
+        "and ignore it: name the dataset (--dataset imagefolder for ROOT/train/<class>/ and ROOT/test/<class>/)",
+    )
+    _check(
         config.method in METHOD_CHOICES, f"unknown method {config.method!r}; choose one of {', '.join(METHOD_CHOICES)}"
     )
     _check(config.smile_form in FORM_CHOICES, f"--smile-form must be one of {', '.join(FORM_CHOICES)}")
@@ -343,7 +377,7 @@ def validate(config: TrainConfig) -> None:
         config.model in SUPPORTED_MODELS,
         f"unsupported --model {config.model!r}; choose one of {', '.join(SUPPORTED_MODELS)}",
     )
-    if config.weights not in WEIGHTS_KEYWORDS:
+    if config.weights not in WEIGHTS_KEYWORDS and not config.resume:  # a resumed run reads its checkpoint's
         _check(
             Path(config.weights).is_file(), f"--weights {config.weights}: no such file (or use auto, imagenet, none)"
         )

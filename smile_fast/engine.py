@@ -31,9 +31,9 @@ from smile_fast.data.transforms import TransformSpec
 from smile_fast.devices import cpu_has_fast_bfloat16, resolve_device, setup_distributed
 from smile_fast.errors import UserError, first_line
 from smile_fast.methods import build_method
-from smile_fast.models import build_models
+from smile_fast.models import build_models, checkpoint_source_classes
 from smile_fast.run_environment import environment
-from smile_fast.runlog import MetricsLog, default_run_dir, plot_curves, write_config, write_summary
+from smile_fast.runlog import MetricsLog, default_run_dir, plot_curves, recorded_weights, write_config, write_summary
 from smile_fast.step import TrainingStep, lr_at
 
 STOP_CHECK_INTERVAL = 5  # iterations between the ranks' agreement on a stop signal
@@ -275,7 +275,8 @@ class Trainer:
         from smile_fast.data.loaders import build_train_loader, choose_loader, default_workers
         from smile_fast.data.subsets import read_manifest, write_manifest
 
-        splits, self.train_spec, self.test_spec, skipped = prepare_data(config, log=self.log)
+        with _moved_dataset_hint(config, "--resume" if self.resume_state is not None else None):
+            splits, self.train_spec, self.test_spec, skipped = prepare_data(config, log=self.log)
         if self.resume_state is not None:
             _check_classes(self.run_dir, self.resume_state, splits.classes)
         self.class_names = list(splits.classes)
@@ -304,9 +305,25 @@ class Trainer:
         self.method = build_method(
             config.method, config.alpha, config.gamma_fe, config.gamma_fc, config.smile_form, config.cutmix_probability
         )
-        student, source, self.weights_description = build_models(
-            config.model, self.num_classes, config.weights, with_aux_head=self.method.uses_teacher, log=self.log
-        )
+        if self.resume_state is None:
+            student, source, self.weights_description = build_models(
+                config.model, self.num_classes, config.weights, with_aux_head=self.method.uses_teacher, log=self.log
+            )
+        else:
+            # Every weight comes from the checkpoint: the pre-trained ones are neither read nor downloaded again
+            # (offline, that attempt said "training from random init" of a run that had started from ImageNet).
+            student, source, _ = build_models(
+                config.model,
+                self.num_classes,
+                "none",
+                with_aux_head=self.method.uses_teacher,
+                source_classes=checkpoint_source_classes(self.resume_state),
+            )
+            self.weights_description = (
+                self.resume_state.get("weights_used")  # checkpoints from before this record: config.yaml's
+                or recorded_weights(self.run_dir)
+                or f"--weights {config.weights} (what it loaded is not recorded)"
+            )
         world = self.dist.world_size
         self.log(
             f"model {config.model}, weights: {self.weights_description}; {self.num_classes} classes, "
@@ -328,6 +345,8 @@ class Trainer:
                 "note: SyncBatchNorm is for GPUs; on CPU processes each BatchNorm normalizes over its own "
                 f"batch of {config.batch_size}"
             )
+        if config.amp_dtype != "bfloat16" and not config.amp:
+            self.log(f"note: --amp-dtype {config.amp_dtype} has no effect without --amp; this run trains in float32")
         if config.amp and device.type == "cpu" and not cpu_has_fast_bfloat16():
             self.log(
                 "note: this CPU has no AVX512-BF16 or AMX instructions, so --amp's half-precision convolutions "
@@ -466,6 +485,7 @@ class Trainer:
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "num_classes": self.num_classes,
             "classes": self.class_names,  # label i is classes[i]: eval and --resume check the dataset still agrees
+            "weights_used": self.weights_description,  # what the run started from (a resume reads no weights)
             "world_size": self.dist.world_size,  # --batch-size is per process (see _refuse_other_world_size)
             "wall_seconds": wall,
             "train_seconds": train_seconds,
@@ -665,6 +685,11 @@ def _check_run_dir(run_dir: Path, resuming: bool) -> None:
             raise UserError(
                 f"{run_dir} holds the metrics.csv of a run that ended before its first checkpoint, so there is "
                 "nothing to resume; give another --out (or remove the folder to reuse it)"
+            )
+        if "summary.json" in found:  # written when a run ends: there is nothing left to continue
+            raise UserError(
+                f"{run_dir} holds a finished run ({', '.join(found)}); give another --out for a new run "
+                f"(`smile-fast eval {shlex.quote(str(run_dir))}` scores the finished one)"
             )
         if found:
             raise UserError(
@@ -874,6 +899,19 @@ def _model_layout_check(where: str | Path):
         ) from None
 
 
+@contextlib.contextmanager
+def _moved_dataset_hint(config: TrainConfig, command: str | None):
+    """A recorded run (`--resume`, `eval`) whose data folder is gone: the error says how to point at its new
+    place, since the folder came from the run, not from this command line."""
+    try:
+        yield
+    except UserError as error:
+        if command is None or not config.data_dir or Path(config.data_dir).exists():
+            raise
+        how = f"smile-fast {'train --resume' if command == '--resume' else 'eval'} RUN --data-dir NEW"
+        raise UserError(f"{error}; if the dataset moved, name its new folder: `{how}`") from None
+
+
 def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = None, log=None) -> dict[str, Any]:
     """Test top-1 of a checkpoint's student on its dataset's test split, in float32 as the run's own
     evaluations (and the authors' code) do, with the run's memory format."""
@@ -881,14 +919,21 @@ def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = 
 
     state = load_checkpoint(path)
     values = dict(state["config"])
-    values.update(resume=None, out=None, device=device)
+    values.update(resume=None, out=None, device=device, weights="none")  # the weights are the checkpoint's
     if data_dir:
         values["data_dir"] = data_dir
     config = build_config(values)
     device_obj = resolve_device(config.device)
-    splits, _, test_spec, _ = prepare_data(config, log=log, with_train=False)
+    with _moved_dataset_hint(config, "eval"):
+        splits, _, test_spec, _ = prepare_data(config, log=log, with_train=False)
     _check_classes(path, state, splits.classes)
-    student, _, _ = build_models(config.model, len(splits.classes), "none", with_aux_head=state["teacher"] is not None)
+    student, _, _ = build_models(
+        config.model,
+        len(splits.classes),
+        "none",
+        with_aux_head=state["teacher"] is not None,
+        source_classes=checkpoint_source_classes(state),
+    )
     with _model_layout_check(path):
         student.load_state_dict(state["student"])
     channels_last = config.channels_last if config.channels_last is not None else device_obj.type == "cuda"

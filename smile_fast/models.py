@@ -160,12 +160,15 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return _clean_state_dict(loaded)
 
 
-def build_source_model(name: str, weights: str = "auto", log=print) -> tuple[nn.Module, str]:
+def build_source_model(
+    name: str, weights: str = "auto", log=print, source_classes: int = 1000
+) -> tuple[nn.Module, str]:
     """Build a torchvision classifier with the requested weights.
 
     weights: "imagenet" (torchvision's weights API and cache; fails if neither cached nor downloadable),
       "auto" (ImageNet when cached or downloadable, else one line saying so and random init),
       "none" (random init) or a path to a local state_dict (a 365-way Places365 head is accepted).
+    source_classes: the size of the source head with "none" (a checkpoint's weights are loaded into it next).
     Returns (model, description of the weights actually loaded).
     """
     import torchvision
@@ -195,7 +198,7 @@ def build_source_model(name: str, weights: str = "auto", log=print) -> tuple[nn.
             )
             return getattr(torchvision.models, name)(weights=None), "none (ImageNet weights unavailable)"
     if weights == "none":
-        return getattr(torchvision.models, name)(weights=None), "none"
+        return getattr(torchvision.models, name)(weights=None, num_classes=source_classes), "none"
 
     state = load_weights_file(weights)
     fc_key = "fc.weight" if name.startswith("resnet") else "classifier.1.weight"
@@ -211,11 +214,11 @@ def build_source_model(name: str, weights: str = "auto", log=print) -> tuple[nn.
 
 
 def build_models(
-    name: str, num_classes: int, weights: str = "auto", with_aux_head: bool = True, log=print
+    name: str, num_classes: int, weights: str = "auto", with_aux_head: bool = True, log=print, source_classes=1000
 ) -> tuple[SmileNet, SourceNet, str]:
     """Student (with fc2 copied from the source head when `with_aux_head`) and the pre-trained source
-    model (the teacher's starting point)."""
-    model, description = build_source_model(name, weights, log=log)
+    model (the teacher's starting point). source_classes: see build_source_model."""
+    model, description = build_source_model(name, weights, log=log, source_classes=source_classes)
     backbone, source_head = _split_torchvision(model, name)
     student = SmileNet(copy.deepcopy(backbone), num_classes, source_head if with_aux_head else None)
     source = SourceNet(backbone, source_head)
@@ -226,6 +229,16 @@ def build_models(
 # BatchNorm folding. The teacher is always in eval mode, so each BatchNorm after a convolution is
 # an affine map with constants: folding it into the convolution's weight and bias removes one
 # full read and write of every activation (53 BatchNorms in ResNet-50).
+
+
+def checkpoint_source_classes(state: dict) -> int:
+    """The size of the source head a checkpoint holds (1000 for ImageNet, 365 for Places365): the student's
+    fc2, else the teacher's fc; 1000 when it has neither (finetune, mixup, CutMix, which never read it)."""
+    for part, key in (("student", "fc2.weight"), ("teacher", "fc.weight")):
+        weight = (state.get(part) or {}).get(key)
+        if weight is not None:
+            return int(weight.shape[0])
+    return 1000
 
 
 def conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:

@@ -26,6 +26,16 @@ def write_text_atomic(path: Path, text: str) -> None:
 _NOT_REPEATED = ("out", "resume")
 
 
+def recorded_weights(run_dir: Path) -> str | None:
+    """The weights a run started from, as its config.yaml's header records them (None when it does not)."""
+    try:
+        lines = (Path(run_dir) / "config.yaml").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    prefix = "# weights used: "
+    return next((line[len(prefix) :] for line in lines if line.startswith(prefix)), None)
+
+
 def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world_size: int = 1) -> None:
     """config.yaml: every resolved setting of the run, reusable as `smile-fast train -c config.yaml`.
     With several processes the commands name torchrun: batch_size is per process."""

@@ -127,6 +127,8 @@ FLAG_CASES = {
     "cuda-graph-cutmix": (["--cuda-graph", "--method", "cutmix"], ["--cuda-graph", "CutMix"]),
     "teacher-lookahead-without-cuda-graph": (["--teacher-lookahead"], ["--teacher-lookahead", "--cuda-graph"]),
     "yaml-missing-file": (["-c", "missing.yaml"], ["missing.yaml"]),  # relative to the test's tmp_path
+    # The demo would train and the folder be ignored.
+    "data-dir-without-dataset": (["--data-dir", "/some/images"], ["--data-dir", "--dataset"]),
 }
 
 # id -> (text of the -c config file, words the message must contain)
@@ -140,6 +142,8 @@ YAML_CASES = {
     "yaml-syntax": ("iters: [1, 2\n", ["YAML"]),
     "yaml-bad-value": ("iters: -5\n", ["--iters"]),
     "yaml-sample-rate": ("sample-rate: 0\n", ["--sample-rate"]),
+    "yaml-setting-twice": ("lr: 0.1\niters: 5\nlr: 0.2\n", ["lr twice"]),
+    "yaml-setting-twice-spelled-two-ways": ("batch_size: 4\nbatch-size: 8\n", ["batch_size twice", "batch-size"]),
 }
 
 
@@ -186,6 +190,23 @@ RUN_CASES = {
     "resume-missing-run-folder": (lambda t: ["train", "--resume", str(t / "old-run"), "--no-progress"], []),
     "eval-missing-checkpoint": (lambda t: ["eval", str(t / "nothing" / "last.pt"), "--device", "cpu"], []),
     "unknown-subcommand": (lambda t: ["tarin"], []),
+    # --json is checked before the benchmark runs (it may compile and time for minutes on a GPU).
+    "bench-step-json-is-a-folder": (
+        lambda t: ["bench", "step", "--device", "cpu", "--json", str(t)],
+        ["--json", "folder"],
+    ),
+    "bench-step-json-under-a-file": (
+        lambda t: ["bench", "step", "--device", "cpu", "--json", _empty_file(t / "a-file") + "/bench.json"],
+        ["--json", "a-file"],
+    ),
+    "bench-loader-json-under-a-file": (
+        lambda t: ["bench", "loader", "--device", "cpu", "--json", _empty_file(t / "a-file") + "/loader.json"],
+        ["--json", "a-file"],
+    ),
+    "bench-step-batch-of-one-with-pairs": (
+        lambda t: ["bench", "step", "--device", "cpu", "--model", "resnet18", "--batch-size", "1"],
+        ["--batch-size 1", "--methods finetune"],
+    ),
     "cuda-graph-on-cpu": (
         lambda t: _train_imagefolder(t, "--model", "resnet18", "--weights", "none", "--device", "cpu", "--cuda-graph"),
         ["--cuda-graph", "CUDA"],

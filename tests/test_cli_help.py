@@ -54,3 +54,18 @@ def test_an_unknown_flag_points_to_the_subcommands_help(argv, unknown, hint, cap
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1, error
     assert f"unrecognized arguments: {unknown} (see `{hint}`)" in error, error
+
+
+def test_smile_fast_alone_shows_the_commands_and_trains_nothing(capsys, tmp_path, monkeypatch):
+    from smile_fast import __version__
+    from smile_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0
+    shown = " ".join(capsys.readouterr().out.split())  # unwrap the columns
+    assert "{train,eval,bench,data}" in shown
+    assert "`smile-fast train` with no flags runs the embedded offline demo" in shown
+    assert not (tmp_path / "runs").exists(), "a run was started"
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"smile-fast {__version__}"

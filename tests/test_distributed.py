@@ -195,7 +195,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(folder, tmp
     # A new run into the finished one's folder: every rank says so in one line; none goes on into DDP.
     refused = _run(folder, tmp_path / "double", 2, 4, "finetune", expect_success=False)
     assert refused.returncode != 0
-    assert refused.stderr.count(f"smile-fast: error: {tmp_path / 'double'} already holds a run") == 2, refused.stderr
+    assert refused.stderr.count(f"smile-fast: error: {tmp_path / 'double'} holds a finished run") == 2, refused.stderr
     assert "DistributedDataParallel" not in refused.stderr and "Connection" not in refused.stderr, refused.stderr
 
 

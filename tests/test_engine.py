@@ -14,7 +14,7 @@ from _tiny_runs import tiny_config, write_tiny_imagefolder
 
 from smile_fast.checkpoint import load_checkpoint
 from smile_fast.config import build_config
-from smile_fast.engine import Trainer, TrainingStopped, train
+from smile_fast.engine import Trainer, TrainingStopped, evaluate_checkpoint, train
 from smile_fast.errors import UserError
 from smile_fast.step import TrainingStep
 
@@ -218,7 +218,7 @@ def test_training_with_the_dali_loader_on_cpu(tiny_imagefolder, tmp_path):
     assert (out / "last.pt").is_file()
 
 
-def _stopped_run(tiny_imagefolder, out, monkeypatch, iters=4, stop_after=2):
+def _stopped_run(tiny_imagefolder, out, monkeypatch, iters=4, stop_after=2, **overrides):
     """A run of `iters` iterations stopped by SIGTERM after `stop_after` steps (checkpoint at that boundary)."""
     original_call = TrainingStep.__call__
 
@@ -231,7 +231,7 @@ def _stopped_run(tiny_imagefolder, out, monkeypatch, iters=4, stop_after=2):
     with monkeypatch.context() as patch:
         patch.setattr(TrainingStep, "__call__", call_then_signal)
         with pytest.raises(TrainingStopped):
-            train(_config(tiny_imagefolder, out, iters=iters, eval_every=iters), progress=False)
+            train(_config(tiny_imagefolder, out, iters=iters, eval_every=iters, **overrides), progress=False)
     assert load_checkpoint(out)["iteration"] == stop_after
     return out
 
@@ -326,6 +326,30 @@ def test_resume_on_a_cpu_of_a_captured_run_runs_without_its_capture_flags(
     assert load_checkpoint(out)["iteration"] == 2
 
 
+def test_resume_and_eval_read_no_pretrained_weights(tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    """Every weight of a resumed run comes from its checkpoint: the pre-trained file may be gone (offline, an
+    ImageNet download used to be tried again, and its failure logged as "training from random init"). A
+    365-way source head (Places365) is rebuilt at its size, by --resume and by eval, and the summary still
+    names the weights the run started from."""
+    import torchvision
+
+    from smile_fast.cli import main
+
+    weights = tmp_path / "places365-resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=365).state_dict(), weights)
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=2, stop_after=1, weights=str(weights))
+    weights.unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--no-progress", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "random init" not in err and "Downloading" not in err, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights"] == f"file {weights} (365-way source head)", summary["weights"]
+    assert f"# weights used: file {weights} (365-way source head)" in (out / "config.yaml").read_text()
+    assert load_checkpoint(out)["student"]["fc2.weight"].shape[0] == 365
+    assert evaluate_checkpoint(str(out), device="cpu")["test_top1"] == pytest.approx(summary["test_top1"])
+
+
 def test_resume_of_a_finished_run_changes_nothing(tiny_imagefolder, tmp_path, capsys):
     # It used to run on and rewrite summary.json with test_top1 null (no evaluation after the last step).
     from smile_fast.cli import main
@@ -357,7 +381,11 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(tiny_imagefolder, tmp_path,
         capsys.readouterr()
         assert main([*command, "--out", str(out)]) == 2
         error = capsys.readouterr().err.strip()
-        assert len(error.splitlines()) == 1 and f"--resume {out}" in error and "already holds a run" in error, error
+        assert len(error.splitlines()) == 1, error
+        if out == finished:  # nothing left to continue: --resume would only say so
+            assert "holds a finished run" in error and f"smile-fast eval {out}" in error and "--resume" not in error
+        else:
+            assert f"--resume {out}" in error and "already holds a run" in error, error
         assert {path.name: path.read_bytes() for path in out.iterdir()} == before, "the earlier run was touched"
     # A folder that holds no run (an empty one, or the user's own files) is fine.
     mine = tmp_path / "mine"
@@ -536,6 +564,12 @@ def test_resume_reads_a_moved_dataset_from_its_new_data_dir(tmp_path, monkeypatc
     moved = tmp_path / "moved"
     shutil.move(first, moved)
     monkeypatch.chdir(tmp_path)
+    for command in ("--resume", "eval"):  # the recorded folder is gone: the error says how to name the new one
+        with pytest.raises(UserError, match=f"if the dataset moved, name its new folder: `smile-fast .*{command}"):
+            if command == "eval":
+                evaluate_checkpoint(str(out), device="cpu")
+            else:
+                train(_config(first, out, iters=2, eval_every=2, resume=str(out)), progress=False)
     config = _config("moved", out, iters=2, eval_every=2, resume=str(out))
     summary = train(config, progress=False, given={"data_dir": "moved"})  # as the command line names it
     assert summary["iters"] == 2 and summary["skipped_files"] == 0
@@ -758,3 +792,11 @@ def test_commands_in_config_yaml_are_quoted_for_the_shell(tmp_path):
     run_dir.mkdir(parents=True)
     write_config(run_dir, {"batch_size": 4}, "none")
     assert f"`smile-fast train --resume '{run_dir}'` continues it" in (run_dir / "config.yaml").read_text()
+
+
+def test_amp_dtype_without_amp_is_noted(tiny_imagefolder, tmp_path):
+    """--amp-dtype float16 alone does nothing (the run is float32): the log says so instead of keeping quiet."""
+    said = []
+    config = _config(tiny_imagefolder, tmp_path / "run", method="finetune", iters=1, amp_dtype="float16")
+    train(config, progress=False, log=said.append)
+    assert any("--amp-dtype float16 has no effect without --amp" in line for line in said), said
