@@ -48,7 +48,7 @@ def safe_load(path: Path, what: str) -> Any:
         ) from None
     except Exception as error:  # noqa: BLE001 - torch.load raises many types on corrupt input (EOF, IndexError, ...)
         # Only torch's first sentence: the rest is advice about miniz, cut off mid-sentence by a length limit.
-        reason = first_line(error, 120).split(". ")[0].rstrip(".")
+        reason = first_line(error, 1000).split(". ")[0].rstrip(".")[:160]
         raise UserError(f"cannot read {what} {path}: {not_written_by_torch} ({reason})") from None
 
 

@@ -322,6 +322,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     yaml_values = load_yaml(args.config) if args.config else {}
     overrides = {key: getattr(args, key) for key in TRAIN_KEYS}
     config = build_config(yaml_values, overrides)
+    # Checked on what this command names, not in validate(): a resumed run's dataset is its checkpoint's
+    # (`--resume RUN --data-dir NEW` names no --dataset), and recorded configs are not this command's doing.
+    if config.dataset == "demo" and config.data_dir and not config.resume:
+        raise UserError(
+            f"--data-dir {config.data_dir} was given with the built-in demo dataset, which would ignore it: name "
+            "the dataset (--dataset imagefolder for ROOT/train/<class>/ and ROOT/test/<class>/)"
+        )
     named = set(yaml_values) | {key for key, value in overrides.items() if value is not None}
     summary = train(config, progress=not args.no_progress, given={key: getattr(config, key) for key in named})
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns; the table is printed once

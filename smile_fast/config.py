@@ -134,6 +134,8 @@ def _loader_refusing_repeated_settings():
     def construct_mapping(loader, node, deep=False):
         seen: dict[str, Any] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys written here override those
+                continue
             key = loader.construct_object(key_node, deep=deep)
             name = str(key).replace("-", "_")
             if name in seen:
@@ -279,11 +281,6 @@ def validate(config: TrainConfig) -> None:
     _check(
         config.dataset == "demo" or bool(config.data_dir),
         f"--data-dir is required for --dataset {config.dataset} (the folder holding its official layout)",
-    )
-    _check(
-        config.dataset != "demo" or not config.data_dir,
-        f"--data-dir {config.data_dir} was given without --dataset, so the run would train on the built-in demo "
-        "and ignore it: name the dataset (--dataset imagefolder for ROOT/train/<class>/ and ROOT/test/<class>/)",
     )
     _check(
         config.method in METHOD_CHOICES, f"unknown method {config.method!r}; choose one of {', '.join(METHOD_CHOICES)}"

@@ -845,10 +845,14 @@ def _drop_capture_flags(config: TrainConfig, device, dist, given: Mapping[str, A
     one error per flag that the user never typed. A flag this invocation names is kept, and checked as usual."""
     if not config.cuda_graph or (device.type == "cuda" and not dist.enabled) or "cuda_graph" in (given or {}):
         return []
-    dropped = [f"--{key.replace('_', '-')}" for key in _CAPTURE_FLAGS if getattr(config, key)]
+    from smile_fast.config import validate
+
+    dropped = []
     for key in _CAPTURE_FLAGS:
-        if key not in (given or {}):
+        if getattr(config, key) and key not in (given or {}):
             setattr(config, key, False)
+            dropped.append(f"--{key.replace('_', '-')}")
+    validate(config)  # a lookahead flag named again now lacks --cuda-graph: the usual one-line error
     return dropped
 
 

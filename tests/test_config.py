@@ -198,3 +198,10 @@ def test_data_dir_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert build_config(overrides={"dataset": "cub", "data_dir": "data/cub/"}).data_dir == str(tmp_path / "data/cub")
     assert build_config(overrides={"dataset": "cub", "data_dir": "~/cub"}).data_dir == str(tmp_path / "home/cub")
+
+
+def test_yaml_merge_keys_still_work_and_a_key_written_out_overrides_them(tmp_path):
+    """The loader that refuses a setting named twice leaves YAML's merge keys (`<<: *defaults`) as they were."""
+    path = tmp_path / "c.yaml"
+    path.write_text("<<: {iters: 5, lr: 0.2}\nbatch_size: 4\niters: 7\n")
+    assert load_yaml(path) == {"iters": 7, "lr": 0.2, "batch_size": 4}

@@ -321,6 +321,9 @@ def test_resume_on_a_cpu_of_a_captured_run_runs_without_its_capture_flags(
     out, code, err = resume("named", "--cuda-graph")
     assert code == 2 and "--cuda-graph needs a CUDA device" in err and len(err.strip().splitlines()) == 1, err
 
+    out, code, err = resume("lookahead-named", "--teacher-lookahead")  # kept, so it needs --cuda-graph
+    assert code == 2 and "--teacher-lookahead runs the teacher inside the captured step" in err, err
+
     out, code, err = resume("off", "--no-cuda-graph")
     assert code == 0 and "note: the run's" not in err, err
     assert load_checkpoint(out)["iteration"] == 2
@@ -570,8 +573,11 @@ def test_resume_reads_a_moved_dataset_from_its_new_data_dir(tmp_path, monkeypatc
                 evaluate_checkpoint(str(out), device="cpu")
             else:
                 train(_config(first, out, iters=2, eval_every=2, resume=str(out)), progress=False)
-    config = _config("moved", out, iters=2, eval_every=2, resume=str(out))
-    summary = train(config, progress=False, given={"data_dir": "moved"})  # as the command line names it
+    from smile_fast.cli import main
+
+    # Through the command line, which names no --dataset: the run's own (imagefolder) is kept.
+    assert main(["train", "--resume", str(out), "--data-dir", "moved", "--no-progress", "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["iters"] == 2 and summary["skipped_files"] == 0
     manifest = (out / "manifest.txt").read_text().splitlines()
     assert len(manifest) == 32 and all(line.split("\t")[1].startswith(f"{moved}/") for line in manifest)
@@ -735,6 +741,7 @@ def _saving_trainer(run_dir):
         num_classes=2,
         class_names=["a", "b"],
         run_dir=run_dir,
+        weights_description="none",
     )
 
 

@@ -13,11 +13,11 @@ import threading
 import time
 
 import pytest
+from _tiny_runs import write_tiny_imagefolder
 from torch.utils.data import DataLoader, Dataset
 
 from smile_fast.checkpoint import load_checkpoint
 from smile_fast.data.worker_signals import outlive_first_stop_signal
-from tests._tiny_runs import write_tiny_imagefolder
 
 
 class _WorkerPids(Dataset):
@@ -84,3 +84,31 @@ def test_a_stop_signal_to_the_process_group_checkpoints_the_run(tmp_path, signum
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # no worker was left behind
         os.killpg(process.pid, 0)
+
+
+_CRASH = """
+import sys
+from torch.utils.data import DataLoader
+from smile_fast.data.worker_signals import outlive_first_stop_signal
+
+def batches():
+    loader = DataLoader(list(range(100)), batch_size=2, num_workers=2, persistent_workers=True,
+                        worker_init_fn=outlive_first_stop_signal)
+    yield from loader
+
+def step(stream):
+    next(stream)
+    raise RuntimeError("a crash in the training step")
+
+step(batches())
+"""
+
+
+def test_a_crash_with_live_workers_still_exits():
+    """After an uncaught error the traceback keeps the loader's iterator alive, so its workers never hear
+    "done" and multiprocessing's exit handler SIGTERMs them and waits. Workers that took that SIGTERM as
+    their first kept such a process from exiting, ever; end_leftover_workers kills them first."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", _CRASH], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "a crash in the training step" in result.stderr, result.stderr[-2000:]
+    assert time.monotonic() - started < 100
