@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from smile_fast.checkpoint import load_checkpoint, save_atomic
-from smile_fast.config import PAPER_BATCH, RESUME_MAY_CHANGE, TrainConfig, build_config, resolve_for_device
+from smile_fast.config import PAPER_BATCH, RESUME_MAY_CHANGE, TrainConfig, build_config, resolve_for_device, validate
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec
 from smile_fast.devices import cpu_has_fast_bfloat16, resolve_device, setup_distributed
@@ -845,8 +845,6 @@ def _drop_capture_flags(config: TrainConfig, device, dist, given: Mapping[str, A
     one error per flag that the user never typed. A flag this invocation names is kept, and checked as usual."""
     if not config.cuda_graph or (device.type == "cuda" and not dist.enabled) or "cuda_graph" in (given or {}):
         return []
-    from smile_fast.config import validate
-
     dropped = []
     for key in _CAPTURE_FLAGS:
         if getattr(config, key) and key not in (given or {}):

@@ -26,14 +26,16 @@ def write_text_atomic(path: Path, text: str) -> None:
 _NOT_REPEATED = ("out", "resume")
 
 
+_WEIGHTS_LINE = "# weights used: "  # config.yaml's header line, written by write_config, read by recorded_weights
+
+
 def recorded_weights(run_dir: Path) -> str | None:
     """The weights a run started from, as its config.yaml's header records them (None when it does not)."""
     try:
         lines = (Path(run_dir) / "config.yaml").read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return None
-    prefix = "# weights used: "
-    return next((line[len(prefix) :] for line in lines if line.startswith(prefix)), None)
+    return next((line[len(_WEIGHTS_LINE) :] for line in lines if line.startswith(_WEIGHTS_LINE)), None)
 
 
 def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world_size: int = 1) -> None:
@@ -45,7 +47,7 @@ def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world
     header = (
         f"# smile-fast run settings. `{launch} train -c config.yaml [--out DIR]` repeats this run in a new\n"
         f"# folder; `{launch} train --resume {shlex.quote(str(run_dir))}` continues it.\n"
-        f"# weights used: {weights_used}\n"
+        f"{_WEIGHTS_LINE}{weights_used}\n"
     )
     if world_size > 1:
         header += (

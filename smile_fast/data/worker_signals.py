@@ -21,7 +21,6 @@ own handler runs, the workers that are still there are killed outright (`end_lef
 from __future__ import annotations
 
 import atexit
-import multiprocessing
 import multiprocessing.util  # registers its exit handler now, so that the one below is registered after it
 import os
 import signal
