@@ -360,7 +360,7 @@ def _print_summary_table(summary: dict) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from smile_fast.engine import evaluate_checkpoint
+    from smile_fast.evaluation import evaluate_checkpoint
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Every process would evaluate the whole test split and print the same line.
@@ -431,7 +431,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UserError("choose a benchmark: `smile-fast bench step` or `smile-fast bench loader`")
     if json_path is not None:
         from smile_fast.atomic_file import atomic_write
-        from smile_fast.engine import EXIT_WRITE_FAILED
+        from smile_fast.stop_signals import EXIT_WRITE_FAILED
 
         try:
             with atomic_write(json_path) as stream:
@@ -446,8 +446,8 @@ def _bench_loader(args: argparse.Namespace) -> dict:
     from smile_fast.config import build_config
     from smile_fast.data.loader_bench import run_loader_benchmark
     from smile_fast.data.loaders import default_workers
+    from smile_fast.data.prepare import prepare_data
     from smile_fast.devices import resolve_device
-    from smile_fast.engine import prepare_data
 
     config = build_config(overrides={"dataset": args.dataset, "data_dir": args.data_dir, "device": args.device})
     splits, train_spec, _, skipped = prepare_data(config)
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         print("smile-fast: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - TrainingStopped carries its own exit code and message
-        from smile_fast.engine import TrainingStopped
+        from smile_fast.stop_signals import TrainingStopped
 
         if isinstance(error, TrainingStopped):
             print(f"smile-fast: {error}", file=sys.stderr)

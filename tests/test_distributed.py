@@ -227,7 +227,7 @@ def test_a_crashed_rank_ends_every_rank_with_an_error(folder, tmp_path):
 def test_two_ranks_report_the_top1_of_their_checkpoint(folder, tmp_path):
     """With BatchNorm live and no SyncBatchNorm (CPU ranks), each rank's running statistics follow its own
     shard; the evaluation must still be the checkpoint's (the main rank's statistics), as `eval` finds it."""
-    from smile_fast.engine import evaluate_checkpoint
+    from smile_fast.evaluation import evaluate_checkpoint
 
     out = tmp_path / "live-bn"
     record = _run(folder, out, 2, 4, "finetune", extra_env={"LIVE_BN": "1"}, iters=6, extra_args=("--eval-every", "6"))

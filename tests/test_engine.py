@@ -14,9 +14,11 @@ from _tiny_runs import tiny_config, write_tiny_imagefolder
 
 from smile_fast.checkpoint import load_checkpoint
 from smile_fast.config import build_config
-from smile_fast.engine import Trainer, TrainingStopped, evaluate_checkpoint, train
+from smile_fast.engine import Trainer, train
 from smile_fast.errors import UserError
+from smile_fast.evaluation import evaluate_checkpoint
 from smile_fast.step import TrainingStep
+from smile_fast.stop_signals import TrainingStopped
 
 
 @pytest.fixture(scope="module")
@@ -399,7 +401,7 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(tiny_imagefolder, tmp_path,
 
 
 def test_unusable_run_folders_are_refused_before_any_data_is_read(tiny_imagefolder, tmp_path, capsys, monkeypatch):
-    from smile_fast import engine
+    from smile_fast import resume
     from smile_fast.cli import main
 
     command = ["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "no-such-data")]
@@ -412,7 +414,7 @@ def test_unusable_run_folders_are_refused_before_any_data_is_read(tiny_imagefold
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and expected in error, error
     # Root may write anywhere, so a read-only folder is stood in for by os.access's answer.
-    monkeypatch.setattr(engine.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(resume.os, "access", lambda path, mode: False)
     capsys.readouterr()
     assert main([*command, "--out", str(tmp_path / "read-only" / "run")]) == 2
     error = capsys.readouterr().err.strip()
@@ -472,7 +474,7 @@ def test_train_leaves_the_process_group_it_joined_even_when_the_start_fails(tmp_
 
 def test_an_amp_run_evaluates_in_float32_and_eval_reports_its_top1(tiny_imagefolder, tmp_path, monkeypatch):
     """Evaluation runs in float32 whatever --amp says, as the authors' code evaluates; eval gives the same top-1."""
-    from smile_fast.engine import evaluate_checkpoint
+    from smile_fast.evaluation import evaluate_checkpoint
     from smile_fast.models import SmileNet
 
     dtypes = []
@@ -493,7 +495,7 @@ def test_an_amp_run_evaluates_in_float32_and_eval_reports_its_top1(tiny_imagefol
 
 
 def test_eval_says_which_test_images_it_skipped(tmp_path):
-    from smile_fast.engine import evaluate_checkpoint
+    from smile_fast.evaluation import evaluate_checkpoint
 
     data = write_tiny_imagefolder(tmp_path / "data")
     out = tmp_path / "run"
@@ -509,7 +511,7 @@ def test_eval_says_which_test_images_it_skipped(tmp_path):
 def test_eval_reads_no_training_file_and_keeps_the_run_s_class_subset(tmp_path):
     """A checkpoint evaluates where the training images are gone (another machine, a cleaned disk), with
     the test images of the classes its run drew, and no check of a training file."""
-    from smile_fast.engine import evaluate_checkpoint
+    from smile_fast.evaluation import evaluate_checkpoint
 
     data = write_tiny_imagefolder(tmp_path / "data")
     out = tmp_path / "run"
@@ -529,7 +531,7 @@ def test_eval_reads_no_training_file_and_keeps_the_run_s_class_subset(tmp_path):
 def test_a_checkpoint_of_another_model_layout_is_one_clear_error(tiny_imagefolder, tmp_path, monkeypatch):
     """eval and --resume of a checkpoint whose tensors do not fit the model say so in one line."""
     from smile_fast.checkpoint import save_atomic
-    from smile_fast.engine import evaluate_checkpoint
+    from smile_fast.evaluation import evaluate_checkpoint
 
     out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=2, stop_after=1)
     state = load_checkpoint(out / "last.pt")
@@ -639,7 +641,7 @@ def test_a_run_that_diverged_before_its_first_checkpoint_says_so_and_what_to_do(
 def test_eval_and_resume_refuse_a_dataset_whose_classes_changed(tmp_path, monkeypatch):
     """A renamed class folder shifts every label after it: eval would report 0% and resume would train on
     the wrong labels, without a word."""
-    from smile_fast.engine import evaluate_checkpoint
+    from smile_fast.evaluation import evaluate_checkpoint
 
     data = write_tiny_imagefolder(tmp_path / "data")
     out = _stopped_run(data, tmp_path / "run", monkeypatch, iters=2, stop_after=1)
@@ -694,7 +696,7 @@ def test_signals_wait_for_the_checkpoint_write(sender):
     mask (the first version) held it only when the main thread got it."""
     import threading
 
-    from smile_fast.engine import _signals_held
+    from smile_fast.stop_signals import signals_held
 
     received = []
     go = threading.Event()
@@ -708,7 +710,7 @@ def test_signals_wait_for_the_checkpoint_write(sender):
     thread.start()
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
-        with _signals_held():
+        with signals_held():
             if sender == "main thread":
                 signal.raise_signal(signal.SIGINT)
                 signal.raise_signal(signal.SIGINT)  # a second Ctrl-C during the write
@@ -752,6 +754,7 @@ def test_a_ctrl_c_during_the_stop_checkpoint_waits_and_the_run_ends_in_one_line(
     (disk full), the run ends with that error's one line, not a KeyboardInterrupt that hides it."""
     import smile_fast.engine as engine
     from smile_fast.checkpoint import save_atomic
+    from smile_fast.stop_signals import EXIT_WRITE_FAILED, StopSignal
 
     def write_with_a_ctrl_c(state, path):
         signal.raise_signal(signal.SIGINT)
@@ -763,11 +766,11 @@ def test_a_ctrl_c_during_the_stop_checkpoint_waits_and_the_run_ends_in_one_line(
     monkeypatch.setattr(engine, "save_atomic", write_with_a_ctrl_c)
     expected, exit_code = {
         "completes": ("checkpoint written; continue with", 130),
-        "fails: disk full": ("No space left on device", engine.EXIT_WRITE_FAILED),
+        "fails: disk full": ("No space left on device", EXIT_WRITE_FAILED),
     }[write]
-    with engine._StopSignal() as stop:
+    with StopSignal() as stop:
         stop.requested = signal.SIGINT
-        with pytest.raises(engine.TrainingStopped, match=expected) as stopped:
+        with pytest.raises(TrainingStopped, match=expected) as stopped:
             engine.Trainer.save(_saving_trainer(tmp_path), 7, 1.0, 1.0)
     assert stopped.value.exit_code == exit_code
     if write == "completes":

@@ -79,7 +79,7 @@ def _relative_position(offset: int, size: int, crop: int) -> np.ndarray:
 
 
 def _checked(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[str]]:
-    """images.check_images with the cache folder the engine uses (a second check only stats the files); logs skips."""
+    """images.check_images with the cache folder prepare_data uses (a second check only stats the files); logs skips."""
     from smile_fast.data.demo import default_cache_dir
     from smile_fast.data.images import check_images, skipped_message
 

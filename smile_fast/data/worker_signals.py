@@ -2,7 +2,7 @@
 
 Ctrl-C at a terminal, `timeout`, Slurm's scancel or preemption, systemd and `kill -- -PGID` signal the whole
 process group: the training process and its DataLoader workers at once. The training process stops at
-the next step boundary and writes its checkpoint (engine._StopSignal). A worker that died of the signal
+the next step boundary and writes its checkpoint (stop_signals.StopSignal). A worker that died of the signal
 instead made PyTorch's SIGCHLD handler raise "DataLoader worker ... is killed by signal" in the middle of
 that step: a traceback, exit status 1 and no checkpoint, losing every step since the last evaluation.
 

@@ -1,0 +1,74 @@
+"""The dataset a run's settings name, ready to load: its readable files after the subset protocol, and the
+train/test TransformSpecs (for training, `smile-fast eval` and `smile-fast bench loader`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from smile_fast.data.transforms import TransformSpec
+
+if TYPE_CHECKING:
+    from smile_fast.config import TrainConfig
+
+
+class PreparedData(NamedTuple):
+    splits: Any  # DatasetSplits: the readable files, after the subset protocol
+    train_spec: TransformSpec
+    test_spec: TransformSpec
+    skipped: list[str]  # the dataset's files that are missing or cannot be read
+
+
+def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True) -> PreparedData:
+    """The dataset's readable files after the subset protocol, and the train/test TransformSpecs of the config.
+
+    Files are checked (a header read, cached per file) before the protocol draws its subset, so that a
+    missing or corrupt file never takes a place in `--train-samples` or a class's `--sample-rate` quota.
+    `log` gets one line on the files skipped and one on classes left without training images.
+
+    with_train=False (evaluation): the training split is neither checked nor drawn from, and comes back
+    empty. The test split depends only on the classes a protocol keeps, which the seed alone decides, so a
+    checkpoint evaluates on the run's test images also where training files are missing or unread.
+    """
+    from dataclasses import replace
+
+    from smile_fast.data.datasets import classes_without_images, load_dataset
+    from smile_fast.data.images import check_images, listed, skipped_message
+    from smile_fast.data.subsets import apply_class_subset, apply_sample_rate
+
+    log = log or stderr_line
+    if config.dataset == "demo":
+        from smile_fast.data.demo import demo_dataset_root
+
+        splits = load_dataset("imagefolder", demo_dataset_root())
+    else:
+        splits = load_dataset(config.dataset, config.data_dir)
+    cache = cache_dir() / "image-checks"
+    train, bad_train = check_images(splits.train, cache) if with_train else ([], [])
+    test, bad_test = check_images(splits.test, cache)
+    if bad_train or bad_test:
+        log(skipped_message(bad_train + bad_test))
+    splits = replace(splits, train=train, test=test)
+    if config.sample_rate is not None and with_train:
+        splits = apply_sample_rate(splits, config.sample_rate, config.seed)
+    if config.class_fraction is not None or config.train_samples is not None:
+        train_samples = config.train_samples if with_train else None
+        splits = apply_class_subset(splits, config.class_fraction or 1.0, train_samples, config.seed)
+    if config.train_samples is None and with_train:  # a --train-samples draw may leave classes out by design
+        if empty := classes_without_images(splits.classes, splits.train):
+            log(f"warning: {len(empty)} class(es) have no readable training image: {listed(empty)}")
+    train_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=True)
+    test_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=False)
+    return PreparedData(splits, train_spec, test_spec, bad_train + bad_test)
+
+
+def stderr_line(message: str) -> None:
+    """Where messages go when no `log` is given (prepare_data's, and the Trainer's, default)."""
+    print(message, file=sys.stderr)
+
+
+def cache_dir() -> Path:
+    """smile-fast's cache folder, under which the image checks are kept: $SMILE_FAST_CACHE, else ~/.cache/smile-fast."""
+    return Path(os.environ.get("SMILE_FAST_CACHE", Path.home() / ".cache" / "smile-fast"))

@@ -1,0 +1,78 @@
+"""Test top-1 of a student: the count the Trainer's evaluations make, and `smile-fast eval`'s score of a
+checkpoint."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from smile_fast.checkpoint import load_checkpoint
+from smile_fast.config import build_config
+from smile_fast.data.prepare import prepare_data
+from smile_fast.devices import resolve_device
+from smile_fast.errors import UserError
+from smile_fast.models import build_models, checkpoint_source_classes
+from smile_fast.resume import check_classes, model_layout_check, moved_dataset_hint
+
+
+@torch.no_grad()
+def count_correct(student, batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, total) top-1 predictions of fc1 over `batches`, as int64 tensors on `device` (one host sync
+    at the end, by the caller). float32 whatever --amp says, as the authors' code evaluates: bfloat16 logits
+    can flip a borderline prediction, and a test pass is a small cost next to the steps between evaluations."""
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    for images, labels in batches:
+        correct += (student.classify(images).argmax(dim=1) == labels).sum()
+        total += labels.numel()
+    return correct, total
+
+
+def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = None, log=None) -> dict[str, Any]:
+    """Test top-1 of a checkpoint's student on its dataset's test split, in float32 as the run's own
+    evaluations (and the authors' code) do, with the run's memory format."""
+    from smile_fast.data.loaders import eval_batches
+
+    state = load_checkpoint(path)
+    values = dict(state["config"])
+    values.update(resume=None, out=None, device=device, weights="none")  # the weights are the checkpoint's
+    if data_dir:
+        values["data_dir"] = data_dir
+    config = build_config(values)
+    device_obj = resolve_device(config.device)
+    with moved_dataset_hint(config, "eval"):
+        splits, _, test_spec, _ = prepare_data(config, log=log, with_train=False)
+    check_classes(path, state, splits.classes)
+    student, _, _ = build_models(
+        config.model,
+        len(splits.classes),
+        "none",
+        with_aux_head=state["teacher"] is not None,
+        source_classes=checkpoint_source_classes(state),
+    )
+    with model_layout_check(path):
+        student.load_state_dict(state["student"])
+    channels_last = config.channels_last if config.channels_last is not None else device_obj.type == "cuda"
+    student.to(device_obj, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
+    if not splits.test:
+        raise UserError("the test split is empty; nothing to evaluate")
+    batches = eval_batches(
+        "torchvision",
+        splits.test,
+        test_spec,
+        config.eval_batch_size,
+        device_obj,
+        min(4, os.cpu_count() or 1),
+        0,
+        1,
+        channels_last,
+    )
+    correct, total = count_correct(student, batches, device_obj)
+    return {
+        "checkpoint": str(path),
+        "iteration": int(state["iteration"]),
+        "test_top1": 100.0 * correct.item() / total.item(),
+        "test_images": total.item(),
+    }

@@ -1,0 +1,206 @@
+"""A recorded run checked against this invocation, before anything is trained or scored: the run folder a
+run may write to, --resume's settings, number of processes and finished state, the dataset's classes and
+folder, and a checkpoint that does not fit the model; and the run's manifest and capture flags carried
+over to its resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from smile_fast.config import RESUME_MAY_CHANGE, TrainConfig, validate
+from smile_fast.errors import UserError, first_line
+from smile_fast.stop_signals import TrainingStopped
+
+RUN_FILES = ("last.pt", "summary.json")  # a folder holding either holds a run worth keeping
+
+
+def check_run_dir(run_dir: Path, resuming: bool) -> None:
+    """One-line errors, before any data is read, for a run folder that cannot be used.
+
+    A new run never writes into a folder that holds another run's checkpoint, summary or logged metrics
+    (it would replace them); a folder left by a start that failed before training holds none of those.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"the run folder {run_dir} is a file; give another --out")
+    if not resuming and run_dir.is_dir():
+        found = [name for name in RUN_FILES if (run_dir / name).exists()]
+        metrics = run_dir / "metrics.csv"
+        if metrics.is_file() and len(metrics.read_text(encoding="utf-8", errors="replace").splitlines()) > 1:
+            found.append("metrics.csv")
+        if found == ["metrics.csv"]:
+            # A run that ended before its first checkpoint (it diverged, or was killed): its log is kept,
+            # but there is nothing to resume.
+            raise UserError(
+                f"{run_dir} holds the metrics.csv of a run that ended before its first checkpoint, so there is "
+                "nothing to resume; give another --out (or remove the folder to reuse it)"
+            )
+        if "summary.json" in found:  # written when a run ends: there is nothing left to continue
+            raise UserError(
+                f"{run_dir} holds a finished run ({', '.join(found)}); give another --out for a new run "
+                f"(`smile-fast eval {shlex.quote(str(run_dir))}` scores the finished one)"
+            )
+        if found:
+            raise UserError(
+                f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
+                f"`smile-fast train --resume {shlex.quote(str(run_dir))}`, or give another --out"
+            )
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create the run folder {run_dir}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the run folder {run_dir}: {existing} is not writable")
+
+
+def check_classes(where: str | Path, state: Mapping[str, Any], classes: list[str]) -> None:
+    """The dataset's classes, in label order, must be the run's: a renamed, added or removed class folder
+    shifts the labels, and the checkpoint would score (or train on) the wrong ones without a word.
+    Checkpoints written before the class list was recorded are not checked."""
+    recorded = state.get("classes")
+    if recorded is None or list(recorded) == list(classes):
+        return
+    from smile_fast.data.images import listed
+
+    gone = [name for name in recorded if name not in set(classes)]
+    new = [name for name in classes if name not in set(recorded)]
+    what = []
+    if gone:
+        what.append(f"missing now: {listed(gone)}")
+    if new:
+        what.append(f"new: {listed(new)}")
+    if not what:
+        what.append("the same names in another order")
+    raise UserError(
+        f"the dataset's classes differ from those {where} was trained on ({len(recorded)} then, {len(classes)} now; "
+        f"{'; '.join(what)}), so its labels would not match; use the dataset as it was (--data-dir)"
+    )
+
+
+def refuse_other_world_size(run_dir: Path, state: Mapping[str, Any], world_size: int, batch_size: int) -> None:
+    """--batch-size is per process: resumed with another number of processes, a run would go on at another
+    global batch (and another data order) without a word. Checkpoints written before this check hold no
+    world size and resume as before."""
+    trained = state.get("world_size")
+    if trained is None or int(trained) == world_size:
+        return
+    trained = int(trained)
+    how = (
+        "without torchrun" if trained == 1 else f"with {trained} processes in all (torchrun: nodes x --nproc_per_node)"
+    )
+    raise UserError(
+        f"{run_dir} trained with {trained} process{'es' if trained > 1 else ''} (global batch {trained * batch_size}); "
+        f"resume it {how}: with {world_size} the global batch would become {world_size * batch_size}"
+    )
+
+
+def refuse_finished_run(run_dir: Path, state: Mapping[str, Any], iters: int) -> None:
+    """--resume of a run that already did all its iterations: nothing to do, and its results stay as they are
+    (running on would rewrite summary.json without the evaluation the finished run recorded)."""
+    if int(state["iteration"]) < iters:
+        return
+    summary_path = run_dir / "summary.json"
+    result = ""
+    try:
+        top1 = json.loads(summary_path.read_text(encoding="utf-8")).get("test_top1")
+        if top1 is not None:
+            result = f" (test top-1 {top1:.2f}%)"
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    raise TrainingStopped(
+        f"{run_dir} already finished its {iters} iterations{result}; nothing to resume. "
+        f"`smile-fast eval {run_dir}` tests its checkpoint again",
+        exit_code=0,
+    )
+
+
+def rebase(samples: list[tuple[str, int]], old_root: str | None, new_root: str | None) -> list[tuple[str, int]]:
+    """The manifest's files under `old_root` (the data folder the run started with), now under `new_root`."""
+    if not old_root or not new_root:
+        return samples
+    old_root, new_root = os.path.abspath(old_root), os.path.abspath(new_root)
+    if old_root == new_root:
+        return samples
+    prefix = old_root.rstrip(os.sep) + os.sep
+    return [
+        (os.path.join(new_root, path[len(prefix) :]) if path.startswith(prefix) else path, label)
+        for path, label in samples
+    ]
+
+
+# The capture flags, in the order validate() ties them together: each later one needs the one before.
+_CAPTURE_FLAGS = ("cuda_graph", "teacher_lookahead", "teacher_background")
+
+
+def turn_off_dependent_flags(saved: dict[str, Any], given: Mapping[str, Any]) -> None:
+    """`--resume RUN --no-cuda-graph` turns off the run's recorded lookahead flags with it (and
+    `--no-teacher-lookahead` its background flag), since each needs the one before; flags named again are kept."""
+    for position, key in enumerate(_CAPTURE_FLAGS):
+        if not saved.get(key):
+            for later in _CAPTURE_FLAGS[position + 1 :]:
+                if later not in given:
+                    saved[later] = False
+
+
+def drop_capture_flags(config: TrainConfig, device, dist, given: Mapping[str, Any] | None) -> list[str]:
+    """A run recorded with --cuda-graph (and its lookahead flags) on one GPU, resumed where the step cannot be
+    captured (a CPU, torchrun): the run's recorded flags are turned off, as the flags to spell out, instead of
+    one error per flag that the user never typed. A flag this invocation names is kept, and checked as usual."""
+    if not config.cuda_graph or (device.type == "cuda" and not dist.enabled) or "cuda_graph" in (given or {}):
+        return []
+    dropped = []
+    for key in _CAPTURE_FLAGS:
+        if getattr(config, key) and key not in (given or {}):
+            setattr(config, key, False)
+            dropped.append(f"--{key.replace('_', '-')}")
+    validate(config)  # a lookahead flag named again now lacks --cuda-graph: the usual one-line error
+    return dropped
+
+
+def check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any]) -> None:
+    """A resumed run keeps its own data, model, objective and schedule: naming the same values again is
+    fine (re-running the original command with --resume), a different one is an error, not ignored."""
+    differ = [
+        f"--{key.replace('_', '-')} {value} (the run has {getattr(resumed, key)})"
+        for key, value in given.items()
+        if key not in RESUME_MAY_CHANGE and getattr(resumed, key) != value
+    ]
+    if differ:
+        allowed = ", ".join(f"--{key.replace('_', '-')}" for key in RESUME_MAY_CHANGE)
+        raise UserError(
+            f"--resume continues a run with its own settings, and these differ from it: {'; '.join(differ)}. "
+            f"Leave them out, or start a new run (another --out). A resumed run may change only {allowed}"
+        )
+
+
+@contextlib.contextmanager
+def model_layout_check(where: str | Path):
+    """A checkpoint whose tensors do not fit the model this version builds is one clear line, not a traceback
+    (e.g. an EfficientNet run from before the feature map moved to the authors' block)."""
+    try:
+        yield
+    except RuntimeError as error:
+        first = first_line(error, 160)
+        raise UserError(
+            f"the checkpoint in {where} does not fit the model this version of smile-fast builds ({first}); "
+            "start a new run, or use the version that wrote it"
+        ) from None
+
+
+@contextlib.contextmanager
+def moved_dataset_hint(config: TrainConfig, command: str | None):
+    """A recorded run (`--resume`, `eval`) whose data folder is gone: the error says how to point at its new
+    place, since the folder came from the run, not from this command line."""
+    try:
+        yield
+    except UserError as error:
+        if command is None or not config.data_dir or Path(config.data_dir).exists():
+            raise
+        how = f"smile-fast {'train --resume' if command == '--resume' else 'eval'} RUN --data-dir NEW"
+        raise UserError(f"{error}; if the dataset moved, name its new folder: `{how}`") from None

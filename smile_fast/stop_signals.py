@@ -1,0 +1,88 @@
+"""How a run stops before its last iteration: TrainingStopped, whose exit status says why, and the
+SIGTERM/SIGINT handling of the loop (stop at the next step boundary; never in the middle of a checkpoint
+write)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Any
+
+
+class TrainingStopped(Exception):
+    """The run stopped before its last iteration; `exit_code` says why (the message says what to do)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask the loop to stop at the next step boundary (checkpoint, then exit)."""
+
+    def __init__(self):
+        self.requested = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. a test runner thread): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block is done (then are handled as usual): a checkpoint write is
+    never broken off halfway.
+
+    Held in Python, not with pthread_sigmask: a mask holds a signal only for the thread that sets it, and
+    a training process has other threads (torch's, DALI's, the DataLoader's), any of which the kernel may
+    hand a Ctrl-C to; Python then runs the handler in the main thread all the same, halfway through the
+    write. So for the block the handlers only note what came, and the notes are raised again after it.
+    Outside the main thread handlers cannot be set, and the block runs as it is.
+    """
+    held = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: came.append(signum)) for signum in held}
+    try:
+        yield
+    except BaseException:
+        # The block failed (a write error): that error ends the run, and a handler raising here would hide
+        # it. The signals it held are dropped with it.
+        _restore_handlers(previous)
+        raise
+    _restore_handlers(previous)
+    for signum in dict.fromkeys(came):  # once each, in order: a second Ctrl-C during the write is the same request
+        handler = previous[signum]
+        # Called here rather than raised again, so that it runs now, in this frame, whatever the interpreter's
+        # next check for pending signals would be.
+        if callable(handler):
+            handler(signum, None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signum)
+
+
+def _restore_handlers(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+# sysexits.h's EX_IOERR: a wrapper script can tell "free the disk, then --resume" from a crash (status 1).
+EXIT_WRITE_FAILED = 74
