@@ -26,7 +26,7 @@ def make_splits() -> DatasetSplits:
     # Interleave the classes, as CUB's images.txt order does not group them.
     train.sort(key=lambda sample: (int(sample[0].rsplit("/", 1)[1].split(".")[0]), sample[1]))
     test = [(f"/data/test/c{c}/{k}.jpg", c) for c in range(8) for k in range(2)]
-    return DatasetSplits("toy", Path("/data"), [f"class{c}" for c in range(8)], train, test, "square")
+    return DatasetSplits("toy", Path("/data"), [f"class{c}" for c in range(8)], train, test)
 
 
 @pytest.mark.parametrize("rate", [0.15, 0.3, 0.5, 1.0])
@@ -57,7 +57,7 @@ def test_round_half_up_rounds_the_written_decimal(fraction, count, expected):
 def test_cub_at_15_percent_keeps_five_images_of_a_30_image_class():
     splits = make_splits()
     thirty = DatasetSplits(
-        "cub-like", Path("/d"), ["a", "b"], [(f"/d/{c}/{k}.jpg", c) for c in range(2) for k in range(30)], [], "shorter"
+        "cub", Path("/d"), ["a", "b"], [(f"/d/{c}/{k}.jpg", c) for c in range(2) for k in range(30)], []
     )
     subset = apply_sample_rate(thirty, 0.15, seed=0)
     assert Counter(label for _, label in subset.train) == {0: 5, 1: 5}

@@ -60,7 +60,6 @@ class DatasetSplits:
 
     classes: class names; label i is classes[i].
     train, test: (absolute image path, label) pairs, in the order of the dataset's own list files.
-    resize: the spec's resize mode, "shorter" (keep aspect, CUB) or "square" (all others).
     """
 
     name: str
@@ -68,12 +67,26 @@ class DatasetSplits:
     classes: list[str]
     train: list[tuple[str, int]]
     test: list[tuple[str, int]]
-    resize: str
+
+    @property
+    def resize(self) -> str:
+        """The TransformSpec resize mode the dataset is read with (see `resize_mode`)."""
+        return resize_mode(self.name)
 
     @property
     def num_classes(self) -> int:
         """Number of classes (the target classifier's width)."""
         return len(self.classes)
+
+
+# The spec's resize before the crop (SMILE_SPEC.md): the shorter side to resize_size, aspect kept, for CUB (as
+# the authors' code does); resize_size x resize_size for every other dataset. Exported models record it too.
+SHORTER_SIDE_DATASETS = ("cub",)
+
+
+def resize_mode(dataset: str) -> str:
+    """How a dataset's images are resized before the crop: "shorter" or "square" (the demo is an imagefolder)."""
+    return "shorter" if dataset in SHORTER_SIDE_DATASETS else "square"
 
 
 def _fail(name: str, what: str) -> UserError:
@@ -174,7 +187,7 @@ def _load_cub(data_dir: Path) -> DatasetSplits:
     train = [(path, class_id - 1) for path, class_id in train]
     test = [(path, class_id - 1) for path, class_id in test]
     _check_first_image("cub", train, root / "images.txt")
-    return DatasetSplits("cub", root, classes, train, test, resize="shorter")
+    return DatasetSplits("cub", root, classes, train, test)
 
 
 def _parse_int(name: str, path: Path, text: str) -> int:
@@ -236,7 +249,7 @@ def _load_cars(data_dir: Path) -> DatasetSplits:
 
     train = split(devkit / "cars_train_annos.mat", "cars_train")
     test = split(root / "cars_test_annos_withlabels.mat", "cars_test")
-    return DatasetSplits("cars", root, classes, train, test, resize="square")
+    return DatasetSplits("cars", root, classes, train, test)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +278,7 @@ def _load_aircraft(data_dir: Path) -> DatasetSplits:
     # The paper trains on trainval (train + val), as is standard for FGVC-Aircraft.
     train = split("images_variant_trainval.txt")
     test = split("images_variant_test.txt")
-    return DatasetSplits("aircraft", root, classes, train, test, resize="square")
+    return DatasetSplits("aircraft", root, classes, train, test)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +310,7 @@ def _load_indoor67(data_dir: Path) -> DatasetSplits:
         _check_first_image("indoor67", samples, path)
         return samples
 
-    return DatasetSplits("indoor67", root, classes, split("TrainImages.txt"), split("TestImages.txt"), resize="square")
+    return DatasetSplits("indoor67", root, classes, split("TrainImages.txt"), split("TestImages.txt"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,9 +348,7 @@ def _load_food101(data_dir: Path) -> DatasetSplits:
         _check_first_image("food101", samples, meta / file_name)
         return samples
 
-    return DatasetSplits(
-        "food101", root, classes, split(train_lists, "train.json"), split(test_lists, "test.json"), resize="square"
-    )
+    return DatasetSplits("food101", root, classes, split(train_lists, "train.json"), split(test_lists, "test.json"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +389,7 @@ def _load_imagefolder(data_dir: Path) -> DatasetSplits:
     def samples(files_by_class: dict[str, list[str]]) -> list[tuple[str, int]]:
         return [(path, label) for label, name in enumerate(classes) for path in files_by_class[name]]
 
-    return DatasetSplits("imagefolder", data_dir, classes, samples(train_files), samples(test_files), resize="square")
+    return DatasetSplits("imagefolder", data_dir, classes, samples(train_files), samples(test_files))
 
 
 def _images_under(folder: Path) -> list[str]:
