@@ -230,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     evaluate.add_argument("--data-dir", help="dataset folder, if it moved since training")
 
+    export = commands.add_parser(
+        "export",
+        help="write a run's fine-tuned model as a torchvision state_dict, with its class names",
+        description=(
+            "Write the run's model (backbone and target classifier) as a plain torchvision state_dict, which "
+            "torchvision.models.MODEL(num_classes=K).load_state_dict(torch.load(FILE)) reads, and beside it a "
+            ".json with the class names in label order and the test transform the model expects. The file is "
+            "also a valid --weights PATH for a new run."
+        ),
+    )
+    export.add_argument("checkpoint", help="a run folder or its last.pt")
+    export.add_argument(
+        "--out",
+        metavar="FILE",
+        help="the weights file to write (default: model.pt in the run folder); the .json goes beside it",
+    )
+
     bench = commands.add_parser("bench", help="measure speed on the current device")
     bench_commands = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
     # Every bench option has a default, so --help shows it; train's defaults depend on the dataset.
@@ -359,12 +376,16 @@ def _print_summary_table(summary: dict) -> None:
         print(f"{name:<{width}}  {value}")
 
 
+def _one_process(command: str) -> None:
+    """eval and export: every process would do the whole job and print the same lines."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"smile-fast {command} runs in one process; start it without torchrun")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from smile_fast.evaluation import evaluate_checkpoint
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Every process would evaluate the whole test split and print the same line.
-        raise UserError("smile-fast eval runs in one process; start it without torchrun")
+    _one_process("eval")
 
     result = evaluate_checkpoint(args.checkpoint, device=args.device, data_dir=args.data_dir)
     print(
@@ -374,25 +395,63 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_json_path(path: str) -> Path:
-    """--json is checked before the benchmark, which may compile and time for minutes on a GPU: a path that
-    cannot be written is one line then, not a traceback after the work."""
+def _check_writable(path: str | Path, flag: str, example: str) -> Path:
+    """An output file named on the command line is checked before the work (a benchmark may compile and time
+    for minutes on a GPU): a path that cannot be written is one line then, not a traceback after the work."""
     import tempfile
 
     target = Path(path)
     if target.is_dir():
-        raise UserError(f"--json {path} is a folder; name the file to write, e.g. {target / 'bench.json'}")
+        raise UserError(f"{flag} {path} is a folder; name the file to write, e.g. {target / example}")
+    existing = target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".check"):
             pass
     except OSError as error:
-        raise UserError(f"--json {path}: cannot write in {target.parent} ({error.strerror or error})") from None
+        raise UserError(f"{flag} {path}: cannot write in {target.parent} ({error.strerror or error})") from None
     return target
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from smile_fast.export import default_export_path, load_code, metadata_path, prepare_export, write_export
+    from smile_fast.stop_signals import EXIT_WRITE_FAILED
+
+    _one_process("export")
+    out = Path(args.out) if args.out else default_export_path(args.checkpoint)
+    if out.suffix == ".json":
+        raise UserError(
+            f"--out {out}: the class names and transform go to the .json beside the weights, which would then "
+            "overwrite them; name the weights file, e.g. model.pt"
+        )
+    model, metadata = prepare_export(args.checkpoint)  # checked first: a wrong path creates no folder
+    _check_writable(out, "--out", "model.pt")
+    try:
+        weights_file, metadata_file = write_export(model, metadata, out)
+    except OSError as error:
+        print(f"smile-fast: error: could not write {out} or {metadata_path(out)}: {error}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    run = metadata["run"]
+    top1 = f", test top-1 {run['test_top1']:.2f}%" if run["test_top1"] is not None else ""
+    print(
+        f"wrote {weights_file}: {metadata['model']} fine-tuned on {run['dataset']} with {run['method']} "
+        f"({metadata['num_classes']} classes, iteration {run['iteration']} of {run['iters']}{top1})"
+    )
+    print(f"wrote {metadata_file}: the class names in label order and the test transform")
+    if not run["finished"]:
+        print(f"note: the run stopped at iteration {run['iteration']} of {run['iters']}; this is its model as of then")
+    if metadata["classes"] is None:
+        print("note: this checkpoint predates recorded class names; label i is the dataset's i-th class")
+    print(f"load it: {load_code(metadata['model'], metadata['num_classes'], weights_file)}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
-    json_path = _check_json_path(args.json) if getattr(args, "json", None) else None
+    json_path = _check_writable(args.json, "--json", "bench.json") if getattr(args, "json", None) else None
     if args.bench_command == "step":
         from smile_fast.bench_step import format_step_table, run_step_benchmark
 
@@ -517,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_train(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "export":
+            return _cmd_export(args)
         if args.command == "bench":
             return _cmd_bench(args)
         if args.command == "data":

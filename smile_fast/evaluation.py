@@ -13,7 +13,7 @@ from smile_fast.config import build_config
 from smile_fast.data.prepare import prepare_data
 from smile_fast.devices import resolve_device
 from smile_fast.errors import UserError
-from smile_fast.models import build_models, checkpoint_source_classes
+from smile_fast.models import SmileNet, build_models, checkpoint_source_classes
 from smile_fast.resume import check_classes, model_layout_check, moved_dataset_hint
 
 
@@ -28,6 +28,24 @@ def count_correct(student, batches, device: torch.device) -> tuple[torch.Tensor,
         correct += (student.classify(images).argmax(dim=1) == labels).sum()
         total += labels.numel()
     return correct, total
+
+
+def student_from_checkpoint(state: dict[str, Any], where, num_classes: int | None = None) -> SmileNet:
+    """The checkpoint's student on the CPU in float32, built at random and then loaded: every tensor comes from
+    the checkpoint, so no pre-trained weights are read. num_classes: the target head's width (default: the
+    checkpoint's own); a checkpoint that does not fit is one UserError naming `where`."""
+    if num_classes is None:
+        num_classes = int(state["student"]["fc1.weight"].shape[0])
+    student, _, _ = build_models(
+        state["config"]["model"],
+        num_classes,
+        "none",
+        with_aux_head=state.get("teacher") is not None,
+        source_classes=checkpoint_source_classes(state),
+    )
+    with model_layout_check(where):
+        student.load_state_dict(state["student"])
+    return student
 
 
 def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = None, log=None) -> dict[str, Any]:
@@ -45,15 +63,9 @@ def evaluate_checkpoint(path: str, device: str = "auto", data_dir: str | None = 
     with moved_dataset_hint(config, "eval"):
         splits, _, test_spec, _ = prepare_data(config, log=log, with_train=False)
     check_classes(path, state, splits.classes)
-    student, _, _ = build_models(
-        config.model,
-        len(splits.classes),
-        "none",
-        with_aux_head=state["teacher"] is not None,
-        source_classes=checkpoint_source_classes(state),
-    )
-    with model_layout_check(path):
-        student.load_state_dict(state["student"])
+    # At the dataset's class count: a checkpoint from before class names were recorded, with another count,
+    # is then a layout error rather than a score against shifted labels.
+    student = student_from_checkpoint(state, path, num_classes=len(splits.classes))
     channels_last = config.channels_last if config.channels_last is not None else device_obj.type == "cuda"
     student.to(device_obj, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
     if not splits.test:

@@ -1,0 +1,153 @@
+"""`smile-fast export`: a run's fine-tuned model as a plain torchvision state_dict, for use outside smile-fast.
+
+The student's backbone and its target head (fc1) are written back into the torchvision model they came
+from, built with `num_classes` outputs, so that
+
+    model = torchvision.models.resnet50(num_classes=K)
+    model.load_state_dict(torch.load("model.pt", weights_only=True))
+
+is the model the run evaluated (fc2, the auxiliary source head, and the mean teacher only serve training).
+A JSON file beside it records what the weights alone cannot: the class names in label order and the test
+transform the model expects. The file is also a valid `--weights PATH` for a new run (its head becomes the
+source head that SMILE's fc2 starts from).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from smile_fast.checkpoint import load_checkpoint, save_atomic
+from smile_fast.evaluation import student_from_checkpoint
+from smile_fast.models import SmileNet, _split_torchvision
+
+EXPORT_FORMAT = "smile-fast-export-v1"
+
+
+@torch.no_grad()
+def torchvision_model(student: SmileNet, model_name: str) -> nn.Module:
+    """The torchvision classifier `model_name` with `student`'s backbone and fc1 as its classifier.
+
+    The torchvision model is cut with the same function that cut the pre-trained one into the student
+    (models._split_torchvision), whose parts are the model's own modules: loading the student's backbone
+    and fc1 into those parts fills the whole model, with no table of renamed keys to keep in step.
+    """
+    import torchvision
+
+    model = getattr(torchvision.models, model_name)(weights=None, num_classes=student.fc1.out_features)
+    backbone, classifier = _split_torchvision(model, model_name)
+    backbone.load_state_dict(student.backbone.state_dict())
+    classifier.load_state_dict(student.fc1.state_dict())
+    return model.eval()
+
+
+def default_export_path(checkpoint: str | Path) -> Path:
+    """model.pt in the run folder (the folder given, or the one holding the given checkpoint file)."""
+    checkpoint = Path(checkpoint)
+    return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "model.pt"
+
+
+def metadata_path(weights_path: Path) -> Path:
+    """The JSON file beside the weights: model.pt -> model.json."""
+    return weights_path.with_suffix(".json")
+
+
+def load_code(model_name: str, num_classes: int, weights_file: str | Path) -> str:
+    """The Python that loads an exported model (the .json gives the file's name: it sits beside it)."""
+    return (
+        f"model = torchvision.models.{model_name}(num_classes={num_classes}); "
+        f"model.load_state_dict(torch.load({str(weights_file)!r}, weights_only=True)); model.eval()"
+    )
+
+
+def _preprocess(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's test transform (SMILE_SPEC.md), as values and as the torchvision code that does it."""
+    from smile_fast.data.datasets import resize_mode
+    from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    dataset = config["dataset"]
+    resize_size, crop_size = int(config["resize_size"]), int(config["crop_size"])
+    mode = resize_mode("imagefolder" if dataset == "demo" else dataset)
+    resize = f"Resize({resize_size})" if mode == "shorter" else f"Resize(({resize_size}, {resize_size}))"
+    return {
+        "resize": mode,
+        "resize_size": resize_size,
+        "crop_size": crop_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "torchvision": (
+            f"Compose([{resize}, CenterCrop({crop_size}), ToTensor(), Normalize({list(IMAGENET_MEAN)}, "
+            f"{list(IMAGENET_STD)})]) on an RGB PIL image"
+        ),
+    }
+
+
+def _recorded_top1(run_dir: Path, iteration: int, iters: int) -> float | None:
+    """The finished run's test top-1 from its summary.json; None for a run that stopped early."""
+    if iteration < iters:
+        return None
+    try:
+        top1 = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("test_top1")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(top1) if isinstance(top1, (int, float)) else None
+
+
+def prepare_export(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The checkpoint's model as a torchvision classifier (CPU, float32, eval mode) and the metadata to write
+    beside it. Raises UserError for a checkpoint that cannot be read or does not fit."""
+    checkpoint = Path(checkpoint)
+    state = load_checkpoint(checkpoint)
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    config = state["config"]
+    student = student_from_checkpoint(state, checkpoint)
+    model = torchvision_model(student, config["model"])
+    classes = state.get("classes")
+    iteration, iters = int(state["iteration"]), int(config["iters"])
+    from smile_fast import __version__
+
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "model": config["model"],
+        "num_classes": student.fc1.out_features,
+        "load": None,  # the code that loads the file, once its name is known (write_export)
+        # Label i is classes[i]. Checkpoints from before the class list was recorded have none.
+        "classes": list(classes) if classes is not None else None,
+        "preprocess": _preprocess(config),
+        "run": {
+            "checkpoint": str(checkpoint.resolve()),
+            "dataset": config["dataset"],
+            "method": config["method"],
+            "smile_form": config.get("smile_form") if config["method"] == "smile" else None,
+            "iteration": iteration,
+            "iters": iters,
+            "finished": iteration >= iters,
+            "test_top1": _recorded_top1(run_dir, iteration, iters),
+            "weights_used": state.get("weights_used"),
+            "seed": config.get("seed"),
+        },
+        "smile_fast_version": __version__,
+    }
+    return model, metadata
+
+
+def write_export(model: nn.Module, metadata: dict[str, Any], weights_path: str | Path) -> tuple[Path, Path]:
+    """Write the state_dict to `weights_path` and the metadata to the .json beside it, each atomically.
+    Returns both paths. Raises OSError when a file cannot be written."""
+    from smile_fast.runlog import write_text_atomic
+
+    weights_path = Path(weights_path)
+    metadata = {**metadata, "load": load_code(metadata["model"], metadata["num_classes"], weights_path.name)}
+    save_atomic(model.state_dict(), weights_path)
+    write_text_atomic(metadata_path(weights_path), json.dumps(metadata, indent=2) + "\n")
+    return weights_path, metadata_path(weights_path)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
+    """prepare_export, then write_export to `out` (default: model.pt in the run folder)."""
+    model, metadata = prepare_export(checkpoint)
+    return write_export(model, metadata, out if out is not None else default_export_path(checkpoint))

@@ -1,0 +1,160 @@
+"""`smile-fast export`: the fine-tuned model as a torchvision state_dict that plain torchvision code loads and
+that predicts what the run evaluated; its .json names the classes and the test transform."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from _tiny_runs import tiny_config, write_tiny_imagefolder
+from PIL import Image
+from torchvision import transforms as T
+
+from smile_fast.checkpoint import load_checkpoint, save_atomic
+from smile_fast.cli import main
+from smile_fast.engine import train
+from smile_fast.export import torchvision_model
+from smile_fast.models import build_models, build_source_model
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny finished SMILE run (ResNet-18, 4 classes) and its summary."""
+    root = tmp_path_factory.mktemp("export")
+    data = write_tiny_imagefolder(root / "data")
+    summary = train(tiny_config(data, root / "run"), progress=False)
+    return root / "run", summary
+
+
+def _randomize_batch_norm(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Running statistics and affine parameters far from their defaults, so that a BatchNorm loaded into the
+    wrong layer (or not at all) changes the output."""
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            shape = layer.running_mean.shape
+            layer.running_mean.copy_(torch.randn(shape, generator=generator) * 0.1)
+            layer.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
+            layer.weight.data.copy_(torch.rand(shape, generator=generator) + 0.5)
+            layer.bias.data.copy_(torch.randn(shape, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "efficientnet_b4"])
+@torch.no_grad()
+def test_the_torchvision_model_computes_the_students_target_logits(model_name):
+    # EfficientNet covers the parts a ResNet lacks: the 1x1 head convolution between the feature map and the
+    # pool, and the dropout before the classifier (identity in eval mode, as in the student).
+    generator = torch.Generator().manual_seed(7)
+    student, _, _ = build_models(model_name, 5, "none", with_aux_head=True, log=lambda _: None)
+    _randomize_batch_norm(student, generator)
+    student.eval()
+    exported = torchvision_model(student, model_name)
+    assert not exported.training, "the exported model must come back in eval mode"
+    images = torch.randn(3, 3, 64, 64, generator=generator, dtype=torch.float64)
+    # float64 on both sides, with the same (float32) weights: only the pooling's rounding may differ.
+    expected = student.double().classify(images)
+    got = exported.double()(images)
+    assert got.shape == (3, 5)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=f"{model_name}: logits differ")
+
+
+def _test_transform(preprocess: dict) -> T.Compose:
+    """The test transform, built from the .json's values alone, as a user of the exported model would."""
+    size = preprocess["resize_size"]
+    resize = T.Resize(size) if preprocess["resize"] == "shorter" else T.Resize((size, size))
+    return T.Compose(
+        [
+            resize,
+            T.CenterCrop(preprocess["crop_size"]),
+            T.ToTensor(),
+            T.Normalize(preprocess["mean"], preprocess["std"]),
+        ]
+    )
+
+
+def test_export_loads_in_plain_torchvision_and_scores_the_runs_top1(finished_run, capsys):
+    run_dir, summary = finished_run
+    assert main(["export", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    weights_file, metadata_file = run_dir / "model.pt", run_dir / "model.json"
+    assert f"wrote {weights_file}" in printed and f"wrote {metadata_file}" in printed
+    assert "note:" not in printed, "a finished run with recorded classes needs no note"
+    metadata = json.loads(metadata_file.read_text())
+    checkpoint = load_checkpoint(run_dir)
+    assert metadata["classes"] == checkpoint["classes"] == ["c0", "c1", "c2", "c3"]
+    assert metadata["num_classes"] == 4 and metadata["model"] == "resnet18"
+    assert metadata["run"]["finished"] and metadata["run"]["test_top1"] == pytest.approx(summary["test_top1"])
+    assert metadata["preprocess"]["resize"] == "square" and metadata["preprocess"]["crop_size"] == 32
+    assert metadata["load"] == (
+        "model = torchvision.models.resnet18(num_classes=4); "
+        "model.load_state_dict(torch.load('model.pt', weights_only=True)); model.eval()"
+    )
+
+    # What a user does with the two files: plain torchvision, strict loading, the .json's transform.
+    model = torchvision.models.resnet18(num_classes=metadata["num_classes"])
+    model.load_state_dict(torch.load(weights_file, weights_only=True))
+    model.eval()
+    transform = _test_transform(metadata["preprocess"])
+    data = Path(checkpoint["config"]["data_dir"])
+    correct = total = 0
+    with torch.no_grad():
+        for label, name in enumerate(metadata["classes"]):
+            for path in sorted((data / "test" / name).iterdir()):
+                image = transform(Image.open(path).convert("RGB")).unsqueeze(0)
+                correct += int(model(image).argmax(dim=1).item() == label)
+                total += 1
+    assert total == 12
+    assert 100.0 * correct / total == pytest.approx(summary["test_top1"]), "the export must score the run's top-1"
+
+
+def test_an_exported_model_is_a_weights_file_for_a_new_run(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    out = tmp_path / "exported" / "cars-resnet18.pt"  # a folder that does not exist yet, any file name
+    assert main(["export", str(run_dir / "last.pt"), "--out", str(out)]) == 0
+    assert (tmp_path / "exported" / "cars-resnet18.json").is_file()
+    model, description = build_source_model("resnet18", str(out), log=lambda _: None)
+    assert "4-way source head" in description
+    torch.testing.assert_close(model.fc.weight, load_checkpoint(run_dir)["student"]["fc1.weight"])
+
+
+def test_a_stopped_run_exports_with_a_note(finished_run, tmp_path, capsys):
+    # A run stopped early, from a version that recorded no class names: its checkpoint as such a run leaves it.
+    run_dir, _ = finished_run
+    state = load_checkpoint(run_dir)
+    state["iteration"] = 3
+    del state["classes"]
+    stopped = tmp_path / "stopped"
+    save_atomic(state, stopped / "last.pt")
+    assert main(["export", str(stopped)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: the run stopped at iteration 3 of 6" in printed
+    assert "predates recorded class names" in printed
+    metadata = json.loads((stopped / "model.json").read_text())
+    assert metadata["classes"] is None and not metadata["run"]["finished"] and metadata["run"]["test_top1"] is None
+
+
+def _a_file(path: Path) -> str:
+    path.write_text("not a folder")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "argv_of, expected",
+    [
+        (lambda run, tmp: ["export", str(tmp / "no-such-run")], "does not exist"),
+        (lambda run, tmp: ["export", str(run), "--out", str(tmp / "model.json")], "name the weights file"),
+        (lambda run, tmp: ["export", str(run), "--out", str(tmp)], "is a folder"),
+        (lambda run, tmp: ["export", str(run), "--out", _a_file(tmp / "a-file") + "/model.pt"], "is a file"),
+    ],
+    ids=["missing-run", "json-out", "folder-out", "under-a-file"],
+)
+def test_export_errors_are_one_line(finished_run, tmp_path, capsys, argv_of, expected):
+    run_dir, _ = finished_run
+    assert main(argv_of(run_dir, tmp_path)) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("smile-fast: error: ") and expected in error, error
+    assert not (tmp_path / "no-such-run").exists(), "a wrong checkpoint path must create no folder"
