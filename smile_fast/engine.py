@@ -11,6 +11,7 @@ iteration's optimizer step, then the optimizer step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shlex
 import signal
@@ -401,7 +402,9 @@ class Trainer:
         last_good_iteration = self.start_iteration
         last_row_iteration = self.start_iteration
         self.student.train()
-        with StopSignal() as stop:
+        # closing(): however the loop ends (a stop, a divergence, an error), the loader ends here with its worker
+        # processes, not when the caller drops the error that holds this frame (perhaps only at exit).
+        with StopSignal() as stop, contextlib.closing(batches):
             iteration = self.start_iteration
             upcoming = None  # with teacher lookahead: the next iteration's batch, fetched one step early
             while iteration < config.iters:

@@ -24,9 +24,13 @@ def count_correct(student, batches, device: torch.device) -> tuple[torch.Tensor,
     can flip a borderline prediction, and a test pass is a small cost next to the steps between evaluations."""
     correct = torch.zeros((), dtype=torch.int64, device=device)
     total = torch.zeros((), dtype=torch.int64, device=device)
-    for images, labels in batches:
-        correct += (student.classify(images).argmax(dim=1) == labels).sum()
-        total += labels.numel()
+    try:
+        for images, labels in batches:
+            correct += (student.classify(images).argmax(dim=1) == labels).sum()
+            total += labels.numel()
+    finally:
+        if hasattr(batches, "close"):  # a loader's generator: its workers end now, also when a batch fails
+            batches.close()
     return correct, total
 
 

@@ -112,3 +112,53 @@ def test_a_crash_with_live_workers_still_exits():
     result = subprocess.run([sys.executable, "-c", _CRASH], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "a crash in the training step" in result.stderr, result.stderr[-2000:]
     assert time.monotonic() - started < 100
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_a_failing_run_ends_its_loader_workers_before_the_error_reaches_the_caller(tmp_path, monkeypatch):
+    # A caller that keeps the error (a traceback printed at exit, a notebook's last exception, a retry loop)
+    # keeps the loop's frames and, with them, the loader: its workers would live on beside the caller.
+    import multiprocessing
+
+    from _tiny_runs import tiny_config
+
+    from smile_fast.engine import Trainer, train
+
+    calls = []
+
+    def failing_step(self, iteration, images, labels, next_images=None):
+        calls.append(iteration)
+        if len(calls) == 3:
+            raise RuntimeError("a step that fails")
+        return original(self, iteration, images, labels, next_images)
+
+    original = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", failing_step)
+    config = tiny_config(write_tiny_imagefolder(tmp_path / "data"), tmp_path / "run", workers=2, iters=50)
+    with pytest.raises(RuntimeError, match="a step that fails") as caught:
+        train(config, progress=False)
+    assert caught.value.__traceback__ is not None  # the frames are still held here
+    workers = [child for child in multiprocessing.active_children() if child.is_alive()]
+    assert not workers, f"loader workers still running after the run failed: {workers}"
+
+
+def test_a_failing_evaluation_ends_its_loader_workers():
+    import multiprocessing
+
+    import torch
+
+    from smile_fast.evaluation import count_correct
+
+    def batches():
+        for pids in DataLoader(_WorkerPids(), batch_size=2, num_workers=2):
+            yield torch.zeros(len(pids), 3, 4, 4), torch.zeros(len(pids), dtype=torch.int64)
+
+    class FailingStudent:
+        def classify(self, images):
+            raise RuntimeError("a forward that fails")
+
+    with pytest.raises(RuntimeError, match="a forward that fails") as caught:
+        count_correct(FailingStudent(), batches(), torch.device("cpu"))
+    assert caught.value.__traceback__ is not None
+    workers = [child for child in multiprocessing.active_children() if child.is_alive()]
+    assert not workers, f"loader workers still running after the evaluation failed: {workers}"

@@ -16,6 +16,8 @@ limit. After a crash the loader's iterator can still be alive at that point (the
 its workers never see "done", and a worker that took that one SIGTERM as its first would keep the process
 from ever exiting (measured: the crashing process hung until killed). So at exit, before multiprocessing's
 own handler runs, the workers that are still there are killed outright (`end_leftover_workers`).
+smile-fast's own loops (the training loop, the evaluations) close their loaders however they end, so their
+workers are gone before an error leaves them; the exit hook is for loops that do not (a library user's own).
 """
 
 from __future__ import annotations
