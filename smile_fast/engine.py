@@ -25,7 +25,8 @@ import torch
 
 from smile_fast.checkpoint import load_checkpoint, save_atomic
 from smile_fast.config import PAPER_BATCH, RESUME_MAY_CHANGE, TrainConfig, build_config, resolve_for_device
-from smile_fast.data.prepare import cache_dir, prepare_data, stderr_line
+from smile_fast.data.cache import image_checks_dir
+from smile_fast.data.prepare import prepare_data, stderr_line
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.devices import cpu_has_fast_bfloat16, setup_distributed
 from smile_fast.errors import UserError, first_line
@@ -151,7 +152,7 @@ class Trainer:
             recorded = read_manifest(manifest)  # exactly the files the stopped run trained on
             train_samples = rebase(recorded, self.resume_state["config"].get("data_dir"), config.data_dir)
             moved = train_samples != recorded  # rewritten below, so that a later --resume finds them too
-            train_samples, gone = check_images(train_samples, cache_dir() / "image-checks")
+            train_samples, gone = check_images(train_samples, image_checks_dir())
             if gone:
                 self.log(skipped_message(gone))
                 self.log(

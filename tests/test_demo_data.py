@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import smile_fast.data.demo as demo
+from smile_fast.data.cache import cache_dir, image_checks_dir
 from smile_fast.data.datasets import load_dataset
 from smile_fast.data.demo import (
     DEMO_CLASSES,
@@ -18,7 +19,6 @@ from smile_fast.data.demo import (
     DEMO_RESIZE_SIZE,
     DEMO_TEST_PER_CLASS,
     DEMO_TRAIN_PER_CLASS,
-    default_cache_dir,
     demo_dataset_root,
 )
 
@@ -107,9 +107,12 @@ def test_generation_is_the_same_everywhere(generated: tuple[Path, float]):
     assert np.abs(blocks(stored) - blocks(other)).mean() > 10
 
 
-def test_default_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_the_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("SMILE_FAST_CACHE", str(tmp_path / "custom"))
-    assert default_cache_dir() == tmp_path / "custom"
+    assert cache_dir() == tmp_path / "custom"
     monkeypatch.delenv("SMILE_FAST_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_cache_dir() == tmp_path / "home" / ".cache" / "smile-fast"
+    assert cache_dir() == tmp_path / "home" / ".cache" / "smile-fast"
+    monkeypatch.setenv("SMILE_FAST_CACHE", "")  # set but empty, as `export SMILE_FAST_CACHE=` leaves it: the default
+    assert cache_dir() == tmp_path / "home" / ".cache" / "smile-fast"
+    assert image_checks_dir() == tmp_path / "home" / ".cache" / "smile-fast" / "image-checks"

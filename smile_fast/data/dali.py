@@ -80,10 +80,10 @@ def _relative_position(offset: int, size: int, crop: int) -> np.ndarray:
 
 def _checked(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[str]]:
     """images.check_images with the cache folder prepare_data uses (a second check only stats the files); logs skips."""
-    from smile_fast.data.demo import default_cache_dir
+    from smile_fast.data.cache import image_checks_dir
     from smile_fast.data.images import check_images, skipped_message
 
-    good, bad = check_images(list(samples), default_cache_dir() / "image-checks")
+    good, bad = check_images(list(samples), image_checks_dir())
     if bad:
         logger.warning("%s", skipped_message(bad))
     return good, bad

@@ -445,11 +445,11 @@ def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = Non
     (<smile-fast cache>/image-checks), so that a verified dataset is not checked again at train time.
     Raises UserError when the layout itself is broken.
     """
-    from smile_fast.data.demo import default_cache_dir
+    from smile_fast.data.cache import image_checks_dir
     from smile_fast.data.images import check_images, listed, split_missing
 
     if cache_dir is None:
-        cache_dir = default_cache_dir() / "image-checks"
+        cache_dir = image_checks_dir()
 
     splits = load_dataset(name, data_dir)
     lines = [f"{_PRETTY[name]} at {splits.root}: {splits.num_classes} classes"]

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from smile_fast.data.cache import cache_dir as default_cache
 from smile_fast.errors import UserError
 
 # The demo's TransformSpec sizes (resize "square"): small images keep the CPU demo under 3 minutes.
@@ -50,13 +51,6 @@ _COMPLETE_MARKER = ".complete"
 _STALE_AFTER = 3_600
 
 
-def default_cache_dir() -> Path:
-    """smile-fast's cache folder: $SMILE_FAST_CACHE if set, else ~/.cache/smile-fast."""
-    if os.environ.get("SMILE_FAST_CACHE"):
-        return Path(os.environ["SMILE_FAST_CACHE"]).expanduser()
-    return Path.home() / ".cache" / "smile-fast"
-
-
 def demo_dataset_root(cache_dir: Path | None = None) -> Path:
     """The demo dataset's root folder (ROOT/train/<class>/*.jpg, ROOT/test/<class>/*.jpg), generated on first use.
 
@@ -64,7 +58,7 @@ def demo_dataset_root(cache_dir: Path | None = None) -> Path:
     interrupted generation never leaves a half dataset, and two processes racing both end up with
     one complete copy. Takes about a second.
     """
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache()
     root = cache_dir / _DEMO_FOLDER
     if (root / _COMPLETE_MARKER).is_file():
         return root

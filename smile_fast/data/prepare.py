@@ -3,11 +3,10 @@ train/test TransformSpecs (for training, `smile-fast eval` and `smile-fast bench
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from smile_fast.data.cache import image_checks_dir
 from smile_fast.data.transforms import TransformSpec
 
 if TYPE_CHECKING:
@@ -45,7 +44,7 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True) -> P
         splits = load_dataset("imagefolder", demo_dataset_root())
     else:
         splits = load_dataset(config.dataset, config.data_dir)
-    cache = cache_dir() / "image-checks"
+    cache = image_checks_dir()
     train, bad_train = check_images(splits.train, cache) if with_train else ([], [])
     test, bad_test = check_images(splits.test, cache)
     if bad_train or bad_test:
@@ -67,8 +66,3 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True) -> P
 def stderr_line(message: str) -> None:
     """Where messages go when no `log` is given (prepare_data's, and the Trainer's, default)."""
     print(message, file=sys.stderr)
-
-
-def cache_dir() -> Path:
-    """smile-fast's cache folder, under which the image checks are kept: $SMILE_FAST_CACHE, else ~/.cache/smile-fast."""
-    return Path(os.environ.get("SMILE_FAST_CACHE", Path.home() / ".cache" / "smile-fast"))
