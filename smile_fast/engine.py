@@ -592,4 +592,4 @@ def train(
             dist.destroy_process_group()
 
 
-__all__ = ["Trainer", "lr_at", "train"]
+__all__ = ["Trainer", "train"]

@@ -474,7 +474,6 @@ def test_train_leaves_the_process_group_it_joined_even_when_the_start_fails(tmp_
 
 def test_an_amp_run_evaluates_in_float32_and_eval_reports_its_top1(tiny_imagefolder, tmp_path, monkeypatch):
     """Evaluation runs in float32 whatever --amp says, as the authors' code evaluates; eval gives the same top-1."""
-    from smile_fast.evaluation import evaluate_checkpoint
     from smile_fast.models import SmileNet
 
     dtypes = []
@@ -495,7 +494,6 @@ def test_an_amp_run_evaluates_in_float32_and_eval_reports_its_top1(tiny_imagefol
 
 
 def test_eval_says_which_test_images_it_skipped(tmp_path):
-    from smile_fast.evaluation import evaluate_checkpoint
 
     data = write_tiny_imagefolder(tmp_path / "data")
     out = tmp_path / "run"
@@ -511,7 +509,6 @@ def test_eval_says_which_test_images_it_skipped(tmp_path):
 def test_eval_reads_no_training_file_and_keeps_the_run_s_class_subset(tmp_path):
     """A checkpoint evaluates where the training images are gone (another machine, a cleaned disk), with
     the test images of the classes its run drew, and no check of a training file."""
-    from smile_fast.evaluation import evaluate_checkpoint
 
     data = write_tiny_imagefolder(tmp_path / "data")
     out = tmp_path / "run"
@@ -531,7 +528,6 @@ def test_eval_reads_no_training_file_and_keeps_the_run_s_class_subset(tmp_path):
 def test_a_checkpoint_of_another_model_layout_is_one_clear_error(tiny_imagefolder, tmp_path, monkeypatch):
     """eval and --resume of a checkpoint whose tensors do not fit the model say so in one line."""
     from smile_fast.checkpoint import save_atomic
-    from smile_fast.evaluation import evaluate_checkpoint
 
     out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=2, stop_after=1)
     state = load_checkpoint(out / "last.pt")
@@ -641,7 +637,6 @@ def test_a_run_that_diverged_before_its_first_checkpoint_says_so_and_what_to_do(
 def test_eval_and_resume_refuse_a_dataset_whose_classes_changed(tmp_path, monkeypatch):
     """A renamed class folder shifts every label after it: eval would report 0% and resume would train on
     the wrong labels, without a word."""
-    from smile_fast.evaluation import evaluate_checkpoint
 
     data = write_tiny_imagefolder(tmp_path / "data")
     out = _stopped_run(data, tmp_path / "run", monkeypatch, iters=2, stop_after=1)
