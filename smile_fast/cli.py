@@ -19,7 +19,7 @@ from smile_fast.config import (
     LOADER_CHOICES,
     METHOD_CHOICES,
 )
-from smile_fast.errors import UserError
+from smile_fast.errors import UserError, first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -244,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--out",
         metavar="FILE",
-        help="the weights file to write (default: model.pt in the run folder); the .json goes beside it",
+        help=(
+            "the weights file to write (default: model.pt in the run folder; given a folder, model.pt in it); "
+            "the .json goes beside it. Only an earlier export is replaced"
+        ),
     )
 
     bench = commands.add_parser("bench", help="measure speed on the current device")
@@ -348,7 +351,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     named = set(yaml_values) | {key for key, value in overrides.items() if value is not None}
     summary = train(config, progress=not args.no_progress, given={key: getattr(config, key) for key in named})
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns; the table is printed once
+    if int(os.environ.get("RANK") or 0) == 0:  # under torchrun every rank returns; the table is printed once
         _print_summary_table(summary)
     return 0
 
@@ -378,7 +381,7 @@ def _print_summary_table(summary: dict) -> None:
 
 def _one_process(command: str) -> None:
     """eval and export: every process would do the whole job and print the same lines."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
         raise UserError(f"smile-fast {command} runs in one process; start it without torchrun")
 
 
@@ -418,22 +421,38 @@ def _check_writable(path: str | Path, flag: str, example: str) -> Path:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from smile_fast.export import default_export_path, load_code, metadata_path, prepare_export, write_export
+    from smile_fast.export import (
+        WEIGHTS_SUFFIXES,
+        check_export_targets,
+        default_export_path,
+        load_code,
+        prepare_export,
+        write_export,
+    )
     from smile_fast.stop_signals import EXIT_WRITE_FAILED
 
     _one_process("export")
-    out = Path(args.out) if args.out else default_export_path(args.checkpoint)
-    if out.suffix == ".json":
+    if args.out is not None and not args.out.strip():
+        raise UserError("--out is empty; name the weights file to write, e.g. --out model.pt")
+    if args.out is None:
+        out = default_export_path(args.checkpoint)
+    elif args.out.endswith(("/", os.sep)) or Path(args.out).is_dir():  # a folder (to create): the file in it, as cp
+        out = Path(args.out) / "model.pt"
+    else:
+        out = Path(args.out)
+    if out.suffix.lower() == ".json":
         raise UserError(
-            f"--out {out}: the class names and transform go to the .json beside the weights, which would then "
-            "overwrite them; name the weights file, e.g. model.pt"
+            f"--out {out}: the class names and transform go to a .json beside the weights; name the weights "
+            f"file ({' or '.join(WEIGHTS_SUFFIXES)}), e.g. model.pt"
         )
     model, metadata = prepare_export(args.checkpoint)  # checked first: a wrong path creates no folder
-    _check_writable(out, "--out", "model.pt")
+    check_export_targets(out)
+    _check_writable(out, "--out" if args.out is not None else "the export", "model.pt")
     try:
         weights_file, metadata_file = write_export(model, metadata, out)
-    except OSError as error:
-        print(f"smile-fast: error: could not write {out} or {metadata_path(out)}: {error}", file=sys.stderr)
+    except (OSError, RuntimeError) as error:  # torch.save says "unexpected pos" when the disk is full
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error, 160)
+        print(f"smile-fast: error: could not write the export {out}: {reason}", file=sys.stderr)
         return EXIT_WRITE_FAILED
     run = metadata["run"]
     top1 = f", test top-1 {run['test_top1']:.2f}%" if run["test_top1"] is not None else ""

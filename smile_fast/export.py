@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from smile_fast.checkpoint import load_checkpoint, save_atomic
+from smile_fast.atomic_file import atomic_write
+from smile_fast.checkpoint import load_checkpoint
+from smile_fast.errors import UserError
 from smile_fast.evaluation import student_from_checkpoint
 from smile_fast.models import SmileNet, _split_torchvision
 
@@ -51,9 +53,41 @@ def default_export_path(checkpoint: str | Path) -> Path:
     return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "model.pt"
 
 
+WEIGHTS_SUFFIXES = (".pt", ".pth")
+
+
 def metadata_path(weights_path: Path) -> Path:
-    """The JSON file beside the weights: model.pt -> model.json."""
-    return weights_path.with_suffix(".json")
+    """The JSON file beside the weights: model.pt (or .pth) -> model.json; any other name gets .json appended
+    (model.v2 -> model.v2.json), so that two exports whose names differ after a dot keep their own files."""
+    if weights_path.suffix.lower() in WEIGHTS_SUFFIXES:
+        return weights_path.with_suffix(".json")
+    return weights_path.with_name(weights_path.name + ".json")
+
+
+def _is_export_metadata(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_export_targets(weights_path: Path) -> None:
+    """An export replaces only an earlier export. Anything else at either path is refused: a run's own files
+    (`--out RUN/last.pt` would have replaced the checkpoint with bare weights), a link (it would become a plain
+    file, its target untouched), a device (root's `--out /dev/null` would have replaced the device node)."""
+    json_path = metadata_path(weights_path)
+    for path in (weights_path, json_path):
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise UserError(
+                f"{path} exists and is not a regular file (a link, a device or a folder); name another file"
+            )
+    earlier_export = json_path.is_file() and _is_export_metadata(json_path)
+    for path in (weights_path, json_path):
+        if path.exists() and not earlier_export:
+            raise UserError(
+                f"{path} exists and is not part of an earlier smile-fast export, so it is left alone; name another "
+                "file with --out (or remove it)"
+            )
 
 
 def load_code(model_name: str, num_classes: int, weights_file: str | Path) -> str:
@@ -72,17 +106,21 @@ def _preprocess(config: dict[str, Any]) -> dict[str, Any]:
     dataset = config["dataset"]
     resize_size, crop_size = int(config["resize_size"]), int(config["crop_size"])
     mode = resize_mode("imagefolder" if dataset == "demo" else dataset)
-    resize = f"Resize({resize_size})" if mode == "shorter" else f"Resize(({resize_size}, {resize_size}))"
+    resize = f"T.Resize({resize_size})" if mode == "shorter" else f"T.Resize(({resize_size}, {resize_size}))"
     return {
-        "resize": mode,
+        "input": "an 8-bit RGB PIL image: Image.open(path).convert('RGB')",
+        "resize": mode,  # "shorter": the shorter side to resize_size, aspect kept; "square": resize_size x resize_size
         "resize_size": resize_size,
-        "crop_size": crop_size,
+        "interpolation": "bilinear, antialiased (torchvision's Resize on a PIL image)",
+        "crop_size": crop_size,  # a center crop
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
+        # An expression: eval(it, {"T": torchvision.transforms}) is the transform.
         "torchvision": (
-            f"Compose([{resize}, CenterCrop({crop_size}), ToTensor(), Normalize({list(IMAGENET_MEAN)}, "
-            f"{list(IMAGENET_STD)})]) on an RGB PIL image"
+            f"T.Compose([{resize}, T.CenterCrop({crop_size}), T.ToTensor(), "
+            f"T.Normalize({list(IMAGENET_MEAN)}, {list(IMAGENET_STD)})])"
         ),
+        "torchvision_import": "from torchvision import transforms as T",
     }
 
 
@@ -119,7 +157,7 @@ def prepare_export(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         "classes": list(classes) if classes is not None else None,
         "preprocess": _preprocess(config),
         "run": {
-            "checkpoint": str(checkpoint.resolve()),
+            "checkpoint": str((checkpoint / "last.pt" if checkpoint.is_dir() else checkpoint).resolve()),
             "dataset": config["dataset"],
             "method": config["method"],
             "smile_form": config.get("smile_form") if config["method"] == "smile" else None,
@@ -136,18 +174,23 @@ def prepare_export(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def write_export(model: nn.Module, metadata: dict[str, Any], weights_path: str | Path) -> tuple[Path, Path]:
-    """Write the state_dict to `weights_path` and the metadata to the .json beside it, each atomically.
-    Returns both paths. Raises OSError when a file cannot be written."""
-    from smile_fast.runlog import write_text_atomic
-
+    """Write the state_dict to `weights_path` and the metadata to the .json beside it (check_export_targets
+    first). Both are written whole to temporary files before either replaces anything, so a failure (a full
+    disk) leaves no new weights beside an old .json. Returns both paths. Raises OSError, or RuntimeError
+    (torch.save's "unexpected pos" on a full disk), when a file cannot be written."""
     weights_path = Path(weights_path)
+    json_path = metadata_path(weights_path)
     metadata = {**metadata, "load": load_code(metadata["model"], metadata["num_classes"], weights_path.name)}
-    save_atomic(model.state_dict(), weights_path)
-    write_text_atomic(metadata_path(weights_path), json.dumps(metadata, indent=2) + "\n")
-    return weights_path, metadata_path(weights_path)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(weights_path, binary=True) as weights_stream, atomic_write(json_path) as json_stream:
+        torch.save(model.state_dict(), weights_stream)
+        json_stream.write(json.dumps(metadata, indent=2) + "\n")
+    return weights_path, json_path
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
     """prepare_export, then write_export to `out` (default: model.pt in the run folder)."""
     model, metadata = prepare_export(checkpoint)
-    return write_export(model, metadata, out if out is not None else default_export_path(checkpoint))
+    weights_path = Path(out) if out is not None else default_export_path(checkpoint)
+    check_export_targets(weights_path)
+    return write_export(model, metadata, weights_path)

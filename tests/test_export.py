@@ -89,6 +89,7 @@ def test_export_loads_in_plain_torchvision_and_scores_the_runs_top1(finished_run
     assert metadata["num_classes"] == 4 and metadata["model"] == "resnet18"
     assert metadata["run"]["finished"] and metadata["run"]["test_top1"] == pytest.approx(summary["test_top1"])
     assert metadata["preprocess"]["resize"] == "square" and metadata["preprocess"]["crop_size"] == 32
+    assert metadata["run"]["checkpoint"] == str((run_dir / "last.pt").resolve())
     assert metadata["load"] == (
         "model = torchvision.models.resnet18(num_classes=4); "
         "model.load_state_dict(torch.load('model.pt', weights_only=True)); model.eval()"
@@ -99,6 +100,9 @@ def test_export_loads_in_plain_torchvision_and_scores_the_runs_top1(finished_run
     model.load_state_dict(torch.load(weights_file, weights_only=True))
     model.eval()
     transform = _test_transform(metadata["preprocess"])
+    written = eval(metadata["preprocess"]["torchvision"], {"T": T})  # the .json's expression, as written
+    image = Image.open(next((Path(checkpoint["config"]["data_dir"]) / "test" / "c0").iterdir())).convert("RGB")
+    assert torch.equal(written(image), transform(image)), "the .json's transform expression differs from its values"
     data = Path(checkpoint["config"]["data_dir"])
     correct = total = 0
     with torch.no_grad():
@@ -137,6 +141,50 @@ def test_a_stopped_run_exports_with_a_note(finished_run, tmp_path, capsys):
     assert metadata["classes"] is None and not metadata["run"]["finished"] and metadata["run"]["test_top1"] is None
 
 
+def test_an_export_replaces_an_earlier_export_whole_or_not_at_all(finished_run, tmp_path, monkeypatch, capsys):
+    run_dir, _ = finished_run
+    out = tmp_path / "model.pt"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0, "exporting again over an export must work"
+    before = (out.read_bytes(), out.with_suffix(".json").read_bytes())
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 456")
+
+    monkeypatch.setattr("smile_fast.export.torch.save", full_disk)
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--out", str(out)]) == 74
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "could not write the export" in error, error
+    assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) == before, "a failed export changed the files"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.pt"], "a temporary file was left"
+
+
+def test_export_names(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    # Names that differ after a dot keep their own .json; a trailing slash names a folder.
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "resnet.v1")]) == 0
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "resnet.v2")]) == 0
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "weights.pth")]) == 0
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "new-folder") + "/"]) == 0
+    (tmp_path / "existing").mkdir()  # as cp does: a folder that exists gets the file in it
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "existing")]) == 0
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*")) == [
+        "existing",
+        "existing/model.json",
+        "existing/model.pt",
+        "new-folder",
+        "new-folder/model.json",
+        "new-folder/model.pt",
+        "resnet.v1",
+        "resnet.v1.json",
+        "resnet.v2",
+        "resnet.v2.json",
+        "weights.json",
+        "weights.pth",
+    ]
+
+
 def _a_file(path: Path) -> str:
     path.write_text("not a folder")
     return str(path)
@@ -147,14 +195,38 @@ def _a_file(path: Path) -> str:
     [
         (lambda run, tmp: ["export", str(tmp / "no-such-run")], "does not exist"),
         (lambda run, tmp: ["export", str(run), "--out", str(tmp / "model.json")], "name the weights file"),
-        (lambda run, tmp: ["export", str(run), "--out", str(tmp)], "is a folder"),
         (lambda run, tmp: ["export", str(run), "--out", _a_file(tmp / "a-file") + "/model.pt"], "is a file"),
+        (lambda run, tmp: ["export", str(run), "--out", str(tmp / "model.JSON")], "name the weights file"),
+        (lambda run, tmp: ["export", str(run), "--out", ""], "--out is empty"),
+        # A run's own files, and the .json beside a name: never replaced by an export.
+        (lambda run, tmp: ["export", str(run), "--out", str(run / "last.pt")], "not part of an earlier smile-fast"),
+        (lambda run, tmp: ["export", str(run), "--out", str(run / "summary.pt")], "not part of an earlier smile-fast"),
+        (lambda run, tmp: ["export", str(run), "--out", _link(tmp)], "not a regular file"),
     ],
-    ids=["missing-run", "json-out", "folder-out", "under-a-file"],
+    ids=[
+        "missing-run",
+        "json-out",
+        "under-a-file",
+        "json-out-upper-case",
+        "empty-out",
+        "the-checkpoint",
+        "the-summary",
+        "a-link",
+    ],
 )
 def test_export_errors_are_one_line(finished_run, tmp_path, capsys, argv_of, expected):
     run_dir, _ = finished_run
+    run_files = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.name in ("last.pt", "summary.json")}
     assert main(argv_of(run_dir, tmp_path)) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("smile-fast: error: ") and expected in error, error
     assert not (tmp_path / "no-such-run").exists(), "a wrong checkpoint path must create no folder"
+    assert {name: (run_dir / name).read_bytes() for name in run_files} == run_files, "a run file was changed"
+    if (tmp_path / "latest.pt").exists():  # the link case: the link and its target are left as they were
+        assert (tmp_path / "latest.pt").is_symlink() and (tmp_path / "elsewhere.pt").read_text() == "kept"
+
+
+def _link(tmp: Path) -> str:
+    (tmp / "elsewhere.pt").write_text("kept")
+    (tmp / "latest.pt").symlink_to(tmp / "elsewhere.pt")
+    return str(tmp / "latest.pt")
