@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shlex
 import signal
 import sys
 import time
@@ -46,14 +45,22 @@ from smile_fast.resume import (
     turn_off_dependent_flags,
 )
 from smile_fast.run_environment import environment
-from smile_fast.runlog import MetricsLog, default_run_dir, plot_curves, recorded_weights, write_config, write_summary
+from smile_fast.runlog import (
+    MetricsLog,
+    default_run_dir,
+    plot_curves,
+    recorded_weights,
+    resume_command,
+    write_config,
+    write_summary,
+)
 from smile_fast.step import TrainingStep, lr_at
 from smile_fast.stop_signals import EXIT_WRITE_FAILED, StopSignal, TrainingStopped, signals_held
 
 STOP_CHECK_INTERVAL = 5  # iterations between the ranks' agreement on a stop signal
 
 
-def _write_failed(path: Path, error: BaseException) -> TrainingStopped:
+def _write_failed(path: Path, error: BaseException, world_size: int) -> TrainingStopped:
     """A run-folder write that failed mid-run (disk full, permissions, the folder removed), as one line."""
     reason = first_line(error, 160)
     previous = path.parent / "last.pt"
@@ -64,7 +71,7 @@ def _write_failed(path: Path, error: BaseException) -> TrainingStopped:
     )
     return TrainingStopped(
         f"could not write {path} ({reason}); is the disk full or the folder not writable? {kept}; fix it and "
-        f"`smile-fast train --resume {shlex.quote(str(path.parent))}`",
+        f"`{resume_command(path.parent, world_size)}`",
         exit_code=EXIT_WRITE_FAILED,
     )
 
@@ -103,7 +110,7 @@ class Trainer:
         refused = None
         if self.dist.is_main:
             try:
-                check_run_dir(self.run_dir, resuming=self.resume_state is not None)
+                check_run_dir(self.run_dir, resuming=self.resume_state is not None, world_size=self.dist.world_size)
             except UserError as error:
                 refused = str(error)
         if self.dist.enabled:
@@ -360,13 +367,13 @@ class Trainer:
             with signals_held():  # a second Ctrl-C waits for the write instead of breaking it off
                 save_atomic(state, path)
         except (OSError, RuntimeError) as error:  # torch.save says "unexpected pos" when the disk is full
-            raise _write_failed(path, error) from error
+            raise _write_failed(path, error, self.dist.world_size) from error
         except KeyboardInterrupt:
             # A second Ctrl-C (stop now) came during the write and was held until it was complete: say so,
             # rather than a bare "interrupted" that leaves the user wondering whether last.pt survived.
             raise TrainingStopped(
                 f"interrupted at iteration {next_iteration}; checkpoint written; continue with "
-                f"`smile-fast train --resume {shlex.quote(str(self.run_dir))}`",
+                f"`{resume_command(self.run_dir, self.dist.world_size)}`",
                 exit_code=128 + int(signal.SIGINT),
             ) from None
 
@@ -457,7 +464,7 @@ class Trainer:
                         try:
                             self.metrics.append(row)
                         except OSError as error:
-                            raise _write_failed(self.metrics.path, error) from error
+                            raise _write_failed(self.metrics.path, error, self.dist.world_size) from error
                     if not self.progress:
                         self.log(
                             f"iteration {iteration}/{config.iters}: loss {mean_loss:.4f}, lr {row['lr']:.3g}, "
@@ -482,7 +489,7 @@ class Trainer:
                     signum = stop.requested or signal.SIGTERM  # a rank that only agreed to the others' stop
                     raise TrainingStopped(
                         f"stopped by {signal.Signals(signum).name} at iteration {iteration}; checkpoint written; "
-                        f"continue with `smile-fast train --resume {shlex.quote(str(self.run_dir))}`",
+                        f"continue with `{resume_command(self.run_dir, self.dist.world_size)}`",
                         exit_code=128 + int(signum),
                     )
         progress.close()
@@ -522,7 +529,7 @@ class Trainer:
             try:
                 write_summary(self.run_dir, summary)
             except OSError as error:
-                raise _write_failed(self.run_dir / "summary.json", error) from error
+                raise _write_failed(self.run_dir / "summary.json", error, self.dist.world_size) from error
             try:
                 plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
             except (OSError, ValueError) as error:  # a picture of the log: the run itself is done

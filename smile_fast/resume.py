@@ -15,12 +15,13 @@ from typing import Any
 
 from smile_fast.config import RESUME_MAY_CHANGE, TrainConfig, validate
 from smile_fast.errors import UserError, first_line
+from smile_fast.runlog import resume_command
 from smile_fast.stop_signals import TrainingStopped
 
 RUN_FILES = ("last.pt", "summary.json")  # a folder holding either holds a run worth keeping
 
 
-def check_run_dir(run_dir: Path, resuming: bool) -> None:
+def check_run_dir(run_dir: Path, resuming: bool, world_size: int = 1) -> None:
     """One-line errors, before any data is read, for a run folder that cannot be used.
 
     A new run never writes into a folder that holds another run's checkpoint, summary or logged metrics
@@ -48,7 +49,7 @@ def check_run_dir(run_dir: Path, resuming: bool) -> None:
         if found:
             raise UserError(
                 f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
-                f"`smile-fast train --resume {shlex.quote(str(run_dir))}`, or give another --out"
+                f"`{resume_command(run_dir, world_size)}`, or give another --out"
             )
     existing = run_dir
     while not existing.exists():

@@ -38,12 +38,23 @@ def recorded_weights(run_dir: Path) -> str | None:
     return next((line[len(_WEIGHTS_LINE) :] for line in lines if line.startswith(_WEIGHTS_LINE)), None)
 
 
+def launcher(world_size: int) -> str:
+    """The command that starts smile-fast with `world_size` processes (nodes x --nproc_per_node in all)."""
+    return "smile-fast" if world_size == 1 else f"torchrun --nproc_per_node={world_size} -m smile_fast"
+
+
+def resume_command(run_dir: str | Path, world_size: int = 1) -> str:
+    """What continues a stopped run: under torchrun the same number of processes (a plain `smile-fast train
+    --resume` of a 2-process run is refused, since the global batch would change)."""
+    return f"{launcher(world_size)} train --resume {shlex.quote(str(run_dir))}"
+
+
 def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world_size: int = 1) -> None:
     """config.yaml: every resolved setting of the run, reusable as `smile-fast train -c config.yaml`.
     With several processes the commands name torchrun: batch_size is per process."""
     import yaml
 
-    launch = "smile-fast" if world_size == 1 else f"torchrun --nproc_per_node={world_size} -m smile_fast"
+    launch = launcher(world_size)
     header = (
         f"# smile-fast run settings. `{launch} train -c config.yaml [--out DIR]` repeats this run in a new\n"
         f"# folder; `{launch} train --resume {shlex.quote(str(run_dir))}` continues it.\n"

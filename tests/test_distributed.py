@@ -263,6 +263,8 @@ def test_sigterm_to_torchrun_checkpoints_and_resume_matches_uninterrupted(folder
     stopped_at = load_checkpoint(out)["iteration"]
     assert 3 <= stopped_at < 15, f"checkpoint at iteration {stopped_at}; output:\n{output[-2000:]}"
     assert "stopped by SIGTERM" in output, output[-2000:]
+    # The command it gives is one that works: a plain `smile-fast train --resume` of a 2-process run is refused.
+    assert f"continue with `torchrun --nproc_per_node=2 -m smile_fast train --resume {out}`" in output, output[-2000:]
     assert process.returncode != 0, "a stopped run must not exit as a finished one"
 
     _run(folder, tmp_path / "resumed", 2, 4, "smile", iters=15, resume=out)
