@@ -606,9 +606,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"smile-fast: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C outside a run, or a second stop signal during one
+        from smile_fast.stop_signals import interrupted_exit_status
+
         print("smile-fast: interrupted", file=sys.stderr)
-        return 130
+        return interrupted_exit_status(interrupt)
     except Exception as error:  # noqa: BLE001 - TrainingStopped carries its own exit code and message
         from smile_fast.stop_signals import TrainingStopped
 

@@ -55,7 +55,13 @@ from smile_fast.runlog import (
     write_summary,
 )
 from smile_fast.step import TrainingStep, lr_at
-from smile_fast.stop_signals import EXIT_WRITE_FAILED, StopSignal, TrainingStopped, signals_held
+from smile_fast.stop_signals import (
+    EXIT_WRITE_FAILED,
+    StopSignal,
+    TrainingStopped,
+    interrupted_exit_status,
+    signals_held,
+)
 
 STOP_CHECK_INTERVAL = 5  # iterations between the ranks' agreement on a stop signal
 
@@ -368,13 +374,13 @@ class Trainer:
                 save_atomic(state, path)
         except (OSError, RuntimeError) as error:  # torch.save says "unexpected pos" when the disk is full
             raise _write_failed(path, error, self.dist.world_size) from error
-        except KeyboardInterrupt:
-            # A second Ctrl-C (stop now) came during the write and was held until it was complete: say so,
+        except KeyboardInterrupt as interrupt:
+            # A second signal (stop now) came during the write and was held until it was complete: say so,
             # rather than a bare "interrupted" that leaves the user wondering whether last.pt survived.
             raise TrainingStopped(
                 f"interrupted at iteration {next_iteration}; checkpoint written; continue with "
                 f"`{resume_command(self.run_dir, self.dist.world_size)}`",
-                exit_code=128 + int(signal.SIGINT),
+                exit_code=interrupted_exit_status(interrupt),
             ) from None
 
     def _stop_agreed(self, stop: StopSignal, iteration: int) -> bool:

@@ -18,6 +18,21 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
+class StopNow(KeyboardInterrupt):
+    """A second SIGTERM/SIGINT during a run: stop now, not at the step boundary. A KeyboardInterrupt, so that
+    it breaks off whatever runs as Ctrl-C does; `signum` gives the exit status, 128 + the signal (143 for a
+    second SIGTERM, as a shell reports a process that signal ended, not Ctrl-C's 130)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def interrupted_exit_status(interrupt: KeyboardInterrupt) -> int:
+    """128 + the signal that broke the run off: a StopNow's own, else SIGINT's (Ctrl-C)."""
+    return 128 + getattr(interrupt, "signum", int(signal.SIGINT))
+
+
 class StopSignal:
     """SIGTERM/SIGINT ask the loop to stop at the next step boundary (checkpoint, then exit)."""
 
@@ -35,7 +50,7 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
+            raise StopNow(signum)
         self.requested = signum
 
     def __exit__(self, *exc):

@@ -743,7 +743,8 @@ def _saving_trainer(run_dir):
 
 
 @pytest.mark.parametrize("write", ["completes", "fails: disk full"])
-def test_a_ctrl_c_during_the_stop_checkpoint_waits_and_the_run_ends_in_one_line(write, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_ctrl_c_during_the_stop_checkpoint_waits_and_the_run_ends_in_one_line(write, signum, tmp_path, monkeypatch):
     """The first Ctrl-C asked for a stop; a second one during its checkpoint write means "now". It waits for
     the write, then ends the run with the resume command, not a bare "interrupted". If the write fails
     (disk full), the run ends with that error's one line, not a KeyboardInterrupt that hides it."""
@@ -752,7 +753,7 @@ def test_a_ctrl_c_during_the_stop_checkpoint_waits_and_the_run_ends_in_one_line(
     from smile_fast.stop_signals import EXIT_WRITE_FAILED, StopSignal
 
     def write_with_a_ctrl_c(state, path):
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signum)  # the second signal: the first is below, as stop.requested
         if write == "completes":
             save_atomic(state, path)
         else:
@@ -760,16 +761,36 @@ def test_a_ctrl_c_during_the_stop_checkpoint_waits_and_the_run_ends_in_one_line(
 
     monkeypatch.setattr(engine, "save_atomic", write_with_a_ctrl_c)
     expected, exit_code = {
-        "completes": ("checkpoint written; continue with", 130),
+        "completes": ("checkpoint written; continue with", 128 + signum),  # 130 for Ctrl-C, 143 for SIGTERM
         "fails: disk full": ("No space left on device", EXIT_WRITE_FAILED),
     }[write]
     with StopSignal() as stop:
-        stop.requested = signal.SIGINT
+        stop.requested = signum
         with pytest.raises(TrainingStopped, match=expected) as stopped:
             engine.Trainer.save(_saving_trainer(tmp_path), 7, 1.0, 1.0)
     assert stopped.value.exit_code == exit_code
     if write == "completes":
         assert torch.load(tmp_path / "last.pt", weights_only=False)["iteration"] == 7, "the write was completed"
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_second_stop_signal_ends_the_command_with_its_own_status(signum, status, monkeypatch, capsys):
+    """The first signal asks for a stop at the step boundary; a second one means now. The command then exits
+    128 + that signal, as a shell reports a process the signal ended (a second SIGTERM was reported as 130)."""
+    import smile_fast.cli as cli
+    from smile_fast.stop_signals import StopNow, StopSignal
+
+    def train_command(args):
+        with StopSignal():
+            signal.raise_signal(signum)  # the first: noted
+            signal.raise_signal(signum)  # the second: raised here
+            time.sleep(1)
+        raise AssertionError("the second signal did not stop the run")
+
+    monkeypatch.setattr(cli, "_cmd_train", train_command)
+    assert cli.main(["train"]) == status
+    assert capsys.readouterr().err == "smile-fast: interrupted\n"
+    assert issubclass(StopNow, KeyboardInterrupt), "a second signal must break off what runs, as Ctrl-C does"
 
 
 def test_metrics_log_survives_a_cut_last_line_and_its_own_removal(tmp_path):
