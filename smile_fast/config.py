@@ -114,6 +114,8 @@ RESUME_MAY_CHANGE = (
     "fused_input",
     "cudnn_benchmark",
     "teacher_fused_conv",
+    "channels_last",  # a memory layout: the same arithmetic (a run resolved it for the device it started on)
+    "eval_batch_size",  # evaluation is in eval mode, so its batch changes no result
     "log_every",
     "eval_every",
 )
@@ -363,7 +365,7 @@ def validate(config: TrainConfig) -> None:
     _check(config.workers is None or config.workers >= 0, "--workers must be 0 or more")
     _check(config.eval_every >= 1, f"--eval-every must be at least 1, got {config.eval_every}")
     _check(config.log_every >= 1, f"--log-every must be at least 1, got {config.log_every}")
-    _check(config.eval_batch_size >= 1, "--eval-batch-size must be at least 1")
+    _check(config.eval_batch_size >= 1, "eval_batch_size (a YAML setting) must be at least 1")
     _check(
         0 < config.crop_size <= config.resize_size,
         f"crop size ({config.crop_size}) must be positive and at most the resize size ({config.resize_size})",

@@ -279,10 +279,12 @@ def test_resume_keeps_the_runs_settings_and_takes_only_how_it_runs(tiny_imagefol
     assert code == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "--iters 5 (the run has 2)" in error and "--lr 0.5" in error, error
-    out, code = resume("faster", "--log-every", "1", "--teacher-fused-conv")
+    out, code = resume("faster", "--log-every", "1", "--teacher-fused-conv", "--channels-last")
     assert code == 0
     written = (out / "config.yaml").read_text()
     assert "log_every: 1" in written and "teacher_fused_conv: true" in written and "iters: 2" in written
+    # A layout, not arithmetic: a run started on a CPU (where it resolved to off) may go on channels-last on a GPU.
+    assert "channels_last: true" in written
     capsys.readouterr()
     out, code = resume("moved", "--out", str(tmp_path / "elsewhere"))
     assert code == 0
