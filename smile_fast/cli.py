@@ -6,6 +6,7 @@ A user error (bad flag, missing data, unreadable weights) is one line on stderr 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -447,10 +448,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         )
     model, metadata = prepare_export(args.checkpoint)  # checked first: a wrong path creates no folder
     check_export_targets(out)
+    created = [folder for folder in out.absolute().parents if not folder.exists()]  # deepest first
     _check_writable(out, "--out" if args.out is not None else "the export", "model.pt")
     try:
         weights_file, metadata_file = write_export(model, metadata, out)
     except (OSError, RuntimeError) as error:  # torch.save says "unexpected pos" when the disk is full
+        for folder in created:  # a failed export leaves nothing behind, the folders it made for itself included
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         reason = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error, 160)
         print(f"smile-fast: error: could not write the export {out}: {reason}", file=sys.stderr)
         return EXIT_WRITE_FAILED

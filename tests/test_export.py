@@ -158,6 +158,8 @@ def test_an_export_replaces_an_earlier_export_whole_or_not_at_all(finished_run, 
     assert error.count("\n") == 1 and "could not write the export" in error, error
     assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) == before, "a failed export changed the files"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.pt"], "a temporary file was left"
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "new" / "deeper" / "model.pt")]) == 74
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.pt"], "a new folder was left"
 
 
 def test_export_names(finished_run, tmp_path):
