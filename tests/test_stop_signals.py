@@ -17,7 +17,7 @@ from _tiny_runs import write_tiny_imagefolder
 from torch.utils.data import DataLoader, Dataset
 
 from smile_fast.checkpoint import load_checkpoint
-from smile_fast.data.worker_signals import outlive_first_stop_signal
+from smile_fast.data.worker_signals import leave_stop_signals_to_the_parent
 
 
 class _WorkerPids(Dataset):
@@ -30,11 +30,12 @@ class _WorkerPids(Dataset):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_loader_worker_outlives_the_first_stop_signal(signum):
-    loader = DataLoader(_WorkerPids(), batch_size=1, num_workers=1, worker_init_fn=outlive_first_stop_signal)
+def test_a_loader_worker_outlives_stop_signals(signum):
+    loader = DataLoader(_WorkerPids(), batch_size=1, num_workers=1, worker_init_fn=leave_stop_signals_to_the_parent)
     batches = iter(loader)
     pid = int(next(batches))
     os.kill(pid, signum)
+    os.kill(pid, signum)  # a second one too: the training process ends its workers itself
     time.sleep(0.3)
     # More batches than the loader keeps in flight (2 per worker), so these were made after the signal.
     served = {int(next(batches)) for _ in range(6)}
@@ -48,9 +49,13 @@ def _lines(stream, into: queue.Queue) -> None:
     into.put(None)
 
 
+@pytest.mark.parametrize("second", [False, True], ids=["once", "twice"])
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_stop_signal_to_the_process_group_checkpoints_the_run(tmp_path, signum, status):
-    """The training process and its two loader workers get the signal at once, as from Slurm or Ctrl-C."""
+def test_a_stop_signal_to_the_process_group_checkpoints_the_run(tmp_path, signum, status, second):
+    """The training process and its two loader workers get the signal at once, as from Slurm or Ctrl-C.
+    Twice: a second signal 20 ms later, which means "now", usually during the stop's checkpoint write. Its
+    workers used to die of it, and PyTorch then raised "worker killed" inside torch.save: the write failed,
+    reported as a full disk (exit 74), and the checkpoint was lost."""
     data = write_tiny_imagefolder(tmp_path / "data")
     out = tmp_path / "run"
     command = [sys.executable, "-m", "smile_fast", "train", "--dataset", "imagefolder", "--data-dir", str(data)]
@@ -71,6 +76,9 @@ def test_a_stop_signal_to_the_process_group_checkpoints_the_run(tmp_path, signum
             assert line is not None, "the run ended before it was signalled:\n" + "".join(output[-30:])
             output.append(line)
         os.killpg(process.pid, signum)  # the whole group: the workers too
+        if second:
+            time.sleep(0.02)
+            os.killpg(process.pid, signum)
         assert process.wait(timeout=120) == status, "".join(output[-30:])
     finally:
         if process.poll() is None:
@@ -78,9 +86,14 @@ def test_a_stop_signal_to_the_process_group_checkpoints_the_run(tmp_path, signum
     while (line := lines.get(timeout=10)) is not None:
         output.append(line)
     text = "".join(output)
-    assert f"stopped by {signal.Signals(signum).name}" in text and "checkpoint written" in text, text[-2000:]
-    assert "Traceback" not in text, text[-3000:]
-    assert 3 <= load_checkpoint(out)["iteration"] < 5000
+    assert "Traceback" not in text and "disk" not in text, text[-3000:]
+    if not second:
+        assert f"stopped by {signal.Signals(signum).name}" in text and "checkpoint written" in text, text[-2000:]
+        assert 3 <= load_checkpoint(out)["iteration"] < 5000
+    elif "checkpoint written" in text:  # the second came during the write, which was finished first
+        assert "interrupted at iteration" in text and 3 <= load_checkpoint(out)["iteration"] < 5000, text[-2000:]
+    else:  # the second came before the write: stopped now, with no checkpoint (none was due before 5000)
+        assert text.rstrip().endswith("smile-fast: interrupted"), text[-2000:]
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # no worker was left behind
         os.killpg(process.pid, 0)
@@ -89,11 +102,11 @@ def test_a_stop_signal_to_the_process_group_checkpoints_the_run(tmp_path, signum
 _CRASH = """
 import sys
 from torch.utils.data import DataLoader
-from smile_fast.data.worker_signals import outlive_first_stop_signal
+from smile_fast.data.worker_signals import leave_stop_signals_to_the_parent
 
 def batches():
     loader = DataLoader(list(range(100)), batch_size=2, num_workers=2, persistent_workers=True,
-                        worker_init_fn=outlive_first_stop_signal)
+                        worker_init_fn=leave_stop_signals_to_the_parent)
     yield from loader
 
 def step(stream):

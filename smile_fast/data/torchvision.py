@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from smile_fast.data.images import load_rgb
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec, build_torchvision_transform, normalize_uint8
-from smile_fast.data.worker_signals import outlive_first_stop_signal
+from smile_fast.data.worker_signals import leave_stop_signals_to_the_parent
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class TorchvisionTrainLoader:
             persistent_workers=self.num_workers > 0,
             prefetch_factor=_PREFETCH_FACTOR if self.num_workers > 0 else None,
             generator=_private_generator(),
-            worker_init_fn=outlive_first_stop_signal,
+            worker_init_fn=leave_stop_signals_to_the_parent,
         )
         non_blocking = self.pin_memory and self.device.type == "cuda"
         for images, labels, failed in loader:
@@ -241,7 +241,7 @@ def eval_batches(
         pin_memory=pin_memory,
         prefetch_factor=_PREFETCH_FACTOR if num_workers > 0 else None,
         generator=_private_generator(),
-        worker_init_fn=outlive_first_stop_signal,
+        worker_init_fn=leave_stop_signals_to_the_parent,
     )
     for images, labels, ok in loader:
         if not bool(ok.all()):

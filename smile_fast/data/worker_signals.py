@@ -1,23 +1,23 @@
-"""Loader worker processes outlive the first SIGTERM/SIGINT, so that the training process can stop cleanly.
+"""Loader worker processes leave SIGTERM/SIGINT to the training process, which stops cleanly and ends them.
 
 Ctrl-C at a terminal, `timeout`, Slurm's scancel or preemption, systemd and `kill -- -PGID` signal the whole
 process group: the training process and its DataLoader workers at once. The training process stops at
-the next step boundary and writes its checkpoint (stop_signals.StopSignal). A worker that died of the signal
-instead made PyTorch's SIGCHLD handler raise "DataLoader worker ... is killed by signal" in the middle of
-that step: a traceback, exit status 1 and no checkpoint, losing every step since the last evaluation.
+the next step boundary and writes its checkpoint (stop_signals.StopSignal); a second signal stops it at once.
+A worker that died of a signal instead made PyTorch's SIGCHLD handler raise "DataLoader worker ... is killed
+by signal" in the training process: in the middle of a step (a traceback, exit status 1, no checkpoint) or,
+for a second signal, in the middle of the stop's checkpoint write (which then failed, reported as a full disk).
 
-So a worker takes its first SIGTERM or SIGINT as meant for the training process, which ends its workers
-itself once the checkpoint is written (they see the loader's "done" event and return). A second signal
-ends a worker as usual.
+So a worker takes every SIGTERM and SIGINT as meant for the training process. That process ends its workers
+itself, however it stops: its loops close their loaders (the workers see the loader's "done" event and
+return). A worker whose training process is gone (killed with SIGKILL) ends by itself within seconds:
+PyTorch's workers watch their parent. SIGKILL ends a worker at any time.
 
 The catch is `terminate()`: the last resort of the DataLoader (for a worker that does not finish) and of
 multiprocessing at interpreter exit, which then waits for each of its daemon processes without a time
-limit. After a crash the loader's iterator can still be alive at that point (the traceback holds it), so
-its workers never see "done", and a worker that took that one SIGTERM as its first would keep the process
-from ever exiting (measured: the crashing process hung until killed). So at exit, before multiprocessing's
-own handler runs, the workers that are still there are killed outright (`end_leftover_workers`).
-smile-fast's own loops (the training loop, the evaluations) close their loaders however they end, so their
-workers are gone before an error leaves them; the exit hook is for loops that do not (a library user's own).
+limit. A loader that is still open at that point (a library user's loop, a traceback that holds it) has
+workers that never see "done", and that ignore the SIGTERM: the process would never exit (measured: the
+crashing process hung until killed). So at exit, before multiprocessing's own handler runs, the workers that
+are still there are killed outright (`end_leftover_workers`).
 """
 
 from __future__ import annotations
@@ -31,20 +31,19 @@ from pathlib import Path
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _first_stop_signal(signum, frame) -> None:
-    for each in _STOP_SIGNALS:
-        signal.signal(each, signal.SIG_DFL)
+def _meant_for_the_training_process(signum, frame) -> None:
+    """A handler, not SIG_IGN: the exit hook below tells these workers by their catching SIGTERM."""
 
 
-def outlive_first_stop_signal(worker_id: int) -> None:
+def leave_stop_signals_to_the_parent(worker_id: int) -> None:
     """A DataLoader `worker_init_fn`: see the module's docstring."""
     for signum in _STOP_SIGNALS:
-        signal.signal(signum, _first_stop_signal)
+        signal.signal(signum, _meant_for_the_training_process)
 
 
-def _outliving_first_signal(pid: int) -> bool:
-    """Whether child `pid` is a DataLoader worker that still catches SIGTERM: one started with the function
-    above that has not had its first signal yet. PyTorch names its workers' threads `pt_data_worker`, and
+def _leaving_stop_signals_to_the_parent(pid: int) -> bool:
+    """Whether child `pid` is a DataLoader worker that catches SIGTERM: one started with the function above
+    (which would ignore multiprocessing's exit-time SIGTERM). PyTorch names its workers' threads `pt_data_worker`, and
     its own workers leave SIGTERM to the default. (multiprocessing drops a started Process's arguments, so
     the parent cannot tell from those which function a worker was started with.)"""
     try:
@@ -57,14 +56,14 @@ def _outliving_first_signal(pid: int) -> bool:
 
 
 def end_leftover_workers() -> None:
-    """Kill this process's loader workers that would take multiprocessing's exit-time SIGTERM as their first.
+    """Kill this process's loader workers that would ignore multiprocessing's exit-time SIGTERM.
 
     Registered with atexit after multiprocessing's own exit handler, so that it runs before it (atexit calls
     the last registered first). multiprocessing.util registers that handler when it is first imported, which
     may be as late as the first worker's start: it is imported above, before this module registers its own.
     """
     children = multiprocessing.active_children()
-    leftover = [child for child in children if child.pid and _outliving_first_signal(child.pid)]
+    leftover = [child for child in children if child.pid and _leaving_stop_signals_to_the_parent(child.pid)]
     if not leftover:
         return
     # PyTorch's SIGCHLD handler would raise "worker killed" here, in this handler, at the first death.
