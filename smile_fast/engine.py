@@ -286,6 +286,7 @@ class Trainer:
             if self.teacher is not None:
                 self.teacher.load_teacher_state(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._lay_out_optimizer_state_like_parameters()
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
@@ -297,6 +298,22 @@ class Trainer:
         self.log(f"resuming {self.run_dir} at iteration {self.start_iteration}")
         if self._unused_out:
             self.log(f"(--out {self._unused_out} is not used: a resumed run continues in its own folder)")
+
+    def _lay_out_optimizer_state_like_parameters(self) -> None:
+        """Give each per-parameter state tensor (SGD's momentum buffer) its parameter's memory layout.
+
+        load_state_dict keeps the saved strides, so a resume that changes --channels-last (a run started on
+        a CPU, NCHW, resumed channels-last on a GPU) left NCHW buffers beside channels-last parameters and
+        gradients, which CUDA's fused SGD refuses (it needs equal strides). The values are unchanged."""
+        for group in self.optimizer.param_groups:
+            for parameter in group["params"]:
+                for key, value in self.optimizer.state.get(parameter, {}).items():
+                    if (
+                        isinstance(value, torch.Tensor)
+                        and value.shape == parameter.shape
+                        and value.stride() != parameter.stride()
+                    ):
+                        self.optimizer.state[parameter][key] = torch.empty_like(parameter).copy_(value)
 
     def train_step(
         self, iteration: int, images: torch.Tensor, labels: torch.Tensor, next_images: torch.Tensor | None = None

@@ -238,6 +238,27 @@ def _stopped_run(tiny_imagefolder, out, monkeypatch, iters=4, stop_after=2, **ov
     return out
 
 
+def test_a_resume_that_changes_the_layout_lays_the_momentum_out_like_the_weights(
+    tiny_imagefolder, tmp_path, monkeypatch
+):
+    """A CPU run (NCHW) resumed channels-last: its momentum buffers come back from the checkpoint NCHW, beside
+    channels-last weights and gradients, which CUDA's fused SGD refuses (equal strides); they are laid out
+    again, with the same values."""
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=2, stop_after=1)
+    saved = load_checkpoint(out)["optimizer"]["state"]
+    config = _config(tiny_imagefolder, out, iters=2, eval_every=2, resume=str(out), channels_last=True)
+    trainer = Trainer(config, progress=False, given={"channels_last": True})
+    conv_weights = [p for p in trainer.student.parameters() if p.dim() == 4]
+    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights)
+    checked = 0
+    for index, parameter in enumerate(p for group in trainer.optimizer.param_groups for p in group["params"]):
+        buffer = trainer.optimizer.state[parameter]["momentum_buffer"]
+        assert buffer.stride() == parameter.stride(), f"parameter {index}: momentum laid out unlike its weight"
+        torch.testing.assert_close(buffer, saved[index]["momentum_buffer"], rtol=0, atol=0)
+        checked += parameter.dim() == 4
+    assert checked == len(conv_weights)
+
+
 def test_resume_with_another_number_of_processes_is_refused(tiny_imagefolder, tmp_path, monkeypatch):
     """--batch-size is per process: a run of 2 processes resumed by 1 would go on at half its global batch."""
     from smile_fast.checkpoint import save_atomic
