@@ -422,30 +422,11 @@ def _check_writable(path: str | Path, flag: str, example: str) -> Path:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from smile_fast.export import (
-        WEIGHTS_SUFFIXES,
-        check_export_targets,
-        default_export_path,
-        load_code,
-        prepare_export,
-        write_export,
-    )
+    from smile_fast.export import check_export_targets, export_path, load_code, prepare_export, write_export
     from smile_fast.stop_signals import EXIT_WRITE_FAILED
 
     _one_process("export")
-    if args.out is not None and not args.out.strip():
-        raise UserError("--out is empty; name the weights file to write, e.g. --out model.pt")
-    if args.out is None:
-        out = default_export_path(args.checkpoint)
-    elif args.out.endswith(("/", os.sep)) or Path(args.out).is_dir():  # a folder (to create): the file in it, as cp
-        out = Path(args.out) / "model.pt"
-    else:
-        out = Path(args.out)
-    if out.suffix.lower() == ".json":
-        raise UserError(
-            f"--out {out}: the class names and transform go to a .json beside the weights; name the weights "
-            f"file ({' or '.join(WEIGHTS_SUFFIXES)}), e.g. model.pt"
-        )
+    out = export_path(args.checkpoint, args.out)
     model, metadata = prepare_export(args.checkpoint)  # checked first: a wrong path creates no folder
     check_export_targets(out)
     created = [folder for folder in out.absolute().parents if not folder.exists()]  # deepest first

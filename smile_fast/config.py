@@ -96,6 +96,27 @@ class TrainConfig:
 
 FIELD_NAMES = {f.name for f in dataclasses.fields(TrainConfig)}
 
+# Settings with no command-line flag: set in YAML only (config.yaml lists them). A test keeps this in step
+# with the flags the command line defines.
+YAML_ONLY_SETTINGS = (
+    "momentum",
+    "weight_decay",
+    "lr_decay_fraction",
+    "lr_decay_factor",
+    "resize_size",
+    "crop_size",
+    "cutmix_probability",
+    "eval_batch_size",
+    "fold_teacher_bn",
+    "teacher_stream",
+)
+
+
+def setting_name(key: str) -> str:
+    """How a message names a setting: its flag (`--batch-size`), or `momentum (YAML)` for one with no flag."""
+    return f"{key} (YAML)" if key in YAML_ONLY_SETTINGS else f"--{key.replace('_', '-')}"
+
+
 # What a resumed run may change: how it runs, not what it computes (the data, model, objective and
 # schedule stay the run's own). The device could always change; the speed options are as much a
 # property of the machine, and a run started eager may be continued with the fast stack once it has
@@ -115,7 +136,7 @@ RESUME_MAY_CHANGE = (
     "cudnn_benchmark",
     "teacher_fused_conv",
     "channels_last",  # a memory layout: the same arithmetic (a run resolved it for the device it started on)
-    "eval_batch_size",  # evaluation is in eval mode, so its batch changes no result
+    "eval_batch_size",  # evaluation is in eval mode: its batch changes results only by rounding
     "log_every",
     "eval_every",
 )

@@ -116,7 +116,7 @@ class Trainer:
         refused = None
         if self.dist.is_main:
             try:
-                check_run_dir(self.run_dir, resuming=self.resume_state is not None, world_size=self.dist.world_size)
+                check_run_dir(self.run_dir, resuming=self.resume_state is not None)
             except UserError as error:
                 refused = str(error)
         if self.dist.enabled:

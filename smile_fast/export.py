@@ -15,6 +15,7 @@ source head that SMILE's fc2 starts from).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from smile_fast.atomic_file import atomic_write
 from smile_fast.checkpoint import load_checkpoint
 from smile_fast.errors import UserError
 from smile_fast.evaluation import student_from_checkpoint
-from smile_fast.models import SmileNet, _split_torchvision
+from smile_fast.models import SmileNet, split_torchvision
+from smile_fast.runlog import recorded_top1
 
 EXPORT_FORMAT = "smile-fast-export-v1"
 
@@ -35,22 +37,34 @@ def torchvision_model(student: SmileNet, model_name: str) -> nn.Module:
     """The torchvision classifier `model_name` with `student`'s backbone and fc1 as its classifier.
 
     The torchvision model is cut with the same function that cut the pre-trained one into the student
-    (models._split_torchvision), whose parts are the model's own modules: loading the student's backbone
+    (models.split_torchvision), whose parts are the model's own modules: loading the student's backbone
     and fc1 into those parts fills the whole model, with no table of renamed keys to keep in step.
     """
     import torchvision
 
     model = getattr(torchvision.models, model_name)(weights=None, num_classes=student.fc1.out_features)
-    backbone, classifier = _split_torchvision(model, model_name)
+    backbone, classifier = split_torchvision(model, model_name)
     backbone.load_state_dict(student.backbone.state_dict())
     classifier.load_state_dict(student.fc1.state_dict())
     return model.eval()
 
 
-def default_export_path(checkpoint: str | Path) -> Path:
-    """model.pt in the run folder (the folder given, or the one holding the given checkpoint file)."""
-    checkpoint = Path(checkpoint)
-    return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "model.pt"
+def export_path(checkpoint: str | Path, out: str | None = None) -> Path:
+    """Where the weights go: `out`, or model.pt in it when it is a folder (one that exists, or a name ending
+    in a slash: as cp does); by default model.pt in the run folder. A .json name is refused: that is the
+    metadata's, beside the weights."""
+    if out is None:
+        checkpoint = Path(checkpoint)
+        return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "model.pt"
+    if not out.strip():
+        raise UserError("--out is empty; name the weights file to write, e.g. --out model.pt")
+    path = Path(out) / "model.pt" if out.endswith(("/", os.sep)) or Path(out).is_dir() else Path(out)
+    if path.suffix.lower() == ".json":
+        raise UserError(
+            f"--out {path}: the class names and transform go to a .json beside the weights; name the weights "
+            f"file ({' or '.join(WEIGHTS_SUFFIXES)}), e.g. model.pt"
+        )
+    return path
 
 
 WEIGHTS_SUFFIXES = (".pt", ".pth")
@@ -64,9 +78,11 @@ def metadata_path(weights_path: Path) -> Path:
     return weights_path.with_name(weights_path.name + ".json")
 
 
-def _is_export_metadata(path: Path) -> bool:
+def _describes(json_path: Path, weights_path: Path) -> bool:
+    """Whether `json_path` is an export's metadata written for the weights file `weights_path`."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("format") == EXPORT_FORMAT
+        metadata = json.loads(json_path.read_text(encoding="utf-8"))
+        return metadata.get("format") == EXPORT_FORMAT and metadata.get("weights_file") == weights_path.name
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -81,7 +97,9 @@ def check_export_targets(weights_path: Path) -> None:
             raise UserError(
                 f"{path} exists and is not a regular file (a link, a device or a folder); name another file"
             )
-    earlier_export = json_path.is_file() and _is_export_metadata(json_path)
+    # The pair an earlier export wrote: its .json names this weights file (a user's own a.pth beside the a.json
+    # of an export to a.pt is not part of it).
+    earlier_export = json_path.is_file() and _describes(json_path, weights_path)
     for path in (weights_path, json_path):
         if path.exists() and not earlier_export:
             raise UserError(
@@ -124,17 +142,6 @@ def _preprocess(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _recorded_top1(run_dir: Path, iteration: int, iters: int) -> float | None:
-    """The finished run's test top-1 from its summary.json; None for a run that stopped early."""
-    if iteration < iters:
-        return None
-    try:
-        top1 = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("test_top1")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return float(top1) if isinstance(top1, (int, float)) else None
-
-
 def prepare_export(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The checkpoint's model as a torchvision classifier (CPU, float32, eval mode) and the metadata to write
     beside it. Raises UserError for a checkpoint that cannot be read or does not fit."""
@@ -164,7 +171,7 @@ def prepare_export(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             "iteration": iteration,
             "iters": iters,
             "finished": iteration >= iters,
-            "test_top1": _recorded_top1(run_dir, iteration, iters),
+            "test_top1": recorded_top1(run_dir) if iteration >= iters else None,
             "weights_used": state.get("weights_used"),
             "seed": config.get("seed"),
         },
@@ -180,17 +187,28 @@ def write_export(model: nn.Module, metadata: dict[str, Any], weights_path: str |
     (torch.save's "unexpected pos" on a full disk), when a file cannot be written."""
     weights_path = Path(weights_path)
     json_path = metadata_path(weights_path)
-    metadata = {**metadata, "load": load_code(metadata["model"], metadata["num_classes"], weights_path.name)}
+    metadata = {
+        **metadata,
+        "weights_file": weights_path.name,
+        "load": load_code(metadata["model"], metadata["num_classes"], weights_path.name),
+    }
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(weights_path, binary=True) as weights_stream, atomic_write(json_path) as json_stream:
-        torch.save(model.state_dict(), weights_stream)
+    # The .json is the commit mark: written and synced first, it replaces the old one last, after the weights.
+    # Any failure before that leaves the earlier export as it was; only the final rename can fail after the
+    # weights are replaced.
+    with atomic_write(json_path) as json_stream:
         json_stream.write(json.dumps(metadata, indent=2) + "\n")
+        json_stream.flush()
+        os.fsync(json_stream.fileno())
+        with atomic_write(weights_path, binary=True) as weights_stream:
+            torch.save(model.state_dict(), weights_stream)
     return weights_path, json_path
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
-    """prepare_export, then write_export to `out` (default: model.pt in the run folder)."""
+def export_checkpoint(checkpoint: str | Path, out: str | None = None) -> tuple[Path, Path]:
+    """`smile-fast export` as a function: export_path, prepare_export, check_export_targets, write_export.
+    Returns the weights file and its .json."""
+    weights_path = export_path(checkpoint, out)
     model, metadata = prepare_export(checkpoint)
-    weights_path = Path(out) if out is not None else default_export_path(checkpoint)
     check_export_targets(weights_path)
     return write_export(model, metadata, weights_path)

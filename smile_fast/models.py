@@ -115,7 +115,7 @@ class SourceNet(nn.Module):
         return features, self.fc(self.backbone.pool(features))
 
 
-def _split_torchvision(model: nn.Module, name: str) -> tuple[Backbone, nn.Linear]:
+def split_torchvision(model: nn.Module, name: str) -> tuple[Backbone, nn.Linear]:
     """Cut a torchvision classifier into (trunk up to the last feature map, final Linear)."""
     if name.startswith("resnet"):
         trunk = nn.Sequential(
@@ -219,7 +219,7 @@ def build_models(
     """Student (with fc2 copied from the source head when `with_aux_head`) and the pre-trained source
     model (the teacher's starting point). source_classes: see build_source_model."""
     model, description = build_source_model(name, weights, log=log, source_classes=source_classes)
-    backbone, source_head = _split_torchvision(model, name)
+    backbone, source_head = split_torchvision(model, name)
     student = SmileNet(copy.deepcopy(backbone), num_classes, source_head if with_aux_head else None)
     source = SourceNet(backbone, source_head)
     return student, source, description

@@ -6,22 +6,21 @@ over to its resume."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from smile_fast.config import RESUME_MAY_CHANGE, TrainConfig, validate
+from smile_fast.config import RESUME_MAY_CHANGE, TrainConfig, setting_name, validate
 from smile_fast.errors import UserError, first_line
-from smile_fast.runlog import resume_command
+from smile_fast.runlog import recorded_top1
 from smile_fast.stop_signals import TrainingStopped
 
 RUN_FILES = ("last.pt", "summary.json")  # a folder holding either holds a run worth keeping
 
 
-def check_run_dir(run_dir: Path, resuming: bool, world_size: int = 1) -> None:
+def check_run_dir(run_dir: Path, resuming: bool) -> None:
     """One-line errors, before any data is read, for a run folder that cannot be used.
 
     A new run never writes into a folder that holds another run's checkpoint, summary or logged metrics
@@ -49,7 +48,7 @@ def check_run_dir(run_dir: Path, resuming: bool, world_size: int = 1) -> None:
         if found:
             raise UserError(
                 f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
-                f"`{resume_command(run_dir, world_size)}`, or give another --out"
+                f"`--resume {shlex.quote(str(run_dir))}`, launched as that run was, or give another --out"
             )
     existing = run_dir
     while not existing.exists():
@@ -106,14 +105,8 @@ def refuse_finished_run(run_dir: Path, state: Mapping[str, Any], iters: int) -> 
     (running on would rewrite summary.json without the evaluation the finished run recorded)."""
     if int(state["iteration"]) < iters:
         return
-    summary_path = run_dir / "summary.json"
-    result = ""
-    try:
-        top1 = json.loads(summary_path.read_text(encoding="utf-8")).get("test_top1")
-        if top1 is not None:
-            result = f" (test top-1 {top1:.2f}%)"
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass
+    top1 = recorded_top1(run_dir)
+    result = f" (test top-1 {top1:.2f}%)" if top1 is not None else ""
     raise TrainingStopped(
         f"{run_dir} already finished its {iters} iterations{result}; nothing to resume. "
         f"`smile-fast eval {run_dir}` tests its checkpoint again",
@@ -168,12 +161,12 @@ def check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any]) -> Non
     """A resumed run keeps its own data, model, objective and schedule: naming the same values again is
     fine (re-running the original command with --resume), a different one is an error, not ignored."""
     differ = [
-        f"--{key.replace('_', '-')} {value} (the run has {getattr(resumed, key)})"
+        f"{setting_name(key)} {value} (the run has {getattr(resumed, key)})"
         for key, value in given.items()
         if key not in RESUME_MAY_CHANGE and getattr(resumed, key) != value
     ]
     if differ:
-        allowed = ", ".join(f"--{key.replace('_', '-')}" for key in RESUME_MAY_CHANGE)
+        allowed = ", ".join(setting_name(key) for key in RESUME_MAY_CHANGE)
         raise UserError(
             f"--resume continues a run with its own settings, and these differ from it: {'; '.join(differ)}. "
             f"Leave them out, or start a new run (another --out). A resumed run may change only {allowed}"

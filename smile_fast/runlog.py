@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shlex
 import time
 from pathlib import Path
@@ -39,8 +40,14 @@ def recorded_weights(run_dir: Path) -> str | None:
 
 
 def launcher(world_size: int) -> str:
-    """The command that starts smile-fast with `world_size` processes (nodes x --nproc_per_node in all)."""
-    return "smile-fast" if world_size == 1 else f"torchrun --nproc_per_node={world_size} -m smile_fast"
+    """The command that starts smile-fast with `world_size` processes in all: under torchrun on several nodes
+    (LOCAL_WORLD_SIZE processes each) `--nnodes=N --nproc_per_node=M`, run on each node."""
+    if world_size == 1:
+        return "smile-fast"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+    if per_node < world_size and world_size % per_node == 0:
+        return f"torchrun --nnodes={world_size // per_node} --nproc_per_node={per_node} -m smile_fast"
+    return f"torchrun --nproc_per_node={world_size} -m smile_fast"
 
 
 def resume_command(run_dir: str | Path, world_size: int = 1) -> str:
@@ -71,6 +78,15 @@ def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def recorded_top1(run_dir: Path) -> float | None:
+    """The test top-1 a finished run's summary.json records; None when there is none to read."""
+    try:
+        top1 = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8")).get("test_top1")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(top1) if isinstance(top1, (int, float)) and not isinstance(top1, bool) else None
 
 
 class MetricsLog:

@@ -300,6 +300,7 @@ def test_resume_keeps_the_runs_settings_and_takes_only_how_it_runs(tiny_imagefol
     assert code == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "--iters 5 (the run has 2)" in error and "--lr 0.5" in error, error
+    assert "eval_batch_size (YAML)" in error and "--eval-batch-size" not in error, "a flag that does not exist"
     out, code = resume("faster", "--log-every", "1", "--teacher-fused-conv", "--channels-last")
     assert code == 0
     written = (out / "config.yaml").read_text()
@@ -849,3 +850,14 @@ def test_amp_dtype_without_amp_is_noted(tiny_imagefolder, tmp_path):
     config = _config(tiny_imagefolder, tmp_path / "run", method="finetune", iters=1, amp_dtype="float16")
     train(config, progress=False, log=said.append)
     assert any("--amp-dtype float16 has no effect without --amp" in line for line in said), said
+
+
+def test_the_resume_command_names_the_launch_the_run_had(tmp_path, monkeypatch):
+    from smile_fast.runlog import resume_command
+
+    run = tmp_path / "run 1"
+    assert resume_command(run, 1) == f"smile-fast train --resume '{run}'"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun on one node: 2 processes
+    assert resume_command(run, 2) == f"torchrun --nproc_per_node=2 -m smile_fast train --resume '{run}'"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # two nodes of 4: each node runs the same command
+    assert resume_command(run, 8) == f"torchrun --nnodes=2 --nproc_per_node=4 -m smile_fast train --resume '{run}'"

@@ -15,7 +15,10 @@ from torchvision import transforms as T
 
 from smile_fast.checkpoint import load_checkpoint, save_atomic
 from smile_fast.cli import main
+from smile_fast.data.images import load_rgb
+from smile_fast.data.transforms import TransformSpec, build_torchvision_transform
 from smile_fast.engine import train
+from smile_fast.evaluation import student_from_checkpoint
 from smile_fast.export import torchvision_model
 from smile_fast.models import build_models, build_source_model
 
@@ -101,15 +104,22 @@ def test_export_loads_in_plain_torchvision_and_scores_the_runs_top1(finished_run
     model.eval()
     transform = _test_transform(metadata["preprocess"])
     written = eval(metadata["preprocess"]["torchvision"], {"T": T})  # the .json's expression, as written
-    image = Image.open(next((Path(checkpoint["config"]["data_dir"]) / "test" / "c0").iterdir())).convert("RGB")
-    assert torch.equal(written(image), transform(image)), "the .json's transform expression differs from its values"
+    # Against the run's own student and test transform, image by image: logits, not only a top-1 (this tiny
+    # run may predict one class for every image, which a wrong transform or class order would match too).
+    student = student_from_checkpoint(checkpoint, run_dir).eval()
+    spec = TransformSpec("square", checkpoint["config"]["resize_size"], checkpoint["config"]["crop_size"], train=False)
+    runs_transform = build_torchvision_transform(spec)
     data = Path(checkpoint["config"]["data_dir"])
     correct = total = 0
     with torch.no_grad():
         for label, name in enumerate(metadata["classes"]):
             for path in sorted((data / "test" / name).iterdir()):
-                image = transform(Image.open(path).convert("RGB")).unsqueeze(0)
-                correct += int(model(image).argmax(dim=1).item() == label)
+                pixels = transform(Image.open(path).convert("RGB"))
+                assert torch.equal(written(Image.open(path).convert("RGB")), pixels), "the .json's expression differs"
+                assert torch.equal(runs_transform(load_rgb(path)), pixels), f"{path}: not the run's test pixels"
+                logits = model(pixels.unsqueeze(0))
+                torch.testing.assert_close(logits, student.classify(pixels.unsqueeze(0)), msg=f"{path}: logits")
+                correct += int(logits.argmax(dim=1).item() == label)
                 total += 1
     assert total == 12
     assert 100.0 * correct / total == pytest.approx(summary["test_top1"]), "the export must score the run's top-1"
@@ -151,15 +161,34 @@ def test_an_export_replaces_an_earlier_export_whole_or_not_at_all(finished_run, 
     def full_disk(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 456")
 
-    monkeypatch.setattr("smile_fast.export.torch.save", full_disk)
-    capsys.readouterr()
-    assert main(["export", str(run_dir), "--out", str(out)]) == 74
-    error = capsys.readouterr().err
+    with monkeypatch.context() as patch:
+        patch.setattr("smile_fast.export.torch.save", full_disk)
+        capsys.readouterr()
+        assert main(["export", str(run_dir), "--out", str(out)]) == 74
+        assert main(["export", str(run_dir), "--out", str(tmp_path / "new" / "deeper" / "model.pt")]) == 74
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.pt"], "a folder or file was left"
+    error = capsys.readouterr().err.splitlines()[0] + "\n"
     assert error.count("\n") == 1 and "could not write the export" in error, error
     assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) == before, "a failed export changed the files"
+
+    # The disk fills at the weights' last flush (fsync), after the .json was written: still neither is replaced.
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync_fails_the_second_time(descriptor):
+        synced.append(descriptor)
+        if len(synced) == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(descriptor)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", fsync_fails_the_second_time)
+        assert main(["export", str(run_dir), "--out", str(out)]) == 74
+    assert len(synced) == 2
+    assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) == before, "a failed export changed the files"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.pt"], "a temporary file was left"
-    assert main(["export", str(run_dir), "--out", str(tmp_path / "new" / "deeper" / "model.pt")]) == 74
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.pt"], "a new folder was left"
 
 
 def test_export_names(finished_run, tmp_path):
@@ -204,6 +233,7 @@ def _a_file(path: Path) -> str:
         (lambda run, tmp: ["export", str(run), "--out", str(run / "last.pt")], "not part of an earlier smile-fast"),
         (lambda run, tmp: ["export", str(run), "--out", str(run / "summary.pt")], "not part of an earlier smile-fast"),
         (lambda run, tmp: ["export", str(run), "--out", _link(tmp)], "not a regular file"),
+        (lambda run, tmp: ["export", str(run), "--out", _beside_an_export(run, tmp)], "not part of an earlier"),
     ],
     ids=[
         "missing-run",
@@ -214,6 +244,7 @@ def _a_file(path: Path) -> str:
         "the-checkpoint",
         "the-summary",
         "a-link",
+        "a-users-file-beside-an-export",
     ],
 )
 def test_export_errors_are_one_line(finished_run, tmp_path, capsys, argv_of, expected):
@@ -224,8 +255,17 @@ def test_export_errors_are_one_line(finished_run, tmp_path, capsys, argv_of, exp
     assert error.count("\n") == 1 and error.startswith("smile-fast: error: ") and expected in error, error
     assert not (tmp_path / "no-such-run").exists(), "a wrong checkpoint path must create no folder"
     assert {name: (run_dir / name).read_bytes() for name in run_files} == run_files, "a run file was changed"
+    if (tmp_path / "a.pth").exists():
+        assert (tmp_path / "a.pth").read_text() == "kept"
     if (tmp_path / "latest.pt").exists():  # the link case: the link and its target are left as they were
         assert (tmp_path / "latest.pt").is_symlink() and (tmp_path / "elsewhere.pt").read_text() == "kept"
+
+
+def _beside_an_export(run: Path, tmp: Path) -> str:
+    """The user's own a.pth beside the a.json of an export to a.pt: that .json is not the .pth's."""
+    assert main(["export", str(run), "--out", str(tmp / "a.pt")]) == 0
+    (tmp / "a.pth").write_text("kept")
+    return str(tmp / "a.pth")
 
 
 def _link(tmp: Path) -> str:

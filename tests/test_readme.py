@@ -41,3 +41,14 @@ def test_the_readme_ops_example_runs_as_written():
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert torch.isfinite(namespace["loss"]) and namespace["model"][0].weight.grad is not None
+
+
+def test_the_yaml_only_settings_are_those_without_a_flag_and_the_readme_names_them():
+    from smile_fast.cli import build_parser
+    from smile_fast.config import FIELD_NAMES, YAML_ONLY_SETTINGS
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    with_flags = {action.dest for action in train._actions}
+    assert set(YAML_ONLY_SETTINGS) == FIELD_NAMES - with_flags, "config.YAML_ONLY_SETTINGS is out of step"
+    readme = (ROOT / "README.md").read_text()
+    assert not [key for key in YAML_ONLY_SETTINGS if f"`{key}`" not in readme], "a YAML-only setting is undocumented"
