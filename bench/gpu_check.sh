@@ -128,7 +128,7 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   MODEL=resnet50; B_SMALL=48; B_LARGE=256; SIZE=224; STEPS=15; WARMUP=4; LOADER_ITERS=100; PER_CLASS=64
   LOADER_WORKERS=$(nproc)  # issue 4's goal is stated for the machine's 16 CPU threads
   TEST_SEL=(tests/test_ops_*.py tests/test_kernels_*.py tests/test_torchvision_loader.py tests/test_teacher.py
-    tests/test_bench_step.py tests/test_fused_conv.py); TEST_K=(-k cuda)
+    tests/test_bench_step.py tests/test_fused_conv.py tests/test_engine.py); TEST_K=(-k cuda)
 else
   GPU=0; export TRITON_INTERPRET=0  # parts 1-2 below set it to 1 for themselves: kernels via the interpreter
   TS=4

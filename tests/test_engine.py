@@ -259,6 +259,16 @@ def test_a_resume_that_changes_the_layout_lays_the_momentum_out_like_the_weights
     assert checked == len(conv_weights)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (its fused SGD checks the strides)")
+def test_a_cpu_run_resumes_channels_last_on_cuda_with_fused_sgd(tiny_imagefolder, tmp_path, monkeypatch):
+    """The case the re-layout above is for, end to end: started on the CPU (NCHW), resumed on the GPU
+    channels-last, where SGD is fused and refuses a momentum buffer laid out unlike its weight."""
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=3, stop_after=1)
+    config = _config(tiny_imagefolder, out, iters=3, eval_every=3, resume=str(out), device="cuda", channels_last=True)
+    train(config, progress=False, given={"device": "cuda", "channels_last": True})
+    assert load_checkpoint(out)["iteration"] == 3
+
+
 def test_resume_with_another_number_of_processes_is_refused(tiny_imagefolder, tmp_path, monkeypatch):
     """--batch-size is per process: a run of 2 processes resumed by 1 would go on at half its global batch."""
     from smile_fast.checkpoint import save_atomic
