@@ -287,10 +287,6 @@ def teacher_fused_conv_default(model: str, device, *, amp: bool, fold_teacher_bn
     return device.type == "cuda" and amp and fold_teacher_bn and model.startswith("resnet")
 
 
-# Settings that have a command-line flag, named as the flag in error messages.
-_FLAGGED = {"lr", "alpha", "gamma_fe", "gamma_fc", "ema_decay", "sample_rate", "class_fraction"}
-
-
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
@@ -330,8 +326,7 @@ def validate(config: TrainConfig) -> None:
         "class_fraction",
     ):
         value = getattr(config, name)
-        label = f"--{name.replace('_', '-')}" if name in _FLAGGED else name
-        _check(value is None or math.isfinite(value), f"{label} must be a finite number, got {value}")
+        _check(value is None or math.isfinite(value), f"{setting_name(name)} must be a finite number, got {value}")
     _check(config.lr > 0, f"--lr must be positive, got {config.lr}")
     _check(config.momentum >= 0 and config.weight_decay >= 0, "momentum and weight decay must be non-negative")
     _check(0 < config.lr_decay_fraction <= 1, "lr_decay_fraction must be in (0, 1]")

@@ -28,6 +28,7 @@ from smile_fast.errors import UserError
 from smile_fast.evaluation import student_from_checkpoint
 from smile_fast.models import SmileNet, split_torchvision
 from smile_fast.runlog import recorded_top1
+from smile_fast.stop_signals import signals_held
 
 EXPORT_FORMAT = "smile-fast-export-v1"
 
@@ -78,13 +79,18 @@ def metadata_path(weights_path: Path) -> Path:
     return weights_path.with_name(weights_path.name + ".json")
 
 
-def _describes(json_path: Path, weights_path: Path) -> bool:
-    """Whether `json_path` is an export's metadata written for the weights file `weights_path`."""
+def _export_weights_file(json_path: Path) -> str | None:
+    """The weights file an export's metadata names; None when `json_path` is no export's metadata."""
     try:
         metadata = json.loads(json_path.read_text(encoding="utf-8"))
-        return metadata.get("format") == EXPORT_FORMAT and metadata.get("weights_file") == weights_path.name
+        return metadata.get("weights_file") if metadata.get("format") == EXPORT_FORMAT else None
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+
+
+def _describes(json_path: Path, weights_path: Path) -> bool:
+    """Whether `json_path` is an export's metadata written for the weights file `weights_path`."""
+    return _export_weights_file(json_path) == weights_path.name
 
 
 def check_export_targets(weights_path: Path) -> None:
@@ -102,10 +108,9 @@ def check_export_targets(weights_path: Path) -> None:
     earlier_export = json_path.is_file() and _describes(json_path, weights_path)
     for path in (weights_path, json_path):
         if path.exists() and not earlier_export:
-            raise UserError(
-                f"{path} exists and is not part of an earlier smile-fast export, so it is left alone; name another "
-                "file with --out (or remove it)"
-            )
+            whose = _export_weights_file(json_path) if path == json_path else None
+            what = f"the metadata of the export {whose}" if whose else "not part of an earlier smile-fast export"
+            raise UserError(f"{path} exists and is {what}, so it is left alone; name another file with --out")
 
 
 def load_code(model_name: str, num_classes: int, weights_file: str | Path) -> str:
@@ -193,6 +198,12 @@ def write_export(model: nn.Module, metadata: dict[str, Any], weights_path: str |
         "load": load_code(metadata["model"], metadata["num_classes"], weights_path.name),
     }
     weights_path.parent.mkdir(parents=True, exist_ok=True)
+    with signals_held():  # a Ctrl-C waits for both renames: never new weights beside the old .json
+        _write_pair(model, metadata, weights_path, json_path)
+    return weights_path, json_path
+
+
+def _write_pair(model: nn.Module, metadata: dict[str, Any], weights_path: Path, json_path: Path) -> None:
     # The .json is the commit mark: written and synced first, it replaces the old one last, after the weights.
     # Any failure before that leaves the earlier export as it was; only the final rename can fail after the
     # weights are replaced.
@@ -202,7 +213,6 @@ def write_export(model: nn.Module, metadata: dict[str, Any], weights_path: str |
         os.fsync(json_stream.fileno())
         with atomic_write(weights_path, binary=True) as weights_stream:
             torch.save(model.state_dict(), weights_stream)
-    return weights_path, json_path
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | None = None) -> tuple[Path, Path]:

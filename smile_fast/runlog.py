@@ -44,8 +44,11 @@ def launcher(world_size: int) -> str:
     (LOCAL_WORLD_SIZE processes each) `--nnodes=N --nproc_per_node=M`, run on each node."""
     if world_size == 1:
         return "smile-fast"
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size)
-    if per_node < world_size and world_size % per_node == 0:
+    try:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+    except ValueError:  # set by hand to something else: the total is still right
+        per_node = world_size
+    if 0 < per_node < world_size and world_size % per_node == 0:
         return f"torchrun --nnodes={world_size // per_node} --nproc_per_node={per_node} -m smile_fast"
     return f"torchrun --nproc_per_node={world_size} -m smile_fast"
 

@@ -871,3 +871,6 @@ def test_the_resume_command_names_the_launch_the_run_had(tmp_path, monkeypatch):
     assert resume_command(run, 2) == f"torchrun --nproc_per_node=2 -m smile_fast train --resume '{run}'"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # two nodes of 4: each node runs the same command
     assert resume_command(run, 8) == f"torchrun --nnodes=2 --nproc_per_node=4 -m smile_fast train --resume '{run}'"
+    for odd in ("0", "x", "3"):  # set by hand: the total is still right
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", odd)
+        assert resume_command(run, 8) == f"torchrun --nproc_per_node=8 -m smile_fast train --resume '{run}'"

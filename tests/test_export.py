@@ -157,6 +157,15 @@ def test_an_export_replaces_an_earlier_export_whole_or_not_at_all(finished_run, 
     assert main(["export", str(run_dir), "--out", str(out)]) == 0
     assert main(["export", str(run_dir), "--out", str(out)]) == 0, "exporting again over an export must work"
     before = (out.read_bytes(), out.with_suffix(".json").read_bytes())
+    # The failing exports below write another model (other weights, other metadata) over that one, so that a
+    # file replaced by them would show.
+    state = load_checkpoint(run_dir)
+    state["iteration"] = 3
+    state["student"] = {
+        name: tensor + 1 if tensor.is_floating_point() else tensor for name, tensor in state["student"].items()
+    }
+    other = tmp_path.parent / f"{tmp_path.name}-other-run"
+    save_atomic(state, other / "last.pt")
 
     def full_disk(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 456")
@@ -164,8 +173,8 @@ def test_an_export_replaces_an_earlier_export_whole_or_not_at_all(finished_run, 
     with monkeypatch.context() as patch:
         patch.setattr("smile_fast.export.torch.save", full_disk)
         capsys.readouterr()
-        assert main(["export", str(run_dir), "--out", str(out)]) == 74
-        assert main(["export", str(run_dir), "--out", str(tmp_path / "new" / "deeper" / "model.pt")]) == 74
+        assert main(["export", str(other), "--out", str(out)]) == 74
+        assert main(["export", str(other), "--out", str(tmp_path / "new" / "deeper" / "model.pt")]) == 74
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.pt"], "a folder or file was left"
     error = capsys.readouterr().err.splitlines()[0] + "\n"
     assert error.count("\n") == 1 and "could not write the export" in error, error
@@ -185,10 +194,12 @@ def test_an_export_replaces_an_earlier_export_whole_or_not_at_all(finished_run, 
 
     with monkeypatch.context() as patch:
         patch.setattr(os, "fsync", fsync_fails_the_second_time)
-        assert main(["export", str(run_dir), "--out", str(out)]) == 74
+        assert main(["export", str(other), "--out", str(out)]) == 74
     assert len(synced) == 2
     assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) == before, "a failed export changed the files"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.pt"], "a temporary file was left"
+    assert main(["export", str(other), "--out", str(out)]) == 0  # and without a failure, it is replaced
+    assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) != before
 
 
 def test_export_names(finished_run, tmp_path):
