@@ -126,9 +126,8 @@ def _preprocess(config: dict[str, Any]) -> dict[str, Any]:
     from smile_fast.data.datasets import resize_mode
     from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-    dataset = config["dataset"]
     resize_size, crop_size = int(config["resize_size"]), int(config["crop_size"])
-    mode = resize_mode("imagefolder" if dataset == "demo" else dataset)
+    mode = resize_mode(config["dataset"])  # the demo is an imagefolder: square
     resize = f"T.Resize({resize_size})" if mode == "shorter" else f"T.Resize(({resize_size}, {resize_size}))"
     return {
         "input": "an 8-bit RGB PIL image: Image.open(path).convert('RGB')",

@@ -67,7 +67,7 @@ def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world
     launch = launcher(world_size)
     header = (
         f"# smile-fast run settings. `{launch} train -c config.yaml [--out DIR]` repeats this run in a new\n"
-        f"# folder; `{launch} train --resume {shlex.quote(str(run_dir))}` continues it.\n"
+        f"# folder; `{resume_command(run_dir, world_size)}` continues it.\n"
         f"{_WEIGHTS_LINE}{weights_used}\n"
     )
     if world_size > 1:
