@@ -251,6 +251,27 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
 
+    predict = commands.add_parser(
+        "predict",
+        help="the classes a fine-tuned model gives to image files, as CSV",
+        formatter_class=_DefaultsHelpFormatter,
+        description=(
+            "Classify image files with a run's model (or its export), through the run's test transform, in "
+            "float32 as the run's evaluations score. Writes CSV: image, class, probability (then class_2, "
+            "probability_2, ... with --top-k), one row per image in the order given. Files that are not readable "
+            "images are listed on stderr and the exit status is then 1."
+        ),
+    )
+    predict.add_argument("model", help="a run folder, its last.pt, or an export's weights file (smile-fast export)")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (searched below)")
+    predict.add_argument("--top-k", type=_integer, default=1, help="how many classes to list per image, best first")
+    predict.add_argument("--batch-size", type=_integer, default=64, help="images per forward pass")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    predict.add_argument(
+        "--workers", type=_integer, default=min(4, os.cpu_count() or 1), help="image decoding processes"
+    )
+    predict.add_argument("--out", metavar="FILE", help="write the CSV to FILE instead of stdout")
+
     bench = commands.add_parser("bench", help="measure speed on the current device")
     bench_commands = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
     # Every bench option has a default, so --help shows it; train's defaults depend on the dataset.
@@ -455,6 +476,48 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from smile_fast.devices import resolve_device
+    from smile_fast.predict import find_images, load_classifier, predictions_csv
+    from smile_fast.stop_signals import EXIT_WRITE_FAILED
+
+    _one_process("predict")
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError("--batch-size must be at least 1 and --workers at least 0")
+    paths = find_images(args.images)  # checked before the model is read: a typo is a quick error
+    out = _check_writable(args.out, "--out", "predictions.csv") if args.out else None
+    device = resolve_device(args.device)
+    classifier = load_classifier(args.model)
+    print(f"predicting {len(paths)} image(s) with {classifier.description} on {device}", file=sys.stderr)
+    if out is None:
+        try:
+            unreadable = predictions_csv(classifier, paths, device, args, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `smile-fast predict ... | head`: the reader has all it wanted
+            # Python would report the pipe again when it flushes stdout at exit; point stdout at nothing.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + 13  # as a process that SIGPIPE ended, which is what `head` expects of its writer
+    else:
+        from smile_fast.atomic_file import atomic_write
+
+        try:
+            with atomic_write(out) as stream:  # a stopped or failed run leaves no half-written CSV
+                unreadable = predictions_csv(classifier, paths, device, args, stream)
+        except OSError as error:
+            print(f"smile-fast: error: could not write {out}: {error.strerror or error}", file=sys.stderr)
+            return EXIT_WRITE_FAILED
+        print(f"wrote {out}: {len(paths) - len(unreadable)} image(s)", file=sys.stderr)
+    if unreadable:
+        from smile_fast.data.images import listed
+
+        print(
+            f"smile-fast: {len(unreadable)} file(s) are not readable images and have no row: {listed(unreadable)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     json_path = _check_writable(args.json, "--json", "bench.json") if getattr(args, "json", None) else None
     if args.bench_command == "step":
@@ -583,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "predict":
+            return _cmd_predict(args)
         if args.command == "bench":
             return _cmd_bench(args)
         if args.command == "data":

@@ -65,7 +65,7 @@ def test_smile_fast_alone_shows_the_commands_and_trains_nothing(capsys, tmp_path
     monkeypatch.chdir(tmp_path)
     assert main([]) == 0
     shown = " ".join(capsys.readouterr().out.split())  # unwrap the columns
-    assert "{train,eval,export,bench,data}" in shown
+    assert "{train,eval,export,predict,bench,data}" in shown
     assert "`smile-fast train` with no flags runs the embedded offline demo" in shown
     assert not (tmp_path / "runs").exists(), "a run was started"
     with pytest.raises(SystemExit) as exited:

@@ -365,7 +365,7 @@ def _load_imagefolder(data_dir: Path) -> DatasetSplits:
         for class_dir in sorted(split_dir.iterdir()):
             if not class_dir.is_dir() or class_dir.name.startswith("."):
                 continue
-            files_by_class[class_dir.name] = _images_under(class_dir)
+            files_by_class[class_dir.name] = images_under(class_dir)
         if not files_by_class:
             raise _fail("imagefolder", f"expected one folder per class in {split_dir} but found none")
         return files_by_class
@@ -392,7 +392,7 @@ def _load_imagefolder(data_dir: Path) -> DatasetSplits:
     return DatasetSplits("imagefolder", data_dir, classes, samples(train_files), samples(test_files))
 
 
-def _images_under(folder: Path) -> list[str]:
+def images_under(folder: Path) -> list[str]:
     """Image files anywhere below `folder` (as torchvision's ImageFolder finds them), hidden ones skipped, sorted."""
     found = []
     for directory, subdirectories, files in os.walk(folder, followlinks=True):

@@ -245,7 +245,7 @@ def eval_batches(
     )
     for images, labels, ok in loader:
         if not bool(ok.all()):
-            logger.warning("skipped %d unreadable test image(s)", int((~ok).sum()))
+            logger.warning("skipped %d image(s) that failed to decode", int((~ok).sum()))
             images, labels = images[ok], labels[ok]
             if len(labels) == 0:
                 continue
