@@ -31,7 +31,7 @@ from smile_fast.devices import cpu_has_fast_bfloat16, setup_distributed
 from smile_fast.errors import UserError, first_line
 from smile_fast.evaluation import count_correct
 from smile_fast.methods import build_method
-from smile_fast.models import build_models, checkpoint_source_classes
+from smile_fast.models import build_models, checkpoint_source_classes, paper_source_note
 from smile_fast.resume import (
     check_classes,
     check_resume_settings,
@@ -212,6 +212,8 @@ class Trainer:
                 else ""
             )
         )
+        if self.resume_state is None and (note := paper_source_note(config.dataset, config.model, config.weights)):
+            self.log(note)
         if world > 1 and config.dataset not in ("demo", "imagefolder") and world * config.batch_size != PAPER_BATCH:
             hint = f": --batch-size {PAPER_BATCH // world} gives the paper's" if PAPER_BATCH % world == 0 else ""
             self.log(

@@ -213,6 +213,24 @@ def build_source_model(
     return model, f"file {weights} ({num_source}-way source head)"
 
 
+# The source model of the paper's MIT-Indoor-67 results (SMILE_SPEC.md, Table 3; the authors' code loads it
+# with --source_task places365). torchvision has no Places365 weights, so `auto` and `imagenet` start that dataset
+# from ImageNet, and a run says so.
+PLACES365_RESNET50_URL = "http://places2.csail.mit.edu/models_places365/resnet50_places365.pth.tar"
+
+
+def paper_source_note(dataset: str, model: str, weights: str) -> str | None:
+    """A note for a run whose pre-trained weights are not the paper's for its dataset, else None. Only
+    MIT-Indoor-67 has other ones (Places365); a weights file or --weights none is the user's own choice."""
+    if dataset != "indoor67" or weights not in ("auto", "imagenet"):
+        return None
+    return (
+        "note: the paper's MIT-Indoor-67 results start from a Places365 ResNet-50, not from ImageNet weights; to "
+        f"follow it, download {PLACES365_RESNET50_URL} and pass --weights resnet50_places365.pth.tar"
+        + (" with --model resnet50" if model != "resnet50" else "")
+    )
+
+
 def build_models(
     name: str, num_classes: int, weights: str = "auto", with_aux_head: bool = True, log=print, source_classes=1000
 ) -> tuple[SmileNet, SourceNet, str]:

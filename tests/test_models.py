@@ -153,6 +153,27 @@ def test_weights_path_with_a_places365_head(tmp_path):
     torch.testing.assert_close(student.fc2.weight, state["fc.weight"], rtol=0, atol=0)
 
 
+def test_csails_places365_checkpoint_loads_as_a_365_way_source(tmp_path):
+    # resnet50_places365.pth.tar, the paper's source model for MIT-Indoor-67, as CSAIL trained and saved it: the
+    # training state of a DataParallel model, in torch's legacy (pre-zip) format. A ResNet-18 of that layout here.
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=365)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    checkpoint = {
+        "epoch": 90,
+        "arch": "resnet18",
+        "state_dict": {f"module.{name}": tensor for name, tensor in model.state_dict().items()},
+        "best_prec1": 54.7,
+        "optimizer": optimizer.state_dict(),
+    }
+    path = tmp_path / "resnet18_places365.pth.tar"
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=False)
+    source, description = build_source_model("resnet18", str(path), log=lambda line: pytest.fail(line))
+    assert description == f"file {path} (365-way source head)"
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(source.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("wrapper", ["state_dict", "model", "module-prefix", "state_dict+module-prefix"])
 def test_weights_path_accepts_common_wrappers(wrapper, tmp_path, resnet18_state):
     state = dict(resnet18_state)
@@ -317,3 +338,28 @@ def test_none_weights_are_random_init():
     model, description = build_source_model("resnet18", "none", log=lambda line: pytest.fail(line))
     assert description == "none"
     assert isinstance(model, nn.Module) and model.fc.out_features == 1000
+
+
+@pytest.mark.usefixtures("private_cache")
+@pytest.mark.parametrize("weights", ["auto", "file", "none"])
+def test_an_indoor67_run_from_imagenet_says_the_paper_started_from_places365(
+    weights, offline_empty_hub, tmp_path, capsys
+):
+    from _layouts import build_indoor67
+    from _tiny_runs import tiny_config
+
+    from smile_fast.engine import train
+    from smile_fast.models import PLACES365_RESNET50_URL
+
+    layout = build_indoor67(tmp_path / "indoor")
+    if weights == "file":
+        weights = str(tmp_path / "places365.pt")
+        torch.save(torchvision.models.resnet18(weights=None, num_classes=365).state_dict(), weights)
+    config = tiny_config(layout.data_dir, tmp_path / "run", dataset="indoor67", weights=weights, iters=1, eval_every=1)
+    train(config, progress=False)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "Places365" in line]
+    if weights == "auto":  # offline here: random init, which is not the paper's start either
+        assert len(notes) == 1 and PLACES365_RESNET50_URL in notes[0], notes
+        assert "--weights resnet50_places365.pth.tar with --model resnet50" in notes[0], notes
+    else:  # the user's own choice of weights
+        assert notes == []
