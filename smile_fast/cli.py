@@ -412,7 +412,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _one_process("eval")
 
-    result = evaluate_checkpoint(args.checkpoint, device=args.device, data_dir=args.data_dir)
+    result = evaluate_checkpoint(
+        args.checkpoint, device=args.device, data_dir=args.data_dir, progress=sys.stderr.isatty()
+    )
     print(
         f"test top-1 {result['test_top1']:.2f}% on {result['test_images']} images "
         f"(checkpoint at iteration {result['iteration']})"

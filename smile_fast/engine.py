@@ -29,7 +29,7 @@ from smile_fast.data.prepare import prepare_data, stderr_line
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.devices import cpu_has_fast_bfloat16, setup_distributed
 from smile_fast.errors import UserError, first_line
-from smile_fast.evaluation import count_correct
+from smile_fast.evaluation import count_correct, eval_progress_bar
 from smile_fast.methods import build_method
 from smile_fast.models import build_models, checkpoint_source_classes, paper_source_note
 from smile_fast.resume import (
@@ -342,7 +342,9 @@ class Trainer:
             self.dist.world_size,
             self.config.channels_last,
         )
-        correct, total = count_correct(self.student, batches, self.device)
+        shard_size = len(self.test_samples[self.dist.rank :: self.dist.world_size])
+        with eval_progress_bar(shard_size, enabled=self.progress) as bar:  # under the train bar, on a terminal
+            correct, total = count_correct(self.student, batches, self.device, on_batch=bar.update)
         if self.dist.enabled:
             import torch.distributed as dist
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import sys
 import time
 
 import pytest
@@ -197,14 +199,28 @@ def test_teacher_stays_identical_to_pretrained_fc_and_buffers(tiny_imagefolder, 
         torch.testing.assert_close(value, buffers_before[name], rtol=0, atol=0, msg=f"teacher buffer {name} changed")
 
 
-def test_eval_command_reports_top1(tiny_imagefolder, tmp_path, capsys):
+def test_eval_command_reports_top1(tiny_imagefolder, tmp_path, capsys, monkeypatch):
     from smile_fast.cli import main
 
     out = tmp_path / "e"
     summary = train(_config(tiny_imagefolder, out, method="finetune", iters=3), progress=False)
+    capsys.readouterr()
     assert main(["eval", str(out), "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
-    assert f"{summary['test_top1']:.2f}%" in printed, printed
+    captured = capsys.readouterr()
+    assert f"{summary['test_top1']:.2f}%" in captured.out, captured.out
+    assert "test:" not in captured.err, "no progress bar in a log file"
+    # On a terminal, a bar over the test split (Food-101's is 25,250 images: minutes on a CPU).
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["eval", str(out), "--device", "cpu"]) == 0
+    assert "/12 [" in capsys.readouterr().err.split("test:")[-1], "the bar must count the 12 test images"
+
+
+def test_evaluations_during_training_show_a_bar_on_a_terminal(tiny_imagefolder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    train(_config(tiny_imagefolder, tmp_path / "run", method="finetune", iters=2, eval_every=1), progress=True)
+    err = capsys.readouterr().err
+    # Each bar is drawn at its start; tqdm then draws at most every 0.1 s, so a quick pass may show no more.
+    assert len(re.findall(r"test: +0%\|[^\r\n]* 0/12 \[", err)) == 2, "one bar per evaluation, over the 12 images"
 
 
 def test_training_with_the_dali_loader_on_cpu(tiny_imagefolder, tmp_path):
