@@ -29,12 +29,16 @@ def atomic_write(path: str | Path, binary: bool = False, durable: bool = True) -
 
     binary: a bytes stream, else UTF-8 text with "\\n" line ends. durable: fsync before the rename, so
     the new content survives a power cut too (skip it for caches, which only cost time when lost).
+
+    Text is written with errors="surrogateescape": a file name that is not valid UTF-8 (a Latin-1 name from an
+    old archive; Python holds its bytes as surrogates) is written back as its own bytes, as `ls` prints it,
+    instead of failing the write (it failed a run's manifest, at the start of the run).
     """
     path = Path(path)
     descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(descriptor, regular_file_mode())
-        text_options = {} if binary else {"encoding": "utf-8", "newline": "\n"}
+        text_options = {} if binary else {"encoding": "utf-8", "errors": "surrogateescape", "newline": "\n"}
         with os.fdopen(descriptor, "wb" if binary else "w", **text_options) as stream:
             yield stream
             stream.flush()

@@ -479,45 +479,72 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from smile_fast.atomic_file import atomic_write
     from smile_fast.devices import resolve_device
-    from smile_fast.predict import find_images, load_classifier, predictions_csv
-    from smile_fast.stop_signals import EXIT_WRITE_FAILED
+    from smile_fast.predict import (
+        check_predictions_target,
+        find_images,
+        load_classifier,
+        predictions_csv,
+        predictions_path,
+    )
+    from smile_fast.stop_signals import EXIT_WRITE_FAILED, sigterm_as_interrupt
 
     _one_process("predict")
     if args.batch_size < 1 or args.workers < 0:
         raise UserError("--batch-size must be at least 1 and --workers at least 0")
     paths = find_images(args.images)  # checked before the model is read: a typo is a quick error
-    out = _check_writable(args.out, "--out", "predictions.csv") if args.out else None
+    out = predictions_path(args.out) if args.out is not None else None
     device = resolve_device(args.device)
     classifier = load_classifier(args.model)
-    print(f"predicting {len(paths)} image(s) with {classifier.description} on {device}", file=sys.stderr)
-    if out is None:
-        try:
-            unreadable = predictions_csv(classifier, paths, device, args, sys.stdout)
-            sys.stdout.flush()
-        except BrokenPipeError:  # `smile-fast predict ... | head`: the reader has all it wanted
-            # Python would report the pipe again when it flushes stdout at exit; point stdout at nothing.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 128 + 13  # as a process that SIGPIPE ended, which is what `head` expects of its writer
-    else:
-        from smile_fast.atomic_file import atomic_write
-
-        try:
-            with atomic_write(out) as stream:  # a stopped or failed run leaves no half-written CSV
-                unreadable = predictions_csv(classifier, paths, device, args, stream)
-        except OSError as error:
-            print(f"smile-fast: error: could not write {out}: {error.strerror or error}", file=sys.stderr)
-            return EXIT_WRITE_FAILED
-        print(f"wrote {out}: {len(paths) - len(unreadable)} image(s)", file=sys.stderr)
+    with sigterm_as_interrupt():  # kill, Slurm, Kubernetes: as Ctrl-C, no temporary file or workers left
+        if out is None:
+            print(f"predicting {len(paths)} image(s) with {classifier.description} on {device}", file=sys.stderr)
+            written = _predict_to_stdout(classifier, paths, device, args)
+            if isinstance(written, int):
+                return written  # the exit status of a failed write to stdout
+            rows, unreadable = written
+        else:
+            check_predictions_target(out)
+            created = [folder for folder in out.absolute().parents if not folder.exists()]  # deepest first
+            try:
+                _check_writable(out, "--out", "predictions.csv")
+                print(f"predicting {len(paths)} image(s) with {classifier.description} on {device}", file=sys.stderr)
+                with atomic_write(out) as stream:  # written whole or not at all, however it ends
+                    rows, unreadable = predictions_csv(classifier, paths, device, args, stream)
+            except BaseException as error:
+                for folder in created:  # the folders made for the file go with it
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+                if isinstance(error, OSError):
+                    print(f"smile-fast: error: could not write {out}: {error.strerror or error}", file=sys.stderr)
+                    return EXIT_WRITE_FAILED
+                raise
+            print(f"wrote {out}: {rows} row(s)", file=sys.stderr)
     if unreadable:
-        from smile_fast.data.images import listed
-
-        print(
-            f"smile-fast: {len(unreadable)} file(s) are not readable images and have no row: {listed(unreadable)}",
-            file=sys.stderr,
-        )
+        print(f"smile-fast: {len(unreadable)} file(s) are not readable images and have no row:", file=sys.stderr)
+        for path in unreadable:  # every one, a line each: a script can take them from here
+            print(f"  {path}", file=sys.stderr)
         return 1
     return 0
+
+
+def _predict_to_stdout(classifier, paths, device, args) -> tuple[int, list[str]] | int:
+    """predictions_csv on stdout: its result, or an exit status when stdout could not take the rows."""
+    from smile_fast.predict import predictions_csv
+    from smile_fast.stop_signals import EXIT_WRITE_FAILED
+
+    try:
+        written = predictions_csv(classifier, paths, device, args, sys.stdout)
+        sys.stdout.flush()
+        return written
+    except OSError as error:
+        # Python would fail again flushing stdout at exit; point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(error, BrokenPipeError):  # `smile-fast predict ... | head`: the reader has all it wanted
+            return 128 + 13  # as a process that SIGPIPE ended, which is what `head` expects of its writer
+        print(f"smile-fast: error: could not write to stdout: {error.strerror or error}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -39,6 +39,8 @@ def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) ->
             device = torch.device(name)
         except RuntimeError:
             raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):  # mps, xla, meta...: torch names them, smile-fast does not run there
+            raise UserError(f"--device {name}: smile-fast runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
         if device.type != "cuda":
             return device
         if not torch.cuda.is_available():

@@ -146,11 +146,13 @@ def _preprocess(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def prepare_export(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def prepare_export(checkpoint: str | Path, state: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The checkpoint's model as a torchvision classifier (CPU, float32, eval mode) and the metadata to write
-    beside it. Raises UserError for a checkpoint that cannot be read or does not fit."""
+    beside it (state: the checkpoint, when the caller has read it already). Raises UserError for a checkpoint
+    that cannot be read or does not fit."""
     checkpoint = Path(checkpoint)
-    state = load_checkpoint(checkpoint)
+    if state is None:
+        state = load_checkpoint(checkpoint)
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     config = state["config"]
     student = student_from_checkpoint(state, checkpoint)

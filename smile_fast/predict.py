@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smile_fast.checkpoint import safe_load
+from smile_fast.checkpoint import load_checkpoint, safe_load
 from smile_fast.data.datasets import IMAGE_EXTENSIONS, images_under
 from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
 from smile_fast.errors import UserError
@@ -35,48 +35,76 @@ class Classifier:
     description: str  # where it came from, for the user: "resnet50 fine-tuned on cars (run ..., iteration N)"
 
 
+USAGE = "MODEL is a run folder, its last.pt, or an export's weights file (with its .json beside it)"
+
+
 def load_classifier(source: str | Path) -> Classifier:
     """The model of a run folder, a checkpoint, or an export's weights file (the .json beside it says how to
     read it). A folder without last.pt that holds an export's model.pt is read as that export."""
     source = Path(source)
-    if source.is_dir() and not (source / "last.pt").exists() and _is_export(source / "model.pt"):
-        source = source / "model.pt"
-    if source.is_file() and _is_export(source):
-        return _from_export(source)
+    if not source.exists():
+        raise UserError(f"{source} does not exist; {USAGE}")
+    if source.is_dir() and not (source / "last.pt").exists():
+        if _export_metadata(source / "model.pt") is not None:
+            return _from_export(source / "model.pt")
+        if not (source / "metrics.csv").is_file():  # a run folder without a checkpoint says so itself, below
+            raise UserError(f"{source} holds neither a run's last.pt nor an export's model.pt; {USAGE}")
+    if source.is_file():
+        if source.suffix.lower() == ".json":
+            raise UserError(f"{source} is a .json; pass the weights file it describes. {USAGE}")
+        if _export_metadata(source) is not None:
+            return _from_export(source)
     try:
-        model, metadata = prepare_export(source)
+        state = load_checkpoint(source)
     except UserError as error:
-        if source.is_file() and "is not a smile-fast checkpoint" in str(error):
-            raise UserError(
-                f"{source} is neither a smile-fast checkpoint nor an export (an export's weights file has its "
-                f".json beside it, {metadata_path(source).name}); pass a run folder, its last.pt, or an export"
-            ) from None
-        raise
+        if not source.is_file():
+            raise
+        raise UserError(_not_a_model(source, error)) from None
+    model, metadata = prepare_export(source, state)
     run = metadata["run"]
     description = f"{metadata['model']} fine-tuned on {run['dataset']} (iteration {run['iteration']} of {run['iters']})"
-    return Classifier(model, _class_names(metadata), _transform_spec(metadata, source), description)
+    return Classifier(model, _class_names(metadata, source), _transform_spec(metadata, source), description)
 
 
-def _is_export(weights_path: Path) -> bool:
+def _not_a_model(source: Path, error: UserError) -> str:
+    """Why a file given as MODEL is not one, in the user's terms (the checkpoint reader's message is about
+    pickles, which misleads when the file is an image given first, or an export with a broken .json)."""
+    if source.suffix.lower() in IMAGE_EXTENSIONS:
+        return f"{source} is an image file, not a model: MODEL comes first (smile-fast predict MODEL IMAGE...)"
+    json_path = metadata_path(source)
+    if json_path.is_file():
+        return (
+            f"{source} is not a smile-fast checkpoint, and {json_path} beside it is not a smile-fast export's metadata "
+            "(edited, or from another tool); export the run again"
+        )
+    if "is not a smile-fast checkpoint" in str(error):
+        return f"{source} is neither a smile-fast checkpoint nor an export (no {json_path.name} beside it); {USAGE}"
+    return f"{source} is not a model smile-fast can read ({error}); {USAGE}"
+
+
+def _export_metadata(weights_path: Path) -> dict | None:
+    """The .json beside `weights_path` when it is an export's metadata (written by `smile-fast export`), else None."""
     json_path = metadata_path(weights_path)
     if not (weights_path.is_file() and json_path.is_file()):
-        return False
+        return None
     try:
         metadata = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(metadata, dict) and metadata.get("format") == EXPORT_FORMAT
+        return None
+    if not isinstance(metadata, dict) or metadata.get("format") != EXPORT_FORMAT:
+        return None
+    return metadata if isinstance(metadata.get("weights_file"), str) else None
 
 
 def _from_export(weights_path: Path) -> Classifier:
     import torchvision
 
     json_path = metadata_path(weights_path)
-    metadata = json.loads(json_path.read_text(encoding="utf-8"))
-    if metadata.get("weights_file") != weights_path.name:
+    metadata = _export_metadata(weights_path)
+    if metadata["weights_file"] != weights_path.name:
         raise UserError(
-            f"{json_path} describes the export {metadata.get('weights_file')!r}, not {weights_path.name}; pass that "
-            "file, or export the run again to this name"
+            f"{json_path} describes the export {metadata['weights_file']!r}, not {weights_path.name}; pass that "
+            f"file, or rename the two files together ({weights_path.name} needs the weights_file in the .json to match)"
         )
     try:
         name, num_classes = metadata["model"], int(metadata["num_classes"])
@@ -86,28 +114,33 @@ def _from_export(weights_path: Path) -> Classifier:
         raise UserError(f"{json_path} lacks the model, num_classes or preprocess entries an export writes") from None
     if name not in SUPPORTED_MODELS:
         raise UserError(f"{json_path} names the model {name!r}, which smile-fast does not build")
+    classes = _class_names(metadata, json_path)
     state = safe_load(weights_path, "exported weights")
     model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as error:
+        detail = " ".join(line.strip() for line in str(error).splitlines()[1:2]) or str(error)
         raise UserError(
             f"{weights_path} does not fit a {name} with {num_classes} classes, as {json_path.name} says "
-            f"({str(error).splitlines()[0][:160]})"
+            f"({detail[:200]})"
         ) from None
-    run = metadata.get("run") or {}
-    description = f"{name} fine-tuned on {run.get('dataset', '?')} (export {weights_path})"
-    return Classifier(model.eval(), _class_names(metadata), _transform_spec(metadata, json_path), description)
+    run = metadata.get("run") if isinstance(metadata.get("run"), dict) else {}
+    stage = f", iteration {run['iteration']} of {run['iters']}" if "iteration" in run and "iters" in run else ""
+    description = f"{name} fine-tuned on {run.get('dataset', '?')} (export {weights_path}{stage})"
+    return Classifier(model.eval(), classes, _transform_spec(metadata, json_path), description)
 
 
-def _class_names(metadata: dict) -> list[str]:
+def _class_names(metadata: dict, where: Path) -> list[str]:
     """Label i's name; a checkpoint from before class names were recorded gives the label numbers instead."""
     classes = metadata.get("classes")
     if classes is None:
         return [str(label) for label in range(int(metadata["num_classes"]))]
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        raise UserError(f"{where}: its classes are not a list of names")
     if len(classes) != int(metadata["num_classes"]):
-        raise UserError(f"the model has {metadata['num_classes']} outputs but {len(classes)} class names")
-    return [str(name) for name in classes]
+        raise UserError(f"{where}: the model has {metadata['num_classes']} outputs but {len(classes)} class names")
+    return classes
 
 
 def _transform_spec(metadata: dict, where: Path) -> TransformSpec:
@@ -196,10 +229,42 @@ def csv_header(top_k: int) -> list[str]:
     return header
 
 
-def predictions_csv(classifier: Classifier, paths: list[str], device: torch.device, options, stream) -> list[str]:
+def predictions_path(out: str) -> Path:
+    """Where --out writes: the file named, or predictions.csv in it when it names a folder (one that exists, or
+    a name ending in a slash: as cp does)."""
+    if not out.strip():
+        raise UserError("--out is empty; name the CSV file to write, e.g. --out predictions.csv")
+    return Path(out) / "predictions.csv" if out.endswith(("/", os.sep)) or Path(out).is_dir() else Path(out)
+
+
+CSV_HEADER_START = ",".join(csv_header(1))
+
+
+def check_predictions_target(path: Path) -> None:
+    """--out replaces only an earlier predictions CSV (its first line is this command's header). Anything else
+    is left alone: a run's last.pt or summary.json, an export's files, an input image; and links and devices,
+    which a rename would replace with a plain file (root's --out /dev/null)."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise UserError(f"--out {path} exists and is not a regular file (a link or a device); name another file")
+    if path.exists():
+        try:
+            with open(path, "rb") as existing:
+                first = existing.read(len(CSV_HEADER_START))
+        except OSError as error:
+            raise UserError(f"--out {path}: cannot read it ({error.strerror or error})") from None
+        if first != CSV_HEADER_START.encode():
+            raise UserError(
+                f"--out {path} exists and is not an earlier `smile-fast predict` CSV, so it is left alone; "
+                "name another file"
+            )
+
+
+def predictions_csv(
+    classifier: Classifier, paths: list[str], device: torch.device, options, stream
+) -> tuple[int, list[str]]:
     """Write one CSV row per readable image of `paths` to `stream`, in order (options: top_k, batch_size,
-    workers). Returns the paths that are not readable images: a header check finds most before the model
-    runs, the loader the rest (a file whose header reads but whose pixels do not decode)."""
+    workers). Returns the number of rows and the paths that are not readable images (each once): a header
+    check finds most before the model runs, the loader the rest (a header that reads, pixels that do not)."""
     import csv
     import sys
 
@@ -210,19 +275,22 @@ def predictions_csv(classifier: Classifier, paths: list[str], device: torch.devi
     check_top_k(classifier, options.top_k)  # before the header: an error leaves the output empty
     readable, unreadable = check_images([(path, 0) for path in paths], cache_dir=None)
     readable_paths = [path for path, _ in readable]
+    # No more loader processes than batches (64 workers for one image started 64 processes).
+    workers = min(options.workers, -(-len(readable_paths) // options.batch_size))
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(csv_header(options.top_k))
-    decoded = set()
+    decoded, rows = set(), 0
     with tqdm(
         total=len(readable_paths), desc="predict", unit="img", file=sys.stderr, disable=not sys.stderr.isatty()
     ) as bar:
         for index, best in predict(
-            classifier, readable_paths, device, options.batch_size, options.workers, options.top_k, bar.update
+            classifier, readable_paths, device, options.batch_size, workers, options.top_k, bar.update
         ):
             decoded.add(index)
             row = [readable_paths[index]]
             for label, probability in best:
-                row += [classifier.classes[label], f"{probability:.4f}"]
+                row += [classifier.classes[label], f"{probability:.6f}"]
             writer.writerow(row)
+            rows += 1
     failed_to_decode = [path for index, path in enumerate(readable_paths) if index not in decoded]
-    return unreadable + failed_to_decode
+    return rows, unreadable + list(dict.fromkeys(failed_to_decode))

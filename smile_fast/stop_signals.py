@@ -99,5 +99,24 @@ def _restore_handlers(previous: dict) -> None:
         signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM breaks off the block as Ctrl-C does (a StopNow, exit status 143), for the commands that are not a
+    run (predict, eval): their `finally` blocks and atomic writes then clean up (the default action ended the
+    process at once, leaving a temporary file and the loader's workers). Outside the main thread: as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise StopNow(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # sysexits.h's EX_IOERR: a wrapper script can tell "free the disk, then --resume" from a crash (status 1).
 EXIT_WRITE_FAILED = 74

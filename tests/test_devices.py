@@ -44,3 +44,10 @@ def test_no_gpu_visible(monkeypatch):
     assert resolve_device("auto", 1, 2) == torch.device("cpu")
     with pytest.raises(UserError, match="no CUDA GPU is visible; use --device cpu"):
         resolve_device("cuda", 1, 2)
+
+
+@pytest.mark.parametrize("name", ["mps", "xla", "meta", "cpu:0x"])
+def test_devices_smile_fast_does_not_run_on_are_one_line(name):
+    # torch.device() accepts mps, xla and meta; moving a model there failed later with a traceback.
+    with pytest.raises(UserError, match=r"use auto, cpu, cuda or cuda:N"):
+        resolve_device(name)

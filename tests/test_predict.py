@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,10 +112,22 @@ def test_files_that_are_not_images_are_listed_and_the_others_predicted(finished_
     not_an_image.write_text("not an image")
     truncated = tmp_path / "truncated.jpg"  # its header reads; its pixels do not decode
     truncated.write_bytes(good.read_bytes()[:400])
-    status, rows, err = _predict([str(run_dir), str(not_an_image), str(good), str(truncated)], capsys)
+    empty = [tmp_path / f"empty-{number}.png" for number in range(3)]
+    for path in empty:
+        path.write_bytes(b"")
+    bad = [not_an_image, truncated, *empty]
+    # A file given twice gets two rows (or, unreadable, one line).
+    argv = [str(run_dir), str(not_an_image), str(good), str(truncated), str(good), *map(str, empty), str(empty[0])]
+    status, rows, err = _predict(argv, capsys)
     assert status == 1, "unreadable files must show in the exit status"
-    assert [row[0] for row in rows[1:]] == [str(good)]
-    assert f"2 file(s) are not readable images and have no row: {not_an_image}, {truncated}" in err, err
+    assert [row[0] for row in rows[1:]] == [str(good), str(good)]
+    listing = err.split("5 file(s) are not readable images and have no row:\n")[-1]
+    assert listing.splitlines() == [f"  {path}" for path in bad], "every one, once, a line each"
+
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", *argv, "--workers", "0", "--out", str(out)]) == 1
+    assert f"wrote {out}: 2 row(s)" in capsys.readouterr().err
+    assert len(_rows(out.read_text())) == 3
 
 
 def test_old_checkpoints_without_class_names_give_label_numbers(finished_run, tmp_path, capsys):
@@ -150,7 +163,7 @@ def test_a_reader_that_stops_early_ends_predict_quietly(finished_run):
 def test_a_stopped_predict_leaves_no_csv(finished_run, tmp_path, monkeypatch, capsys):
     run_dir, data, _ = finished_run
     out = tmp_path / "predictions.csv"
-    out.write_text("an earlier result\n")
+    out.write_text("image,class,probability\nan earlier result,c0,1.0\n")
     calls = []
 
     def interrupted_after_one_batch(count):
@@ -165,13 +178,117 @@ def test_a_stopped_predict_leaves_no_csv(finished_run, tmp_path, monkeypatch, ca
     monkeypatch.setattr("smile_fast.predict.predict", predict)
     assert main(["predict", str(run_dir), str(data / "test"), "--out", str(out), "--batch-size", "2"]) == 130
     assert calls == [2]
-    assert out.read_text() == "an earlier result\n", "a stopped predict must leave the earlier file as it was"
+    assert out.read_text() == "image,class,probability\nan earlier result,c0,1.0\n", "the earlier file must stay"
     assert [path.name for path in tmp_path.iterdir()] == ["predictions.csv"], "a temporary file was left"
+
+
+def test_sigterm_stops_predict_as_ctrl_c_does(finished_run, tmp_path, monkeypatch):
+    # kill, Slurm and Kubernetes send SIGTERM, whose default action left the temporary file and the workers.
+    run_dir, data, _ = finished_run
+    out = tmp_path / "predictions.csv"
+    real_predict = __import__("smile_fast.predict", fromlist=["predict"]).predict
+
+    def predict(*args, **kwargs):
+        return real_predict(*args[:6], on_batch=lambda count: signal.raise_signal(signal.SIGTERM))
+
+    monkeypatch.setattr("smile_fast.predict.predict", predict)
+    # A handler of the test's own, so that a predict that ignores SIGTERM fails this test, not the test run.
+    unhandled = []
+
+    def recorder(signum, frame):
+        unhandled.append(signum)
+
+    before = signal.signal(signal.SIGTERM, recorder)
+    try:
+        status = main(["predict", str(run_dir), str(data / "test"), "--out", str(out), "--workers", "1"])
+        assert signal.getsignal(signal.SIGTERM) is recorder, "predict must give SIGTERM its handler back"
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert status == 143 and not unhandled, (status, unhandled)
+    assert list(tmp_path.iterdir()) == [], "a temporary file was left"
+
+
+def test_out_replaces_only_an_earlier_predictions_csv(finished_run, tmp_path, capsys):
+    run_dir, data, _ = finished_run
+    image = data / "test" / "c1" / "0.jpg"
+    argv = ["predict", str(run_dir), str(image), "--workers", "0", "--out"]
+    assert main([*argv, str(tmp_path / "new" / "deeper") + "/"]) == 0  # a folder, as cp takes it
+    earlier = tmp_path / "new" / "deeper" / "predictions.csv"
+    assert len(_rows(earlier.read_text())) == 2
+    earlier.write_text(earlier.read_text() + "a row of a bigger run\n")
+    assert main([*argv, str(tmp_path / "new" / "deeper")]) == 0, "an earlier predictions CSV is replaced"
+    assert "bigger run" not in earlier.read_text()
+    capsys.readouterr()
+
+    copy = tmp_path / "run-copy"
+    copy.mkdir()
+    for name in ("last.pt", "summary.json", "config.yaml"):
+        (copy / name).write_bytes((run_dir / name).read_bytes())
+    assert main(["export", str(copy)]) == 0
+    (tmp_path / "photo.jpg").write_bytes(image.read_bytes())
+    os.mkfifo(tmp_path / "a-fifo")
+    (tmp_path / "link.csv").symlink_to(earlier)
+    protected = [
+        copy / "last.pt",
+        copy / "summary.json",
+        copy / "model.pt",
+        copy / "model.json",
+        tmp_path / "photo.jpg",
+    ]
+    before = {path: path.read_bytes() for path in protected}
+    for target, expected in [
+        *[(path, "is not an earlier `smile-fast predict` CSV") for path in protected],
+        (tmp_path / "a-fifo", "not a regular file"),
+        (tmp_path / "link.csv", "not a regular file"),
+    ]:
+        capsys.readouterr()
+        assert main(["predict", str(copy), str(tmp_path / "photo.jpg"), "--out", str(target)]) == 2, target
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and expected in error, error
+    assert {path: path.read_bytes() for path in protected} == before, "a file --out named was changed"
+    assert (tmp_path / "link.csv").is_symlink()
+
+
+def test_out_writes_names_that_are_not_utf8_as_their_bytes(finished_run, tmp_path):
+    # A Latin-1 name from an old archive: Python holds its byte 0xE9 as a surrogate, which strict UTF-8 refused.
+    run_dir, data, _ = finished_run
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.jpg")
+    (folder / name).write_bytes((data / "test" / "c0" / "0.jpg").read_bytes())
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(run_dir), str(folder), "--workers", "0", "--out", str(out)]) == 0
+    assert os.fsencode(str(folder / name)) in out.read_bytes().splitlines()[1]
+
+
+def test_a_full_stdout_is_one_line_and_exit_74(finished_run):
+    run_dir, data, _ = finished_run
+    script = (
+        "import sys; from smile_fast.cli import main; "
+        f"sys.exit(main(['predict', {str(run_dir)!r}, {str(data / 'test')!r}, '--workers', '0']))"
+    )
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-c", script], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    assert done.returncode == 74, done.stderr
+    assert done.stderr.splitlines()[-1] == "smile-fast: error: could not write to stdout: No space left on device"
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
 
 
 def _plain_state_dict(run: Path, tmp: Path) -> str:
     torch.save(load_checkpoint(run)["student"], tmp / "weights.pt")
     return str(tmp / "weights.pt")
+
+
+def _export(run: Path, tmp: Path, what: str) -> str:
+    """An export in tmp/exported: its .json's path, or its weights with a .json that is no longer JSON."""
+    weights = tmp / "exported" / "model.pt"
+    assert main(["export", str(run), "--out", str(weights)]) == 0
+    if what == "model.json":
+        return str(weights.with_suffix(".json"))
+    weights.with_suffix(".json").write_text("{ not json")
+    return str(weights)
 
 
 def _empty_folder(tmp: Path) -> str:
@@ -189,12 +306,37 @@ def _empty_folder(tmp: Path) -> str:
         (lambda run, data, tmp: [_plain_state_dict(run, tmp), str(data / "test")], "neither a smile-fast checkpoint"),
         (lambda run, data, tmp: [str(run), str(data / "test"), "--top-k", "5"], "between 1 and the model's 4"),
         (lambda run, data, tmp: [str(run), str(data / "test"), "--batch-size", "0"], "--batch-size must be"),
+        (lambda run, data, tmp: [str(data / "test" / "c0" / "0.jpg"), str(run)], "MODEL comes first"),
+        (lambda run, data, tmp: [_export(run, tmp, "model.json"), str(data / "test")], "pass the weights file"),
+        (lambda run, data, tmp: [_export(run, tmp, "broken-json"), str(data / "test")], "is not a smile-fast export"),
+        (lambda run, data, tmp: [str(tmp), str(data / "test")], "neither a run's last.pt nor an export's"),
+        (lambda run, data, tmp: [str(run), str(data / "test"), "--out", ""], "--out is empty"),
+        (lambda run, data, tmp: [str(run), str(data / "test"), "--device", "mps"], "runs on cpu or cuda"),
     ],
-    ids=["missing-image", "folder-without-images", "missing-run", "plain-state-dict", "top-k-too-large", "batch-0"],
+    ids=[
+        "missing-image",
+        "folder-without-images",
+        "missing-run",
+        "plain-state-dict",
+        "top-k-too-large",
+        "batch-0",
+        "arguments-swapped",
+        "the-json-given",
+        "broken-json",
+        "folder-without-a-model",
+        "empty-out",
+        "mps",
+    ],
 )
 def test_predict_errors_are_one_line(finished_run, tmp_path, capsys, argv_of, expected):
     run_dir, data, _ = finished_run
-    assert main(["predict", *argv_of(run_dir, data, tmp_path)]) == 2
+    argv = argv_of(run_dir, data, tmp_path)
+    if "--out" not in argv:
+        capsys.readouterr()
+        assert main(["predict", *argv, "--out", str(tmp_path / "new" / "p.csv")]) == 2, "with --out"
+        assert not (tmp_path / "new").exists(), "a failed predict must create no folder"
+    capsys.readouterr()
+    assert main(["predict", *argv]) == 2
     captured = capsys.readouterr()
     error = captured.err.splitlines()[-1] + "\n"
     assert error.startswith("smile-fast: error: ") and expected in error, captured.err

@@ -167,6 +167,17 @@ def test_manifest_round_trip(tmp_path: Path):
     assert [entry.name for entry in tmp_path.iterdir()] == ["manifest.txt"]
 
 
+def test_manifest_keeps_names_that_are_not_utf8(tmp_path: Path):
+    # A Latin-1 name from an old archive (its byte 0xE9 held as a surrogate) failed the write at a run's start.
+    import os
+
+    samples = [(os.fsdecode(b"/data/caf\xe9.jpg"), 1)]
+    path = tmp_path / "manifest.txt"
+    write_manifest(path, samples)
+    assert path.read_bytes() == b"1\t/data/caf\xe9.jpg\n", "written as the name's own bytes"
+    assert read_manifest(path) == samples
+
+
 def test_manifest_refuses_a_path_it_could_not_read_back(tmp_path: Path):
     with pytest.raises(UserError, match="line break"):
         write_manifest(tmp_path / "manifest.txt", [("/data/bad\nname.jpg", 0)])

@@ -393,9 +393,21 @@ def _load_imagefolder(data_dir: Path) -> DatasetSplits:
 
 
 def images_under(folder: Path) -> list[str]:
-    """Image files anywhere below `folder` (as torchvision's ImageFolder finds them), hidden ones skipped, sorted."""
+    """Image files anywhere below `folder` (as torchvision's ImageFolder finds them), hidden ones skipped, sorted.
+
+    Linked folders are followed, each real folder once: a link back up the tree (sub/up -> ..) would otherwise
+    list the same images again at every depth, and two links to `.` walked forever."""
     found = []
+    seen: set[tuple[int, int]] = set()
     for directory, subdirectories, files in os.walk(folder, followlinks=True):
+        try:
+            status = os.stat(directory)
+        except OSError:
+            continue
+        if (status.st_dev, status.st_ino) in seen:
+            subdirectories[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
         subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
         found += [
             os.path.join(directory, name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -174,7 +175,7 @@ def check_images(samples: list[tuple[str, int]], cache_dir: Path | None) -> tupl
                 total=len(to_check),
                 desc="checking images",
                 unit="img",
-                disable=len(to_check) < _PROGRESS_THRESHOLD,
+                disable=len(to_check) < _PROGRESS_THRESHOLD or not sys.stderr.isatty(),  # no \r lines in a log
                 leave=False,
             )
             for path, good in zip(to_check, progress):

@@ -119,7 +119,7 @@ def read_manifest(path: str | Path) -> list[tuple[str, int]]:
     """Read a manifest written by write_manifest back into (path, label) pairs."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")  # names as write_manifest wrote them
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"cannot read the manifest {path} ({error})") from None
     samples = []
