@@ -409,12 +409,14 @@ def _one_process(command: str) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from smile_fast.evaluation import evaluate_checkpoint
+    from smile_fast.stop_signals import sigterm_as_interrupt
 
     _one_process("eval")
 
-    result = evaluate_checkpoint(
-        args.checkpoint, device=args.device, data_dir=args.data_dir, progress=sys.stderr.isatty()
-    )
+    with sigterm_as_interrupt():  # the loader's workers end with it, as with Ctrl-C
+        result = evaluate_checkpoint(
+            args.checkpoint, device=args.device, data_dir=args.data_dir, progress=sys.stderr.isatty()
+        )
     print(
         f"test top-1 {result['test_top1']:.2f}% on {result['test_images']} images "
         f"(checkpoint at iteration {result['iteration']})"

@@ -280,8 +280,14 @@ def predictions_csv(
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(csv_header(options.top_k))
     decoded, rows = set(), 0
+    # No bar when the rows themselves go to the terminal: the two would interleave on screen.
+    rows_on_screen = stream is sys.stdout and sys.stdout.isatty()
     with tqdm(
-        total=len(readable_paths), desc="predict", unit="img", file=sys.stderr, disable=not sys.stderr.isatty()
+        total=len(readable_paths),
+        desc="predict",
+        unit="img",
+        file=sys.stderr,
+        disable=rows_on_screen or not sys.stderr.isatty(),
     ) as bar:
         for index, best in predict(
             classifier, readable_paths, device, options.batch_size, workers, options.top_k, bar.update

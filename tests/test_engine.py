@@ -215,6 +215,35 @@ def test_eval_command_reports_top1(tiny_imagefolder, tmp_path, capsys, monkeypat
     assert "/12 [" in capsys.readouterr().err.split("test:")[-1], "the bar must count the 12 test images"
 
 
+def test_sigterm_stops_eval_as_ctrl_c_does(tiny_imagefolder, tmp_path, capsys, monkeypatch):
+    # The default action ended eval at once, its loader's workers left to find out for themselves.
+    import smile_fast.evaluation
+    from smile_fast.cli import main
+
+    out = tmp_path / "e"
+    train(_config(tiny_imagefolder, out, method="finetune", iters=1), progress=False)
+    real_count_correct = smile_fast.evaluation.count_correct
+
+    def signalled(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        return real_count_correct(*args, **kwargs)
+
+    monkeypatch.setattr(smile_fast.evaluation, "count_correct", signalled)
+    unhandled = []
+
+    def recorder(signum, frame):  # the test's own: an eval that ignored SIGTERM fails here, not the test run
+        unhandled.append(signum)
+
+    before = signal.signal(signal.SIGTERM, recorder)
+    try:
+        status = main(["eval", str(out), "--device", "cpu"])
+        assert signal.getsignal(signal.SIGTERM) is recorder, "eval must give SIGTERM its handler back"
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert status == 143 and not unhandled, (status, unhandled)
+    assert capsys.readouterr().err.strip().endswith("smile-fast: interrupted")
+
+
 def test_evaluations_during_training_show_a_bar_on_a_terminal(tiny_imagefolder, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     train(_config(tiny_imagefolder, tmp_path / "run", method="finetune", iters=2, eval_every=1), progress=True)
