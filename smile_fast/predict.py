@@ -32,7 +32,7 @@ class Classifier:
     model: nn.Module
     classes: list[str]
     spec: TransformSpec
-    description: str  # where it came from, for the user: "resnet50 fine-tuned on cars (run ..., iteration N)"
+    description: str  # where it came from, for the user: "resnet50 fine-tuned on cars (iteration 9000 of 9000)"
 
 
 USAGE = "MODEL is a run folder, its last.pt, or an export's weights file (with its .json beside it)"
