@@ -262,15 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
             "images are listed on stderr and the exit status is then 1."
         ),
     )
-    predict.add_argument("model", help="a run folder, its last.pt, or an export's weights file (smile-fast export)")
+    predict.add_argument(
+        "model", metavar="MODEL", help="a run folder, its last.pt, or an export's weights file (smile-fast export)"
+    )
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (searched below)")
-    predict.add_argument("--top-k", type=_integer, default=1, help="how many classes to list per image, best first")
-    predict.add_argument("--batch-size", type=_integer, default=64, help="images per forward pass")
+    predict.add_argument(
+        "--top-k", type=_integer, default=1, metavar="K", help="how many classes to list per image, best first"
+    )
+    predict.add_argument("--batch-size", type=_integer, default=64, metavar="N", help="images per forward pass")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     predict.add_argument(
-        "--workers", type=_integer, default=min(4, os.cpu_count() or 1), help="image decoding processes"
+        "--workers", type=_integer, default=min(4, os.cpu_count() or 1), metavar="N", help="image decoding processes"
     )
-    predict.add_argument("--out", metavar="FILE", help="write the CSV to FILE instead of stdout")
+    predict.add_argument(
+        "--out",
+        metavar="FILE",
+        help=(
+            "write the CSV to FILE instead of stdout (a folder: predictions.csv in it); only an earlier predictions "
+            "CSV is replaced"
+        ),
+    )
 
     bench = commands.add_parser("bench", help="measure speed on the current device")
     bench_commands = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
