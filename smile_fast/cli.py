@@ -547,6 +547,10 @@ def _predict_to_stdout(classifier, paths, device, args) -> tuple[int, list[str]]
     from smile_fast.predict import predictions_csv
     from smile_fast.stop_signals import EXIT_WRITE_FAILED
 
+    # A file name that is not UTF-8 (a Latin-1 name, held as surrogates) is printed as its own bytes, as ls does;
+    # a strict stdout (a UTF-8 locale other than C.UTF-8) failed on it with a traceback.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         written = predictions_csv(classifier, paths, device, args, sys.stdout)
         sys.stdout.flush()

@@ -241,7 +241,8 @@ CSV_HEADER_START = ",".join(csv_header(1))
 
 
 def check_predictions_target(path: Path) -> None:
-    """--out replaces only an earlier predictions CSV (its first line is this command's header). Anything else
+    """--out replaces only an earlier predictions CSV (its first line is this command's header) or an empty file.
+    Anything else
     is left alone: a run's last.pt or summary.json, an export's files, an input image; and links and devices,
     which a rename would replace with a plain file (root's --out /dev/null)."""
     if path.is_symlink() or (path.exists() and not path.is_file()):
@@ -252,7 +253,7 @@ def check_predictions_target(path: Path) -> None:
                 first = existing.read(len(CSV_HEADER_START))
         except OSError as error:
             raise UserError(f"--out {path}: cannot read it ({error.strerror or error})") from None
-        if first != CSV_HEADER_START.encode():
+        if first and first != CSV_HEADER_START.encode():  # empty: what a failed `predict > file` leaves
             raise UserError(
                 f"--out {path} exists and is not an earlier `smile-fast predict` CSV, so it is left alone; "
                 "name another file"

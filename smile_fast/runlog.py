@@ -59,6 +59,13 @@ def resume_command(run_dir: str | Path, world_size: int = 1) -> str:
     return f"{launcher(world_size)} train --resume {shlex.quote(str(run_dir))}"
 
 
+def _comment_text(text: str) -> str:
+    """`text` as it can stand in a YAML comment that `train -c config.yaml` reads back: a path's line break would
+    end the comment (and start a setting), and a name that is not UTF-8 (its bytes held as surrogates) would make
+    the file unreadable as UTF-8; both are written as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\r", "\\r").replace("\n", "\\n")
+
+
 def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world_size: int = 1) -> None:
     """config.yaml: every resolved setting of the run, reusable as `smile-fast train -c config.yaml`.
     With several processes the commands name torchrun: batch_size is per process."""
@@ -67,8 +74,8 @@ def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world
     launch = launcher(world_size)
     header = (
         f"# smile-fast run settings. `{launch} train -c config.yaml [--out DIR]` repeats this run in a new\n"
-        f"# folder; `{resume_command(run_dir, world_size)}` continues it.\n"
-        f"{_WEIGHTS_LINE}{weights_used}\n"
+        f"# folder; `{_comment_text(resume_command(run_dir, world_size))}` continues it.\n"
+        f"{_WEIGHTS_LINE}{_comment_text(weights_used)}\n"
     )
     if world_size > 1:
         header += (

@@ -115,7 +115,8 @@ def sigterm_as_interrupt():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: a handler installed from C (an embedding program), which Python cannot set back; the default then.
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # sysexits.h's EX_IOERR: a wrapper script can tell "free the disk, then --resume" from a crash (status 1).

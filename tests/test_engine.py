@@ -899,6 +899,21 @@ def test_commands_in_config_yaml_are_quoted_for_the_shell(tmp_path):
     assert f"`smile-fast train --resume '{run_dir}'` continues it" in (run_dir / "config.yaml").read_text()
 
 
+def test_config_yaml_reads_back_whatever_the_run_folder_and_weights_are_named(tmp_path):
+    # A Latin-1 folder name (its byte held as a surrogate) made config.yaml unreadable as UTF-8, and a line break
+    # in a name would have ended its comment line and started a setting.
+    from smile_fast.config import load_yaml
+    from smile_fast.runlog import recorded_weights, write_config
+
+    run_dir = tmp_path / os.fsdecode(b"caf\xe9 run")
+    run_dir.mkdir()
+    weights = "file /w/odd\nlr: 5.pt (1000-way source head)"
+    write_config(run_dir, {"batch_size": 4, "lr": 0.01}, weights)
+    assert load_yaml(run_dir / "config.yaml") == {"batch_size": 4, "lr": 0.01}
+    assert recorded_weights(run_dir) == "file /w/odd\\nlr: 5.pt (1000-way source head)"
+    assert "caf\\udce9 run" in (run_dir / "config.yaml").read_text(encoding="utf-8")
+
+
 def test_amp_dtype_without_amp_is_noted(tiny_imagefolder, tmp_path):
     """--amp-dtype float16 alone does nothing (the run is float32): the log says so instead of keeping quiet."""
     said = []

@@ -142,11 +142,13 @@ def test_old_checkpoints_without_class_names_give_label_numbers(finished_run, tm
 
 def test_a_reader_that_stops_early_ends_predict_quietly(finished_run):
     # `smile-fast predict ... | head -2`: the closed pipe ends the command without a traceback, with the status
-    # of a process SIGPIPE ended.
+    # of a process SIGPIPE ended. The test folder 80 times over: 960 rows, more than a pipe's 64 KiB buffer holds,
+    # so the writer meets the closed pipe however late head exits.
     run_dir, data, _ = finished_run
+    folders = [str(data / "test")] * 80
     script = (
         "import sys; from smile_fast.cli import main; "
-        f"sys.exit(main(['predict', {str(run_dir)!r}, {str(data / 'test')!r}, '--batch-size', '1', '--workers', '0']))"
+        f"sys.exit(main(['predict', {str(run_dir)!r}, *{folders!r}, '--workers', '0']))"
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     reader = subprocess.Popen(["head", "-n", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -218,6 +220,10 @@ def test_out_replaces_only_an_earlier_predictions_csv(finished_run, tmp_path, ca
     earlier.write_text(earlier.read_text() + "a row of a bigger run\n")
     assert main([*argv, str(tmp_path / "new" / "deeper")]) == 0, "an earlier predictions CSV is replaced"
     assert "bigger run" not in earlier.read_text()
+    (tmp_path / "empty.csv").write_text("")  # what a failed `smile-fast predict ... > empty.csv` leaves
+    assert main([*argv, str(tmp_path / "empty.csv")]) == 0, "an empty file is replaced"
+    assert len(_rows((tmp_path / "empty.csv").read_text())) == 2
+    (tmp_path / "empty.csv").unlink()
     capsys.readouterr()
 
     copy = tmp_path / "run-copy"
@@ -259,6 +265,21 @@ def test_out_writes_names_that_are_not_utf8_as_their_bytes(finished_run, tmp_pat
     out = tmp_path / "predictions.csv"
     assert main(["predict", str(run_dir), str(folder), "--workers", "0", "--out", str(out)]) == 0
     assert os.fsencode(str(folder / name)) in out.read_bytes().splitlines()[1]
+
+
+def test_stdout_prints_names_that_are_not_utf8_as_their_bytes(finished_run, tmp_path):
+    # With a strict UTF-8 stdout (a locale such as en_US.UTF-8; C.UTF-8 is lenient), a Latin-1 name failed.
+    run_dir, data, _ = finished_run
+    name = os.fsencode(str(tmp_path)) + b"/caf\xe9.jpg"
+    Path(os.fsdecode(name)).write_bytes((data / "test" / "c0" / "0.jpg").read_bytes())
+    script = (
+        "import sys; from smile_fast.cli import main; "
+        f"sys.exit(main(['predict', {str(run_dir)!r}, {str(tmp_path)!r}, '--workers', '0']))"
+    )
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stdout.splitlines()[1].startswith(name + b","), done.stdout
 
 
 def test_a_full_stdout_is_one_line_and_exit_74(finished_run):

@@ -395,25 +395,40 @@ def _load_imagefolder(data_dir: Path) -> DatasetSplits:
 def images_under(folder: Path) -> list[str]:
     """Image files anywhere below `folder` (as torchvision's ImageFolder finds them), hidden ones skipped, sorted.
 
-    Linked folders are followed, each real folder once: a link back up the tree (sub/up -> ..) would otherwise
-    list the same images again at every depth, and two links to `.` walked forever."""
-    found = []
-    seen: set[tuple[int, int]] = set()
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+    Linked folders are followed, as os.walk(followlinks=True) does, except a link back to a folder of the path
+    being walked (sub/up -> ..; two links to "."), where the walk looped, listing the same images at every depth
+    or never ending. Two links to one folder from different places are both listed, as before."""
+    found: list[str] = []
+
+    def walk(directory: str, ancestors: frozenset[tuple[int, int]]) -> None:
         try:
-            status = os.stat(directory)
-        except OSError:
-            continue
-        if (status.st_dev, status.st_ino) in seen:
-            subdirectories[:] = []
-            continue
-        seen.add((status.st_dev, status.st_ino))
-        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
-        found += [
-            os.path.join(directory, name)
-            for name in files
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-        ]
+            entries = list(os.scandir(directory))
+        except OSError:  # unreadable: skipped, as os.walk skips it
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_folder = entry.is_dir()  # follows links
+            except OSError:
+                is_folder = False
+            if not is_folder:  # a file, or a broken link (then reported missing by the image checks)
+                if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append(os.path.join(directory, entry.name))
+                continue
+            try:
+                status = os.stat(entry.path)
+            except OSError:
+                continue
+            key = (status.st_dev, status.st_ino)
+            if key not in ancestors:
+                walk(entry.path, ancestors | {key})
+
+    try:
+        root = os.stat(folder)
+    except OSError:
+        return []
+    walk(os.fspath(folder), frozenset({(root.st_dev, root.st_ino)}))
     return sorted(found)
 
 
