@@ -86,6 +86,24 @@ def test_rows_are_the_students_softmax_and_score_the_runs_top1(finished_run, tmp
     assert "predicting 13 image(s) with resnet18 fine-tuned on imagefolder" in err
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_predict_on_cuda_gives_the_cpus_rows(finished_run, tmp_path):
+    # On a GPU the model runs channels-last with pinned, non-blocking copies: the same classes, and probabilities
+    # within float32 rounding of the CPU's (cuDNN's convolution algorithms differ from the CPU's).
+    run_dir, data, _ = finished_run
+    rows = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.csv"
+        argv = ["predict", str(run_dir), str(data / "test"), "--top-k", "4", "--device", device, "--out", str(out)]
+        assert main([*argv, "--workers", "2"]) == 0
+        rows[device] = _rows(out.read_text())
+    assert [row[0] for row in rows["cuda"]] == [row[0] for row in rows["cpu"]], "other images"
+    for cpu_row, cuda_row in zip(rows["cpu"][1:], rows["cuda"][1:]):
+        # By class, not by rank: two tiny probabilities may swap places.
+        cpu, cuda = (dict(zip(row[1::2], map(float, row[2::2]))) for row in (cpu_row, cuda_row))
+        assert cuda == pytest.approx(cpu, abs=1e-4), (cpu_row, cuda_row)
+
+
 def test_an_export_predicts_what_its_run_predicts(finished_run, tmp_path, capsys):
     run_dir, data, _ = finished_run
     exported = tmp_path / "exported" / "model.pt"
