@@ -457,6 +457,18 @@ def _check_writable(path: str | Path, flag: str, example: str) -> Path:
     return target
 
 
+def _folders_to_create(path: str | Path) -> list[Path]:
+    """The folders above `path` that do not exist yet, deepest first: what a command that fails should remove
+    again (_remove_folders), so that a failed write leaves nothing behind."""
+    return [folder for folder in Path(path).absolute().parents if not folder.exists()]
+
+
+def _remove_folders(created: list[Path]) -> None:
+    for folder in created:  # deepest first; one that holds something now is kept
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from smile_fast.export import check_export_targets, export_path, load_code, prepare_export, write_export
     from smile_fast.stop_signals import EXIT_WRITE_FAILED
@@ -465,14 +477,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = export_path(args.checkpoint, args.out)
     model, metadata = prepare_export(args.checkpoint)  # checked first: a wrong path creates no folder
     check_export_targets(out)
-    created = [folder for folder in out.absolute().parents if not folder.exists()]  # deepest first
+    created = _folders_to_create(out)
     _check_writable(out, "--out" if args.out is not None else "the export", "model.pt")
     try:
         weights_file, metadata_file = write_export(model, metadata, out)
     except (OSError, RuntimeError) as error:  # torch.save says "unexpected pos" when the disk is full
-        for folder in created:  # a failed export leaves nothing behind, the folders it made for itself included
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _remove_folders(created)  # a failed export leaves nothing behind, the folders it made for itself included
         reason = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error, 160)
         print(f"smile-fast: error: could not write the export {out}: {reason}", file=sys.stderr)
         return EXIT_WRITE_FAILED
@@ -519,16 +529,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             rows, unreadable = written
         else:
             check_predictions_target(out)
-            created = [folder for folder in out.absolute().parents if not folder.exists()]  # deepest first
+            created = _folders_to_create(out)
             try:
                 _check_writable(out, "--out", "predictions.csv")
                 print(f"predicting {len(paths)} image(s) with {classifier.description} on {device}", file=sys.stderr)
                 with atomic_write(out) as stream:  # written whole or not at all, however it ends
                     rows, unreadable = predictions_csv(classifier, paths, device, args, stream)
             except BaseException as error:
-                for folder in created:  # the folders made for the file go with it
-                    with contextlib.suppress(OSError):
-                        folder.rmdir()
+                _remove_folders(created)  # the folders made for the file go with it
                 if isinstance(error, OSError):
                     print(f"smile-fast: error: could not write {out}: {error.strerror or error}", file=sys.stderr)
                     return EXIT_WRITE_FAILED
@@ -565,7 +573,19 @@ def _predict_to_stdout(classifier, paths, device, args) -> tuple[int, list[str]]
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    json_path = _check_writable(args.json, "--json", "bench.json") if getattr(args, "json", None) else None
+    if not getattr(args, "json", None):
+        return _run_bench(args, None)
+    created = _folders_to_create(args.json)
+    status = 1
+    try:
+        status = _run_bench(args, _check_writable(args.json, "--json", "bench.json"))
+        return status
+    finally:
+        if status != 0:  # a benchmark that failed, was stopped or could not write leaves no folder for its JSON
+            _remove_folders(created)
+
+
+def _run_bench(args: argparse.Namespace, json_path: Path | None) -> int:
     if args.bench_command == "step":
         from smile_fast.bench_step import format_step_table, run_step_benchmark
 
