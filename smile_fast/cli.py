@@ -19,6 +19,7 @@ from smile_fast.config import (
     FORM_CHOICES,
     LOADER_CHOICES,
     METHOD_CHOICES,
+    SAMPLE_DRAWS,
 )
 from smile_fast.errors import UserError, first_line
 
@@ -68,6 +69,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--lr", type=float, help="learning rate (default 0.01; 0.001 for indoor67)")
     flag("--seed", type=int, help="seed for initialisation, subsets, batches and mixing (default 0)")
     flag("--sample-rate", type=float, help="keep this share of each class's training images (0 < R <= 1)")
+    flag(
+        "--sample-draw",
+        choices=SAMPLE_DRAWS,
+        help="per-class (default, SMILE_SPEC.md: round(R * n) of each class) or authors (their code: the first "
+        "1 + int(R * N) of the whole shuffled training list)",
+    )
     flag("--class-fraction", type=float, help="keep this share of the classes (C:X%% protocol)")
     flag("--train-samples", type=_integer, help="draw this many training images from the kept classes")
     flag("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (bfloat16 by default)")
@@ -183,6 +190,7 @@ TRAIN_KEYS = (
     "lr",
     "seed",
     "sample_rate",
+    "sample_draw",
     "class_fraction",
     "train_samples",
     "amp",

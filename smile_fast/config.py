@@ -19,6 +19,8 @@ from smile_fast.errors import UserError, first_line
 DATASET_CHOICES = ("demo", "cub", "cars", "aircraft", "indoor67", "food101", "imagefolder")
 METHOD_CHOICES = ("finetune", "mixup", "cutmix", "smile")
 FORM_CHOICES = ("official", "paper")
+# --sample-rate's draw: SMILE_SPEC.md's per-class rule, or the authors' code's draw over the whole training list.
+SAMPLE_DRAWS = ("per-class", "authors")
 WEIGHTS_KEYWORDS = ("auto", "imagenet", "none")
 LOADER_CHOICES = ("auto", "dali", "torchvision")
 AMP_DTYPES = ("bfloat16", "float16")
@@ -50,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     # data protocols
     sample_rate: float | None = None
+    sample_draw: str = "per-class"  # see SAMPLE_DRAWS
     class_fraction: float | None = None
     train_samples: int | None = None
     resize_size: int | None = None  # 256 (72 for the demo)
@@ -333,6 +336,11 @@ def validate(config: TrainConfig) -> None:
     _check(config.lr_decay_factor >= 1, "lr_decay_factor must be at least 1")
     if config.sample_rate is not None:
         _check(0 < config.sample_rate <= 1, f"--sample-rate must be in (0, 1], got {config.sample_rate}")
+    _check(config.sample_draw in SAMPLE_DRAWS, f"--sample-draw must be one of {', '.join(SAMPLE_DRAWS)}")
+    _check(
+        config.sample_draw == "per-class" or config.sample_rate is not None,
+        f"--sample-draw {config.sample_draw} says how --sample-rate draws its images; give --sample-rate too",
+    )
     if config.class_fraction is not None:
         _check(0 < config.class_fraction <= 1, f"--class-fraction must be in (0, 1], got {config.class_fraction}")
     if config.train_samples is not None:

@@ -155,6 +155,36 @@ def test_class_subset_bad_values_are_user_errors(fraction: float, samples: int |
         apply_class_subset(make_splits(), fraction, samples, seed=0)
 
 
+def test_the_authors_draw_keeps_one_plus_int_rate_times_all_images():
+    # Their utils.py: shuffle the whole training list, keep its first 1 + int(rate * N); classes get what the
+    # shuffle gives them. CUB's size at 15%: 1 + int(899.1) = 900 images (the per-class rule keeps 994).
+    splits = make_splits()
+    count = len(splits.train)
+    for rate in (0.15, 0.3, 0.5):
+        drawn = apply_sample_rate(splits, rate, seed=0, draw="authors")
+        assert len(drawn.train) == 1 + int(rate * count), rate
+        assert drawn.test == splits.test and drawn.classes == splits.classes
+        positions = [splits.train.index(sample) for sample in drawn.train]
+        assert positions == sorted(positions), "kept in the dataset's order"
+        assert apply_sample_rate(splits, rate, seed=0, draw="authors") == drawn, "the same seed, the same images"
+        assert apply_sample_rate(splits, rate, seed=1, draw="authors").train != drawn.train
+    per_class = apply_sample_rate(splits, 0.5, seed=0)
+    assert len(per_class.train) == 72 and 1 + int(0.5 * count) == 69, "the two rules differ on this dataset"
+    assert len(apply_sample_rate(splits, 1.0, seed=0, draw="authors").train) == count
+
+
+def test_sample_draw_needs_sample_rate():
+    from smile_fast.config import build_config
+
+    with pytest.raises(UserError, match="give --sample-rate too"):
+        build_config(overrides={"dataset": "demo", "sample_draw": "authors"})
+    with pytest.raises(UserError, match="--sample-draw must be one of per-class, authors"):
+        build_config(overrides={"dataset": "demo", "sample_rate": 0.5, "sample_draw": "global"})
+    assert build_config(overrides={"dataset": "demo", "sample_rate": 0.5, "sample_draw": "authors"}).sample_draw == (
+        "authors"
+    )
+
+
 def test_manifest_round_trip(tmp_path: Path):
     samples = [("/data/a b/ü.jpg", 3), ("/data/x.png", 0), ("relative/y.jpg", 12)]
     path = tmp_path / "manifest.txt"

@@ -51,7 +51,7 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True) -> P
         log(skipped_message(bad_train + bad_test))
     splits = replace(splits, train=train, test=test)
     if config.sample_rate is not None and with_train:
-        splits = apply_sample_rate(splits, config.sample_rate, config.seed)
+        splits = apply_sample_rate(splits, config.sample_rate, config.seed, config.sample_draw)
     if config.class_fraction is not None or config.train_samples is not None:
         train_samples = config.train_samples if with_train else None
         splits = apply_class_subset(splits, config.class_fraction or 1.0, train_samples, config.seed)

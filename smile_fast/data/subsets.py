@@ -1,6 +1,7 @@
 """The spec's subset protocols (SMILE_SPEC.md, "Data protocols") and the run's manifest file.
 
-`--sample-rate R`: per class keep max(1, round(R * n_class)) training images.
+`--sample-rate R`: per class keep max(1, round(R * n_class)) training images (`--sample-draw authors`: the
+first 1 + int(R * N) of the whole shuffled training list, as the authors' code draws).
 `--class-fraction X --train-samples Y`: keep round(X * num_classes) classes, remap their labels to
 0..C'-1, draw Y training images uniformly from them; the test split keeps only those classes.
 "round" rounds halves up, as on paper (CUB's 30-image classes at 15%: 4.5 -> 5 images), not to even as
@@ -39,13 +40,23 @@ def round_half_up(fraction: float, count: int) -> int:
     return int((Decimal(repr(fraction)) * count).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
-def apply_sample_rate(splits: DatasetSplits, rate: float, seed: int) -> DatasetSplits:
+def apply_sample_rate(splits: DatasetSplits, rate: float, seed: int, draw: str = "per-class") -> DatasetSplits:
     """Keep max(1, round(rate * n_class)) training images of every class, chosen with `seed`.
 
+    draw "authors": instead, as the authors' code draws (their utils.py shuffles the whole training list and
+    keeps its first 1 + int(rate * N)): the classes get what the shuffle gives them, none perhaps (CUB at 15%:
+    900 images where the per-class rule keeps 994, and 1 or 2 classes empty on average). Their shuffle itself
+    cannot be repeated (another generator, over their own file order): the same rule, not the same images.
     The test split and the classes are untouched. rate must be in (0, 1].
     """
     if not 0 < rate <= 1:
         raise UserError(f"--sample-rate must be in (0, 1], got {rate}")
+    if draw == "authors":
+        count = len(splits.train)
+        kept = sorted(_seeded_order(count, seed)[: min(count, 1 + int(rate * count))])  # their float arithmetic
+        return replace(splits, train=[splits.train[position] for position in kept])
+    if draw != "per-class":
+        raise ValueError(f"draw must be 'per-class' or 'authors', got {draw!r}")
     if rate == 1:
         return replace(splits, train=list(splits.train))
     positions_by_class: dict[int, list[int]] = {}
