@@ -440,6 +440,10 @@ class Trainer:
         # closing(): however the loop ends (a stop, a divergence, an error), the loader ends here with its worker
         # processes, not when the caller drops the error that holds this frame (perhaps only at exit).
         with StopSignal() as stop, contextlib.closing(batches):
+            if self.start_iteration >= config.iters:
+                # A finished run stopped before its summary (resume.refuse_finished_run lets only it through):
+                # its checkpoint is the one the last evaluation scored, so scoring it again gives that top-1.
+                top1 = self.evaluate()
             iteration = self.start_iteration
             upcoming = None  # with teacher lookahead: the next iteration's batch, fetched one step early
             while iteration < config.iters:
@@ -519,8 +523,13 @@ class Trainer:
                         f"continue with `{resume_command(self.run_dir, self.dist.world_size)}`",
                         exit_code=128 + int(signum),
                     )
-        progress.close()
-        return self._finish(top1, train_seconds, previous_wall)
+            progress.close()
+            # Still under StopSignal: a stop signal now (the run's last step is done) is noted and the run
+            # finishes, exit 0, rather than a finished run ending as interrupted without its summary.
+            summary = self._finish(top1, train_seconds, previous_wall)
+            if stop.requested:
+                self.log(f"({signal.Signals(stop.requested).name} came after the last iteration; the run finished)")
+        return summary
 
     def _finish(self, top1: float | None, train_seconds: float, previous_wall: float) -> dict[str, Any]:
         config = self.config

@@ -101,9 +101,10 @@ def refuse_other_world_size(run_dir: Path, state: Mapping[str, Any], world_size:
 
 
 def refuse_finished_run(run_dir: Path, state: Mapping[str, Any], iters: int) -> None:
-    """--resume of a run that already did all its iterations: nothing to do, and its results stay as they are
-    (running on would rewrite summary.json without the evaluation the finished run recorded)."""
-    if int(state["iteration"]) < iters:
+    """--resume of a run that already did all its iterations: nothing to do, and its results stay as they are.
+    Unless it has no summary.json (stopped after its last checkpoint, before the summary): the resume then
+    scores the checkpoint again and writes the summary (Trainer.run)."""
+    if int(state["iteration"]) < iters or not (Path(run_dir) / "summary.json").is_file():
         return
     top1 = recorded_top1(run_dir)
     result = f" (test top-1 {top1:.2f}%)" if top1 is not None else ""

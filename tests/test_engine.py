@@ -449,6 +449,47 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_imagefolder, tmp_path, ca
     assert {name: (out / name).read_bytes() for name in before} == before, "a finished run's files were rewritten"
 
 
+def test_a_stop_signal_after_the_last_iteration_lets_the_run_finish(tiny_imagefolder, tmp_path, monkeypatch):
+    # A signal while the summary was written ended a finished run as interrupted (130/143), without its
+    # summary.json or curves.png; --resume then found nothing to do, and the summary was never written.
+    import smile_fast.engine
+
+    real_write_summary = smile_fast.engine.write_summary
+
+    def signalled_then_written(run_dir, summary):
+        signal.raise_signal(signal.SIGTERM)
+        real_write_summary(run_dir, summary)
+
+    monkeypatch.setattr(smile_fast.engine, "write_summary", signalled_then_written)
+    said = []
+    out = tmp_path / "run"
+    # The test's own handler outside the run: a run that left the signal to it fails this test, not the test run.
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: said.append("outside the run"))
+    try:
+        summary = train(_config(tiny_imagefolder, out, iters=2, eval_every=2), progress=False, log=said.append)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert json.loads((out / "summary.json").read_text())["test_top1"] == summary["test_top1"]
+    assert (out / "curves.png").is_file()
+    assert "(SIGTERM came after the last iteration; the run finished)" in said, said
+
+
+def test_resume_writes_the_summary_a_finished_run_was_stopped_before(tiny_imagefolder, tmp_path, capsys):
+    from smile_fast.cli import main
+
+    out = tmp_path / "run"
+    finished = train(_config(tiny_imagefolder, out, iters=2, eval_every=2), progress=False)
+    checkpoint = (out / "last.pt").read_bytes()
+    (out / "summary.json").unlink()  # as a run stopped after its last checkpoint, before its summary, leaves it
+    (out / "curves.png").unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--no-progress", "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_top1"] == pytest.approx(finished["test_top1"]) and summary["iters"] == 2
+    assert (out / "curves.png").is_file()
+    assert (out / "last.pt").read_bytes() == checkpoint, "no step may run again"
+
+
 def test_a_new_run_refuses_a_folder_that_holds_a_run(tiny_imagefolder, tmp_path, capsys):
     from smile_fast.cli import main
 
