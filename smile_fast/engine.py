@@ -45,6 +45,7 @@ from smile_fast.resume import (
     turn_off_dependent_flags,
 )
 from smile_fast.run_environment import environment
+from smile_fast.run_lock import RunFolderLock
 from smile_fast.runlog import (
     MetricsLog,
     default_run_dir,
@@ -85,9 +86,19 @@ def _write_failed(path: Path, error: BaseException, world_size: int) -> Training
 class Trainer:
     """Builds everything a run needs from a TrainConfig and runs it; `run()` returns the summary."""
 
-    def __init__(self, config: TrainConfig, log=None, progress: bool = True, given: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        log=None,
+        progress: bool = True,
+        given: Mapping[str, Any] | None = None,
+        folder_lock: RunFolderLock | None = None,
+    ):
         """given: the settings this invocation named (flags, YAML), with their values; with `config.resume`
-        those in RESUME_MAY_CHANGE replace the run's own, and any other that differs is an error."""
+        those in RESUME_MAY_CHANGE replace the run's own, and any other that differs is an error.
+        folder_lock: taken on the run folder by the main rank before it reads or writes it (the caller releases
+        it; by default the lock goes when the Trainer does)."""
+        self.folder_lock = folder_lock if folder_lock is not None else RunFolderLock()
         self.started = time.perf_counter()
         self.resume_state: dict[str, Any] | None = None
         self._unused_out: str | None = None  # an --out given with --resume names another folder
@@ -117,6 +128,8 @@ class Trainer:
         if self.dist.is_main:
             try:
                 check_run_dir(self.run_dir, resuming=self.resume_state is not None)
+                if self.run_dir.is_dir():  # another process writing it (a run, a resume) is refused here
+                    self.folder_lock.acquire(self.run_dir)
             except UserError as error:
                 refused = str(error)
         if self.dist.enabled:
@@ -268,6 +281,7 @@ class Trainer:
         # (weights missing, batch larger than the data, ...) leaves no half-made run folder behind.
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.folder_lock.acquire(self.run_dir)  # a run that made the same new folder meanwhile is refused
             if self.resume_state is None or moved:
                 write_manifest(manifest, train_samples)
             write_config(self.run_dir, config.to_dict(), self.weights_description, self.dist.world_size)
@@ -628,9 +642,11 @@ def train(
     # Under torchrun the Trainer joins the process group; it is left again however the run ends, a failed
     # start included (a UserError, or "already finished"), unless the caller had joined it before.
     joined_before = dist.is_available() and dist.is_initialized()
+    folder_lock = RunFolderLock()
     try:
-        return Trainer(config, log=log, progress=progress, given=given).run()
+        return Trainer(config, log=log, progress=progress, given=given, folder_lock=folder_lock).run()
     finally:
+        folder_lock.release()  # now, also when the start failed and its traceback keeps the Trainer alive
         if not joined_before and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -490,6 +490,38 @@ def test_resume_writes_the_summary_a_finished_run_was_stopped_before(tiny_imagef
     assert (out / "last.pt").read_bytes() == checkpoint, "no step may run again"
 
 
+def test_a_run_folder_has_one_writer_at_a_time(tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    # Two runs with one --out, or a --resume of a run still going, wrote one folder together: metrics.csv held
+    # both runs' rows, last.pt and summary.json whichever came last. A lock of another process (flock conflicts
+    # between two open files, also in one process) now refuses both, before anything is written.
+    import socket
+
+    from smile_fast.cli import main
+    from smile_fast.run_lock import RunFolderLock
+
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
+    failed_start = tmp_path / "failed-start"  # the files a start that failed after writing them leaves
+    failed_start.mkdir()
+    (failed_start / "config.yaml").write_text("iters: 4\n")
+    other_process = {folder: RunFolderLock() for folder in (out, failed_start)}
+    for folder, lock in other_process.items():
+        lock.acquire(folder)
+    before = {path: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    argv = ["--no-progress", "--device", "cpu"]
+    resume = ["train", "--resume", str(out), *argv]
+    new_run = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--out", str(failed_start)]
+    new_run += ["--model", "resnet18", "--weights", "none", "--iters", "2", "--batch-size", "4", *argv]
+    for command in (resume, new_run):
+        capsys.readouterr()
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert f"is in use by another smile-fast process (pid {os.getpid()} on {socket.gethostname()})" in error
+    assert {path: path.read_bytes() for path in out.iterdir() if path.is_file()} == before, "the run was written"
+    for lock in other_process.values():
+        lock.release()
+    assert main(resume) == 0, "once the other process is gone, the run resumes"
+
+
 def test_a_new_run_refuses_a_folder_that_holds_a_run(tiny_imagefolder, tmp_path, capsys):
     from smile_fast.cli import main
 
