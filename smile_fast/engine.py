@@ -58,6 +58,7 @@ from smile_fast.runlog import (
 from smile_fast.step import TrainingStep, lr_at
 from smile_fast.stop_signals import (
     EXIT_WRITE_FAILED,
+    StopNow,
     StopSignal,
     TrainingStopped,
     interrupted_exit_status,
@@ -407,6 +408,7 @@ class Trainer:
         try:
             with signals_held():  # a second Ctrl-C waits for the write instead of breaking it off
                 save_atomic(state, path)
+            self._last_saved_iteration = next_iteration
         except (OSError, RuntimeError) as error:  # torch.save says "unexpected pos" when the disk is full
             raise _write_failed(path, error, self.dist.world_size) from error
         except KeyboardInterrupt as interrupt:
@@ -453,97 +455,113 @@ class Trainer:
         self.student.train()
         # closing(): however the loop ends (a stop, a divergence, an error), the loader ends here with its worker
         # processes, not when the caller drops the error that holds this frame (perhaps only at exit).
-        with StopSignal() as stop, contextlib.closing(batches):
-            if self.start_iteration >= config.iters:
-                # A finished run stopped before its summary (resume.refuse_finished_run lets only it through):
-                # its checkpoint is the one the last evaluation scored, so scoring it again gives that top-1.
-                top1 = self.evaluate()
-            iteration = self.start_iteration
-            upcoming = None  # with teacher lookahead: the next iteration's batch, fetched one step early
-            while iteration < config.iters:
-                images, labels = upcoming if upcoming is not None else next(batches)
-                upcoming = next(batches) if config.teacher_lookahead and iteration + 1 < config.iters else None
-                next_images = upcoming[0] if upcoming is not None else None
-                loss, parts = self.train_step(iteration, images, labels, next_images)
-                loss_sum += loss.float()
-                for name, value in parts.items():
-                    part_sums[name] = part_sums.get(name, 0.0) + value.float()
-                interval_images += global_batch
-                iteration += 1
-                progress.update(1)
+        try:
+            with StopSignal() as stop, contextlib.closing(batches):
+                if self.start_iteration >= config.iters:
+                    # A finished run stopped before its summary (resume.refuse_finished_run lets only it through):
+                    # its checkpoint is the one the last evaluation scored, so scoring it again gives that top-1.
+                    top1 = self.evaluate()
+                iteration = self.start_iteration
+                upcoming = None  # with teacher lookahead: the next iteration's batch, fetched one step early
+                while iteration < config.iters:
+                    images, labels = upcoming if upcoming is not None else next(batches)
+                    upcoming = next(batches) if config.teacher_lookahead and iteration + 1 < config.iters else None
+                    next_images = upcoming[0] if upcoming is not None else None
+                    loss, parts = self.train_step(iteration, images, labels, next_images)
+                    loss_sum += loss.float()
+                    for name, value in parts.items():
+                        part_sums[name] = part_sums.get(name, 0.0) + value.float()
+                    interval_images += global_batch
+                    iteration += 1
+                    progress.update(1)
 
-                at_log = iteration % config.log_every == 0 or iteration == config.iters
-                at_eval = iteration % config.eval_every == 0 or iteration == config.iters
-                if at_log or at_eval:
-                    steps = iteration - last_row_iteration
-                    last_row_iteration = iteration
-                    if self.dist.enabled:  # the global batch's mean, not the main rank's shard's
-                        loss_sum, part_sums = _mean_over_ranks(loss_sum, part_sums, self.dist.world_size)
-                    mean_loss = loss_sum.item() / steps  # the one host sync of the interval
-                    elapsed = time.perf_counter() - interval_start
-                    train_seconds += elapsed
-                    images_per_sec = interval_images / max(elapsed, 1e-9)
-                    if not math.isfinite(mean_loss):
-                        nonfinite_checks += 1
-                        # With fp16 the gradient scaler skips overflowing steps and lowers its scale:
-                        # give it three log intervals to recover before declaring the run diverged.
-                        if not self.scaler.is_enabled() or nonfinite_checks >= 3:
-                            raise TrainingStopped(_diverged_message(self, mean_loss, iteration, last_good_iteration), 3)
-                    else:
-                        nonfinite_checks = 0
-                    row = {
-                        "iteration": iteration,
-                        "lr": lr_at(config, iteration - 1),
-                        "loss": mean_loss,
-                        "images_per_sec": images_per_sec,
-                        "wall_seconds": previous_wall + time.perf_counter() - self.started,
-                    }
-                    row.update({name: float(value) / steps for name, value in part_sums.items()})
-                    if at_eval:
-                        top1 = self.evaluate()
-                        row["test_top1"] = top1
-                    if at_eval and math.isfinite(mean_loss):  # the checkpoint first: a failing log must not cost it
-                        self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
-                        last_good_iteration = iteration
-                    if self.metrics is not None:
-                        try:
-                            self.metrics.append(row)
-                        except OSError as error:
-                            raise _write_failed(self.metrics.path, error, self.dist.world_size) from error
-                    if not self.progress:
-                        self.log(
-                            f"iteration {iteration}/{config.iters}: loss {mean_loss:.4f}, lr {row['lr']:.3g}, "
-                            f"{images_per_sec:.1f} images/s" + (f", test top-1 {top1:.2f}%" if at_eval else "")
+                    at_log = iteration % config.log_every == 0 or iteration == config.iters
+                    at_eval = iteration % config.eval_every == 0 or iteration == config.iters
+                    if at_log or at_eval:
+                        steps = iteration - last_row_iteration
+                        last_row_iteration = iteration
+                        if self.dist.enabled:  # the global batch's mean, not the main rank's shard's
+                            loss_sum, part_sums = _mean_over_ranks(loss_sum, part_sums, self.dist.world_size)
+                        mean_loss = loss_sum.item() / steps  # the one host sync of the interval
+                        elapsed = time.perf_counter() - interval_start
+                        train_seconds += elapsed
+                        images_per_sec = interval_images / max(elapsed, 1e-9)
+                        if not math.isfinite(mean_loss):
+                            nonfinite_checks += 1
+                            # With fp16 the gradient scaler skips overflowing steps and lowers its scale:
+                            # give it three log intervals to recover before declaring the run diverged.
+                            if not self.scaler.is_enabled() or nonfinite_checks >= 3:
+                                diverged = _diverged_message(self, mean_loss, iteration, last_good_iteration)
+                                raise TrainingStopped(diverged, 3)
+                        else:
+                            nonfinite_checks = 0
+                        row = {
+                            "iteration": iteration,
+                            "lr": lr_at(config, iteration - 1),
+                            "loss": mean_loss,
+                            "images_per_sec": images_per_sec,
+                            "wall_seconds": previous_wall + time.perf_counter() - self.started,
+                        }
+                        row.update({name: float(value) / steps for name, value in part_sums.items()})
+                        if at_eval:
+                            top1 = self.evaluate()
+                            row["test_top1"] = top1
+                        if at_eval and math.isfinite(mean_loss):  # the checkpoint first: a failing log must not cost it
+                            self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
+                            last_good_iteration = iteration
+                        if self.metrics is not None:
+                            try:
+                                self.metrics.append(row)
+                            except OSError as error:
+                                raise _write_failed(self.metrics.path, error, self.dist.world_size) from error
+                        if not self.progress:
+                            self.log(
+                                f"iteration {iteration}/{config.iters}: loss {mean_loss:.4f}, lr {row['lr']:.3g}, "
+                                f"{images_per_sec:.1f} images/s" + (f", test top-1 {top1:.2f}%" if at_eval else "")
+                            )
+                        progress.set_postfix(
+                            loss=f"{mean_loss:.3f}",
+                            lr=f"{row['lr']:.2g}",
+                            img_s=f"{images_per_sec:.0f}",
+                            **({"top1": f"{top1:.1f}"} if top1 is not None else {}),
                         )
-                    progress.set_postfix(
-                        loss=f"{mean_loss:.3f}",
-                        lr=f"{row['lr']:.2g}",
-                        img_s=f"{images_per_sec:.0f}",
-                        **({"top1": f"{top1:.1f}"} if top1 is not None else {}),
-                    )
-                    loss_sum.zero_()
-                    part_sums = {}
-                    interval_images, interval_start = 0, time.perf_counter()
+                        loss_sum.zero_()
+                        part_sums = {}
+                        interval_images, interval_start = 0, time.perf_counter()
 
-                if iteration < config.iters and self._stop_agreed(stop, iteration):
-                    train_seconds += time.perf_counter() - interval_start
-                    self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
-                    progress.close()
-                    # Not 0: a scheduler or script must be able to tell a stopped run from a finished one.
-                    # 128 + the signal's number, as a shell reports a process the signal ended.
-                    signum = stop.requested or signal.SIGTERM  # a rank that only agreed to the others' stop
-                    raise TrainingStopped(
-                        f"stopped by {signal.Signals(signum).name} at iteration {iteration}; checkpoint written; "
-                        f"continue with `{resume_command(self.run_dir, self.dist.world_size)}`",
-                        exit_code=128 + int(signum),
-                    )
-            progress.close()
-            # Still under StopSignal: a stop signal now (the run's last step is done) is noted and the run
-            # finishes, exit 0, rather than a finished run ending as interrupted without its summary.
-            summary = self._finish(top1, train_seconds, previous_wall)
-            if stop.requested:
-                self.log(f"({signal.Signals(stop.requested).name} came after the last iteration; the run finished)")
+                    if iteration < config.iters and self._stop_agreed(stop, iteration):
+                        train_seconds += time.perf_counter() - interval_start
+                        self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
+                        progress.close()
+                        # Not 0: a scheduler or script must be able to tell a stopped run from a finished one.
+                        # 128 + the signal's number, as a shell reports a process the signal ended.
+                        signum = stop.requested or signal.SIGTERM  # a rank that only agreed to the others' stop
+                        raise TrainingStopped(
+                            f"stopped by {signal.Signals(signum).name} at iteration {iteration}; checkpoint written; "
+                            f"continue with `{resume_command(self.run_dir, self.dist.world_size)}`",
+                            exit_code=128 + int(signum),
+                        )
+                progress.close()
+                # Still under StopSignal: a stop signal now (the run's last step is done) is noted and the run
+                # finishes, exit 0, rather than a finished run ending as interrupted without its summary.
+                summary = self._finish(top1, train_seconds, previous_wall)
+                if stop.requested:
+                    self.log(f"({signal.Signals(stop.requested).name} came after the last iteration; the run finished)")
+        except StopNow as interrupt:  # a second signal, between checkpoint writes
+            raise self._interrupted(interrupt) from None
         return summary
+
+    def _interrupted(self, interrupt: StopNow) -> TrainingStopped:
+        """A second stop signal broke the run off between checkpoints: say what is kept and how to go on (a bare
+        "interrupted" left the user to guess whether anything survived)."""
+        checkpoint = self.run_dir / "last.pt"
+        saved = getattr(self, "_last_saved_iteration", self.start_iteration)  # a resume's: the one it started from
+        if checkpoint.is_file():
+            kept = f"the checkpoint of iteration {saved} in {self.run_dir} is kept; continue with "
+            kept += f"`{resume_command(self.run_dir, self.dist.world_size)}`"
+        else:
+            kept = "no checkpoint was written yet (the first comes with the first evaluation); start a new run"
+        return TrainingStopped(f"interrupted; {kept}", exit_code=interrupted_exit_status(interrupt))
 
     def _finish(self, top1: float | None, train_seconds: float, previous_wall: float) -> dict[str, Any]:
         config = self.config

@@ -490,6 +490,27 @@ def test_resume_writes_the_summary_a_finished_run_was_stopped_before(tiny_imagef
     assert (out / "last.pt").read_bytes() == checkpoint, "no step may run again"
 
 
+def test_a_second_stop_signal_says_which_checkpoint_is_kept(tiny_imagefolder, tmp_path, monkeypatch):
+    # A second signal between checkpoints ended with a bare "interrupted": nothing said whether last.pt survived.
+    original_call = TrainingStep.__call__
+
+    def call_then_signal_twice(self, iteration, *batch):
+        result = original_call(self, iteration, *batch)
+        if iteration == 2:  # after the checkpoint of iteration 2, before the next one
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(TrainingStep, "__call__", call_then_signal_twice)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped) as stopped:
+        train(_config(tiny_imagefolder, out, iters=6, eval_every=2), progress=False)
+    assert stopped.value.exit_code == 143
+    message = str(stopped.value)
+    assert message.startswith(f"interrupted; the checkpoint of iteration 2 in {out} is kept; continue with"), message
+    assert load_checkpoint(out)["iteration"] == 2
+
+
 def test_a_run_folder_has_one_writer_at_a_time(tiny_imagefolder, tmp_path, monkeypatch, capsys):
     # Two runs with one --out, or a --resume of a run still going, wrote one folder together: metrics.csv held
     # both runs' rows, last.pt and summary.json whichever came last. A lock of another process (flock conflicts
