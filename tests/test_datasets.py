@@ -183,9 +183,17 @@ def test_malformed_layout_names_the_expected_file(tmp_path: Path, name: str, tar
     assert "\n" not in message
 
 
-def test_listed_image_missing_from_disk_is_reported(tmp_path: Path):
+def test_a_missing_first_image_is_a_partial_download_and_none_a_wrong_layout(tmp_path: Path):
+    # The first listed file alone missing was taken for a wrong layout (exit 2, "download ... and extract it");
+    # it is a partial download, whose missing files verify lists (exit 1) and a run skips.
     expected = build_indoor67(tmp_path)
-    Path(expected.train[0][0]).unlink()
+    first = expected.train[0][0]
+    Path(first).unlink()
+    assert load_dataset("indoor67", tmp_path).train == expected.train, "the list is the layout's, missing file too"
+    report = verify_dataset("indoor67", tmp_path, cache_dir=tmp_path / "cache")
+    assert report.missing == 1 and f"missing: {first}" in report.text, report.text
+    for path, _ in expected.train:  # none of them where the layout puts them: a wrong layout
+        Path(path).unlink(missing_ok=True)
     with pytest.raises(UserError, match="does not exist"):
         load_dataset("indoor67", tmp_path)
 

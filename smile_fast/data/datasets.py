@@ -130,13 +130,20 @@ def _find_root(name: str, data_dir: Path, folder: str, marker: str) -> Path:
     raise _fail(name, f"expected {data_dir / folder / marker} (or {data_dir / marker}) but found neither")
 
 
+# How many of a list's first images _check_first_image looks for: a wrong layout misses them all, a partial
+# download only some (the first file alone missing was taken for a wrong layout).
+_LAYOUT_PROBES = 20
+
+
 def _check_first_image(name: str, samples: list[tuple[str, int]], list_file: Path) -> None:
-    """Catch a wrong layout early and clearly; other missing images are reported by check_images."""
+    """Catch a wrong layout early and clearly: none of the list's first images exists where the layout puts
+    them. Some missing is a partial download, which check_images reports file by file (and the run skips)."""
     if not samples:
         raise _fail(name, f"{list_file} lists no images")
-    first = samples[0][0]
-    if not os.path.isfile(first):
-        raise _fail(name, f"{list_file} lists {first} but that file does not exist")
+    probes = [path for path, _ in samples[:_LAYOUT_PROBES]]
+    if not any(os.path.isfile(path) for path in probes):
+        more = f" (nor do the next {len(probes) - 1} it lists)" if len(probes) > 1 else ""
+        raise _fail(name, f"{list_file} lists {probes[0]} but that file does not exist{more}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True) -> P
         splits = apply_class_subset(splits, config.class_fraction or 1.0, train_samples, config.seed)
     if config.train_samples is None and with_train:  # a --train-samples draw may leave classes out by design
         if empty := classes_without_images(splits.classes, splits.train):
-            log(f"warning: {len(empty)} class(es) have no readable training image: {listed(empty)}")
+            drawn = " (the --sample-rate draw gave them none)" if config.sample_draw == "authors" else ""
+            log(f"warning: {len(empty)} class(es) have no training image{drawn}: {listed(empty)}")
     train_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=True)
     test_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=False)
     return PreparedData(splits, train_spec, test_spec, bad_train + bad_test)
