@@ -158,11 +158,20 @@ def drop_capture_flags(config: TrainConfig, device, dist, given: Mapping[str, An
     return dropped
 
 
+def _given_and_recorded(key: str, value: Any, recorded: Any) -> str:
+    """`--lr 0.05 (the run has 0.01)`; a switch as it is written, `--amp (the run has --no-amp)`, not `--amp True`."""
+    name = setting_name(key)
+    if isinstance(value, bool) and isinstance(recorded, bool) and name.startswith("--"):
+        switch = {True: name, False: f"--no-{name[2:]}"}
+        return f"{switch[value]} (the run has {switch[recorded]})"
+    return f"{name} {value} (the run has {recorded})"
+
+
 def check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any]) -> None:
     """A resumed run keeps its own data, model, objective and schedule: naming the same values again is
     fine (re-running the original command with --resume), a different one is an error, not ignored."""
     differ = [
-        f"{setting_name(key)} {value} (the run has {getattr(resumed, key)})"
+        _given_and_recorded(key, value, getattr(resumed, key))
         for key, value in given.items()
         if key not in RESUME_MAY_CHANGE and getattr(resumed, key) != value
     ]

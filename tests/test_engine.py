@@ -351,10 +351,11 @@ def test_resume_keeps_the_runs_settings_and_takes_only_how_it_runs(tiny_imagefol
     out, code = resume("same", "--model", "resnet18", "--iters", "2")
     assert code == 0 and load_checkpoint(out)["iteration"] == 2, "the run's own values may be named again"
     capsys.readouterr()
-    out, code = resume("changed", "--iters", "5", "--lr", "0.5")
+    out, code = resume("changed", "--iters", "5", "--lr", "0.5", "--amp")
     assert code == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "--iters 5 (the run has 2)" in error and "--lr 0.5" in error, error
+    assert "--amp (the run has --no-amp)" in error, "a switch as it is written, not --amp True"
     assert "eval_batch_size (YAML)" in error and "--eval-batch-size" not in error, "a flag that does not exist"
     out, code = resume("faster", "--log-every", "1", "--teacher-fused-conv", "--channels-last")
     assert code == 0
