@@ -572,8 +572,10 @@ def _predict_to_stdout(classifier, paths, device, args) -> tuple[int, list[str]]
         sys.stdout.flush()
         return written
     except OSError as error:
-        # Python would fail again flushing stdout at exit; point it at nothing.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # Python would fail again flushing stdout at exit; point it at nothing (a stdout without a descriptor,
+        # as a caller's StringIO, has nothing to flush there).
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if isinstance(error, BrokenPipeError):  # `smile-fast predict ... | head`: the reader has all it wanted
             return 128 + 13  # as a process that SIGPIPE ended, which is what `head` expects of its writer
         print(f"smile-fast: error: could not write to stdout: {error.strerror or error}", file=sys.stderr)
