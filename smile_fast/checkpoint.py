@@ -18,6 +18,11 @@ from smile_fast.atomic_file import atomic_write
 from smile_fast.errors import UserError, first_line
 
 
+class NotACheckpoint(UserError):
+    """A file torch reads, holding something other than a smile-fast checkpoint (a plain state_dict, say): a
+    caller that takes other kinds of model file too (predict) can say what it expected instead."""
+
+
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     """torch.save `state` to `path` through a temp file + fsync + rename (see atomic_file)."""
     path = Path(path)
@@ -66,5 +71,5 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} does not exist; pass a run folder or its last.pt")
     state = safe_load(path, "checkpoint")
     if not isinstance(state, dict) or "student" not in state or "config" not in state:
-        raise UserError(f"{path} is not a smile-fast checkpoint (no student weights or config in it)")
+        raise NotACheckpoint(f"{path} is not a smile-fast checkpoint (no student weights or config in it)")
     return state

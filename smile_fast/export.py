@@ -27,6 +27,7 @@ from smile_fast.checkpoint import load_checkpoint
 from smile_fast.errors import UserError
 from smile_fast.evaluation import student_from_checkpoint
 from smile_fast.models import SmileNet, split_torchvision
+from smile_fast.output_files import output_path, refuse_links_and_devices
 from smile_fast.runlog import recorded_top1
 from smile_fast.stop_signals import signals_held
 
@@ -57,9 +58,7 @@ def export_path(checkpoint: str | Path, out: str | None = None) -> Path:
     if out is None:
         checkpoint = Path(checkpoint)
         return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "model.pt"
-    if not out.strip():
-        raise UserError("--out is empty; name the weights file to write, e.g. --out model.pt")
-    path = Path(out) / "model.pt" if out.endswith(("/", os.sep)) or Path(out).is_dir() else Path(out)
+    path = output_path(out, "model.pt")
     if path.suffix.lower() == ".json":
         raise UserError(
             f"--out {path}: the class names and transform go to a .json beside the weights; name the weights "
@@ -79,13 +78,22 @@ def metadata_path(weights_path: Path) -> Path:
     return weights_path.with_name(weights_path.name + ".json")
 
 
-def _export_weights_file(json_path: Path) -> str | None:
-    """The weights file an export's metadata names; None when `json_path` is no export's metadata."""
+def read_export_metadata(json_path: Path) -> dict[str, Any] | None:
+    """An export's metadata (written by write_export, naming its weights file), or None when `json_path` is not
+    one: missing, not JSON, another tool's, or edited past recognition."""
     try:
         metadata = json.loads(json_path.read_text(encoding="utf-8"))
-        return metadata.get("weights_file") if metadata.get("format") == EXPORT_FORMAT else None
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return None
+    if not isinstance(metadata, dict) or metadata.get("format") != EXPORT_FORMAT:
+        return None
+    return metadata if isinstance(metadata.get("weights_file"), str) else None
+
+
+def _export_weights_file(json_path: Path) -> str | None:
+    """The weights file an export's metadata names; None when `json_path` is no export's metadata."""
+    metadata = read_export_metadata(json_path)
+    return metadata["weights_file"] if metadata is not None else None
 
 
 def _describes(json_path: Path, weights_path: Path) -> bool:
@@ -99,10 +107,7 @@ def check_export_targets(weights_path: Path) -> None:
     file, its target untouched), a device (root's `--out /dev/null` would have replaced the device node)."""
     json_path = metadata_path(weights_path)
     for path in (weights_path, json_path):
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            raise UserError(
-                f"{path} exists and is not a regular file (a link, a device or a folder); name another file"
-            )
+        refuse_links_and_devices(path)
     # The pair an earlier export wrote: its .json names this weights file (a user's own a.pth beside the a.json
     # of an export to a.pt is not part of it).
     earlier_export = json_path.is_file() and _describes(json_path, weights_path)

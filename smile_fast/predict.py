@@ -7,7 +7,6 @@ use: so a run's test images get the predictions behind its test top-1.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smile_fast.checkpoint import load_checkpoint, safe_load
+from smile_fast.checkpoint import NotACheckpoint, load_checkpoint, safe_load
 from smile_fast.data.datasets import IMAGE_EXTENSIONS, images_under
 from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
 from smile_fast.errors import UserError
-from smile_fast.export import EXPORT_FORMAT, metadata_path, prepare_export
+from smile_fast.export import metadata_path, prepare_export, read_export_metadata
 from smile_fast.models import SUPPORTED_MODELS
+from smile_fast.output_files import output_path, refuse_links_and_devices
 
 
 @dataclass
@@ -77,23 +77,14 @@ def _not_a_model(source: Path, error: UserError) -> str:
             f"{source} is not a smile-fast checkpoint, and {json_path} beside it is not a smile-fast export's metadata "
             "(edited, or from another tool); export the run again"
         )
-    if "is not a smile-fast checkpoint" in str(error):
+    if isinstance(error, NotACheckpoint):
         return f"{source} is neither a smile-fast checkpoint nor an export (no {json_path.name} beside it); {USAGE}"
     return f"{source} is not a model smile-fast can read ({error}); {USAGE}"
 
 
 def _export_metadata(weights_path: Path) -> dict | None:
     """The .json beside `weights_path` when it is an export's metadata (written by `smile-fast export`), else None."""
-    json_path = metadata_path(weights_path)
-    if not (weights_path.is_file() and json_path.is_file()):
-        return None
-    try:
-        metadata = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(metadata, dict) or metadata.get("format") != EXPORT_FORMAT:
-        return None
-    return metadata if isinstance(metadata.get("weights_file"), str) else None
+    return read_export_metadata(metadata_path(weights_path)) if weights_path.is_file() else None
 
 
 def _from_export(weights_path: Path) -> Classifier:
@@ -232,9 +223,7 @@ def csv_header(top_k: int) -> list[str]:
 def predictions_path(out: str) -> Path:
     """Where --out writes: the file named, or predictions.csv in it when it names a folder (one that exists, or
     a name ending in a slash: as cp does)."""
-    if not out.strip():
-        raise UserError("--out is empty; name the CSV file to write, e.g. --out predictions.csv")
-    return Path(out) / "predictions.csv" if out.endswith(("/", os.sep)) or Path(out).is_dir() else Path(out)
+    return output_path(out, "predictions.csv")
 
 
 CSV_HEADER_START = ",".join(csv_header(1))
@@ -245,8 +234,7 @@ def check_predictions_target(path: Path) -> None:
     Anything else
     is left alone: a run's last.pt or summary.json, an export's files, an input image; and links and devices,
     which a rename would replace with a plain file (root's --out /dev/null)."""
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise UserError(f"--out {path} exists and is not a regular file (a link or a device); name another file")
+    refuse_links_and_devices(path)
     if path.exists():
         try:
             with open(path, "rb") as existing:
