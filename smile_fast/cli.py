@@ -291,6 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
 
+    report = commands.add_parser(
+        "report",
+        help="test top-1 of finished runs: mean and std over seeds per setting, beside the paper's number",
+        formatter_class=_DefaultsHelpFormatter,
+        description=(
+            "Group finished runs (folders with summary.json) by their settings, all but the seed and where a run "
+            "kept its files, and print per group the number of runs, their seeds, the mean and sample standard "
+            "deviation of the test top-1, the paper's number for that dataset, method and protocol (SMILE_SPEC.md "
+            "Tables 2 and 3, each a mean of 5 repeats) and how the group's setting differs from the paper's. "
+            "Settings that tell the groups apart get a column. Runs not finished or unreadable are listed on stderr."
+        ),
+    )
+    report.add_argument(
+        "runs",
+        nargs="*",
+        default=["runs"],
+        metavar="RUN",
+        help="run folders, or folders searched below for them (default: runs, where train writes by default)",
+    )
+    report.add_argument("--format", choices=("text", "markdown", "csv"), default="text", help="the table's form")
+
     bench = commands.add_parser("bench", help="measure speed on the current device")
     bench_commands = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
     # Every bench option has a default, so --help shows it; train's defaults depend on the dataset.
@@ -561,7 +582,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _predict_to_stdout(classifier, paths, device, args) -> tuple[int, list[str]] | int:
     """predictions_csv on stdout: its result, or an exit status when stdout could not take the rows."""
     from smile_fast.predict import predictions_csv
-    from smile_fast.stop_signals import EXIT_WRITE_FAILED
 
     # A file name that is not UTF-8 (a Latin-1 name, held as surrogates) is printed as its own bytes, as ls does;
     # a strict stdout (a UTF-8 locale other than C.UTF-8) failed on it with a traceback.
@@ -572,14 +592,40 @@ def _predict_to_stdout(classifier, paths, device, args) -> tuple[int, list[str]]
         sys.stdout.flush()
         return written
     except OSError as error:
-        # Python would fail again flushing stdout at exit; point it at nothing (a stdout without a descriptor,
-        # as a caller's StringIO, has nothing to flush there).
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        if isinstance(error, BrokenPipeError):  # `smile-fast predict ... | head`: the reader has all it wanted
-            return 128 + 13  # as a process that SIGPIPE ended, which is what `head` expects of its writer
-        print(f"smile-fast: error: could not write to stdout: {error.strerror or error}", file=sys.stderr)
-        return EXIT_WRITE_FAILED
+        return _stdout_failed(error)
+
+
+def _stdout_failed(error: OSError) -> int:
+    """The exit status for a write to stdout that failed, after a line saying why (none for a closed pipe)."""
+    from smile_fast.stop_signals import EXIT_WRITE_FAILED
+
+    # Python would fail again flushing stdout at exit; point it at nothing (a stdout without a descriptor,
+    # as a caller's StringIO, has nothing to flush there).
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if isinstance(error, BrokenPipeError):  # `smile-fast predict ... | head`: the reader has all it wanted
+        return 128 + 13  # as a process that SIGPIPE ended, which is what `head` expects of its writer
+    print(f"smile-fast: error: could not write to stdout: {error.strerror or error}", file=sys.stderr)
+    return EXIT_WRITE_FAILED
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from smile_fast.report import collect, notes, render
+
+    collected = collect(args.runs)
+    for line in notes(collected):
+        print(line, file=sys.stderr)
+    if not collected.groups:
+        print("smile-fast: no finished run to report (each needs its summary.json)", file=sys.stderr)
+        return 1
+    if hasattr(sys.stdout, "reconfigure"):  # run folders named in Latin-1 (see _predict_to_stdout)
+        sys.stdout.reconfigure(errors="surrogateescape")
+    try:
+        sys.stdout.write(render(collected, args.format))
+        sys.stdout.flush()
+    except OSError as error:
+        return _stdout_failed(error)
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -724,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_export(args)
         if args.command == "predict":
             return _cmd_predict(args)
+        if args.command == "report":
+            return _cmd_report(args)
         if args.command == "bench":
             return _cmd_bench(args)
         if args.command == "data":

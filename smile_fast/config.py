@@ -236,10 +236,18 @@ def _coerce(key: str, value: Any, type_text: str) -> Any:
 
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill dataset-dependent defaults, then validate every value (UserError on the first bad one)."""
-    demo = config.dataset == "demo"
     if config.data_dir:
         # Absolute, so that the run (its manifest, a --resume, eval) does not depend on the folder it started in.
         config.data_dir = os.path.abspath(os.path.expanduser(config.data_dir))
+    fill_dataset_defaults(config)
+    validate(config)
+    return config
+
+
+def fill_dataset_defaults(config: TrainConfig) -> TrainConfig:
+    """Set the settings left unset to the dataset's defaults: for the paper's datasets, the paper's protocol
+    (what `smile-fast report` compares a run with). No validation."""
+    demo = config.dataset == "demo"
     if config.model is None:
         # The paper's Food-101 results (Table 3) start from ImageNet EfficientNet-B4, the others from ResNet-50.
         config.model = "resnet18" if demo else ("efficientnet_b4" if config.dataset == "food101" else "resnet50")
@@ -257,7 +265,6 @@ def resolve(config: TrainConfig) -> TrainConfig:
         config.eval_every = 50 if demo else 1_000
     if config.eval_batch_size is None:
         config.eval_batch_size = max(config.batch_size, 64)
-    validate(config)
     return config
 
 

@@ -18,7 +18,17 @@ def _subparser(path: tuple[str, ...]) -> argparse.ArgumentParser:
 
 
 @pytest.mark.parametrize(
-    "path", [("train",), ("eval",), ("export",), ("bench", "step"), ("bench", "loader"), ("data", "verify")]
+    "path",
+    [
+        ("train",),
+        ("eval",),
+        ("export",),
+        ("predict",),
+        ("report",),
+        ("bench", "step"),
+        ("bench", "loader"),
+        ("data", "verify"),
+    ],
 )
 def test_every_option_has_help(path):
     parser = _subparser(path)
@@ -65,7 +75,7 @@ def test_smile_fast_alone_shows_the_commands_and_trains_nothing(capsys, tmp_path
     monkeypatch.chdir(tmp_path)
     assert main([]) == 0
     shown = " ".join(capsys.readouterr().out.split())  # unwrap the columns
-    assert "{train,eval,export,predict,bench,data}" in shown
+    assert "{train,eval,export,predict,report,bench,data}" in shown
     assert "`smile-fast train` with no flags runs the embedded offline demo" in shown
     assert not (tmp_path / "runs").exists(), "a run was started"
     with pytest.raises(SystemExit) as exited:
