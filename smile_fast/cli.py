@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,14 +22,33 @@ from smile_fast.config import (
     METHOD_CHOICES,
     SAMPLE_DRAWS,
 )
-from smile_fast.errors import UserError, first_line
+from smile_fast.errors import UserError, did_you_mean, first_line
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what is wrong, where to look) and exit status 2."""
 
     def error(self, message: str):
-        raise UserError(f"{message} (see `{self.prog} --help`)")
+        hint = ""
+        invalid = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)", message)
+        if invalid:  # `--dataset cubb`, `smile-fast tarin`
+            hint = did_you_mean([invalid.group(1)], re.findall(r"'(.*?)'", invalid.group(2)))
+        raise UserError(f"{message} (see `{self.prog} --help`){hint}")
+
+    def option_strings_known(self) -> list[str]:
+        return [option for action in self._actions for option in action.option_strings]
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, words: list[str | None]) -> _Parser:
+    """The parser of `smile-fast WORD WORD` (the top-level one when no subcommand was given)."""
+    for word in words:
+        if not word:
+            break
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if action is None or word not in action.choices:
+            break
+        parser = action.choices[word]
+    return parser
 
 
 class _DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -761,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
             # subcommand's own --help (where the flag would be listed), not `smile-fast --help`.
             words = [getattr(args, key, None) for key in ("command", "bench_command", "data_command")]
             command = " ".join(["smile-fast", *[word for word in words if word]])
-            raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see `{command} --help`)")
+            hint = did_you_mean(unknown, _subcommand_parser(parser, words).option_strings_known())
+            raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see `{command} --help`){hint}")
         if args.command == "train":
             return _cmd_train(args)
         if args.command == "eval":

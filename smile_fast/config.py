@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smile_fast.errors import UserError, first_line
+from smile_fast.errors import UserError, did_you_mean, first_line
 
 DATASET_CHOICES = ("demo", "cub", "cars", "aircraft", "indoor67", "food101", "imagefolder")
 METHOD_CHOICES = ("finetune", "mixup", "cutmix", "smile")
@@ -192,8 +192,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - FIELD_NAMES)
     if unknown:
+        hint = did_you_mean(unknown, sorted(FIELD_NAMES))
         raise UserError(
-            f"unknown setting(s) in {path}: {', '.join(unknown)}; valid ones: {', '.join(sorted(FIELD_NAMES))}"
+            f"unknown setting(s) in {path}: {', '.join(unknown)}{hint} (valid ones: {', '.join(sorted(FIELD_NAMES))})"
         )
     return data
 

@@ -1,6 +1,24 @@
 """Errors a user can fix: the CLI prints their message on one line and exits with status 2."""
 
 
+def did_you_mean(given: list[str], known: list[str]) -> str:
+    """`; did you mean --dataset?` for the names in `given` that look like a typo of a known one, or "" when none
+    is close: a typo then costs one look, not a trip to --help. With flags known, only the words of `given` that
+    are flags are looked at (the others are their values), and a flag's `=value` is left out."""
+    import difflib
+
+    flags = any(name.startswith("-") for name in known)
+    words = [name.split("=", 1)[0] if flags else name for name in given if not flags or name.startswith("-")]
+    found = []
+    for word in words:
+        close = difflib.get_close_matches(word, known, n=1, cutoff=0.75)
+        if close and close[0] != word:
+            found.append((word, close[0]))
+    if len(words) == 1 and found:  # the one name given: no need to repeat it
+        return f"; did you mean {found[0][1]}?"
+    return "; did you mean " + ", ".join(f"{close} for {word}" for word, close in found) + "?" if found else ""
+
+
 def first_line(error: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (at most `limit` characters), or its type's name when it has
     none: what a one-line error can quote of a library's multi-line message."""

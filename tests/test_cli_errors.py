@@ -118,7 +118,9 @@ FLAG_CASES = {
     "alpha-inf": (["--alpha", "inf"], ["--alpha"]),
     "ema-every-zero": (["--ema-every", "0"], ["ema_every"]),
     "ema-decay-above-one": (["--ema-decay", "1.5"], ["ema_decay"]),
-    "unknown-flag": (["--itres", "5"], ["--itres"]),
+    "unknown-flag": (["--itres", "5"], ["--itres", "did you mean --iters?"]),
+    "unknown-flag-far-from-any": (["--zzz"], ["--zzz"]),
+    "misspelt-choice": (["--dataset", "cubb"], ["cubb", "did you mean cub?"]),
     "cuda-graph-inside-graph-trees": (
         ["--cuda-graph", "--compile", "--compile-mode", "reduce-overhead"],
         ["--cuda-graph"],
@@ -134,6 +136,7 @@ FLAG_CASES = {
 # id -> (text of the -c config file, words the message must contain)
 YAML_CASES = {
     "yaml-unknown-key": ("iters: 5\nbogus_key: 1\n", ["bogus_key"]),
+    "yaml-misspelt-keys": ("batchsize: 4\nitres: 5\n", ["did you mean batch_size for batchsize, iters for itres?"]),
     "yaml-wrong-type": ("iters: many\n", ["iters"]),
     "yaml-float-for-int": ("batch_size: 1.5\n", ["batch_size"]),
     "yaml-bool-for-int": ("iters: true\n", ["iters"]),
@@ -189,7 +192,7 @@ RUN_CASES = {
     ),
     "resume-missing-run-folder": (lambda t: ["train", "--resume", str(t / "old-run"), "--no-progress"], []),
     "eval-missing-checkpoint": (lambda t: ["eval", str(t / "nothing" / "last.pt"), "--device", "cpu"], []),
-    "unknown-subcommand": (lambda t: ["tarin"], []),
+    "unknown-subcommand": (lambda t: ["tarin"], ["did you mean train?"]),
     # --json is checked before the benchmark runs (it may compile and time for minutes on a GPU).
     "bench-step-json-is-a-folder": (
         lambda t: ["bench", "step", "--device", "cpu", "--json", str(t)],
@@ -271,3 +274,14 @@ def test_eval_under_torchrun_is_refused(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["eval", "no-such-run"]) == 2
     assert "smile-fast eval runs in one process; start it without torchrun" in capsys.readouterr().err
+
+
+def test_did_you_mean_names_only_close_known_names():
+    from smile_fast.errors import did_you_mean
+
+    flags = ["--dataset", "--data-dir", "--iters", "--lr"]
+    assert did_you_mean(["--zzz"], flags) == ""
+    assert did_you_mean(["--datset", "cub"], flags) == "; did you mean --dataset?", "cub is a value, not a flag"
+    assert did_you_mean(["--itres=5"], flags) == "; did you mean --iters?"
+    assert did_you_mean(["--datset", "--zzz"], flags) == "; did you mean --dataset for --datset?"
+    assert did_you_mean(["batchsize"], ["batch_size", "iters"]) == "; did you mean batch_size?"
