@@ -167,15 +167,20 @@ class Trainer:
         from smile_fast.data.loaders import build_train_loader, choose_loader, default_workers
         from smile_fast.data.subsets import read_manifest, write_manifest
 
+        manifest = self.run_dir / "manifest.txt"
+        # A resume trains on its manifest's files, checked below; checking (and drawing from) the whole training
+        # split as well named an unreadable file twice and counted it twice in summary.json's skipped_files.
+        from_manifest = self.resume_state is not None and manifest.is_file()
         with moved_dataset_hint(config, "--resume" if self.resume_state is not None else None):
-            splits, self.train_spec, self.test_spec, skipped = prepare_data(config, log=self.log)
+            splits, self.train_spec, self.test_spec, skipped = prepare_data(
+                config, log=self.log, with_train=not from_manifest
+            )
         if self.resume_state is not None:
             check_classes(self.run_dir, self.resume_state, splits.classes)
         self.class_names = list(splits.classes)
         self.num_classes = len(splits.classes)
         self.test_samples = splits.test
-        manifest = self.run_dir / "manifest.txt"
-        if self.resume_state is not None and manifest.is_file():
+        if from_manifest:
             recorded = read_manifest(manifest)  # exactly the files the stopped run trained on
             train_samples = rebase(recorded, self.resume_state["config"].get("data_dir"), config.data_dir)
             moved = train_samples != recorded  # rewritten below, so that a later --resume finds them too

@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -433,6 +434,25 @@ def test_resume_and_eval_read_no_pretrained_weights(tiny_imagefolder, tmp_path, 
     assert f"# weights used: file {weights} (365-way source head)" in (out / "config.yaml").read_text()
     assert load_checkpoint(out)["student"]["fc2.weight"].shape[0] == 365
     assert evaluate_checkpoint(str(out), device="cpu")["test_top1"] == pytest.approx(summary["test_top1"])
+
+
+def test_a_resume_names_a_training_image_broken_since_the_start_once(tmp_path, monkeypatch, capsys):
+    """A file of the manifest that became unreadable is skipped with one line naming it (the whole training split
+    was checked too, and named it a second time) and counted once in summary.json."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(write_tiny_imagefolder(tmp_path / "original"), data)
+    out = _stopped_run(data, tmp_path / "run", monkeypatch, iters=2, stop_after=1)
+    broken = (out / "manifest.txt").read_text().splitlines()[5].split("\t", 1)[1]
+    assert Path(broken).is_file(), broken
+    Path(broken).write_bytes(b"not an image any more")
+    capsys.readouterr()
+    summary = train(_config(data, out, iters=2, eval_every=2, resume=str(out)), progress=False)
+    err = capsys.readouterr().err
+    assert err.count(Path(broken).name) == 1, err
+    assert "trains on 31 images, not the 32 it started with" in err, err
+    assert summary["skipped_files"] == 1 and summary["train_images"] == 31
 
 
 def test_resume_of_a_finished_run_changes_nothing(tiny_imagefolder, tmp_path, capsys):
