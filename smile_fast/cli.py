@@ -631,6 +631,7 @@ def _stdout_failed(error: OSError) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from smile_fast.report import collect, notes, render
+    from smile_fast.stop_signals import EXIT_WRITE_FAILED
 
     collected = collect(args.runs)
     for line in notes(collected):
@@ -638,6 +639,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not collected.groups:
         print("smile-fast: no finished run to report (each needs its summary.json)", file=sys.stderr)
         return 1
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        print("smile-fast: error: stdout is closed; redirect it to a file", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     if hasattr(sys.stdout, "reconfigure"):  # run folders named in Latin-1 (see _predict_to_stdout)
         sys.stdout.reconfigure(errors="surrogateescape")
     try:
@@ -645,7 +649,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     except OSError as error:
         return _stdout_failed(error)
-    return 0
+    return 1 if collected.unreadable else 0  # as predict: the table is there, but not of every run given
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -10,26 +10,43 @@ together, and the settings that tell the groups apart are shown as columns.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
+import os
+import re
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smile_fast.config import PAPER_BATCH, TrainConfig, fill_dataset_defaults
+from smile_fast.config import FIELD_NAMES, PAPER_BATCH, TrainConfig, fill_dataset_defaults
 from smile_fast.errors import UserError, first_line
 
 # Settings that cannot change a run's test top-1, or say which repeat it is: runs differing only in these are one
 # group. (Speed settings such as --amp or --compile stay in the key: they change the rounding, and whether that
-# moves the accuracy is what such a comparison is for.)
+# moves the accuracy is what such a comparison is for.) data_dir is the dataset itself for imagefolder, and stays.
 NOT_IN_GROUP = frozenset(
     {"seed", "out", "resume", "data_dir", "workers", "device", "log_every", "eval_every", "eval_batch_size"}
 )
 # Shown in every table (the protocol column stands for the three data-protocol settings).
 NAMED_COLUMNS = ("dataset", "method", "sample_rate", "class_fraction", "train_samples")
+# Settings a method never reads: two finetune runs with different --alpha are one setting.
+_SMILE_ONLY = (
+    "smile_form",
+    "gamma_fe",
+    "gamma_fc",
+    "ema_decay",
+    "ema_every",
+    "fold_teacher_bn",
+    "teacher_fused_conv",
+    "teacher_stream",
+    "teacher_lookahead",
+    "teacher_background",
+)
+_METHOD_ORDER = ("finetune", "mixup", "cutmix", "smile")
 
 # SMILE_SPEC.md, Table 2: ResNet-50 from ImageNet weights.
 _TABLE2 = {
@@ -96,16 +113,18 @@ _COMPARED_FOR_METHOD = {
 @dataclass
 class Run:
     folder: Path
-    settings: dict[str, Any]
+    settings: dict[str, Any]  # config.yaml with the defaults of its version filled in, and normalized
     weights: str  # what the run started from, normalized (summary.json's description)
     world_size: int
-    seed: int | None
+    seed: Any
     top1: float
+    skipped_files: int
+    identity: tuple | None  # (recorded folder, time) from summary.json: a copied run folder has its original's
 
 
 @dataclass
 class Group:
-    key: tuple
+    key: dict[str, Any]
     runs: list[Run] = field(default_factory=list)
 
     @property
@@ -125,12 +144,19 @@ class Group:
         """The sample standard deviation (n - 1), as papers report over repeats; None for a single run."""
         return statistics.stdev(self.top1s) if len(self.runs) > 1 else None
 
+    @property
+    def name(self) -> str:
+        """How notes name the group: its row's leading cells and the settings that set it apart."""
+        settings = self.first.settings
+        return f"{settings.get('dataset')} {settings.get('method')} {protocol(settings)}"
+
 
 @dataclass
 class Collected:
     groups: list[Group]
     unfinished: list[Path]  # a config.yaml but no summary.json: still running, stopped, or failed
     unreadable: list[tuple[Path, str]]
+    copies: list[tuple[Path, Path]]  # (copy, the run folder it repeats), left out
 
 
 def protocol(settings: dict[str, Any]) -> str:
@@ -146,26 +172,70 @@ def protocol(settings: dict[str, Any]) -> str:
     return f"C:{classes}/N:{images}"
 
 
-def _percent(fraction: float) -> str:
-    return f"{fraction * 100:g}%"
+def _percent(fraction: Any) -> str:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        return f"{fraction}?"
+    # Rounded only past float noise (0.15 * 100 is 15.000000000000002): 0.2500001 stays 25.00001%, not the
+    # paper's 25%.
+    return f"{round(fraction * 100, 9):.12g}%"
 
 
-def weights_kind(description: str | None, setting: Any) -> str:
+def _protocol_order(settings: dict[str, Any]) -> tuple:
+    """Table order: the C:X%/N:Y protocols by X and Y, then N:R% by R (text order put N:100% before N:15%)."""
+
+    def number(value: Any) -> float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.inf
+
+    if settings.get("class_fraction") is None and settings.get("train_samples") is None:
+        return (1, number(settings.get("sample_rate") or 1.0), 0.0, 0.0)
+    return (
+        0,
+        number(settings.get("class_fraction") or 1.0),
+        number(settings.get("train_samples")),
+        number(settings.get("sample_rate") or 1.0),
+    )
+
+
+def weights_kind(description: Any, setting: Any) -> str:
     """What a run started from, from summary.json's description: `imagenet (ResNet50_Weights.IMAGENET1K_V2)`,
-    `none`, or `file PATH`; whether the file came from the cache or a download is left out (the same weights)."""
+    `none`, or `file PATH (365-way)`; whether the file came from the cache or a download is left out (the same
+    weights). An old summary without one: the setting, marked as not recorded."""
     if not isinstance(description, str) or not description:
-        return str(setting)
+        return "none" if setting == "none" else f"{setting} (not recorded)"
     if description.startswith("imagenet"):
         return description.replace(", cached)", ")").replace(", downloaded)", ")")
     if description.startswith("none"):
         return "none"
-    if description.startswith("file "):
-        return description.split(" (", 1)[0]
+    if description.startswith("file ") and description.endswith("-way source head)"):
+        return description.removesuffix(" source head)") + ")"
     return description
 
 
+def _is_run_folder(folder: Path) -> bool:
+    """A folder train wrote: its config.yaml beside a file only a run has (another tool's config.yaml, as
+    wandb's, is not a run)."""
+    return (folder / "config.yaml").is_file() and any(
+        (folder / name).exists() for name in ("summary.json", "manifest.txt", "last.pt", "metrics.csv")
+    )
+
+
+def _folders_below(root: Path) -> list[Path]:
+    """Every folder below root, linked ones included (a folder of links to runs), each real folder once, hidden
+    ones (.trash, .ipynb_checkpoints) skipped."""
+    found, seen = [], set()
+    for top, folders, _ in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        found.append(Path(top))
+    return found
+
+
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run folders (holding a config.yaml) named or found below the given paths, each once, in sorted order.
+    """Run folders named or found below the given paths, each once (by its real path), in sorted order.
     A run's `last.pt`, `summary.json` or `config.yaml` stands for its folder."""
     found: dict[Path, None] = {}
     for given in paths:
@@ -178,19 +248,21 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
             )
         if not path.is_dir():
             raise UserError(f"{given} is not a run folder (a folder with config.yaml) nor a folder of runs")
-        if (path / "config.yaml").is_file():
+        if (path / "config.yaml").is_file():  # named: a run, finished or not
             found.setdefault(path.resolve())
             continue
-        below = sorted(
-            config.parent.resolve()
-            for config in path.rglob("config.yaml")
-            if not any(part.startswith(".") for part in config.relative_to(path).parts)
-        )
+        below = sorted({folder.resolve() for folder in _folders_below(path) if _is_run_folder(folder)})
         if not below:
             raise UserError(f"no runs in {given}: no folder below it holds a run's config.yaml")
         for folder in below:
             found.setdefault(folder)
     return list(found)
+
+
+def _yaml_loader():
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's: 5,000 runs took 15 s with the pure-Python one
 
 
 def _read_run(folder: Path) -> Run | None:
@@ -201,36 +273,106 @@ def _read_run(folder: Path) -> Run | None:
     if not summary_path.exists():
         return None
     summary = json.loads(summary_path.read_text(encoding="utf-8", errors="surrogateescape"))
-    settings = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8", errors="surrogateescape"))
-    if not isinstance(summary, dict) or not isinstance(settings, dict):
+    config_text = (folder / "config.yaml").read_text(encoding="utf-8", errors="surrogateescape")
+    recorded = yaml.load(config_text, Loader=_yaml_loader())
+    if not isinstance(summary, dict) or not isinstance(recorded, dict):
         raise ValueError("summary.json or config.yaml is not a mapping")
     top1 = summary.get("test_top1")
     if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not math.isfinite(top1):
         raise ValueError(f"summary.json has no test_top1 (found {top1!r})")
-    world_size = summary.get("world_size", 1)
+    if not 0.0 <= top1 <= 100.0:
+        raise ValueError(f"summary.json's test_top1 {top1!r} is not a percentage")
+    world_size = summary.get("world_size")
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        # Before summary.json recorded it, config.yaml's header said how many processes trained a run.
+        header = re.search(r"^# trained by (\d+) processes", config_text, flags=re.MULTILINE)
+        world_size = int(header.group(1)) if header else 1
+    skipped = summary.get("skipped_files", 0)
+    identity = (summary.get("run_dir"), summary.get("time_utc"))
     return Run(
         folder=folder,
-        settings=settings,
-        weights=weights_kind(summary.get("weights"), settings.get("weights")),
-        world_size=world_size if isinstance(world_size, int) and world_size > 0 else 1,
-        seed=settings.get("seed", summary.get("seed")),
+        settings=_settings(recorded, summary),
+        weights=weights_kind(summary.get("weights"), recorded.get("weights")),
+        world_size=world_size,
+        seed=recorded.get("seed", summary.get("seed")),
         top1=float(top1),
+        skipped_files=skipped if isinstance(skipped, int) and not isinstance(skipped, bool) else 0,
+        identity=identity if all(isinstance(part, str) for part in identity) else None,
     )
 
 
-def _group_key(run: Run) -> tuple:
-    settings = {key: value for key, value in run.settings.items() if key not in NOT_IN_GROUP and key != "weights"}
-    settings["weights"] = run.weights
-    settings["world_size"] = run.world_size
-    return tuple(sorted((key, json.dumps(value, sort_keys=True, default=str)) for key, value in settings.items()))
+def _settings(recorded: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """config.yaml's settings as a current run would record them: a setting added since the run's version gets
+    its default (an older run is not a setting of its own), a dataset default left unset is filled in, and the
+    loader is the one the run used (`auto` and `torchvision` on a CPU are one loader)."""
+    known = {key: _as_written(key, value) for key, value in recorded.items() if key in FIELD_NAMES}
+    try:
+        settings = fill_dataset_defaults(TrainConfig(**known)).to_dict()
+    except TypeError:  # a value of a type no version wrote (a hand edit): the run as written
+        settings = dict(known)
+    settings.update({key: value for key, value in recorded.items() if key not in FIELD_NAMES})
+    if isinstance(summary.get("loader"), str):
+        settings["loader"] = summary["loader"]
+    for resolved_on_the_device in ("channels_last", "teacher_fused_conv"):  # None in a config.yaml before they were
+        if settings.get(resolved_on_the_device) is None and isinstance(summary.get(resolved_on_the_device), bool):
+            settings[resolved_on_the_device] = summary[resolved_on_the_device]
+    if settings.get("sample_rate") == 1.0:  # every training image, as without --sample-rate
+        settings["sample_rate"] = None
+    return settings
+
+
+def _as_written(key: str, value: Any) -> Any:
+    """A whole number edited into an integer setting as 10.0 is the 10 train would have written."""
+    integer = _FIELD_TYPES[key].split("|")[0].strip() == "int"
+    return int(value) if integer and isinstance(value, float) and value.is_integer() else value
+
+
+_FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+
+
+def _irrelevant(settings: dict[str, Any]) -> set[str]:
+    """Settings this run's method and switches never read."""
+    method = settings.get("method")
+    unused = set()
+    if method != "smile":
+        unused.update(_SMILE_ONLY)
+    if method not in ("mixup", "cutmix", "smile"):
+        unused.add("alpha")
+    if method != "cutmix":
+        unused.add("cutmix_probability")
+    if not settings.get("amp"):
+        unused.add("amp_dtype")
+    if not settings.get("compile"):
+        unused.add("compile_mode")
+    if not settings.get("cuda_graph"):
+        unused.update(("teacher_lookahead", "teacher_background"))
+    if settings.get("sample_rate") is None:
+        unused.add("sample_draw")
+    return unused
+
+
+def _group_key(run: Run) -> dict[str, Any]:
+    dropped = NOT_IN_GROUP | _irrelevant(run.settings) | {"weights"}
+    key = {name: value for name, value in run.settings.items() if name not in dropped}
+    if run.settings.get("dataset") == "imagefolder":  # the folder is the dataset
+        key["data_dir"] = run.settings.get("data_dir")
+    key["weights"] = run.weights
+    key["world_size"] = run.world_size
+    return key
+
+
+def _frozen(key: dict[str, Any]) -> str:
+    return json.dumps(key, sort_keys=True, default=str)
 
 
 def collect(paths: Iterable[str | Path]) -> Collected:
     import yaml
 
-    groups: dict[tuple, Group] = {}
+    groups: dict[str, Group] = {}
     unfinished: list[Path] = []
     unreadable: list[tuple[Path, str]] = []
+    copies: list[tuple[Path, Path]] = []
+    seen: dict[tuple, Path] = {}
     for folder in find_runs(paths):
         try:
             run = _read_run(folder)
@@ -241,11 +383,19 @@ def collect(paths: Iterable[str | Path]) -> Collected:
             unfinished.append(folder)
             continue
         key = _group_key(run)
-        groups.setdefault(key, Group(key)).runs.append(run)
+        if run.identity is not None:
+            # A copy of a run folder (a backup beside it): one training, not two repeats. Everything must match,
+            # so that a hand-edited summary.json is not taken for a copy.
+            identity = (*run.identity, run.top1, str(run.seed), _frozen(key))
+            if identity in seen:
+                copies.append((folder, seen[identity]))
+                continue
+            seen[identity] = folder
+        groups.setdefault(_frozen(key), Group(key)).runs.append(run)
     ordered = sorted(groups.values(), key=_group_order)
     for group in ordered:
         group.runs.sort(key=lambda run: (_sortable(run.seed), str(run.folder)))
-    return Collected(ordered, unfinished, unreadable)
+    return Collected(ordered, unfinished, unreadable, copies)
 
 
 def _sortable(value: Any) -> tuple:
@@ -254,12 +404,13 @@ def _sortable(value: Any) -> tuple:
 
 def _group_order(group: Group) -> tuple:
     settings = group.first.settings
+    method = settings.get("method")
     return (
         str(settings.get("dataset")),
         str(settings.get("model")),
-        protocol(settings),
-        str(settings.get("method")),
-        group.key,
+        _protocol_order(settings),
+        _METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER),
+        _frozen(group.key),
     )
 
 
@@ -273,81 +424,98 @@ def differences_from_paper(run: Run) -> list[str]:
     paper = fill_dataset_defaults(TrainConfig(dataset=dataset, method=method)).to_dict()
     found = []
     for key in _COMPARED + _COMPARED_FOR_METHOD.get(method, ()):
-        if key == "sample_draw" and run.settings.get("sample_rate") is None:
+        if key in _irrelevant(run.settings):
             continue
         value = run.settings.get(key, paper[key])
         if value != paper[key]:
-            found.append(f"{key} {_show(value)} (paper {_show(paper[key])})")
-    global_batch = run.settings.get("batch_size", PAPER_BATCH) * run.world_size
-    if global_batch != PAPER_BATCH:
-        found.append(f"global batch {global_batch} (paper {PAPER_BATCH})")
-    if dataset == "indoor67":  # the paper starts from a Places365 ResNet-50, which only a file can give here
-        if not run.weights.startswith("file "):
-            found.append(f"weights {run.weights} (paper Places365)")
+            found.append(f"{key} {_show(value)}, not {_show(paper[key])}")
+    batch = run.settings.get("batch_size")
+    if isinstance(batch, int) and batch * run.world_size != PAPER_BATCH:
+        found.append(f"global batch {batch * run.world_size}, not {PAPER_BATCH}")
+    if run.weights.endswith("(not recorded)"):
+        found.append("weights not recorded")
+    elif dataset == "indoor67":  # the paper starts from a Places365 ResNet-50, which only a 365-way file can be
+        if not (run.weights.startswith("file ") and run.weights.endswith("(365-way)")):
+            found.append(f"weights {run.weights}, not Places365")
     elif not run.weights.startswith("imagenet"):
-        found.append(f"weights {run.weights} (paper ImageNet)")
+        found.append(f"weights {run.weights}, not ImageNet")
     return found
 
 
 def _show(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A setting as YAML writes it (true, null, 0.0100000001): the display must not make two settings look
+    alike."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return str(value)
 
 
 def _varying_columns(groups: list[Group]) -> list[str]:
-    """The settings, beyond the named columns, that differ between the groups shown."""
-    columns: list[str] = []
-    keys = sorted({key for group in groups for key, _ in group.key})
-    for key in keys:
-        if key in NAMED_COLUMNS:
-            continue
-        values = {dict(group.key).get(key) for group in groups}
-        if len(values) > 1:
-            columns.append(key)
-    return columns
+    """The settings, beyond the named columns, that differ between groups that read them (a setting only some
+    groups read, such as --amp-dtype, is set apart by the one that decides it, --amp)."""
+    keys = sorted({key for group in groups for key in group.key} - set(NAMED_COLUMNS))
+    return [key for key in keys if len({_frozen({"v": group.key[key]}) for group in groups if key in group.key}) > 1]
 
 
-def table_rows(collected: Collected) -> tuple[list[str], list[list[str]]]:
-    """The header and rows every format shares; numbers as text with two decimals."""
-    varying = _varying_columns(collected.groups)
-    header = ["dataset", "method", "protocol", *varying, "runs", "seeds", "top-1 mean", "std", "paper", "differs"]
+def _cell(group: Group, key: str) -> str:
+    return _show(group.key[key]) if key in group.key else ""  # blank: a setting this group's method never reads
+
+
+def table_rows(collected: Collected, *, every_setting: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The header and rows: the settings that tell the groups apart (every_setting: all of the key), then the
+    numbers, with two decimals. `differs` is `none` where the paper's setting was matched, blank where the
+    paper has no number."""
+    if every_setting:
+        columns = sorted({key for group in collected.groups for key in group.key} - set(NAMED_COLUMNS))
+    else:
+        columns = _varying_columns(collected.groups)
+    header = ["dataset", "method", "protocol", *columns, "runs", "seeds", "top-1 mean", "std", "paper", "differs"]
     rows = []
     for group in collected.groups:
         run = group.first
-        values = {key: json.loads(text) for key, text in group.key}
         paper = paper_top1(run)
-        differs = differences_from_paper(run) if paper is not None else []
+        differs = ("; ".join(differences_from_paper(run)) or "none") if paper is not None else ""
         rows.append(
             [
                 str(run.settings.get("dataset")),
                 str(run.settings.get("method")),
                 protocol(run.settings),
-                *(_show(values.get(key)) for key in varying),
+                *(_cell(group, key) for key in columns),
                 str(len(group.runs)),
                 ",".join(str(r.seed) for r in group.runs),
                 f"{group.mean:.2f}",
                 "" if group.std is None else f"{group.std:.2f}",
                 "" if paper is None else f"{paper:.2f}",
-                "; ".join(differs),
+                differs,
             ]
         )
     return header, rows
 
 
-def repeated_seeds(group: Group) -> list[str]:
-    """Seeds that occur more than once in a group: such runs are repeats of one draw, not independent ones."""
-    seeds = [run.seed for run in group.runs]
-    return sorted({str(seed) for seed in seeds if seeds.count(seed) > 1})
+def _one_line(cell: str) -> str:
+    """A cell of a text or markdown table: a path's line break would start a new row."""
+    return cell.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def render(collected: Collected, style: str = "text") -> str:
-    header, rows = table_rows(collected)
     if style == "csv":
+        # For scripts: every setting of the key (columns that do not come and go with the runs given), the
+        # unrounded mean and std, and each run's top-1 and folder (JSON lists: a folder name may hold any
+        # character, and JSON writes one that is not UTF-8 as an escape).
+        header, rows = table_rows(collected, every_setting=True)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow([*header, "run_dirs"])
+        writer.writerow([*header, "top1s", "run_dirs"])
+        mean_at, std_at = header.index("top-1 mean"), header.index("std")
         for row, group in zip(rows, collected.groups, strict=True):
-            writer.writerow([*row, " ".join(str(run.folder) for run in group.runs)])
+            row[mean_at] = repr(group.mean)
+            row[std_at] = "" if group.std is None else repr(group.std)
+            writer.writerow([*row, json.dumps(group.top1s), json.dumps([str(run.folder) for run in group.runs])])
         return buffer.getvalue()
+    header, rows = table_rows(collected)
+    rows = [[_one_line(cell) for cell in row] for row in rows]
     if style == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
@@ -360,17 +528,30 @@ def render(collected: Collected, style: str = "text") -> str:
     return "\n".join(lines) + "\n"
 
 
+def repeated_seeds(group: Group) -> list[str]:
+    """Seeds that occur more than once in a group: such runs are repeats of one draw, not independent ones."""
+    seeds = [run.seed for run in group.runs]
+    return sorted({str(seed) for seed in seeds if seeds.count(seed) > 1})
+
+
 def notes(collected: Collected) -> list[str]:
     """What the table leaves out or cannot vouch for, one line each (printed on stderr)."""
     lines = []
-    for group in collected.groups:
+    for number, group in enumerate(collected.groups, start=1):
         repeated = repeated_seeds(group)
         if repeated:
-            run = group.first
             lines.append(
-                f"note: seed {', '.join(repeated)} trained more than once in the {run.settings.get('dataset')} "
-                f"{run.settings.get('method')} {protocol(run.settings)} group; its mean counts each run"
+                f"note: row {number} ({group.name}): seed {', '.join(repeated)} trained more than once; "
+                "its mean counts each of those runs"
             )
+        damaged = [run for run in group.runs if run.skipped_files]
+        if damaged:
+            lines.append(
+                f"note: row {number} ({group.name}): {len(damaged)} of its runs skipped missing or unreadable image "
+                f"files ({', '.join(f'{run.skipped_files} in {run.folder}' for run in damaged)})"
+            )
+    for folder, original in collected.copies:
+        lines.append(f"a copy of the run in {original}, left out: {folder}")
     for folder in collected.unfinished:
         lines.append(f"not finished (no summary.json), left out: {folder}")
     for folder, reason in collected.unreadable:
