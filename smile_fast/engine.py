@@ -197,6 +197,8 @@ class Trainer:
         self.skipped_up_front = len(skipped)
         if not train_samples:
             raise UserError("no readable training images are left after the subset protocol and image checks")
+        if not self.test_samples:  # found here, not at the first evaluation, after an eval_every of training
+            raise UserError("no readable test images: there is nothing to evaluate the run on")
         self.train_samples = train_samples
 
         self.method = build_method(

@@ -455,6 +455,19 @@ def test_a_resume_names_a_training_image_broken_since_the_start_once(tmp_path, m
     assert summary["skipped_files"] == 1 and summary["train_images"] == 31
 
 
+def test_a_test_split_with_no_readable_image_is_refused_before_training(tmp_path, capsys):
+    """It was found at the first evaluation, after --eval-every iterations, and left a run folder behind."""
+    from smile_fast.cli import main
+
+    data = write_tiny_imagefolder(tmp_path / "data")
+    for image in (data / "test").rglob("*.jpg"):
+        image.write_bytes(b"not an image")
+    argv = ["train", "--dataset", "imagefolder", "--data-dir", str(data), "--model", "resnet18", "--weights", "none"]
+    assert main([*argv, "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "no readable test images" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_of_a_finished_run_changes_nothing(tiny_imagefolder, tmp_path, capsys):
     # It used to run on and rewrite summary.json with test_top1 null (no evaluation after the last step).
     from smile_fast.cli import main
