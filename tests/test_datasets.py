@@ -102,16 +102,46 @@ def test_imagefolder_follows_links_but_not_loops(tmp_path: Path):
     (tmp_path / "train" / "cat" / "sub" / "up").symlink_to("..")  # back to cat
     (tmp_path / "train" / "cat" / "self-1").symlink_to(".")
     (tmp_path / "train" / "cat" / "self-2").symlink_to(".")
+    (tmp_path / "train" / "eel" / "to-the-split").symlink_to(tmp_path / "train")  # not the others' images as eel
+    (tmp_path / "train" / "eel" / "to-the-root").symlink_to("/")
     splits = load_dataset("imagefolder", tmp_path)
     through_links = [(str(tmp_path / "train" / "dog" / link / linked.name), 1) for link in ("more", "more-again")]
     assert sorted(splits.train) == sorted([*expected.train, *through_links])
 
 
-def test_imagefolder_requires_the_same_classes(tmp_path: Path):
+def test_imagefolder_requires_the_same_classes_and_says_how_to_mend_it(tmp_path: Path):
     build_imagefolder(tmp_path)
     write_image(tmp_path / "train" / "zebra" / "a.jpg")
-    with pytest.raises(UserError, match="zebra"):
+    with pytest.raises(UserError, match="zebra.*needs an empty folder of its name in test/"):
         load_dataset("imagefolder", tmp_path)
+    (tmp_path / "test" / "zebra").mkdir()  # as the message says: then it trains, with no test image of zebra
+    assert "zebra" in load_dataset("imagefolder", tmp_path).classes
+    write_image(tmp_path / "test" / "yak" / "a.jpg")
+    with pytest.raises(UserError, match="yak.*cannot be learned: take it out of test/"):
+        load_dataset("imagefolder", tmp_path)
+
+
+def test_jpeg_files_named_jfif_or_jpe_are_images(tmp_path: Path):
+    expected = build_imagefolder(tmp_path)
+    jfif = write_image(tmp_path / "train" / "cat" / "camera.jfif")
+    jpe = write_image(tmp_path / "train" / "cat" / "old.JPE")
+    splits = load_dataset("imagefolder", tmp_path)
+    assert sorted(splits.train) == sorted([*expected.train, (str(jfif), 0), (str(jpe), 0)])
+
+
+def test_verify_lists_the_files_an_imagefolder_does_not_use(tmp_path: Path):
+    build_imagefolder(tmp_path / "data")
+    train = tmp_path / "data" / "train"
+    (train / "cat" / "notes.txt").write_text("not an image")
+    loose = write_image(train / "beside-the-classes.jpg")
+    (train / "dog" / "Thumbs.db").write_bytes(b"system file")
+    (train / "dog" / ".DS_Store").write_bytes(b"hidden")
+    (train / "cat" / "up").symlink_to("..")  # a link back up is walked once
+    report = verify_dataset("imagefolder", tmp_path / "data", cache_dir=tmp_path / "cache")
+    [line] = [line for line in report.text.splitlines() if "not used" in line]
+    assert line.strip().startswith("2 other file(s) not used")
+    assert line.endswith(f"{loose}, {train / 'cat' / 'notes.txt'}"), line
+    assert report.text.endswith("OK")
 
 
 def test_imagefolder_with_one_class_is_a_user_error(tmp_path: Path):

@@ -21,7 +21,8 @@ from smile_fast.errors import UserError
 DATASET_NAMES = ("cub", "cars", "aircraft", "indoor67", "food101", "imagefolder")
 
 # File name endings accepted as images in the imagefolder layout (compared lower-case).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# torchvision's ImageFolder list, and .jfif/.jpe, which cameras and browsers give JPEG files (PIL reads them).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 _WHERE = {
     "cub": "download CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/ and extract it",
@@ -381,10 +382,15 @@ def _load_imagefolder(data_dir: Path) -> DatasetSplits:
     if set(train_files) != set(test_files):
         only_train = sorted(set(train_files) - set(test_files))
         only_test = sorted(set(test_files) - set(train_files))
+        fixes = []
+        if only_train:
+            fixes.append("a class with no test images needs an empty folder of its name in test/")
+        if only_test:
+            fixes.append("a class with no training images cannot be learned: take it out of test/")
         raise _fail(
             "imagefolder",
             f"train/ and test/ must hold the same class folders (only in train: {only_train[:5]}, "
-            f"only in test: {only_test[:5]})",
+            f"only in test: {only_test[:5]}); {'; '.join(fixes)}",
         )
     classes = sorted(train_files)
     if len(classes) < 2:
@@ -404,7 +410,9 @@ def images_under(folder: Path) -> list[str]:
 
     Linked folders are followed, as os.walk(followlinks=True) does, except a link back to a folder of the path
     being walked (sub/up -> ..; two links to "."), where the walk looped, listing the same images at every depth
-    or never ending. Two links to one folder from different places are both listed, as before."""
+    or never ending, and a link to a folder above `folder` (a class folder's link to its split: the other classes'
+    images were listed under this class's label). Two links to one folder from different places are both
+    listed, as before."""
     found: list[str] = []
 
     def walk(directory: str, ancestors: frozenset[tuple[int, int]]) -> None:
@@ -431,11 +439,14 @@ def images_under(folder: Path) -> list[str]:
             if key not in ancestors:
                 walk(entry.path, ancestors | {key})
 
+    above: set[tuple[int, int]] = set()
     try:
-        root = os.stat(folder)
+        for path in (Path(folder).resolve(), *Path(folder).resolve().parents):
+            status = os.stat(path)
+            above.add((status.st_dev, status.st_ino))
     except OSError:
         return []
-    walk(os.fspath(folder), frozenset({(root.st_dev, root.st_ino)}))
+    walk(os.fspath(folder), frozenset(above))
     return sorted(found)
 
 
@@ -472,6 +483,29 @@ class DatasetReport(NamedTuple):
     unreadable: int  # files that exist but cannot be read
 
 
+# Files an operating system leaves in folders: not worth a line in `data verify`.
+_SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
+
+
+def unused_files(split_dir: Path) -> list[str]:
+    """Files below an imagefolder split that training does not use: ones with no image extension, and files
+    beside the class folders rather than in one (hidden files and folders, and system files, left out)."""
+    unused, seen = [], set()
+    for top, folders, files in os.walk(split_dir, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree (os.walk would follow it for ever)
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.lower() in _SYSTEM_FILES:
+                continue
+            if Path(top) == split_dir or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                unused.append(os.path.join(top, name))
+    return unused
+
+
 def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = None) -> DatasetReport:
     """Load a dataset's lists and check every image header; a short human-readable report and the counts.
 
@@ -502,10 +536,19 @@ def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = Non
                 lines.append(f"    ... and {len(paths) - 10} more {kind}")
         if split_name == "train" and (empty := classes_without_images(splits.classes, good)):
             lines.append(f"    {len(empty)} class(es) without a readable training image: {listed(empty)}")
+        if name == "imagefolder" and (unused := unused_files(Path(splits.root) / split_name)):
+            lines.append(
+                f"    {len(unused)} other file(s) not used (no image extension of {', '.join(IMAGE_EXTENSIONS)}, "
+                f"or not inside a class folder): {listed(unused)}"
+            )
     if total_missing or total_unreadable:
-        lines.append(
-            f"PROBLEMS: {total_missing} missing and {total_unreadable} unreadable files; training skips them, "
+        why = (
             "so a partial download trains on less data than the paper's protocol"
+            if name != "imagefolder"
+            else "so the run trains and is scored on fewer images than the folder holds"
+        )
+        lines.append(
+            f"PROBLEMS: {total_missing} missing and {total_unreadable} unreadable files; training skips them, {why}"
         )
     else:
         lines.append("OK")
