@@ -152,11 +152,18 @@ def test_eval_with_workers_and_channels_last(tmp_path: Path):
     assert all(images.is_contiguous(memory_format=torch.channels_last) for images, _ in results)
 
 
-def test_eval_drops_an_unreadable_image_without_crashing(tmp_path: Path):
-    samples = flat_samples(tmp_path, 5)
-    Path(samples[1][0]).write_bytes(b"not an image")
-    results = list(eval_batches(samples, TEST_SPEC, 2, CPU, num_workers=0))
-    assert [index_of(image) for images, _ in results for image in images] == [0, 2, 3, 4]
+def test_eval_drops_an_unreadable_image_without_crashing_and_names_it(tmp_path: Path, caplog):
+    samples = flat_samples(tmp_path, 7)
+    for broken in (1, 4, 5):  # 4 and 5: the whole second batch, and the rest of the shard lines up after it
+        Path(samples[broken][0]).write_bytes(b"not an image")
+    with caplog.at_level("WARNING"):
+        results = list(eval_batches(samples, TEST_SPEC, 2, CPU, num_workers=0, rank=0, world_size=1))
+    assert [index_of(image) for images, _ in results for image in images] == [0, 2, 3, 6]
+    warnings = [record.getMessage() for record in caplog.records]
+    assert warnings == [
+        f"skipped 1 image(s) that failed to decode: {samples[1][0]}",
+        f"skipped 2 image(s) that failed to decode: {samples[4][0]}, {samples[5][0]}",
+    ], warnings
 
 
 def test_plan_and_samples_must_agree(tmp_path: Path):

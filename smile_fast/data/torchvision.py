@@ -243,10 +243,14 @@ def eval_batches(
         generator=_private_generator(),
         worker_init_fn=leave_stop_signals_to_the_parent,
     )
+    start = 0  # the batches come in order (no shuffle): batch k holds shard[start : start + len(batch)]
     for images, labels, ok in loader:
         if not bool(ok.all()):
-            logger.warning("skipped %d image(s) that failed to decode", int((~ok).sum()))
+            # Named, so that the file can be found: a header check passed it (its middle is what is damaged).
+            failed = [shard[start + int(index)][0] for index in (~ok).nonzero().flatten()]
+            logger.warning("skipped %d image(s) that failed to decode: %s", len(failed), ", ".join(failed))
             images, labels = images[ok], labels[ok]
-            if len(labels) == 0:
-                continue
+        start += len(ok)
+        if len(labels) == 0:
+            continue
         yield _to_device(images, labels, device, pin_memory, channels_last)
