@@ -129,6 +129,18 @@ def test_jpeg_files_named_jfif_or_jpe_are_images(tmp_path: Path):
     assert sorted(splits.train) == sorted([*expected.train, (str(jfif), 0), (str(jpe), 0)])
 
 
+def test_verify_says_why_a_file_is_unreadable(tmp_path: Path):
+    expected = build_imagefolder(tmp_path / "data")
+    empty, truncated = Path(expected.train[0][0]), Path(expected.train[1][0])
+    empty.write_bytes(b"")
+    whole = truncated.read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])
+    text = verify_dataset("imagefolder", tmp_path / "data", cache_dir=tmp_path / "cache").text
+    assert f"unreadable: {empty} (empty file)" in text
+    [line] = [line for line in text.splitlines() if f"unreadable: {truncated} (" in line]
+    assert "truncated" in line.lower() or "broken" in line.lower(), line
+
+
 def test_verify_lists_the_files_an_imagefolder_does_not_use(tmp_path: Path):
     build_imagefolder(tmp_path / "data")
     train = tmp_path / "data" / "train"
@@ -262,7 +274,7 @@ def test_verify_dataset_reports_counts_and_bad_files(tmp_path: Path):
     train_count, test_count = len(expected.train), len(expected.test)
     assert f"train: {train_count} images listed, {train_count - 1} readable, 0 missing, 1 unreadable" in text
     assert f"test: {test_count} images listed, {test_count - 1} readable, 1 missing, 0 unreadable" in text
-    assert f"unreadable: {bad}" in text and f"missing: {missing}" in text
+    assert f"unreadable: {bad} (not an image file PIL can identify)" in text and f"missing: {missing}" in text
     assert (report.missing, report.unreadable) == (1, 1) and "PROBLEMS" in text
 
 

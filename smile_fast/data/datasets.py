@@ -514,7 +514,7 @@ def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = Non
     Raises UserError when the layout itself is broken.
     """
     from smile_fast.data.cache import image_checks_dir
-    from smile_fast.data.images import check_images, listed, split_missing
+    from smile_fast.data.images import check_images, listed, split_missing, why_unreadable
 
     if cache_dir is None:
         cache_dir = image_checks_dir()
@@ -530,10 +530,12 @@ def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = Non
             f"  {split_name}: {len(samples)} images listed, {len(good)} readable, {len(missing)} missing, "
             f"{len(unreadable)} unreadable"
         )
-        for kind, paths in (("missing", missing), ("unreadable", unreadable)):
-            lines += [f"    {kind}: {path}" for path in paths[:10]]
-            if len(paths) > 10:
-                lines.append(f"    ... and {len(paths) - 10} more {kind}")
+        lines += [f"    missing: {path}" for path in missing[:10]]
+        if len(missing) > 10:
+            lines.append(f"    ... and {len(missing) - 10} more missing")
+        lines += [f"    unreadable: {path} ({why_unreadable(path)})" for path in unreadable[:10]]
+        if len(unreadable) > 10:
+            lines.append(f"    ... and {len(unreadable) - 10} more unreadable")
         if split_name == "train" and (empty := classes_without_images(splits.classes, good)):
             lines.append(f"    {len(empty)} class(es) without a readable training image: {listed(empty)}")
         if name == "imagefolder" and (unused := unused_files(Path(splits.root) / split_name)):

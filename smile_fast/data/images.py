@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from smile_fast.atomic_file import atomic_write
 
@@ -84,6 +84,23 @@ def _check_one(path: str) -> bool:
             return True
     except Exception:  # PIL raises many unrelated types (OSError, SyntaxError, ValueError, ...) on bad files
         return False
+
+
+def why_unreadable(path: str) -> str:
+    """Why a file the header check refused cannot be read, in a few words (for `data verify`, which lists them)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            if min(image.size) < 1:
+                return f"image of size {image.size[0]}x{image.size[1]}"
+            image.load()
+    except UnidentifiedImageError:
+        return "not an image file PIL can identify"
+    except Exception as error:  # noqa: BLE001 - PIL's errors are of many types; their text is the reason
+        text = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {text[0][:150]}" if text else type(error).__name__
+    return "readable now"  # changed since it was checked
 
 
 def _cache_file(cache_dir: Path, paths: list[str]) -> Path:
