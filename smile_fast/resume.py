@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,17 @@ def check_classes(where: str | Path, state: Mapping[str, Any], classes: list[str
         what.append(f"new: {listed(new)}")
     if not what:
         what.append("the same names in another order")
+    hint = "use the dataset as it was (--data-dir)"
+    if [unicodedata.normalize("NFC", name) for name in recorded] == [unicodedata.normalize("NFC", c) for c in classes]:
+        # "missing now: café; new: café": the same letters, stored as other code points (macOS writes é as e + ´).
+        hint = (
+            "the names differ only in how their accented letters are stored (Unicode NFC and NFD: a copy through "
+            "macOS or some archive tools changes it); rename the folders back, e.g. `convmv -r -f utf8 -t utf8 "
+            "--nfc --notest DIR`"
+        )
     raise UserError(
         f"the dataset's classes differ from those {where} was trained on ({len(recorded)} then, {len(classes)} now; "
-        f"{'; '.join(what)}), so its labels would not match; use the dataset as it was (--data-dir)"
+        f"{'; '.join(what)}), so its labels would not match; {hint}"
     )
 
 

@@ -189,3 +189,19 @@ def test_a_pickle_of_other_objects_is_one_short_line_naming_the_object(tmp_path)
 
 class _NotATensor:
     pass
+
+
+def test_class_names_stored_in_another_unicode_form_are_named_as_such():
+    """'missing now: café; new: café' left the user staring at two equal-looking names."""
+    import unicodedata
+
+    from smile_fast.errors import UserError
+    from smile_fast.resume import check_classes
+
+    composed = ["bird", unicodedata.normalize("NFC", "café")]
+    decomposed = ["bird", unicodedata.normalize("NFD", "café")]
+    with pytest.raises(UserError, match="differ only in how their accented letters are stored"):
+        check_classes("the run", {"classes": composed}, decomposed)
+    with pytest.raises(UserError, match=r"use the dataset as it was \(--data-dir\)"):
+        check_classes("the run", {"classes": composed}, ["bird", "cafe"])
+    check_classes("the run", {"classes": composed}, list(composed))
