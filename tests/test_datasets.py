@@ -386,3 +386,19 @@ def test_check_images_cache_is_reused_and_invalidated(tmp_path: Path, monkeypatc
     Path(samples[2][0]).write_bytes(b"garbage")
     assert check_images(samples, cache) == (samples[:2] + samples[3:], [samples[2][0]])
     assert checked == [samples[2][0]]
+
+
+def test_classes_without_test_images_are_said_by_verify_and_at_train_time(tmp_path: Path, private_cache):
+    """An empty test/<class> folder is allowed (a class with no test image), but the top-1 then leaves it out."""
+    from smile_fast.config import build_config
+    from smile_fast.data.prepare import prepare_data
+
+    build_imagefolder(tmp_path / "data")
+    for image in (tmp_path / "data" / "test" / "eel").iterdir():
+        image.unlink()
+    text = verify_dataset("imagefolder", tmp_path / "data", cache_dir=tmp_path / "cache").text
+    assert "1 class(es) without a readable test image (not scored): eel" in text
+    lines: list[str] = []
+    config = build_config(overrides={"dataset": "imagefolder", "data_dir": str(tmp_path / "data")})
+    prepare_data(config, log=lines.append)
+    assert lines == ["warning: 1 class(es) have no test image, so the top-1 does not score them: eel"], lines

@@ -538,6 +538,8 @@ def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = Non
             lines.append(f"    ... and {len(unreadable) - 10} more unreadable")
         if split_name == "train" and (empty := classes_without_images(splits.classes, good)):
             lines.append(f"    {len(empty)} class(es) without a readable training image: {listed(empty)}")
+        if split_name == "test" and (empty := classes_without_images(splits.classes, good)):
+            lines.append(f"    {len(empty)} class(es) without a readable test image (not scored): {listed(empty)}")
         if name == "imagefolder" and (unused := unused_files(Path(splits.root) / split_name)):
             lines.append(
                 f"    {len(unused)} other file(s) not used (no image extension of {', '.join(IMAGE_EXTENSIONS)}, "

@@ -59,6 +59,11 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True) -> P
         if empty := classes_without_images(splits.classes, splits.train):
             drawn = " (the --sample-rate draw gave them none)" if config.sample_draw == "authors" else ""
             log(f"warning: {len(empty)} class(es) have no training image{drawn}: {listed(empty)}")
+    if empty_in_test := classes_without_images(splits.classes, splits.test):
+        log(
+            f"warning: {len(empty_in_test)} class(es) have no test image, so the top-1 does not score them: "
+            f"{listed(empty_in_test)}"
+        )
     train_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=True)
     test_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=False)
     return PreparedData(splits, train_spec, test_spec, bad_train + bad_test)
