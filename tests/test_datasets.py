@@ -402,3 +402,12 @@ def test_classes_without_test_images_are_said_by_verify_and_at_train_time(tmp_pa
     config = build_config(overrides={"dataset": "imagefolder", "data_dir": str(tmp_path / "data")})
     prepare_data(config, log=lines.append)
     assert lines == ["warning: 1 class(es) have no test image, so the top-1 does not score them: eel"], lines
+
+
+def test_a_split_given_as_the_imagefolder_points_to_its_parent(tmp_path: Path):
+    build_imagefolder(tmp_path / "data")
+    with pytest.raises(UserError, match=f"is a split, not the dataset.*--data-dir {tmp_path / 'data'}"):
+        load_dataset("imagefolder", tmp_path / "data" / "train")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        load_dataset("imagefolder", tmp_path / "file")

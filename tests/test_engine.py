@@ -710,7 +710,9 @@ def test_eval_says_which_test_images_it_skipped(tmp_path):
     said = []
     result = evaluate_checkpoint(str(out), device="cpu", log=said.append)
     assert result["test_images"] == 11
-    assert said == [f"skipping image files: 1 unreadable ({broken})"]
+    assert said == [
+        f"skipping image files: 1 unreadable ({broken}) (`smile-fast data verify` lists every one, and why)"
+    ]
 
 
 def test_eval_reads_no_training_file_and_keeps_the_run_s_class_subset(tmp_path):

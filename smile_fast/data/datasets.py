@@ -364,8 +364,20 @@ def _load_food101(data_dir: Path) -> DatasetSplits:
 
 
 def _load_imagefolder(data_dir: Path) -> DatasetSplits:
+    if data_dir.is_file():
+        raise _fail("imagefolder", f"the data folder {data_dir} is a file")
     if not data_dir.is_dir():
         raise _fail("imagefolder", f"the data folder {data_dir} does not exist")
+    if (
+        data_dir.name in ("train", "test")
+        and not (data_dir / "train").is_dir()
+        and (data_dir.parent / "train").is_dir()
+    ):
+        raise _fail(
+            "imagefolder",
+            f"{data_dir} is a split, not the dataset: give the folder that holds train/ and test/ "
+            f"(--data-dir {data_dir.parent})",
+        )
 
     def split(split_name: str) -> dict[str, list[str]]:
         split_dir = _require_dir("imagefolder", data_dir / split_name)

@@ -149,7 +149,7 @@ def skipped_message(bad_paths: list[str]) -> str:
     missing, unreadable = split_missing(bad_paths)
     parts = [f"{len(missing)} missing ({listed(missing)})"] if missing else []
     parts += [f"{len(unreadable)} unreadable ({listed(unreadable)})"] if unreadable else []
-    return "skipping image files: " + "; ".join(parts)
+    return "skipping image files: " + "; ".join(parts) + " (`smile-fast data verify` lists every one, and why)"
 
 
 def check_images(samples: list[tuple[str, int]], cache_dir: Path | None) -> tuple[list[tuple[str, int]], list[str]]:
