@@ -258,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", help="a run folder or its last.pt")
     evaluate.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     evaluate.add_argument("--data-dir", help="dataset folder, if it moved since training")
+    evaluate.add_argument(
+        "--workers",
+        type=_integer,
+        default=min(4, os.cpu_count() or 1),
+        metavar="N",
+        help="image decoding processes (default: %(default)s)",
+    )
 
     export = commands.add_parser(
         "export",
@@ -472,10 +479,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from smile_fast.stop_signals import sigterm_as_interrupt
 
     _one_process("eval")
-
+    if args.workers < 0:
+        raise UserError("--workers must be at least 0")
     with sigterm_as_interrupt():  # the loader's workers end with it, as with Ctrl-C
         result = evaluate_checkpoint(
-            args.checkpoint, device=args.device, data_dir=args.data_dir, progress=sys.stderr.isatty()
+            args.checkpoint,
+            device=args.device,
+            data_dir=args.data_dir,
+            progress=sys.stderr.isatty(),
+            workers=args.workers,
         )
     print(
         f"test top-1 {result['test_top1']:.2f}% on {result['test_images']} images "

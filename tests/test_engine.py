@@ -700,6 +700,24 @@ def test_an_amp_run_evaluates_in_float32_and_eval_reports_its_top1(tiny_imagefol
     assert result["test_top1"] == pytest.approx(summary["test_top1"])
 
 
+def test_eval_of_test_images_that_all_fail_to_decode_is_one_line(tmp_path, capsys):
+    """Their headers pass the up-front check (a damaged middle); the score was a ZeroDivisionError."""
+    from smile_fast.cli import main
+
+    data = write_tiny_imagefolder(tmp_path / "data")
+    out = tmp_path / "run"
+    train(_config(data, out, method="finetune", iters=1), progress=False)
+    for image in (data / "test").rglob("*.jpg"):
+        whole = bytearray(image.read_bytes())
+        whole[200:-2] = bytes(len(whole) - 202)  # header and end marker kept
+        image.write_bytes(bytes(whole))
+    capsys.readouterr()
+    assert main(["eval", str(out), "--device", "cpu", "--workers", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "smile-fast: error: no test image could be decoded; nothing to evaluate"
+    )
+
+
 def test_eval_says_which_test_images_it_skipped(tmp_path):
 
     data = write_tiny_imagefolder(tmp_path / "data")
