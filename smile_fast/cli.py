@@ -421,6 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify = data_commands.add_parser("verify", help="check a dataset folder: layout, counts, unreadable files")
     verify.add_argument("--dataset", choices=DATASET_CHOICES, required=True, help="which layout to check")
     verify.add_argument("--data-dir", help="folder holding the dataset's official layout")
+    verify.add_argument(
+        "--duplicates",
+        action="store_true",
+        help=(
+            "also find byte-identical files: test images that are training images (they inflate the top-1) and "
+            "pictures under two classes; reads every file whose size another shares"
+        ),
+    )
     return parser
 
 
@@ -769,13 +777,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
         if args.dataset == "demo":
             from smile_fast.data.demo import demo_dataset_root
 
-            report = verify_dataset("imagefolder", demo_dataset_root())
+            report = verify_dataset("imagefolder", demo_dataset_root(), duplicates=args.duplicates)
         else:
             if not args.data_dir:
                 raise UserError(f"--data-dir is required to verify --dataset {args.dataset}")
-            report = verify_dataset(args.dataset, args.data_dir)
+            report = verify_dataset(args.dataset, args.data_dir, duplicates=args.duplicates)
         print(report.text)
-        return 1 if report.missing or report.unreadable else 0  # like fsck: 1 = problems found
+        return 1 if report.missing or report.unreadable or report.duplicates else 0  # like fsck: 1 = problems
     else:
         raise UserError("choose `smile-fast data prepare` or `smile-fast data verify --dataset D --data-dir DIR`")
     return 0

@@ -411,3 +411,46 @@ def test_a_split_given_as_the_imagefolder_points_to_its_parent(tmp_path: Path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         load_dataset("imagefolder", tmp_path / "file")
+
+
+def test_verify_duplicates_finds_leaked_test_images_and_pictures_under_two_classes(tmp_path: Path, capsys):
+    import shutil
+
+    from smile_fast.cli import main
+
+    expected = build_imagefolder(tmp_path / "data")
+    train_cat = Path(next(path for path, label in expected.train if label == 0))
+    train_dog = Path(next(path for path, label in expected.train if label == 1))
+    leaked = tmp_path / "data" / "test" / "cat" / f"leaked{train_cat.suffix}"
+    shutil.copy(train_cat, leaked)
+    two_classes = tmp_path / "data" / "train" / "eel" / f"also-a-dog{train_dog.suffix}"
+    shutil.copy(train_dog, two_classes)
+    second_cat = Path([path for path, label in expected.train if label == 0][1])
+    shutil.copy(second_cat, second_cat.with_name(f"again{second_cat.suffix}"))  # in its own class: only counted
+    # Same size, other bytes: read and compared, not a duplicate.
+    other = bytearray(train_cat.read_bytes())
+    other[-3] ^= 0xFF
+    (tmp_path / "data" / "test" / "eel" / f"same-size{train_cat.suffix}").write_bytes(bytes(other))
+
+    report = verify_dataset("imagefolder", tmp_path / "data", cache_dir=tmp_path / "cache", duplicates=True)
+    text = report.text
+    assert report.duplicates == 2
+    leak_line = "1 test image(s) are also training images, so the top-1 scores images the model trained on: "
+    assert f"{leak_line}{leaked} = {train_cat}" in text
+    assert "1 picture(s) under two or more classes: " in text and str(two_classes) in text and "(dog, eel)" in text
+    assert "1 extra copies of images within one split and class" in text
+    assert "same-size" not in text
+    assert (
+        main(["data", "verify", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--duplicates"]) == 1
+    )
+    assert "PROBLEMS: 2 duplicate(s)" in capsys.readouterr().out
+    without = verify_dataset("imagefolder", tmp_path / "data", cache_dir=tmp_path / "cache")
+    assert "  duplicates" not in without.text and without.duplicates == 0, "only asked for"
+
+
+def test_verify_duplicates_of_a_clean_dataset_says_none(tmp_path: Path):
+    build_imagefolder(tmp_path / "data")
+    report = verify_dataset("imagefolder", tmp_path / "data", cache_dir=tmp_path / "cache", duplicates=True)
+    assert report.duplicates == 0 and report.text.endswith(
+        "duplicates: none (byte-identical files; a re-encoded or resized copy is not found)\nOK"
+    )

@@ -493,6 +493,7 @@ class DatasetReport(NamedTuple):
     text: str  # what `smile-fast data verify` prints
     missing: int  # listed files that do not exist
     unreadable: int  # files that exist but cannot be read
+    duplicates: int = 0  # with duplicates=True: test images that are training images, pictures under two classes
 
 
 # Files an operating system leaves in folders: not worth a line in `data verify`.
@@ -518,7 +519,9 @@ def unused_files(split_dir: Path) -> list[str]:
     return unused
 
 
-def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = None) -> DatasetReport:
+def verify_dataset(
+    name: str, data_dir: str | Path, cache_dir: Path | None = None, duplicates: bool = False
+) -> DatasetReport:
     """Load a dataset's lists and check every image header; a short human-readable report and the counts.
 
     Used by `smile-fast data verify`. cache_dir defaults to the image-check cache training uses
@@ -557,6 +560,18 @@ def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = Non
                 f"    {len(unused)} other file(s) not used (no image extension of {', '.join(IMAGE_EXTENSIONS)}, "
                 f"or not inside a class folder): {listed(unused)}"
             )
+    problems = 0
+    if duplicates:
+        from smile_fast.data.duplicates import find_duplicates
+
+        found = find_duplicates(splits.train, splits.test, splits.classes)
+        lines += found.lines
+        problems = found.problems
+    if problems:
+        lines.append(
+            f"PROBLEMS: {problems} duplicate(s) across the splits or classes: a test image that is also a training "
+            "image inflates the top-1, and one picture under two classes is a label the model cannot learn"
+        )
     if total_missing or total_unreadable:
         why = (
             "so a partial download trains on less data than the paper's protocol"
@@ -566,6 +581,6 @@ def verify_dataset(name: str, data_dir: str | Path, cache_dir: Path | None = Non
         lines.append(
             f"PROBLEMS: {total_missing} missing and {total_unreadable} unreadable files; training skips them, {why}"
         )
-    else:
+    elif not problems:
         lines.append("OK")
-    return DatasetReport("\n".join(lines), total_missing, total_unreadable)
+    return DatasetReport("\n".join(lines), total_missing, total_unreadable, problems)
