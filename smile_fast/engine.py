@@ -168,13 +168,9 @@ class Trainer:
         from smile_fast.data.subsets import read_manifest, write_manifest
 
         manifest = self.run_dir / "manifest.txt"
-        # A resume trains on its manifest's files, checked below; checking (and drawing from) the whole training
-        # split as well named an unreadable file twice and counted it twice in summary.json's skipped_files.
         from_manifest = self.resume_state is not None and manifest.is_file()
         with moved_dataset_hint(config, "--resume" if self.resume_state is not None else None):
-            splits, self.train_spec, self.test_spec, skipped = prepare_data(
-                config, log=self.log, with_train=not from_manifest
-            )
+            splits, self.train_spec, self.test_spec, skipped = prepare_data(config, log=self.log)
         if self.resume_state is not None:
             check_classes(self.run_dir, self.resume_state, splits.classes)
         self.class_names = list(splits.classes)
@@ -185,13 +181,18 @@ class Trainer:
             train_samples = rebase(recorded, self.resume_state["config"].get("data_dir"), config.data_dir)
             moved = train_samples != recorded  # rewritten below, so that a later --resume finds them too
             train_samples, gone = check_images(train_samples, image_checks_dir())
+            # The whole split's check above named the manifest's files that are in it and unreadable now; only
+            # the others (deleted ones) get a line of their own, and none is counted twice in skipped_files.
+            named = set(skipped)
+            not_named = [path for path in gone if path not in named]
+            if not_named:
+                self.log(skipped_message(not_named))
             if gone:
-                self.log(skipped_message(gone))
                 self.log(
                     f"warning: the resumed run trains on {len(train_samples)} images, not the {len(recorded)} it "
                     "started with, so its batches from here on differ from the stopped run's"
                 )
-                skipped = skipped + gone
+                skipped = skipped + not_named
         else:
             train_samples, moved = splits.train, False
         self.skipped_up_front = len(skipped)

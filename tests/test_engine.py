@@ -436,23 +436,29 @@ def test_resume_and_eval_read_no_pretrained_weights(tiny_imagefolder, tmp_path, 
     assert evaluate_checkpoint(str(out), device="cpu")["test_top1"] == pytest.approx(summary["test_top1"])
 
 
-def test_a_resume_names_a_training_image_broken_since_the_start_once(tmp_path, monkeypatch, capsys):
-    """A file of the manifest that became unreadable is skipped with one line naming it (the whole training split
-    was checked too, and named it a second time) and counted once in summary.json."""
+def test_a_resume_names_each_broken_training_image_once_and_counts_them_all(tmp_path, monkeypatch, capsys):
+    """A manifest file that became unreadable was named twice (the whole split's check, then the manifest's) and
+    counted twice in summary.json; a file broken from the start must still be counted after the resume."""
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(write_tiny_imagefolder(tmp_path / "original"), data)
+    from_the_start = data / "train" / "c3" / "7.jpg"
+    from_the_start.write_bytes(b"never an image")
     out = _stopped_run(data, tmp_path / "run", monkeypatch, iters=2, stop_after=1)
-    broken = (out / "manifest.txt").read_text().splitlines()[5].split("\t", 1)[1]
-    assert Path(broken).is_file(), broken
-    Path(broken).write_bytes(b"not an image any more")
+    lines = (out / "manifest.txt").read_text().splitlines()
+    assert len(lines) == 31 and str(from_the_start) not in "\n".join(lines)
+    broken = Path(lines[5].split("\t", 1)[1])
+    deleted = Path(lines[9].split("\t", 1)[1])
+    broken.write_bytes(b"not an image any more")
+    deleted.unlink()
     capsys.readouterr()
     summary = train(_config(data, out, iters=2, eval_every=2, resume=str(out)), progress=False)
     err = capsys.readouterr().err
-    assert err.count(Path(broken).name) == 1, err
-    assert "trains on 31 images, not the 32 it started with" in err, err
-    assert summary["skipped_files"] == 1 and summary["train_images"] == 31
+    for path in (broken, deleted, from_the_start):
+        assert err.count(str(path)) == 1, (path, err)
+    assert "trains on 29 images, not the 31 it started with" in err, err
+    assert summary["skipped_files"] == 3 and summary["train_images"] == 29
 
 
 def test_a_test_split_with_no_readable_image_is_refused_before_training(tmp_path, capsys):
