@@ -14,7 +14,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import re
 import statistics
 from collections.abc import Iterable
@@ -220,18 +219,11 @@ def _is_run_folder(folder: Path) -> bool:
 
 
 def _folders_below(root: Path) -> list[Path]:
-    """Every folder below root, linked ones included (a folder of links to runs), each real folder once, hidden
-    ones (.trash, .ipynb_checkpoints) skipped."""
-    found, seen = [], set()
-    for top, folders, _ in os.walk(root, followlinks=True):
-        real = os.path.realpath(top)
-        if real in seen:  # a link back up the tree, or a second link to one folder
-            folders[:] = []
-            continue
-        seen.add(real)
-        folders[:] = sorted(name for name in folders if not name.startswith("."))
-        found.append(Path(top))
-    return found
+    """Every folder below root, linked ones included (a folder of links to runs), hidden ones (.trash,
+    .ipynb_checkpoints) skipped: smile_fast.folder_walk.walk's rule."""
+    from smile_fast.folder_walk import walk
+
+    return [Path(folder) for folder, _ in walk(root)]
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:

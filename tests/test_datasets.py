@@ -104,9 +104,15 @@ def test_imagefolder_follows_links_but_not_loops(tmp_path: Path):
     (tmp_path / "train" / "cat" / "self-2").symlink_to(".")
     (tmp_path / "train" / "eel" / "to-the-split").symlink_to(tmp_path / "train")  # not the others' images as eel
     (tmp_path / "train" / "eel" / "to-the-root").symlink_to("/")
+    # A class folder that is itself a link, to a folder with a link back to the split (as written).
+    write_image(tmp_path / "outside" / "fish.jpg")
+    (tmp_path / "outside" / "split").symlink_to(tmp_path / "train")
+    (tmp_path / "test" / "fish").mkdir()
+    (tmp_path / "train" / "fish").symlink_to(tmp_path / "outside")
     splits = load_dataset("imagefolder", tmp_path)
     through_links = [(str(tmp_path / "train" / "dog" / link / linked.name), 1) for link in ("more", "more-again")]
-    assert sorted(splits.train) == sorted([*expected.train, *through_links])
+    fish = [(str(tmp_path / "train" / "fish" / "fish.jpg"), 3)]
+    assert sorted(splits.train) == sorted([*expected.train, *through_links, *fish])
 
 
 def test_imagefolder_requires_the_same_classes_and_says_how_to_mend_it(tmp_path: Path):
@@ -149,6 +155,7 @@ def test_verify_lists_the_files_an_imagefolder_does_not_use(tmp_path: Path):
     (train / "dog" / "Thumbs.db").write_bytes(b"system file")
     (train / "dog" / ".DS_Store").write_bytes(b"hidden")
     (train / "cat" / "up").symlink_to("..")  # a link back up is walked once
+    (train / "cat" / "root").symlink_to("/")  # and a link to / not at all (it listed the whole file system)
     report = verify_dataset("imagefolder", tmp_path / "data", cache_dir=tmp_path / "cache")
     [line] = [line for line in report.text.splitlines() if "not used" in line]
     assert line.strip().startswith("2 other file(s) not used")

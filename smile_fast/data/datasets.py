@@ -418,48 +418,16 @@ def _load_imagefolder(data_dir: Path) -> DatasetSplits:
 
 
 def images_under(folder: Path) -> list[str]:
-    """Image files anywhere below `folder` (as torchvision's ImageFolder finds them), hidden ones skipped, sorted.
+    """Image files anywhere below `folder` (as torchvision's ImageFolder finds them, by extension), sorted; hidden
+    ones skipped, linked folders followed as smile_fast.folder_walk.walk says."""
+    from smile_fast.folder_walk import walk
 
-    Linked folders are followed, as os.walk(followlinks=True) does, except a link back to a folder of the path
-    being walked (sub/up -> ..; two links to "."), where the walk looped, listing the same images at every depth
-    or never ending, and a link to a folder above `folder` (a class folder's link to its split: the other classes'
-    images were listed under this class's label). Two links to one folder from different places are both
-    listed, as before."""
-    found: list[str] = []
-
-    def walk(directory: str, ancestors: frozenset[tuple[int, int]]) -> None:
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:  # unreadable: skipped, as os.walk skips it
-            return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                is_folder = entry.is_dir()  # follows links
-            except OSError:
-                is_folder = False
-            if not is_folder:  # a file, or a broken link (then reported missing by the image checks)
-                if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                    found.append(os.path.join(directory, entry.name))
-                continue
-            try:
-                status = os.stat(entry.path)
-            except OSError:
-                continue
-            key = (status.st_dev, status.st_ino)
-            if key not in ancestors:
-                walk(entry.path, ancestors | {key})
-
-    above: set[tuple[int, int]] = set()
-    try:
-        for path in (Path(folder).resolve(), *Path(folder).resolve().parents):
-            status = os.stat(path)
-            above.add((status.st_dev, status.st_ino))
-    except OSError:
-        return []
-    walk(os.fspath(folder), frozenset(above))
-    return sorted(found)
+    return sorted(
+        os.path.join(directory, name)
+        for directory, names in walk(folder)
+        for name in names
+        if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    )
 
 
 _LOADERS: dict[str, Callable[[Path], DatasetSplits]] = {
@@ -503,19 +471,15 @@ _SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
 def unused_files(split_dir: Path) -> list[str]:
     """Files below an imagefolder split that training does not use: ones with no image extension, and files
     beside the class folders rather than in one (hidden files and folders, and system files, left out)."""
-    unused, seen = [], set()
-    for top, folders, files in os.walk(split_dir, followlinks=True):
-        real = os.path.realpath(top)
-        if real in seen:  # a link back up the tree (os.walk would follow it for ever)
-            folders[:] = []
-            continue
-        seen.add(real)
-        folders[:] = sorted(name for name in folders if not name.startswith("."))
-        for name in sorted(files):
-            if name.startswith(".") or name.lower() in _SYSTEM_FILES:
+    from smile_fast.folder_walk import walk
+
+    unused = []
+    for directory, names in walk(split_dir):
+        for name in names:
+            if name.lower() in _SYSTEM_FILES:
                 continue
-            if Path(top) == split_dir or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                unused.append(os.path.join(top, name))
+            if Path(directory) == split_dir or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                unused.append(os.path.join(directory, name))
     return unused
 
 
