@@ -193,6 +193,11 @@ RUN_CASES = {
     "resume-missing-run-folder": (lambda t: ["train", "--resume", str(t / "old-run"), "--no-progress"], []),
     "eval-missing-checkpoint": (lambda t: ["eval", str(t / "nothing" / "last.pt"), "--device", "cpu"], []),
     "unknown-subcommand": (lambda t: ["tarin"], ["did you mean train?"]),
+    # argparse calls a misspelt required flag missing, not unknown; the hint still finds it.
+    "misspelt-required-flag": (
+        lambda t: ["data", "verify", "--datset", "demo"],
+        ["--dataset", "did you mean --dataset?"],
+    ),
     # --json is checked before the benchmark runs (it may compile and time for minutes on a GPU).
     "bench-step-json-is-a-folder": (
         lambda t: ["bench", "step", "--device", "cpu", "--json", str(t)],
