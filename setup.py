@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.5", "hypothesis>=6"],
+        "dev": ["pytest>=7.3", "pytest-benchmark>=4", "ruff>=0.5", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["smile-fast=smile_fast.cli:main"]},
 )

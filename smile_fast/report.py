@@ -118,6 +118,7 @@ class Run:
     seed: Any
     top1: float
     skipped_files: int
+    device: str | None  # summary.json's: "cpu", "cuda:0"
     identity: tuple | None  # (recorded folder, time) from summary.json: a copied run folder has its original's
 
 
@@ -145,7 +146,7 @@ class Group:
 
     @property
     def name(self) -> str:
-        """How notes name the group: its row's leading cells and the settings that set it apart."""
+        """How notes name the group beside its row number: the row's first three cells."""
         settings = self.first.settings
         return f"{settings.get('dataset')} {settings.get('method')} {protocol(settings)}"
 
@@ -289,6 +290,7 @@ def _read_run(folder: Path) -> Run | None:
         seed=recorded.get("seed", summary.get("seed")),
         top1=float(top1),
         skipped_files=skipped if isinstance(skipped, int) and not isinstance(skipped, bool) else 0,
+        device=summary.get("device") if isinstance(summary.get("device"), str) else None,
         identity=identity if all(isinstance(part, str) for part in identity) else None,
     )
 
@@ -322,10 +324,15 @@ def _as_written(key: str, value: Any) -> Any:
 _FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
 
 
-def _irrelevant(settings: dict[str, Any]) -> set[str]:
-    """Settings this run's method and switches never read."""
+def _irrelevant(run: Run) -> set[str]:
+    """Settings this run's method, switches, process count and device never read."""
+    settings = run.settings
     method = settings.get("method")
     unused = set()
+    if run.world_size == 1:
+        unused.add("sync_bn")
+    if run.device is not None and not run.device.startswith("cuda"):
+        unused.update(("teacher_stream", "cudnn_benchmark"))
     if method != "smile":
         unused.update(_SMILE_ONLY)
     if method not in ("mixup", "cutmix", "smile"):
@@ -344,7 +351,7 @@ def _irrelevant(settings: dict[str, Any]) -> set[str]:
 
 
 def _group_key(run: Run) -> dict[str, Any]:
-    dropped = NOT_IN_GROUP | _irrelevant(run.settings) | {"weights"}
+    dropped = NOT_IN_GROUP | _irrelevant(run) | {"weights"}
     key = {name: value for name, value in run.settings.items() if name not in dropped}
     if run.settings.get("dataset") == "imagefolder":  # the folder is the dataset
         key["data_dir"] = run.settings.get("data_dir")
@@ -416,7 +423,7 @@ def differences_from_paper(run: Run) -> list[str]:
     paper = fill_dataset_defaults(TrainConfig(dataset=dataset, method=method)).to_dict()
     found = []
     for key in _COMPARED + _COMPARED_FOR_METHOD.get(method, ()):
-        if key in _irrelevant(run.settings):
+        if key in _irrelevant(run):
             continue
         value = run.settings.get(key, paper[key])
         if value != paper[key]:
@@ -456,11 +463,14 @@ def _cell(group: Group, key: str) -> str:
 
 
 def table_rows(collected: Collected, *, every_setting: bool = False) -> tuple[list[str], list[list[str]]]:
-    """The header and rows: the settings that tell the groups apart (every_setting: all of the key), then the
+    """The header and rows: the settings that tell the groups apart (every_setting: every setting), then the
     numbers, with two decimals. `differs` is `none` where the paper's setting was matched, blank where the
     paper has no number."""
-    if every_setting:
-        columns = sorted({key for group in collected.groups for key in group.key} - set(NAMED_COLUMNS))
+    if every_setting:  # the same columns whatever runs are given (blank where a run never reads the setting)
+        fixed = sorted(FIELD_NAMES - NOT_IN_GROUP - set(NAMED_COLUMNS) - {"weights"}) + ["data_dir", "weights"]
+        fixed.append("world_size")
+        newer = sorted({key for group in collected.groups for key in group.key} - set(fixed) - set(NAMED_COLUMNS))
+        columns = fixed + newer  # settings of a version newer than this one, after the known ones
     else:
         columns = _varying_columns(collected.groups)
     header = ["dataset", "method", "protocol", *columns, "runs", "seeds", "top-1 mean", "std", "paper", "differs"]

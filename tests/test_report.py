@@ -162,7 +162,30 @@ def test_settings_a_run_never_read_do_not_split_it(real_run, tmp_path, capsys):
     status, out, _ = report(capsys, str(tmp_path), "--format", "csv")
     [row] = csv_rows(out)
     assert row["runs"] == "2" and row["protocol"] == "N:100%"
-    assert not {"alpha", "gamma_fe", "amp_dtype", "sample_draw"} & set(row), "settings no run here reads"
+    assert row["alpha"] == row["gamma_fe"] == row["amp_dtype"] == row["sample_draw"] == "", "blank: never read"
+
+
+def test_process_and_device_settings_a_run_never_read_do_not_split_it(real_run, tmp_path, capsys):
+    """--sync-bn needs several processes; --no-teacher-stream and --cudnn-benchmark act on CUDA only."""
+    copy_run(real_run, tmp_path / "a", seed=0, top1=60.0, sync_bn=True, teacher_stream=True, cudnn_benchmark=False)
+    copy_run(real_run, tmp_path / "b", seed=1, top1=62.0, sync_bn=False, teacher_stream=False, cudnn_benchmark=True)
+    _, out, _ = report(capsys, str(tmp_path), "--format", "csv")
+    [row] = csv_rows(out)
+    assert row["runs"] == "2" and row["sync_bn"] == row["teacher_stream"] == row["cudnn_benchmark"] == ""
+    gpu = copy_run(real_run, tmp_path / "gpu", seed=2, top1=64.0, teacher_stream=False)
+    copy_summary(gpu, device="cuda:0")
+    _, out, _ = report(capsys, str(tmp_path), "--format", "csv")
+    assert len(csv_rows(out)) == 2, "on a GPU the teacher's stream is the run's own setting"
+
+
+def test_the_csv_columns_are_the_same_whatever_runs_are_given(real_run, tmp_path, capsys):
+    copy_run(real_run, tmp_path / "smile" / "a", seed=0, top1=60.0)
+    copy_run(real_run, tmp_path / "finetune" / "a", seed=0, top1=60.0, method="finetune")
+    headers = []
+    for folder in ("smile", "finetune"):
+        _, out, _ = report(capsys, str(tmp_path / folder), "--format", "csv")
+        headers.append(out.splitlines()[0])
+    assert headers[0] == headers[1] and "gamma_fe" in headers[0] and "data_dir" in headers[0]
 
 
 def test_a_run_of_an_older_version_is_filled_with_the_defaults(real_run, tmp_path, capsys):

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from smile_fast.data.images import load_rgb
+from smile_fast.data.images import listed, load_rgb
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec, build_torchvision_transform, normalize_uint8
 from smile_fast.data.worker_signals import leave_stop_signals_to_the_parent
@@ -248,7 +248,7 @@ def eval_batches(
         if not bool(ok.all()):
             # Named, so that the file can be found: a header check passed it (its middle is what is damaged).
             failed = [shard[start + int(index)][0] for index in (~ok).nonzero().flatten()]
-            logger.warning("skipped %d image(s) that failed to decode: %s", len(failed), ", ".join(failed))
+            logger.warning("skipped %d image(s) that failed to decode: %s", len(failed), listed(failed))
             images, labels = images[ok], labels[ok]
         start += len(ok)
         if len(labels) == 0:
