@@ -163,7 +163,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------- set-up
     def _build(self) -> None:
         config, device = self.config, self.device
-        from smile_fast.data.images import check_images, skipped_message
+        from smile_fast.data.images import check_images, listed, skipped_message
         from smile_fast.data.loaders import build_train_loader, choose_loader, default_workers
         from smile_fast.data.subsets import read_manifest, write_manifest
 
@@ -193,6 +193,14 @@ class Trainer:
                     "started with, so its batches from here on differ from the stopped run's"
                 )
                 skipped = skipped + not_named
+            protocol = config.sample_rate is not None or config.train_samples is not None
+            in_manifest = {path for path, _ in train_samples}
+            added = [path for path, _ in splits.train if path not in in_manifest]
+            if added and not protocol:  # (a subset protocol's draw from a changed folder differs anyway)
+                self.log(
+                    f"note: {len(added)} training image(s) added since the run started are not used: a resume "
+                    f"trains on the files its manifest lists ({listed(added)}); a new run would use them"
+                )
         else:
             train_samples, moved = splits.train, False
         self.skipped_up_front = len(skipped)

@@ -452,12 +452,16 @@ def test_a_resume_names_each_broken_training_image_once_and_counts_them_all(tmp_
     deleted = Path(lines[9].split("\t", 1)[1])
     broken.write_bytes(b"not an image any more")
     deleted.unlink()
+    added = data / "train" / "c1" / "added-later.jpg"
+    shutil.copy(data / "train" / "c1" / "0.jpg", added)
     capsys.readouterr()
     summary = train(_config(data, out, iters=2, eval_every=2, resume=str(out)), progress=False)
     err = capsys.readouterr().err
     for path in (broken, deleted, from_the_start):
         assert err.count(str(path)) == 1, (path, err)
     assert "trains on 29 images, not the 31 it started with" in err, err
+    note = "note: 1 training image(s) added since the run started are not used: a resume trains on the files its"
+    assert f"{note} manifest lists ({added})" in err, err
     assert summary["skipped_files"] == 3 and summary["train_images"] == 29
 
 
@@ -785,7 +789,7 @@ def test_unreadable_files_are_dropped_before_the_subset_is_drawn(tmp_path):
     assert len(manifest) == 31 and len(trainer.train_samples) == 31
     assert str(broken) not in "\n".join(manifest)
     assert trainer.skipped_up_front == 1
-    assert f"skipping image files: 1 unreadable ({broken})" in said
+    assert f"skipping image files: 1 unreadable ({broken}) (`smile-fast data verify` lists every one, and why)" in said
 
 
 def test_resume_reads_a_moved_dataset_from_its_new_data_dir(tmp_path, monkeypatch):
