@@ -24,6 +24,7 @@ SAMPLE_DRAWS = ("per-class", "authors")
 WEIGHTS_KEYWORDS = ("auto", "imagenet", "none")
 LOADER_CHOICES = ("auto", "dali", "torchvision")
 AMP_DTYPES = ("bfloat16", "float16")
+RESIZE_MODES = ("square", "shorter")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # the modes that capture CUDA-graph trees
 
@@ -56,6 +57,9 @@ class TrainConfig:
     class_fraction: float | None = None
     train_samples: int | None = None
     resize_size: int | None = None  # 256 (72 for the demo)
+    # "shorter": the shorter side to resize_size, aspect kept (CUB, as the authors); "square": resize_size x
+    # resize_size (every other dataset, imagefolder included). YAML only; for a folder of elongated images.
+    resize_mode: str | None = None
     crop_size: int | None = None  # 224 (64 for the demo)
     # SMILE
     alpha: float = 0.2
@@ -107,6 +111,7 @@ YAML_ONLY_SETTINGS = (
     "lr_decay_fraction",
     "lr_decay_factor",
     "resize_size",
+    "resize_mode",
     "crop_size",
     "cutmix_probability",
     "eval_batch_size",
@@ -262,6 +267,10 @@ def fill_dataset_defaults(config: TrainConfig) -> TrainConfig:
         config.resize_size = 72 if demo else 256
     if config.crop_size is None:
         config.crop_size = 64 if demo else 224
+    if config.resize_mode is None:
+        from smile_fast.data.datasets import resize_mode  # the dataset's, as the paper's protocol reads it
+
+        config.resize_mode = resize_mode(config.dataset)
     if config.eval_every is None:
         config.eval_every = 50 if demo else 1_000
     if config.eval_batch_size is None:
@@ -398,6 +407,10 @@ def validate(config: TrainConfig) -> None:
     _check(config.eval_every >= 1, f"--eval-every must be at least 1, got {config.eval_every}")
     _check(config.log_every >= 1, f"--log-every must be at least 1, got {config.log_every}")
     _check(config.eval_batch_size >= 1, "eval_batch_size (a YAML setting) must be at least 1")
+    _check(
+        config.resize_mode in RESIZE_MODES,
+        f"resize_mode (YAML) must be one of {', '.join(RESIZE_MODES)}, got {config.resize_mode!r}",
+    )
     _check(
         0 < config.crop_size <= config.resize_size,
         f"crop size ({config.crop_size}) must be positive and at most the resize size ({config.resize_size})",

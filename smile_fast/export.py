@@ -132,7 +132,7 @@ def _preprocess(config: dict[str, Any]) -> dict[str, Any]:
     from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     resize_size, crop_size = int(config["resize_size"]), int(config["crop_size"])
-    mode = resize_mode(config["dataset"])  # the demo is an imagefolder: square
+    mode = config.get("resize_mode") or resize_mode(config["dataset"])  # a run from before the setting: the dataset's
     resize = f"T.Resize({resize_size})" if mode == "shorter" else f"T.Resize(({resize_size}, {resize_size}))"
     return {
         # convert('RGB') clips 16-bit values at 255 (a 16-bit PNG comes out almost white); training scaled them.

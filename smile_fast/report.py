@@ -99,6 +99,7 @@ _COMPARED = (
     "lr_decay_fraction",
     "lr_decay_factor",
     "resize_size",
+    "resize_mode",
     "crop_size",
     "sample_draw",
 )

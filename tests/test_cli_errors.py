@@ -144,6 +144,7 @@ YAML_CASES = {
     "yaml-scalar": ("42\n", ["mapping"]),
     "yaml-syntax": ("iters: [1, 2\n", ["YAML"]),
     "yaml-bad-value": ("iters: -5\n", ["--iters"]),
+    "yaml-resize-mode": ("resize_mode: keep-aspect\n", ["resize_mode (YAML)", "square, shorter"]),
     "yaml-sample-rate": ("sample-rate: 0\n", ["--sample-rate"]),
     "yaml-setting-twice": ("lr: 0.1\niters: 5\nlr: 0.2\n", ["lr twice"]),
     "yaml-setting-twice-spelled-two-ways": ("batch_size: 4\nbatch-size: 8\n", ["batch_size twice", "batch-size"]),

@@ -205,3 +205,23 @@ def test_yaml_merge_keys_still_work_and_a_key_written_out_overrides_them(tmp_pat
     path = tmp_path / "c.yaml"
     path.write_text("<<: {iters: 5, lr: 0.2}\nbatch_size: 4\niters: 7\n")
     assert load_yaml(path) == {"iters": 7, "lr": 0.2, "batch_size": 4}
+
+
+def test_resize_mode_is_the_datasets_unless_yaml_says(tmp_path, private_cache):
+    """CUB keeps the aspect ratio (the authors' Resize(256)), the others are squared; a folder of elongated
+    images can ask for the shorter-side resize, and the run's transforms and its export follow."""
+    from _layouts import build_imagefolder
+
+    from smile_fast.data.prepare import prepare_data
+    from smile_fast.export import _preprocess
+
+    assert build_config(overrides={"dataset": "cub", "data_dir": "/x"}).resize_mode == "shorter"
+    assert build_config(overrides={"dataset": "cars", "data_dir": "/x"}).resize_mode == "square"
+    build_imagefolder(tmp_path / "data")
+    config = build_config({"resize_mode": "shorter"}, {"dataset": "imagefolder", "data_dir": str(tmp_path / "data")})
+    prepared = prepare_data(config, log=lambda line: None)
+    assert prepared.train_spec.resize == prepared.test_spec.resize == "shorter"
+    exported = _preprocess(config.to_dict())
+    assert exported["resize"] == "shorter" and "T.Resize(256)" in exported["torchvision"]
+    old_run = {key: value for key, value in config.to_dict().items() if key != "resize_mode"}
+    assert _preprocess(old_run)["resize"] == "square", "a run from before the setting: its dataset's"

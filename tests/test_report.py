@@ -242,7 +242,9 @@ def paper_settings(**changes) -> dict:
         class_fraction=0.25,
         train_samples=400,
     )
-    return {**settings, **changes}
+    settings = {**settings, **changes}
+    settings.setdefault("resize_mode", "shorter" if settings["dataset"] == "cub" else "square")  # as train records
+    return settings
 
 
 IMAGENET50 = "imagenet (ResNet50_Weights.IMAGENET1K_V2, cached)"

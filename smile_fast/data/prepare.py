@@ -64,8 +64,9 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True) -> P
             f"warning: {len(empty_in_test)} class(es) have no test image, so the top-1 does not score them: "
             f"{listed(empty_in_test)}"
         )
-    train_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=True)
-    test_spec = TransformSpec(splits.resize, config.resize_size, config.crop_size, train=False)
+    mode = config.resize_mode or splits.resize  # set by the config's resolution (the dataset's unless YAML says)
+    train_spec = TransformSpec(mode, config.resize_size, config.crop_size, train=True)
+    test_spec = TransformSpec(mode, config.resize_size, config.crop_size, train=False)
     return PreparedData(splits, train_spec, test_spec, bad_train + bad_test)
 
 
