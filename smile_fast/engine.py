@@ -170,8 +170,11 @@ class Trainer:
         manifest = self.run_dir / "manifest.txt"
         from_manifest = self.resume_state is not None and manifest.is_file()
         with moved_dataset_hint(config, "--resume" if self.resume_state is not None else None):
-            splits, self.train_spec, self.test_spec, skipped = prepare_data(config, log=self.log)
-        if self.resume_state is not None:
+            early = None
+            if self.resume_state is not None:
+                early = lambda classes: check_classes(self.run_dir, self.resume_state, classes)  # noqa: E731
+            splits, self.train_spec, self.test_spec, skipped = prepare_data(config, log=self.log, check_classes=early)
+        if self.resume_state is not None:  # the drawn classes of a --class-fraction run
             check_classes(self.run_dir, self.resume_state, splits.classes)
         self.class_names = list(splits.classes)
         self.num_classes = len(splits.classes)

@@ -76,8 +76,10 @@ def evaluate_checkpoint(
     config = build_config(values)
     device_obj = resolve_device(config.device)
     with moved_dataset_hint(config, "eval"):
-        splits, _, test_spec, _ = prepare_data(config, log=log, with_train=False)
-    check_classes(path, state, splits.classes)
+        splits, _, test_spec, _ = prepare_data(
+            config, log=log, with_train=False, check_classes=lambda classes: check_classes(path, state, classes)
+        )
+    check_classes(path, state, splits.classes)  # the drawn classes of a --class-fraction run
     # At the dataset's class count: a checkpoint from before class names were recorded, with another count,
     # is then a layout error rather than a score against shifted labels.
     student = student_from_checkpoint(state, path, num_classes=len(splits.classes))

@@ -20,7 +20,7 @@ class PreparedData(NamedTuple):
     skipped: list[str]  # the dataset's files that are missing or cannot be read
 
 
-def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True) -> PreparedData:
+def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True, check_classes=None) -> PreparedData:
     """The dataset's readable files after the subset protocol, and the train/test TransformSpecs of the config.
 
     Files are checked (a header read, cached per file) before the protocol draws its subset, so that a
@@ -30,6 +30,10 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True) -> P
     with_train=False (evaluation): the training split is neither checked nor drawn from, and comes back
     empty. The test split depends only on the classes a protocol keeps, which the seed alone decides, so a
     checkpoint evaluates on the run's test images also where training files are missing or unread.
+
+    check_classes(classes): called on the dataset's class list before any file is checked when no class subset
+    is drawn (a resume or eval of a run on another dataset fails at once, not after minutes of header checks
+    with lines about its skipped files); with --class-fraction the caller checks the drawn classes after.
     """
     from dataclasses import replace
 
@@ -44,6 +48,8 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True) -> P
         splits = load_dataset("imagefolder", demo_dataset_root())
     else:
         splits = load_dataset(config.dataset, config.data_dir)
+    if check_classes is not None and config.class_fraction is None:
+        check_classes(splits.classes)
     cache = image_checks_dir()
     train, bad_train = check_images(splits.train, cache) if with_train else ([], [])
     test, bad_test = check_images(splits.test, cache)
