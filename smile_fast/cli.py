@@ -339,9 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Group finished runs (folders with summary.json) by their settings, all but the seed and where a run "
             "kept its files, and print per group the number of runs, their seeds, the mean and sample standard "
-            "deviation of the test top-1, the paper's number for that dataset, method and protocol (SMILE_SPEC.md "
-            "Tables 2 and 3, each a mean of 5 repeats) and how the group's setting differs from the paper's. "
-            "Settings that tell the groups apart get a column. Runs not finished or unreadable are listed on stderr."
+            "deviation of the test top-1, the paper's number for that dataset, method and protocol (the SMILE "
+            "paper's Tables 2 and 3, each a mean of 5 repeats) and how the group's setting differs from the one "
+            "behind that number. Settings that tell the groups apart get a column; --format csv has every setting. "
+            "Runs not finished or unreadable are listed on stderr (unreadable ones: exit status 1)."
         ),
     )
     report.add_argument(
