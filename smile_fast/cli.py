@@ -607,7 +607,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     with sigterm_as_interrupt():  # kill, Slurm, Kubernetes: as Ctrl-C, no temporary file or workers left
         if out is None:
             print(f"predicting {len(paths)} image(s) with {classifier.description} on {device}", file=sys.stderr)
-            written = _predict_to_stdout(classifier, paths, device, args)
+            written = _to_stdout(lambda stream: predictions_csv(classifier, paths, device, args, stream))
             if isinstance(written, int):
                 return written  # the exit status of a failed write to stdout
             rows, unreadable = written
@@ -634,18 +634,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_to_stdout(classifier, paths, device, args) -> tuple[int, list[str]] | int:
-    """predictions_csv on stdout: its result, or an exit status when stdout could not take the rows."""
-    from smile_fast.predict import predictions_csv
+def _to_stdout(write):
+    """write(sys.stdout), flushed: its result, or an exit status when stdout could not take the text (closed at
+    start, a reader gone, a full disk). Shared by predict and report, which print file and folder names."""
+    from smile_fast.stop_signals import EXIT_WRITE_FAILED
 
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        print("smile-fast: error: stdout is closed; redirect it to a file", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     # A file name that is not UTF-8 (a Latin-1 name, held as surrogates) is printed as its own bytes, as ls does;
     # a strict stdout (a UTF-8 locale other than C.UTF-8) failed on it with a traceback.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="surrogateescape")
     try:
-        written = predictions_csv(classifier, paths, device, args, sys.stdout)
+        result = write(sys.stdout)
         sys.stdout.flush()
-        return written
+        return result
     except OSError as error:
         return _stdout_failed(error)
 
@@ -666,7 +670,6 @@ def _stdout_failed(error: OSError) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from smile_fast.report import collect, notes, render
-    from smile_fast.stop_signals import EXIT_WRITE_FAILED
 
     collected = collect(args.runs)
     for line in notes(collected):
@@ -674,16 +677,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not collected.groups:
         print("smile-fast: no finished run to report (each needs its summary.json)", file=sys.stderr)
         return 1
-    if sys.stdout is None:  # started with stdout closed (`>&-`)
-        print("smile-fast: error: stdout is closed; redirect it to a file", file=sys.stderr)
-        return EXIT_WRITE_FAILED
-    if hasattr(sys.stdout, "reconfigure"):  # run folders named in Latin-1 (see _predict_to_stdout)
-        sys.stdout.reconfigure(errors="surrogateescape")
-    try:
-        sys.stdout.write(render(collected, args.format))
-        sys.stdout.flush()
-    except OSError as error:
-        return _stdout_failed(error)
+
+    def write_table(stream) -> None:
+        stream.write(render(collected, args.format))
+
+    status = _to_stdout(write_table)
+    if status is not None:  # stdout could not take it
+        return status
     return 1 if collected.unreadable else 0  # as predict: the table is there, but not of every run given
 
 

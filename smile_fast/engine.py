@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +171,7 @@ class Trainer:
         manifest = self.run_dir / "manifest.txt"
         from_manifest = self.resume_state is not None and manifest.is_file()
         with moved_dataset_hint(config, "--resume" if self.resume_state is not None else None):
-            early = None
-            if self.resume_state is not None:
-                early = lambda classes: check_classes(self.run_dir, self.resume_state, classes)  # noqa: E731
+            early = partial(check_classes, self.run_dir, self.resume_state) if self.resume_state is not None else None
             splits, self.train_spec, self.test_spec, skipped = prepare_data(config, log=self.log, check_classes=early)
         if self.resume_state is not None:  # the drawn classes of a --class-fraction run
             check_classes(self.run_dir, self.resume_state, splits.classes)

@@ -4,6 +4,7 @@ checkpoint."""
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import torch
@@ -77,7 +78,7 @@ def evaluate_checkpoint(
     device_obj = resolve_device(config.device)
     with moved_dataset_hint(config, "eval"):
         splits, _, test_spec, _ = prepare_data(
-            config, log=log, with_train=False, check_classes=lambda classes: check_classes(path, state, classes)
+            config, log=log, with_train=False, check_classes=partial(check_classes, path, state)
         )
     check_classes(path, state, splits.classes)  # the drawn classes of a --class-fraction run
     # At the dataset's class count: a checkpoint from before class names were recorded, with another count,

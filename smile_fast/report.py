@@ -422,9 +422,9 @@ def differences_from_paper(run: Run) -> list[str]:
     """How a run's setting differs from the one behind the paper's number (empty: none of the compared ones)."""
     dataset, method = run.settings.get("dataset"), run.settings.get("method")
     paper = fill_dataset_defaults(TrainConfig(dataset=dataset, method=method)).to_dict()
-    found = []
+    found, unread = [], _irrelevant(run)
     for key in _COMPARED + _COMPARED_FOR_METHOD.get(method, ()):
-        if key in _irrelevant(run):
+        if key in unread:
             continue
         value = run.settings.get(key, paper[key])
         if value != paper[key]:
