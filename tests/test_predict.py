@@ -89,7 +89,10 @@ def test_rows_are_the_students_softmax_and_score_the_runs_top1(finished_run, tmp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_predict_on_cuda_gives_the_cpus_rows(finished_run, tmp_path):
     # On a GPU the model runs channels-last with pinned, non-blocking copies: the same classes, and probabilities
-    # within float32 rounding of the CPU's (cuDNN's convolution algorithms differ from the CPU's).
+    # close to the CPU's. How close depends on TF32: PyTorch lets cuDNN run float32 convolutions in TF32 by default
+    # (torch.backends.cudnn.allow_tf32), with 10-bit mantissas (rounding 2**-11), and predict keeps that default.
+    # On the H200 (2026-11-27) probabilities differed by up to 1.02e-4 with it, against this test's first bound of
+    # 1e-4, which assumed float32 arithmetic. A wrong normalization or layout moves them by far more than 2e-3.
     run_dir, data, _ = finished_run
     rows = {}
     for device in ("cpu", "cuda"):
@@ -101,7 +104,7 @@ def test_predict_on_cuda_gives_the_cpus_rows(finished_run, tmp_path):
     for cpu_row, cuda_row in zip(rows["cpu"][1:], rows["cuda"][1:]):
         # By class, not by rank: two tiny probabilities may swap places.
         cpu, cuda = (dict(zip(row[1::2], map(float, row[2::2]))) for row in (cpu_row, cuda_row))
-        assert cuda == pytest.approx(cpu, abs=1e-4), (cpu_row, cuda_row)
+        assert cuda == pytest.approx(cpu, abs=2e-3 if torch.backends.cudnn.allow_tf32 else 1e-4), (cpu_row, cuda_row)
 
 
 def test_an_export_predicts_what_its_run_predicts(finished_run, tmp_path, capsys):
