@@ -3,6 +3,8 @@
 # The default PARTS are what GPU.md asks for: tests, step48, step256, ops, loader (torchvision), and dali
 # (DALI's GPU tests and loader figures, when DALI was carried there by bench/dali_wheels.sh).
 #
+# The default took 316 s on the H200 (2026-11-27, cold machine, no DALI, none skipped:
+# bench/results/2026-11-27-h200-22nd-call1-default-log.txt). Its history:
 # The 6 minutes are kept by a budget, not by hope. On the H100 (2026-11-27, four calls:
 # bench/results/2026-11-27-h100-call*-log.txt) the parts took: tests 66 s, step48 124 s (two compilations
 # of about 50 s on a cold Inductor cache, and the eager fp32 baseline), step256 102 s (two of about 41 s),
@@ -147,24 +149,24 @@ HAVE_DALI=0; [[ "$PARTS" == *",dali,"* ]] && "$PY" -c "import nvidia.dali" 2>/de
 BUDGET="${BUDGET:-$([ "$GPU" = 1 ] && echo 350 || echo 0)}"
 [[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: BUDGET must be whole seconds (0: none), not '$BUDGET'" >&2; exit 2; }
 [[ "$TEST_JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check.sh: TEST_JOBS must be a count of processes (1 or more), not '$TEST_JOBS'" >&2; exit 2; }
-# Expected seconds of each part on an H100, for the budget (scaled by TS elsewhere). "m": measured on the
-# H100 (2026-11-27) or, where it says so, the H200; "est.": not measured in this form yet. Replace them with
-# part_seconds.tsv's figures after each lease.
+# Expected seconds of each part on an H100, for the budget (scaled by TS elsewhere). "m": measured, on the H200
+# (2026-11-27, commit 893b0eb, part_seconds.tsv; the H200 computes at the H100's rate) unless it says H100;
+# "est.": not measured in this form yet. Replace them with part_seconds.tsv's figures after each lease.
 declare -A EXPECT=(
-  [tests]=50      # est.: 66 m as one process; now TEST_JOBS processes side by side; +10 for two CUDA tests since
-  [step48]=124    # m (cold Inductor cache; unique kernel names still on then)
-  [step256]=102   # m (the same)
-  [capture]=210   # est.: its tests 85 s m on the H200, then six compiled runs that find step48/256's cache
+  [tests]=60      # m: the slowest of the 4 processes is the predict test, whose fixture trains on the CPU (46 s)
+  [step48]=88     # m, cold Inductor cache (the eager fp32 baseline included)
+  [step256]=95    # m, cold Inductor cache
+  [capture]=231   # m: its tests 75 s, then six compiled runs that found step48/256's cache
   [fused]=30      # est.: 12 s m on the H200 without compilation
-  [overlap]=40    # 31 m, before the rows of the fused teacher beside the student (two more captures)
-  [ops]=45        # est.: the whole part 56 s m on the H200, now its graph-replay half by default
-  [pybench]=60    # est.: step48's compiled code from the cache, two methods, the timed rounds
-  [cudnn]=40      # est.: like fusedconv
-  [fusedconv]=35  # m
-  [teacher]=45    # m on the H200
-  [loader]=15     # est.: 22 s m on the H200 with the dataset written by one process
+  [overlap]=32    # m
+  [ops]=53        # m: the graph-replay half
+  [pybench]=35    # m, step48's compiled code from the cache
+  [cudnn]=40      # m
+  [fusedconv]=32  # m
+  [teacher]=45    # m (H200, 2026-11-26)
+  [loader]=11     # m, the dataset written by one process per core
   [dali]=$(( HAVE_DALI ? 150 : 1 ))  # m: 172 s for loader + DALI on the H100, less the dataset and torchvision
-  [ddp]=15        # m on the H200
+  [ddp]=18        # m
 )
 
 say "environment (GPU=$GPU)"
