@@ -206,6 +206,12 @@ def main() -> None:
             lines.append(f"  {name:<40} {value:9.2f} ms" + (f"  {ratio:.3f}x" if ratio else ""))
         for problem in overlap.get("cudnn_fusion_problems") or []:
             lines.append(f"  not fused by cuDNN: {problem}")
+    for path in sorted(out.glob("teacher_stages*.json")):
+        stages = _load(path)
+        if stages:
+            from teacher_stages import report_lines  # this folder's probe (it imports torch)
+
+            lines += report_lines(stages, top=6)
     lines += ops_lines(_load(out / "ops_bench.json"))
     lines += part_time_lines(out)
     print("\n".join(lines))

@@ -1,0 +1,256 @@
+"""Where the teacher's forward spends its time, op by op: a GPU probe for issue 5.
+
+`python bench/teacher_stages.py [--model resnet50] [--batch-size 48] [--image-size 224] [--json PATH]`
+
+Why: SMILE's cost over fine-tuning is now the teacher's forward. On the H200 it took 2.04 ms at batch 48
+(BN folded, bf16 weights, cuDNN's fused bias/residual/ReLU epilogues, one CUDA graph). Overlap with the
+student hides no more of it (bench/RESULTS.md, 2026-11-27). So the remaining lever toward SMILE / finetune
+<= 1.15 is a cheaper forward, and this probe says which ops to look at.
+
+Each op of the product's fused forward (smile_fast.fused_conv.fused_resnet_trunk) is timed on its real
+input. The ops are every convolution with its bias, residual add and ReLU, each shortcut projection, and
+the max pool. Each op is captured `--repeats` times in one CUDA graph, and the graph is replayed
+`--steps` times per round; the median of `--rounds` rounds, divided by the repeats, is its time. On a CPU
+the op runs eagerly instead, with the same arithmetic as separate ops. The probe reports, for each op:
+- its arithmetic (a multiply-add counts as two FLOPs);
+- the bytes it must move (inputs, weights, bias, residual, output, each read or written once);
+- TFLOP/s and GB/s;
+- its share of the sum of all ops.
+It also gives the totals per stage, and the whole forward captured as one graph. The gap between the
+whole and the sum is what the ops' sequence costs beyond the ops themselves. Read the ops that are far
+below the card's rates (about 790 TFLOP/s bf16 and 4.3 TB/s on the H200, 3.0 TB/s on the H100).
+
+The walk below mirrors fused_resnet_trunk. It is checked against it: the probe stops if their outputs differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from overlap_probe import _backbone, _capture, _timed_ms  # bench/ is the script's folder, first on sys.path
+
+from smile_fast.fused_conv import conv_bias_act, cudnn_fusion_problems, fused_resnet_trunk
+from smile_fast.models import FoldedBackbone
+from smile_fast.run_environment import environment
+
+
+@dataclass
+class Op:
+    name: str  # e.g. layer3.2.conv2
+    stage: str  # stem, layer1..layer4
+    run: Callable[[], torch.Tensor]  # recomputes the op's output from its saved inputs
+    flops: int
+    bytes: int
+    shape: str  # "in -> out", NCHW sizes whatever the layout
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _sizes(t: torch.Tensor) -> str:
+    return "x".join(map(str, t.shape))
+
+
+def conv_flops(conv: torch.nn.Conv2d, out: torch.Tensor) -> int:
+    """2 x batch x output channels x output pixels x (input channels per group x kernel area)."""
+    batch, channels, height, width = out.shape
+    per_output = conv.weight.shape[1] * conv.weight.shape[2] * conv.weight.shape[3]
+    return 2 * batch * channels * height * width * per_output
+
+
+def fused_forward_ops(trunk: torch.nn.Sequential, images: torch.Tensor) -> tuple[list[Op], torch.Tensor]:
+    """The ops of fused_resnet_trunk(trunk, images), in order, each run once to get the next one's input;
+    returns them and the forward's output."""
+    ops: list[Op] = []
+
+    def conv(name: str, stage: str, module: torch.nn.Conv2d, x, residual=None, fused: bool = True):
+        if fused:
+
+            def run():
+                return conv_bias_act(module, x, residual)
+        else:  # a shortcut's projection: no ReLU of its own, as in fused_resnet_trunk
+
+            def run():
+                return module(x)
+
+        out = run()
+        moved = _nbytes(x, module.weight, module.bias, residual, out)
+        ops.append(Op(name, stage, run, conv_flops(module, out), moved, f"{_sizes(x)} -> {_sizes(out)}"))
+        return out
+
+    if trunk[0].weight.is_contiguous(memory_format=torch.channels_last) and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)  # as fused_resnet_trunk does
+    x = conv("stem", "stem", trunk[0], images)
+    pool_input = x
+
+    def pool():
+        return trunk[3](pool_input)
+
+    x = pool()
+    ops.append(Op("maxpool", "stem", pool, 0, _nbytes(pool_input, x), f"{_sizes(pool_input)} -> {_sizes(x)}"))
+    for stage_index, stage in enumerate(trunk[4:], start=1):
+        stage_name = f"layer{stage_index}"
+        for block_index, block in enumerate(stage):
+            prefix = f"{stage_name}.{block_index}"
+            shortcut = x
+            if block.downsample is not None:
+                shortcut = conv(f"{prefix}.downsample", stage_name, block.downsample[0], x, fused=False)
+            y = conv(f"{prefix}.conv1", stage_name, block.conv1, x)
+            if isinstance(block, torchvision.models.resnet.Bottleneck):
+                y = conv(f"{prefix}.conv2", stage_name, block.conv2, y)
+                x = conv(f"{prefix}.conv3", stage_name, block.conv3, y, shortcut)
+            else:
+                x = conv(f"{prefix}.conv2", stage_name, block.conv2, y, shortcut)
+    return ops, x
+
+
+def _op_ms(op: Op, device: torch.device, repeats: int, steps: int, rounds: int) -> float:
+    def repeated() -> None:
+        for _ in range(repeats):
+            op.run()
+
+    if device.type == "cuda":
+        graph = _capture(repeated)
+        return _timed_ms(graph.replay, device, steps, rounds) / repeats
+    return _timed_ms(repeated, device, steps, rounds) / repeats
+
+
+def profile(
+    model: str = "resnet50",
+    batch_size: int = 48,
+    image_size: int = 224,
+    repeats: int = 10,
+    steps: int = 10,
+    rounds: int = 5,
+    device: torch.device | None = None,
+) -> dict[str, object]:
+    """The probe's figures as a dict (what --json writes)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16
+    build = getattr(torchvision.models, model)
+    teacher = FoldedBackbone(_backbone(build(num_classes=1000)).eval()).to(device, memory_format=torch.channels_last)
+    # The product's teacher under --amp: a copy of the folded weights in the AMP dtype (smile_fast/teacher.py).
+    trunk = copy.deepcopy(teacher.folded).to(dtype)
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last).to(dtype)
+    with torch.no_grad():
+        ops, out = fused_forward_ops(trunk, images)
+        expected = fused_resnet_trunk(trunk, images)
+        if not torch.equal(out, expected):
+            how = (
+                f"max difference {(out.float() - expected.float()).abs().max().item():g}"
+                if out.shape == expected.shape
+                else f"shapes {tuple(out.shape)} and {tuple(expected.shape)}"
+            )
+            raise SystemExit(
+                f"teacher_stages.py: its walk no longer matches fused_resnet_trunk ({how}); update fused_forward_ops"
+            )
+        rows = []
+        for op in ops:
+            ms = _op_ms(op, device, repeats, steps, rounds)
+            rows.append(
+                {
+                    "name": op.name,
+                    "stage": op.stage,
+                    "shape": op.shape,
+                    "gflop": op.flops / 1e9,
+                    "mbytes": op.bytes / 1e6,
+                    "us": ms * 1e3,
+                    "tflops": op.flops / (ms * 1e-3) / 1e12,
+                    "gbps": op.bytes / (ms * 1e-3) / 1e9,
+                }
+            )
+
+        def whole() -> None:
+            fused_resnet_trunk(trunk, images)
+
+        if device.type == "cuda":
+            graph = _capture(whole)
+            whole_ms = _timed_ms(graph.replay, device, steps, rounds)
+        else:
+            whole_ms = _timed_ms(whole, device, steps, rounds)
+    total_us = sum(row["us"] for row in rows)
+    for row in rows:
+        row["share"] = row["us"] / total_us
+    stages: dict[str, dict[str, float]] = {}
+    for row in rows:
+        stage = stages.setdefault(row["stage"], {"us": 0.0, "gflop": 0.0, "mbytes": 0.0, "ops": 0})
+        stage["us"] += row["us"]
+        stage["gflop"] += row["gflop"]
+        stage["mbytes"] += row["mbytes"]
+        stage["ops"] += 1
+    for stage in stages.values():
+        stage["tflops"] = stage["gflop"] / stage["us"] * 1e-3 if stage["us"] else 0.0
+        stage["share"] = stage["us"] / total_us
+    total_gflop = sum(row["gflop"] for row in rows)
+    return {
+        **environment(device),
+        "model": model,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "dtype": str(dtype),
+        "repeats": repeats,
+        "timing": "CUDA graph replay" if device.type == "cuda" else "eager",
+        "ops": rows,
+        "stages": stages,
+        "sum_of_ops_ms": total_us / 1e3,
+        "whole_forward_ms": whole_ms,
+        "total_gflop": total_gflop,
+        "whole_forward_tflops": total_gflop / whole_ms,
+        "cudnn_fusion_problems": cudnn_fusion_problems(),
+    }
+
+
+def report_lines(results: dict[str, object], top: int = 12) -> list[str]:
+    """The figures as text: per stage, then the ops that take the most time."""
+    lines = [
+        f"{results['device_name']}: the fused teacher's forward, {results['model']} batch {results['batch_size']} at "
+        f"{results['image_size']} px, {results['dtype']}, channels-last ({results['timing']})",
+        f"  whole forward {results['whole_forward_ms']:.3f} ms ({results['whole_forward_tflops']:.1f} TFLOP/s over "
+        f"{results['total_gflop']:.1f} GFLOP); sum of its ops {results['sum_of_ops_ms']:.3f} ms",
+        f"  {'stage':8s} {'ops':>4s} {'us':>9s} {'share':>6s} {'GFLOP':>8s} {'TFLOP/s':>8s}",
+    ]
+    for name, stage in results["stages"].items():
+        lines.append(
+            f"  {name:8s} {stage['ops']:4d} {stage['us']:9.1f} {stage['share']:6.1%} {stage['gflop']:8.2f} "
+            f"{stage['tflops']:8.1f}"
+        )
+    lines.append(f"  the {top} longest ops:")
+    lines.append(f"  {'op':22s} {'in -> out':34s} {'us':>8s} {'share':>6s} {'TFLOP/s':>8s} {'GB/s':>7s}")
+    for row in sorted(results["ops"], key=lambda row: row["us"], reverse=True)[:top]:
+        lines.append(
+            f"  {row['name']:22s} {row['shape']:34s} {row['us']:8.1f} {row['share']:6.1%} {row['tflops']:8.1f} "
+            f"{row['gbps']:7.0f}"
+        )
+    for problem in results.get("cudnn_fusion_problems") or []:
+        lines.append(f"  cuDNN did not fuse: {problem}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch-size", type=int, default=48)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=10, help="copies of the op in one graph (launch cost / this)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    results = profile(args.model, args.batch_size, args.image_size, args.repeats, args.steps, args.rounds)
+    print("\n".join(report_lines(results)))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+            handle.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""bench/teacher_stages.py on a CPU: its walk of the fused teacher covers every convolution once, in the
+product's order and with the product's result; its arithmetic counts agree with an independent count; and
+its totals add up. What it times needs a GPU to mean anything (gpu_check.sh, part stages)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from smile_fast.fused_conv import fused_resnet_trunk
+from smile_fast.models import FoldedBackbone
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    """Import bench/NAME.py under its own name (bench/ is not a package; the probe imports its neighbour
+    overlap_probe by that name, as it does when run as a script from that folder)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_load("overlap_probe")
+teacher_stages = _load("teacher_stages")
+
+
+def _folded_trunk(model: str) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(*list(getattr(torchvision.models, model)(num_classes=10).children())[:-2]).eval()
+    return FoldedBackbone(backbone).folded
+
+
+@pytest.mark.parametrize("model", ["resnet18", "resnet50"])
+def test_the_walk_is_the_products_forward_and_names_every_convolution_once(model):
+    trunk = _folded_trunk(model)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ops, out = teacher_stages.fused_forward_ops(trunk, images)
+        assert torch.equal(out, fused_resnet_trunk(trunk, images))
+        # Each op's saved closure gives the output the walk passed on (the timed work is the real work).
+        assert torch.equal(ops[-1].run(), out)
+    # The trunk's children 4-7 are layer1-4; child 0 the stem.
+    expected = set()
+    for name, module in trunk.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            index, _, rest = name.partition(".")
+            rest = rest.replace("downsample.0", "downsample")
+            expected.add("stem" if index == "0" else f"layer{int(index) - 3}.{rest}")
+    names = [op.name for op in ops if op.name != "maxpool"]
+    assert len(names) == len(set(names)) and set(names) == expected
+    assert [op.stage for op in ops][:2] == ["stem", "stem"] and ops[1].name == "maxpool"
+
+
+def test_its_flops_match_a_count_by_forward_hooks_and_resnet50s_published_figure():
+    trunk = _folded_trunk("resnet50")
+    counted = []
+
+    def hook(module, inputs, output):
+        counted.append(2 * output.numel() * module.weight[0].numel())
+
+    handles = [m.register_forward_hook(hook) for m in trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        trunk(images)
+        for handle in handles:  # before the walk, which calls the shortcut projections as modules
+            handle.remove()
+        ops, _ = teacher_stages.fused_forward_ops(trunk, images)
+    total = sum(op.flops for op in ops)
+    assert total == sum(counted)
+    # torchvision's documented 4.09 GFLOPS for ResNet-50 counts multiply-adds, the classifier's 2 M included.
+    assert total / 2 == pytest.approx(4.09e9 - 2048 * 1000, rel=0.005)
+    stem = ops[0]
+    assert stem.flops == 2 * 64 * 112 * 112 * 3 * 7 * 7
+    # The stem reads its input, weights and bias and writes its output once (float32 here).
+    assert stem.bytes == 4 * (3 * 224 * 224 + 64 * 3 * 7 * 7 + 64 + 64 * 112 * 112)
+
+
+def test_the_profile_adds_up_and_reads_as_a_table():
+    results = teacher_stages.profile("resnet18", batch_size=2, image_size=32, repeats=1, steps=1, rounds=1)
+    rows = results["ops"]
+    assert len(rows) == 2 + 2 * 2 + 3 * (2 * 2 + 1)  # stem, pool; layer1 4 convs; layers 2-4 a projection each
+    assert sum(row["share"] for row in rows) == pytest.approx(1.0)
+    assert sum(stage["share"] for stage in results["stages"].values()) == pytest.approx(1.0)
+    assert list(results["stages"]) == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert sum(stage["ops"] for stage in results["stages"].values()) == len(rows)
+    assert results["total_gflop"] == pytest.approx(sum(row["gflop"] for row in rows))
+    assert results["sum_of_ops_ms"] == pytest.approx(sum(row["us"] for row in rows) / 1e3)
+    assert all(row["us"] > 0 and row["tflops"] >= 0 for row in rows)
+    assert results["timing"] == "eager" and results["whole_forward_ms"] > 0
+    lines = teacher_stages.report_lines(results, top=3)
+    assert "resnet18 batch 2 at 32 px" in lines[0] and "whole forward" in lines[1]
+    assert sum(line.lstrip().startswith("layer") for line in lines) >= 4
+
+
+def test_a_walk_that_drifts_from_the_product_stops_the_probe(monkeypatch):
+    def other(trunk, images):
+        return torch.zeros(1)
+
+    monkeypatch.setattr(teacher_stages, "fused_resnet_trunk", other)
+    with pytest.raises(SystemExit, match="no longer matches fused_resnet_trunk"):
+        teacher_stages.profile("resnet18", batch_size=1, image_size=32, repeats=1, steps=1, rounds=1)
+
+
+def test_the_gpu_summary_prints_its_stage_table(tmp_path, capsys, monkeypatch):
+    results = teacher_stages.profile("resnet18", batch_size=1, image_size=32, repeats=1, steps=1, rounds=1)
+    (tmp_path / "teacher_stages_b1.json").write_text(json.dumps(results))
+    summarize = _load("summarize_gpu")
+    monkeypatch.setattr(sys, "argv", ["summarize_gpu.py", str(tmp_path)])
+    summarize.main()
+    out = capsys.readouterr().out
+    assert "the fused teacher's forward, resnet18 batch 1 at 32 px" in out and "the 6 longest ops:" in out
