@@ -250,6 +250,42 @@ def test_soft_losses_lam_and_perm_kinds(rng_seed: int, device: str, lam_kind: st
     _check_soft_loss(name, device, torch.float32, (6, 37), make_perm(perm_kind, 6, device), make_lam(lam_kind, device))
 
 
+# Classes masked with -inf (a user's label space with classes left out) across more than one whole chunk of
+# the kernels' 4096 columns: the streaming logsumexp then meets a chunk of -inf only before any finite value.
+MASKED_CASES = [
+    ("mixup_cross_entropy", "student"),
+    ("soft_mixup_cross_entropy", "teacher"),  # masked student columns under teacher mass would be +inf
+    ("soft_mixup_mse", "student"),
+    ("soft_mixup_mse", "teacher"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("name", "masked"), MASKED_CASES)
+def test_classes_masked_with_minus_inf_across_a_whole_chunk(rng_seed: int, device: str, name: str, masked: str):
+    batch, classes, hidden = 3, 5000, 4096 + 7
+    student = 3 * torch.randn(batch, classes, device=device)
+    teacher = 3 * torch.randn(batch, classes, device=device)
+    (student if masked == "student" else teacher)[:, :hidden] = float("-inf")
+    student.requires_grad_()
+    student64 = student.detach().double().requires_grad_()
+    perm = make_perm("random", batch, device)
+    if name == "mixup_cross_entropy":
+        target = torch.randint(hidden, classes, (batch,), device=device)
+        loss = ops.mixup_cross_entropy(student, target, perm, 0.6)
+        expected = mixup_cross_entropy_float64(student64, target, perm, 0.6)
+    else:
+        op, reference = SOFT_LOSSES[name]
+        loss = op(student, teacher, perm, 0.6)
+        expected = reference(student64, teacher, perm, 0.6)
+    assert torch.isfinite(loss), f"{name} with {masked} logits masked: {loss}"
+    assert_close(loss, expected.detach(), torch.float32, f"{name} loss", reduction_length=classes, magnitude=9.0)
+    loss.backward()
+    expected.backward()
+    assert torch.isfinite(student.grad).all(), f"{name}: a gradient is not finite"
+    assert_close(student.grad, student64.grad, torch.float32, f"d {name} / d student", reduction_length=classes)
+
+
 # --------------------------------------------------------------------------------------- feature_mixup_loss
 def feature_loss_float64(student: Tensor, teacher: Tensor, perm: Tensor, lam: float, form: str) -> Tensor:
     teacher64 = teacher.double()

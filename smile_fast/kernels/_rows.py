@@ -18,15 +18,18 @@ def _load_row_chunk(row_ptr, cols, n_cols, pad):
 def _row_logsumexp(row_ptr, n_cols, BLOCK: tl.constexpr):
     """log(sum(exp(row))) of one row of `n_cols` elements, in float32, streaming BLOCK columns at a time.
 
-    The running max is a scalar that is always finite after the first chunk (every chunk holds at
-    least one real column), so `exp(old_max - new_max)` never sees `-inf - -inf`.
+    The running max stays -inf for as long as the chunks hold only -inf: classes masked with -inf, which
+    can fill a whole chunk of BLOCK columns in a row of more than BLOCK. Exps are then taken about 0
+    instead of about the max, so that `exp(-inf - -inf)` (NaN) never enters the sum: every term is 0 then,
+    as it should be. A row of -inf only gives -inf, as torch.logsumexp does.
     """
     running_max = float("-inf")
     running_sum = 0.0
     for start in range(0, n_cols, BLOCK):
         values = _load_row_chunk(row_ptr, start + tl.arange(0, BLOCK), n_cols, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(values, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(values - new_max), axis=0)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(values - shift), axis=0)
         running_max = new_max
     return running_max + tl.log(running_sum)
 
