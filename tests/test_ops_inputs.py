@@ -310,6 +310,21 @@ def test_ema_update_sees_a_teacher_whose_data_was_replaced_by_a_view(path: str) 
         ops.ema_update_([teacher], [student], 0.5)
 
 
+def test_ema_update_sees_a_teacher_whose_data_became_another_dtype_at_the_same_address(path: str) -> None:
+    """Same object, address, shape and strides, float16 now: the cached plan would have the kernel write
+    float32 over twice the bytes the tensor has (a heap corruption on the kernel path, user review)."""
+    storage = torch.zeros(1 << 12)
+    teacher, student = torch.zeros(1 << 12), torch.ones(1 << 12)
+    teacher.data = storage
+    ops.ema_update_([teacher], [student], 0.5)
+    storage.zero_()
+    teacher.data = storage.view(torch.float16)[: 1 << 12]
+    assert teacher.data_ptr() == storage.data_ptr() and teacher.stride() == storage.stride()
+    with pytest.raises(ValueError, match="teacher tensor 0 must be float32, got torch.float16"):
+        ops.ema_update_([teacher], [student], 0.5)
+    assert torch.equal(storage[(1 << 11) :], torch.zeros(1 << 11)), "the update wrote past the float16 tensor"
+
+
 def test_ema_update_is_an_in_place_write_autograd_knows_of(path: str) -> None:
     """A graph that saved the teacher before the update raises at backward, as after any in-place op, on the
     kernel path too (it writes through raw pointers); it must never backpropagate with the new values."""

@@ -100,11 +100,14 @@ class _EmaPlan(NamedTuple):
         dtypes, shapes and strides (a transposed view of the same storage would be read in the wrong order
         by a table built for the original, and a reshaped one would skip the shape check). The teachers'
         shapes and strides are compared too: `teacher.data = teacher.data.t()` keeps the object and the
-        address but not the layout. map() keeps the loops in C.
+        address but not the layout. So are their dtypes (all float32 when the plan was built): a teacher
+        whose `.data` became float16 at the same address would have the kernel write float32 past its end.
+        map() keeps the loops in C.
         """
         return (
             len(teacher_tensors) == len(self.teacher_refs)
             and all(map(operator.is_, map(weakref.ref.__call__, self.teacher_refs), teacher_tensors))
+            and set(map(operator.attrgetter("dtype"), teacher_tensors)) == _FLOAT32_ONLY
             and tuple(map(operator.attrgetter("dtype"), student_tensors)) == self.student_dtypes
             and tuple(map(operator.attrgetter("shape"), student_tensors)) == self.student_shapes
             and tuple(map(operator.attrgetter("shape"), teacher_tensors)) == self.student_shapes
@@ -119,6 +122,7 @@ class _EmaPlan(NamedTuple):
 # cost 320 us, more than the update itself takes on a GPU. still_matches compares the students' dtypes,
 # shapes and strides as tuples instead (about 100 us there, of which shapes and strides 60-80 us).
 _plan_cache: OrderedDict[tuple, _EmaPlan] = OrderedDict()
+_FLOAT32_ONLY = {torch.float32}
 _PLAN_CACHE_SIZE = 8
 
 
