@@ -228,10 +228,19 @@ def test_second_derivatives_are_refused_alike_on_both_paths(path: str, name: str
     assert grad.shape == x.shape
 
 
-def test_paper_feature_loss_of_an_empty_batch_is_nan(path: str) -> None:
-    empty = torch.zeros(0, 3)
-    loss = ops.feature_mixup_loss(empty, empty, torch.zeros(0, dtype=torch.long), 0.7, form="paper")
-    assert loss.isnan()
+@pytest.mark.parametrize(
+    ("form", "shape", "batch"),
+    [("paper", (0, 3), 0), ("official", (0, 3, 2, 2), 0), ("official", (2, 3, 0, 4), 2), ("official", (2, 3, 4, 0), 2)],
+)
+def test_feature_loss_of_an_empty_batch_or_map_and_its_backward(path: str, form: str, shape, batch: int) -> None:
+    """As the other losses do with an empty batch: a NaN (a norm over nothing / H*W = 0 gives 0 for the
+    official form's empty batch) and an empty gradient, not a ZeroDivisionError (user review)."""
+    student = torch.zeros(shape, requires_grad=True)
+    loss = ops.feature_mixup_loss(student, torch.zeros(shape), torch.arange(batch), 0.7, form=form)
+    reference = ops.feature_mixup_loss_reference(torch.zeros(shape), torch.zeros(shape), torch.arange(batch), 0.7, form)
+    torch.testing.assert_close(loss, reference, equal_nan=True)
+    loss.backward()
+    assert student.grad.shape == shape
 
 
 def test_ema_update_takes_parameter_generators(path: str) -> None:

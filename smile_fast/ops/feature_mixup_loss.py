@@ -74,11 +74,14 @@ def feature_mixup_loss_reference(
 
 def _backward_coefficient(student_feat: Tensor, form: str) -> tuple[float, bool]:
     """(coef_scale, official): d loss / d difference is `grad * coef_scale / loss * d` (official,
-    since loss = ||d|| / (H*W) gives d / (loss * (H*W)^2)) or `grad * coef_scale * d` (paper: 2 / B)."""
+    since loss = ||d|| / (H*W) gives d / (loss * (H*W)^2)) or `grad * coef_scale * d` (paper: 2 / B).
+
+    An empty batch or feature map has an empty gradient, whatever the scale: max(..., 1) keeps the division
+    from raising there (the loss itself is NaN, as the other losses give for an empty batch)."""
     if form == "official":
-        area = student_feat.shape[-2] * student_feat.shape[-1]
+        area = max(student_feat.shape[-2] * student_feat.shape[-1], 1)
         return 1.0 / (area * area), True
-    return 2.0 / student_feat.shape[0], False
+    return 2.0 / max(student_feat.shape[0], 1), False
 
 
 def _feature_mixup_loss_backward_reference(
@@ -109,6 +112,8 @@ def _feature_mixup_loss_impl(
     partial_sums = torch.empty(feature_partial_count(batch, n_per_sample), dtype=torch.float32, device=student.device)
     if form == "official":
         height, width = student_feat.shape[-2:]
+        if height * width == 0:  # 0 / 0, as the reference's norm over no element divided by H*W gives
+            return torch.full((), float("nan"), dtype=torch.float32, device=student.device)
         launch_feature_mixup_loss_forward(student, teacher, perm, lam, partial_sums, 1.0 / (height * width), root=True)
         return torch.linalg.vector_norm(partial_sums)
     if batch == 0:  # the mean over no samples, as the reference's .mean() gives
