@@ -126,10 +126,24 @@ def test_zero_dim_images_are_refused(path: str) -> None:
         ops.mixup_batch(torch.tensor(1.0), torch.zeros(0, dtype=torch.long), 0.5)
 
 
-@pytest.mark.parametrize("lam", ["0.7", None, [0.7]])
+@pytest.mark.parametrize("lam", ["0.7", None, [0.7], torch.tensor(True), torch.tensor(0.5 + 0j)])
 def test_lam_that_is_not_a_number_is_refused(path: str, lam: object) -> None:
+    # A bool tensor was taken as 1.0 while the Python bool is refused (user review).
     with pytest.raises(ValueError, match="lam must be a Python float or a 0-d tensor"):
         ops.mixup_batch(torch.randn(2, 3), torch.tensor([1, 0]), lam)
+
+
+def test_a_decay_that_is_a_bool_or_asks_for_a_gradient_is_refused(path: str, recwarn) -> None:
+    teacher, student = [torch.zeros(3)], [torch.ones(3)]
+    with pytest.raises(ValueError, match="decay must be a Python float or a 0-d tensor of a real number"):
+        ops.ema_update_(teacher, student, torch.tensor(True))
+    with pytest.raises(ValueError, match="decay receives no gradient"):
+        ops.ema_update_(teacher, student, torch.tensor(0.9, requires_grad=True))
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)], "torch's scalar warning from inside"
+    assert torch.equal(teacher[0], torch.zeros(3)), "a refused update wrote"
+    with torch.no_grad():
+        ops.ema_update_(teacher, student, torch.tensor(0.75, requires_grad=True))  # no graph, nothing to refuse
+    torch.testing.assert_close(teacher[0], torch.full((3,), 0.25))
 
 
 @pytest.mark.parametrize("lam", [True, 1.5, -0.25, float("nan"), torch.tensor(1.5), torch.tensor(float("nan"))])

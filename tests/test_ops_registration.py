@@ -191,6 +191,27 @@ def test_import_does_not_need_triton() -> None:
     assert process.returncode == 0, process.stderr[-3000:]
 
 
+def test_cpu_calls_outside_the_interpreter_do_not_import_triton() -> None:
+    """The CPU path never uses Triton: a user's CPU training loop should not pay its import (about 0.2 s, and
+    whatever a broken install does) at its first op call (user review)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from smile_fast import ops\n"
+        "x, perm = torch.randn(3, 2, requires_grad=True), torch.tensor([2, 0, 1])\n"
+        "ops.mixup_cross_entropy(ops.mixup_batch(x, perm, 0.5), torch.tensor([1, 0, 1]), perm, 0.5).backward()\n"
+        "ops.ema_update_([torch.zeros(2)], [torch.ones(2)], 0.9)\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'triton'))\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stdout.strip() == "[]", process.stdout
+
+
 # ----------------------------------------------------------------------------------------------- opcheck
 def opcheck_cases(device: str) -> dict[str, tuple[object, tuple]]:
     batch = 3

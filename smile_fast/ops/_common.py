@@ -25,12 +25,20 @@ def lam_as_tensor(lam: float | Tensor, device: torch.device) -> Tensor:
             raise ValueError(f"lam must be a Python float or a 0-d tensor, got a tensor of shape {tuple(lam.shape)}")
         if lam.requires_grad and torch.is_grad_enabled():
             raise ValueError("lam receives no gradient from these ops; pass lam.detach()")
+        check_real(lam, "lam")
         check_unit_interval(lam, "lam")
         return saveable(lam.detach().to(device=device, dtype=torch.float32))
     if not isinstance(lam, numbers.Real) or isinstance(lam, bool):
         raise ValueError(f"lam must be a Python float or a 0-d tensor, got {type(lam).__name__} {lam!r}")
     check_unit_interval(lam, "lam")
     return torch.tensor(float(lam), dtype=torch.float32, device=device)
+
+
+def check_real(value: Tensor, name: str) -> None:
+    """A mixing weight given as a tensor must hold a real number: a bool tensor would read as 0 or 1, as the
+    Python bool that is refused does."""
+    if value.dtype == torch.bool or value.is_complex():
+        raise ValueError(f"{name} must be a Python float or a 0-d tensor of a real number, got a {value.dtype} tensor")
 
 
 def check_unit_interval(value: float | Tensor, name: str) -> None:
@@ -43,7 +51,7 @@ def check_unit_interval(value: float | Tensor, name: str) -> None:
     if isinstance(value, Tensor):
         if value.device.type != "cpu" or torch.compiler.is_compiling():
             return
-        value = float(value)
+        value = float(value.detach())
     if not 0.0 <= value <= 1.0:  # False for NaN too
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
@@ -116,11 +124,10 @@ def like_layout(tensor: Tensor, reference: Tensor) -> Tensor:
 def use_triton(tensor: Tensor) -> bool:
     """Dispatch policy: CUDA tensors run the Triton kernels; CPU tensors run the PyTorch reference,
     except under TRITON_INTERPRET=1 where the kernels run on CPU tensors (how CI tests them)."""
-    if not has_triton():
-        return False
+    # The device first: a CPU call outside the interpreter never imports triton (about 0.2 s on first use).
     if tensor.device.type == "cuda":
-        return True
-    return tensor.device.type == "cpu" and triton_interpret_enabled()
+        return has_triton()
+    return tensor.device.type == "cpu" and triton_interpret_enabled() and has_triton()
 
 
 def copy_into_empty_like(value: Tensor, layout: Tensor, dtype: torch.dtype | None = None) -> Tensor:

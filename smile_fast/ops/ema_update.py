@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smile_fast.ops._common import check_unit_interval, use_triton
+from smile_fast.ops._common import check_real, check_unit_interval, use_triton
 
 _STUDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # As torch's own in-place ops refuse it, but before anything is written (torch's copy_ writes, then raises).
@@ -207,6 +207,9 @@ def _decay_tensor(decay: float | Tensor, device: torch.device) -> Tensor:
     if isinstance(decay, Tensor):
         if decay.dim() != 0:
             raise ValueError(f"decay must be a Python float or a 0-d tensor, got shape {tuple(decay.shape)}")
+        if decay.requires_grad and torch.is_grad_enabled():  # as lam: refused rather than silently detached
+            raise ValueError("decay receives no gradient from ema_update_; pass decay.detach()")
+        check_real(decay, "decay")
         check_unit_interval(decay, "decay")
         return decay.detach().to(device=device, dtype=torch.float32)
     if not isinstance(decay, numbers.Real) or isinstance(decay, bool):
