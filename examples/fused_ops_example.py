@@ -74,7 +74,8 @@ def train(steps: int = 20, batch_size: int = 8, seed: int = 0, ema_every: int = 
         losses.append(float(loss.detach()))
 
     drift = sum(float((p - p0).abs().sum()) for p, p0 in zip(teacher.backbone.parameters(), teacher_start))
-    return {"first_loss": losses[0], "last_loss": losses[-1], "teacher_drift": drift}
+    updates = len(range(0, steps, ema_every))
+    return {"first_loss": losses[0], "last_loss": losses[-1], "teacher_drift": drift, "ema_updates": updates}
 
 
 def main() -> None:
@@ -83,9 +84,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     result = train(args.steps, args.batch_size)
+    # The first EMA update, at step 0, finds the teacher equal to the student: it moves only by rounding.
     print(
         f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
-        f"teacher moved by {result['teacher_drift']:.3e} (sum of |change|)"
+        f"teacher moved by {result['teacher_drift']:.3e} (sum of |change|) in {result['ema_updates']} EMA "
+        f"update(s), one every 10 steps from step 0 (where the teacher still equals the student)"
     )
 
 

@@ -106,7 +106,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag(
         "--sample-draw",
         choices=SAMPLE_DRAWS,
-        help="per-class (default, SMILE_SPEC.md: round(R * n) of each class) or authors (their code: the first "
+        help="per-class (default, the paper's protocol: round(R * n) of each class) or authors (their code: the first "
         "1 + int(R * N) of the whole shuffled training list)",
     )
     flag("--class-fraction", type=float, help="keep this share of the classes (C:X%% protocol)")

@@ -1,6 +1,8 @@
-"""Fused ops of smile-fast: the public functional API (DESIGN.md, "Public ops API").
+"""Fused ops of smile-fast, for any PyTorch training loop: batch mixup, the mixup losses, SMILE's feature loss
+and the mean teacher's EMA update (the README's "Use the fused ops in your own training code" lists them).
 
-Each op has a plain-PyTorch `<op>_reference` beside it: the CPU path and the test oracle.
+CUDA tensors run Triton kernels; CPU tensors run the plain-PyTorch `<op>_reference` beside each op, which is
+also the tests' oracle (with TRITON_INTERPRET=1, the kernels run on CPU tensors instead).
 """
 
 from smile_fast.ops.ema_update import ema_update_, ema_update_reference
