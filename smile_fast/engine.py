@@ -12,7 +12,9 @@ iteration's optimizer step, then the optimizer step.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import os
 import signal
 import sys
 import time
@@ -66,7 +68,8 @@ from smile_fast.stop_signals import (
     signals_held,
 )
 
-STOP_CHECK_INTERVAL = 5  # iterations between the ranks' agreement on a stop signal
+STOP_CHECK_INTERVAL = 5  # at most this many iterations between the ranks' agreements on a stop signal,
+STOP_CHECK_SECONDS = 5.0  # and fewer when they take longer than this (torchrun kills its workers 30 s after a stop)
 
 
 def _write_failed(path: Path, error: BaseException, world_size: int) -> TrainingStopped:
@@ -121,6 +124,10 @@ class Trainer:
         self.dist, self.device = setup_distributed(config.device)
         resolve_for_device(config, self.device)  # before the settings are written to the run folder
         self.run_dir = Path(config.out) if config.out else default_run_dir(config.dataset, config.method)
+        if self.dist.enabled and not config.out:
+            # The name holds the start time, and each rank's clock gave its own: ranks that started on either
+            # side of a second named two folders, of which only rank 0's was written (review).
+            self.run_dir = Path(_main_rank_says(str(self.run_dir)))
         if self.resume_state is not None:
             refuse_finished_run(self.run_dir, self.resume_state, config.iters)
             refuse_other_world_size(self.run_dir, self.resume_state, self.dist.world_size, config.batch_size)
@@ -160,6 +167,53 @@ class Trainer:
     def log(self, message: str) -> None:
         if self.dist.is_main:
             self._log(message)
+
+    def _check_ranks_agree(self, train_samples: list) -> None:
+        """Refuse to start, on every rank, when the ranks found other data or other pre-trained weights.
+
+        Each rank reads the data folder and the weights itself (other nodes may have their own copies). DDP
+        copies rank 0's student to the others, but not its file lists, nor the teacher each rank builds from
+        its own source model. In a review, a rank missing 12 training images trained on shards that overlapped
+        the others', and a rank without the weights cache fell back to random init and distilled from another
+        teacher than rank 0's; both runs finished with exit 0 and nothing said. A collective: all ranks call it.
+        """
+        import torch.distributed as dist
+
+        data_dir = self.config.data_dir
+
+        def digest(samples) -> str:
+            # Paths relative to the data folder: nodes may mount the same copy at different places.
+            hashed = hashlib.sha256()
+            for path, label in samples:
+                name = os.path.relpath(path, data_dir) if data_dir else str(path)
+                hashed.update(f"{name}\t{label}\n".encode("utf-8", "surrogateescape"))
+            return hashed.hexdigest()
+
+        mine = (
+            self.weights_description,
+            (len(train_samples), len(self.test_samples)),
+            (digest(train_samples), digest(self.test_samples)),
+        )
+        every: list = [None] * self.dist.world_size
+        dist.all_gather_object(every, mine)
+        weights, counts, digests = every[0]
+        problems = []
+        for rank, (their_weights, their_counts, their_digests) in enumerate(every[1:], start=1):
+            if their_weights != weights:
+                problems.append(f"rank {rank} starts from {their_weights}, rank 0 from {weights}")
+            if their_counts != counts:
+                problems.append(
+                    f"rank {rank} found {their_counts[0]} training / {their_counts[1]} test images, "
+                    f"rank 0 {counts[0]} / {counts[1]}"
+                )
+            elif their_digests != digests:
+                problems.append(f"rank {rank} found as many images as rank 0, but other files or labels")
+        if problems:
+            raise UserError(
+                f"the {self.dist.world_size} processes did not find the same inputs: {'; '.join(problems)}. Each "
+                "process reads the data folder and the pre-trained weights itself: give every node the same "
+                "copies (the same torch hub cache, or --weights FILE)"
+            )
 
     # ----------------------------------------------------------------------------------- set-up
     def _build(self) -> None:
@@ -246,6 +300,8 @@ class Trainer:
         )
         if self.resume_state is None and (note := paper_source_note(config.dataset, config.model, config.weights)):
             self.log(note)
+        if self.dist.enabled:
+            self._check_ranks_agree(train_samples)
         if world > 1 and config.dataset not in ("demo", "imagefolder") and world * config.batch_size != PAPER_BATCH:
             hint = f": --batch-size {PAPER_BATCH // world} gives the paper's" if PAPER_BATCH % world == 0 else ""
             self.log(
@@ -443,17 +499,26 @@ class Trainer:
 
         With several ranks the agreement is an all-reduce read back on the host, a sync; it is taken every
         STOP_CHECK_INTERVAL iterations rather than every step, so the host can keep queueing steps ahead
-        of the GPU. A signalled run stops within that many steps (torchrun waits 30 s before SIGKILL).
+        of the GPU. But torchrun SIGKILLs its workers 30 s after its own signal, and five slow steps (a
+        ResNet-50 on CPUs) took longer than that in a review: the checkpoint was lost. So each agreement
+        also takes the slowest rank's seconds per step since the last, and the next comes after at most
+        STOP_CHECK_SECONDS of such steps (every step when one takes longer). Every rank computes the same
+        schedule from the same all-reduced figures, so they meet at the same iterations.
         """
         if not self.dist.enabled:
             return bool(stop.requested)
-        if iteration % STOP_CHECK_INTERVAL != 0:
+        if iteration < self._next_stop_check:
             return False
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if stop.requested else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        last_iteration, last_time = self._last_stop_check
+        seconds_per_step = (time.perf_counter() - last_time) / max(iteration - last_iteration, 1)
+        figures = torch.tensor([1.0 if stop.requested else 0.0, seconds_per_step], device=self.device)
+        dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+        requested, slowest = figures.tolist()
+        self._next_stop_check = iteration + stop_check_interval(slowest)
+        self._last_stop_check = (iteration, time.perf_counter())
+        return requested > 0
 
     # ------------------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
@@ -470,6 +535,9 @@ class Trainer:
         top1 = None
         last_good_iteration = self.start_iteration
         last_row_iteration = self.start_iteration
+        # The ranks' first agreement on a stop comes after one step; _stop_agreed spaces the later ones.
+        self._next_stop_check = self.start_iteration + 1
+        self._last_stop_check = (self.start_iteration, time.perf_counter())
         self.student.train()
         # closing(): however the loop ends (a stop, a divergence, an error), the loader ends here with its worker
         # processes, not when the caller drops the error that holds this frame (perhaps only at exit).
@@ -649,6 +717,14 @@ def _mean_over_ranks(
     dist.all_reduce(stacked)
     stacked /= world_size
     return stacked[0], {name: stacked[index + 1] for index, name in enumerate(names)}
+
+
+def stop_check_interval(seconds_per_step: float) -> int:
+    """Iterations until the ranks' next agreement on a stop: STOP_CHECK_INTERVAL, or fewer so that they take
+    at most about STOP_CHECK_SECONDS (at least 1)."""
+    if seconds_per_step <= 0:
+        return STOP_CHECK_INTERVAL
+    return max(1, min(STOP_CHECK_INTERVAL, int(STOP_CHECK_SECONDS / seconds_per_step)))
 
 
 def _main_rank_says(value):

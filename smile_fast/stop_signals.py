@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from typing import Any
 
 
@@ -34,10 +35,21 @@ def interrupted_exit_status(interrupt: KeyboardInterrupt) -> int:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT ask the loop to stop at the next step boundary (checkpoint, then exit)."""
+    """SIGTERM/SIGINT ask the loop to stop at the next step boundary (checkpoint, then exit); a second signal
+    means "stop now".
+
+    One request often arrives twice: a scheduler (Slurm's scancel, a preemption) or a terminal's Ctrl-C
+    signals every process of the job, and torchrun forwards its own copy to its workers a moment later
+    (0.1-0.3 s apart in a review on 2 CPU cores). Taken as "now", that second copy lost the checkpoint of
+    every such stop. So a repeat of the same signal within SAME_REQUEST_SECONDS of the first is that same
+    request; a second signal after it, or another signal, means now.
+    """
+
+    SAME_REQUEST_SECONDS = 2.0
 
     def __init__(self):
         self.requested = 0
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
@@ -48,10 +60,15 @@ class StopSignal:
                 pass
         return self
 
-    def _handle(self, signum, frame):
-        if self.requested:  # a second signal: stop now
-            raise StopNow(signum)
+    def _handle(self, signum, frame, arrived: float | None = None):
+        """`arrived`: when a signal held during a checkpoint write came (signals_held), else now."""
+        arrived = time.monotonic() if arrived is None else arrived
+        if self.requested:
+            if signum == self.requested and arrived - self._first_at < self.SAME_REQUEST_SECONDS:
+                return  # the same request, delivered twice
+            raise StopNow(signum)  # a second signal: stop now
         self.requested = signum
+        self._first_at = arrived
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
@@ -74,8 +91,11 @@ def signals_held():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    came: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: came.append(signum)) for signum in held}
+    came: dict[int, float] = {}  # signal -> when it first came (a second copy is the same request)
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: came.setdefault(signum, time.monotonic()))
+        for signum in held
+    }
     try:
         yield
     except BaseException:
@@ -84,11 +104,14 @@ def signals_held():
         _restore_handlers(previous)
         raise
     _restore_handlers(previous)
-    for signum in dict.fromkeys(came):  # once each, in order: a second Ctrl-C during the write is the same request
+    for signum, arrived in came.items():  # once each, in order: a second Ctrl-C during the write is the same request
         handler = previous[signum]
         # Called here rather than raised again, so that it runs now, in this frame, whatever the interpreter's
-        # next check for pending signals would be.
-        if callable(handler):
+        # next check for pending signals would be. A run's handler is told when the signal came, not now: a
+        # copy of its stop request that came during the write is still that request after a long write.
+        if isinstance(getattr(handler, "__self__", None), StopSignal):
+            handler(signum, None, arrived)
+        elif callable(handler):
             handler(signum, None)
         elif handler == signal.SIG_DFL:
             signal.raise_signal(signum)

@@ -80,6 +80,20 @@ LAUNCHER = textwrap.dedent(
             return original_call(self, iteration, *batch)
 
         TrainingStep.__call__ = crash_at_second_step
+    with open(os.path.join(os.environ["RECORD_DIR"], f"pid-rank{os.environ.get('RANK', '0')}"), "w") as f:
+        f.write(str(os.getpid()))
+    # Rank 1 as on a node with its own copies: another data folder, or a weights cache it could not read.
+    if os.environ.get("RANK") == "1" and os.environ.get("RANK1_DATA_DIR"):
+        sys.argv[sys.argv.index("--data-dir") + 1] = os.environ["RANK1_DATA_DIR"]
+    if os.environ.get("RANK") == "1" and os.environ.get("RANK1_WEIGHTS"):
+        from smile_fast import engine
+        original_build = engine.build_models
+
+        def build_with_other_weights(*args, **kwargs):
+            student, source, _ = original_build(*args, **kwargs)
+            return student, source, os.environ["RANK1_WEIGHTS"]
+
+        engine.build_models = build_with_other_weights
     from smile_fast.cli import main
     sys.exit(main(sys.argv[1:]))
     """
@@ -278,3 +292,61 @@ def test_sigterm_to_torchrun_checkpoints_and_resume_matches_uninterrupted(folder
             atol=1e-6,
             msg=f"{name} differs between the resumed and the uninterrupted run",
         )
+
+
+@pytest.mark.parametrize("differs", ["data", "weights", "same data elsewhere"])
+def test_ranks_that_found_other_inputs_refuse_to_start(folder, tmp_path, differs):
+    """Each rank reads the data folder and the weights itself. A rank missing a training image, or one that
+    fell back to random init, trained with the others and exited 0 (review): now every rank refuses, in one
+    line, before training. A copy of the same files at another path is the same data."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder / "data", copy)
+    extra_env = {"RANK1_DATA_DIR": str(copy)}
+    if differs == "data":
+        (copy / "train" / "c1" / "0.png").unlink()
+    elif differs == "weights":
+        extra_env = {"RANK1_WEIGHTS": "random init (ImageNet weights unavailable)"}
+    same = differs.startswith("same")
+    result = _run(folder, tmp_path / "run", 2, 4, "smile", extra_env=extra_env, expect_success=same)
+    if same:
+        return
+    assert result.returncode != 0
+    expected = {
+        "data": "rank 1 found 17 training / 15 test images, rank 0 18 / 15",
+        "weights": "rank 1 starts from random init (ImageNet weights unavailable), rank 0 from none",
+    }[differs]
+    # Once from each rank (their lines may share one line of the combined stderr); torchrun's own report follows.
+    assert result.stderr.count(f"the 2 processes did not find the same inputs: {expected}.") == 2, result.stderr[-3000:]
+    assert "DistributedDataParallel" not in result.stderr and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_stop_signal_to_torchrun_and_its_workers_together_still_checkpoints(folder, tmp_path):
+    """Slurm's scancel (and a terminal's Ctrl-C) signals every process of the job: each worker gets SIGTERM from
+    it, and again from torchrun a moment later. That copy was taken as a second signal, "stop now", and the
+    stop lost its checkpoint (review)."""
+    import signal
+    import time
+
+    out, record = tmp_path / "stopped", tmp_path / "stopped-record"
+    process = subprocess.Popen(
+        _command(folder, out, 2, 4, "smile", iters=15),
+        env=_environment(record, {"SLOW_STEPS": "0.5"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (record / "reached-2").exists():
+        assert process.poll() is None, f"the run ended before it was signalled:\n{process.stdout.read()[-2000:]}"
+        assert time.monotonic() < deadline, "the run never reached iteration 2"
+        time.sleep(0.1)
+    # As Slurm does (every process of the job), the workers first; torchrun forwards its copy when it gets its own.
+    for rank in (0, 1):
+        os.kill(int((record / f"pid-rank{rank}").read_text()), signal.SIGTERM)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert output.count("stopped by SIGTERM") == 2 and "interrupted" not in output, output[-4000:]
+    assert 3 <= load_checkpoint(out)["iteration"] < 15

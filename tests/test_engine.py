@@ -22,7 +22,7 @@ from smile_fast.engine import Trainer, train
 from smile_fast.errors import UserError
 from smile_fast.evaluation import evaluate_checkpoint
 from smile_fast.step import TrainingStep
-from smile_fast.stop_signals import TrainingStopped
+from smile_fast.stop_signals import StopSignal, TrainingStopped
 
 
 @pytest.fixture(scope="module")
@@ -547,6 +547,8 @@ def test_a_second_stop_signal_says_which_checkpoint_is_kept(tiny_imagefolder, tm
         return result
 
     monkeypatch.setattr(TrainingStep, "__call__", call_then_signal_twice)
+    # The second copy counts as a second signal, as one coming after StopSignal's same-request window would.
+    monkeypatch.setattr(StopSignal, "SAME_REQUEST_SECONDS", 0.0)
     out = tmp_path / "run"
     with pytest.raises(TrainingStopped) as stopped:
         train(_config(tiny_imagefolder, out, iters=6, eval_every=2), progress=False)
@@ -1021,7 +1023,7 @@ def test_a_second_stop_signal_ends_the_command_with_its_own_status(signum, statu
     """The first signal asks for a stop at the step boundary; a second one means now. The command then exits
     128 + that signal, as a shell reports a process the signal ended (a second SIGTERM was reported as 130)."""
     import smile_fast.cli as cli
-    from smile_fast.stop_signals import StopNow, StopSignal
+    from smile_fast.stop_signals import StopNow
 
     def train_command(args):
         with StopSignal():
@@ -1031,9 +1033,52 @@ def test_a_second_stop_signal_ends_the_command_with_its_own_status(signum, statu
         raise AssertionError("the second signal did not stop the run")
 
     monkeypatch.setattr(cli, "_cmd_train", train_command)
+    monkeypatch.setattr(StopSignal, "SAME_REQUEST_SECONDS", 0.0)  # the second comes after the same-request window
     assert cli.main(["train"]) == status
     assert capsys.readouterr().err == "smile-fast: interrupted\n"
     assert issubclass(StopNow, KeyboardInterrupt), "a second signal must break off what runs, as Ctrl-C does"
+
+
+def test_the_same_stop_signal_twice_at_once_is_one_request_and_a_later_or_other_one_means_now(monkeypatch):
+    """Slurm's scancel and a terminal's Ctrl-C signal every process of a torchrun job, and torchrun forwards its
+    own copy to its workers a moment later: the same request twice, not "stop now" (review)."""
+    from smile_fast import stop_signals
+    from smile_fast.stop_signals import StopNow, signals_held
+
+    clock = [100.0]
+    monkeypatch.setattr(stop_signals.time, "monotonic", lambda: clock[0])
+    with StopSignal() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        clock[0] += 0.3
+        signal.raise_signal(signal.SIGTERM)  # torchrun's copy: the same request
+        assert stop.requested == signal.SIGTERM
+        with pytest.raises(StopNow):
+            signal.raise_signal(signal.SIGINT)  # another signal: now
+    with StopSignal() as stop:
+        signal.raise_signal(signal.SIGINT)
+        clock[0] += StopSignal.SAME_REQUEST_SECONDS + 0.1
+        with pytest.raises(StopNow) as now:
+            signal.raise_signal(signal.SIGINT)  # the same signal, later: now
+        assert now.value.signum == signal.SIGINT
+    with StopSignal() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        with signals_held():  # a checkpoint write: the copy comes at once, the write takes long
+            clock[0] += 0.2
+            signal.raise_signal(signal.SIGTERM)
+            clock[0] += 30.0
+        assert stop.requested == signal.SIGTERM  # judged by when it came, not when the write let it through
+
+
+@pytest.mark.parametrize(
+    ("seconds_per_step", "interval"), [(0.0, 5), (0.01, 5), (0.9, 5), (1.1, 4), (2.4, 2), (4.0, 1), (40.0, 1)]
+)
+def test_the_ranks_agree_on_a_stop_often_enough_for_torchrun(seconds_per_step, interval):
+    """torchrun SIGKILLs its workers 30 s after its own stop signal; five steps of a ResNet-50 on CPUs took longer
+    (review), and the stop's checkpoint was lost. The ranks now meet after at most about 5 s of steps."""
+    from smile_fast.engine import STOP_CHECK_SECONDS, stop_check_interval
+
+    assert stop_check_interval(seconds_per_step) == interval
+    assert interval == 1 or interval * seconds_per_step <= STOP_CHECK_SECONDS
 
 
 def test_metrics_log_survives_a_cut_last_line_and_its_own_removal(tmp_path):
