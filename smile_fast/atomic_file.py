@@ -49,3 +49,14 @@ def atomic_write(path: str | Path, binary: bool = False, durable: bool = True) -
         # Whatever stopped the write (full disk, signal, bug), the old file stays as it was.
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def leftover_temporaries(folder: str | Path, names: tuple[str, ...]) -> list[Path]:
+    """The temporary files atomic_write left in `folder` for these file names when its process was killed
+    mid-write (SIGKILL, a power cut: its cleanup never ran), e.g. `.last.pt.8jh4p680.tmp`, as large as a
+    checkpoint. Only the folder's one writer may remove them, once it holds the folder."""
+    folder = Path(folder)
+    found = []
+    for name in names:
+        found += [path for path in folder.glob(f".{name}.*.tmp") if path.is_file() and not path.is_symlink()]
+    return sorted(found)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from smile_fast.atomic_file import leftover_temporaries
 from smile_fast.checkpoint import load_checkpoint, save_atomic
 from smile_fast.config import PAPER_BATCH, RESUME_MAY_CHANGE, TrainConfig, build_config, resolve_for_device
 from smile_fast.data.cache import image_checks_dir
@@ -167,6 +168,23 @@ class Trainer:
     def log(self, message: str) -> None:
         if self.dist.is_main:
             self._log(message)
+
+    def _remove_leftover_temporaries(self) -> None:
+        """A process killed mid-write (SIGKILL, torchrun's after its 30 s) leaves its temporary file beside the
+        intact old one: a checkpoint's size each time, which a resume never removed (review). The folder is
+        held by this run now, so no other writer's file is among them."""
+        names = ("last.pt", "summary.json", "config.yaml", "manifest.txt", "metrics.csv")
+        leftovers = leftover_temporaries(self.run_dir, names)
+        if not leftovers:
+            return
+        size = sum(path.stat().st_size for path in leftovers)
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        self.log(
+            f"removed {len(leftovers)} temporary file(s) that an interrupted write left in {self.run_dir} "
+            f"({', '.join(path.name for path in leftovers[:3])}{', ...' if len(leftovers) > 3 else ''}; "
+            f"{size / 1e6:.0f} MB)"
+        )
 
     def _check_ranks_agree(self, train_samples: list) -> None:
         """Refuse to start, on every rank, when the ranks found other data or other pre-trained weights.
@@ -357,6 +375,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.folder_lock.acquire(self.run_dir)  # a run that made the same new folder meanwhile is refused
+            self._remove_leftover_temporaries()
             if self.resume_state is None or moved:
                 write_manifest(manifest, train_samples)
             write_config(self.run_dir, config.to_dict(), self.weights_description, self.dist.world_size)

@@ -285,6 +285,24 @@ def _stopped_run(tiny_imagefolder, out, monkeypatch, iters=4, stop_after=2, **ov
     return out
 
 
+def test_a_resume_removes_the_temporary_files_a_killed_write_left(tiny_imagefolder, tmp_path, monkeypatch):
+    """A process killed mid-write (SIGKILL) leaves `.last.pt.XXXX.tmp`, a checkpoint's size, beside the intact
+    last.pt; resuming kept it for good (review). The resume removes such files of the run's own, and says so;
+    a file of the user's is left alone."""
+    messages = []
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
+    (out / ".last.pt.8jh4p680.tmp").write_bytes(b"x" * 2_000_000)
+    (out / ".metrics.csv.abc.tmp").write_text("iteration,loss\n")
+    (out / ".notes.tmp").write_text("mine")
+    train(_config(tiny_imagefolder, out, iters=4, eval_every=4, resume=str(out)), progress=False, log=messages.append)
+    assert sorted(path.name for path in out.glob(".*.tmp")) == [".notes.tmp"]
+    (line,) = [message for message in messages if message.startswith("removed ")]
+    assert line == (
+        f"removed 2 temporary file(s) that an interrupted write left in {out} "
+        "(.last.pt.8jh4p680.tmp, .metrics.csv.abc.tmp; 2 MB)"
+    ), line
+
+
 def test_a_resume_that_changes_the_layout_lays_the_momentum_out_like_the_weights(
     tiny_imagefolder, tmp_path, monkeypatch
 ):
