@@ -451,7 +451,10 @@ class Trainer:
             self.config.channels_last,
         )
         shard_size = len(self.test_samples[self.dist.rank :: self.dist.world_size])
-        with eval_progress_bar(shard_size, enabled=self.progress) as bar:  # under the train bar, on a terminal
+        # Under the train bar, on a terminal. With several ranks it counts the main rank's share (the others' would
+        # cost a sync per batch), and says so: "0/80" for 160 test images read as half the split missing (review).
+        desc = "test" if not self.dist.enabled else f"test (rank 0's share of {self.dist.world_size})"
+        with eval_progress_bar(shard_size, enabled=self.progress, desc=desc) as bar:
             correct, total = count_correct(self.student, batches, self.device, on_batch=bar.update)
         if self.dist.enabled:
             import torch.distributed as dist

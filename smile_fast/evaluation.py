@@ -111,12 +111,12 @@ def evaluate_checkpoint(
     }
 
 
-def eval_progress_bar(total: int, enabled: bool):
+def eval_progress_bar(total: int, enabled: bool, desc: str = "test"):
     """The bar of a pass over the test split, on stderr, gone when the pass is done."""
     import sys
 
     from tqdm.auto import tqdm
 
     return tqdm(
-        total=total, desc="test", unit="img", leave=False, disable=not enabled, dynamic_ncols=True, file=sys.stderr
+        total=total, desc=desc, unit="img", leave=False, disable=not enabled, dynamic_ncols=True, file=sys.stderr
     )
