@@ -144,14 +144,20 @@ def profile(
         ops, out = fused_forward_ops(trunk, images)
         expected = fused_resnet_trunk(trunk, images)
         if not torch.equal(out, expected):
-            how = (
-                f"max difference {(out.float() - expected.float()).abs().max().item():g}"
-                if out.shape == expected.shape
-                else f"shapes {tuple(out.shape)} and {tuple(expected.shape)}"
-            )
-            raise SystemExit(
-                f"teacher_stages.py: its walk no longer matches fused_resnet_trunk ({how}); update fused_forward_ops"
-            )
+            # The same ops on the same inputs: bit for bit on a CPU. On a GPU cuDNN might pick another algorithm for
+            # one call under memory pressure (the walk keeps every activation), so rounding is noted, not fatal.
+            same_shape = out.shape == expected.shape
+            difference = (out.float() - expected.float()).abs().max().item() if same_shape else float("inf")
+            scale = expected.float().abs().max().item() if same_shape else 0.0
+            how = f"shapes {tuple(out.shape)}, {tuple(expected.shape)}"
+            if same_shape:
+                how = f"max difference {difference:g}"
+            if device.type != "cuda" or not difference <= 0.02 * scale:
+                raise SystemExit(
+                    f"teacher_stages.py: its walk no longer matches fused_resnet_trunk ({how}); "
+                    "update fused_forward_ops"
+                )
+            print(f"note: the walk's output differs from fused_resnet_trunk's by rounding ({how} of {scale:g})")
         rows = []
         for op in ops:
             ms = _op_ms(op, device, repeats, steps, rounds)
@@ -187,7 +193,7 @@ def profile(
         stage["mbytes"] += row["mbytes"]
         stage["ops"] += 1
     for stage in stages.values():
-        stage["tflops"] = stage["gflop"] / stage["us"] * 1e-3 if stage["us"] else 0.0
+        stage["tflops"] = stage["gflop"] / stage["us"] * 1e3 if stage["us"] else 0.0  # GFLOP per us, in TFLOP/s
         stage["share"] = stage["us"] / total_us
     total_gflop = sum(row["gflop"] for row in rows)
     return {

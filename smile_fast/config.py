@@ -425,3 +425,9 @@ def validate(config: TrainConfig) -> None:
         _check(
             Path(config.weights).is_file(), f"--weights {config.weights}: no such file (or use auto, imagenet, none)"
         )
+
+
+def weights_identity(description: str) -> str:
+    """The weights a run's description names, without how this process got them: `imagenet (X, cached)` and
+    `imagenet (X, downloaded)` are the same file (the rank that waited for another's download says cached)."""
+    return description.replace(", cached)", ")").replace(", downloaded)", ")")

@@ -27,7 +27,14 @@ import torch
 
 from smile_fast.atomic_file import leftover_temporaries
 from smile_fast.checkpoint import load_checkpoint, save_atomic
-from smile_fast.config import PAPER_BATCH, RESUME_MAY_CHANGE, TrainConfig, build_config, resolve_for_device
+from smile_fast.config import (
+    PAPER_BATCH,
+    RESUME_MAY_CHANGE,
+    TrainConfig,
+    build_config,
+    resolve_for_device,
+    weights_identity,
+)
 from smile_fast.data.cache import image_checks_dir
 from smile_fast.data.prepare import prepare_data, stderr_line
 from smile_fast.data.sampler import TrainBatchPlan
@@ -197,18 +204,19 @@ class Trainer:
         """
         import torch.distributed as dist
 
-        data_dir = self.config.data_dir
+        # Paths relative to the data folder (the demo's: the folder its files share), since nodes may hold the
+        # same copy at different places.
+        every_path = [str(path) for path, _ in [*train_samples, *self.test_samples]]
+        base = self.config.data_dir or (os.path.commonpath(every_path) if every_path else "")
 
         def digest(samples) -> str:
-            # Paths relative to the data folder: nodes may mount the same copy at different places.
             hashed = hashlib.sha256()
             for path, label in samples:
-                name = os.path.relpath(path, data_dir) if data_dir else str(path)
-                hashed.update(f"{name}\t{label}\n".encode("utf-8", "surrogateescape"))
+                hashed.update(f"{os.path.relpath(path, base)}\t{label}\n".encode("utf-8", "surrogateescape"))
             return hashed.hexdigest()
 
         mine = (
-            self.weights_description,
+            weights_identity(self.weights_description),  # cached or downloaded: the same weights
             (len(train_samples), len(self.test_samples)),
             (digest(train_samples), digest(self.test_samples)),
         )
@@ -564,7 +572,7 @@ class Trainer:
         # closing(): however the loop ends (a stop, a divergence, an error), the loader ends here with its worker
         # processes, not when the caller drops the error that holds this frame (perhaps only at exit).
         try:
-            with StopSignal() as stop, contextlib.closing(batches):
+            with StopSignal(forwarded_copies=self.dist.enabled) as stop, contextlib.closing(batches):
                 if self.start_iteration >= config.iters:
                     # A finished run stopped before its summary (resume.refuse_finished_run lets only it through):
                     # its checkpoint is the one the last evaluation scored, so scoring it again gives that top-1.

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smile_fast.config import FIELD_NAMES, PAPER_BATCH, TrainConfig, fill_dataset_defaults
+from smile_fast.config import FIELD_NAMES, PAPER_BATCH, TrainConfig, fill_dataset_defaults, weights_identity
 from smile_fast.errors import UserError, first_line
 
 # Settings that cannot change a run's test top-1, or say which repeat it is: runs differing only in these are one
@@ -204,7 +204,7 @@ def weights_kind(description: Any, setting: Any) -> str:
     if not isinstance(description, str) or not description:
         return "none" if setting == "none" else f"{setting} (not recorded)"
     if description.startswith("imagenet"):
-        return description.replace(", cached)", ")").replace(", downloaded)", ")")
+        return weights_identity(description)
     if description.startswith("none"):
         return "none"
     if description.startswith("file ") and description.endswith("-way source head)"):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-import time
 from typing import Any
 
 
@@ -38,18 +37,19 @@ class StopSignal:
     """SIGTERM/SIGINT ask the loop to stop at the next step boundary (checkpoint, then exit); a second signal
     means "stop now".
 
-    One request often arrives twice: a scheduler (Slurm's scancel, a preemption) or a terminal's Ctrl-C
-    signals every process of the job, and torchrun forwards its own copy to its workers a moment later
-    (0.1-0.3 s apart in a review on 2 CPU cores). Taken as "now", that second copy lost the checkpoint of
-    every such stop. So a repeat of the same signal within SAME_REQUEST_SECONDS of the first is that same
-    request; a second signal after it, or another signal, means now.
+    forwarded_copies (a torchrun worker): the same signal again is the same request, and only another signal
+    means now. A scheduler's stop (Slurm's scancel, a preemption) reaches every process of the job, torchrun's
+    workers included, and torchrun then forwards its own copy to them: taken as "now", that copy lost the
+    checkpoint of every such stop (review). A time window cannot tell the copy from a user's second signal,
+    since Python runs a handler only between bytecodes (after a long backward, say), not when the signal came.
+    A Ctrl-C reaches torchrun alone (its workers run in their own session), which sends them one copy. Once the
+    loop is left with a stop requested, a late copy is ignored too: the default action would end the process
+    before it says that the checkpoint was written.
     """
 
-    SAME_REQUEST_SECONDS = 2.0
-
-    def __init__(self):
+    def __init__(self, forwarded_copies: bool = False):
         self.requested = 0
-        self._first_at = 0.0
+        self.forwarded_copies = forwarded_copies
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
@@ -60,19 +60,17 @@ class StopSignal:
                 pass
         return self
 
-    def _handle(self, signum, frame, arrived: float | None = None):
-        """`arrived`: when a signal held during a checkpoint write came (signals_held), else now."""
-        arrived = time.monotonic() if arrived is None else arrived
+    def _handle(self, signum, frame):
         if self.requested:
-            if signum == self.requested and arrived - self._first_at < self.SAME_REQUEST_SECONDS:
-                return  # the same request, delivered twice
+            if self.forwarded_copies and signum == self.requested:
+                return  # torchrun's copy of the request already noted
             raise StopNow(signum)  # a second signal: stop now
         self.requested = signum
-        self._first_at = arrived
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            late_copy = self.forwarded_copies and signum == self.requested
+            signal.signal(signum, signal.SIG_IGN if late_copy else handler)
         return False
 
 
@@ -91,11 +89,8 @@ def signals_held():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    came: dict[int, float] = {}  # signal -> when it first came (a second copy is the same request)
-    previous = {
-        signum: signal.signal(signum, lambda signum, frame: came.setdefault(signum, time.monotonic()))
-        for signum in held
-    }
+    came: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: came.append(signum)) for signum in held}
     try:
         yield
     except BaseException:
@@ -104,14 +99,11 @@ def signals_held():
         _restore_handlers(previous)
         raise
     _restore_handlers(previous)
-    for signum, arrived in came.items():  # once each, in order: a second Ctrl-C during the write is the same request
+    for signum in dict.fromkeys(came):  # once each, in order: a second Ctrl-C during the write is the same request
         handler = previous[signum]
         # Called here rather than raised again, so that it runs now, in this frame, whatever the interpreter's
-        # next check for pending signals would be. A run's handler is told when the signal came, not now: a
-        # copy of its stop request that came during the write is still that request after a long write.
-        if isinstance(getattr(handler, "__self__", None), StopSignal):
-            handler(signum, None, arrived)
-        elif callable(handler):
+        # next check for pending signals would be.
+        if callable(handler):
             handler(signum, None)
         elif handler == signal.SIG_DFL:
             signal.raise_signal(signum)

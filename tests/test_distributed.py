@@ -85,13 +85,13 @@ LAUNCHER = textwrap.dedent(
     # Rank 1 as on a node with its own copies: another data folder, or a weights cache it could not read.
     if os.environ.get("RANK") == "1" and os.environ.get("RANK1_DATA_DIR"):
         sys.argv[sys.argv.index("--data-dir") + 1] = os.environ["RANK1_DATA_DIR"]
-    if os.environ.get("RANK") == "1" and os.environ.get("RANK1_WEIGHTS"):
+    if os.environ.get(f"WEIGHTS_RANK{os.environ.get('RANK', '0')}"):
         from smile_fast import engine
         original_build = engine.build_models
 
         def build_with_other_weights(*args, **kwargs):
             student, source, _ = original_build(*args, **kwargs)
-            return student, source, os.environ["RANK1_WEIGHTS"]
+            return student, source, os.environ[f"WEIGHTS_RANK{os.environ.get('RANK', '0')}"]
 
         engine.build_models = build_with_other_weights
     from smile_fast.cli import main
@@ -294,7 +294,7 @@ def test_sigterm_to_torchrun_checkpoints_and_resume_matches_uninterrupted(folder
         )
 
 
-@pytest.mark.parametrize("differs", ["data", "weights", "same data elsewhere"])
+@pytest.mark.parametrize("differs", ["data", "weights", "same data elsewhere", "same weights fetched otherwise"])
 def test_ranks_that_found_other_inputs_refuse_to_start(folder, tmp_path, differs):
     """Each rank reads the data folder and the weights itself. A rank missing a training image, or one that
     fell back to random init, trained with the others and exited 0 (review): now every rank refuses, in one
@@ -307,7 +307,10 @@ def test_ranks_that_found_other_inputs_refuse_to_start(folder, tmp_path, differs
     if differs == "data":
         (copy / "train" / "c1" / "0.png").unlink()
     elif differs == "weights":
-        extra_env = {"RANK1_WEIGHTS": "random init (ImageNet weights unavailable)"}
+        extra_env = {"WEIGHTS_RANK1": "random init (ImageNet weights unavailable)"}
+    elif differs == "same weights fetched otherwise":  # the rank that waited for the other's download read the cache
+        extra_env = {"WEIGHTS_RANK0": "imagenet (ResNet18_Weights.IMAGENET1K_V1, downloaded)"}
+        extra_env["WEIGHTS_RANK1"] = "imagenet (ResNet18_Weights.IMAGENET1K_V1, cached)"
     same = differs.startswith("same")
     result = _run(folder, tmp_path / "run", 2, 4, "smile", extra_env=extra_env, expect_success=same)
     if same:

@@ -94,6 +94,10 @@ def test_the_profile_adds_up_and_reads_as_a_table():
     assert sum(stage["share"] for stage in results["stages"].values()) == pytest.approx(1.0)
     assert list(results["stages"]) == ["stem", "layer1", "layer2", "layer3", "layer4"]
     assert sum(stage["ops"] for stage in results["stages"].values()) == len(rows)
+    for name, stage in results["stages"].items():  # GFLOP per us, in TFLOP/s, as each op's own figure
+        ops = [row for row in rows if row["stage"] == name]
+        flops, seconds = sum(row["gflop"] for row in ops) * 1e9, sum(row["us"] for row in ops) * 1e-6
+        assert stage["tflops"] == pytest.approx(flops / seconds / 1e12), name
     assert results["total_gflop"] == pytest.approx(sum(row["gflop"] for row in rows))
     assert results["sum_of_ops_ms"] == pytest.approx(sum(row["us"] for row in rows) / 1e3)
     assert all(row["us"] > 0 and row["tflops"] >= 0 for row in rows)

@@ -51,12 +51,21 @@ def ema_update_reference(
         decay: Python float or 0-d tensor.
     """
     _check_ema_inputs(teacher_tensors, student_tensors)
-    if isinstance(decay, Tensor) and decay.dim() != 0:
-        raise ValueError(f"decay must be a Python float or a 0-d tensor, got a tensor of shape {tuple(decay.shape)}")
+    if isinstance(decay, Tensor):
+        _check_decay_tensor(decay)
     check_unit_interval(decay, "decay")
     for teacher, student in zip(teacher_tensors, student_tensors, strict=True):
         decay_t = decay.to(device=teacher.device, dtype=torch.float32) if isinstance(decay, Tensor) else decay
         teacher.copy_(decay_t * teacher + (1.0 - decay_t) * student.float())
+
+
+def _check_decay_tensor(decay: Tensor) -> None:
+    """A decay given as a tensor: 0-d, real, asking for no gradient (refused, as lam is, rather than detached)."""
+    if decay.dim() != 0:
+        raise ValueError(f"decay must be a Python float or a 0-d tensor, got a tensor of shape {tuple(decay.shape)}")
+    if decay.requires_grad and torch.is_grad_enabled():
+        raise ValueError("decay receives no gradient from ema_update_; pass decay.detach()")
+    check_real(decay, "decay")
 
 
 def _kernel_can_update(teacher: Tensor, student: Tensor) -> bool:
@@ -205,11 +214,7 @@ def _decay_tensor(decay: float | Tensor, device: torch.device) -> Tensor:
     """0-d float32 decay on `device`; a Python float is cached so that a training loop with a constant
     decay pays no host-to-device copy per update."""
     if isinstance(decay, Tensor):
-        if decay.dim() != 0:
-            raise ValueError(f"decay must be a Python float or a 0-d tensor, got shape {tuple(decay.shape)}")
-        if decay.requires_grad and torch.is_grad_enabled():  # as lam: refused rather than silently detached
-            raise ValueError("decay receives no gradient from ema_update_; pass decay.detach()")
-        check_real(decay, "decay")
+        _check_decay_tensor(decay)
         check_unit_interval(decay, "decay")
         return decay.detach().to(device=device, dtype=torch.float32)
     if not isinstance(decay, numbers.Real) or isinstance(decay, bool):
