@@ -95,14 +95,19 @@ def _capture(
     return graph
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_probe_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The options this probe and bench/teacher_stages.py share: what to build, how long to time, where to write."""
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", default=None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_probe_arguments(parser, steps=20)
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torchvision
-from overlap_probe import _backbone, _capture, _timed_ms  # bench/ is the script's folder, first on sys.path
+from overlap_probe import _backbone, _capture, _timed_ms, add_probe_arguments  # bench/: the script's folder
 
 from smile_fast.fused_conv import conv_bias_act, cudnn_fusion_problems, fused_resnet_trunk
 from smile_fast.models import FoldedBackbone
@@ -242,13 +242,8 @@ def report_lines(results: dict[str, object], top: int = 12) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--batch-size", type=int, default=48)
-    parser.add_argument("--image-size", type=int, default=224)
+    add_probe_arguments(parser, steps=10)
     parser.add_argument("--repeats", type=int, default=10, help="copies of the op in one graph (launch cost / this)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     results = profile(args.model, args.batch_size, args.image_size, args.repeats, args.steps, args.rounds)
     print("\n".join(report_lines(results)))

@@ -251,15 +251,10 @@ def test_two_ranks_report_the_top1_of_their_checkpoint(folder, tmp_path):
     assert evaluate_checkpoint(str(out), device="cpu")["test_top1"] == pytest.approx(reported)
 
 
-def test_sigterm_to_torchrun_checkpoints_and_resume_matches_uninterrupted(folder, tmp_path):
-    """SIGTERM to torchrun reaches every rank; they stop at one step boundary, rank 0 writes last.pt, and
-    the resumed 2-process run ends with the weights of a run never stopped."""
-    import signal
+def _slow_run_past_iteration_2(folder, out, record) -> subprocess.Popen:
+    """A 2-process SMILE run of 15 half-second steps, returned once rank 0 has done iteration 2 (to be signalled)."""
     import time
 
-    _run(folder, tmp_path / "whole", 2, 4, "smile", iters=15)
-
-    out, record = tmp_path / "stopped", tmp_path / "stopped-record"
     process = subprocess.Popen(
         _command(folder, out, 2, 4, "smile", iters=15),
         env=_environment(record, {"SLOW_STEPS": "0.5"}),
@@ -272,6 +267,18 @@ def test_sigterm_to_torchrun_checkpoints_and_resume_matches_uninterrupted(folder
         assert process.poll() is None, f"the run ended before it was signalled:\n{process.stdout.read()[-2000:]}"
         assert time.monotonic() < deadline, "the run never reached iteration 2"
         time.sleep(0.1)
+    return process
+
+
+def test_sigterm_to_torchrun_checkpoints_and_resume_matches_uninterrupted(folder, tmp_path):
+    """SIGTERM to torchrun reaches every rank; they stop at one step boundary, rank 0 writes last.pt, and
+    the resumed 2-process run ends with the weights of a run never stopped."""
+    import signal
+
+    _run(folder, tmp_path / "whole", 2, 4, "smile", iters=15)
+
+    out, record = tmp_path / "stopped", tmp_path / "stopped-record"
+    process = _slow_run_past_iteration_2(folder, out, record)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     stopped_at = load_checkpoint(out)["iteration"]
@@ -326,25 +333,14 @@ def test_ranks_that_found_other_inputs_refuse_to_start(folder, tmp_path, differs
 
 
 def test_a_stop_signal_to_torchrun_and_its_workers_together_still_checkpoints(folder, tmp_path):
-    """Slurm's scancel (and a terminal's Ctrl-C) signals every process of the job: each worker gets SIGTERM from
-    it, and again from torchrun a moment later. That copy was taken as a second signal, "stop now", and the
-    stop lost its checkpoint (review)."""
+    """Slurm's scancel (or a preemption) signals every process of the job: each worker gets SIGTERM from it, and
+    again from torchrun a moment later. That copy was taken as a second signal, "stop now", and the stop lost its
+    checkpoint (review). (A terminal's Ctrl-C reaches torchrun alone: its workers run in their own session.)"""
     import signal
     import time
 
     out, record = tmp_path / "stopped", tmp_path / "stopped-record"
-    process = subprocess.Popen(
-        _command(folder, out, 2, 4, "smile", iters=15),
-        env=_environment(record, {"SLOW_STEPS": "0.5"}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 240
-    while not (record / "reached-2").exists():
-        assert process.poll() is None, f"the run ended before it was signalled:\n{process.stdout.read()[-2000:]}"
-        assert time.monotonic() < deadline, "the run never reached iteration 2"
-        time.sleep(0.1)
+    process = _slow_run_past_iteration_2(folder, out, record)
     # As Slurm does (every process of the job), the workers first; torchrun forwards its copy when it gets its own.
     for rank in (0, 1):
         os.kill(int((record / f"pid-rank{rank}").read_text()), signal.SIGTERM)
