@@ -24,7 +24,7 @@
 #     Inductor's code and autotune caches still miss (the file keeps the unique name in its metadata),
 #     so autotuning runs again. The kernels and their speed are the same. What it saves is unmeasured.
 # The investigations of the open work are extra parts, each a few minutes: capture, fused, overlap,
-# stages, pybench, cudnn, fusedconv, teacher, ddp. Name them (PARTS=capture,pybench) or run everything with
+# stages, autotune, pybench, cudnn, fusedconv, teacher, ddp. Name them (PARTS=capture,pybench) or run everything with
 # PARTS=all; BUDGET=0 lifts the budget (for a lease call with its own timeout, keep one).
 #   1. the GPU tests (fused ops on CUDA, real Triton)       -> log.txt, tests_group*.txt
 #   3a. step time finetune vs SMILE, ResNet-50, bf16, batch 48, full stack ($STACK, below) + eager fp32
@@ -35,7 +35,10 @@
 #   3f. the same captured step with --fused-input (uint8 batches, normalize+mix in one kernel), batch 48
 #       -> step_capture_lookahead_fused_b48.json (compare with step_capture_lookahead_b48.json)
 #   3d. can the teacher hide behind the student (streams, graphs)? -> overlap.json
-#   3j. the fused teacher's forward op by op, batch 48 and 256: where its time goes -> teacher_stages_b*.json
+#   3j. the fused teacher's forward op by op, batch 48 and 256: where its time goes, and each convolution
+#       beside cuDNN's plain convolution and (1x1 ones) a cuBLAS GEMM -> teacher_stages_b*.json
+#   3k. the unfolded-epilogue teacher compiled by Inductor, default and max-autotune (Triton convolution
+#       templates against cuDNN), batch 48, beside the fused forward -> teacher_inductor_b48.json
 #   2. kernel benchmarks: fused vs eager vs torch.compile   -> ops_bench.json
 #   3i. pytest bench/test_step_bench.py --benchmark-only (the proof users run; asserts <= 1.20 on CUDA)
 #       -> pytest_step_bench.json
@@ -62,7 +65,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEN
 [ -d /tmp/dali-site/nvidia/dali ] && export PYTHONPATH="$PYTHONPATH:/tmp/dali-site"
 LOG="$OUT/log.txt"
 # PARTS picks what to run, e.g. PARTS=capture,fused or PARTS=step48,step256 STACK=reduce-overhead.
-ALL_PARTS="tests,step48,step256,overlap,stages,capture,fused,ops,pybench,cudnn,fusedconv,teacher,loader,dali,ddp"
+ALL_PARTS="tests,step48,step256,overlap,stages,autotune,capture,fused,ops,pybench,cudnn,fusedconv,teacher,loader,dali,ddp"
 PARTS="${PARTS:-tests,step48,step256,ops,loader,dali}"
 [ "$PARTS" = all ] && PARTS="$ALL_PARTS"
 for name in ${PARTS//,/ }; do
@@ -160,7 +163,8 @@ declare -A EXPECT=(
   [capture]=231   # m: its tests 75 s, then six compiled runs that found step48/256's cache
   [fused]=30      # est.: 12 s m on the H200 without compilation
   [overlap]=32    # m
-  [stages]=40     # est.: 54 ops captured and replayed at two batch sizes, no compilation
+  [stages]=60     # est.: 54 ops and 102 alternatives captured and replayed at two batch sizes, no compilation
+  [autotune]=200  # est.: max-autotune times each convolution shape's Triton templates against cuDNN
   [ops]=53        # m: the graph-replay half
   [pybench]=35    # m, step48's compiled code from the cache
   [cudnn]=40      # m
@@ -241,8 +245,17 @@ if part stages; then
 for batch in "$B_SMALL" "$B_LARGE"; do
   say "3j. the fused teacher's forward op by op, batch $batch"
   limited $((60 * TS)) "$PY" bench/teacher_stages.py --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" \
-    --json "$OUT/teacher_stages_b$batch.json" 2>&1 | grep -v Warning | tail -n 24 | tee -a "$LOG"
+    --json "$OUT/teacher_stages_b$batch.json" 2>&1 | grep -v Warning | tail -n 27 | tee -a "$LOG"
 done
+fi
+
+if part autotune; then
+# Would Inductor's own kernels (Triton convolution templates, 1x1 convolutions as GEMMs, each with the bias,
+# add and ReLU in its epilogue) run the teacher faster than cuDNN's fused ones? Whole forwards only.
+say "3k. the folded teacher compiled by Inductor (default, max-autotune) beside the fused forward, batch $B_SMALL"
+limited $((300 * TS)) "$PY" bench/teacher_stages.py --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" \
+  --no-ops --inductor default,max-autotune-no-cudagraphs --json "$OUT/teacher_inductor_b$B_SMALL.json" 2>&1 \
+  | grep -v Warning | tail -n 6 | tee -a "$LOG"
 fi
 
 if part capture; then

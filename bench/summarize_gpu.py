@@ -206,7 +206,7 @@ def main() -> None:
             lines.append(f"  {name:<40} {value:9.2f} ms" + (f"  {ratio:.3f}x" if ratio else ""))
         for problem in overlap.get("cudnn_fusion_problems") or []:
             lines.append(f"  not fused by cuDNN: {problem}")
-    for path in sorted(out.glob("teacher_stages*.json")):
+    for path in sorted(out.glob("teacher_stages*.json")) + sorted(out.glob("teacher_inductor*.json")):
         stages = _load(path)
         if stages:
             from teacher_stages import report_lines  # this folder's probe (it imports torch)

@@ -28,10 +28,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from overlap_probe import _backbone, _capture, _timed_ms, add_probe_arguments  # bench/: the script's folder
 
@@ -48,6 +50,9 @@ class Op:
     flops: int
     bytes: int
     shape: str  # "in -> out", NCHW sizes whatever the layout
+    # Other ways to compute the op (or its costliest part) on the same input, timed beside it: they say whether
+    # another library's kernels would run this shape faster than cuDNN's fused one (see `alternatives`).
+    others: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -65,9 +70,48 @@ def conv_flops(conv: torch.nn.Conv2d, out: torch.Tensor) -> int:
     return 2 * batch * channels * height * width * per_output
 
 
-def fused_forward_ops(trunk: torch.nn.Sequential, images: torch.Tensor) -> tuple[list[Op], torch.Tensor]:
+def alternatives(
+    module: torch.nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None, fused: bool
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """Other kernels for one convolution of the teacher, each on the op's own input:
+    - "conv": cuDNN's convolution alone, without bias, residual or ReLU (what the epilogue costs);
+    - "gemm": for a 1x1 convolution of stride 1 on a channels-last input, the same product as one cuBLAS
+      matrix multiply of (pixels x in channels) by (in x out channels), without bias or ReLU: a lower bound
+      for a teacher that ran its 1x1 convolutions (about half of a bottleneck ResNet's arithmetic) as GEMMs;
+    - "gemm_bias_relu": that multiply with bias and ReLU in cuBLASLt's epilogue (`torch._addmm_activation`),
+      the whole op, where the op has no residual to add.
+    """
+    weight = module.weight
+
+    def conv_only():
+        return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
+
+    others = {"conv": conv_only}
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    pointwise = tuple(weight.shape[2:]) == (1, 1) and tuple(module.stride) == (1, 1) and module.groups == 1
+    if pointwise and channels_last and tuple(module.padding) == (0, 0):
+        pixels = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view: channels-last is (pixels, channels)
+        matrix = weight.reshape(weight.shape[0], -1)
+
+        def gemm():
+            return torch.mm(pixels, matrix.t())
+
+        others["gemm"] = gemm
+        if fused and residual is None:
+
+            def gemm_bias_relu():
+                return torch._addmm_activation(module.bias, pixels, matrix.t())
+
+            others["gemm_bias_relu"] = gemm_bias_relu
+    return others
+
+
+def fused_forward_ops(
+    trunk: torch.nn.Sequential, images: torch.Tensor, with_alternatives: bool = False
+) -> tuple[list[Op], torch.Tensor]:
     """The ops of fused_resnet_trunk(trunk, images), in order, each run once to get the next one's input;
-    returns them and the forward's output."""
+    returns them and the forward's output. With `with_alternatives`, each convolution also carries the other
+    kernels `alternatives` gives for it."""
     ops: list[Op] = []
 
     def conv(name: str, stage: str, module: torch.nn.Conv2d, x, residual=None, fused: bool = True):
@@ -82,7 +126,8 @@ def fused_forward_ops(trunk: torch.nn.Sequential, images: torch.Tensor) -> tuple
 
         out = run()
         moved = _nbytes(x, module.weight, module.bias, residual, out)
-        ops.append(Op(name, stage, run, conv_flops(module, out), moved, f"{_sizes(x)} -> {_sizes(out)}"))
+        others = alternatives(module, x, residual, fused) if with_alternatives else {}
+        ops.append(Op(name, stage, run, conv_flops(module, out), moved, f"{_sizes(x)} -> {_sizes(out)}", others))
         return out
 
     if trunk[0].weight.is_contiguous(memory_format=torch.channels_last) and images.dim() == 4:
@@ -111,15 +156,46 @@ def fused_forward_ops(trunk: torch.nn.Sequential, images: torch.Tensor) -> tuple
     return ops, x
 
 
-def _op_ms(op: Op, device: torch.device, repeats: int, steps: int, rounds: int) -> float:
+def _op_ms(run: Callable[[], torch.Tensor], device: torch.device, repeats: int, steps: int, rounds: int) -> float:
     def repeated() -> None:
         for _ in range(repeats):
-            op.run()
+            run()
 
     if device.type == "cuda":
         graph = _capture(repeated)
         return _timed_ms(graph.replay, device, steps, rounds) / repeats
     return _timed_ms(repeated, device, steps, rounds) / repeats
+
+
+def _inductor_forward(
+    trunk: torch.nn.Sequential, images: torch.Tensor, expected: torch.Tensor, mode: str, device, steps, rounds
+) -> dict[str, object]:
+    """The folded teacher as plain modules (biased convolutions, ReLUs, adds) compiled by Inductor in `mode`,
+    timed as one CUDA graph like the fused forward. Under "max-autotune-no-cudagraphs" Inductor times cuDNN's
+    convolution against its Triton templates (and a GEMM for 1x1 convolutions) for each shape and keeps the
+    fastest, with the bias, ReLU and add fused into the template's epilogue where a template wins: the
+    question is whether that beats cuDNN's fused kernels anywhere."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(trunk, mode=mode, dynamic=False)
+    start = time.perf_counter()
+    out = compiled(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    compile_seconds = time.perf_counter() - start
+    scale = expected.float().abs().max().item()
+    difference = (out.float() - expected.float()).abs().max().item()
+
+    def whole() -> None:
+        compiled(images)
+
+    if device.type == "cuda":
+        graph = _capture(whole)
+        ms = _timed_ms(graph.replay, device, steps, rounds)
+    else:
+        ms = _timed_ms(whole, device, steps, rounds)
+    return {"mode": mode, "ms": ms, "compile_seconds": compile_seconds, "max_difference": difference, "scale": scale}
 
 
 def profile(
@@ -130,6 +206,9 @@ def profile(
     steps: int = 10,
     rounds: int = 5,
     device: torch.device | None = None,
+    with_alternatives: bool = True,
+    inductor_modes: tuple[str, ...] = (),
+    walk_ops: bool = True,
 ) -> dict[str, object]:
     """The probe's figures as a dict (what --json writes)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,29 +219,15 @@ def profile(
     trunk = copy.deepcopy(teacher.folded).to(dtype)
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     images = images.contiguous(memory_format=torch.channels_last).to(dtype)
+    rows = []
     with torch.no_grad():
-        ops, out = fused_forward_ops(trunk, images)
         expected = fused_resnet_trunk(trunk, images)
-        if not torch.equal(out, expected):
-            # The same ops on the same inputs: bit for bit on a CPU. On a GPU cuDNN might pick another algorithm for
-            # one call under memory pressure (the walk keeps every activation), so rounding is noted, not fatal.
-            same_shape = out.shape == expected.shape
-            difference = (out.float() - expected.float()).abs().max().item() if same_shape else float("inf")
-            scale = expected.float().abs().max().item() if same_shape else 0.0
-            how = f"shapes {tuple(out.shape)}, {tuple(expected.shape)}"
-            if same_shape:
-                how = f"max difference {difference:g}"
-            if device.type != "cuda" or not difference <= 0.02 * scale:
-                raise SystemExit(
-                    f"teacher_stages.py: its walk no longer matches fused_resnet_trunk ({how}); "
-                    "update fused_forward_ops"
-                )
-            print(f"note: the walk's output differs from fused_resnet_trunk's by rounding ({how} of {scale:g})")
-        rows = []
-        for op in ops:
-            ms = _op_ms(op, device, repeats, steps, rounds)
-            rows.append(
-                {
+        if walk_ops:
+            ops, out = fused_forward_ops(trunk, images, with_alternatives)
+            _check_walk(out, expected, device)
+            for op in ops:
+                ms = _op_ms(op.run, device, repeats, steps, rounds)
+                row = {
                     "name": op.name,
                     "stage": op.stage,
                     "shape": op.shape,
@@ -172,7 +237,10 @@ def profile(
                     "tflops": op.flops / (ms * 1e-3) / 1e12,
                     "gbps": op.bytes / (ms * 1e-3) / 1e9,
                 }
-            )
+                for other, run in op.others.items():
+                    row[f"{other}_us"] = _op_ms(run, device, repeats, steps, rounds) * 1e3
+                rows.append(row)
+            del ops  # every activation of the walk: free them before the whole forward's timing
 
         def whole() -> None:
             fused_resnet_trunk(trunk, images)
@@ -182,6 +250,7 @@ def profile(
             whole_ms = _timed_ms(graph.replay, device, steps, rounds)
         else:
             whole_ms = _timed_ms(whole, device, steps, rounds)
+        inductor = [_inductor_forward(trunk, images, expected, mode, device, steps, rounds) for mode in inductor_modes]
     total_us = sum(row["us"] for row in rows)
     for row in rows:
         row["share"] = row["us"] / total_us
@@ -195,7 +264,16 @@ def profile(
     for stage in stages.values():
         stage["tflops"] = stage["gflop"] / stage["us"] * 1e3 if stage["us"] else 0.0  # GFLOP per us, in TFLOP/s
         stage["share"] = stage["us"] / total_us
-    total_gflop = sum(row["gflop"] for row in rows)
+    # Over the convolutions that have each alternative: their fused time against the alternative's.
+    compared: dict[str, dict[str, float]] = {}
+    for row in rows:
+        for key in row:
+            if key.endswith("_us") and key != "us":
+                entry = compared.setdefault(key.removesuffix("_us"), {"ops": 0, "fused_us": 0.0, "us": 0.0})
+                entry["ops"] += 1
+                entry["fused_us"] += row["us"]
+                entry["us"] += row[key]
+    total_gflop = sum(row["gflop"] for row in rows) or 2 * _forward_macs(trunk, images) / 1e9
     return {
         **environment(device),
         "model": model,
@@ -206,34 +284,93 @@ def profile(
         "timing": "CUDA graph replay" if device.type == "cuda" else "eager",
         "ops": rows,
         "stages": stages,
+        "alternatives": compared,
         "sum_of_ops_ms": total_us / 1e3,
         "whole_forward_ms": whole_ms,
         "total_gflop": total_gflop,
         "whole_forward_tflops": total_gflop / whole_ms,
+        "inductor": inductor,
         "cudnn_fusion_problems": cudnn_fusion_problems(),
     }
 
 
+def _forward_macs(trunk: torch.nn.Sequential, images: torch.Tensor) -> int:
+    """The convolutions' multiply-adds, counted by hooks on a one-image forward (when the walk was skipped)."""
+    macs = []
+
+    def hook(module, inputs, output):
+        macs.append(output.numel() * module.weight[0].numel())
+
+    handles = [m.register_forward_hook(hook) for m in trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            trunk(images[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(macs) * images.shape[0]
+
+
+def _check_walk(out: torch.Tensor, expected: torch.Tensor, device: torch.device) -> None:
+    if torch.equal(out, expected):
+        return
+    # The same ops on the same inputs: bit for bit on a CPU. On a GPU cuDNN might pick another algorithm for
+    # one call under memory pressure (the walk keeps every activation), so rounding is noted, not fatal.
+    same_shape = out.shape == expected.shape
+    difference = (out.float() - expected.float()).abs().max().item() if same_shape else float("inf")
+    scale = expected.float().abs().max().item() if same_shape else 0.0
+    how = f"shapes {tuple(out.shape)}, {tuple(expected.shape)}"
+    if same_shape:
+        how = f"max difference {difference:g}"
+    if device.type != "cuda" or not difference <= 0.02 * scale:
+        raise SystemExit(
+            f"teacher_stages.py: its walk no longer matches fused_resnet_trunk ({how}); update fused_forward_ops"
+        )
+    print(f"note: the walk's output differs from fused_resnet_trunk's by rounding ({how} of {scale:g})")
+
+
 def report_lines(results: dict[str, object], top: int = 12) -> list[str]:
     """The figures as text: per stage, then the ops that take the most time."""
+    ops = "" if results["ops"] else ", whole forwards only"
     lines = [
         f"{results['device_name']}: the fused teacher's forward, {results['model']} batch {results['batch_size']} at "
-        f"{results['image_size']} px, {results['dtype']}, channels-last ({results['timing']})",
+        f"{results['image_size']} px, {results['dtype']}, channels-last ({results['timing']}{ops})",
         f"  whole forward {results['whole_forward_ms']:.3f} ms ({results['whole_forward_tflops']:.1f} TFLOP/s over "
-        f"{results['total_gflop']:.1f} GFLOP); sum of its ops {results['sum_of_ops_ms']:.3f} ms",
-        f"  {'stage':8s} {'ops':>4s} {'us':>9s} {'share':>6s} {'GFLOP':>8s} {'TFLOP/s':>8s}",
+        f"{results['total_gflop']:.1f} GFLOP)"
+        + (f"; sum of its ops {results['sum_of_ops_ms']:.3f} ms" if ops == "" else ""),
     ]
-    for name, stage in results["stages"].items():
+    if results["ops"]:
+        lines.append(f"  {'stage':8s} {'ops':>4s} {'us':>9s} {'share':>6s} {'GFLOP':>8s} {'TFLOP/s':>8s}")
+        for name, stage in results["stages"].items():
+            lines.append(
+                f"  {name:8s} {stage['ops']:4d} {stage['us']:9.1f} {stage['share']:6.1%} {stage['gflop']:8.2f} "
+                f"{stage['tflops']:8.1f}"
+            )
+        lines.append(f"  the {top} longest ops (GEMM: cuBLAS for a 1x1 convolution, no epilogue):")
         lines.append(
-            f"  {name:8s} {stage['ops']:4d} {stage['us']:9.1f} {stage['share']:6.1%} {stage['gflop']:8.2f} "
-            f"{stage['tflops']:8.1f}"
+            f"  {'op':22s} {'in -> out':34s} {'us':>8s} {'share':>6s} {'TFLOP/s':>8s} {'GB/s':>7s} {'GEMM us':>8s}"
         )
-    lines.append(f"  the {top} longest ops:")
-    lines.append(f"  {'op':22s} {'in -> out':34s} {'us':>8s} {'share':>6s} {'TFLOP/s':>8s} {'GB/s':>7s}")
-    for row in sorted(results["ops"], key=lambda row: row["us"], reverse=True)[:top]:
+        for row in sorted(results["ops"], key=lambda row: row["us"], reverse=True)[:top]:
+            gemm = f"{row['gemm_us']:8.1f}" if "gemm_us" in row else f"{'-':>8s}"
+            lines.append(
+                f"  {row['name']:22s} {row['shape']:34s} {row['us']:8.1f} {row['share']:6.1%} {row['tflops']:8.1f} "
+                f"{row['gbps']:7.0f} {gemm}"
+            )
+    names = {
+        "conv": "cuDNN's convolution alone",
+        "gemm": "cuBLAS GEMM alone",
+        "gemm_bias_relu": "cuBLASLt GEMM+bias+ReLU",
+    }
+    for other, entry in (results.get("alternatives") or {}).items():
         lines.append(
-            f"  {row['name']:22s} {row['shape']:34s} {row['us']:8.1f} {row['share']:6.1%} {row['tflops']:8.1f} "
-            f"{row['gbps']:7.0f}"
+            f"  {names.get(other, other)} on the {entry['ops']} convolutions it can run: {entry['us']:.1f} us "
+            f"against {entry['fused_us']:.1f} us fused ({entry['us'] / entry['fused_us']:.2f}x)"
+        )
+    for run in results.get("inductor") or []:
+        lines.append(
+            f"  Inductor {run['mode']}, unfused modules: {run['ms']:.3f} ms against {results['whole_forward_ms']:.3f} "
+            f"fused ({run['ms'] / results['whole_forward_ms']:.2f}x), compiled in {run['compile_seconds']:.0f} s, "
+            f"max difference {run['max_difference']:.3g} of {run['scale']:.3g}"
         )
     for problem in results.get("cudnn_fusion_problems") or []:
         lines.append(f"  cuDNN did not fuse: {problem}")
@@ -244,8 +381,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_probe_arguments(parser, steps=10)
     parser.add_argument("--repeats", type=int, default=10, help="copies of the op in one graph (launch cost / this)")
+    parser.add_argument(
+        "--no-alternatives", dest="alternatives", action="store_false", help="time only the product's fused ops"
+    )
+    parser.add_argument("--no-ops", dest="walk_ops", action="store_false", help="time only the whole forward(s)")
+    parser.add_argument(
+        "--inductor",
+        default="",
+        help="comma-separated torch.compile modes for the unfused folded teacher, timed beside the fused forward "
+        "(e.g. max-autotune-no-cudagraphs; its autotuning takes minutes)",
+    )
     args = parser.parse_args()
-    results = profile(args.model, args.batch_size, args.image_size, args.repeats, args.steps, args.rounds)
+    modes = tuple(mode for mode in args.inductor.split(",") if mode)
+    results = profile(
+        args.model,
+        args.batch_size,
+        args.image_size,
+        args.repeats,
+        args.steps,
+        args.rounds,
+        with_alternatives=args.alternatives,
+        inductor_modes=modes,
+        walk_ops=args.walk_ops,
+    )
     print("\n".join(report_lines(results)))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -123,4 +123,67 @@ def test_the_gpu_summary_prints_its_stage_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["summarize_gpu.py", str(tmp_path)])
     summarize.main()
     out = capsys.readouterr().out
-    assert "the fused teacher's forward, resnet18 batch 1 at 32 px" in out and "the 6 longest ops:" in out
+    assert "the fused teacher's forward, resnet18 batch 1 at 32 px" in out and "the 6 longest ops" in out
+    assert "cuDNN's convolution alone on the 20 convolutions" in out
+
+
+CLOSE = {"rtol": 1e-4, "atol": 1e-4}  # float32 sums of up to 4,608 products, in other orders
+
+
+def test_each_alternative_computes_its_convolutions_product():
+    """The GEMM rows must time the convolution's own product, or their comparison means nothing."""
+    trunk = _folded_trunk("resnet50").to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ops, _ = teacher_stages.fused_forward_ops(trunk, images, with_alternatives=True)
+        convs = [op for op in ops if op.name != "maxpool"]
+        assert all("conv" in op.others for op in convs)
+        gemms = [op for op in convs if "gemm" in op.others]
+        # The 1x1 convolutions of stride 1: conv1 and conv3 of each of the 16 blocks, and layer1's projection.
+        assert len(gemms) == 33 and sum("gemm_bias_relu" in op.others for op in convs) == 16
+        for op in convs:
+            module = trunk.get_submodule(_module_name(op.name))
+            plain = op.others["conv"]()
+            bias = module.bias.view(1, -1, 1, 1)
+            if op.name.endswith("downsample"):
+                torch.testing.assert_close(plain + bias, op.run(), **CLOSE)
+            elif not op.name.endswith("conv3"):  # conv3's fused op also adds the block's shortcut
+                torch.testing.assert_close((plain + bias).relu(), op.run(), **CLOSE)
+            if "gemm" in op.others:
+                as_map = (
+                    op.others["gemm"]().view(plain.shape[0], plain.shape[2], plain.shape[3], -1).permute(0, 3, 1, 2)
+                )
+                torch.testing.assert_close(as_map, plain, **CLOSE)
+            if "gemm_bias_relu" in op.others:
+                fused = op.others["gemm_bias_relu"]()
+                as_map = fused.view(plain.shape[0], plain.shape[2], plain.shape[3], -1).permute(0, 3, 1, 2)
+                torch.testing.assert_close(as_map, op.run(), **CLOSE)
+
+
+def _module_name(op_name: str) -> str:
+    """The trunk's module for an op's name (layer2.1.conv1 -> 5.1.conv1; stem -> 0)."""
+    if op_name == "stem":
+        return "0"
+    stage, rest = op_name.split(".", 1)
+    return f"{int(stage.removeprefix('layer')) + 3}.{rest.replace('downsample', 'downsample.0')}"
+
+
+def test_the_alternatives_totals_and_the_inductor_forward_add_up(capsys):
+    results = teacher_stages.profile("resnet50", batch_size=1, image_size=32, repeats=1, steps=1, rounds=1)
+    rows, compared = results["ops"], results["alternatives"]
+    assert set(compared) == {"conv", "gemm", "gemm_bias_relu"}
+    for name, entry in compared.items():
+        having = [row for row in rows if f"{name}_us" in row]
+        assert entry["ops"] == len(having) and entry["us"] == pytest.approx(sum(row[f"{name}_us"] for row in having))
+        assert entry["fused_us"] == pytest.approx(sum(row["us"] for row in having))
+    # The whole forward alone, compiled by Inductor beside the fused one; without the walk, the arithmetic comes
+    # from hooks and must be the walk's.
+    whole = teacher_stages.profile(
+        "resnet18", batch_size=1, image_size=32, steps=1, rounds=1, walk_ops=False, inductor_modes=("default",)
+    )
+    walked = teacher_stages.profile("resnet18", batch_size=1, image_size=32, repeats=1, steps=1, rounds=1)
+    assert whole["ops"] == [] and whole["total_gflop"] == pytest.approx(walked["total_gflop"])
+    (run,) = whole["inductor"]
+    assert run["mode"] == "default" and run["ms"] > 0 and run["max_difference"] <= 0.02 * run["scale"]
+    lines = teacher_stages.report_lines(whole)
+    assert "whole forwards only" in lines[0] and any(line.lstrip().startswith("Inductor default") for line in lines)
