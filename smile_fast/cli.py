@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -813,8 +814,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args, unknown = parser.parse_known_args(argv)
         from smile_fast.run_environment import record_command
+        from smile_fast.runlog import launcher
 
-        record_command(["smile-fast", *argv])  # for the benchmarks' JSON, also when main() is called in-process
+        # For the benchmarks' and the run's JSON, also when main() is called in-process. Under torchrun the
+        # command that starts the run is torchrun's (`launcher` reads its environment), as config.yaml says.
+        try:
+            world_size = int(os.environ.get("WORLD_SIZE") or 1)
+        except ValueError:  # set by hand to something else: devices.py says so when a run starts
+            world_size = 1
+        record_command([*shlex.split(launcher(world_size)), *argv])
         if unknown:
             # Reported here rather than by argparse's top-level parser, so that the hint names the
             # subcommand's own --help (where the flag would be listed), not `smile-fast --help`.

@@ -194,6 +194,9 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(folder, tmp
     summary_single = json.loads((tmp_path / "single" / "summary.json").read_text())
     summary_double = json.loads((tmp_path / "double" / "summary.json").read_text())
     assert summary_double["world_size"] == 2 and summary_single["world_size"] == 1
+    # The command that repeats the run is torchrun's, as config.yaml's header says.
+    assert summary_double["command"].startswith("torchrun --nproc_per_node=2 -m smile_fast train "), summary_double
+    assert summary_single["command"].startswith("smile-fast train "), summary_single
     assert summary_double["test_images"] == 15
     assert summary_double["test_top1"] == pytest.approx(summary_single["test_top1"]), "evaluation differs"
     # The logged loss is the global batch's (both ranks' shards), as one process logs it.
