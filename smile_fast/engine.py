@@ -647,7 +647,8 @@ class Trainer:
 
                     if iteration < config.iters and self._stop_agreed(stop, iteration):
                         train_seconds += time.perf_counter() - interval_start
-                        self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
+                        if getattr(self, "_last_saved_iteration", None) != iteration:  # else the evaluation's is it
+                            self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
                         progress.close()
                         # Not 0: a scheduler or script must be able to tell a stopped run from a finished one.
                         # 128 + the signal's number, as a shell reports a process the signal ended.
