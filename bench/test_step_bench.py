@@ -21,7 +21,15 @@ import time
 import torch
 from _reporting import report, skip_if_timing_is_off
 
-from smile_fast.bench_step import build_step_runner, per_step_seconds, ratio_quartiles
+from smile_fast.bench_step import (
+    MIN_UPDATE_SAMPLES,
+    build_step_runner,
+    per_step_seconds,
+    ratio_quartiles,
+    spread_update,
+    time_more_updates,
+    timed_update_steps,
+)
 from smile_fast.config import TrainConfig, teacher_fused_conv_default
 from smile_fast.run_environment import environment
 
@@ -81,14 +89,16 @@ def test_smile_over_finetune_step_time(benchmark):
     benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     skip_if_timing_is_off(benchmark)
     # Iterations count from 0 in the warm-up rounds; SMILE's teacher update every 10th step is included
-    # (per_step_seconds), as a training run pays it.
+    # (per_step_seconds), as a training run pays it, from at least MIN_UPDATE_SAMPLES updates: SMILE's steps go
+    # on alone (time_more_updates) until that many were timed.
     timed = {name: values[WARMUP:] for name, values in times.items()}
-    per_step = {
-        "finetune": per_step_seconds(timed["finetune"], WARMUP, None)[0],
-        "smile": per_step_seconds(timed["smile"], WARMUP, TrainConfig.ema_every)[0],
-    }
+    ema_every = TrainConfig.ema_every
+    needed = MIN_UPDATE_SAMPLES - timed_update_steps(timed["smile"], WARMUP, ema_every)
+    more = time_more_updates(runners["smile"], WARMUP + ROUNDS, ema_every, needed) if needed > 0 else ([], [])
+    smile = per_step_seconds(timed["smile"], WARMUP, ema_every, *more)
+    per_step = {"finetune": per_step_seconds(timed["finetune"], WARMUP, None).seconds, "smile": smile.seconds}
     ratio = per_step["smile"] / per_step["finetune"]
-    quartiles = ratio_quartiles(timed["smile"], timed["finetune"])
+    quartiles = ratio_quartiles(spread_update(timed["smile"], WARMUP, ema_every, smile), timed["finetune"])
     benchmark.extra_info.update(
         **environment(DEVICE),
         finetune_ms_per_step=1000 * per_step["finetune"],
@@ -97,6 +107,8 @@ def test_smile_over_finetune_step_time(benchmark):
         smile_images_per_sec=SETTINGS["batch_size"] / per_step["smile"],
         smile_over_finetune=ratio,
         smile_over_finetune_round_quartiles=quartiles,
+        smile_ema_update_ms=1000 * smile.update_seconds,
+        smile_ema_update_samples=smile.update_samples,
         **SETTINGS,
         stack=STACK if ON_GPU else "eager",
         # What TrainingStep resolved from its default (None), so the JSON says which teacher was timed.

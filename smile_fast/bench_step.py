@@ -9,7 +9,8 @@ can be compared. Each method gets its own freshly built models, `warmup` untimed
 cuDNN autotuning, allocator growth), then `steps` timed steps, each synchronized so that the host
 clock brackets the device work; the methods run round-robin, one step each per round. The figure is
 the median step time, plus, for SMILE, its teacher update's extra cost spread over the 10 steps it
-comes every (per_step_seconds).
+comes every (per_step_seconds): the median over at least MIN_UPDATE_SAMPLES update steps, timed on after
+the rounds where these held fewer (time_more_updates).
 
 `--baseline eager-fp32` adds the SMILE step the way the authors' code runs it, in the same rounds: fp32,
 NCHW, eager, the feature map taken by a forward hook, an unfolded teacher, plain PyTorch losses and a
@@ -22,6 +23,7 @@ import copy
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -166,24 +168,111 @@ def time_interleaved(
     return times
 
 
-def per_step_seconds(times: list[float], first_iteration: int, ema_every: int | None) -> tuple[float, bool]:
-    """What one step costs a training run, from timed steps numbered from `first_iteration`; and whether
-    an EMA update was among them.
+# How many teacher updates SMILE's figure rests on at least. With one, a single load spike that fell on the update
+# step counted ten times its share: a CPU `pytest bench/` run measured 1.93 where the medians gave 1.15
+# (a review, 2026-11-27), and every GPU figure before had one update timed.
+MIN_UPDATE_SAMPLES = 3
+
+
+@dataclass
+class StepFigure:
+    """What one step costs a training run (`per_step_seconds`)."""
+
+    seconds: float
+    update_included: bool  # a teacher update's cost is in `seconds`, spread over the steps it comes every
+    update_samples: int = 0  # how many update steps that cost is the median of
+    update_seconds: float = 0.0  # that median: an update step's extra time over the others
+
+
+def _split_updates(
+    times: list[float], first_iteration: int, ema_every: int
+) -> tuple[list[tuple[int, float]], list[float]]:
+    """The timed steps that update the teacher (with their iterations), and the others. Iteration 0 is neither:
+    it is a run's first step, cold (allocations, first launches), which a --warmup 0 run times too."""
+    numbered = list(enumerate(times, start=first_iteration))
+    updates = [(iteration, seconds) for iteration, seconds in numbered if iteration % ema_every == 0 and iteration]
+    others = [seconds for iteration, seconds in numbered if iteration % ema_every != 0]
+    return updates, others
+
+
+def timed_update_steps(times: list[float], first_iteration: int, ema_every: int) -> int:
+    """How many of the timed steps can give a sample of the update's cost."""
+    return len(_split_updates(times, first_iteration, ema_every)[0])
+
+
+def time_more_updates(
+    run_one, next_iteration: int, ema_every: int, needed: int, progress: bool | None = None
+) -> tuple[list[float], list[float]]:
+    """Run a teacher method's steps on from `next_iteration` until `needed` more of them updated the teacher;
+    returns each update's extra time over the median of the steps just before it (its own window of up to
+    `ema_every - 1` steps, so that a machine's drift since the interleaved rounds cancels), and those steps'
+    times. These steps run one method alone, so they give the update's cost, not the step's."""
+    from tqdm.auto import tqdm
+
+    extras: list[float] = []
+    others: list[float] = []
+    window: list[float] = []
+    iteration = next_iteration
+    disable = None if progress is None else not progress
+    with tqdm(
+        total=needed, desc="teacher updates", unit="update", disable=disable, file=sys.stderr, leave=False
+    ) as bar:
+        while len(extras) < needed:
+            start = time.perf_counter()
+            run_one()  # synchronizes the device before returning
+            elapsed = time.perf_counter() - start
+            if iteration % ema_every:
+                window.append(elapsed)
+                others.append(elapsed)
+            else:
+                if window and iteration:
+                    extras.append(elapsed - statistics.median(window))
+                    bar.update()
+                window = []
+            iteration += 1
+    return extras, others
+
+
+def per_step_seconds(
+    times: list[float],
+    first_iteration: int,
+    ema_every: int | None,
+    more_extras: list[float] = (),
+    more_others: list[float] = (),
+) -> StepFigure:
+    """What one step costs a training run, from timed steps numbered from `first_iteration`.
 
     Without a teacher: the median. With one (SMILE), every `ema_every`-th step also updates the teacher
     (EMA, BN re-fold, its bf16 copy), and a plain median leaves that out (an update took 82 ms for resnet18
-    in one probe on this 2-core CPU, about +0.01 of ratio; in another run it was within the noise): the
-    median of the other steps plus the median extra cost of an update step, spread over `ema_every` steps.
+    in one probe on this 2-core CPU, about +0.01 of ratio): the median of the other steps plus the median
+    extra cost of an update step, spread over `ema_every` steps. The extra costs are the timed update steps'
+    against that median, and `more_extras` (time_more_updates: enough samples that one slow step cannot
+    move the figure). Without any other step in `times`, `more_others` give the median.
     """
     if not ema_every:
-        return statistics.median(times), False
-    numbered = list(enumerate(times, start=first_iteration))
-    updates = [seconds for iteration, seconds in numbered if iteration % ema_every == 0]
-    others = [seconds for iteration, seconds in numbered if iteration % ema_every != 0]
-    if not updates or not others:
-        return statistics.median(times), bool(updates)
-    base = statistics.median(others)
-    return base + (statistics.median(updates) - base) / ema_every, True
+        return StepFigure(statistics.median(times), False)
+    updates, others = _split_updates(times, first_iteration, ema_every)
+    if not others and not more_others:
+        return StepFigure(statistics.median(times), False)
+    base = statistics.median(others or more_others)
+    extras = [seconds - base for _, seconds in updates] + list(more_extras)
+    if not extras:
+        return StepFigure(base, False)
+    update = statistics.median(extras)
+    return StepFigure(base + update / ema_every, True, len(extras), update)
+
+
+def spread_update(times: list[float], first_iteration: int, ema_every: int | None, figure: StepFigure) -> list[float]:
+    """Each timed step as a run pays it: an update step without its update's median extra cost, every step with
+    that cost's share. So the per-round ratios' quartiles describe the figure they are printed beside (with
+    the update steps as they were, the figure sat at or above its own third quartile in 5 of 17 GPU runs)."""
+    if not ema_every or not figure.update_included:
+        return list(times)
+    share = figure.update_seconds / ema_every
+    return [
+        seconds + share - (figure.update_seconds if iteration % ema_every == 0 and iteration else 0.0)
+        for iteration, seconds in enumerate(times, start=first_iteration)
+    ]
 
 
 def ratio_quartiles(numerators: list[float], denominators: list[float]) -> list[float]:
@@ -268,6 +357,24 @@ def build_authors_style_runner(
     return run_one_synchronized
 
 
+def _note_ignored_flags(
+    *, amp, amp_dtype, compile, compile_mode, device, cudnn_benchmark, teacher_fused_conv, methods
+) -> None:
+    """One line on stderr for each flag this benchmark will not act on, as train says it: a figure measured
+    without what the command line asked for must not pass for one measured with it."""
+    notes = []
+    if amp_dtype != "bfloat16" and not amp:
+        notes.append(f"--amp-dtype {amp_dtype} has no effect without --amp; the steps run in float32")
+    if compile_mode != "default" and not compile:
+        notes.append(f"--compile-mode {compile_mode} has no effect without --compile; the steps run eagerly")
+    if cudnn_benchmark and device.type != "cuda":
+        notes.append("--cudnn-benchmark is a CUDA setting; it has no effect on this device")
+    if teacher_fused_conv and not any(build_method(name).uses_teacher for name in methods):
+        notes.append("--teacher-fused-conv has no effect: none of --methods has a teacher (only smile does)")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
 def run_step_benchmark(
     *,
     model: str = "resnet50",
@@ -299,6 +406,8 @@ def run_step_benchmark(
         raise UserError(f"--warmup must be at least 0, got {warmup}")
     if not methods:
         raise UserError("--methods names no method; give some of finetune,mixup,cutmix,smile")
+    if image_size < 1 or batch_size < 1:
+        raise UserError(f"--image-size and --batch-size must be at least 1, got {image_size} and {batch_size}")
     pairs = [method for method in methods if method != "finetune"]
     if batch_size < 2 and pairs:  # said here in bench's words: the step's own check names train's --method
         raise UserError(
@@ -308,6 +417,10 @@ def run_step_benchmark(
         # The baseline hooks layer4 and swaps `fc`, as the authors' ResNet code does.
         raise UserError(f"--baseline eager-fp32 times the authors' ResNet step; use a resnet model, not {model}")
     device_obj = resolve_device(device)
+    _note_ignored_flags(
+        amp=amp, amp_dtype=amp_dtype, compile=compile, compile_mode=compile_mode, device=device_obj,
+        cudnn_benchmark=cudnn_benchmark, teacher_fused_conv=teacher_fused_conv, methods=methods,
+    )  # fmt: skip
     if cuda_graph:
         # Three eager steps, then the captures; the teacher's EMA graph is captured at the first EMA
         # iteration after those (iteration 10), which must not fall among the timed steps.
@@ -354,7 +467,8 @@ def run_step_benchmark(
         "teacher_background": teacher_background,
         "fused_input": fused_input,
         "cudnn_benchmark": cudnn_benchmark and device_obj.type == "cuda",
-        "teacher_fused_conv": teacher_fused_conv,
+        # What was timed: only a method with a teacher has the teacher's convolutions to fuse.
+        "teacher_fused_conv": bool(teacher_fused_conv) and any(build_method(name).uses_teacher for name in methods),
         "fold_teacher_bn": fold_teacher_bn,
         "teacher_stream": teacher_stream and device_obj.type == "cuda",
         "steps": steps,
@@ -370,19 +484,38 @@ def run_step_benchmark(
         runners[BASELINE] = build_authors_style_runner(
             model=model, batch_size=batch_size, image_size=image_size, device=device_obj
         )
-    all_times = time_interleaved(runners, steps, warmup, device_obj, warmup_seconds)
-    baseline_times = all_times.pop(BASELINE, None)
+    try:
+        all_times = time_interleaved(runners, steps, warmup, device_obj, warmup_seconds)
+    except ValueError as error:
+        if "Expected more than 1 value per channel" not in str(error):
+            raise
+        # BatchNorm in training needs more than one value per channel: a batch of 1 whose last feature map is
+        # one pixel (about 32 px and less for a ResNet) has one.
+        raise UserError(
+            f"--batch-size {batch_size} at --image-size {image_size}: a BatchNorm layer sees a single value per "
+            "channel in training; give a larger --batch-size or --image-size"
+        ) from None
     ema_every = TrainConfig.ema_every
+    figures: dict[str, StepFigure] = {}
     for name, times in all_times.items():
-        uses_teacher = build_method(name).uses_teacher
-        seconds, ema_timed = per_step_seconds(times, warmup, ema_every if uses_teacher else None)
-        result[f"{name}_ms_per_step"] = 1000.0 * seconds
-        result[f"{name}_images_per_sec"] = batch_size / seconds
+        if not (name == BASELINE or build_method(name).uses_teacher):
+            figures[name] = per_step_seconds(times, warmup, None)
+            continue
+        # The authors'-style baseline updates its teacher every 10th step too, as the product's SMILE step does.
+        needed = MIN_UPDATE_SAMPLES - timed_update_steps(times, warmup, ema_every)
+        more = time_more_updates(runners[name], warmup + steps, ema_every, needed) if needed > 0 else ([], [])
+        figures[name] = per_step_seconds(times, warmup, ema_every, *more)
+    baseline_times = all_times.pop(BASELINE, None)
+    for name, times in all_times.items():
+        figure = figures[name]
+        result[f"{name}_ms_per_step"] = 1000.0 * figure.seconds
+        result[f"{name}_images_per_sec"] = batch_size / figure.seconds
         result[f"{name}_median_ms"] = 1000.0 * statistics.median(times)
-        if uses_teacher:
-            # False when the timed steps held no EMA update (fewer than ema_every of them): then the figure
-            # is the plain median and leaves the update out.
-            result[f"{name}_ema_update_included"] = ema_timed
+        if build_method(name).uses_teacher:
+            # False when no update's cost could be measured: then the figure is the plain median and leaves it out.
+            result[f"{name}_ema_update_included"] = figure.update_included
+            result[f"{name}_ema_update_ms"] = 1000.0 * figure.update_seconds
+            result[f"{name}_ema_update_samples"] = figure.update_samples
         # What a run pays once before its steady speed (compilation, cuDNN's search, graph captures): at
         # 9,000 steps of about 10 ms, a minute of compilation is a large share of a whole run.
         result[f"{name}_warmup_seconds"] = warmup_seconds[name]
@@ -391,12 +524,13 @@ def run_step_benchmark(
         result["cudnn_fusion_problems"] = cudnn_fusion_problems()
     if "finetune" in methods and "smile" in methods:
         result["smile_over_finetune"] = result["smile_ms_per_step"] / result["finetune_ms_per_step"]
-        result["smile_over_finetune_round_quartiles"] = ratio_quartiles(all_times["smile"], all_times["finetune"])
+        smile = spread_update(all_times["smile"], warmup, ema_every, figures["smile"])
+        result["smile_over_finetune_round_quartiles"] = ratio_quartiles(smile, all_times["finetune"])
     if baseline_times is not None:
-        # The same rule as the product's SMILE step: its per-parameter EMA every 10th step is included.
-        seconds, _ = per_step_seconds(baseline_times, warmup, 10)
-        result["eager_fp32_smile_ms_per_step"] = 1000.0 * seconds
-        result["eager_fp32_smile_images_per_sec"] = batch_size / seconds
+        figure = figures[BASELINE]
+        result["eager_fp32_smile_ms_per_step"] = 1000.0 * figure.seconds
+        result["eager_fp32_smile_images_per_sec"] = batch_size / figure.seconds
+        result["eager_fp32_smile_ema_update_samples"] = figure.update_samples
         if "smile" in methods:
             result["smile_speedup_over_eager_fp32"] = (
                 result["eager_fp32_smile_ms_per_step"] / result["smile_ms_per_step"]
@@ -430,9 +564,12 @@ def format_step_table(result: dict[str, Any]) -> str:
         spread = f" (per-round ratios, quartiles {quartiles[0]:.3f} / {quartiles[2]:.3f})" if quartiles else ""
         lines.append(f"SMILE / finetune step time: {result['smile_over_finetune']:.3f}{spread}")
     if result.get("smile_ema_update_included"):
-        lines.append(f"SMILE's figure includes its teacher update, spread over the {TrainConfig.ema_every} steps")
+        lines.append(
+            f"SMILE's figure includes its teacher update ({result['smile_ema_update_ms']:.2f} ms more per update step, "
+            f"the median of {result['smile_ema_update_samples']}), spread over the {TrainConfig.ema_every} steps"
+        )
     elif "smile_ema_update_included" in result:
-        lines.append(f"(no teacher update among the timed steps: time {TrainConfig.ema_every}+ steps to include it)")
+        lines.append("(SMILE's teacher update could not be timed: its figure leaves the update out)")
     if "smile_speedup_over_eager_fp32" in result:
         stack = "this stack" if result["amp"] or result["compile"] else "this stack (fp32 eager too)"
         lines.append(

@@ -758,6 +758,8 @@ def _bench_loader(args: argparse.Namespace) -> dict:
     from smile_fast.data.prepare import prepare_data
     from smile_fast.devices import resolve_device
 
+    if args.workers is not None and args.workers < 0:  # before the data is read: DataLoader's own error is a traceback
+        raise UserError(f"--workers must be at least 0 (0: decode in this process), got {args.workers}")
     config = build_config(overrides={"dataset": args.dataset, "data_dir": args.data_dir, "device": args.device})
     splits, train_spec, _, skipped = prepare_data(config)
     workers = args.workers if args.workers is not None else default_workers()

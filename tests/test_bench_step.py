@@ -170,17 +170,63 @@ def test_teacher_fused_conv_is_recorded_and_refused_where_it_cannot_apply(tmp_pa
 
 def test_smiles_per_step_figure_spreads_its_teacher_update_over_ema_every_steps():
     """A median alone leaves out the teacher update every 10th SMILE step pays; a run pays it."""
-    from smile_fast.bench_step import per_step_seconds, ratio_quartiles
+    from smile_fast.bench_step import StepFigure, per_step_seconds, ratio_quartiles
 
     # Timed iterations 5..24: updates at 10 and 20 cost 0.5 s more than the 1.0 s of the others.
     times = [1.5 if iteration % 10 == 0 else 1.0 for iteration in range(5, 25)]
-    assert per_step_seconds(times, 5, None) == (1.0, False), "finetune: the plain median"
-    seconds, included = per_step_seconds(times, 5, 10)
-    assert included and seconds == pytest.approx(1.05)
-    assert per_step_seconds(times[:3], 5, 10) == (1.0, False), "iterations 5..7 hold no update: said so"
+    assert per_step_seconds(times, 5, None) == StepFigure(1.0, False), "finetune: the plain median"
+    figure = per_step_seconds(times, 5, 10)
+    assert figure.update_included and figure.seconds == pytest.approx(1.05)
+    assert figure.update_samples == 2 and figure.update_seconds == pytest.approx(0.5)
+    assert per_step_seconds(times[:3], 5, 10) == StepFigure(1.0, False), "iterations 5..7 hold no update: said so"
     assert ratio_quartiles([2.0, 3.0, 4.0, 5.0], [1.0, 1.0, 1.0, 1.0]) == pytest.approx([2.75, 3.5, 4.25])
     # Quartiles stay within the ratios measured: on two rounds they had extrapolated to a negative ratio.
     assert ratio_quartiles([1.1, 12.4], [1.0, 1.0]) == pytest.approx([3.925, 6.75, 9.575])
+
+
+def test_one_slow_update_step_cannot_move_smiles_figure():
+    """A review's CPU run: a load spike on the one timed update step (2.9 s against 0.37) made SMILE / finetune
+    1.93 where the medians gave 1.15. The update's cost is now the median of several samples."""
+    from smile_fast.bench_step import per_step_seconds
+
+    times = [2.0 if iteration % 10 == 0 else 0.115 for iteration in range(2, 14)]  # the spike on iteration 10
+    alone = per_step_seconds(times, 2, 10)
+    assert alone.seconds == pytest.approx(0.115 + 1.885 / 10)  # one sample: the spike, a tenth of it
+    figure = per_step_seconds(times, 2, 10, more_extras=[0.01, 0.012], more_others=[0.115] * 17)
+    assert figure.update_samples == 3 and figure.seconds == pytest.approx(0.115 + 0.012 / 10)
+
+
+def test_a_runs_first_step_is_not_taken_for_a_teacher_update():
+    """Iteration 0 updates the teacher and is the first step ever (cold); with --warmup 0 it was timed, and its
+    seconds of first-call setup were charged as update cost (SMILE 785 ms per step against a 379 ms median)."""
+    from smile_fast.bench_step import StepFigure, per_step_seconds, spread_update
+
+    times = [5.0] + [1.0] * 9  # iterations 0..9
+    assert per_step_seconds(times, 0, 10) == StepFigure(1.0, False)
+    # The per-round figures the quartiles are taken of, with the update's cost spread as in the figure.
+    figure = StepFigure(1.05, True, 2, 0.5)
+    assert spread_update([1.5, 1.0, 1.0], 10, 10, figure) == pytest.approx([1.05, 1.05, 1.05])
+    assert spread_update([5.0, 1.0], 0, 10, figure) == pytest.approx([5.05, 1.05]), "iteration 0 is no update"
+
+
+def test_more_update_steps_are_timed_against_their_own_window(monkeypatch):
+    from smile_fast import bench_step
+
+    clock = [0.0]
+    iteration = [25]
+
+    def run_one():  # an update step takes 0.5 s more; the machine slows by 1 s per step from iteration 31
+        clock[0] += (1.5 if iteration[0] % 10 == 0 else 1.0) + (1.0 if iteration[0] > 30 else 0.0)
+        iteration[0] += 1
+
+    monkeypatch.setattr(bench_step.time, "perf_counter", lambda: clock[0])
+    extras, others = bench_step.time_more_updates(run_one, 25, 10, 2, progress=False)
+    # Iteration 30 against 25..29, iteration 40 against 31..39: the drift cancels.
+    assert extras == pytest.approx([0.5, 0.5]) and len(others) == 5 + 9 and iteration[0] == 41
+    # An update with no step of its own window before it gives no sample (iteration 20 here).
+    iteration[0] = 20
+    extras, others = bench_step.time_more_updates(run_one, 20, 10, 1, progress=False)
+    assert len(extras) == 1 and iteration[0] == 31
 
 
 def test_the_authors_style_baseline_is_timed_in_the_same_rounds(monkeypatch):
@@ -215,6 +261,7 @@ def test_bench_step_json_says_the_update_is_included_and_gives_the_ratio_spread(
     assert main([*argv, "--methods", "finetune,smile", "--steps", "10", "--warmup", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["smile_ema_update_included"] is True and "finetune_ema_update_included" not in result
+    assert result["smile_ema_update_samples"] >= 3, "one timed update is one sample: a spike on it moves the ratio"
     low, middle, high = result["smile_over_finetune_round_quartiles"]
     assert low <= middle <= high
     assert "includes its teacher update" in capsys.readouterr().out
@@ -230,3 +277,30 @@ def test_a_failed_bench_leaves_no_folder_for_its_json(tmp_path, capsys):
     assert main(argv) == 2
     assert "unsupported --model" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [], "the folders made for --json were left"
+
+
+def test_bad_sizes_are_one_line_errors_not_tracebacks(capsys):
+    """A review found tracebacks for these (exit 1): PyTorch's own messages say nothing about the flags."""
+    argv = ["bench", "step", "--model", "resnet18", "--device", "cpu", "--steps", "1", "--warmup", "0"]
+    for size in ("0", "-5"):
+        assert main([*argv, "--image-size", size]) == 2
+        assert "--image-size and --batch-size must be at least 1" in capsys.readouterr().err
+    # ResNet's last feature map is one pixel at 32 px: with one image, BatchNorm has one value per channel.
+    assert main([*argv, "--image-size", "32", "--batch-size", "1", "--methods", "finetune"]) == 2
+    assert "a BatchNorm layer sees a single value per channel" in capsys.readouterr().err
+    assert main(["bench", "loader", "--device", "cpu", "--workers", "-1"]) == 2
+    assert "--workers must be at least 0" in capsys.readouterr().err
+
+
+def test_flags_the_benchmark_cannot_act_on_are_named_and_not_recorded(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    argv = ["bench", "step", "--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--device", "cpu"]
+    argv += ["--steps", "1", "--warmup", "0", "--methods", "finetune", "--json", str(out)]
+    extra = ["--amp-dtype", "float16", "--compile-mode", "max-autotune", "--cudnn-benchmark", "--teacher-fused-conv"]
+    assert main([*argv, *extra]) == 0
+    captured = capsys.readouterr()
+    for flag in ("--amp-dtype float16", "--compile-mode max-autotune", "--cudnn-benchmark", "--teacher-fused-conv"):
+        assert f"note: {flag}" in captured.err, captured.err
+    result = json.loads(out.read_text())
+    assert result["teacher_fused_conv"] is False and "teacher fused conv" not in captured.out
+    assert result["amp_dtype"] == "float32" and result["compile_mode"] is None and result["cudnn_benchmark"] is False
