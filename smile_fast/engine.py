@@ -472,6 +472,9 @@ class Trainer:
         self.student.train()
         if total.item() == 0:
             raise UserError("the test split is empty; nothing to evaluate")
+        # The images this evaluation scored: a test file that passed the header check but fails to decode is
+        # left out of the top-1 (its batch goes on without it), so the summary must say it was not counted.
+        self.test_images_scored = int(total.item())
         return 100.0 * correct.item() / total.item()
 
     def _share_buffers(self) -> None:
@@ -683,6 +686,7 @@ class Trainer:
     def _finish(self, top1: float | None, train_seconds: float, previous_wall: float) -> dict[str, Any]:
         config = self.config
         trained = config.iters  # images per second over the whole run, evaluation excluded
+        scored = getattr(self, "test_images_scored", len(self.test_samples))  # the last evaluation's
         summary = {
             "method": config.method,
             "smile_form": config.smile_form if config.method == "smile" else None,
@@ -697,8 +701,13 @@ class Trainer:
             "wall_seconds": previous_wall + time.perf_counter() - self.started,
             "loader": self.loader_kind,
             "train_images": len(self.train_samples),
-            "test_images": len(self.test_samples),
-            "skipped_files": self.skipped_up_front + getattr(self.train_loader, "skipped_files", 0),
+            # The images the top-1 is over; those listed but undecodable are counted in skipped_files too.
+            "test_images": scored,
+            "test_images_unreadable": len(self.test_samples) - scored,
+            "skipped_files": self.skipped_up_front
+            + getattr(self.train_loader, "skipped_files", 0)
+            + len(self.test_samples)
+            - scored,
             "amp": config.amp,
             "channels_last": config.channels_last,
             "compile": config.compile,

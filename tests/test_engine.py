@@ -771,6 +771,27 @@ def test_eval_of_test_images_that_all_fail_to_decode_is_one_line(tmp_path, capsy
     )
 
 
+def test_a_test_image_that_fails_to_decode_is_not_counted_as_scored(tmp_path):
+    """Its header passes the up-front check, so the evaluation drops it from its batch: the top-1 is over the
+    others, and summary.json (and so `report`) must say so rather than count it among the scored images."""
+    from PIL import Image
+
+    data = write_tiny_imagefolder(tmp_path / "data")
+    broken = data / "test" / "c0" / "0.png"
+    Image.new("RGB", (40, 40), (220, 40, 40)).save(broken)
+    content = bytearray(broken.read_bytes())
+    start = content.find(b"IDAT") + 8
+    content[start : start + 20] = bytes(
+        byte ^ 0xFF for byte in content[start : start + 20]
+    )  # the pixels, not the header
+    broken.write_bytes(bytes(content))
+    summary = train(_config(data, tmp_path / "run", method="finetune", iters=1, eval_every=1), progress=False)
+    assert summary["test_images"] == 12 and summary["test_images_unreadable"] == 1 and summary["skipped_files"] == 1
+    from smile_fast.report import _read_run
+
+    assert _read_run(tmp_path / "run").skipped_files == 1  # `report` notes the run's skipped files
+
+
 def test_eval_says_which_test_images_it_skipped(tmp_path):
 
     data = write_tiny_imagefolder(tmp_path / "data")
