@@ -69,6 +69,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                 "evaluation, --eval-every), so there is nothing to resume or evaluate; start a new run"
             )
         raise UserError(f"checkpoint {path} does not exist; pass a run folder or its last.pt")
+    if path.name != "last.pt" and (path.parent / "config.yaml").is_file() and path.suffix not in (".pt", ".pth"):
+        # metrics.csv or config.yaml of a run, given for the run: not a pickle to refuse, a folder to name.
+        raise UserError(f"{path} is a file of the run folder {path.parent}, not its checkpoint; pass the folder")
     state = safe_load(path, "checkpoint")
     if not isinstance(state, dict) or "student" not in state or "config" not in state:
         raise NotACheckpoint(f"{path} is not a smile-fast checkpoint (no student weights or config in it)")

@@ -312,6 +312,9 @@ def _check(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+MAX_SEED = 2**32 - 1  # numpy's legacy bound, which the usual seeds keep to
+
+
 def validate(config: TrainConfig) -> None:
     _check(
         config.dataset in DATASET_CHOICES,
@@ -348,9 +351,14 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         _check(value is None or math.isfinite(value), f"{setting_name(name)} must be a finite number, got {value}")
     _check(config.lr > 0, f"--lr must be positive, got {config.lr}")
-    _check(config.momentum >= 0 and config.weight_decay >= 0, "momentum and weight decay must be non-negative")
-    _check(0 < config.lr_decay_fraction <= 1, "lr_decay_fraction must be in (0, 1]")
-    _check(config.lr_decay_factor >= 1, "lr_decay_factor must be at least 1")
+    _check(config.momentum >= 0 and config.weight_decay >= 0, "momentum and weight_decay (YAML) must be non-negative")
+    # SGD's velocity grows without bound at momentum 1 and more: the run would diverge, later rather than now.
+    _check(config.momentum < 1, f"momentum (YAML) must be below 1, got {config.momentum}")
+    # numpy's and torch's generators take seeds from 0, and the loader's plan multiplies the seed by about 1e6
+    # (data/sampler.py): a larger one overflowed there, a negative one failed at the first step, both as tracebacks.
+    _check(0 <= config.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}, got {config.seed}")
+    _check(0 < config.lr_decay_fraction <= 1, "lr_decay_fraction (YAML) must be in (0, 1]")
+    _check(config.lr_decay_factor >= 1, "lr_decay_factor (YAML) must be at least 1")
     if config.sample_rate is not None:
         _check(0 < config.sample_rate <= 1, f"--sample-rate must be in (0, 1], got {config.sample_rate}")
     _check(config.sample_draw in SAMPLE_DRAWS, f"--sample-draw must be one of {', '.join(SAMPLE_DRAWS)}")
@@ -366,11 +374,11 @@ def validate(config: TrainConfig) -> None:
         config.sample_rate is None or (config.class_fraction is None and config.train_samples is None),
         "--sample-rate and --class-fraction/--train-samples are two different protocols; give one of them",
     )
-    _check(config.alpha > 0, f"alpha must be positive, got {config.alpha}")
-    _check(config.gamma_fe >= 0 and config.gamma_fc >= 0, "gamma_fe and gamma_fc must be non-negative")
-    _check(0 <= config.ema_decay <= 1, f"ema_decay must be in [0, 1], got {config.ema_decay}")
-    _check(config.ema_every >= 1, f"ema_every must be at least 1, got {config.ema_every}")
-    _check(0 <= config.cutmix_probability <= 1, "cutmix_probability must be in [0, 1]")
+    _check(config.alpha > 0, f"--alpha must be positive, got {config.alpha}")
+    _check(config.gamma_fe >= 0 and config.gamma_fc >= 0, "--gamma-fe and --gamma-fc must be non-negative")
+    _check(0 <= config.ema_decay <= 1, f"--ema-decay must be in [0, 1], got {config.ema_decay}")
+    _check(config.ema_every >= 1, f"--ema-every must be at least 1, got {config.ema_every}")
+    _check(0 <= config.cutmix_probability <= 1, "cutmix_probability (YAML) must be in [0, 1]")
     _check(config.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}")
     _check(config.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}")
     _check(

@@ -173,6 +173,8 @@ def _given_and_recorded(key: str, value: Any, recorded: Any) -> str:
     if isinstance(value, bool) and isinstance(recorded, bool) and name.startswith("--"):
         switch = {True: name, False: f"--no-{name[2:]}"}
         return f"{switch[value]} (the run has {switch[recorded]})"
+    if recorded is None:  # the run left it unset (a protocol not used, a default chosen at run time)
+        return f"{name} {value} (the run did not set it)"
     return f"{name} {value} (the run has {recorded})"
 
 

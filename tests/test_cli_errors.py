@@ -81,6 +81,14 @@ def _imagefolder_without_test_split(t: Path) -> str:
     return str(t / "data")
 
 
+def _run_folder_file(t: Path, name: str) -> str:
+    """A file of a (fake) run folder: its config.yaml beside it."""
+    (t / "old-run").mkdir()
+    (t / "old-run" / "config.yaml").write_text("iters: 5\n")
+    (t / "old-run" / name).write_text("iteration,loss\n")
+    return str(t / "old-run" / name)
+
+
 def _empty_file(path: Path) -> str:
     path.write_bytes(b"")
     return str(path)
@@ -116,8 +124,12 @@ FLAG_CASES = {
     "lr-nan": (["--lr", "nan"], ["--lr"]),
     "lr-inf": (["--lr", "inf"], ["--lr"]),
     "alpha-inf": (["--alpha", "inf"], ["--alpha"]),
-    "ema-every-zero": (["--ema-every", "0"], ["ema_every"]),
-    "ema-decay-above-one": (["--ema-decay", "1.5"], ["ema_decay"]),
+    "ema-every-zero": (["--ema-every", "0"], ["--ema-every"]),
+    "ema-decay-above-one": (["--ema-decay", "1.5"], ["--ema-decay"]),
+    "alpha-zero": (["--alpha", "0"], ["--alpha must be positive"]),
+    # A negative seed failed at the first step, after the run folder was written; a huge one overflowed.
+    "seed-negative": (["--seed", "-3"], ["--seed", "4294967295"]),
+    "seed-huge": (["--seed", "99999999999999999999999"], ["--seed", "4294967295"]),
     "unknown-flag": (["--itres", "5"], ["--itres", "did you mean --iters?"]),
     "unknown-flag-far-from-any": (["--zzz"], ["--zzz"]),
     "misspelt-choice": (["--dataset", "cubb"], ["cubb", "did you mean cub?"]),
@@ -145,6 +157,7 @@ YAML_CASES = {
     "yaml-syntax": ("iters: [1, 2\n", ["YAML"]),
     "yaml-bad-value": ("iters: -5\n", ["--iters"]),
     "yaml-resize-mode": ("resize_mode: keep-aspect\n", ["resize_mode (YAML)", "square, shorter"]),
+    "yaml-momentum-one-or-more": ("momentum: 1.5\n", ["momentum (YAML) must be below 1"]),
     "yaml-sample-rate": ("sample-rate: 0\n", ["--sample-rate"]),
     "yaml-setting-twice": ("lr: 0.1\niters: 5\nlr: 0.2\n", ["lr twice"]),
     "yaml-setting-twice-spelled-two-ways": ("batch_size: 4\nbatch-size: 8\n", ["batch_size twice", "batch-size"]),
@@ -192,6 +205,11 @@ RUN_CASES = {
         ["last.pt"],
     ),
     "resume-missing-run-folder": (lambda t: ["train", "--resume", str(t / "old-run"), "--no-progress"], []),
+    # Another file of a run folder was answered with the pickle-security wording.
+    "resume-a-runs-metrics-file": (
+        lambda t: ["train", "--resume", _run_folder_file(t, "metrics.csv"), "--no-progress"],
+        ["metrics.csv is a file of the run folder", "pass the folder"],
+    ),
     "eval-missing-checkpoint": (lambda t: ["eval", str(t / "nothing" / "last.pt"), "--device", "cpu"], []),
     "unknown-subcommand": (lambda t: ["tarin"], ["did you mean train?"]),
     # argparse calls a misspelt required flag missing, not unknown; the hint still finds it.

@@ -401,6 +401,10 @@ def test_resume_keeps_the_runs_settings_and_takes_only_how_it_runs(tiny_imagefol
     assert len(error.splitlines()) == 1 and "--iters 5 (the run has 2)" in error and "--lr 0.5" in error, error
     assert "--amp (the run has --no-amp)" in error, "a switch as it is written, not --amp True"
     assert "eval_batch_size (YAML)" in error and "--eval-batch-size" not in error, "a flag that does not exist"
+    out, code = resume("protocol", "--sample-rate", "0.5")  # the run used none: not "(the run has None)"
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert "--sample-rate 0.5 (the run did not set it)" in error and "None" not in error, error
     out, code = resume("faster", "--log-every", "1", "--teacher-fused-conv", "--channels-last")
     assert code == 0
     written = (out / "config.yaml").read_text()
