@@ -1,5 +1,5 @@
 """How a run stops before its last iteration: TrainingStopped, whose exit status says why, and the
-SIGTERM/SIGINT handling of the loop (stop at the next step boundary; never in the middle of a checkpoint
+SIGTERM/SIGINT/SIGHUP handling of the loop (stop at the next step boundary; never in the middle of a checkpoint
 write)."""
 
 from __future__ import annotations
@@ -8,6 +8,13 @@ import contextlib
 import signal
 import threading
 from typing import Any
+
+# The signals that ask a run to stop. SIGHUP comes when the terminal that started the run closes (an ssh session
+# that drops): its default action ended the run at once, without a checkpoint, and left a folder that neither
+# --resume nor a new run would take (review). torchrun forwards all three to its workers.
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)
+)  # no SIGHUP on Windows
 
 
 class TrainingStopped(Exception):
@@ -34,7 +41,7 @@ def interrupted_exit_status(interrupt: KeyboardInterrupt) -> int:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT ask the loop to stop at the next step boundary (checkpoint, then exit); a second signal
+    """SIGTERM/SIGINT/SIGHUP ask the loop to stop at the next step boundary (checkpoint, then exit); a second signal
     means "stop now".
 
     forwarded_copies (a torchrun worker): the same signal again is the same request, and only another signal
@@ -53,7 +60,7 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread (e.g. a test runner thread): no handler
@@ -76,8 +83,8 @@ class StopSignal:
 
 @contextlib.contextmanager
 def signals_held():
-    """SIGINT and SIGTERM wait until the block is done (then are handled as usual): a checkpoint write is
-    never broken off halfway.
+    """The stop signals (SIGINT, SIGTERM, SIGHUP) wait until the block is done (then are handled as usual): a
+    checkpoint write is never broken off halfway.
 
     Held in Python, not with pthread_sigmask: a mask holds a signal only for the thread that sets it, and
     a training process has other threads (torch's, DALI's, the DataLoader's), any of which the kernel may
@@ -85,7 +92,7 @@ def signals_held():
     write. So for the block the handlers only note what came, and the notes are raised again after it.
     Outside the main thread handlers cannot be set, and the block runs as it is.
     """
-    held = (signal.SIGINT, signal.SIGTERM)
+    held = STOP_SIGNALS
     if threading.current_thread() is not threading.main_thread():
         yield
         return

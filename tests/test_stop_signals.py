@@ -50,7 +50,8 @@ def _lines(stream, into: queue.Queue) -> None:
 
 
 @pytest.mark.parametrize("second", [False, True], ids=["once", "twice"])
-@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+# SIGHUP: the terminal or ssh session that started the run closed; it ended the run with no checkpoint (review).
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_a_stop_signal_to_the_process_group_checkpoints_the_run(tmp_path, signum, status, second):
     """The training process and its two loader workers get the signal at once, as from Slurm or Ctrl-C.
     Twice: a second signal 20 ms later, which means "now", usually during the stop's checkpoint write. Its

@@ -7,10 +7,10 @@ A worker that died of a signal instead made PyTorch's SIGCHLD handler raise "Dat
 by signal" in the training process: in the middle of a step (a traceback, exit status 1, no checkpoint) or,
 for a second signal, in the middle of the stop's checkpoint write (which then failed, reported as a full disk).
 
-So a worker takes every SIGTERM and SIGINT as meant for the training process. That process ends its workers
-itself, however it stops: its loops close their loaders (the workers see the loader's "done" event and
-return). A worker whose training process is gone (killed with SIGKILL) ends by itself within seconds:
-PyTorch's workers watch their parent. SIGKILL ends a worker at any time.
+So a worker takes every SIGTERM, SIGINT and SIGHUP (a closed terminal) as meant for the training
+process. That process ends its workers itself, however it stops: its loops close their loaders (the workers
+see the loader's "done" event and return). A worker whose training process is gone (killed with SIGKILL) ends
+by itself within seconds: PyTorch's workers watch their parent. SIGKILL ends a worker at any time.
 
 The catch is `terminate()`: the last resort of the DataLoader (for a worker that does not finish) and of
 multiprocessing at interpreter exit, which then waits for each of its daemon processes without a time
@@ -28,7 +28,7 @@ import os
 import signal
 from pathlib import Path
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from smile_fast.stop_signals import STOP_SIGNALS as _STOP_SIGNALS
 
 
 def _meant_for_the_training_process(signum, frame) -> None:
