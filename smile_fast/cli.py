@@ -465,7 +465,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     named = set(yaml_values) | {key for key, value in overrides.items() if value is not None}
     summary = train(config, progress=not args.no_progress, given={key: getattr(config, key) for key in named})
     if int(os.environ.get("RANK") or 0) == 0:  # under torchrun every rank returns; the table is printed once
-        _print_summary_table(summary)
+        try:
+            _print_summary_table(summary)
+            sys.stdout.flush()
+        except OSError as error:  # `| head` that left before the end: the run itself is done and written
+            return _stdout_failed(error)
     return 0
 
 

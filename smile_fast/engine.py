@@ -174,7 +174,19 @@ class Trainer:
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
-            self._log(message)
+            try:
+                self._log(message)
+            except BrokenPipeError:
+                self._lose_output()
+
+    def _lose_output(self) -> None:
+        """The reader of the run's messages is gone (`smile-fast train 2>&1 | head`). The write raised out of the
+        loop: exit 1, no checkpoint, the steps since the last evaluation lost (review). Now the messages go to
+        nothing and the run stops at the next step boundary as for a signal, checkpoint written, exit 141 (128 +
+        SIGPIPE, what a writer to a closed pipe ends with)."""
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a stream without a descriptor: nothing to do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        self.output_lost = True
 
     def _remove_leftover_temporaries(self) -> None:
         """A process killed mid-write (SIGKILL, torchrun's after its 30 s) leaves its temporary file beside the
@@ -648,6 +660,8 @@ class Trainer:
                         part_sums = {}
                         interval_images, interval_start = 0, time.perf_counter()
 
+                    if getattr(self, "output_lost", False) and not stop.requested:
+                        stop.requested = int(signal.SIGPIPE)
                     if iteration < config.iters and self._stop_agreed(stop, iteration):
                         train_seconds += time.perf_counter() - interval_start
                         if getattr(self, "_last_saved_iteration", None) != iteration:  # else the evaluation's is it

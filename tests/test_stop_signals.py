@@ -103,6 +103,33 @@ def test_a_stop_signal_to_the_process_group_checkpoints_the_run(tmp_path, signum
         os.killpg(process.pid, 0)
 
 
+def test_a_run_whose_output_reader_leaves_stops_with_its_checkpoint(tmp_path):
+    """`smile-fast train ... 2>&1 | head`: the run's next line found the pipe closed, and that write's
+    BrokenPipeError ended the run with exit 1 and no checkpoint (review). It now stops at the step boundary, writes
+    last.pt, and exits 141 as a writer to a closed pipe does."""
+    data = write_tiny_imagefolder(tmp_path / "data")
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "smile_fast", "train", "--dataset", "imagefolder", "--data-dir", str(data)]
+    command += ["--model", "resnet18", "--weights", "none", "--iters", "5000", "--batch-size", "4"]
+    (tmp_path / "small.yaml").write_text("resize_size: 36\ncrop_size: 32\n")
+    command += ["-c", str(tmp_path / "small.yaml"), "--workers", "0", "--log-every", "1"]
+    command += ["--eval-every", "5000", "--device", "cpu", "--no-progress", "--out", str(out)]
+    env = dict(os.environ, SMILE_FAST_CACHE=str(tmp_path / "cache"), TRITON_INTERPRET="0")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        seen = []
+        while not any(line.startswith("iteration 2/") for line in seen):  # as `head` reads its lines
+            line = process.stdout.readline()
+            assert line, "the run ended before its reader left:\n" + "".join(seen[-30:])
+            seen.append(line)
+        process.stdout.close()  # the reader leaves
+        assert process.wait(timeout=120) == 128 + signal.SIGPIPE
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert 2 <= load_checkpoint(out)["iteration"] < 5000
+
+
 _CRASH = """
 import sys
 from torch.utils.data import DataLoader
