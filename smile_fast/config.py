@@ -245,6 +245,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if config.data_dir:
         # Absolute, so that the run (its manifest, a --resume, eval) does not depend on the folder it started in.
         config.data_dir = os.path.abspath(os.path.expanduser(config.data_dir))
+    if config.weights and config.weights not in ("auto", "imagenet", "none"):
+        # A weights file, likewise: config.yaml's `train -c` from another folder read it relative to that one.
+        config.weights = os.path.abspath(os.path.expanduser(config.weights))
     fill_dataset_defaults(config)
     validate(config)
     return config

@@ -198,6 +198,11 @@ def test_data_dir_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert build_config(overrides={"dataset": "cub", "data_dir": "data/cub/"}).data_dir == str(tmp_path / "data/cub")
     assert build_config(overrides={"dataset": "cub", "data_dir": "~/cub"}).data_dir == str(tmp_path / "home/cub")
+    # A weights file too: `train -c config.yaml` from another folder read it relative to that one (review).
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "model.pt").write_bytes(b"")
+    assert build_config(overrides={"weights": "w/model.pt"}).weights == str(tmp_path / "w/model.pt")
+    assert build_config(overrides={"weights": "auto"}).weights == "auto"
 
 
 def test_yaml_merge_keys_still_work_and_a_key_written_out_overrides_them(tmp_path):
