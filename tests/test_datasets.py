@@ -461,3 +461,92 @@ def test_verify_duplicates_of_a_clean_dataset_says_none(tmp_path: Path):
     assert report.duplicates == 0 and report.text.endswith(
         "duplicates: none (byte-identical files; a re-encoded or resized copy is not found)\nOK"
     )
+
+
+def test_a_file_listed_in_both_splits_is_a_problem_for_verify_and_a_warning_for_training(
+    tmp_path: Path, capsys, private_cache
+):
+    """An edited TestImages.txt put a training image in the test split: verify said OK and training scored it
+    (review). The lists alone show it, so it is looked for without --duplicates."""
+    from smile_fast.cli import main
+    from smile_fast.config import build_config
+    from smile_fast.data.prepare import prepare_data
+
+    build_indoor67(tmp_path / "data")
+    root = tmp_path / "data" / "indoorCVPR_09"
+    if not root.is_dir():
+        root = tmp_path / "data"
+    shared = (root / "TrainImages.txt").read_text().splitlines()[0]
+    with (root / "TestImages.txt").open("a") as handle:
+        handle.write(f"\r\n{shared}\r\n")
+    argv = ["data", "verify", "--dataset", "indoor67", "--data-dir", str(tmp_path / "data")]
+    assert main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "1 file(s) listed in both the train and the test split" in printed and shared.split("/")[-1] in printed
+    assert printed.rstrip().splitlines()[-1].startswith("PROBLEMS: 1 duplicate(s)")
+    assert main([*argv, "--duplicates"]) == 1  # found once, not again as a byte-identical copy
+    assert "PROBLEMS: 1 duplicate(s)" in capsys.readouterr().out
+    said = []
+    config = build_config(overrides={"dataset": "indoor67", "data_dir": str(tmp_path / "data")})
+    prepare_data(config, log=said.append)
+    assert any("listed in both the train and the test split" in line for line in said), said
+
+
+def test_cub_lists_with_a_byte_order_mark_or_a_repeated_id(tmp_path: Path):
+    build_cub(tmp_path)
+    images = tmp_path / "CUB_200_2011" / "images.txt"
+    labels = tmp_path / "CUB_200_2011" / "image_class_labels.txt"
+    expected = load_dataset("cub", tmp_path)
+    # A Windows editor's BOM made the first id "\ufeff1": "image id 1 ... is missing" of a file starting "1 1".
+    labels.write_bytes(b"\xef\xbb\xbf" + labels.read_bytes())
+    assert load_dataset("cub", tmp_path) == expected
+    # A repeated id: the later line silently replaced the earlier, and an image moved split or class.
+    first = images.read_text().splitlines()[0]
+    images.write_text(images.read_text() + f"{first.split()[0]} {images.read_text().splitlines()[1].split()[1]}\n")
+    with pytest.raises(UserError, match=r"images.txt gives id 1 twice \(lines 1 and \d+\)"):
+        load_dataset("cub", tmp_path)
+
+
+def test_food101_without_classes_txt_names_train_json_for_an_unknown_test_class(tmp_path: Path):
+    build_food101(tmp_path)
+    meta = tmp_path / "food-101" / "meta"
+    (meta / "classes.txt").unlink(missing_ok=True)
+    content = json.loads((meta / "test.json").read_text())
+    content["zucchini"] = content[next(iter(content))]
+    (meta / "test.json").write_text(json.dumps(content))
+    with pytest.raises(UserError, match="'zucchini', which is not among the classes of .*train.json") as error:
+        load_dataset("food101", tmp_path)
+    assert "classes.txt" not in str(error.value).split("(there is no classes.txt)")[0].split("food-101")[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "inner"),
+    [("aircraft", "fgvc-aircraft-2013b/data"), ("cub", "CUB_200_2011/images"), ("food101", "food-101/images")],
+)
+def test_a_folder_inside_the_dataset_names_the_data_dir_to_give(tmp_path: Path, name: str, inner: str):
+    BUILDERS[name](tmp_path)
+    parent = (tmp_path / inner).parent
+    with pytest.raises(UserError, match=f"is inside the dataset's folder: give --data-dir {parent}"):
+        load_dataset(name, tmp_path / inner)
+    archive = tmp_path / "dataset.tgz"
+    archive.write_bytes(b"\x1f\x8b")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        load_dataset(name, archive)
+
+
+def test_verify_says_ok_with_a_class_it_cannot_learn(tmp_path: Path, capsys, private_cache):
+    """A bare "OK" under "1 class(es) without a readable training image" read as all clear (review)."""
+    from smile_fast.cli import main
+
+    build_cub(tmp_path / "data")
+    root = tmp_path / "data" / "CUB_200_2011"
+    in_class_1 = {
+        line.split()[0] for line in (root / "image_class_labels.txt").read_text().splitlines() if line.split()[1] == "1"
+    }
+    split = [line.split() for line in (root / "train_test_split.txt").read_text().splitlines()]
+    (root / "train_test_split.txt").write_text(
+        "".join(f"{i} {'0' if i in in_class_1 else flag}\n" for i, flag in split)
+    )
+    assert main(["data", "verify", "--dataset", "cub", "--data-dir", str(tmp_path / "data")]) == 0
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last.startswith("OK, but 1 class(es) have no readable training image: the model cannot learn them"), last

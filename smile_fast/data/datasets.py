@@ -111,7 +111,9 @@ def _read_lines(name: str, path: Path) -> list[str]:
     """Non-empty, stripped lines of a list file (some official lists have Windows line endings)."""
     _require_file(name, path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a list saved by a Windows editor starts with a byte-order mark, which made CUB's first id
+        # "\ufeff1" and the error say that image 1 was missing from a file whose first line is "1 1" (review).
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise _fail(name, f"cannot read {path} ({error})") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
@@ -122,12 +124,21 @@ def _find_root(name: str, data_dir: Path, folder: str, marker: str) -> Path:
 
     Users pass either the extracted folder or the directory they extracted it into; both work.
     """
+    if data_dir.is_file():
+        raise _fail(name, f"--data-dir {data_dir} is a file, not a folder (an archive? extract it and give the folder)")
     if not data_dir.is_dir():
         raise _fail(name, f"the data folder {data_dir} does not exist")
     if (data_dir / marker).exists():
         return data_dir
     if (data_dir / folder / marker).exists():
         return data_dir / folder
+    # A folder inside the dataset (its images/ or data/) was given: name the one to give instead. Only where the
+    # parent is the dataset's own folder by name, or the folder given is the marker itself: a marker as plain as
+    # aircraft's data/ is found above many folders that have nothing to do with the dataset.
+    for parent in list(data_dir.parents)[:2]:
+        inside = parent.name == folder or data_dir == parent / marker.split("/")[0]
+        if inside and (parent / marker).exists():
+            raise _fail(name, f"{data_dir} is inside the dataset's folder: give --data-dir {parent}")
     raise _fail(name, f"expected {data_dir / folder / marker} (or {data_dir / marker}) but found neither")
 
 
@@ -156,12 +167,18 @@ def _load_cub(data_dir: Path) -> DatasetSplits:
     image_dir = _require_dir("cub", root / "images")
 
     def id_table(file_name: str) -> dict[str, str]:
-        table = {}
+        table: dict[str, str] = {}
+        lines: dict[str, int] = {}
         path = root / file_name
         for number, line in enumerate(_read_lines("cub", path), start=1):
             parts = line.split(maxsplit=1)
             if len(parts) != 2:
                 raise _fail("cub", f"{path} line {number} should be '<id> <value>', got {line!r}")
+            if parts[0] in lines:
+                # The later line replaced the earlier one: an image then went to a split or class it was not given
+                # (a review's repeated id put one image in both splits, scored and trained on, without a word).
+                raise _fail("cub", f"{path} gives id {parts[0]} twice (lines {lines[parts[0]]} and {number})")
+            lines[parts[0]] = number
             table[parts[0]] = parts[1]
         return table
 
@@ -333,7 +350,7 @@ def _load_food101(data_dir: Path) -> DatasetSplits:
     def read_json(file_name: str) -> dict[str, list[str]]:
         path = _require_file("food101", meta / file_name)
         try:
-            content = json.loads(path.read_text(encoding="utf-8"))
+            content = json.loads(path.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise _fail("food101", f"cannot read {path} as JSON ({error})") from None
         if not isinstance(content, dict) or not all(isinstance(v, list) for v in content.values()):
@@ -343,15 +360,17 @@ def _load_food101(data_dir: Path) -> DatasetSplits:
     train_lists, test_lists = read_json("train.json"), read_json("test.json")
     if (meta / "classes.txt").is_file():
         classes = _read_lines("food101", meta / "classes.txt")
+        where = f"{meta / 'classes.txt'}"
     else:
         classes = sorted(train_lists)
+        where = f"the classes of {meta / 'train.json'} (there is no classes.txt)"
     label_of = {name: label for label, name in enumerate(classes)}
 
     def split(lists: dict[str, list[str]], file_name: str) -> list[tuple[str, int]]:
         samples = []
         for class_name, entries in lists.items():
             if class_name not in label_of:
-                raise _fail("food101", f"{meta / file_name} has class {class_name!r} missing from classes.txt")
+                raise _fail("food101", f"{meta / file_name} has class {class_name!r}, which is not among {where}")
             samples += [(str(image_dir / f"{entry}.jpg"), label_of[class_name]) for entry in entries]
         _check_first_image("food101", samples, meta / file_name)
         return samples
@@ -457,6 +476,13 @@ def classes_without_images(classes: list[str], samples: list[tuple[str, int]]) -
     return [name for label, name in enumerate(classes) if label not in present]
 
 
+def listed_in_both_splits(train: list[tuple[str, int]], test: list[tuple[str, int]]) -> list[str]:
+    """The files that a dataset's lists put in both splits: trained on and scored, they inflate the top-1. The
+    official lists have none; an edited list (MIT-Indoor's TestImages.txt, say) can."""
+    in_train = {os.path.normpath(path) for path, _ in train}
+    return sorted({os.path.normpath(path) for path, _ in test} & in_train)
+
+
 class DatasetReport(NamedTuple):
     text: str  # what `smile-fast data verify` prints
     missing: int  # listed files that do not exist
@@ -500,7 +526,7 @@ def verify_dataset(
 
     splits = load_dataset(name, data_dir)
     lines = [f"{_PRETTY[name]} at {splits.root}: {splits.num_classes} classes"]
-    total_missing = total_unreadable = 0
+    total_missing = total_unreadable = untrained = 0
     for split_name, samples in (("train", splits.train), ("test", splits.test)):
         good, bad = check_images(samples, cache_dir)
         missing, unreadable = split_missing(bad)
@@ -517,6 +543,7 @@ def verify_dataset(
             lines.append(f"    ... and {len(unreadable) - 10} more unreadable")
         if split_name == "train" and (empty := classes_without_images(splits.classes, good)):
             lines.append(f"    {len(empty)} class(es) without a readable training image: {listed(empty)}")
+            untrained = len(empty)
         if split_name == "test" and (empty := classes_without_images(splits.classes, good)):
             lines.append(f"    {len(empty)} class(es) without a readable test image (not scored): {listed(empty)}")
         if name == "imagefolder" and (unused := unused_files(Path(splits.root) / split_name)):
@@ -525,12 +552,19 @@ def verify_dataset(
                 f"or not inside a class folder): {listed(unused)}"
             )
     problems = 0
+    test = splits.test
+    if in_both := listed_in_both_splits(splits.train, splits.test):
+        # Free to find (the lists alone), so always looked for, unlike --duplicates' content comparison.
+        lines.append(f"  {len(in_both)} file(s) listed in both the train and the test split: {listed(in_both)}")
+        problems += len(in_both)
+        shared = set(in_both)
+        test = [sample for sample in test if os.path.normpath(sample[0]) not in shared]  # not found twice below
     if duplicates:
         from smile_fast.data.duplicates import find_duplicates
 
-        found = find_duplicates(splits.train, splits.test, splits.classes)
+        found = find_duplicates(splits.train, test, splits.classes)
         lines += found.lines
-        problems = found.problems
+        problems += found.problems
     if problems:
         lines.append(
             f"PROBLEMS: {problems} duplicate(s) across the splits or classes: a test image that is also a training "
@@ -544,6 +578,11 @@ def verify_dataset(
         )
         lines.append(
             f"PROBLEMS: {total_missing} missing and {total_unreadable} unreadable files; training skips them, {why}"
+        )
+    elif not problems and untrained:
+        lines.append(
+            f"OK, but {untrained} class(es) have no readable training image: the model cannot learn them, and their "
+            "test images count as errors"
         )
     elif not problems:
         lines.append("OK")

@@ -37,7 +37,7 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True, chec
     """
     from dataclasses import replace
 
-    from smile_fast.data.datasets import classes_without_images, load_dataset
+    from smile_fast.data.datasets import classes_without_images, listed_in_both_splits, load_dataset
     from smile_fast.data.images import check_images, listed, skipped_message
     from smile_fast.data.subsets import apply_class_subset, apply_sample_rate
 
@@ -65,6 +65,11 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True, chec
         if empty := classes_without_images(splits.classes, splits.train):
             drawn = " (the --sample-rate draw gave them none)" if config.sample_draw == "authors" else ""
             log(f"warning: {len(empty)} class(es) have no training image{drawn}: {listed(empty)}")
+    if in_both := listed_in_both_splits(splits.train, splits.test):
+        log(
+            f"warning: {len(in_both)} file(s) are listed in both the train and the test split, so the top-1 counts "
+            f"images the model trained on (`smile-fast data verify` lists them): {listed(in_both)}"
+        )
     if empty_in_test := classes_without_images(splits.classes, splits.test):
         log(
             f"warning: {len(empty_in_test)} class(es) have no test image, so the top-1 does not score them: "
