@@ -323,6 +323,50 @@ def test_corrupt_files_are_skipped_with_a_count(tmp_path):
     assert evaluated == list(range(10))
 
 
+def _damaged_inside(source: str, target: Path) -> str:
+    """A JPEG whose header and end marker are intact but whose Huffman table is not: the up-front check passes
+    it, and both PIL and DALI's decoder fail on it."""
+    content = bytearray(Path(source).read_bytes())
+    table = content.find(b"\xff\xc4")
+    content[table + 5 : table + 25] = b"\xff" * 20
+    target.write_bytes(bytes(content))
+    return str(target)
+
+
+@needs_dali
+def test_a_file_damaged_past_its_header_is_left_out_not_fatal(tmp_path, caplog):
+    """DALI stopped the whole pipeline on such a file: the run ended with a traceback naming no file, and a resume
+    stopped on it again (review). It is now left out, by the same rule as the torchvision loader's."""
+    from smile_fast.data.images import check_images
+
+    samples = write_images(tmp_path / "mixed", 10)
+    damaged = _damaged_inside(samples[5][0], tmp_path / "mixed" / "damaged.jpg")
+    assert check_images([(damaged, 0)], cache_dir=None)[1] == [], "the header check must pass it (else no test)"
+    samples[5] = (damaged, 105)
+    plan = TrainBatchPlan(len(samples), 4, seed=0)
+    loader = dali.DaliTrainLoader(samples, SMALL_TRAIN, plan, "cpu")
+    assert loader.skipped_files == 0
+    labels = [label for _, batch in take(loader.iterate(0), 2 * plan.batches_per_epoch) for label in batch.tolist()]
+    assert len(labels) == 2 * plan.batches_per_epoch * 4 and 105 not in labels
+    assert loader.skipped_files == 1 and damaged in caplog.text
+    # Its slot reads the next sample of the list, as the torchvision loader's does: the batches of a run that
+    # starts after the failure (a resume) are the same.
+    again = dali.DaliTrainLoader(samples, SMALL_TRAIN, plan, "cpu")
+    resumed = [label for _, batch in take(again.iterate(2), 2) for label in batch.tolist()]
+    assert resumed == labels[2 * 4 : 4 * 4]
+    from smile_fast.data.torchvision import TorchvisionTrainLoader
+
+    pil = TorchvisionTrainLoader(samples, SMALL_TRAIN, plan, "cpu", num_workers=0)
+    assert [
+        label for _, batch in take(pil.iterate(0), 2 * plan.batches_per_epoch) for label in batch.tolist()
+    ] == labels
+
+    evaluated = [
+        label for _, batch in dali.dali_eval_batches(samples, SMALL_TEST, 3, "cpu") for label in batch.tolist()
+    ]
+    assert evaluated == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+
+
 @needs_dali
 def test_formats_dali_cannot_decode_are_re_encoded(tmp_path):
     """A GIF named .jpg (as MIT-Indoor-67 has) would stop a DALI pipeline; it is decoded through PIL instead."""

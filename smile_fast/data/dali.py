@@ -89,6 +89,39 @@ def _checked(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]],
     return good, bad
 
 
+def _undecodable(paths: Sequence[str]) -> list[str]:
+    """The files among `paths` that PIL cannot decode either (images.load_rgb, the torchvision loader's reader).
+
+    The up-front check reads headers (and JPEG/PNG end markers), so a file damaged inside (a bad Huffman table,
+    a truncated BMP, TIFF or GIF) reaches the decoder. DALI then stops its whole pipeline: the run ended with a
+    traceback that named no file, and a resume stopped on it again (review). When that happens the loader
+    looks for such files among the batches the pipeline was preparing, and leaves them out as the torchvision
+    loader does."""
+    from smile_fast.data.images import load_rgb
+
+    bad = []
+    for path in dict.fromkeys(paths):
+        try:
+            load_rgb(path)
+        except Exception:  # noqa: BLE001 - PIL raises many types on damaged data (OSError, SyntaxError, ...)
+            bad.append(path)
+    return bad
+
+
+def _pipeline_failed(error: Exception, candidates: Sequence[str]) -> list[str]:
+    """The files among `candidates` that made the pipeline fail with `error`; re-raises it when none can be
+    found (a failure that is not a damaged file's), said in a line that names where the files were."""
+    bad = _undecodable(candidates)
+    if bad:
+        logger.warning(
+            "skipping %d image file(s) that failed to decode (DALI stopped on them; their headers passed the "
+            "up-front check), as the torchvision loader does: %s",
+            len(bad),
+            ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
+        )
+    return bad
+
+
 # --- the pipeline -----------------------------------------------------------------------------------
 
 
@@ -360,7 +393,9 @@ class DaliTrainLoader:
         self.skipped_files = len(bad)
         # The plan indexes the list it was built for, so a bad file keeps its slot and reads the next
         # readable sample of the list instead; batches keep their size and the plan stays valid.
-        self._samples = self._fill_bad_slots(list(samples), set(bad))
+        self._listed = list(samples)
+        self._bad = set(bad)
+        self._samples = self._fill_bad_slots(self._listed, self._bad)
 
     @staticmethod
     def _fill_bad_slots(samples: list[tuple[str, int]], bad: set[str]) -> list[tuple[str, int]]:
@@ -376,17 +411,8 @@ class DaliTrainLoader:
                 filled[index] = samples[(index + step) % count]
         return filled
 
-    def iterate(self, start_iteration: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) for iterations start_iteration, start_iteration + 1, ... (never ends)."""
-        next_iteration = start_iteration
-
-        def next_items() -> list[tuple[str, int, int | None]]:
-            nonlocal next_iteration
-            batch = [self._samples[index] + (augment_seed,) for index, augment_seed in self.plan.batch(next_iteration)]
-            next_iteration += 1
-            return batch
-
-        settings = _PipelineSettings(
+    def _settings(self) -> _PipelineSettings:
+        return _PipelineSettings(
             self.spec,
             self.plan.batch_size,
             self.device,
@@ -398,12 +424,47 @@ class DaliTrainLoader:
             self.cpu_resize,
             self.decoder_options,
         )
-        batches = _DaliBatches(next_items, settings)
-        try:
-            while True:
-                yield batches.next()
-        finally:
-            batches.close()
+
+    def _leave_out(self, error: Exception, iteration: int) -> bool:
+        """After the pipeline failed while preparing iteration `iteration` or the batches after it: leave out the
+        damaged files among them (True), or find none (False: the error is not a file's)."""
+        ahead = range(iteration, iteration + self.prefetch_queue_depth + 2)
+        candidates = [self._samples[index][0] for number in ahead for index, _ in self.plan.batch(number)]
+        bad = _pipeline_failed(error, candidates)
+        if not bad:
+            return False
+        self._bad.update(bad)
+        if len(self._bad) >= len(self._listed):
+            raise UserError(f"none of the {len(self._listed)} training images can be decoded; check the dataset files")
+        self.skipped_files += len(bad)
+        self._samples = self._fill_bad_slots(self._listed, self._bad)
+        return True
+
+    def iterate(self, start_iteration: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) for iterations start_iteration, start_iteration + 1, ... (never ends)."""
+        iteration = start_iteration
+        while True:  # one pipeline, or a new one from the failed iteration without the files it failed on
+            next_iteration = iteration
+
+            def next_items() -> list[tuple[str, int, int | None]]:
+                nonlocal next_iteration
+                plan_batch = self.plan.batch(next_iteration)
+                next_iteration += 1
+                return [self._samples[index] + (augment_seed,) for index, augment_seed in plan_batch]
+
+            batches = _DaliBatches(next_items, self._settings())
+            try:
+                while True:
+                    try:
+                        batch = batches.next()
+                    except Exception as error:
+                        if not self._leave_out(error, iteration):
+                            raise
+                        break
+                    iteration += 1
+                    yield batch
+            finally:
+                batches.close()
 
 
 def dali_eval_batches(
@@ -431,22 +492,32 @@ def dali_eval_batches(
     _check_cpu_resize(cpu_resize)
     device = _resolve_device(device)
     shard, _ = _checked(list(samples)[rank::world_size])
-    batches = [shard[start : start + batch_size] for start in range(0, len(shard), batch_size)]
-    if not batches:
-        return
-    queued = iter(batches)
-
-    def next_items() -> list[tuple[str, int, int | None]]:
-        return [(path, label, None) for path, label in next(queued)]  # StopIteration ends DALI's prefetch
-
     threads = max(1, num_threads if num_threads is not None else num_workers)
     settings = _PipelineSettings(spec, batch_size, device, threads, channels_last, output_uint8, 0, 2, cpu_resize)
-    source = _DaliBatches(next_items, settings)
-    try:
-        for _ in batches:
-            yield source.next()
-    finally:
-        source.close()
+    remaining = shard  # not yet yielded
+    while remaining:  # one pipeline, or a new one from the failed batch without the files it failed on
+        batches = [remaining[start : start + batch_size] for start in range(0, len(remaining), batch_size)]
+        queued = iter(batches)
+
+        def next_items(queued=queued) -> list[tuple[str, int, int | None]]:
+            return [(path, label, None) for path, label in next(queued)]  # StopIteration ends DALI's prefetch
+
+        source = _DaliBatches(next_items, settings)
+        try:
+            for batch in batches:
+                try:
+                    output = source.next()
+                except Exception as error:
+                    ahead = remaining[: batch_size * (settings.prefetch_queue_depth + 2)]
+                    bad = set(_pipeline_failed(error, [path for path, _ in ahead]))
+                    if not bad:
+                        raise
+                    remaining = [sample for sample in remaining if sample[0] not in bad]
+                    break
+                remaining = remaining[len(batch) :]
+                yield output
+        finally:
+            source.close()
 
 
 # --- can DALI decode here? -------------------------------------------------------------------------------
