@@ -762,8 +762,27 @@ def _bench_loader(args: argparse.Namespace) -> dict:
     from smile_fast.data.prepare import prepare_data
     from smile_fast.devices import resolve_device
 
-    if args.workers is not None and args.workers < 0:  # before the data is read: DataLoader's own error is a traceback
+    # Before the data is read (minutes of header checks on a large dataset, for a typo).
+    if args.workers is not None and args.workers < 0:  # DataLoader's own error is a traceback
         raise UserError(f"--workers must be at least 0 (0: decode in this process), got {args.workers}")
+    if args.iterations < 1 or args.warmup < 0 or args.batch_size < 1:
+        raise UserError(
+            f"--iterations and --batch-size must be at least 1 and --warmup at least 0, got {args.iterations}, "
+            f"{args.batch_size} and {args.warmup}"
+        )
+    if args.dali_decoder_option and args.loader != "dali":
+        raise UserError("--dali-decoder-option sets DALI's GPU decoder; use it with --loader dali")
+    if args.loader == "dali":
+        from smile_fast.data.dali import check_decoder_options, require_dali
+
+        require_dali()
+        check_decoder_options(dict(args.dali_decoder_option))
+    if args.iterations < 20:
+        print(
+            f"note: {args.iterations} timed batches are a short run: the batches a loader prepared during the warm-up "
+            "count toward it, so both loaders' figures can be far off (give --iterations 30 or more)",
+            file=sys.stderr,
+        )
     config = build_config(overrides={"dataset": args.dataset, "data_dir": args.data_dir, "device": args.device})
     splits, train_spec, _, skipped = prepare_data(config)
     workers = args.workers if args.workers is not None else default_workers()

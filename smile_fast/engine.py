@@ -260,6 +260,11 @@ class Trainer:
         from smile_fast.data.loaders import build_train_loader, choose_loader, default_workers
         from smile_fast.data.subsets import read_manifest, write_manifest
 
+        if config.loader == "dali":  # at once, not after the dataset's check and the model's build (review)
+            from smile_fast.data.dali import require_dali
+
+            require_dali()
+
         manifest = self.run_dir / "manifest.txt"
         from_manifest = self.resume_state is not None and manifest.is_file()
         with moved_dataset_hint(config, "--resume" if self.resume_state is not None else None):

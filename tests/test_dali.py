@@ -50,13 +50,24 @@ def images(tmp_path_factory) -> list[tuple[str, int]]:
 
 def test_missing_dali_is_one_user_error_with_the_install_line(monkeypatch, images):
     monkeypatch.setattr(dali, "dali_available", lambda: False)
-    with pytest.raises(UserError, match=r"pip install smile-fast\[dali\]"):
+    with pytest.raises(UserError, match=r'pip install -e "\.\[dali\]"'):
         dali.require_dali()
     plan = TrainBatchPlan(len(images), 4, seed=0)
-    with pytest.raises(UserError, match=r"pip install smile-fast\[dali\]"):
+    with pytest.raises(UserError, match=r'pip install -e "\.\[dali\]"'):
         dali.DaliTrainLoader(images, SMALL_TRAIN, plan, "cpu")
-    with pytest.raises(UserError, match=r"pip install smile-fast\[dali\]"):
+    with pytest.raises(UserError, match=r'pip install -e "\.\[dali\]"'):
         next(dali.dali_eval_batches(images, SMALL_TEST, 4, "cpu"))
+    # A run says so before it reads the data and builds the model (minutes on a large dataset), not after.
+    from smile_fast import engine
+    from smile_fast.config import build_config
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was read before DALI's absence was said")
+
+    monkeypatch.setattr(engine, "prepare_data", never)
+    config = build_config(overrides={"loader": "dali", "device": "cpu", "model": "resnet18", "weights": "none"})
+    with pytest.raises(UserError, match=r'pip install -e "\.\[dali\]"'):
+        engine.Trainer(config, progress=False)
 
 
 # --- geometry: torchvision's rules ----------------------------------------------------------------

@@ -91,7 +91,7 @@ def test_bad_arguments_are_user_errors(photos, monkeypatch):
             "torchvision", photos, SMALL, 4, "cpu", 1, 0, 0, dali_decoder_options={"hw_decoder_load": 0.9}
         )
     monkeypatch.setattr(dali, "dali_available", lambda: False)
-    with pytest.raises(UserError, match=r"pip install smile-fast\[dali\]"):
+    with pytest.raises(UserError, match=r'pip install -e "\.\[dali\]"'):
         run_loader_benchmark("dali", photos, SMALL, 4, "cpu", iterations=1, warmup=0, num_workers=0)
 
 
@@ -115,6 +115,27 @@ def test_dali_decoder_options_from_the_command_line_reach_the_result(tmp_path, c
     assert "on a CPU they are not used" in capsys.readouterr().err
     assert main(["bench", "loader", "--loader", "dali", "--dali-decoder-option", "hw_decoder_load"]) == 2
     assert "expected NAME=VALUE, got 'hw_decoder_load'" in capsys.readouterr().err
+    # Names the GPU decoder would refuse when its pipeline is built (a KeyError or TypeError traceback there), found
+    # here on a CPU too, by DALI's own schema.
+    for option, words in (("nonsense=1", "has no such setting"), ("device=gpu", "set by the pipeline itself")):
+        assert main(["bench", "loader", "--loader", "dali", "--dali-decoder-option", option]) == 2
+        assert words in capsys.readouterr().err
+
+
+def test_bench_loader_checks_its_arguments_before_reading_the_data(tmp_path, capsys, monkeypatch):
+    """A typo was reported after the dataset's whole header check (review)."""
+    from smile_fast.cli import main
+    from smile_fast.data import prepare
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was read before the arguments were checked")
+
+    monkeypatch.setattr(prepare, "prepare_data", never)
+    for flags in (["--iterations", "0"], ["--warmup", "-1"], ["--batch-size", "0"]):
+        assert main(["bench", "loader", "--device", "cpu", *flags]) == 2
+        assert "must be at least" in capsys.readouterr().err
+    assert main(["bench", "loader", "--device", "cpu", "--dali-decoder-option", "hw_decoder_load=0.9"]) == 2
+    assert "use it with --loader dali" in capsys.readouterr().err
 
 
 def test_bench_loader_counts_the_files_the_up_front_check_left_out(tmp_path, capsys, private_cache):

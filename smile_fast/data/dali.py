@@ -51,7 +51,7 @@ from smile_fast.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install smile-fast[dali]"
+INSTALL_HINT = 'pip install -e ".[dali]" in the smile-fast checkout'  # as README says; quoted for zsh
 
 
 @functools.cache
@@ -63,6 +63,28 @@ def dali_available() -> bool:
     except Exception:  # a broken install raises more than ImportError (OSError on a missing library)
         return False
     return True
+
+
+# Set by the pipeline itself (decoders.image's device, output type and orientation), not by an option.
+_DECODER_SETTINGS_OWN = ("device", "output_type", "adjust_orientation")
+
+
+def check_decoder_options(options: Mapping[str, object]) -> None:
+    """A one-line UserError for a decoder option the GPU decoder would refuse when its pipeline is built: a name
+    `decoders.image` does not take, or one the pipeline sets itself. On a GPU these ended as a KeyError or
+    TypeError traceback; checked by name against DALI's own schema, so also on a CPU, where the options go unused
+    (a review tried them on a CPU first and learnt nothing)."""
+    from nvidia.dali import backend
+
+    schema = backend.GetSchema("decoders__Image")
+    for name in options:
+        if name in _DECODER_SETTINGS_OWN:
+            raise UserError(f"--dali-decoder-option {name} is set by the pipeline itself; leave it out")
+        if not schema.HasArgument(name):
+            raise UserError(
+                f"--dali-decoder-option {name}: DALI's image decoder (decoders.image) has no such setting; see its "
+                "documentation for the names (e.g. hw_decoder_load, jpeg_fancy_upsampling)"
+            )
 
 
 def require_dali() -> None:
