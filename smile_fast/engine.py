@@ -508,7 +508,10 @@ class Trainer:
             dist.broadcast(buffer, src=0)
 
     # --------------------------------------------------------------------------- checkpoints
-    def save(self, next_iteration: int, wall: float, train_seconds: float) -> None:
+    def save(self, next_iteration: int, wall: float, train_seconds: float, log_interval: dict | None = None) -> None:
+        """last.pt. log_interval: a stop between two metrics.csv rows gives the open row's sums, so that the
+        resumed run's first row averages the same steps as an uninterrupted run's (it averaged only those since
+        the resume, a different loss on the curve: review)."""
         if not self.dist.is_main:
             return
         state = {
@@ -527,6 +530,7 @@ class Trainer:
             "world_size": self.dist.world_size,  # --batch-size is per process (see resume.refuse_other_world_size)
             "wall_seconds": wall,
             "train_seconds": train_seconds,
+            "log_interval": log_interval,
         }
         path = self.run_dir / "last.pt"
         try:
@@ -580,11 +584,19 @@ class Trainer:
         batches = self.train_loader.iterate(self.start_iteration)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         part_sums: dict[str, torch.Tensor] = {}
+        last_row_iteration = self.start_iteration
+        interval = (self.resume_state or {}).get("log_interval")
+        if interval and interval["since"] < self.start_iteration:  # a stop between rows: the open row goes on
+            last_row_iteration = interval["since"]
+            loss_sum.fill_(interval["loss_sum"])
+            part_sums = {
+                name: torch.tensor(value, dtype=torch.float32, device=self.device)
+                for name, value in interval["part_sums"].items()
+            }
         interval_images, interval_start = 0, time.perf_counter()
         nonfinite_checks = 0
         top1 = None
         last_good_iteration = self.start_iteration
-        last_row_iteration = self.start_iteration
         # The ranks' first agreement on a stop comes after one step; _stop_agreed spaces the later ones.
         self._next_stop_check = self.start_iteration + 1
         self._last_stop_check = (self.start_iteration, time.perf_counter())
@@ -644,7 +656,7 @@ class Trainer:
                             row["test_top1"] = top1
                         if at_eval and math.isfinite(mean_loss):  # the checkpoint first: a failing log must not cost it
                             self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
-                            last_good_iteration = iteration
+                            last_good_iteration = iteration  # on every rank (only the main one writes)
                         if self.metrics is not None:
                             try:
                                 self.metrics.append(row)
@@ -669,8 +681,16 @@ class Trainer:
                         stop.requested = int(signal.SIGPIPE)
                     if iteration < config.iters and self._stop_agreed(stop, iteration):
                         train_seconds += time.perf_counter() - interval_start
-                        if getattr(self, "_last_saved_iteration", None) != iteration:  # else the evaluation's is it
-                            self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
+                        if last_good_iteration != iteration:  # else the evaluation's checkpoint is this one
+                            if self.dist.enabled:  # every rank is here (the same iteration): the global means
+                                loss_sum, part_sums = _mean_over_ranks(loss_sum, part_sums, self.dist.world_size)
+                            open_row = {
+                                "since": last_row_iteration,
+                                "loss_sum": float(loss_sum),
+                                "part_sums": {name: float(value) for name, value in part_sums.items()},
+                            }
+                            wall = previous_wall + time.perf_counter() - self.started
+                            self.save(iteration, wall, train_seconds, log_interval=open_row)
                         progress.close()
                         # Not 0: a scheduler or script must be able to tell a stopped run from a finished one.
                         # 128 + the signal's number, as a shell reports a process the signal ended.
