@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,41 @@ def teacher_fused_conv_default(model: str, device, *, amp: bool, fold_teacher_bn
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
+
+
+# The settings only some methods read (the others' steps never look at them), for the note a run gives when one
+# is named for another method: `--method finetune --alpha 0.5` trained without a word that alpha did nothing.
+_METHODS_READING = {
+    "alpha": ("mixup", "cutmix", "smile"),
+    "cutmix_probability": ("cutmix",),
+    **{
+        key: ("smile",)
+        for key in (
+            "smile_form",
+            "gamma_fe",
+            "gamma_fc",
+            "ema_decay",
+            "ema_every",
+            "fold_teacher_bn",
+            "teacher_stream",
+            "teacher_fused_conv",
+            "teacher_lookahead",
+            "teacher_background",
+        )
+    },
+}
+
+
+def settings_the_method_ignores(method: str, named: Mapping[str, Any]) -> list[str]:
+    """Of the settings `named` (by flags or YAML, with their values), those `method` does not read and that differ
+    from their defaults, as messages name them. A run's config.yaml names every setting, and repeating a finetune
+    run from it must not list SMILE's defaults."""
+    defaults = TrainConfig()
+    return [
+        setting_name(key)
+        for key, value in named.items()
+        if method not in _METHODS_READING.get(key, (method,)) and value != getattr(defaults, key)
+    ]
 
 
 MAX_SEED = 2**32 - 1  # numpy's legacy bound, which the usual seeds keep to

@@ -33,6 +33,7 @@ from smile_fast.config import (
     TrainConfig,
     build_config,
     resolve_for_device,
+    settings_the_method_ignores,
     weights_identity,
 )
 from smile_fast.data.cache import image_checks_dir
@@ -115,6 +116,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.resume_state: dict[str, Any] | None = None
         self._unused_out: str | None = None  # an --out given with --resume names another folder
+        self._named = dict(given or {})  # the settings this command named, with their values
         if config.resume:
             self.resume_state = load_checkpoint(config.resume)
             saved = dict(self.resume_state["config"])
@@ -358,6 +360,8 @@ class Trainer:
             )
         if config.amp_dtype != "bfloat16" and not config.amp:
             self.log(f"note: --amp-dtype {config.amp_dtype} has no effect without --amp; this run trains in float32")
+        if self.resume_state is None and (ignored := settings_the_method_ignores(config.method, self._named)):
+            self.log(f"note: --method {config.method} does not use {', '.join(ignored)}; the run trains without them")
         if config.amp and device.type == "cpu" and not cpu_has_fast_bfloat16():
             self.log(
                 "note: this CPU has no AVX512-BF16 or AMX instructions, so --amp's half-precision convolutions "

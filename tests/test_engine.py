@@ -128,6 +128,15 @@ def test_a_stop_between_log_rows_resumes_into_the_same_rows(tiny_imagefolder, tm
     assert resumed == pytest.approx(uninterrupted, rel=1e-6), (resumed, uninterrupted)
 
 
+def test_a_setting_the_method_does_not_use_is_said(tiny_imagefolder, tmp_path):
+    """`--method finetune --alpha 0.5` trained without a word that alpha did nothing (review). Defaults named again
+    (a finetune run's own config.yaml names every setting) are not listed."""
+    said = []
+    config = _config(tiny_imagefolder, tmp_path / "run", method="finetune", iters=1, eval_every=1, alpha=0.5)
+    train(config, log=said.append, progress=False, given={"alpha": 0.5, "gamma_fe": 0.01, "method": "finetune"})
+    assert "note: --method finetune does not use --alpha; the run trains without them" in said, said
+
+
 def test_a_stop_on_an_evaluation_iteration_writes_the_checkpoint_once(tiny_imagefolder, tmp_path, monkeypatch):
     """The evaluation's checkpoint is the stop's: writing it again costs a whole checkpoint (about 200 MB for a
     ResNet-50 with its teacher and momentum) while the user waits for the run to end."""
