@@ -160,7 +160,7 @@ def test_verify_lists_the_files_an_imagefolder_does_not_use(tmp_path: Path):
     [line] = [line for line in report.text.splitlines() if "not used" in line]
     assert line.strip().startswith("2 other file(s) not used")
     assert line.endswith(f"{loose}, {train / 'cat' / 'notes.txt'}"), line
-    assert report.text.endswith("OK")
+    assert report.text.endswith("OK (headers read; --decode also decodes every image in full)")
 
 
 def test_imagefolder_with_one_class_is_a_user_error(tmp_path: Path):
@@ -291,7 +291,7 @@ def test_verify_names_classes_without_training_images_and_the_cli_exits_1(tmp_pa
     expected = build_cub(tmp_path / "data")
     argv = ["data", "verify", "--dataset", "cub", "--data-dir", str(tmp_path / "data")]
     assert main(argv) == 0
-    assert capsys.readouterr().out.rstrip().endswith("OK")
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("OK (headers read")
     for path, label in expected.train:
         if label == 1:  # a partial download: one class's training images never arrived
             Path(path).unlink()
@@ -458,8 +458,8 @@ def test_verify_duplicates_finds_leaked_test_images_and_pictures_under_two_class
 def test_verify_duplicates_of_a_clean_dataset_says_none(tmp_path: Path):
     build_imagefolder(tmp_path / "data")
     report = verify_dataset("imagefolder", tmp_path / "data", cache_dir=tmp_path / "cache", duplicates=True)
-    assert report.duplicates == 0 and report.text.endswith(
-        "duplicates: none (byte-identical files; a re-encoded or resized copy is not found)\nOK"
+    assert report.duplicates == 0 and report.text.split("; --decode")[0].endswith(
+        "duplicates: none (byte-identical files; a re-encoded or resized copy is not found)\nOK (headers read"
     )
 
 
@@ -550,3 +550,27 @@ def test_verify_says_ok_with_a_class_it_cannot_learn(tmp_path: Path, capsys, pri
     assert main(["data", "verify", "--dataset", "cub", "--data-dir", str(tmp_path / "data")]) == 0
     last = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert last.startswith("OK, but 1 class(es) have no readable training image: the model cannot learn them"), last
+
+
+def test_verify_decode_finds_files_damaged_past_their_header(tmp_path: Path, capsys, private_cache):
+    """The header check passes a PNG whose pixel data is damaged; training skips it at decode time. verify said
+    OK (review); with --decode it reads every image in full, on a process pool for more than a few files."""
+    from smile_fast.cli import main
+
+    expected = build_imagefolder(tmp_path / "data")
+    png = Path(expected.test[0][0]).with_suffix(".png")
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(png)
+    content = bytearray(png.read_bytes())
+    start = content.find(b"IDAT") + 8
+    content[start : start + 20] = bytes(byte ^ 0xFF for byte in content[start : start + 20])
+    png.write_bytes(bytes(content))
+    argv = ["data", "verify", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data")]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("OK (headers read")
+    assert main([*argv, "--decode"]) == 1
+    printed = capsys.readouterr().out
+    assert f"unreadable: {png} (" in printed and "1 unreadable" in printed, printed
+    from smile_fast.data.datasets import decode_failures
+
+    many = [path for path, _ in expected.train] * 20 + [str(png)]  # past the in-process threshold: the pool
+    assert list(decode_failures(many)) == [str(png)]
