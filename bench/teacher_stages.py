@@ -393,6 +393,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     modes = tuple(mode for mode in args.inductor.split(",") if mode)
+    for mode in modes:
+        if mode in ("reduce-overhead", "max-autotune"):
+            # Their own CUDA graphs inside the probe's capture: nested captures are not supported.
+            parser.error(
+                f"--inductor {mode} captures CUDA graphs of its own; use default or max-autotune-no-cudagraphs"
+            )
     results = profile(
         args.model,
         args.batch_size,

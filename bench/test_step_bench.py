@@ -22,13 +22,11 @@ import torch
 from _reporting import report, skip_if_timing_is_off
 
 from smile_fast.bench_step import (
-    MIN_UPDATE_SAMPLES,
     build_step_runner,
     per_step_seconds,
     ratio_quartiles,
     spread_update,
-    time_more_updates,
-    timed_update_steps,
+    teacher_step_figure,
 )
 from smile_fast.config import TrainConfig, teacher_fused_conv_default
 from smile_fast.run_environment import environment
@@ -89,13 +87,11 @@ def test_smile_over_finetune_step_time(benchmark):
     benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     skip_if_timing_is_off(benchmark)
     # Iterations count from 0 in the warm-up rounds; SMILE's teacher update every 10th step is included
-    # (per_step_seconds), as a training run pays it, from at least MIN_UPDATE_SAMPLES updates: SMILE's steps go
-    # on alone (time_more_updates) until that many were timed.
+    # (per_step_seconds), as a training run pays it, from at least 3 updates: SMILE's steps go on alone until that
+    # many were timed (teacher_step_figure, as `bench step` does).
     timed = {name: values[WARMUP:] for name, values in times.items()}
     ema_every = TrainConfig.ema_every
-    needed = MIN_UPDATE_SAMPLES - timed_update_steps(timed["smile"], WARMUP, ema_every)
-    more = time_more_updates(runners["smile"], WARMUP + ROUNDS, ema_every, needed) if needed > 0 else ([], [])
-    smile = per_step_seconds(timed["smile"], WARMUP, ema_every, *more)
+    smile = teacher_step_figure(timed["smile"], WARMUP, ema_every, runners["smile"], WARMUP + ROUNDS)
     per_step = {"finetune": per_step_seconds(timed["finetune"], WARMUP, None).seconds, "smile": smile.seconds}
     ratio = per_step["smile"] / per_step["finetune"]
     quartiles = ratio_quartiles(spread_update(timed["smile"], WARMUP, ema_every, smile), timed["finetune"])

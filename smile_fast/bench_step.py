@@ -262,6 +262,17 @@ def per_step_seconds(
     return StepFigure(base + update / ema_every, True, len(extras), update)
 
 
+def teacher_step_figure(
+    times: list[float], first_iteration: int, ema_every: int, run_one, next_iteration: int
+) -> StepFigure:
+    """per_step_seconds of a method with a teacher, from at least MIN_UPDATE_SAMPLES updates: where `times` hold
+    fewer, `run_one` (the method's runner, whose next step is `next_iteration`) times more (time_more_updates).
+    What `bench step` and `pytest bench/` both use, so that their figures follow one rule."""
+    needed = MIN_UPDATE_SAMPLES - timed_update_steps(times, first_iteration, ema_every)
+    more = time_more_updates(run_one, next_iteration, ema_every, needed) if needed > 0 else ([], [])
+    return per_step_seconds(times, first_iteration, ema_every, *more)
+
+
 def spread_update(times: list[float], first_iteration: int, ema_every: int | None, figure: StepFigure) -> list[float]:
     """Each timed step as a run pays it: an update step without its update's median extra cost, every step with
     that cost's share. So the per-round ratios' quartiles describe the figure they are printed beside (with
@@ -502,9 +513,7 @@ def run_step_benchmark(
             figures[name] = per_step_seconds(times, warmup, None)
             continue
         # The authors'-style baseline updates its teacher every 10th step too, as the product's SMILE step does.
-        needed = MIN_UPDATE_SAMPLES - timed_update_steps(times, warmup, ema_every)
-        more = time_more_updates(runners[name], warmup + steps, ema_every, needed) if needed > 0 else ([], [])
-        figures[name] = per_step_seconds(times, warmup, ema_every, *more)
+        figures[name] = teacher_step_figure(times, warmup, ema_every, runners[name], warmup + steps)
     baseline_times = all_times.pop(BASELINE, None)
     for name, times in all_times.items():
         figure = figures[name]

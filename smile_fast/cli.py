@@ -22,7 +22,7 @@ from smile_fast.config import (
     METHOD_CHOICES,
     SAMPLE_DRAWS,
 )
-from smile_fast.errors import UserError, did_you_mean, first_line
+from smile_fast.errors import UserError, did_you_mean, discard_output, first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -671,10 +671,7 @@ def _stdout_failed(error: OSError) -> int:
     """The exit status for a write to stdout that failed, after a line saying why (none for a closed pipe)."""
     from smile_fast.stop_signals import EXIT_WRITE_FAILED
 
-    # Python would fail again flushing stdout at exit; point it at nothing (a stdout without a descriptor,
-    # as a caller's StringIO, has nothing to flush there).
-    with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    discard_output(sys.stdout)  # Python would fail again flushing it at exit
     if isinstance(error, BrokenPipeError):  # `smile-fast predict ... | head`: the reader has all it wanted
         return 128 + 13  # as a process that SIGPIPE ended, which is what `head` expects of its writer
     print(f"smile-fast: error: could not write to stdout: {error.strerror or error}", file=sys.stderr)
@@ -891,7 +888,10 @@ def main(argv: list[str] | None = None) -> int:
         from smile_fast.stop_signals import TrainingStopped
 
         if isinstance(error, TrainingStopped):
-            print(f"smile-fast: {error}", file=sys.stderr)
+            try:
+                print(f"smile-fast: {error}", file=sys.stderr)
+            except OSError:  # its reader is gone (a closed terminal: the SIGHUP that stopped the run)
+                discard_output(sys.stderr)
             return error.exit_code
         raise
 

@@ -246,7 +246,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if config.data_dir:
         # Absolute, so that the run (its manifest, a --resume, eval) does not depend on the folder it started in.
         config.data_dir = os.path.abspath(os.path.expanduser(config.data_dir))
-    if config.weights and config.weights not in ("auto", "imagenet", "none"):
+    if config.weights and config.weights not in WEIGHTS_KEYWORDS:
         # A weights file, likewise: config.yaml's `train -c` from another folder read it relative to that one.
         config.weights = os.path.abspath(os.path.expanduser(config.weights))
     fill_dataset_defaults(config)
@@ -342,12 +342,13 @@ _METHODS_READING = {
 def settings_the_method_ignores(method: str, named: Mapping[str, Any]) -> list[str]:
     """Of the settings `named` (by flags or YAML, with their values), those `method` does not read and that differ
     from their defaults, as messages name them. A run's config.yaml names every setting, and repeating a finetune
-    run from it must not list SMILE's defaults."""
+    run from it must not list SMILE's defaults; nor a switch that is off (a finetune run records
+    teacher_fused_conv: false, resolved from its default None)."""
     defaults = TrainConfig()
     return [
         setting_name(key)
         for key, value in named.items()
-        if method not in _METHODS_READING.get(key, (method,)) and value != getattr(defaults, key)
+        if method not in _METHODS_READING.get(key, (method,)) and value is not False and value != getattr(defaults, key)
     ]
 
 

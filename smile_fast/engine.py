@@ -40,7 +40,7 @@ from smile_fast.data.cache import image_checks_dir
 from smile_fast.data.prepare import prepare_data, stderr_line
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.devices import cpu_has_fast_bfloat16, setup_distributed
-from smile_fast.errors import UserError, first_line
+from smile_fast.errors import UserError, discard_output, first_line
 from smile_fast.evaluation import count_correct, eval_progress_bar
 from smile_fast.methods import build_method
 from smile_fast.models import build_models, checkpoint_source_classes, paper_source_note
@@ -117,6 +117,7 @@ class Trainer:
         self.resume_state: dict[str, Any] | None = None
         self._unused_out: str | None = None  # an --out given with --resume names another folder
         self._named = dict(given or {})  # the settings this command named, with their values
+        self.output_lost = False  # the reader of the run's messages went away (_lose_output)
         if config.resume:
             self.resume_state = load_checkpoint(config.resume)
             saved = dict(self.resume_state["config"])
@@ -178,16 +179,16 @@ class Trainer:
         if self.dist.is_main:
             try:
                 self._log(message)
-            except BrokenPipeError:
+            except OSError:  # EPIPE for a closed pipe, EIO for a closed terminal (the one that sent SIGHUP)
                 self._lose_output()
 
     def _lose_output(self) -> None:
-        """The reader of the run's messages is gone (`smile-fast train 2>&1 | head`). The write raised out of the
-        loop: exit 1, no checkpoint, the steps since the last evaluation lost (review). Now the messages go to
-        nothing and the run stops at the next step boundary as for a signal, checkpoint written, exit 141 (128 +
-        SIGPIPE, what a writer to a closed pipe ends with)."""
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # a stream without a descriptor: nothing to do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        """The reader of the run's messages is gone (`smile-fast train 2>&1 | head`, a closed ssh session). The
+        write raised out of the loop: exit 1, no checkpoint, the steps since the last evaluation lost (review).
+        Now the messages go to nothing and the run stops at the next step boundary as for a signal, checkpoint
+        written, exit 141 (128 + SIGPIPE, what a writer to a closed pipe ends with) unless a signal asked first.
+        Kept apart from the signals' request, so that a signal after it is a first request, not "stop now"."""
+        discard_output(sys.stderr)
         self.output_lost = True
 
     def _remove_leftover_temporaries(self) -> None:
@@ -564,14 +565,15 @@ class Trainer:
         schedule from the same all-reduced figures, so they meet at the same iterations.
         """
         if not self.dist.enabled:
-            return bool(stop.requested)
+            return bool(stop.requested) or self.output_lost
         if iteration < self._next_stop_check:
             return False
         import torch.distributed as dist
 
         last_iteration, last_time = self._last_stop_check
         seconds_per_step = (time.perf_counter() - last_time) / max(iteration - last_iteration, 1)
-        figures = torch.tensor([1.0 if stop.requested else 0.0, seconds_per_step], device=self.device)
+        asked = stop.requested or self.output_lost
+        figures = torch.tensor([1.0 if asked else 0.0, seconds_per_step], device=self.device)
         dist.all_reduce(figures, op=dist.ReduceOp.MAX)
         requested, slowest = figures.tolist()
         self._next_stop_check = iteration + stop_check_interval(slowest)
@@ -681,8 +683,6 @@ class Trainer:
                         part_sums = {}
                         interval_images, interval_start = 0, time.perf_counter()
 
-                    if getattr(self, "output_lost", False) and not stop.requested:
-                        stop.requested = int(signal.SIGPIPE)
                     if iteration < config.iters and self._stop_agreed(stop, iteration):
                         train_seconds += time.perf_counter() - interval_start
                         if last_good_iteration != iteration:  # else the evaluation's checkpoint is this one
@@ -698,7 +698,8 @@ class Trainer:
                         progress.close()
                         # Not 0: a scheduler or script must be able to tell a stopped run from a finished one.
                         # 128 + the signal's number, as a shell reports a process the signal ended.
-                        signum = stop.requested or signal.SIGTERM  # a rank that only agreed to the others' stop
+                        # SIGTERM: a rank that only agreed to the others' stop.
+                        signum = stop.requested or (signal.SIGPIPE if self.output_lost else signal.SIGTERM)
                         raise TrainingStopped(
                             f"stopped by {signal.Signals(signum).name} at iteration {iteration}; checkpoint written; "
                             f"continue with `{resume_command(self.run_dir, self.dist.world_size)}`",

@@ -26,6 +26,17 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else type(error).__name__
 
 
+def discard_output(stream) -> None:
+    """Point `stream`'s file descriptor at /dev/null: its reader is gone (a closed pipe, a closed terminal), and
+    every later write to it, Python's own flush at exit included, would fail again. A stream without a
+    descriptor (a caller's StringIO) is left as it is."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
 class UserError(Exception):
     """A mistake in the user's input (flags, config, data, weights), never a bug in smile-fast.
 

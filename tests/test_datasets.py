@@ -71,6 +71,9 @@ def test_cars_reads_the_kaggle_nested_folders(tmp_path: Path, devkit_in_car_devk
         splits = load_dataset("cars", data_dir)
         assert splits.classes == expected.classes and len(splits.train) == len(expected.train)
         assert all(Path(path).is_file() for path, _ in splits.train + splits.test)
+    # A folder inside either layout names the folder to give (the Kaggle one's hint was lost to the usual one's).
+    with pytest.raises(UserError, match=f"is inside the dataset's folder: give --data-dir {root}"):
+        load_dataset("cars", root / "cars_train")
 
 
 def test_food101_without_classes_txt_sorts_the_json_keys(tmp_path: Path):

@@ -135,6 +135,17 @@ def test_a_setting_the_method_does_not_use_is_said(tiny_imagefolder, tmp_path):
     config = _config(tiny_imagefolder, tmp_path / "run", method="finetune", iters=1, eval_every=1, alpha=0.5)
     train(config, log=said.append, progress=False, given={"alpha": 0.5, "gamma_fe": 0.01, "method": "finetune"})
     assert "note: --method finetune does not use --alpha; the run trains without them" in said, said
+    # A plain finetune run repeated from its own config.yaml (every setting named, teacher_fused_conv resolved to
+    # false): quiet.
+    from smile_fast.config import load_yaml
+
+    plain = tmp_path / "plain"
+    train(_config(tiny_imagefolder, plain, method="finetune", iters=1, eval_every=1), progress=False)
+    said.clear()
+    recorded = load_yaml(str(plain / "config.yaml"))
+    assert recorded["teacher_fused_conv"] is False
+    train(build_config(recorded, {"out": str(tmp_path / "again")}), log=said.append, progress=False, given=recorded)
+    assert not [line for line in said if "does not use" in line], said
 
 
 def test_a_stop_on_an_evaluation_iteration_writes_the_checkpoint_once(tiny_imagefolder, tmp_path, monkeypatch):

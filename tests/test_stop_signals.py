@@ -130,6 +130,37 @@ def test_a_run_whose_output_reader_leaves_stops_with_its_checkpoint(tmp_path):
     assert 2 <= load_checkpoint(out)["iteration"] < 5000
 
 
+def test_a_run_whose_terminal_closes_stops_with_its_checkpoint(tmp_path):
+    """An ssh session that drops: the terminal goes (writes to it fail with EIO, not EPIPE) and SIGHUP comes. The
+    next line the run logged raised out of the loop, and the stop's own message failed again (review)."""
+    import pty
+
+    data = write_tiny_imagefolder(tmp_path / "data")
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "smile_fast", "train", "--dataset", "imagefolder", "--data-dir", str(data)]
+    command += ["--model", "resnet18", "--weights", "none", "--iters", "5000", "--batch-size", "4"]
+    (tmp_path / "small.yaml").write_text("resize_size: 36\ncrop_size: 32\n")
+    command += ["-c", str(tmp_path / "small.yaml"), "--workers", "0", "--log-every", "1"]
+    command += ["--eval-every", "5000", "--device", "cpu", "--no-progress", "--out", str(out)]
+    env = dict(os.environ, SMILE_FAST_CACHE=str(tmp_path / "cache"), TRITON_INTERPRET="0")
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env)
+    os.close(terminal)
+    try:
+        seen = b""
+        while b"iteration 2/" not in seen:
+            chunk = os.read(controller, 4096)
+            assert chunk, "the run ended before its terminal closed:\n" + seen.decode(errors="replace")[-2000:]
+            seen += chunk
+        os.close(controller)  # the terminal goes; then the hangup
+        process.send_signal(signal.SIGHUP)
+        assert process.wait(timeout=120) == 128 + signal.SIGHUP
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert 2 <= load_checkpoint(out)["iteration"] < 5000
+
+
 _CRASH = """
 import sys
 from torch.utils.data import DataLoader

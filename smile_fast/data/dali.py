@@ -119,21 +119,22 @@ def _undecodable(paths: Sequence[str]) -> list[str]:
     traceback that named no file, and a resume stopped on it again (review). When that happens the loader
     looks for such files among the batches the pipeline was preparing, and leaves them out as the torchvision
     loader does."""
-    from smile_fast.data.images import load_rgb
+    from smile_fast.data.datasets import decode_error
 
-    bad = []
-    for path in dict.fromkeys(paths):
-        try:
-            load_rgb(path)
-        except Exception:  # noqa: BLE001 - PIL raises many types on damaged data (OSError, SyntaxError, ...)
-            bad.append(path)
-    return bad
+    return [path for path in dict.fromkeys(paths) if decode_error(path) is not None]
+
+
+def _may_be_a_files(error: Exception) -> bool:
+    """Whether `error` can come from a damaged file: DALI's decoder failing ("Failed to decode sample"), or PIL's,
+    where the feeder re-encodes a format DALI cannot read (an OSError). Others (out of memory, say) are not
+    searched for: that would decode a few hundred files with PIL before the real error is raised."""
+    return isinstance(error, OSError) or "decode" in str(error).lower()
 
 
 def _pipeline_failed(error: Exception, candidates: Sequence[str]) -> list[str]:
-    """The files among `candidates` that made the pipeline fail with `error`; re-raises it when none can be
-    found (a failure that is not a damaged file's), said in a line that names where the files were."""
-    bad = _undecodable(candidates)
+    """The files among `candidates` that made the pipeline fail with `error`; none (the caller re-raises it) for
+    an error that is not a damaged file's."""
+    bad = _undecodable(candidates) if _may_be_a_files(error) else []
     if bad:
         logger.warning(
             "skipping %d image file(s) that failed to decode (DALI stopped on them; their headers passed the "

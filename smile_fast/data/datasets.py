@@ -119,6 +119,9 @@ def _read_lines(name: str, path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+_INSIDE = "is inside the dataset's folder"
+
+
 def _find_root(name: str, data_dir: Path, folder: str, marker: str) -> Path:
     """The dataset's own folder: `data_dir` itself if it holds `marker`, else `data_dir/folder`.
 
@@ -138,7 +141,7 @@ def _find_root(name: str, data_dir: Path, folder: str, marker: str) -> Path:
     for parent in list(data_dir.parents)[:2]:
         inside = parent.name == folder or data_dir == parent / marker.split("/")[0]
         if inside and (parent / marker).exists():
-            raise _fail(name, f"{data_dir} is inside the dataset's folder: give --data-dir {parent}")
+            raise _fail(name, f"{data_dir} {_INSIDE}: give --data-dir {parent}")
     raise _fail(name, f"expected {data_dir / folder / marker} (or {data_dir / marker}) but found neither")
 
 
@@ -237,7 +240,9 @@ def _load_cars(data_dir: Path) -> DatasetSplits:
     except UserError as torchvision_layout:
         try:
             root = _find_root("cars", data_dir, "stanford_cars", "car_devkit/devkit")
-        except UserError:
+        except UserError as kaggle_layout:
+            if _INSIDE in str(kaggle_layout):  # a folder of the Kaggle copy was given: say which to give instead
+                raise kaggle_layout from None
             raise torchvision_layout from None  # names the usual layout; the message lists the Kaggle one too
         devkit = root / "car_devkit" / "devkit"
 
@@ -509,7 +514,7 @@ def unused_files(split_dir: Path) -> list[str]:
     return unused
 
 
-def _decode_error(path: str) -> str | None:
+def decode_error(path: str) -> str | None:
     """Why `path` cannot be decoded in full (images.load_rgb, the torchvision loader's reader), or None."""
     from smile_fast.data.images import load_rgb
 
@@ -534,12 +539,12 @@ def decode_failures(paths: list[str], desc: str = "decoding") -> dict[str, str]:
         if workers == 1 or len(paths) < 64:  # a pool's start costs more than a few decodes
             errors = []
             for path in paths:
-                errors.append(_decode_error(path))
+                errors.append(decode_error(path))
                 bar.update()
         else:
             with ProcessPoolExecutor(workers) as pool:
                 errors = []
-                for error in pool.map(_decode_error, paths, chunksize=32):
+                for error in pool.map(decode_error, paths, chunksize=32):
                     errors.append(error)
                     bar.update()
     return {path: error for path, error in zip(paths, errors) if error is not None}
