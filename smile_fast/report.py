@@ -429,6 +429,8 @@ def differences_from_paper(run: Run) -> list[str]:
         value = run.settings.get(key, paper[key])
         if value != paper[key]:
             found.append(f"{key} {_show(value)}, not {_show(paper[key])}")
+    if run.settings.get("amp") is True:  # the authors trained in float32; what AMP does to the top-1 is unmeasured
+        found.append(f"--amp ({run.settings.get('amp_dtype', 'bfloat16')}), not float32")
     batch = run.settings.get("batch_size")
     if isinstance(batch, int) and batch * run.world_size != PAPER_BATCH:
         found.append(f"global batch {batch * run.world_size}, not {PAPER_BATCH}")

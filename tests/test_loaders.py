@@ -32,7 +32,7 @@ def test_auto_picks_dali_only_on_a_gpu_with_dali_installed(monkeypatch):
     monkeypatch.setattr(dali, "dali_available", lambda: False)
     assert loaders.choose_loader("auto", torch.device("cuda", 0)) == "torchvision"
     assert loaders.choose_loader("torchvision", torch.device("cuda", 0)) == "torchvision"
-    with pytest.raises(UserError, match=r"pip install smile-fast\[dali\]"):
+    with pytest.raises(UserError, match=r'pip install -e "\.\[dali\]"'):
         loaders.choose_loader("dali", torch.device("cpu"))
     with pytest.raises(UserError, match="unknown loader"):
         loaders.choose_loader("pillow", torch.device("cpu"))

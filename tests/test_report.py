@@ -271,8 +271,12 @@ def test_the_papers_number_stands_beside_its_setting_with_what_differs(real_run,
     copy_run(
         real_run, tmp_path / "cutmix", seed=0, top1=55.0, started_from=IMAGENET50, **paper_settings(method="cutmix")
     )
+    # The authors trained in float32: a bf16 run is a different setting from the paper's, however close its number.
+    copy_run(real_run, tmp_path / "amp", seed=0, top1=62.0, started_from=IMAGENET50, **paper_settings(amp=True))
     status, out, _ = report(capsys, str(tmp_path), "--format", "csv")
-    rows = {(row["method"], row["model"]): row for row in csv_rows(out)}
+    amp_rows = [row for row in csv_rows(out) if row.get("amp") == "true"]
+    assert [row["differs"] for row in amp_rows] == ["--amp (bfloat16), not float32"], amp_rows
+    rows = {(row["method"], row["model"]): row for row in csv_rows(out) if row.get("amp") != "true"}
     paper = rows[("smile", "resnet50")]
     assert paper["protocol"] == "C:25%/N:400" and paper["paper"] == "62.13" and paper["differs"] == "none"
     assert float(paper["top-1 mean"]) == 63.0 and float(paper["std"]) == 1.0
