@@ -24,7 +24,7 @@ from smile_fast.data.torchvision import TorchvisionTrainLoader
 from smile_fast.data.transforms import TransformSpec
 
 needs_dali = pytest.mark.skipif(
-    not dali.dali_available(), reason="NVIDIA DALI is not installed (pip install -e ".[dali]")"
+    not dali.dali_available(), reason="NVIDIA DALI is not installed (pip install -e '.[dali]')"
 )
 
 CPU = torch.device("cpu")

@@ -29,7 +29,7 @@ from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpe
 from smile_fast.errors import UserError
 
 needs_dali = pytest.mark.skipif(
-    not dali.dali_available(), reason="NVIDIA DALI is not installed (pip install -e ".[dali]")"
+    not dali.dali_available(), reason="NVIDIA DALI is not installed (pip install -e '.[dali]')"
 )
 
 # On a CPU device the resize, crop and flip run in torch by default, or in DALI (the GPU pipeline's

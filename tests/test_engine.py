@@ -236,7 +236,7 @@ def test_fused_input_trains_as_the_plain_loop(tiny_imagefolder, tmp_path, monkey
         from smile_fast.data.dali import dali_available
 
         if not dali_available():
-            pytest.skip("NVIDIA DALI is not installed (pip install -e ".[dali]")")
+            pytest.skip("NVIDIA DALI is not installed (pip install -e '.[dali]')")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     # DALI's plain path normalizes as its crop_mirror_normalize does, (x - 255 mean) / (255 std), which
     # rounds differently from (x / 255 - mean) / std in the last bit. From the second step on, such
@@ -341,7 +341,7 @@ def test_training_with_the_dali_loader_on_cpu(tiny_imagefolder, tmp_path):
     from smile_fast.data.dali import dali_available
 
     if not dali_available():
-        pytest.skip("NVIDIA DALI is not installed (pip install -e ".[dali]")")
+        pytest.skip("NVIDIA DALI is not installed (pip install -e '.[dali]')")
     out = tmp_path / "run"
     summary = train(_config(tiny_imagefolder, out, loader="dali", workers=2), progress=False)
     written = json.loads((out / "summary.json").read_text())
