@@ -83,6 +83,11 @@ def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world
             f"# the global batch was {world_size * config['batch_size']}\n"
         )
     settings = {key: value for key, value in config.items() if key not in _NOT_REPEATED}
+    if settings.get("weights") == "auto" and weights_used.startswith("none"):
+        # `auto` found no ImageNet weights and the run started at random. Repeated with `auto` once the weights are
+        # cached, it would start from ImageNet: another run, not this one (review).
+        settings["weights"] = "none"
+        header += "# --weights auto found no ImageNet weights, so the run started from random init: weights: none\n"
     write_text_atomic(run_dir / "config.yaml", header + yaml.safe_dump(settings, sort_keys=False))
 
 

@@ -334,6 +334,21 @@ def test_cached_imagenet_weights_are_used_offline(weights, offline_empty_hub, re
     torch.testing.assert_close(model.fc.weight, resnet18_state["fc.weight"], rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("private_cache")
+def test_a_run_whose_auto_weights_fell_back_records_none_for_its_repeat(offline_empty_hub, tmp_path):
+    """config.yaml repeats the run: `weights: auto` would start a repeat from ImageNet once the weights are cached."""
+    from _tiny_runs import tiny_config, write_tiny_imagefolder
+
+    from smile_fast.config import load_yaml
+    from smile_fast.engine import train
+
+    data = write_tiny_imagefolder(tmp_path / "data")
+    train(tiny_config(data, tmp_path / "run", weights="auto", iters=1, eval_every=1), progress=False)
+    written = (tmp_path / "run" / "config.yaml").read_text()
+    assert load_yaml(tmp_path / "run" / "config.yaml")["weights"] == "none"
+    assert "# --weights auto found no ImageNet weights, so the run started from random init" in written
+
+
 def test_none_weights_are_random_init():
     model, description = build_source_model("resnet18", "none", log=lambda line: pytest.fail(line))
     assert description == "none"
