@@ -22,7 +22,7 @@ from smile_fast.config import (
     METHOD_CHOICES,
     SAMPLE_DRAWS,
 )
-from smile_fast.errors import UserError, did_you_mean, discard_output, first_line
+from smile_fast.errors import UserError, did_you_mean, discard_output, write_failure
 
 
 class _Parser(argparse.ArgumentParser):
@@ -580,8 +580,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         weights_file, metadata_file = write_export(model, metadata, out)
     except (OSError, RuntimeError) as error:  # torch.save says "unexpected pos" when the disk is full
         _remove_folders(created)  # a failed export leaves nothing behind, the folders it made for itself included
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error, 160)
-        print(f"smile-fast: error: could not write the export {out}: {reason}", file=sys.stderr)
+        print(f"smile-fast: error: could not write the export {out}: {write_failure(error)}", file=sys.stderr)
         return EXIT_WRITE_FAILED
     run = metadata["run"]
     top1 = f", test top-1 {run['test_top1']:.2f}%" if run["test_top1"] is not None else ""

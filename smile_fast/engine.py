@@ -40,7 +40,7 @@ from smile_fast.data.cache import image_checks_dir
 from smile_fast.data.prepare import prepare_data, stderr_line
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.devices import cpu_has_fast_bfloat16, setup_distributed
-from smile_fast.errors import UserError, discard_output, first_line
+from smile_fast.errors import UserError, discard_output, write_failure
 from smile_fast.evaluation import count_correct, eval_progress_bar
 from smile_fast.methods import build_method
 from smile_fast.models import build_models, checkpoint_source_classes, paper_source_note
@@ -83,7 +83,7 @@ STOP_CHECK_SECONDS = 5.0  # and fewer when they take longer than this (torchrun 
 
 def _write_failed(path: Path, error: BaseException, world_size: int) -> TrainingStopped:
     """A run-folder write that failed mid-run (disk full, permissions, the folder removed), as one line."""
-    reason = first_line(error, 160)
+    reason = write_failure(error)
     previous = path.parent / "last.pt"
     kept = (
         f"the last checkpoint in {path.parent} is intact"

@@ -26,6 +26,17 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else type(error).__name__
 
 
+def write_failure(error: BaseException) -> str:
+    """Why a file write failed, in words a user acts on. torch.save on a full disk raises a RuntimeError about
+    "unexpected pos" in its zip writer, which says nothing about space (a review's export on a full tmpfs)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = first_line(error, 160)
+    if "unexpected pos" in text:
+        return "no space left on the device (torch.save stopped partway)"
+    return text
+
+
 def discard_output(stream) -> None:
     """Point `stream`'s file descriptor at /dev/null: its reader is gone (a closed pipe, a closed terminal), and
     every later write to it, Python's own flush at exit included, would fail again. A stream without a

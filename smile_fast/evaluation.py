@@ -73,6 +73,8 @@ def evaluate_checkpoint(
     values = dict(state["config"])
     values.update(resume=None, out=None, device=device, weights="none")  # the weights are the checkpoint's
     if data_dir:
+        if values.get("dataset") == "demo":  # it would be ignored: the demo's images are generated in the cache
+            raise UserError(f"--data-dir {data_dir}: the run trained on the built-in demo dataset, which has no folder")
         values["data_dir"] = data_dir
     config = build_config(values)
     device_obj = resolve_device(config.device)

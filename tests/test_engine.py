@@ -869,6 +869,19 @@ def test_eval_says_which_test_images_it_skipped(tmp_path):
     ]
 
 
+def test_eval_of_a_demo_run_refuses_a_data_dir(tiny_imagefolder, tmp_path):
+    """It was ignored: the score was the demo's, whatever folder the user meant (review)."""
+    from smile_fast.checkpoint import save_atomic
+
+    out = tmp_path / "run"
+    train(_config(tiny_imagefolder, out, method="finetune", iters=1, eval_every=1), progress=False)
+    state = load_checkpoint(out)
+    state["config"]["dataset"], state["config"]["data_dir"] = "demo", None
+    save_atomic(state, out / "last.pt")
+    with pytest.raises(UserError, match="trained on the built-in demo dataset, which has no folder"):
+        evaluate_checkpoint(str(out), device="cpu", data_dir=str(tiny_imagefolder))
+
+
 def test_eval_reads_no_training_file_and_keeps_the_run_s_class_subset(tmp_path):
     """A checkpoint evaluates where the training images are gone (another machine, a cleaned disk), with
     the test images of the classes its run drew, and no check of a training file."""
@@ -1037,7 +1050,7 @@ def test_a_failed_run_folder_write_is_one_line_and_keeps_the_checkpoint(tiny_ima
         with pytest.raises(TrainingStopped) as stop:
             train(_config(tiny_imagefolder, out, method="finetune"), progress=False)
     assert stop.value.exit_code == 74
-    assert f"could not write {out / 'metrics.csv'} ([Errno 28] No space left on device)" in str(stop.value)
+    assert f"could not write {out / 'metrics.csv'} (No space left on device)" in str(stop.value)
     assert "the last checkpoint in" in str(stop.value) and "--resume" in str(stop.value)
     assert load_checkpoint(out)["iteration"] == 3
 
@@ -1049,6 +1062,7 @@ def test_a_failed_run_folder_write_is_one_line_and_keeps_the_checkpoint(tiny_ima
         with pytest.raises(TrainingStopped) as stop:
             train(_config(tiny_imagefolder, tmp_path / "full2", method="finetune"), progress=False)
     assert stop.value.exit_code == 74 and "is the disk full" in str(stop.value)
+    assert "no space left on the device (torch.save stopped partway)" in str(stop.value)
     assert "no checkpoint had been written yet" in str(stop.value)
 
 

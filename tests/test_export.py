@@ -178,6 +178,7 @@ def test_an_export_replaces_an_earlier_export_whole_or_not_at_all(finished_run, 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.pt"], "a folder or file was left"
     error = capsys.readouterr().err.splitlines()[0] + "\n"
     assert error.count("\n") == 1 and "could not write the export" in error, error
+    assert "no space left on the device" in error, "torch's own words say nothing about space"
     assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) == before, "a failed export changed the files"
 
     # The disk fills at the weights' last flush (fsync), after the .json was written: still neither is replaced.
