@@ -602,6 +602,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from smile_fast.devices import resolve_device
     from smile_fast.predict import (
         check_predictions_target,
+        check_top_k,
         find_images,
         load_classifier,
         predictions_csv,
@@ -612,10 +613,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _one_process("predict")
     if args.batch_size < 1 or args.workers < 0:
         raise UserError("--batch-size must be at least 1 and --workers at least 0")
+    if args.top_k < 1:  # its upper bound, the model's classes, is checked once the model is read
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     paths = find_images(args.images)  # checked before the model is read: a typo is a quick error
     out = predictions_path(args.out) if args.out is not None else None
     device = resolve_device(args.device)
     classifier = load_classifier(args.model)
+    check_top_k(classifier, args.top_k)  # before "predicting ..." is said (a review saw it said, then the error)
     with sigterm_as_interrupt():  # kill, Slurm, Kubernetes: as Ctrl-C, no temporary file or workers left
         if out is None:
             print(f"predicting {len(paths)} image(s) with {classifier.description} on {device}", file=sys.stderr)

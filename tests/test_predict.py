@@ -347,6 +347,7 @@ def _empty_folder(tmp: Path) -> str:
         (lambda run, data, tmp: [str(tmp / "no-run"), str(data / "test")], "does not exist"),
         (lambda run, data, tmp: [_plain_state_dict(run, tmp), str(data / "test")], "neither a smile-fast checkpoint"),
         (lambda run, data, tmp: [str(run), str(data / "test"), "--top-k", "5"], "between 1 and the model's 4"),
+        (lambda run, data, tmp: [str(run), str(data / "test"), "--top-k", "0"], "--top-k must be at least 1"),
         (lambda run, data, tmp: [str(run), str(data / "test"), "--batch-size", "0"], "--batch-size must be"),
         (lambda run, data, tmp: [str(data / "test" / "c0" / "0.jpg"), str(run)], "MODEL comes first"),
         (lambda run, data, tmp: [_export(run, tmp, "model.json"), str(data / "test")], "pass the weights file"),
@@ -361,6 +362,7 @@ def _empty_folder(tmp: Path) -> str:
         "missing-run",
         "plain-state-dict",
         "top-k-too-large",
+        "top-k-0",
         "batch-0",
         "arguments-swapped",
         "the-json-given",
@@ -383,3 +385,4 @@ def test_predict_errors_are_one_line(finished_run, tmp_path, capsys, argv_of, ex
     error = captured.err.splitlines()[-1] + "\n"
     assert error.startswith("smile-fast: error: ") and expected in error, captured.err
     assert "Traceback" not in captured.err and captured.out == ""
+    assert "predicting" not in captured.err, "the work was announced before the error"
