@@ -316,9 +316,10 @@ def _check(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
-# The settings only some methods read (the others' steps never look at them), for the note a run gives when one
-# is named for another method: `--method finetune --alpha 0.5` trained without a word that alpha did nothing.
-_METHODS_READING = {
+# The settings only some methods read (the others' steps never look at them): `report` does not split runs by them
+# for another method, and a run names them when given for another method (`--method finetune --alpha 0.5`
+# trained without a word that alpha did nothing).
+METHODS_READING = {
     "alpha": ("mixup", "cutmix", "smile"),
     "cutmix_probability": ("cutmix",),
     **{
@@ -339,16 +340,21 @@ _METHODS_READING = {
 }
 
 
+def settings_unread_by(method: str) -> set[str]:
+    """The settings `method` never reads (METHODS_READING)."""
+    return {key for key, methods in METHODS_READING.items() if method not in methods}
+
+
 def settings_the_method_ignores(method: str, named: Mapping[str, Any]) -> list[str]:
     """Of the settings `named` (by flags or YAML, with their values), those `method` does not read and that differ
     from their defaults, as messages name them. A run's config.yaml names every setting, and repeating a finetune
     run from it must not list SMILE's defaults; nor a switch that is off (a finetune run records
     teacher_fused_conv: false, resolved from its default None)."""
-    defaults = TrainConfig()
+    defaults, unread = TrainConfig(), settings_unread_by(method)
     return [
         setting_name(key)
         for key, value in named.items()
-        if method not in _METHODS_READING.get(key, (method,)) and value is not False and value != getattr(defaults, key)
+        if key in unread and value is not False and value != getattr(defaults, key)
     ]
 
 

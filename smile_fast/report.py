@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smile_fast.config import FIELD_NAMES, PAPER_BATCH, TrainConfig, fill_dataset_defaults, weights_identity
+from smile_fast.config import (
+    FIELD_NAMES,
+    PAPER_BATCH,
+    TrainConfig,
+    fill_dataset_defaults,
+    settings_unread_by,
+    weights_identity,
+)
 from smile_fast.errors import UserError, first_line
 
 # Settings that cannot change a run's test top-1, or say which repeat it is: runs differing only in these are one
@@ -32,19 +39,6 @@ NOT_IN_GROUP = frozenset(
 )
 # Shown in every table (the protocol column stands for the three data-protocol settings).
 NAMED_COLUMNS = ("dataset", "method", "sample_rate", "class_fraction", "train_samples")
-# Settings a method never reads: two finetune runs with different --alpha are one setting.
-_SMILE_ONLY = (
-    "smile_form",
-    "gamma_fe",
-    "gamma_fc",
-    "ema_decay",
-    "ema_every",
-    "fold_teacher_bn",
-    "teacher_fused_conv",
-    "teacher_stream",
-    "teacher_lookahead",
-    "teacher_background",
-)
 _METHOD_ORDER = ("finetune", "mixup", "cutmix", "smile")
 
 # SMILE_SPEC.md, Table 2: ResNet-50 from ImageNet weights.
@@ -334,12 +328,7 @@ def _irrelevant(run: Run) -> set[str]:
         unused.add("sync_bn")
     if run.device is not None and not run.device.startswith("cuda"):
         unused.update(("teacher_stream", "cudnn_benchmark"))
-    if method != "smile":
-        unused.update(_SMILE_ONLY)
-    if method not in ("mixup", "cutmix", "smile"):
-        unused.add("alpha")
-    if method != "cutmix":
-        unused.add("cutmix_probability")
+    unused.update(settings_unread_by(method))  # two finetune runs with different --alpha are one setting
     if not settings.get("amp"):
         unused.add("amp_dtype")
     if not settings.get("compile"):

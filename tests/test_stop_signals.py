@@ -49,6 +49,18 @@ def _lines(stream, into: queue.Queue) -> None:
     into.put(None)
 
 
+def _long_run(tmp_path, out, workers: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a tiny run that would go on for 5,000 iterations (until a test stops it),
+    logging every iteration, with no checkpoint before its stop's."""
+    data = write_tiny_imagefolder(tmp_path / "data")
+    command = [sys.executable, "-m", "smile_fast", "train", "--dataset", "imagefolder", "--data-dir", str(data)]
+    command += ["--model", "resnet18", "--weights", "none", "--iters", "5000", "--batch-size", "4"]
+    (tmp_path / "small.yaml").write_text("resize_size: 36\ncrop_size: 32\n")
+    command += ["-c", str(tmp_path / "small.yaml"), "--workers", str(workers), "--log-every", "1"]
+    command += ["--eval-every", "5000", "--device", "cpu", "--no-progress", "--out", str(out)]
+    return command, dict(os.environ, SMILE_FAST_CACHE=str(tmp_path / "cache"), TRITON_INTERPRET="0")
+
+
 @pytest.mark.parametrize("second", [False, True], ids=["once", "twice"])
 # SIGHUP: the terminal or ssh session that started the run closed; it ended the run with no checkpoint (review).
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
@@ -57,14 +69,8 @@ def test_a_stop_signal_to_the_process_group_checkpoints_the_run(tmp_path, signum
     Twice: a second signal 20 ms later, which means "now", usually during the stop's checkpoint write. Its
     workers used to die of it, and PyTorch then raised "worker killed" inside torch.save: the write failed,
     reported as a full disk (exit 74), and the checkpoint was lost."""
-    data = write_tiny_imagefolder(tmp_path / "data")
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "smile_fast", "train", "--dataset", "imagefolder", "--data-dir", str(data)]
-    command += ["--model", "resnet18", "--weights", "none", "--iters", "5000", "--batch-size", "4"]
-    (tmp_path / "small.yaml").write_text("resize_size: 36\ncrop_size: 32\n")
-    command += ["-c", str(tmp_path / "small.yaml"), "--workers", "2", "--log-every", "1"]
-    command += ["--eval-every", "5000", "--device", "cpu", "--no-progress", "--out", str(out)]
-    env = dict(os.environ, SMILE_FAST_CACHE=str(tmp_path / "cache"), TRITON_INTERPRET="0")
+    command, env = _long_run(tmp_path, out, workers=2)
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
@@ -107,14 +113,8 @@ def test_a_run_whose_output_reader_leaves_stops_with_its_checkpoint(tmp_path):
     """`smile-fast train ... 2>&1 | head`: the run's next line found the pipe closed, and that write's
     BrokenPipeError ended the run with exit 1 and no checkpoint (review). It now stops at the step boundary, writes
     last.pt, and exits 141 as a writer to a closed pipe does."""
-    data = write_tiny_imagefolder(tmp_path / "data")
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "smile_fast", "train", "--dataset", "imagefolder", "--data-dir", str(data)]
-    command += ["--model", "resnet18", "--weights", "none", "--iters", "5000", "--batch-size", "4"]
-    (tmp_path / "small.yaml").write_text("resize_size: 36\ncrop_size: 32\n")
-    command += ["-c", str(tmp_path / "small.yaml"), "--workers", "0", "--log-every", "1"]
-    command += ["--eval-every", "5000", "--device", "cpu", "--no-progress", "--out", str(out)]
-    env = dict(os.environ, SMILE_FAST_CACHE=str(tmp_path / "cache"), TRITON_INTERPRET="0")
+    command, env = _long_run(tmp_path, out, workers=0)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         seen = []
@@ -135,14 +135,8 @@ def test_a_run_whose_terminal_closes_stops_with_its_checkpoint(tmp_path):
     next line the run logged raised out of the loop, and the stop's own message failed again (review)."""
     import pty
 
-    data = write_tiny_imagefolder(tmp_path / "data")
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "smile_fast", "train", "--dataset", "imagefolder", "--data-dir", str(data)]
-    command += ["--model", "resnet18", "--weights", "none", "--iters", "5000", "--batch-size", "4"]
-    (tmp_path / "small.yaml").write_text("resize_size: 36\ncrop_size: 32\n")
-    command += ["-c", str(tmp_path / "small.yaml"), "--workers", "0", "--log-every", "1"]
-    command += ["--eval-every", "5000", "--device", "cpu", "--no-progress", "--out", str(out)]
-    env = dict(os.environ, SMILE_FAST_CACHE=str(tmp_path / "cache"), TRITON_INTERPRET="0")
+    command, env = _long_run(tmp_path, out, workers=0)
     controller, terminal = pty.openpty()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env)
     os.close(terminal)

@@ -124,7 +124,7 @@ def _undecodable(paths: Sequence[str]) -> list[str]:
     return [path for path in dict.fromkeys(paths) if decode_error(path) is not None]
 
 
-def _may_be_a_files(error: Exception) -> bool:
+def _from_a_damaged_file(error: Exception) -> bool:
     """Whether `error` can come from a damaged file: DALI's decoder failing ("Failed to decode sample"), or PIL's,
     where the feeder re-encodes a format DALI cannot read (an OSError). Others (out of memory, say) are not
     searched for: that would decode a few hundred files with PIL before the real error is raised."""
@@ -134,7 +134,7 @@ def _may_be_a_files(error: Exception) -> bool:
 def _pipeline_failed(error: Exception, candidates: Sequence[str]) -> list[str]:
     """The files among `candidates` that made the pipeline fail with `error`; none (the caller re-raises it) for
     an error that is not a damaged file's."""
-    bad = _undecodable(candidates) if _may_be_a_files(error) else []
+    bad = _undecodable(candidates) if _from_a_damaged_file(error) else []
     if bad:
         logger.warning(
             "skipping %d image file(s) that failed to decode (DALI stopped on them; their headers passed the "
