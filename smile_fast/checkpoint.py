@@ -59,9 +59,13 @@ def safe_load(path: Path, what: str) -> Any:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a smile-fast checkpoint safely; a run folder may be given instead of its last.pt."""
-    path = Path(path)
+    given = path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
+    if path.is_dir() or (given.suffix in (".pt", ".pth") and given.is_dir() and not path.exists()):
+        # RUN/last.pt made a folder by mistake (or a folder named like a checkpoint): "does not exist" misled.
+        folder = path if path.is_dir() else given
+        raise UserError(f"{folder} is a folder, not a checkpoint file; pass a run folder or its last.pt")
     if not path.is_file():
         if (path.parent / "metrics.csv").is_file():
             raise UserError(

@@ -568,6 +568,7 @@ def _remove_folders(created: list[Path]) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from smile_fast.export import check_export_targets, export_path, load_code, prepare_export, write_export
+    from smile_fast.run_lock import run_in_progress
     from smile_fast.stop_signals import EXIT_WRITE_FAILED
 
     _one_process("export")
@@ -590,7 +591,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     )
     print(f"wrote {metadata_file}: the class names in label order and the test transform")
     if not run["finished"]:
-        print(f"note: the run stopped at iteration {run['iteration']} of {run['iters']}; this is its model as of then")
+        at = f"iteration {run['iteration']} of {run['iters']}"
+        writer = run_in_progress(Path(run["checkpoint"]).parent)  # the lock a training run holds on its folder
+        if writer:
+            print(f"note: the run is still training ({writer}); this is its model as of its last checkpoint, {at}")
+        else:
+            print(f"note: the run stopped at {at}; this is its model as of then")
     if metadata["classes"] is None:
         print("note: this checkpoint predates recorded class names; label i is the dataset's i-th class")
     print(f"load it: {load_code(metadata['model'], metadata['num_classes'], weights_file)}")

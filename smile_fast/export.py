@@ -28,7 +28,7 @@ from smile_fast.errors import UserError
 from smile_fast.evaluation import student_from_checkpoint
 from smile_fast.models import SmileNet, split_torchvision
 from smile_fast.output_files import output_path, refuse_links_and_devices
-from smile_fast.runlog import recorded_top1
+from smile_fast.runlog import evaluated_top1, recorded_top1
 from smile_fast.stop_signals import signals_held
 
 EXPORT_FORMAT = "smile-fast-export-v1"
@@ -187,7 +187,8 @@ def prepare_export(checkpoint: str | Path, state: dict[str, Any] | None = None) 
             "iteration": iteration,
             "iters": iters,
             "finished": iteration >= iters,
-            "test_top1": recorded_top1(run_dir) if iteration >= iters else None,
+            # A finished run's from its summary; an unfinished one's when its checkpoint is an evaluation's.
+            "test_top1": recorded_top1(run_dir) if iteration >= iters else evaluated_top1(run_dir, iteration),
             "weights_used": state.get("weights_used"),
             "seed": config.get("seed"),
         },

@@ -61,3 +61,24 @@ class RunFolderLock:
 
     def __del__(self) -> None:  # a Trainer made without a lock of the caller's gives its own back with itself
         self.release()
+
+
+def run_in_progress(run_dir: Path) -> str | None:
+    """Who is writing `run_dir` now ("pid N on HOST"), or None when no process holds its lock: a run that
+    stopped, ended or crashed (the kernel dropped its lock), or a folder on a file system without flock."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted only when no writer holds it
+    except BlockingIOError:
+        return os.pread(descriptor, 200, 0).decode("utf-8", errors="replace").strip() or "another process"
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)  # and with it the shared lock, if it was granted
+    return None

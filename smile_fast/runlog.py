@@ -104,6 +104,24 @@ def recorded_top1(run_dir: Path) -> float | None:
     return float(top1) if isinstance(top1, (int, float)) and not isinstance(top1, bool) else None
 
 
+def evaluated_top1(run_dir: Path, iteration: int) -> float | None:
+    """The test top-1 metrics.csv records for the model of `iteration` (an unfinished run's checkpoint is taken
+    at an evaluation, unless a signal stopped it between two); None when that iteration was not evaluated."""
+    try:
+        with (Path(run_dir) / "metrics.csv").open(newline="", encoding="utf-8") as stream:
+            rows = list(csv.DictReader(stream))
+    except (OSError, ValueError, csv.Error):
+        return None
+    found = None
+    for row in rows:
+        try:
+            if int(row.get("iteration") or -1) == iteration and row.get("test_top1"):
+                found = float(row["test_top1"])
+        except (TypeError, ValueError):  # a row cut short by a kill mid-write
+            continue
+    return found
+
+
 class MetricsLog:
     """Appends one CSV row per log interval (and one per evaluation), with a fixed set of columns."""
 

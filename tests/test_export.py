@@ -4,6 +4,7 @@ that predicts what the run evaluated; its .json names the classes and the test t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,37 @@ def test_a_stopped_run_exports_with_a_note(finished_run, tmp_path, capsys):
     assert metadata["classes"] is None and not metadata["run"]["finished"] and metadata["run"]["test_top1"] is None
 
 
+def test_an_unfinished_run_exports_the_top1_of_its_checkpoints_evaluation(finished_run, tmp_path, capsys):
+    # A run whose checkpoint was taken at an evaluation (iteration 3 of 6) and is still training: the lock its
+    # process holds on the folder. The .json carries that evaluation's top-1, and the note says the run goes on.
+    from smile_fast.run_lock import RunFolderLock
+
+    run_dir, _ = finished_run
+    state = load_checkpoint(run_dir)
+    state["iteration"] = 3
+    running = tmp_path / "running"
+    save_atomic(state, running / "last.pt")
+    header = "iteration,lr,loss,l_mxp,l_fe,l_fc,ce,ce_mix,images_per_sec,test_top1,wall_seconds\n"
+    (running / "metrics.csv").write_text(header + "2,0.01,1.5,,,,,,10,,1\n3,0.01,1.4,,,,,,10,41.5,2\n4,0.01,1.3,,")
+    lock = RunFolderLock()
+    lock.acquire(running)
+    try:
+        assert main(["export", str(running)]) == 0
+    finally:
+        lock.release()
+    printed = capsys.readouterr().out
+    assert f"note: the run is still training (pid {os.getpid()} on " in printed, printed
+    assert "its last checkpoint, iteration 3 of 6" in printed and "test top-1 41.50%" in printed
+    assert json.loads((running / "model.json").read_text())["run"]["test_top1"] == 41.5
+    # Its lock given back, the same folder is a stopped run; a checkpoint between evaluations has no top-1.
+    state["iteration"] = 4
+    save_atomic(state, running / "last.pt")
+    assert main(["export", str(running)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: the run stopped at iteration 4 of 6" in printed and "test top-1" not in printed
+    assert json.loads((running / "model.json").read_text())["run"]["test_top1"] is None
+
+
 def test_an_export_replaces_an_earlier_export_whole_or_not_at_all(finished_run, tmp_path, monkeypatch, capsys):
     run_dir, _ = finished_run
     out = tmp_path / "model.pt"
@@ -228,6 +260,11 @@ def test_export_names(finished_run, tmp_path):
     ]
 
 
+def _a_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
 def _a_file(path: Path) -> str:
     path.write_text("not a folder")
     return str(path)
@@ -237,6 +274,8 @@ def _a_file(path: Path) -> str:
     "argv_of, expected",
     [
         (lambda run, tmp: ["export", str(tmp / "no-such-run")], "does not exist"),
+        (lambda run, tmp: ["export", str(_a_folder(tmp / "run" / "last.pt"))], "is a folder, not a checkpoint"),
+        (lambda run, tmp: ["export", str(_a_folder(tmp / "run" / "last.pt").parent)], "is a folder, not a checkpoint"),
         (lambda run, tmp: ["export", str(run), "--out", str(tmp / "model.json")], "name the weights file"),
         (lambda run, tmp: ["export", str(run), "--out", _a_file(tmp / "a-file") + "/model.pt"], "is a file"),
         (lambda run, tmp: ["export", str(run), "--out", str(tmp / "model.JSON")], "name the weights file"),
@@ -249,6 +288,8 @@ def _a_file(path: Path) -> str:
     ],
     ids=[
         "missing-run",
+        "a-folder-named-last.pt",
+        "a-run-whose-last.pt-is-a-folder",
         "json-out",
         "under-a-file",
         "json-out-upper-case",
