@@ -605,6 +605,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from smile_fast.atomic_file import atomic_write
+    from smile_fast.data.images import why_unreadable
     from smile_fast.devices import resolve_device
     from smile_fast.predict import (
         check_predictions_target,
@@ -650,8 +651,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(f"wrote {out}: {rows} row(s)", file=sys.stderr)
     if unreadable:
         print(f"smile-fast: {len(unreadable)} file(s) are not readable images and have no row:", file=sys.stderr)
-        for path in unreadable:  # every one, a line each: a script can take them from here
-            print(f"  {path}", file=sys.stderr)
+        for path in unreadable:  # every one, a line each, with its reason as `data verify` gives it
+            print(f"  {path} ({why_unreadable(path)})", file=sys.stderr)
         return 1
     return 0
 
@@ -844,6 +845,18 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_pil_size_warning() -> None:
+    """PIL warns, with a raw source line, about an image over 89 Mpx (a medium-format photo is 96) that it then
+    decodes whole; one over twice that it refuses, and that refusal is reported with its reason. The warning alone
+    says nothing a user can act on. Set here, for the command line's processes only (forked loader workers
+    inherit it); a library user's own filters are left alone."""
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -852,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         args, unknown = parser.parse_known_args(argv)
+        _quiet_pil_size_warning()
         from smile_fast.run_environment import record_command
         from smile_fast.runlog import launcher
 

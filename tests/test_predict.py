@@ -143,12 +143,35 @@ def test_files_that_are_not_images_are_listed_and_the_others_predicted(finished_
     assert status == 1, "unreadable files must show in the exit status"
     assert [row[0] for row in rows[1:]] == [str(good), str(good)]
     listing = err.split("5 file(s) are not readable images and have no row:\n")[-1]
-    assert listing.splitlines() == [f"  {path}" for path in bad], "every one, once, a line each"
+    reasons = ["not an image file PIL can identify", "OSError: ", "empty file", "empty file", "empty file"]
+    assert len(listing.splitlines()) == len(bad), "every one, once, a line each"
+    for line, path, reason in zip(listing.splitlines(), bad, reasons):
+        assert line.startswith(f"  {path} ({reason}") and line.endswith(")"), line
 
     out = tmp_path / "predictions.csv"
     assert main(["predict", *argv, "--workers", "0", "--out", str(out)]) == 1
     assert f"wrote {out}: 2 row(s)" in capsys.readouterr().err
     assert len(_rows(out.read_text())) == 3
+
+
+def test_images_past_pils_size_limit_warn_nothing_and_are_refused_with_the_reason(
+    finished_run, tmp_path, capsys, monkeypatch
+):
+    # PIL's limit, scaled down so that small files cross it: over it, a DecompressionBombWarning (raw, with a
+    # source line, for an image that decodes fine); over twice it, a refusal, which used to give no reason.
+    import warnings
+
+    run_dir, _, _ = finished_run
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    large, too_large = tmp_path / "large.png", tmp_path / "too-large.png"
+    Image.new("RGB", (150, 100), (90, 120, 30)).save(large)  # 15,000 pixels: over the limit, under twice it
+    Image.new("RGB", (150, 150), (90, 120, 30)).save(too_large)  # 22,500: over twice the limit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, rows, err = _predict([str(run_dir), str(large), str(too_large)], capsys)
+    assert status == 1 and [row[0] for row in rows[1:]] == [str(large)]
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)], "PIL's warning shown"
+    assert f"  {too_large} (DecompressionBombError: Image size (22500 pixels) exceeds limit of 20000 pixels" in err
 
 
 def test_old_checkpoints_without_class_names_give_label_numbers(finished_run, tmp_path, capsys):
