@@ -316,9 +316,21 @@ class Trainer:
             config.method, config.alpha, config.gamma_fe, config.gamma_fc, config.smile_form, config.cutmix_probability
         )
         if self.resume_state is None:
+            # Under torchrun each machine's first process fetches torchvision's weights into the cache first; the
+            # others then read that file, instead of each downloading it at once (and printing torch.hub's line).
+            fetches = self.dist.enabled and config.weights in ("auto", "imagenet")
+            if fetches and self.dist.local_rank != 0:
+                _barrier("the first process of this machine ended while it fetched the pre-trained weights")
             student, source, self.weights_description = build_models(
-                config.model, self.num_classes, config.weights, with_aux_head=self.method.uses_teacher, log=self.log
+                config.model,
+                self.num_classes,
+                config.weights,
+                with_aux_head=self.method.uses_teacher,
+                log=self.log,
+                quiet=not self.dist.is_main,
             )
+            if fetches and self.dist.local_rank == 0:
+                _barrier("another process ended while the pre-trained weights were fetched")
         else:
             # Every weight comes from the checkpoint: the pre-trained ones are neither read nor downloaded again
             # (offline, that attempt said "training from random init" of a run that had started from ImageNet).
@@ -809,6 +821,17 @@ def stop_check_interval(seconds_per_step: float) -> int:
     if seconds_per_step <= 0:
         return STOP_CHECK_INTERVAL
     return max(1, min(STOP_CHECK_INTERVAL, int(STOP_CHECK_SECONDS / seconds_per_step)))
+
+
+def _barrier(if_broken: str) -> None:
+    """Wait for every rank. A rank that ended meanwhile (its own one-line error says why) breaks the wait: this
+    rank then says `if_broken` in a line of its own, rather than a traceback from deep in the collective."""
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    except RuntimeError:  # gloo: "Connection closed by peer"; NCCL: DistBackendError, a RuntimeError
+        raise UserError(f"{if_broken}; its own message says why") from None  # not gloo's socket detail
 
 
 def _main_rank_says(value):

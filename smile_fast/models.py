@@ -8,7 +8,9 @@ graphs and cost a Python call per step).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -160,8 +162,14 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return _clean_state_dict(loaded)
 
 
+@contextlib.contextmanager
+def _silenced():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def build_source_model(
-    name: str, weights: str = "auto", log=print, source_classes: int = 1000
+    name: str, weights: str = "auto", log=print, source_classes: int = 1000, quiet: bool = False
 ) -> tuple[nn.Module, str]:
     """Build a torchvision classifier with the requested weights.
 
@@ -169,6 +177,8 @@ def build_source_model(
       "auto" (ImageNet when cached or downloadable, else one line saying so and random init),
       "none" (random init) or a path to a local state_dict (a 365-way Places365 head is accepted).
     source_classes: the size of the source head with "none" (a checkpoint's weights are loaded into it next).
+    quiet: nothing from torch.hub (its "Downloading: ..." line, on stdout, and its bar), for the processes of a run
+      that are not its main one (under torchrun each printed its own).
     Returns (model, description of the weights actually loaded).
     """
     import torchvision
@@ -181,7 +191,9 @@ def build_source_model(
     if weights in ("imagenet", "auto"):
         cached = _cached_weights_file(tv_weights).is_file()
         try:
-            model = getattr(torchvision.models, name)(weights=tv_weights, progress=sys.stderr.isatty())
+            bar = sys.stderr.isatty() and not quiet
+            with _silenced() if quiet else contextlib.nullcontext():
+                model = getattr(torchvision.models, name)(weights=tv_weights, progress=bar)
             return model, f"imagenet ({enum_name}.{member}{', cached' if cached else ', downloaded'})"
         except Exception as error:  # noqa: BLE001 - any download failure (no network, proxy, disk) lands here
             reason = first_line(error, 120)
@@ -232,11 +244,17 @@ def paper_source_note(dataset: str, model: str, weights: str) -> str | None:
 
 
 def build_models(
-    name: str, num_classes: int, weights: str = "auto", with_aux_head: bool = True, log=print, source_classes=1000
+    name: str,
+    num_classes: int,
+    weights: str = "auto",
+    with_aux_head: bool = True,
+    log=print,
+    source_classes=1000,
+    quiet: bool = False,
 ) -> tuple[SmileNet, SourceNet, str]:
     """Student (with fc2 copied from the source head when `with_aux_head`) and the pre-trained source
-    model (the teacher's starting point). source_classes: see build_source_model."""
-    model, description = build_source_model(name, weights, log=log, source_classes=source_classes)
+    model (the teacher's starting point). source_classes, quiet: see build_source_model."""
+    model, description = build_source_model(name, weights, log=log, source_classes=source_classes, quiet=quiet)
     backbone, source_head = split_torchvision(model, name)
     student = SmileNet(copy.deepcopy(backbone), num_classes, source_head if with_aux_head else None)
     source = SourceNet(backbone, source_head)

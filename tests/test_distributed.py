@@ -352,3 +352,29 @@ def test_a_stop_signal_to_torchrun_and_its_workers_together_still_checkpoints(fo
     output, _ = process.communicate(timeout=120)
     assert output.count("stopped by SIGTERM") == 2 and "interrupted" not in output, output[-4000:]
     assert 3 <= load_checkpoint(out)["iteration"] < 15
+
+
+@pytest.mark.parametrize("weights", ["auto", "imagenet"])
+def test_one_process_per_machine_fetches_the_weights_and_the_others_stay_quiet(folder, tmp_path, weights):
+    """Every rank fetched torchvision's weights at once (N downloads of one file), and each printed torch.hub's
+    "Downloading" line. Now the machine's first process fetches them and the others wait, then read the cache. Here
+    the fetch fails (an empty cache, a proxy that refuses): `auto` falls back to random init on both ranks, in step;
+    `imagenet` stops rank 0 with its one-line error, and the waiting rank says one line, not a gloo traceback."""
+    blocked = {"TORCH_HOME": str(tmp_path / "torch-home"), "https_proxy": "http://127.0.0.1:9"}
+    blocked["HTTPS_PROXY"] = blocked["https_proxy"]
+    out = tmp_path / "run"
+    command = _command(folder, out, 2, 4, "smile", iters=2, extra_args=["--weights", weights])
+    result = subprocess.run(
+        command, env=_environment(tmp_path / "record", blocked), capture_output=True, text=True, timeout=600
+    )
+    output = result.stdout + result.stderr
+    assert output.count('Downloading: "https://download.pytorch.org/models/resnet18') == 1, output[-3000:]
+    if weights == "auto":
+        assert result.returncode == 0, output[-3000:]
+        assert output.count("warning: ImageNet weights for resnet18 are not cached") == 1
+        assert json.loads((out / "summary.json").read_text())["weights"] == "none (ImageNet weights unavailable)"
+        return
+    assert result.returncode != 0 and not out.exists()
+    assert output.count("smile-fast: error: cannot get ImageNet weights for resnet18") == 1, output[-3000:]
+    assert output.count("smile-fast: error: the first process of this machine ended while it fetched") == 1
+    assert "[rank1]: Traceback" not in output, output[-3000:]
