@@ -327,7 +327,8 @@ def _irrelevant(run: Run) -> set[str]:
     if run.world_size == 1:
         unused.add("sync_bn")
     if run.device is not None and not run.device.startswith("cuda"):
-        unused.update(("teacher_stream", "cudnn_benchmark"))
+        # SyncBatchNorm is GPU-only: CPU processes each normalize over their own batch, whatever sync_bn says.
+        unused.update(("teacher_stream", "cudnn_benchmark", "sync_bn"))
     unused.update(settings_unread_by(method))  # two finetune runs with different --alpha are one setting
     if not settings.get("amp"):
         unused.add("amp_dtype")

@@ -178,6 +178,15 @@ def test_process_and_device_settings_a_run_never_read_do_not_split_it(real_run, 
     assert len(csv_rows(out)) == 2, "on a GPU the teacher's stream is the run's own setting"
 
 
+def test_sync_bn_does_not_split_cpu_runs_of_several_processes(real_run, tmp_path, capsys):
+    """CPU processes never synchronize BatchNorm (SyncBatchNorm is GPU-only), so --sync-bn is unread there."""
+    for name, seed, sync_bn in (("a", 0, True), ("b", 1, False)):
+        copy_summary(copy_run(real_run, tmp_path / name, seed=seed, top1=60.0 + seed, sync_bn=sync_bn), world_size=2)
+    _, out, _ = report(capsys, str(tmp_path), "--format", "csv")
+    [row] = csv_rows(out)
+    assert row["runs"] == "2" and row["sync_bn"] == "", row
+
+
 def test_the_csv_columns_are_the_same_whatever_runs_are_given(real_run, tmp_path, capsys):
     copy_run(real_run, tmp_path / "smile" / "a", seed=0, top1=60.0)
     copy_run(real_run, tmp_path / "finetune" / "a", seed=0, top1=60.0, method="finetune")
