@@ -529,6 +529,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         f"test top-1 {result['test_top1']:.2f}% on {result['test_images']} images "
         f"(checkpoint at iteration {result['iteration']})"
     )
+    if result["run_test_images"] is not None and result["run_test_images"] != result["test_images"]:
+        print(
+            f"note: the run's own evaluation of this checkpoint scored {result['run_test_images']} test images, this "
+            f"one {result['test_images']}: the test files changed since (added, removed or now unreadable), so the "
+            "two top-1s are not of the same images"
+        )
     return 0
 
 

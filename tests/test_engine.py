@@ -299,6 +299,22 @@ def test_eval_command_reports_top1(tiny_imagefolder, tmp_path, capsys, monkeypat
     assert "/12 [" in capsys.readouterr().err.split("test:")[-1], "the bar must count the 12 test images"
 
 
+def test_eval_notes_a_test_folder_that_changed_since_the_run(tmp_path, capsys):
+    # The same checkpoint scored on other images gives another top-1 with nothing to say why.
+    from smile_fast.cli import main
+
+    data = write_tiny_imagefolder(tmp_path / "data")
+    out = tmp_path / "e"
+    train(_config(data, out, method="finetune", iters=2), progress=False)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--device", "cpu", "--workers", "0"]) == 0
+    assert "note:" not in capsys.readouterr().out, "the same folder: nothing to note"
+    next(iter(sorted((data / "test" / "c0").iterdir()))).unlink()
+    assert main(["eval", str(out / "last.pt"), "--device", "cpu", "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "on 11 images" in printed and "note: the run's own evaluation of this checkpoint scored 12 test " in printed
+
+
 def test_sigterm_stops_eval_as_ctrl_c_does(tiny_imagefolder, tmp_path, capsys, monkeypatch):
     # The default action ended eval at once, its loader's workers left to find out for themselves.
     import smile_fast.evaluation
