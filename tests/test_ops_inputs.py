@@ -7,6 +7,8 @@ tensors take) and "reference" (plain PyTorch, TRITON_INTERPRET=0).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -257,6 +259,46 @@ def test_feature_loss_of_an_empty_batch_or_map_and_its_backward(path: str, form:
     assert student.grad.shape == shape
 
 
+@pytest.mark.parametrize(
+    "name", ["mixup_cross_entropy", "soft_mixup_cross_entropy", "soft_mixup_mse", "feature_official", "feature_paper"]
+)
+def test_a_loss_scaled_in_place_gives_the_scaled_gradient(path: str, name: str) -> None:
+    """`loss *= weight; total += loss`, as a training loop may write it. The feature loss saved its own output for
+    its backward, so such a loss failed autograd's in-place check (user review); the others never saved theirs."""
+    perm, target = torch.tensor([2, 0, 1, 4, 3]), torch.tensor([1, 0, 6, 2, 2])
+    logits, features = torch.randn(5, 7), torch.randn(5, 3, 2, 2)
+    teacher_logits, teacher_features = torch.randn(5, 7), torch.randn(5, 3, 2, 2)
+    student = (features if name.startswith("feature") else logits).clone().requires_grad_()
+    call = {
+        "mixup_cross_entropy": lambda: ops.mixup_cross_entropy(student, target, perm, 0.7),
+        "soft_mixup_cross_entropy": lambda: ops.soft_mixup_cross_entropy(student, teacher_logits, perm, 0.7),
+        "soft_mixup_mse": lambda: ops.soft_mixup_mse(student, teacher_logits, perm, 0.7),
+        "feature_official": lambda: ops.feature_mixup_loss(student, teacher_features, perm, 0.7),
+        "feature_paper": lambda: ops.feature_mixup_loss(
+            student.mean(dim=(2, 3)), teacher_features.mean(dim=(2, 3)), perm, 0.7, form="paper"
+        ),
+    }[name]
+    (expected,) = torch.autograd.grad(call() * 0.25, student)
+    loss = call()
+    loss *= 0.25
+    loss += 1.0
+    loss.backward()
+    torch.testing.assert_close(student.grad, expected)
+
+
+def test_the_feature_loss_scaled_in_place_compiles(path: str) -> None:
+    # Under torch.compile the saved output failed at compile time (BackendCompilerFailed), fullgraph or not.
+    def weighted(student, teacher, perm, lam):
+        loss = ops.feature_mixup_loss(student, teacher, perm, lam)
+        loss *= 0.01
+        return loss
+
+    student, teacher, perm = torch.randn(4, 3, 2, 2, requires_grad=True), torch.randn(4, 3, 2, 2), torch.randperm(4)
+    (expected,) = torch.autograd.grad(weighted(student, teacher, perm, torch.tensor(0.7)), student)
+    torch.compile(weighted, fullgraph=True)(student, teacher, perm, torch.tensor(0.7)).backward()
+    torch.testing.assert_close(student.grad, expected)
+
+
 def test_ema_update_takes_parameter_generators(path: str) -> None:
     teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     expected = [0.5 * t.detach() + 0.5 * s.detach() for t, s in zip(teacher.parameters(), student.parameters())]
@@ -281,6 +323,41 @@ def test_ema_update_checks_a_new_view_of_the_same_student_storage(path: str) -> 
     teacher.zero_()
     ops.ema_update_([teacher], [student.t()], 0.0)
     assert torch.equal(teacher, student.t())
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda a: ops.mixup_batch(a, torch.arange(4), 0.5), "x must be a torch.Tensor, got ndarray (torch.from_numpy"),
+        (
+            lambda a: ops.mixup_normalize_uint8(
+                a.astype("uint8").transpose(0, 2, 3, 1), torch.arange(4), 0.5, (0.5,) * 3, (0.2,) * 3
+            ),
+            "images must be a torch.Tensor, got ndarray",
+        ),
+        (
+            lambda a: ops.mixup_cross_entropy(a[:, :, 0, 0], torch.zeros(4, dtype=torch.long), torch.arange(4), 0.5),
+            "logits must be a torch.Tensor",
+        ),
+        (
+            lambda a: ops.soft_mixup_cross_entropy(torch.zeros(4, 3), a[:, :, 0, 0], torch.arange(4), 0.5),
+            "teacher_logits must be a torch.Tensor",
+        ),
+        (
+            lambda a: ops.feature_mixup_loss(a, torch.zeros(4, 3, 2, 2), torch.arange(4), 0.5),
+            "student_feat must be a torch.Tensor",
+        ),
+        (lambda a: ops.ema_update_(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 0.9), "got a module: pass list("),
+        (lambda a: ops.ema_update_([torch.zeros(2)], torch.zeros(1, 2), 0.9), "student_tensors must be a sequence"),
+    ],
+    ids=["mixup_batch", "mixup_normalize_uint8", "mixup_cross_entropy", "soft", "feature", "ema-modules", "ema-tensor"],
+)
+def test_inputs_that_are_no_tensors_are_a_clear_error(path: str, call, message: str) -> None:
+    # A NumPy array failed on `.dim()` (AttributeError), or said "must be uint8, got uint8" (user review).
+    import numpy as np
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(np.zeros((4, 3, 2, 2), dtype=np.float32))
 
 
 def test_perm_that_is_no_tensor_is_a_clear_error(path: str) -> None:

@@ -56,6 +56,16 @@ def check_unit_interval(value: float | Tensor, name: str) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
+def check_tensors(**named: object) -> None:
+    """Raise a clear error for an input that is no tensor (a NumPy array failed on `.dim()` deep in an op, or said
+    "must be uint8, got uint8": NumPy's uint8, not torch's)."""
+    for name, value in named.items():
+        if not isinstance(value, Tensor):
+            kind = type(value).__name__
+            hint = " (torch.from_numpy makes one)" if type(value).__module__ == "numpy" else ""
+            raise ValueError(f"{name} must be a torch.Tensor, got {kind}{hint}")
+
+
 def check_float(tensor: Tensor, name: str) -> None:
     """The ops compute in float32 from these dtypes; anything else (float64, integers) is refused rather than
     silently rounded or truncated."""

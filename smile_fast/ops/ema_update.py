@@ -249,6 +249,13 @@ def ema_update_(teacher_tensors: Sequence[Tensor], student_tensors: Sequence[Ten
     No gradient flows through the update; autograd is told that the teachers changed, so a graph that
     saved one before the update raises at backward, as after any in-place op.
     """
+    for name, given in (("teacher_tensors", teacher_tensors), ("student_tensors", student_tensors)):
+        if isinstance(given, (torch.nn.Module, Tensor)):  # a model, or one tensor iterated row by row
+            what = "a module" if isinstance(given, torch.nn.Module) else "one tensor"
+            raise ValueError(
+                f"{name} must be a sequence of tensors, got {what}: pass list(model.parameters()) (and buffers), "
+                "or [tensor]"
+            )
     # Any iterable works (model.parameters() is a generator); the cached plan is found by the tensors.
     if not isinstance(teacher_tensors, (list, tuple)):
         teacher_tensors = list(teacher_tensors)

@@ -13,6 +13,7 @@ from smile_fast.ops._common import (
     call_op,
     check_float,
     check_perm,
+    check_tensors,
     copy_into_empty_like,
     lam_as_tensor,
     like_layout,
@@ -26,6 +27,7 @@ FeatureLossForm = Literal["official", "paper"]
 
 
 def _check_form(student_feat: Tensor, teacher_feat: Tensor, form: str) -> None:
+    check_tensors(student_feat=student_feat, teacher_feat=teacher_feat)
     if form not in ("official", "paper"):
         raise ValueError(f"form must be 'official' or 'paper', got {form!r}")
     if student_feat.shape != teacher_feat.shape:
@@ -166,7 +168,9 @@ def _feature_mixup_loss_backward_fake(
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
     student_feat, teacher_feat, perm, lam, form = inputs
     ctx.form = form
-    ctx.save_for_backward(student_feat, teacher_feat, perm, lam, output)
+    # The loss's value, not the returned tensor itself: a training loop's `loss *= gamma` changes that one in place,
+    # and autograd then refused the backward (user review). A 0-d copy costs nothing.
+    ctx.save_for_backward(student_feat, teacher_feat, perm, lam, output.detach().clone())
 
 
 def _make_backward(backward_fn: Callable[..., Tensor]) -> Callable[..., tuple[Tensor, None, None, None, None]]:

@@ -11,6 +11,7 @@ from smile_fast.ops._common import (
     call_op,
     check_float,
     check_perm,
+    check_tensors,
     copy_into_empty_like,
     lam_as_tensor,
     register_autograd,
@@ -123,6 +124,7 @@ def mixup_batch(x: Tensor, perm: Tensor, lam: float | Tensor) -> Tensor:
 
 
 def _check_images(x: Tensor) -> None:
+    check_tensors(x=x)
     if x.dim() == 0:
         raise ValueError("x must be a batch [B, ...], got a 0-d tensor")
     check_float(x, "x")

@@ -12,6 +12,7 @@ from smile_fast.ops._common import (
     check_float,
     check_index,
     check_perm,
+    check_tensors,
     copy_into_empty_like,
     lam_as_tensor,
     register_autograd,
@@ -41,6 +42,7 @@ def mixup_cross_entropy_reference(logits: Tensor, target: Tensor, perm: Tensor, 
 
 
 def _check_inputs(logits: Tensor, target: Tensor, perm: Tensor) -> None:
+    check_tensors(logits=logits, target=target)
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, K], got {tuple(logits.shape)}")
     check_float(logits, "logits")

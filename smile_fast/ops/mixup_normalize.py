@@ -12,12 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from smile_fast.ops._common import check_perm, copy_into_empty_like, lam_as_tensor, use_triton
+from smile_fast.ops._common import check_perm, check_tensors, copy_into_empty_like, lam_as_tensor, use_triton
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_inputs(images: Tensor, mean: Sequence[float], std: Sequence[float], out_dtype: torch.dtype) -> None:
+    check_tensors(images=images)
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
     if len(mean) != 3 or len(std) != 3:

@@ -16,6 +16,7 @@ from smile_fast.ops._common import (
     call_op,
     check_float,
     check_perm,
+    check_tensors,
     copy_into_empty_like,
     lam_as_tensor,
     register_autograd,
@@ -167,6 +168,7 @@ _soft_mixup_mse_op = _register_soft_loss(
 
 
 def _check_logits(student_logits: Tensor, teacher_logits: Tensor, perm: Tensor) -> None:
+    check_tensors(student_logits=student_logits, teacher_logits=teacher_logits)
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student and teacher logits must both be [B, K], got {tuple(student_logits.shape)} "
