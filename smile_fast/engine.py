@@ -530,6 +530,7 @@ class Trainer:
         resumed run's first row averages the same steps as an uninterrupted run's (it averaged only those since
         the resume, a different loss on the curve: review)."""
         if not self.dist.is_main:
+            self._last_saved_iteration = next_iteration  # the main rank's checkpoint, named by a later "interrupted"
             return
         state = {
             "format": "smile-fast-checkpoint-v1",
@@ -712,8 +713,11 @@ class Trainer:
                         # 128 + the signal's number, as a shell reports a process the signal ended.
                         # SIGTERM: a rank that only agreed to the others' stop.
                         signum = stop.requested or (signal.SIGPIPE if self.output_lost else signal.SIGTERM)
+                        why = f"stopped by {signal.Signals(signum).name}"
+                        if not stop.requested and not self.output_lost:  # it said SIGTERM, which it never got
+                            why = "stopped with the other processes of the run (one of them was signalled)"
                         raise TrainingStopped(
-                            f"stopped by {signal.Signals(signum).name} at iteration {iteration}; checkpoint written; "
+                            f"{why} at iteration {iteration}; checkpoint written; "
                             f"continue with `{resume_command(self.run_dir, self.dist.world_size)}`",
                             exit_code=128 + int(signum),
                         )

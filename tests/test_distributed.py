@@ -378,3 +378,34 @@ def test_one_process_per_machine_fetches_the_weights_and_the_others_stay_quiet(f
     assert output.count("smile-fast: error: cannot get ImageNet weights for resnet18") == 1, output[-3000:]
     assert output.count("smile-fast: error: the first process of this machine ended while it fetched") == 1
     assert "[rank1]: Traceback" not in output, output[-3000:]
+
+
+def test_each_rank_says_what_stopped_it_and_which_checkpoint_is_kept(folder, tmp_path):
+    """A signal to one worker: the rank that only agreed to stop said "stopped by SIGTERM", a signal it never got.
+    A second signal (stop now) after a checkpoint: the rank that does not write last.pt named iteration 0 as the
+    one kept (review)."""
+    import signal
+    import time
+
+    def signalled(name, *signals):
+        out, record = tmp_path / name, tmp_path / f"{name}-record"
+        process = _slow_run_past_iteration_2(folder, out, record)
+        deadline = time.monotonic() + 120
+        while not (out / "last.pt").exists():  # the checkpoint of the evaluation at iteration 4
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-2000:]
+            time.sleep(0.1)
+        for ranks, signum in signals:
+            for rank in ranks:
+                os.kill(int((record / f"pid-rank{rank}").read_text()), signum)
+        output, _ = process.communicate(timeout=120)
+        return output, load_checkpoint(out)["iteration"]
+
+    output, stopped_at = signalled("one-worker", ((1,), signal.SIGINT))
+    assert f"stopped by SIGINT at iteration {stopped_at}; checkpoint written" in output, output[-3000:]
+    assert f"stopped with the other processes of the run (one of them was signalled) at iteration {stopped_at}" in (
+        output
+    ), output[-3000:]
+    assert "stopped by SIGTERM" not in output, output[-3000:]
+
+    output, kept = signalled("twice", ((0, 1), signal.SIGTERM), ((0, 1), signal.SIGINT))
+    assert output.count(f"interrupted; the checkpoint of iteration {kept} in ") == 2, output[-3000:]
