@@ -192,7 +192,10 @@ def build_source_model(
         cached = _cached_weights_file(tv_weights).is_file()
         try:
             bar = sys.stderr.isatty() and not quiet
-            with _silenced() if quiet else contextlib.nullcontext():
+            # torchvision initializes the model at random before it reads the weights. Not from the run's random
+            # stream: when the download then fails, the fallback below must start where `--weights none` does,
+            # the setting config.yaml records for such a run (its `train -c` repeat started elsewhere: review).
+            with _silenced() if quiet else contextlib.nullcontext(), torch.random.fork_rng(devices=[]):
                 model = getattr(torchvision.models, name)(weights=tv_weights, progress=bar)
             return model, f"imagenet ({enum_name}.{member}{', cached' if cached else ', downloaded'})"
         except Exception as error:  # noqa: BLE001 - any download failure (no network, proxy, disk) lands here

@@ -347,6 +347,14 @@ def test_a_run_whose_auto_weights_fell_back_records_none_for_its_repeat(offline_
     written = (tmp_path / "run" / "config.yaml").read_text()
     assert load_yaml(tmp_path / "run" / "config.yaml")["weights"] == "none"
     assert "# --weights auto found no ImageNet weights, so the run started from random init" in written
+    # And that repeat is this run: the failed attempt's own random init used none of the run's random stream
+    # (it did, so `train -c config.yaml` started from other weights: review).
+    train(tiny_config(data, tmp_path / "repeat", weights="none", iters=1, eval_every=1), progress=False)
+    first, repeat = (
+        torch.load(tmp_path / name / "last.pt", weights_only=True)["student"] for name in ("run", "repeat")
+    )
+    for name, value in first.items():
+        torch.testing.assert_close(repeat[name], value, rtol=0, atol=0, msg=f"{name} differs in the repeat")
 
 
 def test_none_weights_are_random_init():
