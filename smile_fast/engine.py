@@ -40,7 +40,7 @@ from smile_fast.data.cache import image_checks_dir
 from smile_fast.data.prepare import prepare_data, stderr_line
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.devices import cpu_has_fast_bfloat16, setup_distributed
-from smile_fast.errors import UserError, discard_output, write_failure
+from smile_fast.errors import UserError, discard_output, first_line, write_failure
 from smile_fast.evaluation import count_correct, eval_progress_bar
 from smile_fast.methods import build_method
 from smile_fast.models import build_models, checkpoint_source_classes, paper_source_note
@@ -729,7 +729,28 @@ class Trainer:
                     self.log(f"({signal.Signals(stop.requested).name} came after the last iteration; the run finished)")
         except StopNow as interrupt:  # a second signal, between checkpoint writes
             raise self._interrupted(interrupt) from None
+        except RuntimeError as error:
+            if self.dist.enabled and _a_peer_is_gone(error):
+                raise self._peer_gone(error) from None
+            raise
         return summary
+
+    def _peer_gone(self, error: RuntimeError) -> TrainingStopped:
+        """Another rank ended (killed, crashed: its own output says why) and this one's collective broke off. Said
+        in one line with what is kept, rather than a gloo/NCCL traceback of 60 lines and exit 1 that read as a bug
+        of this rank (review)."""
+        saved = getattr(self, "_last_saved_iteration", self.start_iteration)
+        kept = (
+            f"its checkpoint of iteration {saved} is kept; continue with "
+            f"`{resume_command(self.run_dir, self.dist.world_size)}`"
+            if saved > 0
+            else "no checkpoint was written yet"
+        )
+        return TrainingStopped(
+            f"error: another process of the run ended (its own output says why), so rank {self.dist.rank} stops too "
+            f"({_without_source_location(first_line(error, 300)).split('. ')[0][:100]}); {kept}",
+            exit_code=1,
+        )
 
     def _interrupted(self, interrupt: StopNow) -> TrainingStopped:
         """A second stop signal broke the run off between checkpoints: say what is kept and how to go on (a bare
@@ -825,6 +846,20 @@ def stop_check_interval(seconds_per_step: float) -> int:
     if seconds_per_step <= 0:
         return STOP_CHECK_INTERVAL
     return max(1, min(STOP_CHECK_INTERVAL, int(STOP_CHECK_SECONDS / seconds_per_step)))
+
+
+def _without_source_location(text: str) -> str:
+    """gloo's messages start with the C++ file and line that raised them: "[/__w/.../pair.cc:545] Read error ..."."""
+    return text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
+
+
+def _a_peer_is_gone(error: RuntimeError) -> bool:
+    """Whether a collective failed because another rank went away: NCCL's DistBackendError, or gloo's transport
+    errors (its messages name its tcp transport). A rank's own errors (CUDA out of memory, a bug) are not."""
+    import torch.distributed as dist
+
+    backend_error = getattr(dist, "DistBackendError", ())
+    return isinstance(error, backend_error) or "gloo/transport" in str(error)
 
 
 def _barrier(if_broken: str) -> None:

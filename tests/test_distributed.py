@@ -239,6 +239,10 @@ def test_a_crashed_rank_ends_every_rank_with_an_error(folder, tmp_path):
     assert "simulated crash of one rank" in result.stderr, result.stderr[-2000:]
     assert time.monotonic() - started < 300, "the surviving rank hung instead of ending"
     assert not (tmp_path / "crash" / "summary.json").exists(), "a crashed run must not write a summary"
+    # The crashed rank's traceback is its own (a real error); the survivor says one line, not gloo's 60 (review).
+    survivor = "smile-fast: error: another process of the run ended (its own output says why), so rank 0 stops too"
+    assert survivor in result.stderr and "no checkpoint was written yet" in result.stderr, result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr, result.stderr[-3000:]
 
 
 def test_two_ranks_report_the_top1_of_their_checkpoint(folder, tmp_path):
