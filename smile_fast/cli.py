@@ -505,7 +505,7 @@ def _print_summary_table(summary: dict) -> None:
 
 
 def _one_process(command: str) -> None:
-    """eval and export: every process would do the whole job and print the same lines."""
+    """eval, export, predict, report, data: every process would do the whole job and print the same lines."""
     if int(os.environ.get("WORLD_SIZE") or 1) > 1:
         raise UserError(f"smile-fast {command} runs in one process; start it without torchrun")
 
@@ -697,6 +697,7 @@ def _stdout_failed(error: OSError) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from smile_fast.report import collect, notes, render
 
+    _one_process("report")
     collected = collect(args.runs)
     for line in notes(collected):
         print(line, file=sys.stderr)
@@ -829,6 +830,7 @@ def _bench_loader(args: argparse.Namespace) -> dict:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    _one_process("data")
     if args.data_command == "prepare":
         from smile_fast.data.demo import demo_dataset_root
 

@@ -294,10 +294,22 @@ def test_property_bad_numbers_are_one_line_and_status_2(argv, no_training, tmp_p
     assert out.getvalue() == "", f"{argv}: nothing on stdout for an error"
 
 
-def test_eval_under_torchrun_is_refused(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "no-such-run"],
+        ["export", "no-such-run"],
+        ["predict", "no-such-run", "x.jpg"],
+        ["report", "runs"],
+        ["data", "verify", "--dataset", "demo"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_one_process_commands_under_torchrun_are_refused(monkeypatch, capsys, argv):
+    # Every process did the whole job: report printed its table once per rank (review).
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["eval", "no-such-run"]) == 2
-    assert "smile-fast eval runs in one process; start it without torchrun" in capsys.readouterr().err
+    assert main(argv) == 2
+    assert f"smile-fast {argv[0]} runs in one process; start it without torchrun" in capsys.readouterr().err
 
 
 def test_did_you_mean_names_only_close_known_names():
