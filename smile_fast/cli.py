@@ -865,6 +865,11 @@ def _quiet_pil_size_warning() -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+def _not_the_first_process() -> bool:
+    """Whether this is a torchrun worker other than rank 0 (errors in the shared arguments are said by rank 0)."""
+    return os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -872,7 +877,12 @@ def main(argv: list[str] | None = None) -> int:
         if not argv:  # what the commands are, rather than a training run the user did not ask for
             parser.print_help()
             return 0
-        args, unknown = parser.parse_known_args(argv)
+        try:
+            args, unknown = parser.parse_known_args(argv)
+        except UserError:
+            if _not_the_first_process():  # the same arguments in every process torchrun starts: rank 0 says it
+                return 2
+            raise
         _quiet_pil_size_warning()
         from smile_fast.run_environment import record_command
         from smile_fast.runlog import launcher
@@ -890,6 +900,8 @@ def main(argv: list[str] | None = None) -> int:
             words = [getattr(args, key, None) for key in ("command", "bench_command", "data_command")]
             command = " ".join(["smile-fast", *[word for word in words if word]])
             hint = did_you_mean(unknown, _subcommand_parser(parser, words).option_strings_known())
+            if _not_the_first_process():
+                return 2  # the first process says it
             raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see `{command} --help`){hint}")
         if args.command == "train":
             return _cmd_train(args)

@@ -321,3 +321,16 @@ def test_did_you_mean_names_only_close_known_names():
     assert did_you_mean(["--itres=5"], flags) == "; did you mean --iters?"
     assert did_you_mean(["--datset", "--zzz"], flags) == "; did you mean --dataset for --datset?"
     assert did_you_mean(["batchsize"], ["batch_size", "iters"]) == "; did you mean batch_size?"
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_an_argument_error_under_torchrun_is_said_by_the_first_process_alone(monkeypatch, capsys, rank):
+    # The arguments are the same in every process: each printed its copy of the error (review).
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    assert main(["train", "--iterz", "3"]) == 2
+    said = capsys.readouterr().err
+    assert said.count("unrecognized arguments: --iterz 3") == (1 if rank == "0" else 0), said
+    assert main(["train", "--method", "fine-tune"]) == 2  # argparse's own errors (an unknown choice) too
+    said = capsys.readouterr().err
+    assert said.count("invalid choice: 'fine-tune'") == (1 if rank == "0" else 0), said
