@@ -57,7 +57,7 @@ from smile_fast.resume import (
     turn_off_dependent_flags,
 )
 from smile_fast.run_environment import environment
-from smile_fast.run_lock import RunFolderLock
+from smile_fast.run_lock import RunFolderLock, refuse_a_folder_in_use
 from smile_fast.runlog import (
     MetricsLog,
     default_run_dir,
@@ -147,6 +147,7 @@ class Trainer:
         refused = None
         if self.dist.is_main:
             try:
+                refuse_a_folder_in_use(self.run_dir)
                 check_run_dir(self.run_dir, resuming=self.resume_state is not None)
                 if self.run_dir.is_dir():  # another process writing it (a run, a resume) is refused here
                     self.folder_lock.acquire(self.run_dir)

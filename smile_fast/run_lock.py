@@ -43,10 +43,7 @@ class RunFolderLock:
         except BlockingIOError:
             holder = os.pread(descriptor, 200, 0).decode("utf-8", errors="replace").strip() or "another process"
             os.close(descriptor)
-            raise UserError(
-                f"{run_dir} is in use by another smile-fast process ({holder}), which writes its files; wait for "
-                "it to end (a stopped run is then resumed with --resume), or give another --out"
-            ) from None
+            raise in_use(run_dir, holder) from None
         except OSError:  # ENOLCK, EOPNOTSUPP: no locks on this file system
             os.close(descriptor)
             return
@@ -61,6 +58,21 @@ class RunFolderLock:
 
     def __del__(self) -> None:  # a Trainer made without a lock of the caller's gives its own back with itself
         self.release()
+
+
+def in_use(run_dir: Path, holder: str) -> UserError:
+    return UserError(
+        f"{run_dir} is in use by another smile-fast process ({holder}), which writes its files; wait for it to end "
+        "(a stopped run is then resumed with --resume), or give another --out"
+    )
+
+
+def refuse_a_folder_in_use(run_dir: Path) -> None:
+    """The check a new run or a resume makes first: a folder another process is writing is refused as such, not for
+    the files that process wrote ("already holds a run; continue it with --resume", itself refused: review)."""
+    holder = run_in_progress(run_dir)
+    if holder is not None:
+        raise in_use(run_dir, holder)
 
 
 def run_in_progress(run_dir: Path) -> str | None:

@@ -697,7 +697,10 @@ def test_a_run_folder_has_one_writer_at_a_time(tiny_imagefolder, tmp_path, monke
     resume = ["train", "--resume", str(out), *argv]
     new_run = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--out", str(failed_start)]
     new_run += ["--model", "resnet18", "--weights", "none", "--iters", "2", "--batch-size", "4", *argv]
-    for command in (resume, new_run):
+    # A new run into the folder a run is writing: refused as in use, not as "holds a run; continue it with
+    # --resume", a resume that is itself refused while that run goes on (review).
+    new_run_into_it = [*new_run[: new_run.index("--out") + 1], str(out), *new_run[new_run.index("--out") + 2 :]]
+    for command in (resume, new_run, new_run_into_it):
         capsys.readouterr()
         assert main(command) == 2
         error = capsys.readouterr().err
