@@ -84,15 +84,13 @@ STOP_CHECK_SECONDS = 5.0  # and fewer when they take longer than this (torchrun 
 def _write_failed(path: Path, error: BaseException, world_size: int) -> TrainingStopped:
     """A run-folder write that failed mid-run (disk full, permissions, the folder removed), as one line."""
     reason = write_failure(error)
-    previous = path.parent / "last.pt"
-    kept = (
-        f"the last checkpoint in {path.parent} is intact"
-        if previous.is_file()
-        else "no checkpoint had been written yet"
-    )
+    if (path.parent / "last.pt").is_file():
+        then = f"the last checkpoint in {path.parent} is intact; fix it and `{resume_command(path.parent, world_size)}`"
+    else:  # nothing to resume: that advice was refused, and so was a new run into the folder (review)
+        then = "no checkpoint had been written yet; fix it and start again "
+        then += f"(remove {path.parent} or give another --out)"
     return TrainingStopped(
-        f"could not write {path} ({reason}); is the disk full or the folder not writable? {kept}; fix it and "
-        f"`{resume_command(path.parent, world_size)}`",
+        f"could not write {path} ({reason}); is the disk full or the folder not writable? {then}",
         exit_code=EXIT_WRITE_FAILED,
     )
 

@@ -33,7 +33,8 @@ def write_failure(error: BaseException) -> str:
         return error.strerror
     text = first_line(error, 160)
     if "unexpected pos" in text:
-        return "no space left on the device (torch.save stopped partway)"
+        # Its errno is lost on the way: a full disk, a quota and a file-size limit (EFBIG: review) all end here.
+        return "no space left on the device, a quota or a file-size limit reached (torch.save stopped partway)"
     return text
 
 

@@ -1081,8 +1081,13 @@ def test_a_failed_run_folder_write_is_one_line_and_keeps_the_checkpoint(tiny_ima
         with pytest.raises(TrainingStopped) as stop:
             train(_config(tiny_imagefolder, tmp_path / "full2", method="finetune"), progress=False)
     assert stop.value.exit_code == 74 and "is the disk full" in str(stop.value)
-    assert "no space left on the device (torch.save stopped partway)" in str(stop.value)
-    assert "no checkpoint had been written yet" in str(stop.value)
+    assert "no space left on the device, a quota or a file-size limit reached (torch.save stopped partway)" in str(
+        stop.value
+    )
+    assert f"no checkpoint had been written yet; fix it and start again (remove {tmp_path / 'full2'} or give " in str(
+        stop.value
+    )
+    assert "--resume" not in str(stop.value), "there is nothing to resume"
 
 
 @pytest.mark.parametrize("sender", ["main thread", "another thread"])
