@@ -414,6 +414,23 @@ def test_classes_without_test_images_are_said_by_verify_and_at_train_time(tmp_pa
     assert lines == ["warning: 1 class(es) have no test image, so the top-1 does not score them: eel"], lines
 
 
+def test_a_train_samples_draw_that_leaves_classes_untrained_says_so(tmp_path: Path, private_cache):
+    # By the protocol's design (a uniform draw over the kept classes' images), but it was silent (review): 2 images
+    # over 3 classes leave at least one class without a training image, which the test split still scores.
+    from smile_fast.config import build_config
+    from smile_fast.data.prepare import prepare_data
+
+    build_imagefolder(tmp_path / "data")
+    lines: list[str] = []
+    values = {"dataset": "imagefolder", "data_dir": str(tmp_path / "data"), "train_samples": 2, "seed": 3}
+    prepared = prepare_data(build_config(overrides=values), log=lines.append)
+    untrained = 3 - len({label for _, label in prepared.splits.train})
+    assert untrained >= 1 and len(lines) == 1, lines
+    expected = f"note: the --train-samples draw of 2 images gave {untrained} of the 3 classes no training image"
+    assert lines[0].startswith(expected), lines
+    assert prepare_data(build_config(overrides={**values, "train_samples": None}), log=lines.append) and len(lines) == 1
+
+
 def test_a_split_given_as_the_imagefolder_points_to_its_parent(tmp_path: Path):
     build_imagefolder(tmp_path / "data")
     with pytest.raises(UserError, match=f"is a split, not the dataset.*--data-dir {tmp_path / 'data'}"):

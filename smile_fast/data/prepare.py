@@ -61,10 +61,16 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True, chec
     if config.class_fraction is not None or config.train_samples is not None:
         train_samples = config.train_samples if with_train else None
         splits = apply_class_subset(splits, config.class_fraction or 1.0, train_samples, config.seed)
-    if config.train_samples is None and with_train:  # a --train-samples draw may leave classes out by design
-        if empty := classes_without_images(splits.classes, splits.train):
+    if with_train and (empty := classes_without_images(splits.classes, splits.train)):
+        if config.train_samples is None:
             drawn = " (the --sample-rate draw gave them none)" if config.sample_draw == "authors" else ""
             log(f"warning: {len(empty)} class(es) have no training image{drawn}: {listed(empty)}")
+        else:  # by design of the C:X%/N:Y protocol, a uniform draw over the kept classes' images; still said
+            log(
+                f"note: the --train-samples draw of {config.train_samples} images gave {len(empty)} of the "
+                f"{len(splits.classes)} classes no training image (the protocol draws uniformly over the classes' "
+                f"images); they are still tested: {listed(empty)}"
+            )
     if in_both := listed_in_both_splits(splits.train, splits.test):
         log(
             f"warning: {len(in_both)} file(s) are listed in both the train and the test split, so the top-1 counts "
