@@ -219,12 +219,22 @@ def build_source_model(
     fc_key = "fc.weight" if name.startswith("resnet") else "classifier.1.weight"
     num_source = state[fc_key].shape[0] if fc_key in state else 1000
     model = getattr(torchvision.models, name)(weights=None, num_classes=num_source)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"weights file {weights} does not match {name}: {len(missing)} missing keys "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
-        )
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    # Same names, other shapes (a file of a wider variant): load_state_dict's traceback said so, several lines long.
+    reshaped = [key for key in own if key in state and state[key].shape != own[key].shape]
+    if missing or unexpected or reshaped:
+        parts = [f"{len(missing)} missing keys (e.g. {missing[:2]})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"] if unexpected else []
+        if reshaped:
+            key = reshaped[0]
+            parts.append(
+                f"{len(reshaped)} tensors of other shapes (e.g. {key}: {list(state[key].shape)} in the file, "
+                f"{list(own[key].shape)} in {name})"
+            )
+        raise UserError(f"weights file {weights} does not match {name}: {', '.join(parts)}; is it another model's?")
+    model.load_state_dict(state)
     return model, f"file {weights} ({num_source}-way source head)"
 
 

@@ -252,18 +252,29 @@ def test_garbage_weights_file_is_a_user_error(content, tmp_path):
         {"foo.weight": torch.zeros(3)},
         "resnet34",
         "resnet18-truncated",
+        "resnet18-other-stem",
     ],
-    ids=["unrelated-keys", "other-architecture", "missing-keys"],
+    ids=["unrelated-keys", "other-architecture", "missing-keys", "other-shapes"],
 )
 def test_mismatched_state_dict_is_a_user_error(state, tmp_path, resnet18_state):
+    said = {  # only the kinds of mismatch there are ("0 missing keys (e.g. [])" was said too: review)
+        "resnet34": "does not match resnet18: 96 unexpected keys (e.g. ['layer1.2.conv1.weight'",
+        "resnet18-truncated": "does not match resnet18: 30 missing keys (e.g. ['layer4.0.conv1.weight'",
+        # A size mismatch under the same names was load_state_dict's multi-line traceback.
+        "resnet18-other-stem": "does not match resnet18: 1 tensors of other shapes (e.g. conv1.weight: [64, 3, 5, 5] "
+        "in the file, [64, 3, 7, 7] in resnet18)",
+    }.get(state if isinstance(state, str) else "", "does not match resnet18: ")
     if state == "resnet34":
         state = torchvision.models.resnet34(weights=None).state_dict()
     elif state == "resnet18-truncated":
         state = {k: v for k, v in resnet18_state.items() if not k.startswith("layer4")}
+    elif state == "resnet18-other-stem":
+        state = {**resnet18_state, "conv1.weight": torch.zeros(64, 3, 5, 5)}
     path = tmp_path / "mismatch.pt"
     torch.save(state, path)
-    with pytest.raises(UserError, match="does not match"):
+    with pytest.raises(UserError, match="does not match") as refused:
         build_models("resnet18", NUM_CLASSES, weights=str(path))
+    assert said in str(refused.value) and "e.g. [])" not in str(refused.value), str(refused.value)
 
 
 @pytest.mark.parametrize(
