@@ -220,21 +220,21 @@ def build_source_model(
     num_source = state[fc_key].shape[0] if fc_key in state else 1000
     model = getattr(torchvision.models, name)(weights=None, num_classes=num_source)
     own = model.state_dict()
-    missing = [key for key in own if key not in state]
-    unexpected = [key for key in state if key not in own]
     # Same names, other shapes (a file of a wider variant): load_state_dict's traceback said so, several lines long.
     reshaped = [key for key in own if key in state and state[key].shape != own[key].shape]
-    if missing or unexpected or reshaped:
+    if reshaped:
+        key = reshaped[0]
+        raise UserError(
+            f"weights file {weights} does not match {name}: {len(reshaped)} tensors of other shapes (e.g. {key}: "
+            f"{list(state[key].shape)} in the file, {list(own[key].shape)} in {name}); is it another model's?"
+        )
+    # Names, by load_state_dict itself: BatchNorm fills in the num_batches_tracked that files from before it lack
+    # (CSAIL's Places365 ResNet-50).
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
         parts = [f"{len(missing)} missing keys (e.g. {missing[:2]})"] if missing else []
         parts += [f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"] if unexpected else []
-        if reshaped:
-            key = reshaped[0]
-            parts.append(
-                f"{len(reshaped)} tensors of other shapes (e.g. {key}: {list(state[key].shape)} in the file, "
-                f"{list(own[key].shape)} in {name})"
-            )
         raise UserError(f"weights file {weights} does not match {name}: {', '.join(parts)}; is it another model's?")
-    model.load_state_dict(state)
     return model, f"file {weights} ({num_source}-way source head)"
 
 

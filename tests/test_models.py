@@ -259,7 +259,7 @@ def test_garbage_weights_file_is_a_user_error(content, tmp_path):
 def test_mismatched_state_dict_is_a_user_error(state, tmp_path, resnet18_state):
     said = {  # only the kinds of mismatch there are ("0 missing keys (e.g. [])" was said too: review)
         "resnet34": "does not match resnet18: 96 unexpected keys (e.g. ['layer1.2.conv1.weight'",
-        "resnet18-truncated": "does not match resnet18: 30 missing keys (e.g. ['layer4.0.conv1.weight'",
+        "resnet18-truncated": "does not match resnet18: 25 missing keys (e.g. ['layer4.0.conv1.weight'",
         # A size mismatch under the same names was load_state_dict's multi-line traceback.
         "resnet18-other-stem": "does not match resnet18: 1 tensors of other shapes (e.g. conv1.weight: [64, 3, 5, 5] "
         "in the file, [64, 3, 7, 7] in resnet18)",
@@ -275,6 +275,14 @@ def test_mismatched_state_dict_is_a_user_error(state, tmp_path, resnet18_state):
     with pytest.raises(UserError, match="does not match") as refused:
         build_models("resnet18", NUM_CLASSES, weights=str(path))
     assert said in str(refused.value) and "e.g. [])" not in str(refused.value), str(refused.value)
+
+
+def test_a_weights_file_from_before_batchnorm_counted_its_batches_loads(tmp_path, resnet18_state):
+    # CSAIL's Places365 ResNet-50 (2017) has no num_batches_tracked: BatchNorm's loader fills them in.
+    path = tmp_path / "old.pt"
+    torch.save({k: v for k, v in resnet18_state.items() if not k.endswith("num_batches_tracked")}, path)
+    model, description = build_source_model("resnet18", str(path), log=lambda line: pytest.fail(line))
+    assert description.startswith("file ") and torch.equal(model.conv1.weight, resnet18_state["conv1.weight"])
 
 
 @pytest.mark.parametrize(
