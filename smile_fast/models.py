@@ -195,7 +195,10 @@ def build_source_model(
             # torchvision initializes the model at random before it reads the weights. Not from the run's random
             # stream: when the download then fails, the fallback below must start where `--weights none` does,
             # the setting config.yaml records for such a run (its `train -c` repeat started elsewhere: review).
-            with _silenced() if quiet else contextlib.nullcontext(), torch.random.fork_rng(devices=[]):
+            # torch.hub writes its "Downloading: ..." line to stdout, where a run's table and a script's parse of it
+            # go (offline, before the warning that nothing could be downloaded): to stderr with the other messages.
+            messages = _silenced() if quiet else contextlib.redirect_stdout(sys.stderr)
+            with messages, torch.random.fork_rng(devices=[]):
                 model = getattr(torchvision.models, name)(weights=tv_weights, progress=bar)
             return model, f"imagenet ({enum_name}.{member}{', cached' if cached else ', downloaded'})"
         except Exception as error:  # noqa: BLE001 - any download failure (no network, proxy, disk) lands here

@@ -322,9 +322,11 @@ def offline_empty_hub(tmp_path, monkeypatch):
     return calls
 
 
-def test_auto_weights_offline_fall_back_to_random_init_with_one_line(offline_empty_hub):
+def test_auto_weights_offline_fall_back_to_random_init_with_one_line(offline_empty_hub, capsys):
     lines: list[str] = []
     model, description = build_source_model("resnet18", "auto", log=lines.append)
+    printed = capsys.readouterr()
+    assert printed.out == "" and "Downloading: " in printed.err, "torch.hub's line goes with the messages, on stderr"
     assert offline_empty_hub, "a download was attempted (and failed)"
     assert len(lines) == 1, f"expected exactly one log line, got {lines}"
     assert "random init" in lines[0] and "resnet18" in lines[0]
