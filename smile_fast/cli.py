@@ -856,8 +856,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _quiet_pil_size_warning() -> None:
     """PIL warns, with a raw source line, about an image over 89 Mpx (a medium-format photo is 96) that it then
     decodes whole; one over twice that it refuses, and that refusal is reported with its reason. The warning alone
-    says nothing a user can act on. Set here, for the command line's processes only (forked loader workers
-    inherit it); a library user's own filters are left alone."""
+    says nothing a user can act on. Set by main(), in the process that runs it (forked loader workers inherit it);
+    code that imports smile_fast without calling main() keeps its own filters."""
     import warnings
 
     from PIL import Image
@@ -866,8 +866,10 @@ def _quiet_pil_size_warning() -> None:
 
 
 def _not_the_first_process() -> bool:
-    """Whether this is a torchrun worker other than rank 0 (errors in the shared arguments are said by rank 0)."""
-    return os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1"
+    """Whether this is a torchrun worker other than its machine's first (errors in the arguments, the same for
+    every process torchrun starts on a machine, are said once there; each machine has its own log, and with
+    several nodes each was started with its own command line)."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -880,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args, unknown = parser.parse_known_args(argv)
         except UserError:
-            if _not_the_first_process():  # the same arguments in every process torchrun starts: rank 0 says it
+            if _not_the_first_process():  # the machine's first process says it
                 return 2
             raise
         _quiet_pil_size_warning()
@@ -901,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
             command = " ".join(["smile-fast", *[word for word in words if word]])
             hint = did_you_mean(unknown, _subcommand_parser(parser, words).option_strings_known())
             if _not_the_first_process():
-                return 2  # the first process says it
+                return 2  # the machine's first process says it
             raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see `{command} --help`){hint}")
         if args.command == "train":
             return _cmd_train(args)

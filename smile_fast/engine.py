@@ -12,6 +12,7 @@ iteration's optimizer step, then the optimizer step.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import math
 import os
@@ -87,8 +88,9 @@ def _write_failed(path: Path, error: BaseException, world_size: int) -> Training
     if (path.parent / "last.pt").is_file():
         then = f"the last checkpoint in {path.parent} is intact; fix it and `{resume_command(path.parent, world_size)}`"
     else:  # nothing to resume: that advice was refused, and so was a new run into the folder (review)
-        then = "no checkpoint had been written yet; fix it and start again "
-        then += f"(remove {path.parent} or give another --out)"
+        # Not "remove the folder": --out may name one of the user's own that held other files before the run.
+        then = "no checkpoint had been written yet; fix it and start again with another --out (or remove the "
+        then += f"run's files from {path.parent}: config.yaml, manifest.txt, metrics.csv)"
     return TrainingStopped(
         f"could not write {path} ({reason}); is the disk full or the folder not writable? {then}",
         exit_code=EXIT_WRITE_FAILED,
@@ -145,7 +147,8 @@ class Trainer:
         refused = None
         if self.dist.is_main:
             try:
-                refuse_a_folder_in_use(self.run_dir)
+                if not (self.folder_lock.held and self.folder_lock.run_dir == self.run_dir):  # not our own lock
+                    refuse_a_folder_in_use(self.run_dir)
                 check_run_dir(self.run_dir, resuming=self.resume_state is not None)
                 if self.run_dir.is_dir():  # another process writing it (a run, a resume) is refused here
                     self.folder_lock.acquire(self.run_dir)
@@ -318,8 +321,9 @@ class Trainer:
             # Under torchrun each machine's first process fetches torchvision's weights into the cache first; the
             # others then read that file, instead of each downloading it at once (and printing torch.hub's line).
             fetches = self.dist.enabled and config.weights in ("auto", "imagenet")
+            waits = _long_wait_group() if fetches else None  # every rank makes it (a collective)
             if fetches and self.dist.local_rank != 0:
-                _barrier("the first process of this machine ended while it fetched the pre-trained weights")
+                _barrier(waits)
             student, source, self.weights_description = build_models(
                 config.model,
                 self.num_classes,
@@ -327,9 +331,12 @@ class Trainer:
                 with_aux_head=self.method.uses_teacher,
                 log=self.log,
                 quiet=not self.dist.is_main,
+                # The others read the cache only: where the first process's fetch failed, theirs would again (after
+                # as long a wait, behind a firewall that drops packets), and they fall back as it did.
+                fetch=not fetches or self.dist.local_rank == 0,
             )
             if fetches and self.dist.local_rank == 0:
-                _barrier("another process ended while the pre-trained weights were fetched")
+                _barrier(waits)
         else:
             # Every weight comes from the checkpoint: the pre-trained ones are neither read nor downloaded again
             # (offline, that attempt said "training from random init" of a run that had started from ImageNet).
@@ -529,7 +536,6 @@ class Trainer:
         resumed run's first row averages the same steps as an uninterrupted run's (it averaged only those since
         the resume, a different loss on the curve: review)."""
         if not self.dist.is_main:
-            self._last_saved_iteration = next_iteration  # the main rank's checkpoint, named by a later "interrupted"
             return
         state = {
             "format": "smile-fast-checkpoint-v1",
@@ -738,30 +744,30 @@ class Trainer:
         """Another rank ended (killed, crashed: its own output says why) and this one's collective broke off. Said
         in one line with what is kept, rather than a gloo/NCCL traceback of 60 lines and exit 1 that read as a bug
         of this rank (review)."""
-        saved = getattr(self, "_last_saved_iteration", self.start_iteration)
-        kept = (
-            f"its checkpoint of iteration {saved} is kept; continue with "
-            f"`{resume_command(self.run_dir, self.dist.world_size)}`"
-            if saved > 0
-            else "no checkpoint was written yet"
-        )
         return TrainingStopped(
             f"error: another process of the run ended (its own output says why), so rank {self.dist.rank} stops too "
-            f"({_without_source_location(first_line(error, 300)).split('. ')[0][:100]}); {kept}",
+            f"({_without_source_location(first_line(error, 300)).split('. ')[0][:100]}); {self._what_is_kept()}",
             exit_code=1,
         )
+
+    def _what_is_kept(self) -> str:
+        """The checkpoint a run broken off keeps, and how to go on. Only the main rank writes last.pt and knows
+        whether its last write succeeded: another rank named the iteration it reached save() at, a checkpoint
+        that did not exist when the main rank's write failed (review). The others point to the main rank's."""
+        resume = f"continue with `{resume_command(self.run_dir, self.dist.world_size)}`"
+        if not self.dist.is_main:
+            return f"rank 0's checkpoint in {self.run_dir}, if it wrote one, is kept (its line says which); {resume}"
+        saved = getattr(self, "_last_saved_iteration", None)  # this run's own write
+        if saved is None and self.resume_state is not None:
+            saved = self.start_iteration  # a resume's: the one it started from
+        if saved is None or not (self.run_dir / "last.pt").is_file():
+            return "no checkpoint was written yet (the first comes with the first evaluation); start a new run"
+        return f"the checkpoint of iteration {saved} in {self.run_dir} is kept; {resume}"
 
     def _interrupted(self, interrupt: StopNow) -> TrainingStopped:
         """A second stop signal broke the run off between checkpoints: say what is kept and how to go on (a bare
         "interrupted" left the user to guess whether anything survived)."""
-        checkpoint = self.run_dir / "last.pt"
-        saved = getattr(self, "_last_saved_iteration", self.start_iteration)  # a resume's: the one it started from
-        if checkpoint.is_file():
-            kept = f"the checkpoint of iteration {saved} in {self.run_dir} is kept; continue with "
-            kept += f"`{resume_command(self.run_dir, self.dist.world_size)}`"
-        else:
-            kept = "no checkpoint was written yet (the first comes with the first evaluation); start a new run"
-        return TrainingStopped(f"interrupted; {kept}", exit_code=interrupted_exit_status(interrupt))
+        return TrainingStopped(f"interrupted; {self._what_is_kept()}", exit_code=interrupted_exit_status(interrupt))
 
     def _finish(self, top1: float | None, train_seconds: float, previous_wall: float) -> dict[str, Any]:
         config = self.config
@@ -852,24 +858,44 @@ def _without_source_location(text: str) -> str:
     return text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
 
 
+# What a collective says when the process at the other end is gone: gloo's socket errors, NCCL's remote error.
+# Not a timeout (a rank hung, alive: the traceback stays) nor any other error of this rank's own (review).
+_PEER_GONE_TEXTS = ("Connection closed by peer", "Connection reset by peer", "remote process exit", "ncclRemoteError")
+
+
 def _a_peer_is_gone(error: RuntimeError) -> bool:
-    """Whether a collective failed because another rank went away: NCCL's DistBackendError, or gloo's transport
-    errors (its messages name its tcp transport). A rank's own errors (CUDA out of memory, a bug) are not."""
+    """Whether a collective failed because another rank went away (killed, crashed)."""
+    return any(text in str(error) for text in _PEER_GONE_TEXTS)
+
+
+# How long the machine's other processes wait for its first one to fetch the pre-trained weights: a download, on a
+# slow link, can take longer than the run's 10-minute collective timeout (resnet101's file is 171 MB).
+WEIGHTS_FETCH_WAIT = datetime.timedelta(hours=2)
+
+
+def _long_wait_group():
+    """A gloo group of every rank for the wait on the weights: its own timeout, and a CPU barrier, which on NCCL
+    needs no device (NCCL's barrier warns that it guesses one)."""
     import torch.distributed as dist
 
-    backend_error = getattr(dist, "DistBackendError", ())
-    return isinstance(error, backend_error) or "gloo/transport" in str(error)
+    return dist.new_group(backend="gloo", timeout=WEIGHTS_FETCH_WAIT)
 
 
-def _barrier(if_broken: str) -> None:
-    """Wait for every rank. A rank that ended meanwhile (its own one-line error says why) breaks the wait: this
-    rank then says `if_broken` in a line of its own, rather than a traceback from deep in the collective."""
+def _barrier(group) -> None:
+    """Wait for every rank in `group`. A rank that ended meanwhile (its own output says why: no weights, no data on
+    its node) breaks the wait: this rank then says so in a line of its own, not a traceback from the collective."""
     import torch.distributed as dist
 
     try:
-        dist.barrier()
-    except RuntimeError:  # gloo: "Connection closed by peer"; NCCL: DistBackendError, a RuntimeError
-        raise UserError(f"{if_broken}; its own message says why") from None  # not gloo's socket detail
+        dist.barrier(group=group)
+    except RuntimeError as error:
+        if not _a_peer_is_gone(error):
+            raise
+        raise TrainingStopped(
+            "error: another process of the run ended before training started (its own output says why), so this "
+            "one stops too",
+            exit_code=1,
+        ) from None
 
 
 def _main_rank_says(value):

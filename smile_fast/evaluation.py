@@ -117,18 +117,13 @@ def evaluate_checkpoint(
 def _runs_own_test_images(path, iteration: int) -> int | None:
     """How many test images the run's own final evaluation scored (summary.json), when this checkpoint is the one
     it scored; None otherwise. A different count from eval's means the test folder changed since the run."""
-    import json
     from pathlib import Path
 
-    run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        if int(summary["iters"]) != iteration:
-            return None
-        count = summary["test_images"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return count if isinstance(count, int) and not isinstance(count, bool) else None
+    from smile_fast.runlog import recorded_number, recorded_summary
+
+    summary = recorded_summary(Path(path) if Path(path).is_dir() else Path(path).parent)
+    count = recorded_number(summary, "test_images")
+    return int(count) if count is not None and recorded_number(summary, "iters") == iteration else None
 
 
 def eval_progress_bar(total: int, enabled: bool, desc: str = "test"):

@@ -169,7 +169,7 @@ def _silenced():
 
 
 def build_source_model(
-    name: str, weights: str = "auto", log=print, source_classes: int = 1000, quiet: bool = False
+    name: str, weights: str = "auto", log=print, source_classes: int = 1000, quiet: bool = False, fetch: bool = True
 ) -> tuple[nn.Module, str]:
     """Build a torchvision classifier with the requested weights.
 
@@ -179,6 +179,8 @@ def build_source_model(
     source_classes: the size of the source head with "none" (a checkpoint's weights are loaded into it next).
     quiet: nothing from torch.hub (its "Downloading: ..." line, on stdout, and its bar), for the processes of a run
       that are not its main one (under torchrun each printed its own).
+    fetch: False reads torchvision's weights from the cache only (a process whose machine's first process fetched
+      them already, or failed to): not there is a failed download.
     Returns (model, description of the weights actually loaded).
     """
     import torchvision
@@ -191,6 +193,8 @@ def build_source_model(
     if weights in ("imagenet", "auto"):
         cached = _cached_weights_file(tv_weights).is_file()
         try:
+            if not fetch and not cached:
+                raise FileNotFoundError("not in the cache after this machine's first process fetched them")
             bar = sys.stderr.isatty() and not quiet
             # torchvision initializes the model at random before it reads the weights. Not from the run's random
             # stream: when the download then fails, the fallback below must start where `--weights none` does,
@@ -267,10 +271,13 @@ def build_models(
     log=print,
     source_classes=1000,
     quiet: bool = False,
+    fetch: bool = True,
 ) -> tuple[SmileNet, SourceNet, str]:
     """Student (with fc2 copied from the source head when `with_aux_head`) and the pre-trained source
-    model (the teacher's starting point). source_classes, quiet: see build_source_model."""
-    model, description = build_source_model(name, weights, log=log, source_classes=source_classes, quiet=quiet)
+    model (the teacher's starting point). source_classes, quiet, fetch: see build_source_model."""
+    model, description = build_source_model(
+        name, weights, log=log, source_classes=source_classes, quiet=quiet, fetch=fetch
+    )
     backbone, source_head = split_torchvision(model, name)
     student = SmileNet(copy.deepcopy(backbone), num_classes, source_head if with_aux_head else None)
     source = SourceNet(backbone, source_head)

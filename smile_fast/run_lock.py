@@ -41,7 +41,7 @@ class RunFolderLock:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(descriptor, 200, 0).decode("utf-8", errors="replace").strip() or "another process"
+            holder = _holder(descriptor)
             os.close(descriptor)
             raise in_use(run_dir, holder) from None
         except OSError:  # ENOLCK, EOPNOTSUPP: no locks on this file system
@@ -58,6 +58,11 @@ class RunFolderLock:
 
     def __del__(self) -> None:  # a Trainer made without a lock of the caller's gives its own back with itself
         self.release()
+
+
+def _holder(descriptor: int) -> str:
+    """What the lock file says of the process that holds it ("pid N on HOST")."""
+    return os.pread(descriptor, 200, 0).decode("utf-8", errors="replace").strip() or "another process"
 
 
 def in_use(run_dir: Path, holder: str) -> UserError:
@@ -88,7 +93,7 @@ def run_in_progress(run_dir: Path) -> str | None:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted only when no writer holds it
     except BlockingIOError:
-        return os.pread(descriptor, 200, 0).decode("utf-8", errors="replace").strip() or "another process"
+        return _holder(descriptor)
     except OSError:
         return None
     finally:

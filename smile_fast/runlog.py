@@ -95,13 +95,24 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
+def recorded_summary(run_dir: Path) -> dict[str, Any]:
+    """A finished run's summary.json; {} when there is none to read."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def recorded_number(summary: dict[str, Any], key: str) -> int | float | None:
+    value = summary.get(key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def recorded_top1(run_dir: Path) -> float | None:
     """The test top-1 a finished run's summary.json records; None when there is none to read."""
-    try:
-        top1 = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8")).get("test_top1")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return float(top1) if isinstance(top1, (int, float)) and not isinstance(top1, bool) else None
+    top1 = recorded_number(recorded_summary(run_dir), "test_top1")
+    return float(top1) if top1 is not None else None
 
 
 def evaluated_top1(run_dir: Path, iteration: int) -> float | None:
@@ -114,6 +125,8 @@ def evaluated_top1(run_dir: Path, iteration: int) -> float | None:
         return None
     found = None
     for row in rows:
+        if None in row.values() or None in row:  # cut short by a kill mid-write (a top-1 cut to its first digit)
+            continue
         try:
             if int(row.get("iteration") or -1) == iteration and row.get("test_top1"):
                 found = float(row["test_top1"])

@@ -325,9 +325,10 @@ def test_did_you_mean_names_only_close_known_names():
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_an_argument_error_under_torchrun_is_said_by_the_first_process_alone(monkeypatch, capsys, rank):
-    # The arguments are the same in every process: each printed its copy of the error (review).
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", rank)
+    # The arguments are the same in every process of a machine: each printed its copy of the error (review).
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", str(int(rank) + 2))  # a second node's processes: each node's log has its copy
+    monkeypatch.setenv("LOCAL_RANK", rank)
     assert main(["train", "--iterz", "3"]) == 2
     said = capsys.readouterr().err
     assert said.count("unrecognized arguments: --iterz 3") == (1 if rank == "0" else 0), said

@@ -1084,9 +1084,8 @@ def test_a_failed_run_folder_write_is_one_line_and_keeps_the_checkpoint(tiny_ima
     assert "no space left on the device, a quota or a file-size limit reached (torch.save stopped partway)" in str(
         stop.value
     )
-    assert f"no checkpoint had been written yet; fix it and start again (remove {tmp_path / 'full2'} or give " in str(
-        stop.value
-    )
+    expected = "no checkpoint had been written yet; fix it and start again with another --out (or remove the run's "
+    assert f"{expected}files from {tmp_path / 'full2'}: config.yaml, manifest.txt, metrics.csv)" in str(stop.value)
     assert "--resume" not in str(stop.value), "there is nothing to resume"
 
 

@@ -163,7 +163,9 @@ def test_an_unfinished_run_exports_the_top1_of_its_checkpoints_evaluation(finish
     running = tmp_path / "running"
     save_atomic(state, running / "last.pt")
     header = "iteration,lr,loss,l_mxp,l_fe,l_fc,ce,ce_mix,images_per_sec,test_top1,wall_seconds\n"
-    (running / "metrics.csv").write_text(header + "2,0.01,1.5,,,,,,10,,1\n3,0.01,1.4,,,,,,10,41.5,2\n4,0.01,1.3,,")
+    # Iteration 3's row is whole; a later row for it cut short by a kill mid-write (its top-1 cut to "8") is no top-1.
+    rows = "2,0.01,1.5,,,,,,10,,1\n3,0.01,1.4,,,,,,10,41.5,2\n3,0.01,1.4,,,,,,10,8"
+    (running / "metrics.csv").write_text(header + rows)
     lock = RunFolderLock()
     lock.acquire(running)
     try:

@@ -360,6 +360,15 @@ def test_inputs_that_are_no_tensors_are_a_clear_error(path: str, call, message: 
         call(np.zeros((4, 3, 2, 2), dtype=np.float32))
 
 
+def test_ema_update_takes_parameter_lists(path: str) -> None:
+    # A ParameterList is a module, but also a sequence of tensors: refusing modules must not refuse it (review).
+    teacher = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.ones(2))])
+    student = torch.nn.ParameterList([torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(2))])
+    ops.ema_update_(teacher, student, 0.75)
+    torch.testing.assert_close(teacher[0].detach(), torch.full((3,), 0.25))
+    torch.testing.assert_close(teacher[1].detach(), torch.full((2,), 0.75))
+
+
 def test_perm_that_is_no_tensor_is_a_clear_error(path: str) -> None:
     with pytest.raises(ValueError, match=r"perm must be a long tensor \[4\], got list"):
         ops.mixup_batch(torch.randn(4, 3, 2, 2), [1, 0, 3, 2], 0.5)

@@ -250,7 +250,8 @@ def ema_update_(teacher_tensors: Sequence[Tensor], student_tensors: Sequence[Ten
     saved one before the update raises at backward, as after any in-place op.
     """
     for name, given in (("teacher_tensors", teacher_tensors), ("student_tensors", student_tensors)):
-        if isinstance(given, (torch.nn.Module, Tensor)):  # a model, or one tensor iterated row by row
+        # A model, or one tensor iterated row by row; a ParameterList is a module that is a sequence of tensors.
+        if isinstance(given, (torch.nn.Module, Tensor)) and not isinstance(given, torch.nn.ParameterList):
             what = "a module" if isinstance(given, torch.nn.Module) else "one tensor"
             raise ValueError(
                 f"{name} must be a sequence of tensors, got {what}: pass list(model.parameters()) (and buffers), "
