@@ -335,6 +335,18 @@ def test_auto_weights_offline_fall_back_to_random_init_with_one_line(offline_emp
     assert isinstance(model, torchvision.models.ResNet) and model.fc.out_features == 1000
 
 
+def test_a_process_that_only_reads_the_cache_falls_back_without_a_download(offline_empty_hub, resnet18_state):
+    # Under torchrun the machine's other processes read what its first one fetched: where that failed, theirs would
+    # fail again, after as long a wait behind a firewall that drops packets (review).
+    model, description = build_source_model("resnet18", "auto", log=lambda line: None, fetch=False)
+    assert offline_empty_hub == [] and description == "none (ImageNet weights unavailable)"
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(resnet18_state, cache / os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url))
+    model, description = build_source_model("resnet18", "auto", log=lambda line: None, fetch=False)
+    assert "cached" in description and torch.equal(model.fc.weight, resnet18_state["fc.weight"])
+
+
 def test_imagenet_weights_offline_are_a_user_error(offline_empty_hub):
     with pytest.raises(UserError, match="ImageNet weights"):
         build_source_model("resnet18", "imagenet", log=lambda line: pytest.fail(f"unexpected log line: {line}"))
