@@ -860,7 +860,13 @@ def _without_source_location(text: str) -> str:
 
 # What a collective says when the process at the other end is gone: gloo's socket errors, NCCL's remote error.
 # Not a timeout (a rank hung, alive: the traceback stays) nor any other error of this rank's own (review).
-_PEER_GONE_TEXTS = ("Connection closed by peer", "Connection reset by peer", "remote process exit", "ncclRemoteError")
+_PEER_GONE_TEXTS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",  # gloo writing to a peer's closed socket
+    "remote process exit",
+    "ncclRemoteError",
+)
 
 
 def _a_peer_is_gone(error: RuntimeError) -> bool:

@@ -95,6 +95,7 @@ def why_unreadable(path: str) -> str:
             if min(image.size) < 1:
                 return f"image of size {image.size[0]}x{image.size[1]}"
             image.load()
+            _to_rgb(image)  # as load_rgb: a file that fails only in its conversion was "readable now"
     except UnidentifiedImageError:
         return "not an image file PIL can identify"
     except Exception as error:  # noqa: BLE001 - PIL's errors are of many types; their text is the reason
