@@ -233,6 +233,15 @@ def _coerce(key: str, value: Any, type_text: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if wanted is int and isinstance(value, str):
+        # The same for a whole number: `iters: 9e3` was refused as "must be an int, got '9e3'" (review).
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if number.is_integer():
+                return int(number)
     if wanted is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
