@@ -504,9 +504,18 @@ def _print_summary_table(summary: dict) -> None:
         print(f"{name:<{width}}  {value}")
 
 
+def _torchrun_world_size() -> int:
+    """How many processes torchrun started (1 without torchrun). Set by hand to something else: 1 here, and
+    devices.py says so when a run starts."""
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return 1
+
+
 def _one_process(command: str) -> None:
     """eval, export, predict, report, data: every process would do the whole job and print the same lines."""
-    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+    if _torchrun_world_size() > 1:
         raise UserError(f"smile-fast {command} runs in one process; start it without torchrun")
 
 
@@ -869,7 +878,7 @@ def _not_the_first_process() -> bool:
     """Whether this is a torchrun worker other than its machine's first (errors in the arguments, the same for
     every process torchrun starts on a machine, are said once there; each machine has its own log, and with
     several nodes each was started with its own command line)."""
-    return os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1"
+    return _torchrun_world_size() > 1 and os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -891,11 +900,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # For the benchmarks' and the run's JSON, also when main() is called in-process. Under torchrun the
         # command that starts the run is torchrun's (`launcher` reads its environment), as config.yaml says.
-        try:
-            world_size = int(os.environ.get("WORLD_SIZE") or 1)
-        except ValueError:  # set by hand to something else: devices.py says so when a run starts
-            world_size = 1
-        record_command([*shlex.split(launcher(world_size)), *argv])
+        record_command([*shlex.split(launcher(_torchrun_world_size())), *argv])
         if unknown:
             # Reported here rather than by argparse's top-level parser, so that the hint names the
             # subcommand's own --help (where the flag would be listed), not `smile-fast --help`.

@@ -227,19 +227,16 @@ def _coerce(key: str, value: Any, type_text: str) -> Any:
         return value
     if wanted is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if wanted is float and isinstance(value, str):
-        # PyYAML reads 1e-2 (no dot in the mantissa) as a string, though everyone means the number.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if wanted is int and isinstance(value, str):
-        # The same for a whole number: `iters: 9e3` was refused as "must be an int, got '9e3'" (review).
+    if wanted in (float, int) and isinstance(value, str):
+        # PyYAML reads 1e-2 and 9e3 (no dot in the mantissa) as strings, though everyone means the numbers (`iters:
+        # 9e3` was "must be an int, got '9e3'": review). An int setting takes a whole number only.
         try:
             number = float(value)
         except ValueError:
             pass
         else:
+            if wanted is float:
+                return number
             if number.is_integer():
                 return int(number)
     if wanted is str and isinstance(value, (int, float)) and not isinstance(value, bool):

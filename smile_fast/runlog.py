@@ -130,7 +130,7 @@ def evaluated_top1(run_dir: Path, iteration: int) -> float | None:
         try:
             if int(row.get("iteration") or -1) == iteration and row.get("test_top1"):
                 found = float(row["test_top1"])
-        except (TypeError, ValueError):  # a row cut short by a kill mid-write
+        except (TypeError, ValueError):  # a value that is no number (a file edited by hand)
             continue
     return found
 
