@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from smile_fast.config import TrainConfig, build_config, teacher_fused_conv_default
+from smile_fast.config import TrainConfig, build_config, channels_last_default, teacher_fused_conv_default
 from smile_fast.data.transforms import normalize_uint8
 from smile_fast.devices import resolve_device
 from smile_fast.errors import UserError
@@ -437,7 +437,7 @@ def run_step_benchmark(
         # iteration after those (iteration 10), which must not fall among the timed steps.
         warmup = max(warmup, 11)
     if channels_last is None:
-        channels_last = device_obj.type == "cuda"
+        channels_last = channels_last_default(device_obj)
     if teacher_fused_conv is None:  # the product's default, so that the figures are the product's
         teacher_fused_conv = "smile" in methods and teacher_fused_conv_default(
             model, device_obj, amp=amp, fold_teacher_bn=fold_teacher_bn

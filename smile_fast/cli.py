@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from smile_fast.config import (
     SAMPLE_DRAWS,
 )
 from smile_fast.errors import UserError, did_you_mean, discard_output, write_failure
+from smile_fast.torchrun import torchrun_environment
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,6 +156,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+WORKERS_HELP = "image decoding processes (default: as train's loader picks them, its CPUs, at most 16)"
+
 FUSED_INPUT_HELP = (
     "the loader hands over uint8 pixels and the step normalizes them, and mixes them for mixup and SMILE, "
     "in one pass (ops.mixup_normalize_uint8) written in the AMP dtype"
@@ -276,9 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--workers",
         type=_integer,
-        default=min(4, os.cpu_count() or 1),
         metavar="N",
-        help="image decoding processes (default: %(default)s)",
+        help=WORKERS_HELP,
     )
 
     export = commands.add_parser(
@@ -321,9 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--batch-size", type=_integer, default=64, metavar="N", help="images per forward pass")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    predict.add_argument(
-        "--workers", type=_integer, default=min(4, os.cpu_count() or 1), metavar="N", help="image decoding processes"
-    )
+    predict.add_argument("--workers", type=_integer, metavar="N", help=WORKERS_HELP)
     predict.add_argument(
         "--out",
         metavar="FILE",
@@ -472,7 +471,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     named = set(yaml_values) | {key for key, value in overrides.items() if value is not None}
     summary = train(config, progress=not args.no_progress, given={key: getattr(config, key) for key in named})
-    if int(os.environ.get("RANK") or 0) == 0:  # under torchrun every rank returns; the table is printed once
+    if torchrun_environment().is_main:  # under torchrun every rank returns; the table is printed once
         try:
             _print_summary_table(summary)
             sys.stdout.flush()
@@ -504,18 +503,9 @@ def _print_summary_table(summary: dict) -> None:
         print(f"{name:<{width}}  {value}")
 
 
-def _torchrun_world_size() -> int:
-    """How many processes torchrun started (1 without torchrun). Set by hand to something else: 1 here, and
-    devices.py says so when a run starts."""
-    try:
-        return int(os.environ.get("WORLD_SIZE") or 1)
-    except ValueError:
-        return 1
-
-
 def _one_process(command: str) -> None:
     """eval, export, predict, report, data: every process would do the whole job and print the same lines."""
-    if _torchrun_world_size() > 1:
+    if torchrun_environment().enabled:
         raise UserError(f"smile-fast {command} runs in one process; start it without torchrun")
 
 
@@ -524,7 +514,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from smile_fast.stop_signals import sigterm_as_interrupt
 
     _one_process("eval")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise UserError("--workers must be at least 0")
     with sigterm_as_interrupt():  # the loader's workers end with it, as with Ctrl-C
         result = evaluate_checkpoint(
@@ -633,7 +623,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from smile_fast.stop_signals import EXIT_WRITE_FAILED, sigterm_as_interrupt
 
     _one_process("predict")
-    if args.batch_size < 1 or args.workers < 0:
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise UserError("--batch-size must be at least 1 and --workers at least 0")
     if args.top_k < 1:  # its upper bound, the model's classes, is checked once the model is read
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
@@ -787,7 +777,7 @@ def _run_bench(args: argparse.Namespace, json_path: Path | None) -> int:
 
 
 def _bench_loader(args: argparse.Namespace) -> dict:
-    from smile_fast.config import build_config
+    from smile_fast.config import build_config, channels_last_default
     from smile_fast.data.loader_bench import run_loader_benchmark
     from smile_fast.data.loaders import default_workers
     from smile_fast.data.prepare import prepare_data
@@ -820,7 +810,7 @@ def _bench_loader(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     # As train decides it (config.resolve_for_device): on CUDA the loader hands the model NHWC batches,
     # which DALI writes directly; timing NCHW there would time a layout training does not use.
-    channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
+    channels_last = args.channels_last if args.channels_last is not None else channels_last_default(device)
     result = run_loader_benchmark(
         args.loader,
         splits.train,
@@ -878,7 +868,11 @@ def _not_the_first_process() -> bool:
     """Whether this is a torchrun worker other than its machine's first (errors in the arguments, the same for
     every process torchrun starts on a machine, are said once there; each machine has its own log, and with
     several nodes each was started with its own command line)."""
-    return _torchrun_world_size() > 1 and os.environ.get("LOCAL_RANK", "0") != "0"
+    try:
+        context = torchrun_environment()
+    except UserError:  # a torchrun variable set by hand: every process says it
+        return False
+    return context.local_rank != 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -900,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # For the benchmarks' and the run's JSON, also when main() is called in-process. Under torchrun the
         # command that starts the run is torchrun's (`launcher` reads its environment), as config.yaml says.
-        record_command([*shlex.split(launcher(_torchrun_world_size())), *argv])
+        record_command([*shlex.split(launcher(torchrun_environment().world_size)), *argv])
         if unknown:
             # Reported here rather than by argparse's top-level parser, so that the hint names the
             # subcommand's own --help (where the flag would be listed), not `smile-fast --help`.

@@ -288,15 +288,18 @@ def fill_dataset_defaults(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def resolve_for_device(config: TrainConfig, device) -> TrainConfig:
-    """Fill the defaults that depend on the device the run got (known only once it is set up).
+def channels_last_default(device) -> bool:
+    """--channels-last when not given, for training, the benchmarks and evaluation alike: on with CUDA, where bf16
+    and fp32 convolutions run in cuDNN's NHWC kernels without layout transposes; off on a CPU, where it measured
+    within the noise on the 2-core AMD EPYC development machine (2-3%, bench/RESULTS.md)."""
+    return device.type == "cuda"
 
-    channels_last: on with CUDA, where bf16 and fp32 convolutions run in cuDNN's NHWC kernels without
-    layout transposes; off on a CPU, where it measured within the noise here (2-3%, bench/RESULTS.md).
-    teacher_fused_conv: see teacher_fused_conv_default.
-    """
+
+def resolve_for_device(config: TrainConfig, device) -> TrainConfig:
+    """Fill the defaults that depend on the device the run got (known only once it is set up): see
+    channels_last_default and teacher_fused_conv_default."""
     if config.channels_last is None:
-        config.channels_last = device.type == "cuda"
+        config.channels_last = channels_last_default(device)
     if config.teacher_fused_conv is None:
         config.teacher_fused_conv = config.method == "smile" and teacher_fused_conv_default(
             config.model, device, amp=config.amp, fold_teacher_bn=config.fold_teacher_bn

@@ -5,26 +5,11 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
 
 import torch
 
 from smile_fast.errors import UserError
-
-
-@dataclass
-class DistributedContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+from smile_fast.torchrun import DistributedContext, torchrun_environment
 
 
 def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
@@ -72,13 +57,19 @@ def setup_distributed(device_name: str, timeout_minutes: float = 10.0) -> tuple[
 
     The collective timeout makes a crashed rank end every other rank with an error instead of a hang.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistributedContext(), resolve_device(device_name)
+    context = torchrun_environment()
+    if not context.enabled:
+        return context, resolve_device(device_name)
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:  # WORLD_SIZE set by hand: the rendezvous would fail with a traceback naming one of them
+        raise UserError(
+            f"WORLD_SIZE={context.world_size} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+            "not: start the run with torchrun (torchrun --nproc_per_node=N -m smile_fast train ...), or unset "
+            "WORLD_SIZE to run one process"
+        )
     import torch.distributed as dist
 
-    context = DistributedContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    device = resolve_device(device_name, context.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    device = resolve_device(device_name, context.local_rank, context.local_world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

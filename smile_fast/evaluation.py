@@ -3,14 +3,13 @@ checkpoint."""
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Any
 
 import torch
 
 from smile_fast.checkpoint import load_checkpoint
-from smile_fast.config import build_config
+from smile_fast.config import build_config, channels_last_default
 from smile_fast.data.prepare import prepare_data
 from smile_fast.devices import resolve_device
 from smile_fast.errors import UserError
@@ -66,8 +65,9 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Test top-1 of a checkpoint's student on its dataset's test split, in float32 as the run's own
     evaluations (and the authors' code) do, with the run's memory format. progress: a bar on stderr (Food-101's
-    test split is 25,250 images: minutes on a CPU). workers: image decoding processes (default: up to 4)."""
-    from smile_fast.data.loaders import eval_batches
+    test split is 25,250 images: minutes on a CPU). workers: image decoding processes (default: as train's
+    loader, its CPUs, at most 16)."""
+    from smile_fast.data.loaders import default_workers, eval_batches
 
     state = load_checkpoint(path)
     values = dict(state["config"])
@@ -86,7 +86,7 @@ def evaluate_checkpoint(
     # At the dataset's class count: a checkpoint from before class names were recorded, with another count,
     # is then a layout error rather than a score against shifted labels.
     student = student_from_checkpoint(state, path, num_classes=len(splits.classes))
-    channels_last = config.channels_last if config.channels_last is not None else device_obj.type == "cuda"
+    channels_last = config.channels_last if config.channels_last is not None else channels_last_default(device_obj)
     student.to(device_obj, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
     if not splits.test:
         raise UserError("the test split is empty; nothing to evaluate")
@@ -96,7 +96,7 @@ def evaluate_checkpoint(
         test_spec,
         config.eval_batch_size,
         device_obj,
-        min(4, os.cpu_count() or 1) if workers is None else workers,
+        default_workers() if workers is None else workers,
         0,
         1,
         channels_last,

@@ -189,10 +189,11 @@ def predict(
     """(index into `paths`, [(label, probability)] best first, `top_k` of them) for each image that decodes, in
     order. Images that do not decode are left out (the caller finds them by their missing index). float32,
     as the run's evaluations score. on_batch(count) is called with each batch's size (a progress bar)."""
+    from smile_fast.config import channels_last_default
     from smile_fast.data.torchvision import eval_batches
 
     check_top_k(classifier, top_k)
-    channels_last = device.type == "cuda"
+    channels_last = channels_last_default(device)  # as the run's evaluations (an exported model has no setting)
     model = classifier.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     # The sample's label is its index in `paths`: the loader hands it back beside the image.
     samples = [(path, index) for index, path in enumerate(paths)]
@@ -252,7 +253,9 @@ def predictions_csv(
     classifier: Classifier, paths: list[str], device: torch.device, options, stream
 ) -> tuple[int, list[str]]:
     """Write one CSV row per readable image of `paths` to `stream`, in order (options: top_k, batch_size,
-    workers). Returns the number of rows and the paths that are not readable images (each once): a header
+    workers, None for the loader's default).
+
+    Returns the number of rows and the paths that are not readable images (each once): a header
     check finds most before the model runs, the loader the rest (a header that reads, pixels that do not)."""
     import csv
     import sys
@@ -260,12 +263,14 @@ def predictions_csv(
     from tqdm.auto import tqdm
 
     from smile_fast.data.images import check_images
+    from smile_fast.data.loaders import default_workers
 
     check_top_k(classifier, options.top_k)  # before the header: an error leaves the output empty
     readable, unreadable = check_images([(path, 0) for path in paths], cache_dir=None)
     readable_paths = [path for path, _ in readable]
     # No more loader processes than batches (64 workers for one image started 64 processes).
-    workers = min(options.workers, -(-len(readable_paths) // options.batch_size))
+    wanted = default_workers() if options.workers is None else options.workers
+    workers = min(wanted, -(-len(readable_paths) // options.batch_size))
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(csv_header(options.top_k))
     decoded, rows = set(), 0

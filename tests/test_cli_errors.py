@@ -335,3 +335,26 @@ def test_an_argument_error_under_torchrun_is_said_by_the_first_process_alone(mon
     assert main(["train", "--method", "fine-tune"]) == 2  # argparse's own errors (an unknown choice) too
     said = capsys.readouterr().err
     assert said.count("invalid choice: 'fine-tune'") == (1 if rank == "0" else 0), said
+
+
+@pytest.mark.parametrize("name", ["WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"])
+def test_a_torchrun_variable_set_by_hand_to_a_non_number_is_one_line(monkeypatch, capsys, name):
+    # WORLD_SIZE=abc was a ValueError traceback from devices.py, while the command line took it for one process.
+    for variable, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(variable, value)
+    monkeypatch.setenv(name, "abc")
+    assert main(["train", "--iters", "1"]) == 2
+    said = capsys.readouterr().err
+    assert f"{name}='abc' in the environment is not a whole number" in said, said
+    assert "Traceback" not in said
+
+
+def test_world_size_set_by_hand_without_torchrun_is_one_line(monkeypatch, capsys, tmp_path):
+    # The rendezvous had failed with a KeyError traceback for RANK.
+    for variable in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--iters", "1", "--out", str(tmp_path / "run")]) == 2
+    said = capsys.readouterr().err
+    assert "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT are not: start the run with torchrun" in said, said
+    assert not (tmp_path / "run").exists()

@@ -18,8 +18,10 @@ from smile_fast.errors import UserError
 def test_default_workers_share_this_process_cpus_among_the_local_ranks(monkeypatch, cpus, ranks_here, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     if ranks_here is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    else:
+    else:  # torchrun on one machine sets both
+        monkeypatch.setenv("WORLD_SIZE", ranks_here)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks_here)
     assert loaders.default_workers() == expected
 

@@ -11,6 +11,7 @@ import torch
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec
 from smile_fast.errors import UserError
+from smile_fast.torchrun import torchrun_environment
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def default_workers() -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    ranks_here = max(1, torchrun_environment().local_world_size)
     return max(1, min(16, cpus // ranks_here))
 
 
