@@ -225,12 +225,3 @@ def _write_pair(model: nn.Module, metadata: dict[str, Any], weights_path: Path, 
         os.fsync(json_stream.fileno())
         with atomic_write(weights_path, binary=True) as weights_stream:
             torch.save(model.state_dict(), weights_stream)
-
-
-def export_checkpoint(checkpoint: str | Path, out: str | None = None) -> tuple[Path, Path]:
-    """`smile-fast export` as a function: export_path, prepare_export, check_export_targets, write_export.
-    Returns the weights file and its .json."""
-    weights_path = export_path(checkpoint, out)
-    model, metadata = prepare_export(checkpoint)
-    check_export_targets(weights_path)
-    return write_export(model, metadata, weights_path)

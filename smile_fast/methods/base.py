@@ -34,14 +34,17 @@ class MixDraw:
     applied: bool = True
 
 
-def step_generator(seed: int, iteration: int, rank: int = 0) -> np.random.Generator:
-    """The RNG for one step's mixing draw: a pure function of (seed, iteration, rank).
+def step_generator(seed: int, iteration: int) -> np.random.Generator:
+    """The RNG for one step's mixing draw: a pure function of (seed, iteration), the same in every process of a
+    torchrun run.
 
     Deriving it from the iteration rather than carrying one RNG through the run means a resumed
     run draws exactly the lams and permutations the uninterrupted run would have drawn, with no
     RNG state to save.
     """
-    return np.random.default_rng([seed, iteration, rank, 0x5E11E])
+    # The 0 held a rank no caller ever passed; it stays so that every run draws what it drew before (a run
+    # stopped with an earlier version resumes with the same lams and permutations).
+    return np.random.default_rng([seed, iteration, 0, 0x5E11E])
 
 
 def folded_beta(generator: np.random.Generator, alpha: float) -> float:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from smile_fast.methods.base import Method, MixDraw, device_mix_tensors
 from smile_fast.methods.batch import as_batch
+from smile_fast.ops import mixup_cross_entropy
 
 
 def cutmix_box(generator, height: int, width: int, lam: float) -> tuple[int, int, int, int]:
@@ -50,8 +51,6 @@ class CutMix(Method):
         mixed[:, :, top : top + box_h, left : left + box_w] = images[
             draw.perm, :, top : top + box_h, left : left + box_w
         ]
-        logits = student(mixed).logits.float()
-        loss = draw.lam * F.cross_entropy(logits, labels) + (1.0 - draw.lam) * F.cross_entropy(
-            logits, labels[draw.perm]
-        )
+        # Labels mixed by the box's share, as mixup mixes them by lam: the same fused loss.
+        loss = mixup_cross_entropy(student(mixed).logits, labels, draw.perm, draw.lam_tensor)
         return loss, {"ce_mix": loss.detach()}
