@@ -529,10 +529,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         f"(checkpoint at iteration {result['iteration']})"
     )
     if result["run_test_images"] is not None and result["run_test_images"] != result["test_images"]:
+        why = "the test files changed since (added, removed or now unreadable)"
+        if result["run_loader"] == "dali":  # eval reads with PIL, as the torchvision loader does (review)
+            why = (
+                "the run read them with DALI, whose decoder reads some damaged files that PIL (eval's reader) "
+                f"refuses, or {why}"
+            )
         print(
             f"note: the run's own evaluation of this checkpoint scored {result['run_test_images']} test images, this "
-            f"one {result['test_images']}: the test files changed since (added, removed or now unreadable), so the "
-            "two top-1s are not of the same images"
+            f"one {result['test_images']}: {why}, so the two top-1s are not of the same images"
         )
     return 0
 

@@ -105,25 +105,32 @@ def evaluate_checkpoint(
         correct, total = count_correct(student, batches, device_obj, on_batch=bar.update)
     if total.item() == 0:  # every test image passed the header check and failed to decode (named above)
         raise UserError("no test image could be decoded; nothing to evaluate")
+    run_test_images, run_loader = _runs_own_test_images(path, int(state["iteration"]))
     return {
         "checkpoint": str(path),
         "iteration": int(state["iteration"]),
         "test_top1": 100.0 * correct.item() / total.item(),
         "test_images": total.item(),
-        "run_test_images": _runs_own_test_images(path, int(state["iteration"])),
+        "run_test_images": run_test_images,  # None unless the run's own last evaluation scored this checkpoint
+        "run_loader": run_loader,
     }
 
 
-def _runs_own_test_images(path, iteration: int) -> int | None:
-    """How many test images the run's own final evaluation scored (summary.json), when this checkpoint is the one
-    it scored; None otherwise. A different count from eval's means the test folder changed since the run."""
+def _runs_own_test_images(path, iteration: int) -> tuple[int | None, str | None]:
+    """How many test images the run's own final evaluation scored, and with which loader (summary.json), when this
+    checkpoint is the one it scored; (None, None) otherwise. A different count from eval's (which reads with PIL)
+    means the test folder changed since the run, or that the run read with DALI, whose decoder reads some damaged
+    files that PIL refuses."""
     from pathlib import Path
 
     from smile_fast.runlog import recorded_number, recorded_summary
 
     summary = recorded_summary(Path(path) if Path(path).is_dir() else Path(path).parent)
     count = recorded_number(summary, "test_images")
-    return int(count) if count is not None and recorded_number(summary, "iters") == iteration else None
+    if count is None or recorded_number(summary, "iters") != iteration:
+        return None, None
+    loader = summary.get("loader")
+    return int(count), loader if isinstance(loader, str) else None
 
 
 def eval_progress_bar(total: int, enabled: bool, desc: str = "test"):

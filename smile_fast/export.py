@@ -138,8 +138,8 @@ def _preprocess(config: dict[str, Any]) -> dict[str, Any]:
         # convert('RGB') clips 16-bit values at 255 (a 16-bit PNG comes out almost white); training scaled them.
         "input": (
             "an 8-bit RGB PIL image: Image.open(path).convert('RGB'), except that training scaled 16-bit "
-            "images (mode I;16, and I or F with a value above 255) to 0-255, x * 255 / 65535 rounded, before "
-            "converting"
+            "images (mode I;16, and I or F with a value above 255) to 0-255, x * 255 / 65535 rounded, and "
+            "float images (mode F) with no value above 1 by 255, before converting"
         ),
         "resize": mode,  # "shorter": the shorter side to resize_size, aspect kept; "square": resize_size x resize_size
         "resize_size": resize_size,

@@ -165,7 +165,7 @@ def find_images(arguments: list[str]) -> list[str]:
                     f"{argument} holds no image files (looked for {', '.join(IMAGE_EXTENSIONS)} in it and below)"
                 )
             found += below
-        elif os.path.exists(argument):
+        elif os.path.lexists(argument):  # a dangling link too: listed among the unreadable files, with its target
             found.append(argument)
         else:
             raise UserError(f"{argument} does not exist")

@@ -379,11 +379,24 @@ def test_a_file_damaged_past_its_header_is_left_out_not_fatal(tmp_path, caplog):
 
 
 @needs_dali
-def test_formats_dali_cannot_decode_are_re_encoded(tmp_path):
-    """A GIF named .jpg (as MIT-Indoor-67 has) would stop a DALI pipeline; it is decoded through PIL instead."""
+@pytest.mark.parametrize("kind", ["gif-named-jpg", "tiff-1bit", "tiff-int32", "tiff-gray-alpha", "tiff-rgb"])
+def test_formats_dali_cannot_decode_are_re_encoded(tmp_path, kind):
+    """A GIF named .jpg (as MIT-Indoor-67 has) would stop a DALI pipeline; it is decoded through PIL instead. So is
+    every TIFF: DALI's CPU decoder stopped the pipeline on 1-bit and 32-bit integer ones, and read a grayscale+alpha
+    one with the alpha as green, 239 grey levels off (review)."""
     rng = np.random.default_rng(0)
-    path = tmp_path / "actually_a_gif.jpg"
-    Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).convert("P").save(path, format="GIF")
+    rgb = Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8))
+    path = tmp_path / ("actually_a_gif.jpg" if kind == "gif-named-jpg" else f"{kind}.tif")
+    if kind == "gif-named-jpg":
+        rgb.convert("P").save(path, format="GIF")
+    elif kind == "tiff-1bit":
+        rgb.convert("1").save(path)
+    elif kind == "tiff-int32":
+        Image.fromarray(rng.integers(0, 60_000, (80, 100)).astype(np.int32)).save(path)
+    elif kind == "tiff-gray-alpha":
+        rgb.convert("LA").save(path)
+    else:
+        rgb.save(path)
     ((batch, labels),) = list(dali.dali_eval_batches([(str(path), 3)], SMALL_TEST, 2, "cpu"))
     top, left, _ = crop_geometry.crop_window(SMALL_TEST, *crop_geometry.resized_size(SMALL_TEST, 80, 100), None)
     assert labels.tolist() == [3]

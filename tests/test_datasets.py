@@ -313,7 +313,10 @@ def _save(path: Path, image: Image.Image, **options) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["L", "CMYK", "P", "P-transparent", "RGBA-png", "LA-png", "I16-png", "RGB-png", "gif"])
+_MODES = ["L", "CMYK", "P", "P-transparent", "RGBA-png", "LA-png", "I16-png", "F01-tiff", "F255-tiff", "RGB-png", "gif"]
+
+
+@pytest.mark.parametrize("kind", _MODES)
 def test_load_rgb_converts_every_mode(tmp_path: Path, kind: str):
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 256, size=(9, 13, 3), dtype=np.uint8))
@@ -334,6 +337,12 @@ def test_load_rgb_converts_every_mode(tmp_path: Path, kind: str):
     elif kind == "I16-png":
         values = np.full((9, 13), 40_000, dtype=np.uint16)
         path = _save(tmp_path / "sixteen.png", Image.fromarray(values))
+    elif kind == "F01-tiff":  # float intensities 0..1, as scientific and HDR tools write them
+        values = np.full((9, 13), 0.6, dtype=np.float32)
+        path = _save(tmp_path / "float01.tiff", Image.fromarray(values))
+    elif kind == "F255-tiff":
+        values = np.full((9, 13), 153.0, dtype=np.float32)
+        path = _save(tmp_path / "float255.tiff", Image.fromarray(values))
     elif kind == "RGB-png":
         path = _save(tmp_path / "rgb.png", rgb)
     else:
@@ -348,6 +357,9 @@ def test_load_rgb_converts_every_mode(tmp_path: Path, kind: str):
     if kind == "I16-png":
         # 40000 / 65535 of full scale, not clipped to white.
         assert np.all(pixels == round(40_000 * 255 / 65_535))
+    if kind in ("F01-tiff", "F255-tiff"):
+        # 0.6 of full scale both ways; a 0..1 image read as 0..255 came out black (review).
+        assert np.all(pixels == 153), pixels[0, 0]
 
 
 def test_check_images_finds_truncated_and_garbage_files(tmp_path: Path):

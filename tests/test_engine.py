@@ -313,6 +313,12 @@ def test_eval_notes_a_test_folder_that_changed_since_the_run(tmp_path, capsys):
     assert main(["eval", str(out / "last.pt"), "--device", "cpu", "--workers", "0"]) == 0
     printed = capsys.readouterr().out
     assert "on 11 images" in printed and "note: the run's own evaluation of this checkpoint scored 12 test " in printed
+    assert "DALI" not in printed, "the run read with the torchvision loader, as eval does"
+    # A DALI run's count can differ with no file changed: its decoder reads some damaged JPEGs PIL refuses (review).
+    summary_file = out / "summary.json"
+    summary_file.write_text(json.dumps({**json.loads(summary_file.read_text()), "loader": "dali"}))
+    assert main(["eval", str(out), "--device", "cpu", "--workers", "0"]) == 0
+    assert "the run read them with DALI, whose decoder reads some damaged files" in capsys.readouterr().out
 
 
 def test_sigterm_stops_eval_as_ctrl_c_does(tiny_imagefolder, tmp_path, capsys, monkeypatch):

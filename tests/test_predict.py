@@ -154,6 +154,17 @@ def test_files_that_are_not_images_are_listed_and_the_others_predicted(finished_
     assert len(_rows(out.read_text())) == 3
 
 
+def test_a_dangling_link_named_is_listed_with_its_target_and_the_others_predicted(finished_run, tmp_path, capsys):
+    # It was "smile-fast: error: ... does not exist" (exit 2, no rows) although `ls` lists it (review).
+    run_dir, data, _ = finished_run
+    good = data / "test" / "c1" / "0.jpg"
+    link = tmp_path / "photo.jpg"
+    link.symlink_to(tmp_path / "moved-away.jpg")
+    status, rows, err = _predict([str(run_dir), str(link), str(good)], capsys)
+    assert status == 1 and [row[0] for row in rows[1:]] == [str(good)], err
+    assert f"  {link} (a link to {tmp_path / 'moved-away.jpg'}, which does not exist)" in err.splitlines(), err
+
+
 def test_images_past_pils_size_limit_warn_nothing_and_are_refused_with_the_reason(
     finished_run, tmp_path, capsys, monkeypatch
 ):

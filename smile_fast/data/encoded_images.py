@@ -9,15 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
-# File signatures of the formats DALI's decoder reads (JPEG, PNG, BMP, TIFF, WebP, PNM, JPEG 2000).
+# File signatures of the formats handed to DALI's decoder as they are (JPEG, PNG, BMP, JPEG 2000).
 # Anything else that PIL opens (GIFs named .jpg in MIT-Indoor-67, for instance) would stop the
 # pipeline, so it is decoded with PIL and handed to DALI re-encoded as a lossless PNG.
+# TIFF too, although DALI reads most TIFFs: in a review its CPU decoder stopped the pipeline on 1-bit and
+# 32-bit integer TIFFs that PIL reads ("missing: BitsPerSample"), decoded a grayscale+alpha TIFF with the
+# alpha as the green channel (239 grey levels off) and a LAB one 14 levels off PIL's. TIFF is rare in
+# these datasets, and PIL's reading is the torchvision loader's, pixel for pixel.
 DECODER_SIGNATURES = (
     b"\xff\xd8\xff",
     b"\x89PNG\r\n\x1a\n",
     b"BM",
-    b"II*\x00",
-    b"MM\x00*",
     b"\x00\x00\x00\x0cjP  ",
     b"\xffO\xffQ",
 )

@@ -44,9 +44,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # PIL's convert("RGB") clips 16-bit and 32-bit values at 255, which turns most 16-bit
-        # grayscale PNGs white; scale the full range down to 8 bits instead.
+        # grayscale PNGs white; scale the full range down to 8 bits instead. A float image (mode F, a
+        # TIFF) with no value above 1 holds 0..1 intensities: converted as 0..255 it came out black.
         values = np.asarray(image, dtype=np.float64)
-        maximum = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        largest = values.max(initial=0)
+        if image.mode.startswith("I;16") or largest > 255:
+            maximum = 65535.0
+        elif image.mode == "F" and largest <= 1.0:
+            maximum = 1.0
+        else:
+            maximum = 255.0
         gray = np.clip(values * (255.0 / maximum), 0, 255).round().astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
@@ -88,6 +95,10 @@ def _check_one(path: str) -> bool:
 
 def why_unreadable(path: str) -> str:
     """Why a file the header check refused cannot be read, in a few words (for `data verify`, which lists them)."""
+    if not os.path.exists(path):  # (a dangling link's error named only the link)
+        if os.path.islink(path):
+            return f"a link to {os.readlink(path)}, which does not exist"
+        return "no longer exists"
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
