@@ -1,8 +1,9 @@
 """The training loop: the Trainer builds a run from its settings (precision, channels-last, compile, data,
 models, run folder), runs its iterations, logs and evaluates at intervals, writes checkpoints, and stops at a
-step boundary on a signal or a diverged loss (devices and ranks come from devices.py). Methods compute losses;
-this module owns everything around them. The checks of a recorded run are in resume.py, the dataset's
-preparation in data/prepare.py, the top-1 count and `eval` in evaluation.py, the stop signals in stop_signals.py.
+step boundary on a signal or a diverged loss (devices and ranks come from devices.py, what the ranks say to each
+other from ranks.py). Methods compute losses; this module owns everything around them. The checks of a recorded
+run are in resume.py, the dataset's preparation in data/prepare.py, the top-1 count and `eval` in evaluation.py,
+the stop signals in stop_signals.py.
 
 Order inside one iteration (SMILE_SPEC.md): forward and backward on the mixed batch, then, every
 `ema_every` iterations, the teacher's EMA update from the student as it is *before* this
@@ -12,10 +13,7 @@ iteration's optimizer step, then the optimizer step.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import hashlib
 import math
-import os
 import signal
 import sys
 import time
@@ -45,6 +43,17 @@ from smile_fast.errors import UserError, discard_output, first_line, write_failu
 from smile_fast.evaluation import count_correct, eval_progress_bar
 from smile_fast.methods import build_method
 from smile_fast.models import build_models, checkpoint_source_classes, paper_source_note
+from smile_fast.ranks import (
+    StopAgreement,
+    a_peer_is_gone,
+    barrier,
+    check_inputs_agree,
+    long_wait_group,
+    main_rank_says,
+    mean_over_ranks,
+    share_buffers,
+    without_source_location,
+)
 from smile_fast.resume import (
     check_classes,
     check_resume_settings,
@@ -77,9 +86,6 @@ from smile_fast.stop_signals import (
     interrupted_exit_status,
     signals_held,
 )
-
-STOP_CHECK_INTERVAL = 5  # at most this many iterations between the ranks' agreements on a stop signal,
-STOP_CHECK_SECONDS = 5.0  # and fewer when they take longer than this (torchrun kills its workers 30 s after a stop)
 
 
 def _write_failed(path: Path, error: BaseException, world_size: int) -> TrainingStopped:
@@ -118,6 +124,10 @@ class Trainer:
         self._unused_out: str | None = None  # an --out given with --resume names another folder
         self._named = dict(given or {})  # the settings this command named, with their values
         self.output_lost = False  # the reader of the run's messages went away (_lose_output)
+        self.previous_wall = 0.0  # a resumed run's seconds before this process (_restore)
+        self.previous_train_seconds = 0.0
+        self.last_saved_iteration: int | None = None  # this process's last checkpoint written (save)
+        self.test_images_scored: int | None = None  # the images the last evaluation counted (evaluate)
         if config.resume:
             self.resume_state = load_checkpoint(config.resume)
             saved = dict(self.resume_state["config"])
@@ -138,7 +148,7 @@ class Trainer:
         if self.dist.enabled and not config.out:
             # The name holds the start time, and each rank's clock gave its own: ranks that started on either
             # side of a second named two folders, of which only rank 0's was written (review).
-            self.run_dir = Path(_main_rank_says(str(self.run_dir)))
+            self.run_dir = Path(main_rank_says(str(self.run_dir)))
         if self.resume_state is not None:
             refuse_finished_run(self.run_dir, self.resume_state, config.iters)
             refuse_other_world_size(self.run_dir, self.resume_state, self.dist.world_size, config.batch_size)
@@ -155,7 +165,7 @@ class Trainer:
             except UserError as error:
                 refused = str(error)
         if self.dist.enabled:
-            refused = _main_rank_says(refused)
+            refused = main_rank_says(refused)
         if refused:
             raise UserError(refused)
         self._log = log or stderr_line
@@ -209,54 +219,6 @@ class Trainer:
             f"({', '.join(path.name for path in leftovers[:3])}{', ...' if len(leftovers) > 3 else ''}; "
             f"{size / 1e6:.0f} MB)"
         )
-
-    def _check_ranks_agree(self, train_samples: list) -> None:
-        """Refuse to start, on every rank, when the ranks found other data or other pre-trained weights.
-
-        Each rank reads the data folder and the weights itself (other nodes may have their own copies). DDP
-        copies rank 0's student to the others, but not its file lists, nor the teacher each rank builds from
-        its own source model. In a review, a rank missing 12 training images trained on shards that overlapped
-        the others', and a rank without the weights cache fell back to random init and distilled from another
-        teacher than rank 0's; both runs finished with exit 0 and nothing said. A collective: all ranks call it.
-        """
-        import torch.distributed as dist
-
-        # Paths relative to the data folder (the demo's: the folder its files share), since nodes may hold the
-        # same copy at different places.
-        every_path = [str(path) for path, _ in [*train_samples, *self.test_samples]]
-        base = self.config.data_dir or (os.path.commonpath(every_path) if every_path else "")
-
-        def digest(samples) -> str:
-            hashed = hashlib.sha256()
-            for path, label in samples:
-                hashed.update(f"{os.path.relpath(path, base)}\t{label}\n".encode("utf-8", "surrogateescape"))
-            return hashed.hexdigest()
-
-        mine = (
-            weights_identity(self.weights_description),  # cached or downloaded: the same weights
-            (len(train_samples), len(self.test_samples)),
-            (digest(train_samples), digest(self.test_samples)),
-        )
-        every: list = [None] * self.dist.world_size
-        dist.all_gather_object(every, mine)
-        weights, counts, digests = every[0]
-        problems = []
-        for rank, (their_weights, their_counts, their_digests) in enumerate(every[1:], start=1):
-            if their_weights != weights:
-                problems.append(f"rank {rank} starts from {their_weights}, rank 0 from {weights}")
-            if their_counts != counts:
-                problems.append(
-                    f"rank {rank} found {their_counts[0]} training / {their_counts[1]} test images, "
-                    f"rank 0 {counts[0]} / {counts[1]}"
-                )
-            elif their_digests != digests:
-                problems.append(f"rank {rank} found as many images as rank 0, but other files or labels")
-        if problems:
-            raise UserError(
-                f"the {self.dist.world_size} processes did not find the same inputs: {'; '.join(problems)}. Each "
-                "process reads the data folder and the pre-trained weights itself: give every node the same "
-                "copies (the same torch hub cache, or --weights FILE)"
-            )
 
     # ----------------------------------------------------------------------------------- set-up
     def _build(self) -> None:
@@ -321,9 +283,9 @@ class Trainer:
             # Under torchrun each machine's first process fetches torchvision's weights into the cache first; the
             # others then read that file, instead of each downloading it at once (and printing torch.hub's line).
             fetches = self.dist.enabled and config.weights in ("auto", "imagenet")
-            waits = _long_wait_group() if fetches else None  # every rank makes it (a collective)
+            waits = long_wait_group() if fetches else None  # every rank makes it (a collective)
             if fetches and self.dist.local_rank != 0:
-                _barrier(waits)
+                barrier(waits)
             student, source, self.weights_description = build_models(
                 config.model,
                 self.num_classes,
@@ -336,7 +298,7 @@ class Trainer:
                 fetch=not fetches or self.dist.local_rank == 0,
             )
             if fetches and self.dist.local_rank == 0:
-                _barrier(waits)
+                barrier(waits)
         else:
             # Every weight comes from the checkpoint: the pre-trained ones are neither read nor downloaded again
             # (offline, that attempt said "training from random init" of a run that had started from ImageNet).
@@ -365,7 +327,13 @@ class Trainer:
         if self.resume_state is None and (note := paper_source_note(config.dataset, config.model, config.weights)):
             self.log(note)
         if self.dist.enabled:
-            self._check_ranks_agree(train_samples)
+            check_inputs_agree(
+                self.dist,
+                weights_identity(self.weights_description),
+                train_samples,
+                self.test_samples,
+                config.data_dir,
+            )
         if world > 1 and config.dataset not in ("demo", "imagefolder") and world * config.batch_size != PAPER_BATCH:
             hint = f": --batch-size {PAPER_BATCH // world} gives the paper's" if PAPER_BATCH % world == 0 else ""
             self.log(
@@ -485,7 +453,7 @@ class Trainer:
         from smile_fast.data.loaders import eval_batches
 
         if self.dist.enabled:
-            self._share_buffers()
+            share_buffers(self.student)
         self.student.eval()
         batches = eval_batches(
             self.loader_kind,
@@ -517,19 +485,6 @@ class Trainer:
         self.test_images_scored = int(total.item())
         return 100.0 * correct.item() / total.item()
 
-    def _share_buffers(self) -> None:
-        """Give every rank the main rank's buffers (BatchNorm running statistics) before an evaluation.
-
-        Without SyncBatchNorm (CPU ranks, or --no-sync-bn) each rank's running statistics follow its own
-        shard; DDP copies the main rank's at the start of each training forward, but the last forward
-        then updates each rank's own. Each rank would score its share of the test set with a different
-        model, and the reported top-1 would not be the checkpoint's (which holds the main rank's).
-        """
-        import torch.distributed as dist
-
-        for buffer in self.student.buffers():
-            dist.broadcast(buffer, src=0)
-
     # --------------------------------------------------------------------------- checkpoints
     def save(self, next_iteration: int, wall: float, train_seconds: float, log_interval: dict | None = None) -> None:
         """last.pt. log_interval: a stop between two metrics.csv rows gives the open row's sums, so that the
@@ -559,7 +514,7 @@ class Trainer:
         try:
             with signals_held():  # a second Ctrl-C waits for the write instead of breaking it off
                 save_atomic(state, path)
-            self._last_saved_iteration = next_iteration
+            self.last_saved_iteration = next_iteration
         except (OSError, RuntimeError) as error:  # torch.save says "unexpected pos" when the disk is full
             raise _write_failed(path, error, self.dist.world_size) from error
         except KeyboardInterrupt as interrupt:
@@ -571,38 +526,10 @@ class Trainer:
                 exit_code=interrupted_exit_status(interrupt),
             ) from None
 
-    def _stop_agreed(self, stop: StopSignal, iteration: int) -> bool:
-        """All ranks stop at the same step boundary when any of them was signalled.
-
-        With several ranks the agreement is an all-reduce read back on the host, a sync; it is taken every
-        STOP_CHECK_INTERVAL iterations rather than every step, so the host can keep queueing steps ahead
-        of the GPU. But torchrun SIGKILLs its workers 30 s after its own signal, and five slow steps (a
-        ResNet-50 on CPUs) took longer than that in a review: the checkpoint was lost. So each agreement
-        also takes the slowest rank's seconds per step since the last, and the next comes after at most
-        STOP_CHECK_SECONDS of such steps (every step when one takes longer). Every rank computes the same
-        schedule from the same all-reduced figures, so they meet at the same iterations.
-        """
-        if not self.dist.enabled:
-            return bool(stop.requested) or self.output_lost
-        if iteration < self._next_stop_check:
-            return False
-        import torch.distributed as dist
-
-        last_iteration, last_time = self._last_stop_check
-        seconds_per_step = (time.perf_counter() - last_time) / max(iteration - last_iteration, 1)
-        asked = stop.requested or self.output_lost
-        figures = torch.tensor([1.0 if asked else 0.0, seconds_per_step], device=self.device)
-        dist.all_reduce(figures, op=dist.ReduceOp.MAX)
-        requested, slowest = figures.tolist()
-        self._next_stop_check = iteration + stop_check_interval(slowest)
-        self._last_stop_check = (iteration, time.perf_counter())
-        return requested > 0
-
     # ------------------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
         config = self.config
-        previous_wall = getattr(self, "previous_wall", 0.0)
-        train_seconds = getattr(self, "previous_train_seconds", 0.0)
+        previous_wall, train_seconds = self.previous_wall, self.previous_train_seconds
         global_batch = config.batch_size * self.dist.world_size
         progress = _progress_bar(config.iters, self.start_iteration, enabled=self.progress)
         batches = self.train_loader.iterate(self.start_iteration)
@@ -621,9 +548,7 @@ class Trainer:
         nonfinite_checks = 0
         top1 = None
         last_good_iteration = self.start_iteration
-        # The ranks' first agreement on a stop comes after one step; _stop_agreed spaces the later ones.
-        self._next_stop_check = self.start_iteration + 1
-        self._last_stop_check = (self.start_iteration, time.perf_counter())
+        stop_agreement = StopAgreement(self.dist, self.device, self.start_iteration)
         self.student.train()
         # closing(): however the loop ends (a stop, a divergence, an error), the loader ends here with its worker
         # processes, not when the caller drops the error that holds this frame (perhaps only at exit).
@@ -653,7 +578,7 @@ class Trainer:
                         steps = iteration - last_row_iteration
                         last_row_iteration = iteration
                         if self.dist.enabled:  # the global batch's mean, not the main rank's shard's
-                            loss_sum, part_sums = _mean_over_ranks(loss_sum, part_sums, self.dist.world_size)
+                            loss_sum, part_sums = mean_over_ranks(loss_sum, part_sums, self.dist.world_size)
                         mean_loss = loss_sum.item() / steps  # the one host sync of the interval
                         elapsed = time.perf_counter() - interval_start
                         train_seconds += elapsed
@@ -701,11 +626,12 @@ class Trainer:
                         part_sums = {}
                         interval_images, interval_start = 0, time.perf_counter()
 
-                    if iteration < config.iters and self._stop_agreed(stop, iteration):
+                    asked = bool(stop.requested) or self.output_lost
+                    if iteration < config.iters and stop_agreement.agreed(asked, iteration):
                         train_seconds += time.perf_counter() - interval_start
                         if last_good_iteration != iteration:  # else the evaluation's checkpoint is this one
                             if self.dist.enabled:  # every rank is here (the same iteration): the global means
-                                loss_sum, part_sums = _mean_over_ranks(loss_sum, part_sums, self.dist.world_size)
+                                loss_sum, part_sums = mean_over_ranks(loss_sum, part_sums, self.dist.world_size)
                             open_row = {
                                 "since": last_row_iteration,
                                 "loss_sum": float(loss_sum),
@@ -735,7 +661,7 @@ class Trainer:
         except StopNow as interrupt:  # a second signal, between checkpoint writes
             raise self._interrupted(interrupt) from None
         except RuntimeError as error:
-            if self.dist.enabled and _a_peer_is_gone(error):
+            if self.dist.enabled and a_peer_is_gone(error):
                 raise self._peer_gone(error) from None
             raise
         return summary
@@ -746,7 +672,7 @@ class Trainer:
         of this rank (review)."""
         return TrainingStopped(
             f"error: another process of the run ended (its own output says why), so rank {self.dist.rank} stops too "
-            f"({_without_source_location(first_line(error, 300)).split('. ')[0][:100]}); {self._what_is_kept()}",
+            f"({without_source_location(first_line(error, 300)).split('. ')[0][:100]}); {self._what_is_kept()}",
             exit_code=1,
         )
 
@@ -757,7 +683,7 @@ class Trainer:
         resume = f"continue with `{resume_command(self.run_dir, self.dist.world_size)}`"
         if not self.dist.is_main:
             return f"rank 0's checkpoint in {self.run_dir}, if it wrote one, is kept (its line says which); {resume}"
-        saved = getattr(self, "_last_saved_iteration", None)  # this run's own write
+        saved = self.last_saved_iteration  # this run's own write
         if saved is None and self.resume_state is not None:
             saved = self.start_iteration  # a resume's: the one it started from
         if saved is None or not (self.run_dir / "last.pt").is_file():
@@ -772,7 +698,7 @@ class Trainer:
     def _finish(self, top1: float | None, train_seconds: float, previous_wall: float) -> dict[str, Any]:
         config = self.config
         trained = config.iters  # images per second over the whole run, evaluation excluded
-        scored = getattr(self, "test_images_scored", len(self.test_samples))  # the last evaluation's
+        scored = self.test_images_scored if self.test_images_scored is not None else len(self.test_samples)
         summary = {
             "method": config.method,
             "smile_form": config.smile_form if config.method == "smile" else None,
@@ -828,89 +754,6 @@ def _diverged_message(trainer: Trainer, loss: float, iteration: int, last_good_i
     if config.amp and config.amp_dtype == "float16":
         remedy += " or --amp-dtype bfloat16"
     return f"the loss became {loss} before iteration {iteration}; {kept}; {remedy}"
-
-
-def _mean_over_ranks(
-    loss_sum: torch.Tensor, part_sums: dict[str, torch.Tensor], world_size: int
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The interval's loss sums averaged over the ranks, in one all-reduce. Each rank's loss is its shard's
-    mean (L_fe, already the global batch's, is the same on every rank), so their mean is the global one;
-    every rank then also judges the same value finite or not, and stops together."""
-    import torch.distributed as dist
-
-    names = list(part_sums)
-    stacked = torch.stack([loss_sum.float(), *(torch.as_tensor(part_sums[name]).float() for name in names)])
-    dist.all_reduce(stacked)
-    stacked /= world_size
-    return stacked[0], {name: stacked[index + 1] for index, name in enumerate(names)}
-
-
-def stop_check_interval(seconds_per_step: float) -> int:
-    """Iterations until the ranks' next agreement on a stop: STOP_CHECK_INTERVAL, or fewer so that they take
-    at most about STOP_CHECK_SECONDS (at least 1)."""
-    if seconds_per_step <= 0:
-        return STOP_CHECK_INTERVAL
-    return max(1, min(STOP_CHECK_INTERVAL, int(STOP_CHECK_SECONDS / seconds_per_step)))
-
-
-def _without_source_location(text: str) -> str:
-    """gloo's messages start with the C++ file and line that raised them: "[/__w/.../pair.cc:545] Read error ..."."""
-    return text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
-
-
-# What a collective says when the process at the other end is gone: gloo's socket errors, NCCL's remote error.
-# Not a timeout (a rank hung, alive: the traceback stays) nor any other error of this rank's own (review).
-_PEER_GONE_TEXTS = (
-    "Connection closed by peer",
-    "Connection reset by peer",
-    "Broken pipe",  # gloo writing to a peer's closed socket
-    "remote process exit",
-    "ncclRemoteError",
-)
-
-
-def _a_peer_is_gone(error: RuntimeError) -> bool:
-    """Whether a collective failed because another rank went away (killed, crashed)."""
-    return any(text in str(error) for text in _PEER_GONE_TEXTS)
-
-
-# How long the machine's other processes wait for its first one to fetch the pre-trained weights: a download, on a
-# slow link, can take longer than the run's 10-minute collective timeout (resnet101's file is 171 MB).
-WEIGHTS_FETCH_WAIT = datetime.timedelta(hours=2)
-
-
-def _long_wait_group():
-    """A gloo group of every rank for the wait on the weights: its own timeout, and a CPU barrier, which on NCCL
-    needs no device (NCCL's barrier warns that it guesses one)."""
-    import torch.distributed as dist
-
-    return dist.new_group(backend="gloo", timeout=WEIGHTS_FETCH_WAIT)
-
-
-def _barrier(group) -> None:
-    """Wait for every rank in `group`. A rank that ended meanwhile (its own output says why: no weights, no data on
-    its node) breaks the wait: this rank then says so in a line of its own, not a traceback from the collective."""
-    import torch.distributed as dist
-
-    try:
-        dist.barrier(group=group)
-    except RuntimeError as error:
-        if not _a_peer_is_gone(error):
-            raise
-        raise TrainingStopped(
-            "error: another process of the run ended before training started (its own output says why), so this "
-            "one stops too",
-            exit_code=1,
-        ) from None
-
-
-def _main_rank_says(value):
-    """The main rank's `value` on every rank (a collective: every rank must call it)."""
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -1232,7 +1232,7 @@ def test_a_torchrun_worker_takes_the_same_stop_signal_again_as_the_same_request(
 def test_the_ranks_agree_on_a_stop_often_enough_for_torchrun(seconds_per_step, interval):
     """torchrun SIGKILLs its workers 30 s after its own stop signal; five steps of a ResNet-50 on CPUs took longer
     (review), and the stop's checkpoint was lost. The ranks now meet after at most about 5 s of steps."""
-    from smile_fast.engine import STOP_CHECK_SECONDS, stop_check_interval
+    from smile_fast.ranks import STOP_CHECK_SECONDS, stop_check_interval
 
     assert stop_check_interval(seconds_per_step) == interval
     assert interval == 1 or interval * seconds_per_step <= STOP_CHECK_SECONDS
