@@ -54,6 +54,18 @@ class _Parser(argparse.ArgumentParser):
         return [option for action in self._actions for option in action.option_strings]
 
 
+class _OneConfigFile(argparse.Action):
+    """-c given twice: argparse kept the last file and dropped the first without a word (review)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            first = getattr(namespace, self.dest)
+            raise argparse.ArgumentError(
+                self, f"given twice ({first} and {value}): one YAML file per run, and flags override its settings"
+            )
+        setattr(namespace, self.dest, value)
+
+
 def _subcommand_parser(parser: argparse.ArgumentParser, words: list[str | None]) -> _Parser:
     """The parser of `smile-fast WORD WORD` (the top-level one when no subcommand was given)."""
     for word in words:
@@ -88,7 +100,7 @@ def _integer(text: str) -> int:
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag = parser.add_argument
-    flag("-c", "--config", help="YAML file of settings (flags given here override it)")
+    flag("-c", "--config", action=_OneConfigFile, help="YAML file of settings (flags given here override it)")
     flag("--dataset", choices=DATASET_CHOICES, help="dataset (default: demo, the embedded offline demo)")
     flag("--data-dir", help="folder holding the dataset's official layout")
     flag("--method", choices=METHOD_CHOICES, help="training objective (default: smile)")
@@ -461,6 +473,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     yaml_values = load_yaml(args.config) if args.config else {}
     overrides = {key: getattr(args, key) for key in TRAIN_KEYS}
+    yaml_values = _protocol_named_here_wins(yaml_values, overrides, args.config)
     config = build_config(yaml_values, overrides)
     # Checked on what this command names, not in validate(): a resumed run's dataset is its checkpoint's
     # (`--resume RUN --data-dir NEW` names no --dataset), and recorded configs are not this command's doing.
@@ -478,6 +491,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except OSError as error:  # `| head` that left before the end: the run itself is done and written
             return _stdout_failed(error)
     return 0
+
+
+_SAMPLE_RATE_PROTOCOL = ("sample_rate", "sample_draw")
+_CLASS_PROTOCOL = ("class_fraction", "train_samples")
+
+
+def _protocol_named_here_wins(yaml_values: dict, overrides: dict, path: str | None) -> dict:
+    """The YAML's settings less its data protocol when the command line names the other one: a run's config.yaml
+    records its protocol, and `train -c RUN/config.yaml --class-fraction 0.25 --train-samples 400` was refused as
+    "two different protocols" for a sample_rate the user never typed, which no flag could unset (review). Flags
+    override the file, the protocol as a whole; a note says what was dropped."""
+
+    def named(keys: tuple[str, ...], values: dict) -> list[str]:
+        return [key for key in keys if values.get(key) is not None]
+
+    if named(_CLASS_PROTOCOL, overrides) and not named(_SAMPLE_RATE_PROTOCOL, overrides):
+        dropped = named(_SAMPLE_RATE_PROTOCOL, yaml_values) if yaml_values.get("sample_rate") is not None else []
+    elif named(("sample_rate",), overrides) and not named(_CLASS_PROTOCOL, overrides):
+        dropped = named(_CLASS_PROTOCOL, yaml_values)
+    else:
+        return yaml_values
+    if dropped:
+        if not _not_the_first_process():
+            settings = ", ".join(f"{key}: {yaml_values[key]}" for key in dropped)
+            print(
+                f"note: {path}'s {settings} left out: the command line names the other data protocol",
+                file=sys.stderr,
+            )
+        yaml_values = {key: value for key, value in yaml_values.items() if key not in dropped}
+    return yaml_values
 
 
 def _batch_text(per_process: int, world_size: int) -> str:

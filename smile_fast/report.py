@@ -38,7 +38,8 @@ NOT_IN_GROUP = frozenset(
     {"seed", "out", "resume", "data_dir", "workers", "device", "log_every", "eval_every", "eval_batch_size"}
 )
 # Shown in every table (the protocol column stands for the three data-protocol settings).
-NAMED_COLUMNS = ("dataset", "method", "sample_rate", "class_fraction", "train_samples")
+PROTOCOL_SETTINGS = ("sample_rate", "class_fraction", "train_samples")
+NAMED_COLUMNS = ("dataset", "method", *PROTOCOL_SETTINGS)
 _METHOD_ORDER = ("finetune", "mixup", "cutmix", "smile")
 
 # SMILE_SPEC.md, Table 2: ResNet-50 from ImageNet weights.
@@ -307,6 +308,8 @@ def _settings(recorded: dict[str, Any], summary: dict[str, Any]) -> dict[str, An
             settings[resolved_on_the_device] = summary[resolved_on_the_device]
     if settings.get("sample_rate") == 1.0:  # every training image, as without --sample-rate
         settings["sample_rate"] = None
+    if settings.get("class_fraction") == 1.0:  # every class, in their order: the same manifest as without it (review)
+        settings["class_fraction"] = None
     return settings
 
 
@@ -463,7 +466,8 @@ def table_rows(collected: Collected, *, every_setting: bool = False) -> tuple[li
         fixed = sorted(FIELD_NAMES - NOT_IN_GROUP - set(NAMED_COLUMNS) - {"weights"}) + ["data_dir", "weights"]
         fixed.append("world_size")
         newer = sorted({key for group in collected.groups for key in group.key} - set(fixed) - set(NAMED_COLUMNS))
-        columns = fixed + newer  # settings of a version newer than this one, after the known ones
+        # The protocol's own settings too: a script should not have to parse `C:25%/N:400` back (review).
+        columns = [*PROTOCOL_SETTINGS, *fixed, *newer]  # settings of a version newer than this one after the known
     else:
         columns = _varying_columns(collected.groups)
     header = ["dataset", "method", "protocol", *columns, "runs", "seeds", "top-1 mean", "std", "paper", "differs"]

@@ -358,3 +358,49 @@ def test_world_size_set_by_hand_without_torchrun_is_one_line(monkeypatch, capsys
     said = capsys.readouterr().err
     assert "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT are not: start the run with torchrun" in said, said
     assert not (tmp_path / "run").exists()
+
+
+def test_a_second_config_file_is_refused_not_dropped(tmp_path, no_training, capsys):
+    # argparse kept the last -c and ignored the first without a word (review).
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("lr: 0.02\n")
+    second.write_text("iters: 3\n")
+    rc = main(["train", "-c", str(first), "-c", str(second)])
+    message = assert_one_line_error(rc, capsys.readouterr())
+    assert f"given twice ({first} and {second}): one YAML file per run" in message, message
+
+
+@pytest.mark.parametrize("named_here", ["class-fraction", "sample-rate"])
+def test_the_protocol_named_on_the_command_line_replaces_the_config_files_other_one(
+    tmp_path, monkeypatch, capsys, named_here
+):
+    # A run's config.yaml records its protocol; naming the other one was "two different protocols" for a setting
+    # the user never typed, and no flag could unset it (review).
+    started = {}
+    monkeypatch.setattr(smile_fast.engine, "train", lambda config, *args, **kw: started.setdefault("config", config))
+    monkeypatch.setattr("smile_fast.cli._print_summary_table", lambda summary: None)
+    config_file = tmp_path / "config.yaml"
+    if named_here == "class-fraction":
+        config_file.write_text("dataset: demo\nsample_rate: 0.15\nsample_draw: authors\nlr: 0.02\n")
+        flags = ["--class-fraction", "0.5", "--train-samples", "40"]
+    else:
+        config_file.write_text("dataset: demo\nclass_fraction: 0.5\ntrain_samples: 40\nlr: 0.02\n")
+        flags = ["--sample-rate", "0.3"]
+    assert main(["train", "-c", str(config_file), *flags]) == 0
+    config = started["config"]
+    assert config.lr == 0.02, "the file's other settings stand"
+    if named_here == "class-fraction":
+        assert (config.sample_rate, config.sample_draw, config.class_fraction, config.train_samples) == (
+            None,
+            "per-class",
+            0.5,
+            40,
+        )
+        said = "sample_rate: 0.15, sample_draw: authors left out"
+    else:
+        assert (config.sample_rate, config.class_fraction, config.train_samples) == (0.3, None, None)
+        said = "class_fraction: 0.5, train_samples: 40 left out"
+    assert f"note: {config_file}'s {said}: the command line names the other data protocol" in capsys.readouterr().err
+    # Both protocols on the command line are still refused.
+    assert main(["train", "-c", str(config_file), "--sample-rate", "0.3", "--class-fraction", "0.5"]) == 2
+    assert "two different protocols" in capsys.readouterr().err

@@ -158,10 +158,13 @@ def test_settings_a_run_never_read_do_not_split_it(real_run, tmp_path, capsys):
         sample_draw="authors",
         loader="torchvision",
     )
+    # --class-fraction 1.0 is every class in their order: the same manifest as without it (review).
+    copy_run(real_run, tmp_path / "c", seed=2, top1=61.0, method="finetune", class_fraction=1.0)
     copy_summary(tmp_path / "a", loader="torchvision")  # `--loader auto` on a CPU
     status, out, _ = report(capsys, str(tmp_path), "--format", "csv")
     [row] = csv_rows(out)
-    assert row["runs"] == "2" and row["protocol"] == "N:100%"
+    assert row["runs"] == "3" and row["protocol"] == "N:100%"
+    assert (row["sample_rate"], row["class_fraction"], row["train_samples"]) == ("null", "null", "null")
     assert row["alpha"] == row["gamma_fe"] == row["amp_dtype"] == row["sample_draw"] == "", "blank: never read"
 
 
@@ -288,6 +291,7 @@ def test_the_papers_number_stands_beside_its_setting_with_what_differs(real_run,
     rows = {(row["method"], row["model"]): row for row in csv_rows(out) if row.get("amp") != "true"}
     paper = rows[("smile", "resnet50")]
     assert paper["protocol"] == "C:25%/N:400" and paper["paper"] == "62.13" and paper["differs"] == "none"
+    assert (paper["sample_rate"], paper["class_fraction"], paper["train_samples"]) == ("null", "0.25", "400")
     assert float(paper["top-1 mean"]) == 63.0 and float(paper["std"]) == 1.0
     short = rows[("smile", "resnet18")]
     assert short["paper"] == "62.13"

@@ -7,9 +7,11 @@ first 1 + int(R * N) of the whole shuffled training list, as the authors' code d
 "round" rounds halves up, as on paper (CUB's 30-image classes at 15%: 4.5 -> 5 images), not to even as
 Python's round() does (4.5 -> 4: CUB's C:All/N:15% would train on about 800 images, not about 1,000).
 
-Every choice is a seeded shuffle whose order only depends on `random.Random(seed).random()`, the
-one part of Python's random module guaranteed to produce the same numbers on every Python version,
-so a subset chosen today is the same subset next year. The result keeps the dataset's own order.
+Every choice is a seeded shuffle whose order depends on `random.Random(seed).random()`, the one part of
+Python's random module guaranteed to produce the same numbers on every Python version, and, for the per-class
+draw's seed of each class, on `getrandbits(63)`: the Mersenne Twister's raw output, which Python has kept the
+same since it added the method (2.4) without promising it. Changing it now would change every N:R% subset
+already drawn. The result keeps the dataset's own order.
 """
 
 from __future__ import annotations
