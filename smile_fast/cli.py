@@ -6,7 +6,6 @@ A user error (bad flag, missing data, unreadable weights) is one line on stderr 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shlex
 import sys
@@ -22,6 +21,7 @@ from smile_fast.config import (
     SAMPLE_DRAWS,
 )
 from smile_fast.errors import UserError, did_you_mean, discard_output, write_failure
+from smile_fast.output_files import check_writable, folders_to_create, remove_folders, stdout_failed, to_stdout
 from smile_fast.torchrun import torchrun_environment
 
 
@@ -470,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(args: argparse.Namespace) -> int:
     from smile_fast.config import build_config, load_yaml
     from smile_fast.engine import train
+    from smile_fast.runlog import print_summary_table
 
     yaml_values = load_yaml(args.config) if args.config else {}
     overrides = {key: getattr(args, key) for key in TRAIN_KEYS}
@@ -486,10 +487,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(config, progress=not args.no_progress, given={key: getattr(config, key) for key in named})
     if torchrun_environment().is_main:  # under torchrun every rank returns; the table is printed once
         try:
-            _print_summary_table(summary)
+            print_summary_table(summary)
             sys.stdout.flush()
         except OSError as error:  # `| head` that left before the end: the run itself is done and written
-            return _stdout_failed(error)
+            return stdout_failed(error)
     return 0
 
 
@@ -521,29 +522,6 @@ def _protocol_named_here_wins(yaml_values: dict, overrides: dict, path: str | No
             )
         yaml_values = {key: value for key, value in yaml_values.items() if key not in dropped}
     return yaml_values
-
-
-def _batch_text(per_process: int, world_size: int) -> str:
-    return (
-        str(per_process) if world_size == 1 else f"{per_process * world_size} ({world_size} processes x {per_process})"
-    )
-
-
-def _print_summary_table(summary: dict) -> None:
-    top1 = summary["test_top1"]
-    rows = [
-        ("method", summary["method"] + (f" ({summary['smile_form']})" if summary.get("smile_form") else "")),
-        ("iterations", str(summary["iters"])),
-        ("batch", _batch_text(summary.get("batch_size"), summary.get("world_size", 1))),
-        ("weights", summary["weights"]),
-        ("test top-1", f"{top1:.2f}%" if top1 is not None else "n/a"),
-        ("images/s", f"{summary['train_images_per_sec']:.1f}"),
-        ("run folder", summary["run_dir"]),
-    ]
-    width = max(len(name) for name, _ in rows)
-    print()
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
 
 
 def _one_process(command: str) -> None:
@@ -585,40 +563,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable(path: str | Path, flag: str, example: str) -> Path:
-    """An output file named on the command line is checked before the work (a benchmark may compile and time
-    for minutes on a GPU): a path that cannot be written is one line then, not a traceback after the work."""
-    import tempfile
-
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{flag} {path} is a folder; name the file to write, e.g. {target / example}")
-    existing = target.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".check"):
-            pass
-    except OSError as error:
-        raise UserError(f"{flag} {path}: cannot write in {target.parent} ({error.strerror or error})") from None
-    return target
-
-
-def _folders_to_create(path: str | Path) -> list[Path]:
-    """The folders above `path` that do not exist yet, deepest first: what a command that fails should remove
-    again (_remove_folders), so that a failed write leaves nothing behind."""
-    return [folder for folder in Path(path).absolute().parents if not folder.exists()]
-
-
-def _remove_folders(created: list[Path]) -> None:
-    for folder in created:  # deepest first; one that holds something now is kept
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     from smile_fast.export import check_export_targets, export_path, load_code, prepare_export, write_export
     from smile_fast.run_lock import run_in_progress
@@ -628,12 +572,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = export_path(args.checkpoint, args.out)
     model, metadata = prepare_export(args.checkpoint)  # checked first: a wrong path creates no folder
     check_export_targets(out)
-    created = _folders_to_create(out)
-    _check_writable(out, "--out" if args.out is not None else "the export", "model.pt")
+    created = folders_to_create(out)
+    check_writable(out, "--out" if args.out is not None else "the export", "model.pt")
     try:
         weights_file, metadata_file = write_export(model, metadata, out)
     except (OSError, RuntimeError) as error:  # torch.save says "unexpected pos" when the disk is full
-        _remove_folders(created)  # a failed export leaves nothing behind, the folders it made for itself included
+        remove_folders(created)  # a failed export leaves nothing behind, the folders it made for itself included
         print(f"smile-fast: error: could not write the export {out}: {write_failure(error)}", file=sys.stderr)
         return EXIT_WRITE_FAILED
     run = metadata["run"]
@@ -683,20 +627,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     with sigterm_as_interrupt():  # kill, Slurm, Kubernetes: as Ctrl-C, no temporary file or workers left
         if out is None:
             print(f"predicting {len(paths)} image(s) with {classifier.description} on {device}", file=sys.stderr)
-            written = _to_stdout(lambda stream: predictions_csv(classifier, paths, device, args, stream))
+            written = to_stdout(lambda stream: predictions_csv(classifier, paths, device, args, stream))
             if isinstance(written, int):
                 return written  # the exit status of a failed write to stdout
             rows, unreadable = written
         else:
             check_predictions_target(out)
-            created = _folders_to_create(out)
+            created = folders_to_create(out)
             try:
-                _check_writable(out, "--out", "predictions.csv")
+                check_writable(out, "--out", "predictions.csv")
                 print(f"predicting {len(paths)} image(s) with {classifier.description} on {device}", file=sys.stderr)
                 with atomic_write(out) as stream:  # written whole or not at all, however it ends
                     rows, unreadable = predictions_csv(classifier, paths, device, args, stream)
             except BaseException as error:
-                _remove_folders(created)  # the folders made for the file go with it
+                remove_folders(created)  # the folders made for the file go with it
                 if isinstance(error, OSError):
                     print(f"smile-fast: error: could not write {out}: {error.strerror or error}", file=sys.stderr)
                     return EXIT_WRITE_FAILED
@@ -708,37 +652,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(f"  {path} ({why_unreadable(path)})", file=sys.stderr)
         return 1
     return 0
-
-
-def _to_stdout(write):
-    """write(sys.stdout), flushed: its result, or an exit status when stdout could not take the text (closed at
-    start, a reader gone, a full disk). Shared by predict and report, which print file and folder names."""
-    from smile_fast.stop_signals import EXIT_WRITE_FAILED
-
-    if sys.stdout is None:  # started with stdout closed (`>&-`)
-        print("smile-fast: error: stdout is closed; redirect it to a file", file=sys.stderr)
-        return EXIT_WRITE_FAILED
-    # A file name that is not UTF-8 (a Latin-1 name, held as surrogates) is printed as its own bytes, as ls does;
-    # a strict stdout (a UTF-8 locale other than C.UTF-8) failed on it with a traceback.
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="surrogateescape")
-    try:
-        result = write(sys.stdout)
-        sys.stdout.flush()
-        return result
-    except OSError as error:
-        return _stdout_failed(error)
-
-
-def _stdout_failed(error: OSError) -> int:
-    """The exit status for a write to stdout that failed, after a line saying why (none for a closed pipe)."""
-    from smile_fast.stop_signals import EXIT_WRITE_FAILED
-
-    discard_output(sys.stdout)  # Python would fail again flushing it at exit
-    if isinstance(error, BrokenPipeError):  # `smile-fast predict ... | head`: the reader has all it wanted
-        return 128 + 13  # as a process that SIGPIPE ended, which is what `head` expects of its writer
-    print(f"smile-fast: error: could not write to stdout: {error.strerror or error}", file=sys.stderr)
-    return EXIT_WRITE_FAILED
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -755,7 +668,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     def write_table(stream) -> None:
         stream.write(render(collected, args.format))
 
-    status = _to_stdout(write_table)
+    status = to_stdout(write_table)
     if status is not None:  # stdout could not take it
         return status
     return 1 if collected.unreadable else 0  # as predict: the table is there, but not of every run given
@@ -764,14 +677,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if not getattr(args, "json", None):
         return _run_bench(args, None)
-    created = _folders_to_create(args.json)
+    created = folders_to_create(args.json)
     status = 1
     try:
-        status = _run_bench(args, _check_writable(args.json, "--json", "bench.json"))
+        status = _run_bench(args, check_writable(args.json, "--json", "bench.json"))
         return status
     finally:
         if status != 0:  # a benchmark that failed, was stopped or could not write leaves no folder for its JSON
-            _remove_folders(created)
+            remove_folders(created)
 
 
 def _run_bench(args: argparse.Namespace, json_path: Path | None) -> int:

@@ -224,3 +224,27 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
             figure.savefig(stream, format="png", dpi=100)
     finally:
         plt.close(figure)
+
+
+def batch_text(per_process: int, world_size: int) -> str:
+    return (
+        str(per_process) if world_size == 1 else f"{per_process * world_size} ({world_size} processes x {per_process})"
+    )
+
+
+def print_summary_table(summary: dict) -> None:
+    """The table `smile-fast train` prints on stdout when a run ends."""
+    top1 = summary["test_top1"]
+    rows = [
+        ("method", summary["method"] + (f" ({summary['smile_form']})" if summary.get("smile_form") else "")),
+        ("iterations", str(summary["iters"])),
+        ("batch", batch_text(summary.get("batch_size"), summary.get("world_size", 1))),
+        ("weights", summary["weights"]),
+        ("test top-1", f"{top1:.2f}%" if top1 is not None else "n/a"),
+        ("images/s", f"{summary['train_images_per_sec']:.1f}"),
+        ("run folder", summary["run_dir"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print()
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")

@@ -270,7 +270,7 @@ def test_bench_step_json_says_the_update_is_included_and_gives_the_ratio_spread(
 
 
 def test_a_failed_bench_leaves_no_folder_for_its_json(tmp_path, capsys):
-    # _check_writable makes --json's folders before the benchmark; one that then fails took them away only for
+    # check_writable makes --json's folders before the benchmark; one that then fails took them away only for
     # export, not for bench.
     out = tmp_path / "new" / "deeper" / "step.json"
     argv = ["bench", "step", "--model", "vgg11", "--image-size", "32", "--device", "cpu", "--json", str(out)]

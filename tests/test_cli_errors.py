@@ -378,7 +378,7 @@ def test_the_protocol_named_on_the_command_line_replaces_the_config_files_other_
     # the user never typed, and no flag could unset it (review).
     started = {}
     monkeypatch.setattr(smile_fast.engine, "train", lambda config, *args, **kw: started.setdefault("config", config))
-    monkeypatch.setattr("smile_fast.cli._print_summary_table", lambda summary: None)
+    monkeypatch.setattr("smile_fast.runlog.print_summary_table", lambda summary: None)
     config_file = tmp_path / "config.yaml"
     if named_here == "class-fraction":
         config_file.write_text("dataset: demo\nsample_rate: 0.15\nsample_draw: authors\nlr: 0.02\n")
