@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import smile_fast.engine
 from smile_fast.cli import main
+from smile_fast.errors import UserError
 
 PREFIX = "smile-fast: error:"
 
@@ -329,6 +330,7 @@ def test_an_argument_error_under_torchrun_is_said_by_the_first_process_alone(mon
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", str(int(rank) + 2))  # a second node's processes: each node's log has its copy
     monkeypatch.setenv("LOCAL_RANK", rank)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert main(["train", "--iterz", "3"]) == 2
     said = capsys.readouterr().err
     assert said.count("unrecognized arguments: --iterz 3") == (1 if rank == "0" else 0), said
@@ -345,8 +347,35 @@ def test_a_torchrun_variable_set_by_hand_to_a_non_number_is_one_line(monkeypatch
     monkeypatch.setenv(name, "abc")
     assert main(["train", "--iters", "1"]) == 2
     said = capsys.readouterr().err
-    assert f"{name}='abc' in the environment is not a whole number" in said, said
+    assert f"{name}='abc' in the environment is not a whole number; torchrun sets these" in said, said
     assert "Traceback" not in said
+    # The process group's own reader says it too, not a ValueError (devices.py read WORLD_SIZE with int()).
+    from smile_fast.devices import setup_distributed
+
+    with pytest.raises(UserError, match=f"{name}='abc' in the environment is not a whole number"):
+        setup_distributed("cpu")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"WORLD_SIZE": "0"},
+        {"WORLD_SIZE": "-2"},
+        {"WORLD_SIZE": "2", "RANK": "2", "LOCAL_WORLD_SIZE": "2"},
+        {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "3"},  # no LOCAL_WORLD_SIZE: one process on this machine
+    ],
+    ids=["none", "negative", "rank-past-the-end", "local-rank-past-the-end"],
+)
+def test_torchrun_variables_that_contradict_each_other_are_one_line(monkeypatch, capsys, values):
+    # WORLD_SIZE=0 ran one process without a word; LOCAL_RANK 3 of one process skipped the one-GPU-each check.
+    for variable in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in values.items():
+        monkeypatch.setenv(variable, value)
+    assert main(["report", "runs"]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("smile-fast: error: ") and "unset WORLD_SIZE to run one process" in said, said
+    assert len(said.strip().splitlines()) == 1, said
 
 
 def test_world_size_set_by_hand_without_torchrun_is_one_line(monkeypatch, capsys, tmp_path):
