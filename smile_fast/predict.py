@@ -193,7 +193,9 @@ def predict(
     from smile_fast.data.torchvision import eval_batches
 
     check_top_k(classifier, top_k)
-    channels_last = channels_last_default(device)  # as the run's evaluations (an exported model has no setting)
+    # The layout training takes by default (an export records none; a run trained with --no-channels-last on CUDA
+    # gives the same classes here, its probabilities differing by rounding).
+    channels_last = channels_last_default(device)
     model = classifier.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     # The sample's label is its index in `paths`: the loader hands it back beside the image.
     samples = [(path, index) for index, path in enumerate(paths)]

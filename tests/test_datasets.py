@@ -284,8 +284,26 @@ def test_verify_dataset_reports_counts_and_bad_files(tmp_path: Path):
     train_count, test_count = len(expected.train), len(expected.test)
     assert f"train: {train_count} images listed, {train_count - 1} readable, 0 missing, 1 unreadable" in text
     assert f"test: {test_count} images listed, {test_count - 1} readable, 1 missing, 0 unreadable" in text
-    assert f"unreadable: {bad} (not an image file PIL can identify)" in text and f"missing: {missing}" in text
+    assert f"unreadable: {bad} (not an image file PIL can identify)" in text and f"missing: {missing}\n" in text
     assert (report.missing, report.unreadable) == (1, 1) and "PROBLEMS" in text
+
+
+def test_verify_says_which_link_a_missing_file_is(tmp_path: Path):
+    # A dangling link and a loop of links were "missing: PATH" as a deleted file is, though `ls` lists them (review).
+    from smile_fast.data.images import why_missing, why_unreadable
+
+    expected = build_cub(tmp_path / "data")
+    dangling, looping = Path(expected.train[0][0]), Path(expected.test[0][0])
+    dangling.unlink()
+    dangling.symlink_to("moved.jpg")  # relative: the system reads it from the link's folder
+    looping.unlink()
+    looping.symlink_to(looping.name)
+    text = verify_dataset("cub", tmp_path / "data", cache_dir=tmp_path / "cache").text
+    assert f"missing: {dangling} (a link to {dangling.parent / 'moved.jpg'}, which does not exist)" in text, text
+    assert f"missing: {looping} (a loop of links)" in text, text
+    assert why_unreadable(str(looping)) == "a loop of links"
+    assert why_missing(str(tmp_path / "never-there.jpg")) == "no longer exists"
+    assert why_missing(expected.train[1][0]) is None
 
 
 def test_verify_names_classes_without_training_images_and_the_cli_exits_1(tmp_path: Path, capsys, private_cache):

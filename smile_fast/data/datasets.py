@@ -561,7 +561,7 @@ def verify_dataset(
     Raises UserError when the layout itself is broken.
     """
     from smile_fast.data.cache import image_checks_dir
-    from smile_fast.data.images import check_images, listed, split_missing, why_unreadable
+    from smile_fast.data.images import check_images, listed, split_missing, why_missing, why_unreadable
 
     if cache_dir is None:
         cache_dir = image_checks_dir()
@@ -582,7 +582,9 @@ def verify_dataset(
             f"  {split_name}: {len(samples)} images listed, {len(good)} readable, {len(missing)} missing, "
             f"{len(unreadable)} unreadable"
         )
-        lines += [f"    missing: {path}" for path in missing[:10]]
+        for path in missing[:10]:  # a dangling link, a loop of links or a forbidden folder says which
+            why = why_missing(path)
+            lines.append(f"    missing: {path}" + (f" ({why})" if why not in (None, "no longer exists") else ""))
         if len(missing) > 10:
             lines.append(f"    ... and {len(missing) - 10} more missing")
         lines += [f"    unreadable: {path} ({reasons.get(path) or why_unreadable(path)})" for path in unreadable[:10]]

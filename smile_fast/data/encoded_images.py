@@ -9,20 +9,21 @@ from pathlib import Path
 
 import numpy as np
 
-# File signatures of the formats handed to DALI's decoder as they are (JPEG, PNG, BMP, JPEG 2000).
+# File signatures of the formats DALI's decoder reads (JPEG, PNG, BMP, TIFF, WebP, JPEG 2000).
 # Anything else that PIL opens (GIFs named .jpg in MIT-Indoor-67, for instance) would stop the
 # pipeline, so it is decoded with PIL and handed to DALI re-encoded as a lossless PNG.
-# TIFF too, although DALI reads most TIFFs: in a review its CPU decoder stopped the pipeline on 1-bit and
-# 32-bit integer TIFFs that PIL reads ("missing: BitsPerSample"), decoded a grayscale+alpha TIFF with the
-# alpha as the green channel (239 grey levels off) and a LAB one 14 levels off PIL's. TIFF is rare in
-# these datasets, and PIL's reading is the torchvision loader's, pixel for pixel.
 DECODER_SIGNATURES = (
     b"\xff\xd8\xff",
     b"\x89PNG\r\n\x1a\n",
     b"BM",
+    b"II*\x00",
+    b"MM\x00*",
     b"\x00\x00\x00\x0cjP  ",
     b"\xffO\xffQ",
 )
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
+_TIFF_PHOTOMETRIC, _TIFF_BITS_PER_SAMPLE, _TIFF_EXTRA_SAMPLES = 262, 258, 338  # tag numbers
+_TIFF_GRAY, _TIFF_RGB = 1, 2  # PhotometricInterpretation: BlackIsZero, RGB
 
 
 # JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic); 0xC4 (DHT),
@@ -63,7 +64,7 @@ def read_encoded(path: str) -> tuple[np.ndarray, int, int]:
     (images.load_rgb) and handed over as a lossless PNG.
     """
     data = Path(path).read_bytes()
-    if not _decoder_reads(data[:12]):
+    if not _decoder_reads(data):
         return _reencoded(path)
     height, width = _stored_size(data)
     return np.frombuffer(data, dtype=np.uint8), height, width
@@ -102,7 +103,7 @@ class BatchReader:
             with open(path, "rb", buffering=0) as file:
                 count = file.readinto(view[offset : offset + size + 1])
             data = view[offset : offset + count]
-            if count != size or not _decoder_reads(bytes(data[:12])):
+            if count != size or not _decoder_reads(data):
                 # Changed since the stat, or a format DALI cannot decode: the one-file path handles both.
                 # (The next file is read at the same offset, over whatever this one left there.)
                 results.append(read_encoded(path))
@@ -120,9 +121,37 @@ class BatchReader:
         return self._buffers[self._turn]
 
 
-def _decoder_reads(head: bytes) -> bool:
-    """Whether DALI's decoder reads a file that starts with these (at least 12) bytes."""
+def _decoder_reads(data: bytes | memoryview) -> bool:
+    """Whether DALI's decoder reads the file `data` holds as PIL does (the torchvision loader's reader)."""
+    head = bytes(data[:12])
+    if head.startswith(_TIFF_SIGNATURES):
+        return _plain_tiff(data)
     return head.startswith(DECODER_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _plain_tiff(data: bytes | memoryview) -> bool:
+    """An 8-bit RGB or grayscale TIFF without extra channels: the kind DALI's decoder reads as PIL does.
+
+    In a review its CPU decoder stopped the pipeline on 1-bit and 32-bit integer TIFFs that PIL reads ("missing:
+    BitsPerSample"), read a grayscale+alpha TIFF with the alpha as the green channel (239 grey levels off) and a
+    LAB one 14 levels off PIL's. Those go through PIL. Not every TIFF does: that took 37 ms for a 500x375 RGB
+    TIFF on the 2-core development machine, on the training loop's thread, against the header parse here.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            tags = image.tag_v2
+            bits = tags.get(_TIFF_BITS_PER_SAMPLE, 1)
+            bits = tuple(bits) if isinstance(bits, (tuple, list)) else (bits,)
+            return (
+                image.mode in ("RGB", "L")
+                and tags.get(_TIFF_PHOTOMETRIC) in (_TIFF_GRAY, _TIFF_RGB)
+                and _TIFF_EXTRA_SAMPLES not in tags
+                and all(bit == 8 for bit in bits)
+            )
+    except Exception:  # noqa: BLE001 - a header PIL cannot parse: its decode, which names the reason, decides
+        return False
 
 
 def _stored_size(data: bytes | memoryview) -> tuple[int, int]:

@@ -8,6 +8,7 @@ starts instead of discovering them mid-run.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -93,12 +94,29 @@ def _check_one(path: str) -> bool:
         return False
 
 
-def why_unreadable(path: str) -> str:
-    """Why a file the header check refused cannot be read, in a few words (for `data verify`, which lists them)."""
-    if not os.path.exists(path):  # (a dangling link's error named only the link)
+def why_missing(path: str) -> str | None:
+    """Why `path` cannot be reached at all, or None when it can: a link whose target is gone (named, relative to
+    the link's folder as the system reads it), a loop of links, a folder this user may not search, or nothing
+    there. os.path.exists says False to all of these alike; a dangling link's own error named only the link."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
         if os.path.islink(path):
-            return f"a link to {os.readlink(path)}, which does not exist"
+            target = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+            return f"a link to {target}, which does not exist"
         return "no longer exists"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "a loop of links"
+        return error.strerror or str(error)  # "Permission denied": a folder on the way that this user cannot enter
+    return None
+
+
+def why_unreadable(path: str) -> str:
+    """Why a file the header check refused cannot be read, in a few words (for `data verify` and `predict`, which
+    list them)."""
+    if (missing := why_missing(path)) is not None:
+        return missing
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
