@@ -27,12 +27,10 @@ import torch
 from smile_fast.atomic_file import leftover_temporaries
 from smile_fast.checkpoint import load_checkpoint, save_atomic
 from smile_fast.config import (
-    PAPER_BATCH,
     RESUME_MAY_CHANGE,
     TrainConfig,
     build_config,
     resolve_for_device,
-    settings_the_method_ignores,
     weights_identity,
 )
 from smile_fast.data.cache import image_checks_dir
@@ -77,6 +75,7 @@ from smile_fast.runlog import (
     write_config,
     write_summary,
 )
+from smile_fast.setting_notes import setting_notes
 from smile_fast.step import TrainingStep, lr_at
 from smile_fast.stop_signals import (
     EXIT_WRITE_FAILED,
@@ -334,26 +333,10 @@ class Trainer:
                 self.test_samples,
                 config.data_dir,
             )
-        if world > 1 and config.dataset not in ("demo", "imagefolder") and world * config.batch_size != PAPER_BATCH:
-            hint = f": --batch-size {PAPER_BATCH // world} gives the paper's" if PAPER_BATCH % world == 0 else ""
-            self.log(
-                f"note: the paper trains with a batch of {PAPER_BATCH} in all; this run's global batch is "
-                f"{world * config.batch_size} (--batch-size is per process{hint})"
-            )
-        if world > 1 and device.type == "cpu" and config.sync_bn:
-            self.log(
-                "note: SyncBatchNorm is for GPUs; on CPU processes each BatchNorm normalizes over its own "
-                f"batch of {config.batch_size}"
-            )
-        if config.amp_dtype != "bfloat16" and not config.amp:
-            self.log(f"note: --amp-dtype {config.amp_dtype} has no effect without --amp; this run trains in float32")
-        if self.resume_state is None and (ignored := settings_the_method_ignores(config.method, self._named)):
-            self.log(f"note: --method {config.method} does not use {', '.join(ignored)}; the run trains without them")
-        if config.amp and device.type == "cpu" and not cpu_has_fast_bfloat16():
-            self.log(
-                "note: this CPU has no AVX512-BF16 or AMX instructions, so --amp's half-precision convolutions "
-                "run several times slower than float32 here; leave --amp off for CPU runs"
-            )
+        for note in setting_notes(
+            config, device.type, world, self._named, self.resume_state is not None, cpu_has_fast_bfloat16
+        ):
+            self.log(note)
         self.step = TrainingStep(config, self.method, student, source, device, self.dist)
         del source
         self.student, self.teacher = self.step.student, self.step.teacher
