@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smile_fast.data.datasets import DATASET_NAMES
 from smile_fast.errors import UserError, did_you_mean, first_line
 
-DATASET_CHOICES = ("demo", "cub", "cars", "aircraft", "indoor67", "food101", "imagefolder")
+DATASET_CHOICES = ("demo", *DATASET_NAMES)  # the demo is generated, not read from a layout
+# Written here as well as beside the methods, which import torch: the command line reads these without it.
+# tests/test_config.py keeps the copies equal.
 METHOD_CHOICES = ("finetune", "mixup", "cutmix", "smile")
 FORM_CHOICES = ("official", "paper")
 # --sample-rate's draw: SMILE_SPEC.md's per-class rule, or the authors' code's draw over the whole training list.

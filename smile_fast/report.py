@@ -23,6 +23,7 @@ from typing import Any
 
 from smile_fast.config import (
     FIELD_NAMES,
+    METHOD_CHOICES,
     PAPER_BATCH,
     TrainConfig,
     fill_dataset_defaults,
@@ -40,7 +41,6 @@ NOT_IN_GROUP = frozenset(
 # Shown in every table (the protocol column stands for the three data-protocol settings).
 PROTOCOL_SETTINGS = ("sample_rate", "class_fraction", "train_samples")
 NAMED_COLUMNS = ("dataset", "method", *PROTOCOL_SETTINGS)
-_METHOD_ORDER = ("finetune", "mixup", "cutmix", "smile")
 
 # SMILE_SPEC.md, Table 2: ResNet-50 from ImageNet weights.
 _TABLE2 = {
@@ -402,7 +402,8 @@ def _group_order(group: Group) -> tuple:
         str(settings.get("dataset")),
         str(settings.get("model")),
         _protocol_order(settings),
-        _METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER),
+        # The command line's order (baselines first, SMILE last); a method of a newer version after them.
+        METHOD_CHOICES.index(method) if method in METHOD_CHOICES else len(METHOD_CHOICES),
         _frozen(group.key),
     )
 

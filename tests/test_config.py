@@ -237,3 +237,13 @@ def test_resize_mode_is_the_datasets_unless_yaml_says(tmp_path, private_cache):
     assert exported["resize"] == "shorter" and "T.Resize(256)" in exported["torchvision"]
     old_run = {key: value for key, value in config.to_dict().items() if key != "resize_mode"}
     assert _preprocess(old_run)["resize"] == "square", "a run from before the setting: its dataset's"
+
+
+def test_the_command_lines_method_and_form_names_are_the_methods_own():
+    # config holds copies so that the command line needs no torch; a method added to one and not the other would
+    # be refused by argparse, or built by nothing.
+    from smile_fast.config import FORM_CHOICES, METHOD_CHOICES
+    from smile_fast.methods import METHOD_NAMES, SMILE_FORMS
+
+    assert METHOD_CHOICES == METHOD_NAMES
+    assert FORM_CHOICES == SMILE_FORMS
