@@ -23,6 +23,9 @@ DATASET_CHOICES = ("demo", *DATASET_NAMES)  # the demo is generated, not read fr
 # tests/test_config.py keeps the copies equal.
 METHOD_CHOICES = ("finetune", "mixup", "cutmix", "smile")
 FORM_CHOICES = ("official", "paper")
+# The demo's transform (resize "square"): small images keep the CPU demo under 3 minutes.
+DEMO_RESIZE_SIZE = 72
+DEMO_CROP_SIZE = 64
 # --sample-rate's draw: SMILE_SPEC.md's per-class rule, or the authors' code's draw over the whole training list.
 SAMPLE_DRAWS = ("per-class", "authors")
 WEIGHTS_KEYWORDS = ("auto", "imagenet", "none")
@@ -277,9 +280,9 @@ def fill_dataset_defaults(config: TrainConfig) -> TrainConfig:
     if config.lr is None:
         config.lr = 0.001 if config.dataset == "indoor67" else 0.01
     if config.resize_size is None:
-        config.resize_size = 72 if demo else 256
+        config.resize_size = DEMO_RESIZE_SIZE if demo else 256
     if config.crop_size is None:
-        config.crop_size = 64 if demo else 224
+        config.crop_size = DEMO_CROP_SIZE if demo else 224
     if config.resize_mode is None:
         from smile_fast.data.datasets import resize_mode  # the dataset's, as the paper's protocol reads it
 

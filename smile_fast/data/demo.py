@@ -25,10 +25,6 @@ from PIL import Image
 from smile_fast.data.cache import cache_dir as default_cache
 from smile_fast.errors import UserError
 
-# The demo's TransformSpec sizes (resize "square"): small images keep the CPU demo under 3 minutes.
-DEMO_RESIZE_SIZE = 72
-DEMO_CROP_SIZE = 64
-
 DEMO_CLASSES = (
     "checkerboard",
     "cross",
