@@ -102,7 +102,9 @@ def build_step_runner(
             teacher_stream=teacher_stream,
         )
     )
-    method = build_method(method_name, config.alpha, config.gamma_fe, config.gamma_fc, config.smile_form)
+    method = build_method(
+        method_name, config.alpha, config.gamma_fe, config.gamma_fc, config.smile_form, config.cutmix_probability
+    )  # as engine.Trainer builds it
     torch.manual_seed(0)
     student, source, _ = build_models(model, num_classes, "none", with_aux_head=method.uses_teacher, log=lambda m: None)
     step = TrainingStep(config, method, student, source, device)
