@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from smile_fast.config import TrainConfig, build_config, channels_last_default, teacher_fused_conv_default
-from smile_fast.data.transforms import normalize_uint8
+from smile_fast.data.transforms import normalize_imagenet
 from smile_fast.devices import resolve_device
 from smile_fast.errors import UserError
 from smile_fast.fused_conv import cudnn_fusion_problems
@@ -114,7 +114,7 @@ def build_step_runner(
 
     def loader_output():
         """What the loader yields for one step: the pixels, or (default) a freshly normalized batch."""
-        return pixels if fused_input else normalize_uint8(pixels.permute(0, 3, 1, 2), channels_last)
+        return pixels if fused_input else normalize_imagenet(pixels.permute(0, 3, 1, 2), channels_last)
 
     upcoming = [loader_output()]
 
@@ -324,7 +324,7 @@ def build_authors_style_runner(
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
     pixels, labels = _synthetic_batch(batch_size, image_size, num_classes, device)
     # Normalized once: the authors' loader normalizes in its CPU workers, off the training step's clock.
-    images = normalize_uint8(pixels.permute(0, 3, 1, 2))
+    images = normalize_imagenet(pixels.permute(0, 3, 1, 2))
     teacher_params = [p for name, p in teacher.named_parameters() if not name.startswith("fc.")]
     student_params = [p for name, p in student.named_parameters() if not name.startswith(("fc.", "fc2."))]
 

@@ -1,7 +1,7 @@
 """`--fused-input`: the loader stops at uint8 pixels and the step normalizes (and mixes) them in one pass.
 
 On the ops' CPU path the normalization and the mix are the same float32 operations, in the same order,
-as the loader's normalize_uint8 followed by mixup_batch, so a run on pixels must train exactly as a run
+as the loader's normalize_imagenet followed by mixup_batch, so a run on pixels must train exactly as a run
 on normalized images; under AMP the network must receive its input already in the AMP dtype and
 channels-last, which is the point of the option.
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from smile_fast.config import build_config
-from smile_fast.data.transforms import normalize_uint8 as loader_normalize
+from smile_fast.data.transforms import normalize_imagenet as loader_normalize
 from smile_fast.methods import MixDraw, NormalizedBatch, Uint8Batch, as_batch, build_method
 from smile_fast.models import build_models
 from smile_fast.step import TrainingStep

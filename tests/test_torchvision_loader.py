@@ -190,9 +190,9 @@ def test_cuda_batches_are_pinned_copies(tmp_path: Path):
         TorchvisionTrainLoader(samples, TRAIN_SPEC, plan, device, num_workers=0, output_uint8=True), 0, 1
     )[0]
     assert pixels.device.type == "cuda" and pixels.dtype == torch.uint8 and pixels.shape == (4, 12, 12, 3)
-    from smile_fast.data.transforms import normalize_uint8
+    from smile_fast.data.transforms import normalize_imagenet
 
-    assert torch.equal(normalize_uint8(pixels.permute(0, 3, 1, 2)).cpu(), cpu_images)
+    assert torch.equal(normalize_imagenet(pixels.permute(0, 3, 1, 2)).cpu(), cpu_images)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -218,7 +218,7 @@ def test_batches_equal_the_float_transform_bit_for_bit(tmp_path: Path, channels_
 def test_uint8_batches_are_the_pixels_of_the_normalized_ones(tmp_path: Path, workers: int):
     """`--fused-input`: uint8 NHWC batches (the layout the fused normalize kernel reads), the same samples
     and crops as the normalized batches, which normalizing them gives back bit for bit."""
-    from smile_fast.data.transforms import normalize_uint8
+    from smile_fast.data.transforms import normalize_imagenet
 
     samples = textured_samples(tmp_path, 6)
     plan = TrainBatchPlan(len(samples), 3, seed=5)
@@ -226,7 +226,7 @@ def test_uint8_batches_are_the_pixels_of_the_normalized_ones(tmp_path: Path, wor
     loader = TorchvisionTrainLoader(samples, TRAIN_SPEC, plan, CPU, num_workers=workers, output_uint8=True)
     for (pixels, labels), (expected, expected_labels) in zip(batches(loader, 0, 3), normalized, strict=True):
         assert pixels.dtype == torch.uint8 and pixels.shape == (3, 12, 12, 3) and pixels.is_contiguous()
-        assert torch.equal(normalize_uint8(pixels.permute(0, 3, 1, 2)), expected)
+        assert torch.equal(normalize_imagenet(pixels.permute(0, 3, 1, 2)), expected)
         assert torch.equal(labels, expected_labels)
 
 

@@ -55,7 +55,7 @@ def build_torchvision_transform(spec: TransformSpec, output: Literal["float", "u
     that crop_geometry.crop_window draws from the seed, the window the DALI loader takes for that sample.
 
     output "float": float32, normalized (ToTensor + Normalize: the spec's transform as the authors ran it);
-    "uint8": the same pixels as uint8 (PILToTensor), for `normalize_uint8` to finish on the device with
+    "uint8": the same pixels as uint8 (PILToTensor), for `normalize_imagenet` to finish on the device with
     the same arithmetic, so that loader workers skip the float conversion and ship a quarter of the bytes.
     """
     from torchvision import transforms as T
@@ -103,7 +103,7 @@ class SeededTrainTransform:
         return self.finish(F.hflip(crop) if mirror else crop)
 
 
-def normalize_uint8(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+def normalize_imagenet(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float32 normalized with ImageNet mean/std, channels-last when asked.
 
     The same operations as ToTensor then Normalize (divide by 255, subtract the mean, divide by the
