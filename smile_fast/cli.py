@@ -798,7 +798,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
         print(f"demo dataset ready at {demo_dataset_root()}")
     elif args.data_command == "verify":
-        from smile_fast.data.datasets import verify_dataset
+        from smile_fast.data.verify import verify_dataset
 
         if args.dataset == "demo":
             from smile_fast.data.demo import demo_dataset_root

@@ -10,8 +10,9 @@ import pytest
 from _layouts import BUILDERS, build_cars, build_cub, build_food101, build_imagefolder, build_indoor67, write_image
 from PIL import Image
 
-from smile_fast.data.datasets import DATASET_NAMES, load_dataset, verify_dataset
+from smile_fast.data.datasets import DATASET_NAMES, load_dataset
 from smile_fast.data.images import check_images, load_rgb
+from smile_fast.data.verify import verify_dataset
 from smile_fast.errors import UserError
 
 
@@ -620,7 +621,7 @@ def test_verify_decode_finds_files_damaged_past_their_header(tmp_path: Path, cap
     assert main([*argv, "--decode"]) == 1
     printed = capsys.readouterr().out
     assert f"unreadable: {png} (" in printed and "1 unreadable" in printed, printed
-    from smile_fast.data.datasets import decode_failures
+    from smile_fast.data.verify import decode_failures
 
     many = [path for path, _ in expected.train] * 20 + [str(png)]  # past the in-process threshold: the pool
     assert list(decode_failures(many)) == [str(png)]

@@ -119,7 +119,7 @@ def _undecodable(paths: Sequence[str]) -> list[str]:
     traceback that named no file, and a resume stopped on it again (review). When that happens the loader
     looks for such files among the batches the pipeline was preparing, and leaves them out as the torchvision
     loader does."""
-    from smile_fast.data.datasets import decode_error
+    from smile_fast.data.verify import decode_error
 
     return [path for path in dict.fromkeys(paths) if decode_error(path) is not None]
 
