@@ -107,11 +107,11 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--smile-form", choices=FORM_CHOICES, help="official (the authors' code, default) or paper (the equations)")
     flag(
         "--model",
-        help="backbone: resnet18, resnet34, resnet50 (default for real datasets), resnet101, efficientnet_b4 "
-        "(default for food101, as in the paper)",
+        help="backbone: resnet18 (default for the demo), resnet34, resnet50 (default for the paper's datasets and "
+        "imagefolder), resnet101, efficientnet_b4 (default for food101, as in the paper)",
     )
     flag("--weights", help="auto (default), imagenet, none, or a path to a state_dict")
-    flag("--iters", type=_integer, help="training iterations (default 9000; 150 for the demo)")
+    flag("--iters", type=_integer, help="training iterations (default 9,000; 15,000 for food101; 150 for the demo)")
     flag("--batch-size", type=_integer, help="images per step per process (default 48; 32 for the demo)")
     flag("--lr", type=float, help="learning rate (default 0.01; 0.001 for indoor67)")
     flag("--seed", type=int, help="seed for initialisation, subsets, batches and mixing (default 0)")
@@ -119,12 +119,17 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag(
         "--sample-draw",
         choices=SAMPLE_DRAWS,
-        help="per-class (default, the paper's protocol: round(R * n) of each class) or authors (their code: the first "
-        "1 + int(R * N) of the whole shuffled training list)",
+        help="per-class (default, the paper's protocol: max(1, round(R * n)) of each class, halves rounded up) or "
+        "authors (their code: the first 1 + int(R * N) of the whole shuffled training list)",
     )
     flag("--class-fraction", type=float, help="keep this share of the classes (C:X%% protocol)")
     flag("--train-samples", type=_integer, help="draw this many training images from the kept classes")
-    flag("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (bfloat16 by default)")
+    flag(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mixed precision (off by default; bfloat16 unless --amp-dtype says float16)",
+    )
     flag("--amp-dtype", choices=AMP_DTYPES, help="autocast dtype under --amp (default bfloat16; float16 adds a scaler)")
     flag(
         "--channels-last",
@@ -132,13 +137,26 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="NHWC memory format (default: on with CUDA)",
     )
-    flag("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile student and teacher")
-    flag("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (reduce-overhead adds CUDA graphs)")
+    flag(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile student and teacher (off by default)",
+    )
+    flag(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        help="torch.compile mode (default: default; reduce-overhead and max-autotune add CUDA graphs of their own)",
+    )
     _add_capture_flags(flag, default=None)  # None: a YAML config's value stands
     flag("--fused-input", action=argparse.BooleanOptionalAction, default=None, help=FUSED_INPUT_HELP)
     flag("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None, help=CUDNN_BENCHMARK_HELP)
     flag("--teacher-fused-conv", action=argparse.BooleanOptionalAction, default=None, help=TEACHER_FUSED_CONV_HELP)
-    flag("--loader", choices=LOADER_CHOICES, help="auto (DALI on a GPU when installed), dali or torchvision")
+    flag(
+        "--loader",
+        choices=LOADER_CHOICES,
+        help="auto (default: DALI on a GPU when installed, else torchvision), dali or torchvision",
+    )
     flag("--workers", type=int, help="loader processes / DALI threads per rank (default: its CPUs, at most 16)")
     flag("--device", help="auto (default), cpu, cuda or cuda:N")
     flag(
@@ -172,7 +190,8 @@ WORKERS_HELP = "image decoding processes (default: as train's loader picks them,
 
 FUSED_INPUT_HELP = (
     "the loader hands over uint8 pixels and the step normalizes them, and mixes them for mixup and SMILE, "
-    "in one pass (ops.mixup_normalize_uint8) written in the AMP dtype"
+    "in one pass (ops.mixup_normalize_uint8) written in the AMP dtype (off by default: on an H200 it measured "
+    "within run-to-run noise, bench/RESULTS.md)"
 )
 
 
@@ -184,7 +203,8 @@ CUDNN_BENCHMARK_HELP = (
 TEACHER_FUSED_CONV_HELP = (
     "SMILE, folded ResNet teacher: each convolution's bias, residual add and ReLU run in the convolution's "
     "kernel (cuDNN; plain PyTorch ops on a CPU); same weights and results up to rounding (default: on with "
-    "CUDA and --amp, where it halved the teacher's time on an H100; off otherwise)"
+    "CUDA and --amp, where the teacher's forward went from 4.14 to 2.22 ms at batch 48 on an H100, bench/RESULTS.md; "
+    "off otherwise)"
 )
 
 
@@ -210,20 +230,23 @@ def _add_capture_flags(add_argument, default: bool | None) -> None:
         "--cuda-graph",
         action=argparse.BooleanOptionalAction,
         default=default,
-        help="CUDA, one process: capture each step as CUDA graphs by hand, the teacher on a side stream inside",
+        help="CUDA, one process: capture each step as CUDA graphs by hand, the teacher on a side stream inside "
+        "(off by default)",
     )
     add_argument(
         "--teacher-lookahead",
         action=argparse.BooleanOptionalAction,
         default=default,
-        help="with --cuda-graph: the next batch's teacher forward runs beside this step's forward and backward",
+        help="with --cuda-graph: the next batch's teacher forward runs beside this step's forward and backward (off "
+        "by default: on an H200 it measured within run-to-run drift of the plain captured step, bench/RESULTS.md)",
     )
     add_argument(
         "--teacher-background",
         action=argparse.BooleanOptionalAction,
         default=default,
         help="with --teacher-lookahead: the student's graphs on a high-priority CUDA stream, the next batch's "
-        "teacher in the SMs it leaves idle (off by default: not yet measured on a GPU)",
+        "teacher in the SMs it leaves idle (off by default: on an H200 it measured within run-to-run drift of "
+        "--teacher-lookahead alone, bench/RESULTS.md)",
     )
 
 
@@ -447,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands.add_parser("prepare", help="generate the embedded demo dataset in the cache")
     verify = data_commands.add_parser("verify", help="check a dataset folder: layout, counts, unreadable files")
     verify.add_argument("--dataset", choices=DATASET_CHOICES, required=True, help="which layout to check")
-    verify.add_argument("--data-dir", help="folder holding the dataset's official layout")
+    verify.add_argument("--data-dir", help="folder holding the dataset's official layout (every dataset but the demo)")
     verify.add_argument(
         "--duplicates",
         action="store_true",
@@ -460,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode",
         action="store_true",
         help=(
-            "also decode every image in full, on every core: finds the files damaged past their header (which the "
+            "also decode every image in full, on up to 16 cores: finds the files damaged past their header (which the "
             "default header check passes and training then skips); minutes for a large dataset"
         ),
     )

@@ -84,7 +84,8 @@ class TrainConfig:
     cuda_graph: bool = False  # capture the whole step as CUDA graphs by hand (step_capture.py)
     teacher_lookahead: bool = False  # with cuda_graph: the next batch's teacher forward beside this step
     # With teacher_lookahead: the student's graphs on a high-priority CUDA stream, so that the next batch's
-    # teacher (on a normal one) takes only the SMs the student leaves idle. Off until measured on a GPU.
+    # teacher (on a normal one) takes only the SMs the student leaves idle. Off: on an H200 it measured within
+    # run-to-run drift of the lookahead alone (bench/RESULTS.md, twenty-second session).
     teacher_background: bool = False
     fused_input: bool = False  # the loader stops at uint8; the step normalizes (and mixes) in one kernel
     fold_teacher_bn: bool = True

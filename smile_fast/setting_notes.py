@@ -1,6 +1,7 @@
 """The notes a run says when it starts about settings that do less, or other, than a user may think: a global
-batch other than the paper's, SyncBatchNorm on CPU processes, --amp-dtype without --amp, settings the method
-never reads, --amp on a CPU without bfloat16 instructions. Each is a line on stderr; none stops the run."""
+batch other than the paper's, SyncBatchNorm on CPU processes, --amp-dtype without --amp, --compile-mode without
+--compile, --cudnn-benchmark off CUDA, settings the method never reads, --amp on a CPU without bfloat16
+instructions (bench step says the same of its flags). Each is a line on stderr; none stops the run."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def setting_notes(
         )
     if config.amp_dtype != "bfloat16" and not config.amp:
         notes.append(f"note: --amp-dtype {config.amp_dtype} has no effect without --amp; this run trains in float32")
+    if config.compile_mode != "default" and not config.compile:
+        notes.append(f"note: --compile-mode {config.compile_mode} has no effect without --compile; the run is eager")
+    if config.cudnn_benchmark and device_type != "cuda":
+        notes.append(f"note: --cudnn-benchmark is a CUDA setting; it has no effect on {device_type}")
     if not resuming and (ignored := settings_the_method_ignores(config.method, named)):
         notes.append(f"note: --method {config.method} does not use {', '.join(ignored)}; the run trains without them")
     if config.amp and device_type == "cpu" and not fast_bfloat16():

@@ -62,3 +62,13 @@ def test_amp_on_a_cpu_is_noted_only_without_bfloat16_instructions(fast):
     notes, asked = _notes(device_type="cpu", amp=True, fast_bfloat16=fast)
     assert asked
     assert [n for n in notes if "AVX512-BF16 or AMX" in n] == ([] if fast else [notes[0]])
+
+
+def test_speed_flags_the_run_will_not_act_on_are_noted_as_bench_step_notes_them():
+    # train recorded cudnn_benchmark: true on a CPU, and --compile-mode without --compile, without a word (review).
+    notes, _ = _notes(device_type="cpu", cudnn_benchmark=True, compile_mode="max-autotune")
+    assert notes == [
+        "note: --compile-mode max-autotune has no effect without --compile; the run is eager",
+        "note: --cudnn-benchmark is a CUDA setting; it has no effect on cpu",
+    ]
+    assert _notes(cudnn_benchmark=True, compile=True, compile_mode="max-autotune")[0] == []
