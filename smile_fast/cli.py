@@ -357,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--batch-size", type=_integer, default=64, metavar="N", help="images per forward pass")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    predict.add_argument("--workers", type=_integer, metavar="N", help=WORKERS_HELP)
+    predict.add_argument(
+        "--workers", type=_integer, metavar="N", help=WORKERS_HELP[:-1] + ", and no more than there are batches)"
+    )
     predict.add_argument(
         "--out",
         metavar="FILE",
