@@ -193,8 +193,8 @@ def predict(
     from smile_fast.data.torchvision import eval_batches
 
     check_top_k(classifier, top_k)
-    # The layout training takes by default (an export records none; a run trained with --no-channels-last on CUDA
-    # gives the same classes here, its probabilities differing by rounding).
+    # The layout training takes by default (an export records none). A run trained with --no-channels-last on CUDA is
+    # scored here channels-last: the same model, its probabilities differing by rounding (eval uses the run's own).
     channels_last = channels_last_default(device)
     model = classifier.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     # The sample's label is its index in `paths`: the loader hands it back beside the image.
