@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torchvision
 from overlap_probe import _backbone, _capture, _timed_ms, add_probe_arguments  # bench/: the script's folder
 
-from smile_fast.fused_conv import conv_bias_act, cudnn_fusion_problems, fused_resnet_trunk
+from smile_fast.fused_conv import conv_bias_act, cudnn_fusion_problems, fused_resnet_trunk, projection_without_bias
 from smile_fast.models import FoldedBackbone
 from smile_fast.run_environment import environment
 
@@ -114,18 +114,18 @@ def fused_forward_ops(
     kernels `alternatives` gives for it."""
     ops: list[Op] = []
 
-    def conv(name: str, stage: str, module: torch.nn.Conv2d, x, residual=None, fused: bool = True):
+    def conv(name: str, stage: str, module: torch.nn.Conv2d, x, residual=None, residual_bias=None, fused: bool = True):
         if fused:
 
             def run():
-                return conv_bias_act(module, x, residual)
-        else:  # a shortcut's projection: no ReLU of its own, as in fused_resnet_trunk
+                return conv_bias_act(module, x, residual, residual_bias)
+        else:  # a shortcut's projection: no ReLU and no bias of its own, as in fused_resnet_trunk
 
             def run():
-                return module(x)
+                return projection_without_bias(module, x)
 
         out = run()
-        moved = _nbytes(x, module.weight, module.bias, residual, out)
+        moved = _nbytes(x, module.weight, module.bias if fused else None, residual, out)
         others = alternatives(module, x, residual, fused) if with_alternatives else {}
         ops.append(Op(name, stage, run, conv_flops(module, out), moved, f"{_sizes(x)} -> {_sizes(out)}", others))
         return out
@@ -144,15 +144,17 @@ def fused_forward_ops(
         stage_name = f"layer{stage_index}"
         for block_index, block in enumerate(stage):
             prefix = f"{stage_name}.{block_index}"
-            shortcut = x
+            shortcut, shortcut_bias = x, None
             if block.downsample is not None:
-                shortcut = conv(f"{prefix}.downsample", stage_name, block.downsample[0], x, fused=False)
+                projection = block.downsample[0]
+                shortcut = conv(f"{prefix}.downsample", stage_name, projection, x, fused=False)
+                shortcut_bias = projection.bias
             y = conv(f"{prefix}.conv1", stage_name, block.conv1, x)
             if isinstance(block, torchvision.models.resnet.Bottleneck):
                 y = conv(f"{prefix}.conv2", stage_name, block.conv2, y)
-                x = conv(f"{prefix}.conv3", stage_name, block.conv3, y, shortcut)
+                x = conv(f"{prefix}.conv3", stage_name, block.conv3, y, shortcut, shortcut_bias)
             else:
-                x = conv(f"{prefix}.conv2", stage_name, block.conv2, y, shortcut)
+                x = conv(f"{prefix}.conv2", stage_name, block.conv2, y, shortcut, shortcut_bias)
     return ops, x
 
 
@@ -168,17 +170,31 @@ def _op_ms(run: Callable[[], torch.Tensor], device: torch.device, repeats: int, 
 
 
 def _inductor_forward(
-    trunk: torch.nn.Sequential, images: torch.Tensor, expected: torch.Tensor, mode: str, device, steps, rounds
+    trunk: torch.nn.Sequential,
+    images: torch.Tensor,
+    expected: torch.Tensor,
+    mode: str,
+    device,
+    steps,
+    rounds,
+    fused: bool = False,
 ) -> dict[str, object]:
-    """The folded teacher as plain modules (biased convolutions, ReLUs, adds) compiled by Inductor in `mode`,
-    timed as one CUDA graph like the fused forward. Under "max-autotune-no-cudagraphs" Inductor times cuDNN's
-    convolution against its Triton templates (and a GEMM for 1x1 convolutions) for each shape and keeps the
-    fastest, with the bias, ReLU and add fused into the template's epilogue where a template wins: the
-    question is whether that beats cuDNN's fused kernels anywhere."""
+    """The folded teacher compiled by Inductor in `mode`, timed as one CUDA graph like the eager fused forward.
+
+    As plain modules (biased convolutions, ReLUs, adds; `fused` False): under "max-autotune-no-cudagraphs"
+    Inductor times cuDNN's convolution against its Triton templates (and a GEMM for 1x1 convolutions) for
+    each shape and keeps the fastest, with the bias, ReLU and add fused into the template's epilogue where a
+    template wins: the question is whether that beats cuDNN's fused kernels anywhere.
+    As the fused forward (`fused`): what `--compile` runs for the teacher. The fused convolutions stay whole
+    (custom ops) and Inductor compiles the rest: the max pool, which PyTorch runs eagerly with an index
+    output nobody reads, and the sums of the projections' biases."""
     import torch._dynamo
 
     torch._dynamo.reset()
-    compiled = torch.compile(trunk, mode=mode, dynamic=False)
+    if fused:
+        compiled = torch.compile(lambda batch: fused_resnet_trunk(trunk, batch), mode=mode, dynamic=False)
+    else:
+        compiled = torch.compile(trunk, mode=mode, dynamic=False)
     start = time.perf_counter()
     out = compiled(images)
     if device.type == "cuda":
@@ -195,7 +211,14 @@ def _inductor_forward(
         ms = _timed_ms(graph.replay, device, steps, rounds)
     else:
         ms = _timed_ms(whole, device, steps, rounds)
-    return {"mode": mode, "ms": ms, "compile_seconds": compile_seconds, "max_difference": difference, "scale": scale}
+    return {
+        "mode": mode,
+        "forward": "fused" if fused else "modules",
+        "ms": ms,
+        "compile_seconds": compile_seconds,
+        "max_difference": difference,
+        "scale": scale,
+    }
 
 
 def profile(
@@ -209,6 +232,7 @@ def profile(
     with_alternatives: bool = True,
     inductor_modes: tuple[str, ...] = (),
     walk_ops: bool = True,
+    inductor_fused_modes: tuple[str, ...] = (),
 ) -> dict[str, object]:
     """The probe's figures as a dict (what --json writes)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -250,7 +274,11 @@ def profile(
             whole_ms = _timed_ms(graph.replay, device, steps, rounds)
         else:
             whole_ms = _timed_ms(whole, device, steps, rounds)
-        inductor = [_inductor_forward(trunk, images, expected, mode, device, steps, rounds) for mode in inductor_modes]
+        inductor = [
+            _inductor_forward(trunk, images, expected, mode, device, steps, rounds, fused=True)
+            for mode in inductor_fused_modes
+        ]
+        inductor += [_inductor_forward(trunk, images, expected, mode, device, steps, rounds) for mode in inductor_modes]
     total_us = sum(row["us"] for row in rows)
     for row in rows:
         row["share"] = row["us"] / total_us
@@ -367,10 +395,11 @@ def report_lines(results: dict[str, object], top: int = 12) -> list[str]:
             f"against {entry['fused_us']:.1f} us fused ({entry['us'] / entry['fused_us']:.2f}x)"
         )
     for run in results.get("inductor") or []:
+        what = "the fused forward" if run.get("forward") == "fused" else "unfused modules"
         lines.append(
-            f"  Inductor {run['mode']}, unfused modules: {run['ms']:.3f} ms against {results['whole_forward_ms']:.3f} "
-            f"fused ({run['ms'] / results['whole_forward_ms']:.2f}x), compiled in {run['compile_seconds']:.0f} s, "
-            f"max difference {run['max_difference']:.3g} of {run['scale']:.3g}"
+            f"  Inductor {run['mode']}, {what}: {run['ms']:.3f} ms against {results['whole_forward_ms']:.3f} "
+            f"fused eager ({run['ms'] / results['whole_forward_ms']:.2f}x), compiled in "
+            f"{run['compile_seconds']:.0f} s, max difference {run['max_difference']:.3g} of {run['scale']:.3g}"
         )
     for problem in results.get("cudnn_fusion_problems") or []:
         lines.append(f"  cuDNN did not fuse: {problem}")
@@ -391,14 +420,19 @@ def main() -> None:
         help="comma-separated torch.compile modes for the unfused folded teacher, timed beside the fused forward "
         "(e.g. max-autotune-no-cudagraphs; its autotuning takes minutes)",
     )
+    parser.add_argument(
+        "--inductor-fused",
+        default="",
+        help="comma-separated torch.compile modes for the fused forward itself, timed beside it (default: what "
+        "smile-fast's --compile runs for the teacher)",
+    )
     args = parser.parse_args()
     modes = tuple(mode for mode in args.inductor.split(",") if mode)
-    for mode in modes:
+    fused_modes = tuple(mode for mode in args.inductor_fused.split(",") if mode)
+    for flag, mode in [("--inductor", mode) for mode in modes] + [("--inductor-fused", mode) for mode in fused_modes]:
         if mode in ("reduce-overhead", "max-autotune"):
             # Their own CUDA graphs inside the probe's capture: nested captures are not supported.
-            parser.error(
-                f"--inductor {mode} captures CUDA graphs of its own; use default or max-autotune-no-cudagraphs"
-            )
+            parser.error(f"{flag} {mode} captures CUDA graphs of its own; use default or max-autotune-no-cudagraphs")
     results = profile(
         args.model,
         args.batch_size,
@@ -409,6 +443,7 @@ def main() -> None:
         with_alternatives=args.alternatives,
         inductor_modes=modes,
         walk_ops=args.walk_ops,
+        inductor_fused_modes=fused_modes,
     )
     print("\n".join(report_lines(results)))
     if args.json:

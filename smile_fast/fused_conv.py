@@ -164,12 +164,17 @@ def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, gr
     return torch.empty(sizes, dtype=x.dtype, device=x.device, memory_format=_output_format(x))
 
 
-def conv_bias_act(conv: nn.Conv2d, x: Tensor, residual: Tensor | None = None) -> Tensor:
-    """relu(conv(x) + residual) for a biased, zero-padded nn.Conv2d, in one cuDNN kernel on CUDA.
+def conv_bias_act(
+    conv: nn.Conv2d, x: Tensor, residual: Tensor | None = None, residual_bias: Tensor | None = None
+) -> Tensor:
+    """relu(conv(x) + residual [+ residual_bias]) for a biased, zero-padded nn.Conv2d, in one cuDNN kernel on
+    CUDA. `residual_bias`, a bias the residual was computed without (see `fused_resnet_trunk`), is added to
+    the convolution's own, in the epilogue.
 
     Inference only (the teacher runs without gradients): the fused kernels have no backward.
     """
-    args = (x, conv.weight, conv.bias, residual, list(conv.stride), list(conv.padding), list(conv.dilation))
+    bias = conv.bias if residual_bias is None else conv.bias + residual_bias
+    args = (x, conv.weight, bias, residual, list(conv.stride), list(conv.padding), list(conv.dilation))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, conv.weight, residual)):
         raise RuntimeError("conv_bias_act is inference-only (no backward): call it under torch.no_grad()")
     # As the ops do (ops/_common.call_op): the registered op only while torch.compile traces; called
@@ -220,7 +225,12 @@ def fused_resnet_trunk(trunk: nn.Sequential, images: Tensor) -> Tensor:
     """The forward of a BN-folded torchvision ResNet trunk (see `fusable_resnet_trunk`) with its own modules
     and weights, each convolution with its bias, ReLU and residual add as one `conv_bias_act`.
 
-    Only the shortcut's projection (no ReLU of its own) and the max pool run as plain PyTorch ops.
+    Only the shortcut's projection (no ReLU of its own) and the max pool run as plain PyTorch ops. The
+    projection runs without its bias, which joins the bias of the block's last convolution instead:
+    relu(conv(y) + b + (projection(x) + b_p)) is relu(conv(y) + (b + b_p) + projection(x)), up to rounding.
+    PyTorch adds a convolution's bias in a pass of its own over the output, and on the H200 that pass made
+    the four projections of a ResNet-50 teacher take 289 us instead of 101 us at batch 48 (bf16,
+    channels-last, eager: bench/teacher_stages.py, bench/RESULTS.md, twenty-sixth session).
     With channels-last weights (the teacher on a CPU, whose input stays NCHW) the images are made
     channels-last first, as a plain convolution with those weights does internally; each op lays its
     output out like its input, so they would otherwise be copied back to NCHW at every convolution.
@@ -231,11 +241,20 @@ def fused_resnet_trunk(trunk: nn.Sequential, images: Tensor) -> Tensor:
     x = trunk[3](x)
     for stage in trunk[4:]:
         for block in stage:
-            shortcut = x if block.downsample is None else block.downsample[0](x)
+            shortcut, shortcut_bias = x, None
+            if block.downsample is not None:
+                shortcut, shortcut_bias = projection_without_bias(block.downsample[0], x), block.downsample[0].bias
             y = conv_bias_act(block.conv1, x)
             if isinstance(block, Bottleneck):
                 y = conv_bias_act(block.conv2, y)
-                x = conv_bias_act(block.conv3, y, shortcut)
+                x = conv_bias_act(block.conv3, y, shortcut, shortcut_bias)
             else:
-                x = conv_bias_act(block.conv2, y, shortcut)
+                x = conv_bias_act(block.conv2, y, shortcut, shortcut_bias)
     return x
+
+
+def projection_without_bias(projection: nn.Conv2d, x: Tensor) -> Tensor:
+    """A shortcut's projection convolution without its bias (`fused_resnet_trunk` adds that bias later)."""
+    return F.conv2d(
+        x, projection.weight, None, projection.stride, projection.padding, projection.dilation, projection.groups
+    )

@@ -257,8 +257,10 @@ def test_fused_input_trains_as_the_plain_loop(tiny_imagefolder, tmp_path, monkey
 
 
 def test_teacher_fused_conv_trains_as_the_plain_loop(tiny_imagefolder, tmp_path, monkeypatch):
-    """--teacher-fused-conv: on the CPU the fused forward does the modules' own arithmetic, so a run ends
-    with the plain run's weights bit for bit (EMA updates included), and its summary says it was on."""
+    """--teacher-fused-conv: on the CPU the fused forward does the modules' arithmetic, except that each
+    projection's bias is added in its block's last convolution, so a run ends with the plain run's weights up
+    to float32 rounding (EMA updates included; 6e-8 here), and its summary says it was on. Where the biases
+    go is tested in test_fused_conv.py, with BatchNorm statistics that make them non-zero."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     settings = dict(iters=4, ema_every=2, eval_every=4)
     plain = tmp_path / "plain"
@@ -269,7 +271,7 @@ def test_teacher_fused_conv_trains_as_the_plain_loop(tiny_imagefolder, tmp_path,
     assert json.loads((plain / "summary.json").read_text())["teacher_fused_conv"] is False
     plain_state, fused_state = _student_state(plain), _student_state(fused)
     for name, value in plain_state.items():
-        torch.testing.assert_close(fused_state[name], value, rtol=0, atol=0, msg=f"{name} differs")
+        torch.testing.assert_close(fused_state[name], value, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
 
 
 def test_teacher_stays_identical_to_pretrained_fc_and_buffers(tiny_imagefolder, tmp_path):

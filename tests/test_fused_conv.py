@@ -165,17 +165,22 @@ def _randomized_trunk(name: str) -> nn.Module:
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_fused_trunk_runs_the_folded_resnet_exactly(name, channels_last, rng_seed):
+def test_fused_trunk_runs_the_folded_resnet_to_float32_rounding(name, channels_last, rng_seed):
     """Every block's ReLUs, shortcut and projection in the right places: on the CPU the fused forward does
-    the module's own arithmetic, so the bits are equal (one misplaced ReLU or add changes them)."""
+    the module's arithmetic, except that each projection's bias is added in the block's last convolution
+    instead of after the projection, so only float32 rounding differs (a misplaced ReLU or add, or a bias
+    added twice or not at all, is off by far more)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     folded = FoldedBackbone(_randomized_trunk(name)).folded.to(memory_format=memory_format)
     assert fusable_resnet_trunk(folded.trunk) is None
+    projections = [block.downsample[0] for stage in folded.trunk[4:] for block in stage if block.downsample]
+    assert projections and all(projection.bias.abs().min() > 0 for projection in projections), "biases to move"
     images = torch.randn(2, 3, 64, 64).contiguous(memory_format=memory_format)
     with torch.no_grad():
         expected = folded(images)
         features = fused_resnet_trunk(folded.trunk, images)
-    assert torch.equal(features, expected)
+    scale = expected.abs().max().item()
+    assert (features - expected).abs().max().item() <= 1e-5 * scale
     assert features.is_contiguous(memory_format=memory_format)
 
 
@@ -200,7 +205,9 @@ def test_what_cannot_be_fused_is_named():
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["float32", "bf16-copy"])
 def test_teacher_with_fused_conv_follows_updates_and_loads(amp_dtype, cpu_reference_ops, rng_seed):
     """The fused forward reads the fold (and its AMP-dtype copy) where they are refreshed: after an EMA
-    update and a state load it still gives the unfused teacher's outputs, bit for bit on the CPU."""
+    update and a state load it still gives the unfused teacher's outputs, up to the rounding of the
+    projections' biases moved into the blocks' last convolutions (fused_resnet_trunk). A stale fold is off
+    by about 0.2-0.3 of the outputs' largest value here."""
     student, source, _ = build_models("resnet18", 4, weights="none", log=lambda message: None)
     with torch.no_grad():
         for parameter in student.backbone.parameters():
@@ -212,9 +219,12 @@ def test_teacher_with_fused_conv_follows_updates_and_loads(amp_dtype, cpu_refere
     assert fused.use_fused_conv() is None and fused.fused_conv
     images = torch.randn(2, 3, 48, 48)
 
+    tolerance = 3e-2 if amp_dtype is not None else 1e-5  # a few bf16 roundings; float32's
+
     def assert_same() -> None:
         for a, b in zip(fused(images), plain(images)):
-            assert torch.equal(a, b)
+            scale = b.float().abs().max().item()
+            assert (a.float() - b.float()).abs().max().item() <= tolerance * scale
 
     assert_same()
     before = fused(images)[0]
