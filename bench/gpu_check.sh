@@ -37,8 +37,9 @@
 #   3d. can the teacher hide behind the student (streams, graphs)? -> overlap.json
 #   3j. the fused teacher's forward op by op, batch 48 and 256: where its time goes, and each convolution
 #       beside cuDNN's plain convolution and (1x1 ones) a cuBLAS GEMM -> teacher_stages_b*.json
-#   3k. the unfolded-epilogue teacher compiled by Inductor, default and max-autotune (Triton convolution
-#       templates against cuDNN), batch 48, beside the fused forward -> teacher_inductor_b48.json
+#       and the whole forward compiled by Inductor's default mode, fused (what --compile runs) and as modules
+#   3k. the unfolded-epilogue teacher compiled by Inductor's max-autotune (Triton convolution templates
+#       against cuDNN), batch 48, beside the fused forward -> teacher_inductor_b48.json (a call of its own)
 #   2. kernel benchmarks: fused vs eager vs torch.compile   -> ops_bench.json
 #   3i. pytest bench/test_step_bench.py --benchmark-only (the proof users run; asserts <= 1.20 on CUDA)
 #       -> pytest_step_bench.json
@@ -154,22 +155,23 @@ BUDGET="${BUDGET:-$([ "$GPU" = 1 ] && echo 350 || echo 0)}"
 [[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: BUDGET must be whole seconds (0: none), not '$BUDGET'" >&2; exit 2; }
 [[ "$TEST_JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check.sh: TEST_JOBS must be a count of processes (1 or more), not '$TEST_JOBS'" >&2; exit 2; }
 # Expected seconds of each part on an H100, for the budget (scaled by TS elsewhere). "m": measured, on the H200
-# (2026-11-27, commit 893b0eb, part_seconds.tsv; the H200 computes at the H100's rate) unless it says H100;
-# "est.": not measured in this form yet. Replace them with part_seconds.tsv's figures after each lease.
+# (2026-11-27, commit 893b0eb, or 2026-11-28, commit 0adc7ba, where it says so; part_seconds.tsv; the H200
+# computes at the H100's rate) unless it says H100; "est.": not measured in this form yet. Replace them with
+# part_seconds.tsv's figures after each lease.
 declare -A EXPECT=(
   [tests]=60      # m: the slowest of the 4 processes is the predict test, whose fixture trains on the CPU (46 s)
-  [step48]=88     # m, cold Inductor cache (the eager fp32 baseline included)
-  [step256]=95    # m, cold Inductor cache
+  [step48]=102    # m 2026-11-28 (88 s the day before), cold Inductor cache, the eager fp32 baseline included
+  [step256]=95    # m, cold Inductor cache (92 s 2026-11-28)
   [capture]=231   # m: its tests 75 s, then six compiled runs that found step48/256's cache
-  [fused]=30      # est.: 12 s m on the H200 without compilation
+  [fused]=92      # m 2026-11-28: both methods compiled again for the uint8 input
   [overlap]=32    # m
-  [stages]=60     # est.: 54 ops and 102 alternatives captured and replayed at two batch sizes, no compilation
-  [autotune]=200  # est.: max-autotune times each convolution shape's Triton templates against cuDNN
+  [stages]=100    # est.: 34 s m 2026-11-28 for the ops at both batches; now 4 compiled whole forwards too
+  [autotune]=500  # est.: stopped unfinished at 247 s 2026-11-28 (about 12 s of autotuning per shape)
   [ops]=53        # m: the graph-replay half
   [pybench]=35    # m, step48's compiled code from the cache
   [cudnn]=40      # m
   [fusedconv]=32  # m
-  [teacher]=45    # m (H200, 2026-11-26)
+  [teacher]=60    # m: 50 s for 3 of its 4 runs 2026-11-28 (45 s 2026-11-26)
   [loader]=11     # m, the dataset written by one process per core
   [dali]=$(( HAVE_DALI ? 150 : 1 ))  # m: 172 s for loader + DALI on the H100, less the dataset and torchvision
   [ddp]=18        # m
@@ -242,19 +244,25 @@ fi
 if part stages; then
 # SMILE's extra is the teacher's forward, and overlap hides no more of it (RESULTS.md, H200, 2026-11-27): which of
 # its convolutions run far below the card's rates, at the paper's batch and at a large one.
+# The whole forward is also timed compiled by Inductor's default mode, as the fused forward (what --compile
+# runs: Inductor's max pool has no index output, the eager one's took 169 us of 2.02 ms at batch 48 on the
+# H200) and as plain modules.
 for batch in "$B_SMALL" "$B_LARGE"; do
   say "3j. the fused teacher's forward op by op, batch $batch"
-  limited $((60 * TS)) "$PY" bench/teacher_stages.py --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" \
-    --json "$OUT/teacher_stages_b$batch.json" 2>&1 | grep -v Warning | tail -n 27 | tee -a "$LOG"
+  limited $((120 * TS)) "$PY" bench/teacher_stages.py --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" \
+    --inductor default --inductor-fused default --json "$OUT/teacher_stages_b$batch.json" 2>&1 | grep -v Warning \
+    | tail -n 29 | tee -a "$LOG"
 done
 fi
 
 if part autotune; then
 # Would Inductor's own kernels (Triton convolution templates, 1x1 convolutions as GEMMs, each with the bias,
 # add and ReLU in its epilogue) run the teacher faster than cuDNN's fused ones? Whole forwards only.
-say "3k. the folded teacher compiled by Inductor (default, max-autotune) beside the fused forward, batch $B_SMALL"
-limited $((300 * TS)) "$PY" bench/teacher_stages.py --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" \
-  --no-ops --inductor default,max-autotune-no-cudagraphs --json "$OUT/teacher_inductor_b$B_SMALL.json" 2>&1 \
+# Its autotuning did not finish in 247 s on the H200 (about 12 s per convolution shape for 22 kernels each):
+# a call of its own. Inductor's default mode is timed in part stages.
+say "3k. the folded teacher compiled by Inductor's max-autotune beside the fused forward, batch $B_SMALL"
+limited $((540 * TS)) "$PY" bench/teacher_stages.py --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" \
+  --no-ops --inductor max-autotune-no-cudagraphs --json "$OUT/teacher_inductor_b$B_SMALL.json" 2>&1 \
   | grep -v Warning | tail -n 6 | tee -a "$LOG"
 fi
 
