@@ -309,7 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="test top-1 of a checkpoint")
     evaluate.add_argument("checkpoint", help="a run folder or its last.pt")
     evaluate.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    evaluate.add_argument("--data-dir", help="dataset folder, if it moved since training")
+    evaluate.add_argument(
+        "--data-dir",
+        help="dataset folder, if it moved since training; for an imagefolder run also a folder of new images "
+        "holding only test/<class>/ (one folder per class of the run)",
+    )
     evaluate.add_argument(
         "--workers",
         type=_integer,

@@ -935,6 +935,29 @@ def test_eval_reads_no_training_file_and_keeps_the_run_s_class_subset(tmp_path):
     assert result["test_top1"] == pytest.approx(summary["test_top1"])
 
 
+def test_eval_scores_a_folder_of_new_test_images_without_train(tmp_path):
+    """eval --data-dir of an imagefolder that holds only test/ (new labelled images to score a run on) reads
+    its classes from test/, keeps the run's class subset, and refuses class folders that are not the run's.
+    It asked for train/, and an empty train/ was refused for its empty class folders (stop 24's note)."""
+    import shutil
+
+    data = write_tiny_imagefolder(tmp_path / "data")
+    out = tmp_path / "run"
+    summary = train(_config(data, out, method="finetune", iters=2, eval_every=2, class_fraction=0.5), progress=False)
+    new = tmp_path / "new"
+    shutil.copytree(data / "test", new / "test")
+    said = []
+    result = evaluate_checkpoint(str(out), device="cpu", data_dir=str(new), log=said.append)
+    assert said == [] and result["test_images"] == summary["test_images"] == 6
+    assert result["test_top1"] == pytest.approx(summary["test_top1"])
+    shutil.rmtree(new / "test" / "c1")
+    with pytest.raises(UserError, match="the dataset's classes differ|missing now: c1"):
+        evaluate_checkpoint(str(out), device="cpu", data_dir=str(new))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="expected the folder .*empty/test"):  # no test/ either: the layout's error
+        evaluate_checkpoint(str(out), device="cpu", data_dir=str(tmp_path / "empty"))
+
+
 def test_a_checkpoint_of_another_model_layout_is_one_clear_error(tiny_imagefolder, tmp_path, monkeypatch):
     """eval and --resume of a checkpoint whose tensors do not fit the model say so in one line."""
     from smile_fast.checkpoint import save_atomic

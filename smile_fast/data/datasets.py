@@ -386,7 +386,9 @@ def _load_food101(data_dir: Path) -> DatasetSplits:
 # imagefolder: ROOT/train/<class>/<image>, ROOT/test/<class>/<image>
 
 
-def _load_imagefolder(data_dir: Path) -> DatasetSplits:
+def _load_imagefolder(data_dir: Path, with_train: bool = True) -> DatasetSplits:
+    """with_train=False (evaluation): a folder without train/ is read from test/ alone, its class folders the
+    classes (the caller checks them against the run's), so that a run can be scored on new test images."""
     if data_dir.is_file():
         raise _fail("imagefolder", f"the data folder {data_dir} is a file")
     if not data_dir.is_dir():
@@ -413,6 +415,13 @@ def _load_imagefolder(data_dir: Path) -> DatasetSplits:
             raise _fail("imagefolder", f"expected one folder per class in {split_dir} but found none")
         return files_by_class
 
+    def samples(files_by_class: dict[str, list[str]], classes: list[str]) -> list[tuple[str, int]]:
+        return [(path, label) for label, name in enumerate(classes) for path in files_by_class[name]]
+
+    if not with_train and not (data_dir / "train").exists():
+        test_files = split("test")
+        classes = sorted(test_files)
+        return DatasetSplits("imagefolder", data_dir, classes, [], samples(test_files, classes))
     train_files, test_files = split("train"), split("test")
     if set(train_files) != set(test_files):
         only_train = sorted(set(train_files) - set(test_files))
@@ -434,10 +443,7 @@ def _load_imagefolder(data_dir: Path) -> DatasetSplits:
     if empty:
         raise _fail("imagefolder", f"class folder {data_dir / 'train' / empty[0]} holds no images")
 
-    def samples(files_by_class: dict[str, list[str]]) -> list[tuple[str, int]]:
-        return [(path, label) for label, name in enumerate(classes) for path in files_by_class[name]]
-
-    return DatasetSplits("imagefolder", data_dir, classes, samples(train_files), samples(test_files))
+    return DatasetSplits("imagefolder", data_dir, classes, samples(train_files, classes), samples(test_files, classes))
 
 
 def images_under(folder: Path) -> list[str]:
@@ -463,14 +469,18 @@ _LOADERS: dict[str, Callable[[Path], DatasetSplits]] = {
 }
 
 
-def load_dataset(name: str, data_dir: str | Path) -> DatasetSplits:
+def load_dataset(name: str, data_dir: str | Path, *, with_train: bool = True) -> DatasetSplits:
     """Read the train and test file lists of dataset `name` from its official layout under `data_dir`.
 
+    with_train=False (evaluation): an imagefolder may then lack train/ (see _load_imagefolder); the official
+    datasets' lists name both splits in their own files and are read as they are.
     Raises UserError for an unknown name or a missing/malformed layout. Images are not opened.
     """
     if name not in _LOADERS:
         raise UserError(f"unknown dataset {name!r}; valid names are: {', '.join(DATASET_NAMES)}")
     data_dir = Path(data_dir).expanduser().absolute()
+    if name == "imagefolder":
+        return _load_imagefolder(data_dir, with_train=with_train)
     return _LOADERS[name](data_dir)
 
 

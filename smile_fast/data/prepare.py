@@ -47,7 +47,7 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True, chec
 
         splits = load_dataset("imagefolder", demo_dataset_root())
     else:
-        splits = load_dataset(config.dataset, config.data_dir)
+        splits = load_dataset(config.dataset, config.data_dir, with_train=with_train)
     if check_classes is not None and config.class_fraction is None:
         check_classes(splits.classes)
     cache = image_checks_dir()
