@@ -8,8 +8,8 @@ student hides no more of it (bench/RESULTS.md, 2026-11-27). So the remaining lev
 <= 1.15 is a cheaper forward, and this probe says which ops to look at.
 
 Each op of the product's fused forward (smile_fast.fused_conv.fused_resnet_trunk) is timed on its real
-input. The ops are every convolution with its bias, residual add and ReLU, each shortcut projection, and
-the max pool. Each op is captured `--repeats` times in one CUDA graph, and the graph is replayed
+input. The ops are every convolution with its bias, residual add and ReLU, each shortcut projection (without
+its bias, which the block's last convolution adds), and the max pool. Each op is captured `--repeats` times in one CUDA graph, and the graph is replayed
 `--steps` times per round; the median of `--rounds` rounds, divided by the repeats, is its time. On a CPU
 the op runs eagerly instead, with the same arithmetic as separate ops. The probe reports, for each op:
 - its arithmetic (a multiply-add counts as two FLOPs);
