@@ -299,12 +299,61 @@ def test_the_feature_loss_scaled_in_place_compiles(path: str) -> None:
     torch.testing.assert_close(student.grad, expected)
 
 
-def test_ema_update_takes_parameter_generators(path: str) -> None:
+@pytest.mark.parametrize("function", ["ema_update_", "ema_update_reference"])
+def test_ema_update_takes_parameter_generators(path: str, function: str) -> None:
     teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     expected = [0.5 * t.detach() + 0.5 * s.detach() for t, s in zip(teacher.parameters(), student.parameters())]
-    ops.ema_update_(teacher.parameters(), student.parameters(), 0.5)
+    getattr(ops, function)(teacher.parameters(), student.parameters(), 0.5)
     for value, wanted in zip(teacher.parameters(), expected, strict=True):
         torch.testing.assert_close(value.detach(), wanted)
+
+
+def _sequential_ema(teachers: list[torch.Tensor], students: list[torch.Tensor], decay: float) -> None:
+    for teacher, student in zip(teachers, students, strict=True):  # one pair after the other, as written
+        teacher.copy_(decay * teacher + (1 - decay) * student.float())
+
+
+def test_ema_update_of_pairs_that_share_memory_goes_pair_by_pair(path: str) -> None:
+    """A teacher listed twice is averaged twice, and a teacher read as another pair's student is read
+    before or after its own update as the list's order says. The kernel's programs run in no set order on
+    a GPU (and its launches go by student dtype), so such lists take the pair-by-pair path (review)."""
+    teacher, student = torch.zeros(1000), torch.ones(1000)
+    ops.ema_update_([teacher, teacher], [student, student], 0.5)
+    torch.testing.assert_close(teacher, torch.full((1000,), 0.75))
+
+    # Launched by student dtype, pairs 0 and 2 (float32 students) would run before pair 1 (bfloat16), so
+    # pair 2 would read x before pair 1 updates it.
+    def chain():
+        p, q, x, y = (torch.randn(257) for _ in range(4))
+        return [p, x, y], [q, torch.randn(257).bfloat16(), x]
+
+    teachers, students = chain()
+    expected = [t.clone() for t in teachers], [s.clone() for s in students]
+    expected[1][2] = expected[0][1]  # the same aliasing in the copy
+    _sequential_ema(*expected, 0.9)
+    ops.ema_update_(teachers, students, 0.9)
+    for value, wanted in zip(teachers, expected[0], strict=True):
+        torch.testing.assert_close(value, wanted)
+
+    # Overlapping views of one storage.
+    storage = torch.randn(10)
+    views, others = [storage[:6], storage[4:]], [torch.randn(6), torch.randn(6)]
+    copy = storage.clone()
+    _sequential_ema([copy[:6], copy[4:]], others, 0.5)
+    ops.ema_update_(views, others, 0.5)
+    torch.testing.assert_close(storage, copy)
+
+
+def test_ema_update_of_a_teacher_that_is_its_own_student_keeps_the_kernel(path: str, monkeypatch) -> None:
+    """Only sharing across pairs needs the pair-by-pair path: t = d t + (1 - d) t is elementwise."""
+    from smile_fast.ops import ema_update as module
+
+    teacher = torch.randn(64)
+    before = teacher.clone()
+    assert not module._shares_memory_across_pairs([teacher, torch.zeros(3)], [teacher, torch.ones(3)])
+    assert module._shares_memory_across_pairs([teacher, teacher], [torch.ones(64), torch.ones(64)])
+    ops.ema_update_([teacher], [teacher], 0.3)
+    torch.testing.assert_close(teacher, before)
 
 
 def test_ema_update_decay_must_be_a_scalar(path: str) -> None:
@@ -383,13 +432,13 @@ def test_normalize_std_of_zero_or_on_the_0_255_scale_is_a_clear_error(path: str,
         ops.mixup_normalize_uint8(pixels, torch.tensor([1, 0]), 0.5, (123.675, 116.28, 103.53), (0.2, 0.2, 0.2))
 
 
-_BAD_KIND = [(None, "got NoneType"), ("0.9", "got str"), (True, "got bool")]  # the public op's check
+_BAD_KIND = [(None, "got NoneType"), ("0.9", "got str"), (True, "got bool")]  # both public functions check it
 _OUT_OF_RANGE = [1.5, float("nan"), torch.tensor(1.5), torch.tensor(-0.1)]
 
 
 @pytest.mark.parametrize(
     ("function", "decay", "message"),
-    [("ema_update_", decay, message) for decay, message in _BAD_KIND]
+    [(function, decay, message) for function in ("ema_update_", "ema_update_reference") for decay, message in _BAD_KIND]
     + [
         (function, decay, r"in \[0, 1\]")
         for function in ("ema_update_", "ema_update_reference")

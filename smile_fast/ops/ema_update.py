@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import numbers
 import operator
 import weakref
@@ -50,13 +51,24 @@ def ema_update_reference(
         student_tensors: the same shapes, float32/bfloat16/float16.
         decay: Python float or 0-d tensor.
     """
+    # As ema_update_ takes them: any iterable (model.parameters() is a generator), the same decay checks.
+    if not isinstance(teacher_tensors, (list, tuple)):
+        teacher_tensors = list(teacher_tensors)
+    if not isinstance(student_tensors, (list, tuple)):
+        student_tensors = list(student_tensors)
     _check_ema_inputs(teacher_tensors, student_tensors)
-    if isinstance(decay, Tensor):
-        _check_decay_tensor(decay)
-    check_unit_interval(decay, "decay")
+    _check_decay(decay)
     for teacher, student in zip(teacher_tensors, student_tensors, strict=True):
         decay_t = decay.to(device=teacher.device, dtype=torch.float32) if isinstance(decay, Tensor) else decay
         teacher.copy_(decay_t * teacher + (1.0 - decay_t) * student.float())
+
+
+def _check_decay(decay: float | Tensor) -> None:
+    if isinstance(decay, Tensor):
+        _check_decay_tensor(decay)
+    elif not isinstance(decay, numbers.Real) or isinstance(decay, bool):
+        raise ValueError(f"decay must be a Python float or a 0-d tensor, got {type(decay).__name__} {decay!r}")
+    check_unit_interval(decay, "decay")
 
 
 def _check_decay_tensor(decay: Tensor) -> None:
@@ -87,7 +99,7 @@ def _is_dense(tensor: Tensor) -> bool:
 
 class _EmaPlan(NamedTuple):
     """How one set of tensors is updated: one pointer table per student dtype, and the positions of
-    the rare pairs (unusual strides) that take the reference path."""
+    the rare pairs (unusual strides; every pair when pairs share memory) that take the reference path."""
 
     tables: list
     leftover_positions: list[int]
@@ -135,6 +147,34 @@ _FLOAT32_ONLY = {torch.float32}
 _PLAN_CACHE_SIZE = 8
 
 
+def _byte_span(tensor: Tensor) -> tuple[int, int]:
+    """The addresses [start, end) a tensor's elements lie between (torch has no negative strides)."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return tensor.data_ptr(), tensor.data_ptr() + extent * tensor.element_size()
+
+
+def _shares_memory_across_pairs(teacher_tensors: list[Tensor], student_tensors: list[Tensor]) -> bool:
+    """True when a teacher's memory overlaps another teacher's, or another pair's student's: a teacher
+    listed twice (tied weights through `named_parameters(remove_duplicate=False)`), or a chain like
+    ([a, b], [b, c]). The kernel's programs run in no set order, so such lists are updated one pair after
+    the other, as on the CPU. A pair whose student is its own teacher is fine (each element is read, then
+    written, by one program). Spans, not exact elements: two interleaved views count as overlapping."""
+    teachers = sorted((*_byte_span(t), i) for i, t in enumerate(teacher_tensors) if t.numel())
+    for (_, end, _), (start, _, _) in zip(teachers, teachers[1:]):
+        if start < end:
+            return True
+    # The teachers are now disjoint, so sorted by start they are sorted by end too.
+    starts, ends = [span[0] for span in teachers], [span[1] for span in teachers]
+    for j, student in enumerate(student_tensors):
+        if not student.numel():
+            continue
+        start, end = _byte_span(student)
+        first, last = bisect.bisect_right(ends, start), bisect.bisect_left(starts, end)
+        if any(teachers[k][2] != j for k in range(first, last)):
+            return True
+    return False
+
+
 def _ema_plan(teacher_tensors: list[Tensor], student_tensors: list[Tensor]) -> _EmaPlan:
     try:
         key = (tuple(map(Tensor.data_ptr, teacher_tensors)), tuple(map(Tensor.data_ptr, student_tensors)))
@@ -150,8 +190,9 @@ def _ema_plan(teacher_tensors: list[Tensor], student_tensors: list[Tensor]) -> _
     _check_ema_inputs(teacher_tensors, student_tensors)
     groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
     leftover_positions: list[int] = []
+    one_by_one = _shares_memory_across_pairs(teacher_tensors, student_tensors)
     for position, (teacher, student) in enumerate(zip(teacher_tensors, student_tensors, strict=True)):
-        if _kernel_can_update(teacher, student):
+        if not one_by_one and _kernel_can_update(teacher, student):
             group = groups.setdefault(student.dtype, ([], []))
             group[0].append(teacher)
             group[1].append(student)
@@ -213,13 +254,9 @@ _decay_cache: dict[tuple[torch.device, float], Tensor] = {}
 def _decay_tensor(decay: float | Tensor, device: torch.device) -> Tensor:
     """0-d float32 decay on `device`; a Python float is cached so that a training loop with a constant
     decay pays no host-to-device copy per update."""
+    _check_decay(decay)
     if isinstance(decay, Tensor):
-        _check_decay_tensor(decay)
-        check_unit_interval(decay, "decay")
         return decay.detach().to(device=device, dtype=torch.float32)
-    if not isinstance(decay, numbers.Real) or isinstance(decay, bool):
-        raise ValueError(f"decay must be a Python float or a 0-d tensor, got {type(decay).__name__} {decay!r}")
-    check_unit_interval(decay, "decay")
     if torch.compiler.is_compiling():
         return torch.tensor(float(decay), dtype=torch.float32, device=device)
     key = (device, float(decay))
