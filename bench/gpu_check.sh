@@ -251,7 +251,7 @@ for batch in "$B_SMALL" "$B_LARGE"; do
   say "3j. the fused teacher's forward op by op, batch $batch"
   limited $((120 * TS)) "$PY" bench/teacher_stages.py --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" \
     --inductor default --inductor-fused default --json "$OUT/teacher_stages_b$batch.json" 2>&1 | grep -v Warning \
-    | tail -n 29 | tee -a "$LOG"
+    | tail -n 31 | tee -a "$LOG"
 done
 fi
 

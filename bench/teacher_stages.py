@@ -9,9 +9,10 @@ student hides no more of it (bench/RESULTS.md, 2026-11-27). So the remaining lev
 
 Each op of the product's fused forward (smile_fast.fused_conv.fused_resnet_trunk) is timed on its real
 input. The ops are every convolution with its bias, residual add and ReLU, each shortcut projection (without
-its bias, which the block's last convolution adds), and the max pool. Each op is captured `--repeats` times in one CUDA graph, and the graph is replayed
-`--steps` times per round; the median of `--rounds` rounds, divided by the repeats, is its time. On a CPU
-the op runs eagerly instead, with the same arithmetic as separate ops. The probe reports, for each op:
+its bias, which the block's last convolution adds), and the max pool. Each op is captured `--repeats` times
+in one CUDA graph, and the graph is replayed `--steps` times per round; the median of `--rounds` rounds,
+divided by the repeats, is its time. On a CPU the op runs eagerly instead, with the same arithmetic as
+separate ops. The probe reports, for each op:
 - its arithmetic (a multiply-add counts as two FLOPs);
 - the bytes it must move (inputs, weights, bias, residual, output, each read or written once);
 - TFLOP/s and GB/s;
@@ -79,7 +80,11 @@ def alternatives(
       matrix multiply of (pixels x in channels) by (in x out channels), without bias or ReLU: a lower bound
       for a teacher that ran its 1x1 convolutions (about half of a bottleneck ResNet's arithmetic) as GEMMs;
     - "gemm_bias_relu": that multiply with bias and ReLU in cuBLASLt's epilogue (`torch._addmm_activation`),
-      the whole op, where the op has no residual to add.
+      the whole op, where the op has no residual to add;
+    - "pad4", "pad8": for the stem (3 input channels), the whole fused op on the input padded with zero
+      channels to 4 or 8, and the weights likewise, the padding's copy included. Three channels give a
+      channels-last convolution a reduction of 147 that tensor cores take badly (the stem ran at 31 TFLOP/s on
+      the H200); NVIDIA's MLPerf ResNet-50 pads the first convolution's input to 4 channels for this reason.
     """
     weight = module.weight
 
@@ -103,7 +108,35 @@ def alternatives(
                 return torch._addmm_activation(module.bias, pixels, matrix.t())
 
             others["gemm_bias_relu"] = gemm_bias_relu
+    if fused and residual is None and module.in_channels == 3 and module.groups == 1:
+        for channels in (4, 8):
+            others[f"pad{channels}"] = _padded_stem(module, x, channels)
     return others
+
+
+def _padded_stem(module: torch.nn.Conv2d, x: torch.Tensor, channels: int) -> Callable[[], torch.Tensor]:
+    """The fused stem on `x` and the weights padded with zero input channels to `channels` (same result)."""
+    padded = torch.nn.Conv2d(
+        channels, module.out_channels, module.kernel_size, module.stride, module.padding, module.dilation
+    ).to(device=x.device, dtype=module.weight.dtype)
+    memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
+    with torch.no_grad():
+        padded.weight.zero_()
+        padded.weight[:, :3].copy_(module.weight)
+        padded.bias.copy_(module.bias)
+    if memory_format is not None:
+        padded = padded.to(memory_format=memory_format)
+    # The padded batch, its extra channels zero once and for all; each run copies the images into the first
+    # three (a training step could write them there directly, from its normalization kernel).
+    batch = x.new_zeros(x.shape[0], channels, *x.shape[2:])
+    if memory_format is not None:
+        batch = batch.contiguous(memory_format=memory_format)
+
+    def run():
+        batch[:, :3].copy_(x)
+        return conv_bias_act(padded, batch)
+
+    return run
 
 
 def fused_forward_ops(
@@ -388,6 +421,8 @@ def report_lines(results: dict[str, object], top: int = 12) -> list[str]:
         "conv": "cuDNN's convolution alone",
         "gemm": "cuBLAS GEMM alone",
         "gemm_bias_relu": "cuBLASLt GEMM+bias+ReLU",
+        "pad4": "the stem on 4 channels (3 + zeros, the copy into them included)",
+        "pad8": "the stem on 8 channels (3 + zeros, the copy into them included)",
     }
     for other, entry in (results.get("alternatives") or {}).items():
         lines.append(

@@ -151,6 +151,12 @@ def test_each_alternative_computes_its_convolutions_product():
         gemms = [op for op in convs if "gemm" in op.others]
         # The 1x1 convolutions of stride 1: conv1 and conv3 of each of the 16 blocks, and layer1's projection.
         assert len(gemms) == 33 and sum("gemm_bias_relu" in op.others for op in convs) == 16
+        # The stem alone has 3 input channels: it alone gets the padded variants, which give its output.
+        assert [op.name for op in convs if "pad4" in op.others or "pad8" in op.others] == ["stem"]
+        for channels in (4, 8):
+            padded = convs[0].others[f"pad{channels}"]()
+            assert padded.is_contiguous(memory_format=torch.channels_last)
+            _assert_close(padded, convs[0].run())
         for op in convs:
             module = trunk.get_submodule(_module_name(op.name))
             plain = op.others["conv"]()
@@ -181,7 +187,7 @@ def _module_name(op_name: str) -> str:
 def test_the_alternatives_totals_and_the_inductor_forward_add_up(capsys):
     results = teacher_stages.profile("resnet50", batch_size=1, image_size=32, repeats=1, steps=1, rounds=1)
     rows, compared = results["ops"], results["alternatives"]
-    assert set(compared) == {"conv", "gemm", "gemm_bias_relu"}
+    assert set(compared) == {"conv", "gemm", "gemm_bias_relu", "pad4", "pad8"}
     for name, entry in compared.items():
         having = [row for row in rows if f"{name}_us" in row]
         assert entry["ops"] == len(having) and entry["us"] == pytest.approx(sum(row[f"{name}_us"] for row in having))
