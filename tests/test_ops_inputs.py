@@ -356,6 +356,18 @@ def test_ema_update_of_a_teacher_that_is_its_own_student_keeps_the_kernel(path: 
     torch.testing.assert_close(teacher, before)
 
 
+@pytest.mark.parametrize("function", ["ema_update_", "ema_update_reference"])
+def test_ema_update_refuses_sets_and_dicts(path: str, function: str) -> None:
+    """A set pairs teachers with students in an arbitrary order (equal shapes pass every check); a dict
+    gave "got a str" for its keys (ops review)."""
+    teachers, students = [torch.zeros(3), torch.zeros(3)], [torch.ones(3), torch.full((3,), 2.0)]
+    with pytest.raises(ValueError, match="teacher_tensors must be a sequence of tensors, got a set: pass a list"):
+        getattr(ops, function)(set(teachers), students, 0.5)
+    with pytest.raises(ValueError, match=r"student_tensors .* got a dict: pass list\(d.values\(\)\)"):
+        getattr(ops, function)(teachers, dict(enumerate(students)), 0.5)
+    assert all(torch.equal(t, torch.zeros(3)) for t in teachers)
+
+
 def test_ema_update_decay_must_be_a_scalar(path: str) -> None:
     with pytest.raises(ValueError, match="decay must be a Python float or a 0-d tensor"):
         ops.ema_update_([torch.zeros(2, 3)], [torch.ones(2, 3)], torch.tensor([0.1, 0.5, 1.0]))

@@ -7,7 +7,7 @@ import numbers
 import operator
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -40,6 +40,30 @@ def _check_ema_inputs(teacher_tensors: Sequence[Tensor], student_tensors: Sequen
             raise ValueError(f"tensor {index}: all teacher and student tensors must be on one device")
 
 
+def _as_sequences(
+    teacher_tensors: Iterable[Tensor], student_tensors: Iterable[Tensor]
+) -> tuple[Sequence[Tensor], Sequence[Tensor]]:
+    """Both lists as sequences, from any iterable (model.parameters() is a generator); what cannot be one, or
+    pairs in no reliable order, is a ValueError that says what to pass."""
+    for name, given in (("teacher_tensors", teacher_tensors), ("student_tensors", student_tensors)):
+        # A model, or one tensor iterated row by row; a ParameterList is a module that is a sequence of tensors.
+        if isinstance(given, (torch.nn.Module, Tensor)) and not isinstance(given, torch.nn.ParameterList):
+            what = "a module" if isinstance(given, torch.nn.Module) else "one tensor"
+            raise ValueError(
+                f"{name} must be a sequence of tensors, got {what}: pass list(model.parameters()) (and buffers), "
+                "or [tensor]"
+            )
+        # A set pairs teachers and students in no reliable order; a dict iterates over its keys.
+        if isinstance(given, (set, frozenset, dict)):
+            fix = "list(d.values()) of a dict" if isinstance(given, dict) else "a list, in the students' order"
+            raise ValueError(f"{name} must be a sequence of tensors, got a {type(given).__name__}: pass {fix}")
+    if not isinstance(teacher_tensors, (list, tuple)):
+        teacher_tensors = list(teacher_tensors)
+    if not isinstance(student_tensors, (list, tuple)):
+        student_tensors = list(student_tensors)
+    return teacher_tensors, student_tensors
+
+
 @torch.no_grad()
 def ema_update_reference(
     teacher_tensors: Sequence[Tensor], student_tensors: Sequence[Tensor], decay: float | Tensor
@@ -51,11 +75,7 @@ def ema_update_reference(
         student_tensors: the same shapes, float32/bfloat16/float16.
         decay: Python float or 0-d tensor.
     """
-    # As ema_update_ takes them: any iterable (model.parameters() is a generator), the same decay checks.
-    if not isinstance(teacher_tensors, (list, tuple)):
-        teacher_tensors = list(teacher_tensors)
-    if not isinstance(student_tensors, (list, tuple)):
-        student_tensors = list(student_tensors)
+    teacher_tensors, student_tensors = _as_sequences(teacher_tensors, student_tensors)  # as ema_update_ takes them
     _check_ema_inputs(teacher_tensors, student_tensors)
     _check_decay(decay)
     for teacher, student in zip(teacher_tensors, student_tensors, strict=True):
@@ -286,19 +306,7 @@ def ema_update_(teacher_tensors: Sequence[Tensor], student_tensors: Sequence[Ten
     No gradient flows through the update; autograd is told that the teachers changed, so a graph that
     saved one before the update raises at backward, as after any in-place op.
     """
-    for name, given in (("teacher_tensors", teacher_tensors), ("student_tensors", student_tensors)):
-        # A model, or one tensor iterated row by row; a ParameterList is a module that is a sequence of tensors.
-        if isinstance(given, (torch.nn.Module, Tensor)) and not isinstance(given, torch.nn.ParameterList):
-            what = "a module" if isinstance(given, torch.nn.Module) else "one tensor"
-            raise ValueError(
-                f"{name} must be a sequence of tensors, got {what}: pass list(model.parameters()) (and buffers), "
-                "or [tensor]"
-            )
-    # Any iterable works (model.parameters() is a generator); the cached plan is found by the tensors.
-    if not isinstance(teacher_tensors, (list, tuple)):
-        teacher_tensors = list(teacher_tensors)
-    if not isinstance(student_tensors, (list, tuple)):
-        student_tensors = list(student_tensors)
+    teacher_tensors, student_tensors = _as_sequences(teacher_tensors, student_tensors)
     if len(teacher_tensors) != len(student_tensors):
         raise ValueError(f"{len(teacher_tensors)} teacher tensors but {len(student_tensors)} student tensors")
     if len(teacher_tensors) == 0:
