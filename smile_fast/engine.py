@@ -87,15 +87,17 @@ from smile_fast.stop_signals import (
 )
 
 
-def _write_failed(path: Path, error: BaseException, world_size: int) -> TrainingStopped:
-    """A run-folder write that failed mid-run (disk full, permissions, the folder removed), as one line."""
+def _write_failed(path: Path, error: BaseException, world_size: int, run_dir: Path | None = None) -> TrainingStopped:
+    """A run-folder write that failed (disk full, permissions, the folder removed), as one line. run_dir:
+    the run's folder, where it is not `path`'s (the default)."""
     reason = write_failure(error)
-    if (path.parent / "last.pt").is_file():
-        then = f"the last checkpoint in {path.parent} is intact; fix it and `{resume_command(path.parent, world_size)}`"
+    run_dir = path.parent if run_dir is None else run_dir
+    if (run_dir / "last.pt").is_file():
+        then = f"the last checkpoint in {run_dir} is intact; fix it and `{resume_command(run_dir, world_size)}`"
     else:  # nothing to resume: that advice was refused, and so was a new run into the folder (review)
         # Not "remove the folder": --out may name one of the user's own that held other files before the run.
         then = "no checkpoint had been written yet; fix it and start again with another --out (or remove the "
-        then += f"run's files from {path.parent}: config.yaml, manifest.txt, metrics.csv)"
+        then += f"run's files from {run_dir}: config.yaml, manifest.txt, metrics.csv)"
     return TrainingStopped(
         f"could not write {path} ({reason}); is the disk full or the folder not writable? {then}",
         exit_code=EXIT_WRITE_FAILED,
@@ -224,7 +226,7 @@ class Trainer:
         config, device = self.config, self.device
         from smile_fast.data.images import check_images, listed, skipped_message
         from smile_fast.data.loaders import build_train_loader, choose_loader, default_workers
-        from smile_fast.data.subsets import read_manifest, write_manifest
+        from smile_fast.data.subsets import read_manifest
 
         if config.loader == "dali":  # at once, not after the dataset's check and the model's build (review)
             from smile_fast.data.dali import require_dali
@@ -268,6 +270,12 @@ class Trainer:
                 )
         else:
             train_samples, moved = splits.train, False
+            if self.resume_state is not None:  # its manifest was deleted: said, and written again (review)
+                self.log(
+                    f"note: {manifest} is missing, so the resumed run trains on the dataset's files as they are "
+                    "now (the stopped run's if nothing changed), and writes the manifest again"
+                )
+                moved = True
         self.skipped_up_front = len(skipped)
         if not train_samples:
             raise UserError("no readable training images are left after the subset protocol and image checks")
@@ -371,19 +379,47 @@ class Trainer:
         )
         # The folder is written only now, once everything the run needs was built: a start that fails
         # (weights missing, batch larger than the data, ...) leaves no half-made run folder behind.
+        # Only the main rank writes; the others learn its verdict, so that a refusal or a failed write is one
+        # line from each rank rather than the others waiting at their first collective.
+        self.metrics = None
+        stopped: tuple[str, int | None] | None = None  # the message, and the exit code of a TrainingStopped
         if self.dist.is_main:
+            try:
+                self._start_run_folder(manifest, train_samples, moved)
+            except UserError as error:
+                stopped = (str(error), None)
+            except TrainingStopped as error:
+                stopped = (str(error), error.exit_code)
+        if self.dist.enabled:
+            stopped = main_rank_says(stopped)
+        if stopped is not None:
+            message, exit_code = stopped
+            raise UserError(message) if exit_code is None else TrainingStopped(message, exit_code)
+
+    def _start_run_folder(self, manifest, train_samples, moved: bool) -> None:
+        """The main rank's writes before the first step: the folder, its lock, manifest, config and metrics.
+        moved: a resume's manifest is written again (the dataset moved, or the manifest was missing)."""
+        from smile_fast.data.subsets import write_manifest
+
+        config = self.config
+        try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.folder_lock.acquire(self.run_dir)  # a run that made the same new folder meanwhile is refused
+            if self.resume_state is None:
+                # Looked at again under the lock: another run may have made this folder, and even finished in
+                # it, while this one was starting (minutes of file checks on a large dataset). Its files would
+                # have been overwritten (review).
+                check_run_dir(self.run_dir, resuming=False)
             self._remove_leftover_temporaries()
             if self.resume_state is None or moved:
                 write_manifest(manifest, train_samples)
             write_config(self.run_dir, config.to_dict(), self.weights_description, self.dist.world_size)
-        self.metrics = (
-            MetricsLog(self.run_dir / "metrics.csv", resume=self.resume_state is not None)
-            if self.dist.is_main
-            else None
-        )
-        if self.metrics is not None and self.resume_state is not None:
+            self.metrics = MetricsLog(self.run_dir / "metrics.csv", resume=self.resume_state is not None)
+        except OSError as error:  # a full disk, a file size limit, a folder where a file goes: one line (review)
+            # An atomic write's rename names its temporary file first and the file it replaces second.
+            failed = Path(error.filename2 or error.filename or self.run_dir)
+            raise _write_failed(failed, error, self.dist.world_size, self.run_dir) from None
+        if self.resume_state is not None:
             try:
                 self.metrics.drop_after(self.start_iteration)
             except OSError as error:
@@ -586,14 +622,21 @@ class Trainer:
                         if at_eval:
                             top1 = self.evaluate()
                             row["test_top1"] = top1
-                        if at_eval and math.isfinite(mean_loss):  # the checkpoint first: a failing log must not cost it
-                            self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
-                            last_good_iteration = iteration  # on every rank (only the main one writes)
+                        # The row before the checkpoint: a resume drops the rows past its checkpoint, so a save
+                        # that fails or is interrupted leaves no row too many, while a row appended after the save
+                        # was lost for good when the process died between the two (review). A failed append is
+                        # raised only after the save: a full disk must not cost the checkpoint too.
+                        append_failed = None
                         if self.metrics is not None:
                             try:
                                 self.metrics.append(row)
                             except OSError as error:
-                                raise _write_failed(self.metrics.path, error, self.dist.world_size) from error
+                                append_failed = error
+                        if at_eval and math.isfinite(mean_loss):
+                            self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
+                            last_good_iteration = iteration  # on every rank (only the main one writes)
+                        if append_failed is not None:
+                            raise _write_failed(self.metrics.path, append_failed, self.dist.world_size) from None
                         if not self.progress:
                             self.log(
                                 f"iteration {iteration}/{config.iters}: loss {mean_loss:.4f}, lr {row['lr']:.3g}, "

@@ -398,6 +398,78 @@ def _stopped_run(tiny_imagefolder, out, monkeypatch, iters=4, stop_after=2, **ov
     return out
 
 
+def test_an_evaluation_row_is_written_before_its_checkpoint(tiny_imagefolder, tmp_path, monkeypatch):
+    """A process that died right after the evaluation's checkpoint was saved (SIGKILL, a second signal during
+    the save) lost that evaluation's metrics row for good: the resume starts after the checkpoint and never
+    writes it (review). The row now goes first; a resume drops rows past its checkpoint, so a save that never
+    finished leaves none too many."""
+    out = tmp_path / "run"
+    original_save = Trainer.save
+
+    def save_then_die(self, iteration, *args):
+        original_save(self, iteration, *args)
+        if iteration == 2:
+            raise KeyboardInterrupt  # dies between the save and anything after it
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            train(_config(tiny_imagefolder, out, iters=4, eval_every=2), progress=False)
+    assert load_checkpoint(out)["iteration"] == 2
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [row["iteration"] for row in rows] == ["2"] and rows[0]["test_top1"]
+    train(_config(tiny_imagefolder, out, iters=4, eval_every=2, resume=str(out)), progress=False)
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [row["iteration"] for row in rows] == ["2", "4"] and all(row["test_top1"] for row in rows)
+
+
+def test_a_new_run_rechecks_its_folder_under_the_lock(tiny_imagefolder, tmp_path, monkeypatch):
+    """Another run that made the folder and finished in it while this one was starting (its file checks take
+    minutes on a large dataset) had its files overwritten: the folder was looked at only before (review)."""
+    from smile_fast import engine
+
+    out = tmp_path / "run"
+    original = engine.prepare_data
+
+    def another_run_finishes_meanwhile(*args, **kwargs):
+        out.mkdir()
+        (out / "summary.json").write_text('{"theirs": true}')
+        (out / "last.pt").write_bytes(b"theirs")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "prepare_data", another_run_finishes_meanwhile)
+    with pytest.raises(UserError, match="holds a finished run"):
+        train(_config(tiny_imagefolder, out, iters=2, eval_every=2), progress=False)
+    assert sorted(path.name for path in out.iterdir() if path.name != ".smile-fast.lock") == ["last.pt", "summary.json"]
+    assert (out / "last.pt").read_bytes() == b"theirs"
+
+
+@pytest.mark.parametrize("in_the_way", ["metrics.csv", "config.yaml", "manifest.txt"])
+def test_a_folder_where_a_run_file_goes_is_one_line_not_a_traceback(tiny_imagefolder, tmp_path, in_the_way):
+    """Writes that fail while the run folder is set up (a folder in a file's place, a full disk, a file size
+    limit) were tracebacks with exit 1 (review); they are the one line and exit 74 of a failed write."""
+    out = tmp_path / "run"
+    (out / in_the_way).mkdir(parents=True)
+    with pytest.raises(TrainingStopped, match=f"could not write {out / in_the_way}") as stopped:
+        train(_config(tiny_imagefolder, out, iters=2, eval_every=2), progress=False)
+    assert stopped.value.exit_code == 74
+    assert "no checkpoint had been written yet" in str(stopped.value)
+
+
+def test_a_resume_without_its_manifest_says_so_and_writes_it_again(tiny_imagefolder, tmp_path, monkeypatch):
+    """It trained on the dataset's current listing without a word and left the folder without a manifest."""
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
+    listed = (out / "manifest.txt").read_text()
+    (out / "manifest.txt").unlink()
+    said = []
+    trainer = Trainer(
+        _config(tiny_imagefolder, out, iters=4, eval_every=4, resume=str(out)), progress=False, log=said.append
+    )
+    assert any(line.startswith(f"note: {out / 'manifest.txt'} is missing") for line in said), said
+    assert (out / "manifest.txt").read_text() == listed
+    del trainer
+
+
 def test_a_resume_removes_the_temporary_files_a_killed_write_left(tiny_imagefolder, tmp_path, monkeypatch):
     """A process killed mid-write (SIGKILL) leaves `.last.pt.XXXX.tmp`, a checkpoint's size, beside the intact
     last.pt; resuming kept it for good (review). The resume removes such files of the run's own, and says so;
