@@ -67,6 +67,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         folder = path if path.is_dir() else given
         raise UserError(f"{folder} is a folder, not a checkpoint file; pass a run folder or its last.pt")
     if not path.is_file():
+        from smile_fast.run_lock import run_in_progress
+
+        if (holder := run_in_progress(path.parent)) is not None:  # not "ended": it is running (review)
+            raise UserError(
+                f"{path.parent} is still training ({holder}) and holds no checkpoint yet: one is written at each "
+                "evaluation (--eval-every) and when the run is stopped; try again after its first evaluation"
+            )
         if (path.parent / "metrics.csv").is_file():
             raise UserError(
                 f"{path.parent} holds no checkpoint: its run ended before the first one (written at each "

@@ -1137,6 +1137,20 @@ def test_a_run_that_diverged_before_its_first_checkpoint_says_so_and_what_to_do(
         train(_config(tiny_imagefolder, out, method="finetune"), progress=False)
     with pytest.raises(UserError, match="holds no checkpoint: its run ended before the first one"):
         train(_config(tiny_imagefolder, out, method="finetune", resume=str(out)), progress=False)
+    # The same folder while a run holds it (before its first evaluation): still training, not "ended" (review).
+    from smile_fast.run_lock import RunFolderLock
+
+    lock = RunFolderLock()
+    lock.acquire(out)
+    try:
+        for attempt in (
+            lambda: evaluate_checkpoint(str(out), device="cpu"),
+            lambda: train(_config(tiny_imagefolder, out, method="finetune", resume=str(out)), progress=False),
+        ):
+            with pytest.raises(UserError, match=rf"is still training \(pid {os.getpid()} on .*\) and holds no"):
+                attempt()
+    finally:
+        lock.release()
 
 
 def test_eval_and_resume_refuse_a_dataset_whose_classes_changed(tmp_path, monkeypatch):
