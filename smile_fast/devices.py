@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import torch
 
-from smile_fast.errors import UserError
+from smile_fast.errors import UserError, first_line
 from smile_fast.torchrun import DistributedContext, torchrun_environment
 
 
@@ -67,17 +68,41 @@ def setup_distributed(device_name: str, timeout_minutes: float = 10.0) -> tuple[
             "not: start the run with torchrun (torchrun --nproc_per_node=N -m smile_fast train ...), or unset "
             "WORLD_SIZE to run one process"
         )
+    address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:  # else a ValueError traceback from the rendezvous
+        raise UserError(f"MASTER_PORT={port!r} in the environment is not a port number (1-65535); {_HAND_LAUNCH}")
     import torch.distributed as dist
 
     device = resolve_device(device_name, context.local_rank, context.local_world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        if context.rank == 0 and not os.environ.get("TORCHELASTIC_RUN_ID"):
+            # Started by hand, not by torchrun (which sets TORCHELASTIC_RUN_ID): a missing peer was ten silent
+            # minutes, then a traceback (review). Say what it waits for.
+            print(
+                f"waiting up to {timeout_minutes:g} minutes for the {context.world_size} processes of WORLD_SIZE="
+                f"{context.world_size} to join at {address}:{port}",
+                file=sys.stderr,
+                flush=True,
+            )
+        try:
+            dist.init_process_group(
+                backend="nccl" if device.type == "cuda" else "gloo",
+                timeout=datetime.timedelta(minutes=timeout_minutes),
+            )
+        except (dist.DistStoreError, dist.DistNetworkError) as error:
+            reason = first_line(error)
+            raise UserError(
+                f"the {context.world_size} processes could not meet at {address}:{port} ({reason}); {_HAND_LAUNCH}"
+            ) from None
     return context, device
+
+
+_HAND_LAUNCH = (
+    "start the run with torchrun (torchrun --nproc_per_node=N -m smile_fast train ...), or start every rank "
+    "(RANK=0 to WORLD_SIZE-1) with the same WORLD_SIZE, MASTER_ADDR and a free MASTER_PORT"
+)
 
 
 def to_device_async(host_tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -51,9 +51,12 @@ def torchrun_environment() -> DistributedContext:
         return DistributedContext()
     context = DistributedContext(number("RANK", 0), world_size, number("LOCAL_RANK", 0), number("LOCAL_WORLD_SIZE", 1))
     if not 0 <= context.rank < world_size or not 0 <= context.local_rank < context.local_world_size:
+        # An unset LOCAL_WORLD_SIZE (taken as 1) is named as unset: "LOCAL_WORLD_SIZE=1" misled (review).
+        local_world_size = os.environ.get("LOCAL_WORLD_SIZE") and f"LOCAL_WORLD_SIZE={context.local_world_size}"
         raise UserError(
             f"RANK={context.rank} of WORLD_SIZE={world_size}, LOCAL_RANK={context.local_rank} of "
-            f"LOCAL_WORLD_SIZE={context.local_world_size} in the environment do not fit together; {_FIX}"
+            f"{local_world_size or 'LOCAL_WORLD_SIZE unset (taken as 1)'} in the environment do not fit together; "
+            f"{_FIX}"
         )
     return context
 

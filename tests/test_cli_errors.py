@@ -376,6 +376,40 @@ def test_torchrun_variables_that_contradict_each_other_are_one_line(monkeypatch,
     said = capsys.readouterr().err
     assert said.startswith("smile-fast: error: ") and "unset WORLD_SIZE to run one process" in said, said
     assert len(said.strip().splitlines()) == 1, said
+    if "RANK" in values and "LOCAL_WORLD_SIZE" not in values:  # named as unset, not as the 1 it is taken for
+        assert "LOCAL_WORLD_SIZE unset (taken as 1)" in said, said
+
+
+def _hand_launch(monkeypatch, port: str) -> None:
+    for variable in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}.items():
+        monkeypatch.setenv(variable, value)
+
+
+def test_a_master_port_that_is_no_port_is_one_line(monkeypatch, capsys, tmp_path):
+    # A ValueError traceback from the rendezvous (torchrun review).
+    _hand_launch(monkeypatch, "abc")
+    assert main(["train", "--iters", "1", "--out", str(tmp_path / "run")]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("smile-fast: error: MASTER_PORT='abc' in the environment is not a port number"), said
+
+
+def test_a_hand_launch_whose_peers_never_come_says_what_it_waits_for_then_one_line(monkeypatch, capsys):
+    """Rank 0 of a hand launch whose rank 1 never starts was ten silent minutes, then a DistStoreError
+    traceback (torchrun review): it now says what it waits for, and its end is one line."""
+    import socket
+
+    from smile_fast.devices import setup_distributed
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _hand_launch(monkeypatch, str(port))
+    with pytest.raises(UserError, match=rf"the 2 processes could not meet at 127.0.0.1:{port} \(.*\); start the"):
+        setup_distributed("cpu", timeout_minutes=0.03)
+    said = capsys.readouterr().err
+    assert f"waiting up to 0.03 minutes for the 2 processes of WORLD_SIZE=2 to join at 127.0.0.1:{port}" in said
 
 
 def test_world_size_set_by_hand_without_torchrun_is_one_line(monkeypatch, capsys, tmp_path):
