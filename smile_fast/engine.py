@@ -69,6 +69,7 @@ from smile_fast.run_lock import RunFolderLock, refuse_a_folder_in_use
 from smile_fast.runlog import (
     MetricsLog,
     default_run_dir,
+    free_name,
     plot_curves,
     recorded_weights,
     resume_command,
@@ -145,7 +146,9 @@ class Trainer:
         self.config = config
         self.dist, self.device = setup_distributed(config.device)
         resolve_for_device(config, self.device)  # before the settings are written to the run folder
-        self.run_dir = Path(config.out) if config.out else default_run_dir(config.dataset, config.method)
+        # The default name, which a run started in the same second may take: see _claim_another_default_folder.
+        self._default_name = None if config.out else default_run_dir(config.dataset, config.method)
+        self.run_dir = Path(config.out) if config.out else free_name(self._default_name)
         if self.dist.enabled and not config.out:
             # The name holds the start time, and each rank's clock gave its own: ranks that started on either
             # side of a second named two folders, of which only rank 0's was written (review).
@@ -390,11 +393,28 @@ class Trainer:
                 stopped = (str(error), None)
             except TrainingStopped as error:
                 stopped = (str(error), error.exit_code)
-        if self.dist.enabled:
-            stopped = main_rank_says(stopped)
+        if self.dist.enabled:  # with the folder, which the main rank may have had to name anew
+            stopped, run_dir = main_rank_says((stopped, str(self.run_dir)))
+            self.run_dir = Path(run_dir)
         if stopped is not None:
             message, exit_code = stopped
             raise UserError(message) if exit_code is None else TrainingStopped(message, exit_code)
+
+    def _claim_another_default_folder(self) -> None:
+        """The default folder's name holds the start time to the second, and a run started in the same second
+        took it while this one was starting: this run goes to the next free name (review)."""
+        self.folder_lock.release()  # held if the other run had already finished there
+        taken = self.run_dir
+        while True:
+            candidate = free_name(self._default_name)
+            try:
+                candidate.mkdir()  # made by this process alone, or another try
+            except FileExistsError:
+                continue
+            break
+        self.run_dir = candidate
+        self.folder_lock.acquire(self.run_dir)
+        self.log(f"note: {taken} was taken by another run started in the same second; this run is in {self.run_dir}")
 
     def _start_run_folder(self, manifest, train_samples, moved: bool) -> None:
         """The main rank's writes before the first step: the folder, its lock, manifest, config and metrics.
@@ -404,12 +424,17 @@ class Trainer:
         config = self.config
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.folder_lock.acquire(self.run_dir)  # a run that made the same new folder meanwhile is refused
-            if self.resume_state is None:
-                # Looked at again under the lock: another run may have made this folder, and even finished in
-                # it, while this one was starting (minutes of file checks on a large dataset). Its files would
-                # have been overwritten (review).
-                check_run_dir(self.run_dir, resuming=False)
+            try:
+                self.folder_lock.acquire(self.run_dir)  # a run that made the same new folder meanwhile is refused
+                if self.resume_state is None:
+                    # Looked at again under the lock: another run may have made this folder, and even finished
+                    # in it, while this one was starting (minutes of file checks on a large dataset). Its files
+                    # would have been overwritten (review).
+                    check_run_dir(self.run_dir, resuming=False)
+            except UserError:
+                if self.resume_state is not None or self._default_name is None:
+                    raise
+                self._claim_another_default_folder()
             self._remove_leftover_temporaries()
             if self.resume_state is None or moved:
                 write_manifest(manifest, train_samples)

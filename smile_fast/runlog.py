@@ -14,7 +14,19 @@ from smile_fast.atomic_file import atomic_write
 
 
 def default_run_dir(dataset: str, method: str) -> Path:
+    """runs/DATE-TIME-DATASET-METHOD; the caller takes `free_name` of it, since runs started side by side (a
+    seed loop in the background) can start in the same second (the second was refused as "in use"; review)."""
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{dataset}-{method}"
+
+
+def free_name(path: Path) -> Path:
+    """`path` if nothing is there, else the first of path-2, path-3, ... that does not exist."""
+    if not os.path.lexists(path):
+        return path
+    number = 2
+    while os.path.lexists(f"{path}-{number}"):
+        number += 1
+    return Path(f"{path}-{number}")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

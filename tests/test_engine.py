@@ -444,6 +444,37 @@ def test_a_new_run_rechecks_its_folder_under_the_lock(tiny_imagefolder, tmp_path
     assert (out / "last.pt").read_bytes() == b"theirs"
 
 
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tiny_imagefolder, tmp_path, monkeypatch):
+    """The default folder's name holds the start time to the second: a second run started then was refused
+    as "in use" (or, had the first finished meanwhile, overwrote it; review). It now takes name-2."""
+    from smile_fast import engine
+
+    monkeypatch.chdir(tmp_path)
+    first = Path("runs/20261128-120000-imagefolder-smile")
+    monkeypatch.setattr(engine, "default_run_dir", lambda dataset, method: first)  # every start in one second
+    (first / "summary.json").parent.mkdir(parents=True)
+    (first / "summary.json").write_text("{}")  # there before the second run started: never its folder
+    said = []
+    summary = train(_config(tiny_imagefolder, "", iters=2, eval_every=2), progress=False, log=said.append)
+    assert Path(summary["run_dir"]).resolve() == (tmp_path / f"{first}-2").resolve()
+    assert said and not any("taken by another run" in line for line in said)
+
+    # Made by another run while this one was starting (after its name was chosen): the next free name.
+    original = engine.prepare_data
+
+    def another_run_takes_it(*args, **kwargs):
+        (Path(f"{first}-3") / "last.pt").parent.mkdir(parents=True)
+        (Path(f"{first}-3") / "last.pt").write_bytes(b"theirs")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "prepare_data", another_run_takes_it)
+    said = []
+    summary = train(_config(tiny_imagefolder, "", iters=2, eval_every=2), progress=False, log=said.append)
+    assert Path(summary["run_dir"]).resolve() == (tmp_path / f"{first}-4").resolve()
+    assert f"note: {first}-3 was taken by another run started in the same second; this run is in {first}-4" in said
+    assert (Path(f"{first}-3") / "last.pt").read_bytes() == b"theirs"
+
+
 @pytest.mark.parametrize("in_the_way", ["metrics.csv", "config.yaml", "manifest.txt"])
 def test_a_folder_where_a_run_file_goes_is_one_line_not_a_traceback(tiny_imagefolder, tmp_path, in_the_way):
     """Writes that fail while the run folder is set up (a folder in a file's place, a full disk, a file size
