@@ -1061,6 +1061,27 @@ def test_eval_scores_a_folder_of_new_test_images_without_train(tmp_path):
         evaluate_checkpoint(str(out), device="cpu", data_dir=str(tmp_path / "empty"))
 
 
+@pytest.mark.parametrize("part", ["student", "teacher", "optimizer"])
+def test_a_checkpoint_damaged_into_nan_is_refused_as_damaged(tiny_imagefolder, tmp_path, monkeypatch, part):
+    """Random bytes inside last.pt can still unpickle: eval scored the damaged model without a word, and the
+    resume stopped on a NaN loss advising a lower --lr (failure review)."""
+    from smile_fast.checkpoint import save_atomic
+
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=2, stop_after=1)
+    state = load_checkpoint(out / "last.pt")
+    if part == "optimizer":
+        tensor = next(iter(state["optimizer"]["state"].values()))["momentum_buffer"]
+    else:
+        tensor = next(value for value in state[part].values() if value.is_floating_point())
+    tensor.view(-1)[0] = float("inf")
+    save_atomic(state, out / "last.pt")
+    message = rf"holds NaN or infinite numbers in {part}\..*: the file is damaged"
+    with pytest.raises(UserError, match=message):
+        evaluate_checkpoint(str(out), device="cpu")
+    with pytest.raises(UserError, match=message):
+        train(_config(tiny_imagefolder, out, iters=2, eval_every=2, resume=str(out)), progress=False)
+
+
 def test_a_checkpoint_of_another_model_layout_is_one_clear_error(tiny_imagefolder, tmp_path, monkeypatch):
     """eval and --resume of a checkpoint whose tensors do not fit the model say so in one line."""
     from smile_fast.checkpoint import save_atomic
