@@ -88,11 +88,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise NotACheckpoint(f"{path} is not a smile-fast checkpoint (no student weights or config in it)")
     for part in ("student", "teacher", "optimizer"):
         if (where := _first_non_finite(state.get(part), part)) is not None:
-            # A run saves only while its loss is finite, so this is damage: bytes changed on a disk or in a
-            # copy still unpickle, and the resume then stopped blaming --lr, eval scored garbage (review).
+            # Bytes changed on a disk or in a copy still unpickle: the resume then stopped blaming --lr, and eval
+            # scored garbage (review). An evaluation's checkpoint is saved only while the loss is finite; a
+            # stop's may hold weights that diverged since the last log line.
             raise UserError(
-                f"{path} holds NaN or infinite numbers in {where}: the file is damaged (a disk or copy error); "
-                "use an intact copy of the run folder"
+                f"{path} holds NaN or infinite numbers in {where}: the file is damaged (a disk or copy error), "
+                "or the run diverged after its last log line and was stopped; use an intact copy of the run "
+                "folder, or start a new run (with a lower --lr if its loss was growing)"
             )
     return state
 
