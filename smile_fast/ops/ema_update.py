@@ -177,8 +177,9 @@ def _shares_memory_across_pairs(teacher_tensors: list[Tensor], student_tensors: 
     """True when a teacher's memory overlaps another teacher's, or another pair's student's: a teacher
     listed twice (tied weights through `named_parameters(remove_duplicate=False)`), or a chain like
     ([a, b], [b, c]). The kernel's programs run in no set order, so such lists are updated one pair after
-    the other, as on the CPU. A pair whose student is its own teacher is fine (each element is read, then
-    written, by one program). Spans, not exact elements: two interleaved views count as overlapping."""
+    the other, as on the CPU. A pair whose student is exactly its own teacher is fine (each element is read,
+    then written, by one program); one that overlaps it otherwise (a shifted view) is not. Spans, not exact
+    elements: two interleaved views count as overlapping."""
     teachers = sorted((*_byte_span(t), i) for i, t in enumerate(teacher_tensors) if t.numel())
     for (_, end, _), (start, _, _) in zip(teachers, teachers[1:]):
         if start < end:
@@ -190,8 +191,11 @@ def _shares_memory_across_pairs(teacher_tensors: list[Tensor], student_tensors: 
             continue
         start, end = _byte_span(student)
         first, last = bisect.bisect_right(ends, start), bisect.bisect_left(starts, end)
-        if any(teachers[k][2] != j for k in range(first, last)):
-            return True
+        for k in range(first, last):
+            teacher = teacher_tensors[teachers[k][2]]
+            itself = teachers[k][2] == j and student.data_ptr() == teacher.data_ptr()
+            if not (itself and student.stride() == teacher.stride() and student.dtype == teacher.dtype):
+                return True
     return False
 
 
