@@ -20,7 +20,7 @@ from smile_fast.config import (
     METHOD_CHOICES,
     SAMPLE_DRAWS,
 )
-from smile_fast.errors import UserError, did_you_mean, discard_output, write_failure
+from smile_fast.errors import UserError, did_you_mean, discard_output, same_on_every_process, write_failure
 from smile_fast.output_files import check_writable, folders_to_create, remove_folders, stdout_failed, to_stdout
 from smile_fast.torchrun import torchrun_environment
 
@@ -501,17 +501,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from smile_fast.engine import train
     from smile_fast.runlog import print_summary_table
 
-    yaml_values = load_yaml(args.config) if args.config else {}
-    overrides = {key: getattr(args, key) for key in TRAIN_KEYS}
-    yaml_values = _protocol_named_here_wins(yaml_values, overrides, args.config)
-    config = build_config(yaml_values, overrides)
-    # Checked on what this command names, not in validate(): a resumed run's dataset is its checkpoint's
-    # (`--resume RUN --data-dir NEW` names no --dataset), and recorded configs are not this command's doing.
-    if config.dataset == "demo" and config.data_dir and not config.resume:
-        raise UserError(
-            f"--data-dir {config.data_dir} was given with the built-in demo dataset, which would ignore it: name "
-            "the dataset (--dataset imagefolder for ROOT/train/<class>/ and ROOT/test/<class>/)"
-        )
+    try:  # the settings: every process torchrun starts reads the same, and meets the same errors
+        yaml_values = load_yaml(args.config) if args.config else {}
+        overrides = {key: getattr(args, key) for key in TRAIN_KEYS}
+        yaml_values = _protocol_named_here_wins(yaml_values, overrides, args.config)
+        config = build_config(yaml_values, overrides)
+        # Checked on what this command names, not in validate(): a resumed run's dataset is its checkpoint's
+        # (`--resume RUN --data-dir NEW` names no --dataset), and recorded configs are not this command's doing.
+        if config.dataset == "demo" and config.data_dir and not config.resume:
+            raise UserError(
+                f"--data-dir {config.data_dir} was given with the built-in demo dataset, which would ignore it: "
+                "name the dataset (--dataset imagefolder for ROOT/train/<class>/ and ROOT/test/<class>/)"
+            )
+    except UserError as error:
+        raise same_on_every_process(error) from None
     named = set(yaml_values) | {key for key, value in overrides.items() if value is not None}
     summary = train(config, progress=not args.no_progress, given={key: getattr(config, key) for key in named})
     if torchrun_environment().is_main:  # under torchrun every rank returns; the table is printed once
@@ -556,7 +559,7 @@ def _protocol_named_here_wins(yaml_values: dict, overrides: dict, path: str | No
 def _one_process(command: str) -> None:
     """eval, export, predict, report, data: every process would do the whole job and print the same lines."""
     if torchrun_environment().enabled:
-        raise UserError(f"smile-fast {command} runs in one process; start it without torchrun")
+        raise same_on_every_process(UserError(f"smile-fast {command} runs in one process; start it without torchrun"))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -913,7 +916,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     except UserError as error:
-        print(f"smile-fast: error: {error}", file=sys.stderr)
+        if not (error.same_on_every_process and _not_the_first_process()):  # once per machine (README)
+            print(f"smile-fast: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:  # Ctrl-C outside a run, or a second stop signal during one
         from smile_fast.stop_signals import interrupted_exit_status
@@ -924,6 +928,8 @@ def main(argv: list[str] | None = None) -> int:
         from smile_fast.stop_signals import TrainingStopped
 
         if isinstance(error, TrainingStopped):
+            if getattr(error, "same_on_every_process", False) and _not_the_first_process():
+                return error.exit_code
             try:
                 print(f"smile-fast: {error}", file=sys.stderr)
             except OSError:  # its reader is gone (a closed terminal: the SIGHUP that stopped the run)

@@ -37,7 +37,7 @@ from smile_fast.data.cache import image_checks_dir
 from smile_fast.data.prepare import prepare_data, stderr_line
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.devices import cpu_has_fast_bfloat16, setup_distributed
-from smile_fast.errors import UserError, discard_output, first_line, write_failure
+from smile_fast.errors import UserError, discard_output, first_line, same_on_every_process, write_failure
 from smile_fast.evaluation import count_correct, eval_progress_bar
 from smile_fast.methods import build_method
 from smile_fast.models import build_models, checkpoint_source_classes, paper_source_note
@@ -131,18 +131,10 @@ class Trainer:
         self.last_saved_iteration: int | None = None  # this process's last checkpoint written (save)
         self.test_images_scored: int | None = None  # the images the last evaluation counted (evaluate)
         if config.resume:
-            self.resume_state = load_checkpoint(config.resume)
-            saved = dict(self.resume_state["config"])
-            saved["resume"] = config.resume
-            saved["device"] = config.device
-            saved["out"] = str(Path(config.resume) if Path(config.resume).is_dir() else Path(config.resume).parent)
-            if (given or {}).get("out") and Path(given["out"]).resolve() != Path(saved["out"]).resolve():
-                self._unused_out = given["out"]
-            given = {key: value for key, value in (given or {}).items() if key not in ("resume", "out", "device")}
-            saved.update({key: value for key, value in given.items() if key in RESUME_MAY_CHANGE})
-            turn_off_dependent_flags(saved, given)
-            config = build_config(saved)
-            check_resume_settings(config, given)
+            try:  # the same files for every process of a torchrun launch on a machine: the same errors
+                config, given = self._read_resumed_run(config, given)
+            except UserError as error:
+                raise same_on_every_process(error) from None
         self.config = config
         self.dist, self.device = setup_distributed(config.device)
         resolve_for_device(config, self.device)  # before the settings are written to the run folder
@@ -154,8 +146,11 @@ class Trainer:
             # side of a second named two folders, of which only rank 0's was written (review).
             self.run_dir = Path(main_rank_says(str(self.run_dir)))
         if self.resume_state is not None:
-            refuse_finished_run(self.run_dir, self.resume_state, config.iters)
-            refuse_other_world_size(self.run_dir, self.resume_state, self.dist.world_size, config.batch_size)
+            try:
+                refuse_finished_run(self.run_dir, self.resume_state, config.iters)
+                refuse_other_world_size(self.run_dir, self.resume_state, self.dist.world_size, config.batch_size)
+            except UserError as error:
+                raise same_on_every_process(error) from None
         # Only the main rank reads the folder (other nodes may not even see it); the others learn its verdict,
         # so that a refused folder is one line from each rank rather than the others' DDP tracebacks.
         refused = None
@@ -171,7 +166,7 @@ class Trainer:
         if self.dist.enabled:
             refused = main_rank_says(refused)
         if refused:
-            raise UserError(refused)
+            raise same_on_every_process(UserError(refused))
         self._log = log or stderr_line
         if self.resume_state is not None:
             dropped = drop_capture_flags(config, self.device, self.dist, given)
@@ -190,6 +185,25 @@ class Trainer:
         self.progress = progress and self.dist.is_main and sys.stderr.isatty()
         torch.manual_seed(config.seed)
         self._build()
+
+    def _read_resumed_run(
+        self, config: TrainConfig, given: Mapping[str, Any] | None
+    ) -> tuple[TrainConfig, dict[str, Any]]:
+        """Reads the checkpoint of `config.resume`; returns the run's own settings with those this command may
+        change, and what this command named less the folder and device."""
+        self.resume_state = load_checkpoint(config.resume)
+        saved = dict(self.resume_state["config"])
+        saved["resume"] = config.resume
+        saved["device"] = config.device
+        saved["out"] = str(Path(config.resume) if Path(config.resume).is_dir() else Path(config.resume).parent)
+        if (given or {}).get("out") and Path(given["out"]).resolve() != Path(saved["out"]).resolve():
+            self._unused_out = given["out"]
+        given = {key: value for key, value in (given or {}).items() if key not in ("resume", "out", "device")}
+        saved.update({key: value for key, value in given.items() if key in RESUME_MAY_CHANGE})
+        turn_off_dependent_flags(saved, given)
+        config = build_config(saved)
+        check_resume_settings(config, given)
+        return config, given
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
@@ -398,7 +412,9 @@ class Trainer:
             self.run_dir = Path(run_dir)
         if stopped is not None:
             message, exit_code = stopped
-            raise UserError(message) if exit_code is None else TrainingStopped(message, exit_code)
+            raise same_on_every_process(
+                UserError(message) if exit_code is None else TrainingStopped(message, exit_code)
+            )
 
     def _claim_another_default_folder(self) -> None:
         """The default folder's name holds the start time to the second, and a run started in the same second

@@ -54,3 +54,13 @@ class UserError(Exception):
 
     The message must say what is wrong and what to do, on one line.
     """
+
+    # Set (`same_on_every_process`) on errors that every process torchrun starts meets alike: the settings, a
+    # verdict the main rank shared. The command line says those once per machine, not once per process.
+    same_on_every_process = False
+
+
+def same_on_every_process(error: BaseException) -> BaseException:
+    """`error`, marked as met alike by every process of a torchrun launch (see UserError); returns it."""
+    error.same_on_every_process = True
+    return error

@@ -412,6 +412,22 @@ def test_a_hand_launch_whose_peers_never_come_says_what_it_waits_for_then_one_li
     assert f"waiting up to 0.03 minutes for the 2 processes of WORLD_SIZE=2 to join at 127.0.0.1:{port}" in said
 
 
+@pytest.mark.parametrize("argv", [["train", "--batch-size", "0"], ["train", "--lr", "-1"], ["eval", "runs/x"]])
+def test_a_settings_error_under_torchrun_is_said_once_per_machine(monkeypatch, capsys, argv):
+    """Every process torchrun starts meets the same settings error: the README promised it once per machine,
+    but it came once per process, 8 lines on an 8-GPU node (torchrun review)."""
+    said = {}
+    for local_rank in (0, 1):
+        for variable, value in {
+            "WORLD_SIZE": "2", "RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": "2"
+        }.items():  # fmt: skip
+            monkeypatch.setenv(variable, value)
+        assert main(argv) == 2
+        said[local_rank] = capsys.readouterr().err
+    assert said[0].startswith(PREFIX) and len(said[0].strip().splitlines()) == 1, said
+    assert said[1] == "", said
+
+
 def test_world_size_set_by_hand_without_torchrun_is_one_line(monkeypatch, capsys, tmp_path):
     # The rendezvous had failed with a KeyError traceback for RANK.
     for variable in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
