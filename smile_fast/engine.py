@@ -130,6 +130,7 @@ class Trainer:
         self.previous_train_seconds = 0.0
         self.last_saved_iteration: int | None = None  # this process's last checkpoint written (save)
         self.test_images_scored: int | None = None  # the images the last evaluation counted (evaluate)
+        self.agreed_checkpoint_iteration: int | None = None  # the last one every rank knows of (_what_is_kept)
         if config.resume:
             try:  # the same files for every process of a torchrun launch on a machine: the same errors
                 config, given = self._read_resumed_run(config, given)
@@ -608,6 +609,7 @@ class Trainer:
         nonfinite_checks = 0
         top1 = None
         last_good_iteration = self.start_iteration
+        self.agreed_checkpoint_iteration = self.start_iteration or None  # see _what_is_kept
         stop_agreement = StopAgreement(self.dist, self.device, self.start_iteration)
         self.student.train()
         # closing(): however the loop ends (a stop, a divergence, an error), the loader ends here with its worker
@@ -676,6 +678,7 @@ class Trainer:
                         if at_eval and math.isfinite(mean_loss):
                             self.save(iteration, previous_wall + time.perf_counter() - self.started, train_seconds)
                             last_good_iteration = iteration  # on every rank (only the main one writes)
+                            self.agreed_checkpoint_iteration = iteration
                         if append_failed is not None:
                             raise _write_failed(self.metrics.path, append_failed, self.dist.world_size) from None
                         if not self.progress:
@@ -749,7 +752,18 @@ class Trainer:
         that did not exist when the main rank's write failed (review). The others point to the main rank's."""
         resume = f"continue with `{resume_command(self.run_dir, self.dist.world_size)}`"
         if not self.dist.is_main:
-            return f"rank 0's checkpoint in {self.run_dir}, if it wrote one, is kept (its line says which); {resume}"
+            # What every rank knows: the last evaluation's checkpoint (or the resume's). A killed rank 0 prints
+            # no line of its own, which this message pointed to (torchrun review).
+            known = self.agreed_checkpoint_iteration
+            if known is None:
+                return (
+                    f"no evaluation's checkpoint was written in {self.run_dir} yet; if rank 0 wrote one as it "
+                    f"stopped, {resume}, else start a new run"
+                )
+            return (
+                f"rank 0's checkpoint of iteration {known} in {self.run_dir} is kept, unless its write failed or "
+                f"rank 0 wrote a later one as it stopped; {resume}"
+            )
         saved = self.last_saved_iteration  # this run's own write
         if saved is None and self.resume_state is not None:
             saved = self.start_iteration  # a resume's: the one it started from
