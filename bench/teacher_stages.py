@@ -458,8 +458,8 @@ def main() -> None:
     parser.add_argument(
         "--inductor-fused",
         default="",
-        help="comma-separated torch.compile modes for the fused forward itself, timed beside it (default: what "
-        "smile-fast's --compile runs for the teacher)",
+        help="comma-separated torch.compile modes for the fused forward itself, timed beside it (e.g. default: "
+        "what smile-fast's --compile runs for the teacher)",
     )
     args = parser.parse_args()
     modes = tuple(mode for mode in args.inductor.split(",") if mode)

@@ -69,7 +69,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         from smile_fast.run_lock import run_in_progress
 
-        if (holder := run_in_progress(path.parent)) is not None:  # not "ended": it is running (review)
+        # Not "ended": it is running (review); only for its last.pt, not for another name in a folder that has one.
+        if not (path.parent / "last.pt").is_file() and (holder := run_in_progress(path.parent)) is not None:
             raise UserError(
                 f"{path.parent} is still training ({holder}) and holds no checkpoint yet: one is written at each "
                 "evaluation (--eval-every) and when the run is stopped; try again after its first evaluation"
@@ -89,12 +90,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     for part in ("student", "teacher", "optimizer"):
         if (where := _first_non_finite(state.get(part), part)) is not None:
             # Bytes changed on a disk or in a copy still unpickle: the resume then stopped blaming --lr, and eval
-            # scored garbage (review). An evaluation's checkpoint is saved only while the loss is finite; a
-            # stop's may hold weights that diverged since the last log line.
+            # scored garbage (review). Diverged weights are the other cause: a checkpoint is saved while the
+            # logged loss is finite, but the step after that loss, or a stop's checkpoint, can still hold them.
             raise UserError(
-                f"{path} holds NaN or infinite numbers in {where}: the file is damaged (a disk or copy error), "
-                "or the run diverged after its last log line and was stopped; use an intact copy of the run "
-                "folder, or start a new run (with a lower --lr if its loss was growing)"
+                f"{path} holds NaN or infinite numbers in {where}: either the run's weights diverged (its loss "
+                "grew to NaN or inf) or the file is damaged (a disk or copy error); start a new run with a lower "
+                "--lr, or use an intact copy of the run folder"
             )
     return state
 

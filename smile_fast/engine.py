@@ -132,10 +132,7 @@ class Trainer:
         self.test_images_scored: int | None = None  # the images the last evaluation counted (evaluate)
         self.agreed_checkpoint_iteration: int | None = None  # the last one every rank knows of (_what_is_kept)
         if config.resume:
-            try:  # the same files for every process of a torchrun launch on a machine: the same errors
-                config, given = self._read_resumed_run(config, given)
-            except UserError as error:
-                raise same_on_every_process(error) from None
+            config, given = self._read_resumed_run(config, given)
         self.config = config
         self.dist, self.device = setup_distributed(config.device)
         resolve_for_device(config, self.device)  # before the settings are written to the run folder
@@ -150,7 +147,7 @@ class Trainer:
             try:
                 refuse_finished_run(self.run_dir, self.resume_state, config.iters)
                 refuse_other_world_size(self.run_dir, self.resume_state, self.dist.world_size, config.batch_size)
-            except UserError as error:
+            except (UserError, TrainingStopped) as error:  # a finished run is a TrainingStopped with exit 0
                 raise same_on_every_process(error) from None
         # Only the main rank reads the folder (other nodes may not even see it); the others learn its verdict,
         # so that a refused folder is one line from each rank rather than the others' DDP tracebacks.
@@ -192,6 +189,8 @@ class Trainer:
     ) -> tuple[TrainConfig, dict[str, Any]]:
         """Reads the checkpoint of `config.resume`; returns the run's own settings with those this command may
         change, and what this command named less the folder and device."""
+        # Not marked as met alike by every process (same_on_every_process): reading the file can fail in one
+        # process alone (an I/O error, memory), which the first process would then not say (diff review).
         self.resume_state = load_checkpoint(config.resume)
         saved = dict(self.resume_state["config"])
         saved["resume"] = config.resume
@@ -202,8 +201,11 @@ class Trainer:
         given = {key: value for key, value in (given or {}).items() if key not in ("resume", "out", "device")}
         saved.update({key: value for key, value in given.items() if key in RESUME_MAY_CHANGE})
         turn_off_dependent_flags(saved, given)
-        config = build_config(saved)
-        check_resume_settings(config, given)
+        try:  # the run's settings and this command's: the same in every process of a torchrun launch
+            config = build_config(saved)
+            check_resume_settings(config, given)
+        except UserError as error:
+            raise same_on_every_process(error) from None
         return config, given
 
     def log(self, message: str) -> None:
@@ -749,7 +751,8 @@ class Trainer:
     def _what_is_kept(self) -> str:
         """The checkpoint a run broken off keeps, and how to go on. Only the main rank writes last.pt and knows
         whether its last write succeeded: another rank named the iteration it reached save() at, a checkpoint
-        that did not exist when the main rank's write failed (review). The others point to the main rank's."""
+        that did not exist when the main rank's write failed (review). The others name the last evaluation's
+        checkpoint, with what may have happened to it since."""
         resume = f"continue with `{resume_command(self.run_dir, self.dist.world_size)}`"
         if not self.dist.is_main:
             # What every rank knows: the last evaluation's checkpoint (or the resume's). A killed rank 0 prints
@@ -761,8 +764,8 @@ class Trainer:
                     f"stopped, {resume}, else start a new run"
                 )
             return (
-                f"rank 0's checkpoint of iteration {known} in {self.run_dir} is kept, unless its write failed or "
-                f"rank 0 wrote a later one as it stopped; {resume}"
+                f"rank 0's checkpoint of iteration {known} in {self.run_dir} is kept (the one before it, if rank 0 "
+                f"failed or was killed while writing it; a later one, if rank 0 wrote one as it stopped); {resume}"
             )
         saved = self.last_saved_iteration  # this run's own write
         if saved is None and self.resume_state is not None:

@@ -55,6 +55,20 @@ def student_from_checkpoint(state: dict[str, Any], where, num_classes: int | Non
     return student
 
 
+def _the_runs_classes(splits, recorded: list[str]):
+    """A test-only folder's images of the run's classes, labelled in the run's order; its other class folders
+    are left out. A class of the run with no folder there stays missing, for check_classes to name."""
+    from dataclasses import replace
+
+    if any(name not in splits.classes for name in recorded):
+        return splits
+    label_of = {name: label for label, name in enumerate(recorded)}
+    test = [
+        (image, label_of[splits.classes[label]]) for image, label in splits.test if splits.classes[label] in label_of
+    ]
+    return replace(splits, classes=recorded, test=test)
+
+
 def evaluate_checkpoint(
     path: str,
     device: str = "auto",
@@ -82,6 +96,8 @@ def evaluate_checkpoint(
         splits, _, test_spec, _ = prepare_data(
             config, log=log, with_train=False, check_classes=partial(check_classes, path, state)
         )
+    if splits.test_only and state.get("classes"):
+        splits = _the_runs_classes(splits, list(state["classes"]))
     check_classes(path, state, splits.classes)  # the drawn classes of a --class-fraction run
     # At the dataset's class count: a checkpoint from before class names were recorded, with another count,
     # is then a layout error rather than a score against shifted labels.

@@ -344,7 +344,7 @@ def test_ema_update_of_pairs_that_share_memory_goes_pair_by_pair(path: str) -> N
     torch.testing.assert_close(storage, copy)
 
 
-def test_ema_update_of_a_teacher_that_is_its_own_student_keeps_the_kernel(path: str, monkeypatch) -> None:
+def test_ema_update_of_a_teacher_that_is_its_own_student_keeps_the_kernel(path: str) -> None:
     """Only sharing across pairs needs the pair-by-pair path: t = d t + (1 - d) t is elementwise."""
     from smile_fast.ops import ema_update as module
 
@@ -355,6 +355,9 @@ def test_ema_update_of_a_teacher_that_is_its_own_student_keeps_the_kernel(path: 
     assert module._shares_memory_across_pairs([teacher[:-1]], [teacher[1:]]), "a shifted view of itself races"
     ops.ema_update_([teacher], [teacher], 0.3)
     torch.testing.assert_close(teacher, before)
+    if path == "kernel":  # and on the kernel's path it stays there
+        assert module._ema_plan([teacher], [teacher]).leftover_positions == []
+        assert module._ema_plan([teacher, teacher], [before, before]).leftover_positions == [0, 1]
 
 
 @pytest.mark.parametrize("function", ["ema_update_", "ema_update_reference"])

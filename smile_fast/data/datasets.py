@@ -67,6 +67,9 @@ class DatasetSplits:
     classes: list[str]
     train: list[tuple[str, int]]
     test: list[tuple[str, int]]
+    # An imagefolder read for evaluation from test/ alone (new labelled images): its classes are its own folders,
+    # which the evaluation matches to the run's by name.
+    test_only: bool = False
 
     @property
     def resize(self) -> str:
@@ -421,7 +424,7 @@ def _load_imagefolder(data_dir: Path, with_train: bool = True) -> DatasetSplits:
     if not with_train and not (data_dir / "train").exists():
         test_files = split("test")
         classes = sorted(test_files)
-        return DatasetSplits("imagefolder", data_dir, classes, [], samples(test_files, classes))
+        return DatasetSplits("imagefolder", data_dir, classes, [], samples(test_files, classes), test_only=True)
     train_files, test_files = split("train"), split("test")
     if set(train_files) != set(test_files):
         only_train = sorted(set(train_files) - set(test_files))

@@ -48,7 +48,7 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True, chec
         splits = load_dataset("imagefolder", demo_dataset_root())
     else:
         splits = load_dataset(config.dataset, config.data_dir, with_train=with_train)
-    if check_classes is not None and config.class_fraction is None:
+    if check_classes is not None and config.class_fraction is None and not splits.test_only:
         check_classes(splits.classes)
     cache = image_checks_dir()
     train, bad_train = check_images(splits.train, cache) if with_train else ([], [])
@@ -58,7 +58,9 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True, chec
     splits = replace(splits, train=train, test=test)
     if config.sample_rate is not None and with_train:
         splits = apply_sample_rate(splits, config.sample_rate, config.seed, config.sample_draw)
-    if config.class_fraction is not None or config.train_samples is not None:
+    # A test-only folder holds the classes its user chose (the run's, or more): the evaluation picks the run's by
+    # name, where a class draw over that folder's list would not give the run's (diff review).
+    if (config.class_fraction is not None or config.train_samples is not None) and not splits.test_only:
         train_samples = config.train_samples if with_train else None
         splits = apply_class_subset(splits, config.class_fraction or 1.0, train_samples, config.seed)
     if with_train and (empty := classes_without_images(splits.classes, splits.train)):
