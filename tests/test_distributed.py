@@ -210,10 +210,11 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(folder, tmp
     assert "`torchrun --nproc_per_node=2 -m smile_fast train -c config.yaml" in header, header
     assert "batch_size is per process,\n# the global batch was 8" in header, header
 
-    # A new run into the finished one's folder: every rank says so in one line; none goes on into DDP.
+    # A new run into the finished one's folder: one line for the machine (every rank meets it alike, and the first
+    # says it), and none goes on into DDP.
     refused = _run(folder, tmp_path / "double", 2, 4, "finetune", expect_success=False)
     assert refused.returncode != 0
-    assert refused.stderr.count(f"smile-fast: error: {tmp_path / 'double'} holds a finished run") == 2, refused.stderr
+    assert refused.stderr.count(f"smile-fast: error: {tmp_path / 'double'} holds a finished run") == 1, refused.stderr
     assert "DistributedDataParallel" not in refused.stderr and "Connection" not in refused.stderr, refused.stderr
 
 
