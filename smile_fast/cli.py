@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--data-dir",
         help="dataset folder, if it moved since training; for an imagefolder run also a folder of new images "
-        "holding only test/<class>/ (one folder per class of the run)",
+        "holding only test/<class>/ (a folder for each class of the run, picked by name)",
     )
     evaluate.add_argument(
         "--workers",
