@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shlex
 import signal
 import sys
 import time
@@ -60,6 +61,7 @@ from smile_fast.resume import (
     model_layout_check,
     moved_dataset_hint,
     rebase,
+    refuse_a_hand_edited_config,
     refuse_finished_run,
     refuse_other_world_size,
     turn_off_dependent_flags,
@@ -68,6 +70,7 @@ from smile_fast.run_environment import environment
 from smile_fast.run_lock import RunFolderLock, refuse_a_folder_in_use
 from smile_fast.runlog import (
     MetricsLog,
+    all_processes_label,
     default_run_dir,
     free_name,
     plot_curves,
@@ -86,6 +89,17 @@ from smile_fast.stop_signals import (
     interrupted_exit_status,
     signals_held,
 )
+
+
+def _file_identity(resume: str | Path) -> tuple[Path, tuple[int, int, int, int]] | None:
+    """The checkpoint file `--resume` names, with what changes when it is written again (save_atomic renames a new
+    file over it: a new inode), or None if there is no such file."""
+    path = Path(resume) / "last.pt" if Path(resume).is_dir() else Path(resume)
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return path, (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def _write_failed(path: Path, error: BaseException, world_size: int, run_dir: Path | None = None) -> TrainingStopped:
@@ -131,6 +145,7 @@ class Trainer:
         self.last_saved_iteration: int | None = None  # this process's last checkpoint written (save)
         self.test_images_scored: int | None = None  # the images the last evaluation counted (evaluate)
         self.agreed_checkpoint_iteration: int | None = None  # the last one every rank knows of (_what_is_kept)
+        self._read_checkpoint = None  # the resumed checkpoint file as it was read (_file_identity)
         if config.resume:
             config, given = self._read_resumed_run(config, given)
         self.config = config
@@ -159,6 +174,9 @@ class Trainer:
                 check_run_dir(self.run_dir, resuming=self.resume_state is not None)
                 if self.run_dir.is_dir():  # another process writing it (a run, a resume) is refused here
                     self.folder_lock.acquire(self.run_dir)
+                self._refuse_a_checkpoint_written_meanwhile()
+                if self.resume_state is not None:
+                    refuse_a_hand_edited_config(self.run_dir, config)
             except UserError as error:
                 refused = str(error)
         if self.dist.enabled:
@@ -191,6 +209,7 @@ class Trainer:
         change, and what this command named less the folder and device."""
         # Not marked as met alike by every process (same_on_every_process): reading the file can fail in one
         # process alone (an I/O error, memory), which the first process would then not say (diff review).
+        self._read_checkpoint = _file_identity(config.resume)
         self.resume_state = load_checkpoint(config.resume)
         saved = dict(self.resume_state["config"])
         saved["resume"] = config.resume
@@ -207,6 +226,22 @@ class Trainer:
         except UserError as error:
             raise same_on_every_process(error) from None
         return config, given
+
+    def _refuse_a_checkpoint_written_meanwhile(self) -> None:
+        """The checkpoint is read before the folder's lock can be taken (the folder is only known from it). A
+        resume or run of the folder that ended in between wrote a newer last.pt, which this resume would have
+        overwritten with its continuation of the older one (review). Now refused; run again, it reads the new one."""
+        if self.resume_state is None or self._read_checkpoint is None:
+            return
+        path, identity = self._read_checkpoint
+        if path.resolve() != (self.run_dir / "last.pt").resolve():  # a copy named by hand is the user's choice
+            return
+        if _file_identity(path) != (path, identity):
+            raise UserError(
+                f"{path} was written by another process while this resume was starting (a run or resume of "
+                f"{self.run_dir} that has just ended); nothing was changed: run the same command again to continue "
+                "from the new checkpoint"
+            )
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
@@ -594,6 +629,7 @@ class Trainer:
         config = self.config
         previous_wall, train_seconds = self.previous_wall, self.previous_train_seconds
         global_batch = config.batch_size * self.dist.world_size
+        all_processes = all_processes_label(self.dist.world_size)  # the log line's images/s: every rank's
         progress = _progress_bar(config.iters, self.start_iteration, enabled=self.progress)
         batches = self.train_loader.iterate(self.start_iteration)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -686,7 +722,8 @@ class Trainer:
                         if not self.progress:
                             self.log(
                                 f"iteration {iteration}/{config.iters}: loss {mean_loss:.4f}, lr {row['lr']:.3g}, "
-                                f"{images_per_sec:.1f} images/s" + (f", test top-1 {top1:.2f}%" if at_eval else "")
+                                f"{images_per_sec:.1f} images/s{all_processes}"
+                                + (f", test top-1 {top1:.2f}%" if at_eval else "")
                             )
                         progress.set_postfix(
                             loss=f"{mean_loss:.3f}",
@@ -824,7 +861,29 @@ class Trainer:
                 plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
             except (OSError, ValueError) as error:  # a picture of the log: the run itself is done
                 self.log(f"warning: could not draw {self.run_dir / 'curves.png'}: {error}")
+            for note in _older_exports(self.run_dir, config.iters):
+                self.log(note)
         return summary
+
+
+def _older_exports(run_dir: Path, iters: int) -> list[str]:
+    """Notes for the exports in the run folder (model.pt by default) taken from this run before it finished, by
+    `smile-fast export` of a stopped run: after the resume they stayed there, stale, without a word (review)."""
+    from smile_fast.export import read_export_metadata
+
+    notes = []
+    for json_path in sorted(run_dir.glob("*.json")):
+        metadata = read_export_metadata(json_path)
+        run = metadata.get("run") if metadata is not None else None
+        if not isinstance(run, dict) or not isinstance(run.get("iteration"), int) or run["iteration"] >= iters:
+            continue
+        if Path(str(run.get("checkpoint"))).resolve() != (run_dir / "last.pt").resolve():
+            continue  # exported from another run's checkpoint into this folder
+        notes.append(
+            f"note: {run_dir / metadata['weights_file']} holds the model of iteration {run['iteration']}, exported "
+            f"before the run finished; `smile-fast export {shlex.quote(str(run_dir))}` writes the final one"
+        )
+    return notes
 
 
 def _diverged_message(trainer: Trainer, loss: float, iteration: int, last_good_iteration: int) -> str:

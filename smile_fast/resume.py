@@ -194,6 +194,39 @@ def check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any]) -> Non
         )
 
 
+def refuse_a_hand_edited_config(run_dir: Path, resumed: TrainConfig) -> None:
+    """A resume takes the run's settings from its checkpoint and writes config.yaml again. An edit of the file
+    (`iters: 20000` to train longer) was ignored and then overwritten without a word (review); now refused, with
+    the file as it is. Only the settings a resume cannot change are compared: those it may change (RESUME_MAY_CHANGE)
+    an earlier resume may have written there itself, without a checkpoint to record them yet."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    try:
+        in_file = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # missing or damaged: written again from the checkpoint, nothing of the user's to keep
+    if not isinstance(in_file, dict):
+        return
+    # Through YAML and back, as the file was written: tuples become lists, and floats compare as read.
+    run = yaml.safe_load(yaml.safe_dump(resumed.to_dict(), sort_keys=False))
+    edited = []
+    for key, value in in_file.items():
+        key = str(key).replace("-", "_")
+        if key in RESUME_MAY_CHANGE or key in ("out", "resume") or key not in run or value == run[key]:
+            continue
+        if key == "weights" and value == "none" and run[key] == "auto":
+            continue  # written so by write_config: `auto` found no ImageNet weights
+        edited.append(f"{key}: {value!r} there, {run[key]!r} in the run's checkpoint")
+    if edited:
+        raise UserError(
+            f"{path} was edited since the run wrote it ({'; '.join(edited)}): a resume continues the run with the "
+            "settings its checkpoint records, and would write over the file. To resume, undo the edit or remove the "
+            f"file (it is written again); to train with the edited settings, start a new run: "
+            f"`smile-fast train -c {shlex.quote(str(path))} --out NEW`"
+        )
+
+
 @contextlib.contextmanager
 def model_layout_check(where: str | Path):
     """A checkpoint whose tensors do not fit the model this version builds is one clear line, not a traceback

@@ -179,7 +179,11 @@ class MetricsLog:
         # A row cut short (the run was killed mid-write) is dropped with the rows after the checkpoint.
         header = rows[0] if rows else list(self.COLUMNS)
         kept = [header] + [row for row in rows[1:] if _logged_at_or_before(row, iteration, len(header))]
-        with self.path.open("w", newline="") as stream:
+        if kept == rows:
+            return
+        # Replaced whole, as every other file of the run is: rewritten in place, a full disk or a second signal
+        # mid-write left the run's history cut short, rows before the checkpoint included (review).
+        with atomic_write(self.path) as stream:
             csv.writer(stream).writerows(kept)
 
     def append(self, row: dict[str, Any]) -> None:
@@ -244,6 +248,11 @@ def batch_text(per_process: int, world_size: int) -> str:
     )
 
 
+def all_processes_label(world_size: int) -> str:
+    """What an images/s figure of several processes counts: every process's images, not one's (torchrun review)."""
+    return "" if world_size == 1 else f" (all {world_size} processes)"
+
+
 def print_summary_table(summary: dict) -> None:
     """The table `smile-fast train` prints on stdout when a run ends."""
     top1 = summary["test_top1"]
@@ -253,7 +262,7 @@ def print_summary_table(summary: dict) -> None:
         ("batch", batch_text(summary.get("batch_size"), summary.get("world_size", 1))),
         ("weights", summary["weights"]),
         ("test top-1", f"{top1:.2f}%" if top1 is not None else "n/a"),
-        ("images/s", f"{summary['train_images_per_sec']:.1f}"),
+        ("images/s", f"{summary['train_images_per_sec']:.1f}{all_processes_label(summary.get('world_size', 1))}"),
         ("run folder", summary["run_dir"]),
     ]
     width = max(len(name) for name, _ in rows)

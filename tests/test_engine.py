@@ -1434,6 +1434,39 @@ def test_metrics_log_survives_a_cut_last_line_and_its_own_removal(tmp_path):
     assert [row["iteration"] for row in log.rows()] == ["6"]
 
 
+def test_metrics_log_keeps_its_rows_when_dropping_fails_mid_write(tmp_path, monkeypatch):
+    """drop_after rewrote metrics.csv in place: a full disk or a second signal mid-write cut the run's history short,
+    rows before the checkpoint included (review). It now replaces the file whole or not at all."""
+    import errno
+
+    from smile_fast import runlog
+    from smile_fast.runlog import MetricsLog
+
+    path = tmp_path / "metrics.csv"
+    log = MetricsLog(path, resume=False)
+    for iteration in (2, 4, 6):
+        log.append({"iteration": iteration, "loss": 1.0})
+    before = path.read_bytes()
+    real_writer = runlog.csv.writer
+
+    class DiskFullAfterOneRow:
+        def __init__(self, stream):
+            self.writer = real_writer(stream)
+
+        def writerows(self, rows):
+            self.writer.writerow(rows[0])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runlog.csv, "writer", DiskFullAfterOneRow)
+    with pytest.raises(OSError):
+        MetricsLog(path, resume=True).drop_after(4)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"], "a temporary file was left"
+    monkeypatch.undo()
+    MetricsLog(path, resume=True).drop_after(4)
+    assert [row["iteration"] for row in log.rows()] == ["2", "4"]
+
+
 def test_commands_in_config_yaml_are_quoted_for_the_shell(tmp_path):
     from smile_fast.runlog import write_config
 
@@ -1478,3 +1511,85 @@ def test_the_resume_command_names_the_launch_the_run_had(tmp_path, monkeypatch):
     for odd in ("0", "x", "3"):  # set by hand: the total is still right
         monkeypatch.setenv("LOCAL_WORLD_SIZE", odd)
         assert resume_command(run, 8) == f"torchrun --nproc_per_node=8 -m smile_fast train --resume '{run}'"
+
+
+def test_a_resume_refuses_a_checkpoint_written_while_it_started(tiny_imagefolder, tmp_path, monkeypatch):
+    """The checkpoint is read before the folder's lock is taken. A resume of the same run that ended in that window
+    wrote a newer last.pt, which this resume then overwrote with its continuation of the older one (review)."""
+    from smile_fast import engine
+    from smile_fast.checkpoint import save_atomic
+
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
+    original = engine.load_checkpoint
+
+    def another_resume_ends_meanwhile(path):
+        state = original(path)
+        newer = dict(original(path), iteration=4)
+        save_atomic(newer, out / "last.pt")
+        return state
+
+    monkeypatch.setattr(engine, "load_checkpoint", another_resume_ends_meanwhile)
+    with pytest.raises(UserError, match="written by another process while this resume was starting"):
+        train(_config(tiny_imagefolder, out, iters=4, eval_every=2, resume=str(out)), progress=False)
+    assert original(out)["iteration"] == 4, "the newer checkpoint was overwritten"
+
+
+def test_a_resume_that_finishes_names_an_export_taken_before(tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    """An export of a stopped run (model.pt in its folder) stayed there, stale, after the resume finished the run,
+    without a word (review): the end of the run now names it and the command that writes the final one."""
+    from smile_fast.cli import main
+
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
+    assert main(["export", str(out)]) == 0
+    said = []
+    train(_config(tiny_imagefolder, out, iters=4, eval_every=2, resume=str(out)), progress=False, log=said.append)
+    notes = [line for line in said if "exported before the run finished" in line]
+    assert len(notes) == 1 and str(out / "model.pt") in notes[0] and "iteration 2" in notes[0]
+    assert f"smile-fast export {out}" in notes[0]
+    # Exported again once finished: nothing to say of it.
+    assert main(["export", str(out)]) == 0
+    from smile_fast.engine import _older_exports
+
+    assert _older_exports(out, 4) == []
+
+
+def test_a_resume_refuses_a_hand_edited_config_yaml(tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    """A resume takes the run's settings from its checkpoint: an edit of config.yaml (`iters` raised to train
+    longer) was ignored and the file overwritten without a word (review). Refused now, the file kept as it is."""
+    from smile_fast.cli import main
+
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
+    path = out / "config.yaml"
+    written = path.read_text()
+    assert "\niters: 4\n" in written and "\nlr: " in written
+    edited = written.replace("\niters: 4\n", "\niters: 8\n")
+    path.write_text(edited)
+    before = {file: file.read_bytes() for file in out.iterdir() if file.is_file() and file.name != ".smile-fast.lock"}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--no-progress", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert f"{path} was edited since the run wrote it (iters: 8 there, 4 in the run's checkpoint)" in error
+    assert f"smile-fast train -c {path} --out NEW" in error
+    after = {file: file.read_bytes() for file in out.iterdir() if file.is_file() and file.name != ".smile-fast.lock"}
+    assert after == before, "the run folder was written"
+    # What a resume may change itself (written there by an earlier resume that stopped before its checkpoint) and
+    # a reformatted file are not edits of the run; a removed file is written again.
+    path.write_text(written.replace("\neval_every: 4\n", "\neval_every: 2\n").replace("lr: ", "lr:   "))
+    assert "eval_every: 2" in path.read_text()
+    assert main(["train", "--resume", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert "\niters: 4\n" in path.read_text()
+
+
+def test_the_summary_table_says_whose_images_per_second_it_counts(capsys):
+    """Under torchrun the table's images/s is every process's images; unlabelled, it read as one GPU's speed
+    (torchrun review)."""
+    from smile_fast.runlog import print_summary_table
+
+    summary = {"method": "smile", "iters": 4, "batch_size": 4, "weights": "none", "test_top1": 50.0}
+    summary.update(train_images_per_sec=123.4, run_dir="runs/x")
+    for world_size, expected in ((1, "123.4\n"), (2, "123.4 (all 2 processes)\n")):
+        print_summary_table({**summary, "world_size": world_size})
+        table = capsys.readouterr().out
+        (line,) = [line for line in table.splitlines(keepends=True) if line.startswith("images/s")]
+        assert line.endswith(expected), table
+    assert "8 (2 processes x 4)" in (print_summary_table({**summary, "world_size": 2}) or capsys.readouterr().out)
