@@ -3,6 +3,9 @@ the GPU end-to-end test in test_dali_cuda.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +48,25 @@ def tiny_config(data_dir, out, **overrides) -> TrainConfig:
     )
     values.update(overrides)
     return build_config(overrides=values)
+
+
+@contextlib.contextmanager
+def ops_on_the_pytorch_path() -> Iterator[None]:
+    """The ops' PyTorch path on CPU tensors (TRITON_INTERPRET=0) while the block runs, for tests that train.
+
+    conftest.py sets TRITON_INTERPRET=1 for the whole session, so that the kernels are tested on the CPU. In a
+    training run that put the Triton interpreter under every step: the EMA kernel alone took 5-6 s a call over
+    ResNet-18's 11.7M parameters, and a 1-iteration SMILE run 8 s instead of 2 (test review). The kernels are
+    tested op by op (test_ops_*.py, test_kernels_*.py) and in one training run
+    (test_engine.py::test_run_folder_is_complete); the other training tests test what is around the ops.
+    The variable is read at each call (smile_fast.kernels.triton_interpret_enabled), so it can change here.
+    """
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous

@@ -36,6 +36,17 @@ def rng_seed(request) -> int:
 
 
 @pytest.fixture
+def ops_reference_path():
+    """The ops' PyTorch path for the test (see _tiny_runs.ops_on_the_pytorch_path). A module whose tests train
+    opts in with `pytestmark = pytest.mark.usefixtures("ops_reference_path", ...)`; its module-scoped fixtures
+    that train wrap the run in `ops_on_the_pytorch_path()` themselves (they are set up before this fixture)."""
+    from _tiny_runs import ops_on_the_pytorch_path
+
+    with ops_on_the_pytorch_path():
+        yield
+
+
+@pytest.fixture
 def private_cache(tmp_path, monkeypatch):
     """smile-fast's cache (check_images' verdicts, the demo data) goes to the test's folder, not the user's home.
 

@@ -17,6 +17,8 @@ import smile_fast.engine
 from smile_fast.cli import main
 from smile_fast.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("ops_reference_path")  # the commands that train: the ops' PyTorch path
+
 PREFIX = "smile-fast: error:"
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from smile_fast.cli import main
+
+pytestmark = pytest.mark.usefixtures("ops_reference_path")
 
 
 def test_demo_train_shortened(tmp_path, monkeypatch, capsys):

@@ -34,12 +34,26 @@ def tiny_imagefolder(tmp_path_factory):
 _config = tiny_config
 
 
-pytestmark = pytest.mark.usefixtures("private_cache")
+pytestmark = pytest.mark.usefixtures("private_cache", "ops_reference_path")
 
 
-def test_run_folder_is_complete(tiny_imagefolder, tmp_path):
+def test_run_folder_is_complete(tiny_imagefolder, tmp_path, monkeypatch):
+    """Also the one training run of the tests that goes through the Triton kernels (under the interpreter where
+    triton is installed); the module's other runs take the ops' PyTorch path (ops_reference_path)."""
+    from smile_fast.kernels import LAUNCH_COUNTS, has_triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    before = dict(LAUNCH_COUNTS)
     out = tmp_path / "run"
     summary = train(_config(tiny_imagefolder, out), progress=False)
+    if has_triton():
+        launched = {name for name, count in LAUNCH_COUNTS.items() if count > before.get(name, 0)}
+        expected = {"ema_update", "mixup_batch"} | {
+            f"{loss}_{way}"
+            for loss in ("feature_mixup_loss", "mixup_cross_entropy", "soft_mixup_cross_entropy")
+            for way in ("fwd", "bwd")
+        }
+        assert expected <= launched, f"the SMILE step ran these kernels only: {sorted(launched)}"
     for name in ("config.yaml", "manifest.txt", "metrics.csv", "summary.json", "last.pt", "curves.png"):
         assert (out / name).is_file(), f"run folder lacks {name}"
     written = json.loads((out / "summary.json").read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from _tiny_runs import tiny_config, write_tiny_imagefolder
+from _tiny_runs import ops_on_the_pytorch_path, tiny_config, write_tiny_imagefolder
 from PIL import Image
 from torchvision import transforms as T
 
@@ -23,7 +23,7 @@ from smile_fast.evaluation import student_from_checkpoint
 from smile_fast.export import torchvision_model
 from smile_fast.models import build_models, build_source_model
 
-pytestmark = pytest.mark.usefixtures("private_cache")
+pytestmark = pytest.mark.usefixtures("private_cache", "ops_reference_path")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,8 @@ def finished_run(tmp_path_factory):
     """A tiny finished SMILE run (ResNet-18, 4 classes) and its summary."""
     root = tmp_path_factory.mktemp("export")
     data = write_tiny_imagefolder(root / "data")
-    summary = train(tiny_config(data, root / "run"), progress=False)
+    with ops_on_the_pytorch_path():  # set up before the module's ops_reference_path
+        summary = train(tiny_config(data, root / "run"), progress=False)
     return root / "run", summary
 
 

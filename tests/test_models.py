@@ -368,6 +368,7 @@ def test_cached_imagenet_weights_are_used_offline(weights, offline_empty_hub, re
 
 
 @pytest.mark.usefixtures("private_cache")
+@pytest.mark.usefixtures("ops_reference_path")
 def test_a_run_whose_auto_weights_fell_back_records_none_for_its_repeat(offline_empty_hub, tmp_path):
     """config.yaml repeats the run: `weights: auto` would start a repeat from ImageNet once the weights are cached."""
     from _tiny_runs import tiny_config, write_tiny_imagefolder
@@ -397,6 +398,7 @@ def test_none_weights_are_random_init():
 
 
 @pytest.mark.usefixtures("private_cache")
+@pytest.mark.usefixtures("ops_reference_path")
 @pytest.mark.parametrize("weights", ["auto", "file", "none"])
 def test_an_indoor67_run_from_imagenet_says_the_paper_started_from_places365(
     weights, offline_empty_hub, tmp_path, capsys

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tiny_runs import tiny_config, write_tiny_imagefolder
+from _tiny_runs import ops_on_the_pytorch_path, tiny_config, write_tiny_imagefolder
 from PIL import Image
 
 from smile_fast.checkpoint import load_checkpoint, save_atomic
@@ -24,7 +24,7 @@ from smile_fast.data.transforms import TransformSpec, build_torchvision_transfor
 from smile_fast.engine import train
 from smile_fast.evaluation import student_from_checkpoint
 
-pytestmark = pytest.mark.usefixtures("private_cache")
+pytestmark = pytest.mark.usefixtures("private_cache", "ops_reference_path")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def finished_run(tmp_path_factory):
     """A tiny finished SMILE run (ResNet-18, 4 classes c0..c3, 3 test images each) and its summary."""
     root = tmp_path_factory.mktemp("predict")
     data = write_tiny_imagefolder(root / "data")
-    summary = train(tiny_config(data, root / "run", iters=30, eval_every=15), progress=False)
+    with ops_on_the_pytorch_path():  # set up before the module's ops_reference_path
+        summary = train(tiny_config(data, root / "run", iters=30, eval_every=15), progress=False)
     return root / "run", data, summary
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _tiny_runs import tiny_config, write_tiny_imagefolder
+from _tiny_runs import ops_on_the_pytorch_path, tiny_config, write_tiny_imagefolder
 
 from smile_fast.cli import main
 from smile_fast.engine import train
 from smile_fast.report import PAPER_TOP1, collect, protocol
 
-pytestmark = pytest.mark.usefixtures("private_cache")
+pytestmark = pytest.mark.usefixtures("private_cache", "ops_reference_path")
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "SMILE_SPEC.md"
 
@@ -30,7 +30,8 @@ def real_run(tmp_path_factory) -> Path:
     """A finished tiny run: the config.yaml and summary.json every copy starts from."""
     root = tmp_path_factory.mktemp("report")
     data = write_tiny_imagefolder(root / "data")
-    train(tiny_config(data, root / "run", iters=2, eval_every=2), progress=False)
+    with ops_on_the_pytorch_path():  # set up before the module's ops_reference_path
+        train(tiny_config(data, root / "run", iters=2, eval_every=2), progress=False)
     return root / "run"
 
 
