@@ -80,7 +80,10 @@ def _train_imagefolder(t: Path, *args: str) -> list[str]:
 
 
 def _imagefolder_without_test_split(t: Path) -> str:
-    (t / "data" / "train").mkdir(parents=True)
+    """A train/ split that would load, and no test/: with an empty train/ the refusal was train/'s (review)."""
+    import shutil
+
+    shutil.rmtree(_image_folder(t / "data") / "test")
     return str(t / "data")
 
 
@@ -191,7 +194,7 @@ RUN_CASES = {
     ),
     "imagefolder-without-test": (
         lambda t: _train(t, "--dataset", "imagefolder", "--data-dir", _imagefolder_without_test_split(t)),
-        [],
+        ["{tmp}/data/test", "does not exist"],
     ),
     "class-fraction-leaves-no-class": (
         lambda t: _train_imagefolder(t, "--class-fraction", "0.1", "--weights", "none"),

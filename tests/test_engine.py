@@ -263,6 +263,7 @@ def test_fused_input_trains_as_the_plain_loop(tiny_imagefolder, tmp_path, monkey
     fused = tmp_path / "fused"
     trainer = Trainer(_config(tiny_imagefolder, fused, fused_input=True, **settings), progress=False)
     assert trainer.train_loader.output_uint8
+    assert trainer.loader_kind == loader, "both runs fell back to one loader, which compares it with itself"
     trainer.run()
     tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-4, atol=1e-5)
     plain_state, fused_state = _student_state(plain), _student_state(fused)
@@ -275,12 +276,20 @@ def test_teacher_fused_conv_trains_as_the_plain_loop(tiny_imagefolder, tmp_path,
     projection's bias is added in its block's last convolution, so a run ends with the plain run's weights up
     to float32 rounding (EMA updates included; 6e-8 here), and its summary says it was on. Where the biases
     go is tested in test_fused_conv.py, with BatchNorm statistics that make them non-zero."""
+    from smile_fast import teacher
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # On the CPU both forwards give the same numbers to rounding: only a count shows which one ran (test review).
+    fused_forwards = []
+    original = teacher.fused_resnet_trunk
+    monkeypatch.setattr(teacher, "fused_resnet_trunk", lambda *args: fused_forwards.append(1) or original(*args))
     settings = dict(iters=4, ema_every=2, eval_every=4)
     plain = tmp_path / "plain"
     train(_config(tiny_imagefolder, plain, **settings), progress=False)
+    assert fused_forwards == []
     fused = tmp_path / "fused"
     summary = train(_config(tiny_imagefolder, fused, teacher_fused_conv=True, **settings), progress=False)
+    assert len(fused_forwards) == 4, "the teacher's forward of each step was not the fused one"
     assert summary["teacher_fused_conv"] is True
     assert json.loads((plain / "summary.json").read_text())["teacher_fused_conv"] is False
     plain_state, fused_state = _student_state(plain), _student_state(fused)
@@ -391,6 +400,7 @@ def test_training_with_the_dali_loader_on_cpu(tiny_imagefolder, tmp_path):
     summary = train(_config(tiny_imagefolder, out, loader="dali", workers=2), progress=False)
     written = json.loads((out / "summary.json").read_text())
     assert written["iters"] == 6 and 0.0 <= summary["test_top1"] <= 100.0
+    assert written["loader"] == "dali", "the run fell back to another loader"  # else all above holds (review)
     assert (out / "last.pt").is_file()
 
 

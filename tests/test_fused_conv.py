@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smile_fast import fused_conv
+from smile_fast import teacher as teacher_module
 from smile_fast.fused_conv import conv_bias_act, fusable_resnet_trunk, fused_resnet_trunk
 from smile_fast.models import FoldedBackbone, build_models
 from smile_fast.teacher import MeanTeacher
@@ -209,7 +210,7 @@ def test_what_cannot_be_fused_is_named():
 
 
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["float32", "bf16-copy"])
-def test_teacher_with_fused_conv_follows_updates_and_loads(amp_dtype, cpu_reference_ops, rng_seed):
+def test_teacher_with_fused_conv_follows_updates_and_loads(amp_dtype, cpu_reference_ops, rng_seed, monkeypatch):
     """The fused forward reads the fold (and its AMP-dtype copy) where they are refreshed: after an EMA
     update and a state load it still gives the unfused teacher's outputs, up to the rounding of the
     projections' biases moved into the blocks' last convolutions (fused_resnet_trunk). A stale fold is off
@@ -224,6 +225,10 @@ def test_teacher_with_fused_conv_follows_updates_and_loads(amp_dtype, cpu_refere
         fused.use_compute_dtype(amp_dtype)
         plain.use_compute_dtype(amp_dtype)
     assert fused.use_fused_conv() is None and fused.fused_conv
+    # On the CPU the fused forward gives the plain one's numbers to rounding: only a count shows it ran (review).
+    fused_forwards = []
+    original = teacher_module.fused_resnet_trunk
+    monkeypatch.setattr(teacher_module, "fused_resnet_trunk", lambda *args: fused_forwards.append(1) or original(*args))
     images = torch.randn(2, 3, 48, 48)
 
     tolerance = 3e-2 if amp_dtype is not None else 1e-5  # a few bf16 roundings (0.012 seen); float32's
@@ -242,6 +247,7 @@ def test_teacher_with_fused_conv_follows_updates_and_loads(amp_dtype, cpu_refere
     state = copy.deepcopy(plain.teacher_state())
     fused.load_teacher_state(state)
     assert_same()
+    assert len(fused_forwards) == 5, "the fused teacher's forwards were not the fused trunk's"
 
 
 def test_compiled_fused_teacher_takes_the_op_whole_and_never_recompiles(cpu_reference_ops, rng_seed):
@@ -253,7 +259,13 @@ def test_compiled_fused_teacher_takes_the_op_whole_and_never_recompiles(cpu_refe
     teacher.use_compute_dtype(torch.bfloat16)
     assert teacher.use_fused_conv() is None
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(teacher, backend=counter, fullgraph=True)
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(str(graph_module.graph))
+        return counter(graph_module, example_inputs)
+
+    compiled = torch.compile(teacher, backend=backend, fullgraph=True)
     images = torch.randn(2, 3, 32, 32)
     for _ in range(3):
         features, logits = compiled(images)
@@ -261,6 +273,9 @@ def test_compiled_fused_teacher_takes_the_op_whole_and_never_recompiles(cpu_refe
         assert torch.equal(features, eager_features) and torch.equal(logits, eager_logits)
         teacher.update(student)
     assert counter.frame_count == 1
+    # The fused trunk's op is in the graph, once per convolution with an epilogue: ResNet-18's stem and two per
+    # block. The same numbers from the plain modules would not show which forward was compiled (review).
+    assert graphs[0].count("smile_fast.conv_bias_act") == 1 + 2 * 8, graphs[0]
 
 
 def test_a_convolution_cudnn_cannot_fuse_falls_back_and_is_named(monkeypatch, caplog):
@@ -314,7 +329,9 @@ def test_cuda_deterministic_mode_and_cudnn_off_take_the_separate_ops(monkeypatch
 
 @pytest.mark.skipif(not CUDA, reason="cuDNN's fused epilogue and CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_fused_resnet50_teacher_matches_the_unfused_one_and_replays_in_a_graph(dtype, cpu_reference_ops):
+def test_cuda_fused_resnet50_teacher_matches_the_unfused_one_and_replays_in_a_graph(
+    dtype, cpu_reference_ops, monkeypatch
+):
     """The product's case: a folded ResNet-50 teacher in the AMP dtype, channels-last, fused by cuDNN,
     close to the same teacher unfused (both round to the dtype, in different places), and the same
     inside a CUDA graph as outside."""
@@ -326,9 +343,15 @@ def test_cuda_fused_resnet50_teacher_matches_the_unfused_one_and_replays_in_a_gr
     images = torch.randn(8, 3, 112, 112, device="cuda").contiguous(memory_format=torch.channels_last)
     plain_features, plain_logits = teacher(images)
     assert teacher.use_fused_conv() is None
+    cudnn_calls = []
+    original = fused_conv._cudnn_conv_bias_act
+    monkeypatch.setattr(fused_conv, "_cudnn_conv_bias_act", lambda *args: cudnn_calls.append(1) or original(*args))
     features, logits = teacher(images)
     unfused = [problem for problem in fused_conv.cudnn_fusion_problems() if not problem.startswith("conv 3->")]
     assert unfused == [], "cuDNN fused every convolution after the stem"
+    # An empty problem list is also what a forward that never asked cuDNN leaves (review): the 48 convolutions
+    # with an epilogue after the stem (16 blocks of 3) went to cuDNN's fused entry points.
+    assert len(cudnn_calls) >= 48, f"cuDNN's fused entry points were called {len(cudnn_calls)} times"
     for fused, plain in ((features, plain_features), (logits, plain_logits)):
         scale = plain.float().abs().max().item()
         error = (fused.float() - plain.float()).abs().max().item()

@@ -7,6 +7,7 @@ tensors take) and "reference" (plain PyTorch, TRITON_INTERPRET=0).
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -245,14 +246,22 @@ def test_second_derivatives_are_refused_alike_on_both_paths(path: str, name: str
 
 
 @pytest.mark.parametrize(
-    ("form", "shape", "batch"),
-    [("paper", (0, 3), 0), ("official", (0, 3, 2, 2), 0), ("official", (2, 3, 0, 4), 2), ("official", (2, 3, 4, 0), 2)],
+    ("form", "shape", "batch", "expected"),
+    [
+        ("paper", (0, 3), 0, math.nan),
+        ("official", (0, 3, 2, 2), 0, 0.0),
+        ("official", (2, 3, 0, 4), 2, math.nan),
+        ("official", (2, 3, 4, 0), 2, math.nan),
+    ],
 )
-def test_feature_loss_of_an_empty_batch_or_map_and_its_backward(path: str, form: str, shape, batch: int) -> None:
-    """As the other losses do with an empty batch: a NaN (a norm over nothing / H*W = 0 gives 0 for the
-    official form's empty batch) and an empty gradient, not a ZeroDivisionError (user review)."""
+def test_feature_loss_of_an_empty_batch_or_map_and_its_backward(path: str, form: str, shape, batch, expected) -> None:
+    """As the other losses do with an empty batch: a NaN (the paper form's mean over no sample; the official
+    form's norm over an empty map divided by H*W = 0), except the official form's empty batch, whose norm over
+    nothing is 0, divided by H*W = 4; and an empty gradient, not a ZeroDivisionError (user review). The values
+    are written out: on the reference path the op is the reference, which compared it with itself (test review)."""
     student = torch.zeros(shape, requires_grad=True)
     loss = ops.feature_mixup_loss(student, torch.zeros(shape), torch.arange(batch), 0.7, form=form)
+    torch.testing.assert_close(loss, torch.tensor(expected), equal_nan=True)
     reference = ops.feature_mixup_loss_reference(torch.zeros(shape), torch.zeros(shape), torch.arange(batch), 0.7, form)
     torch.testing.assert_close(loss, reference, equal_nan=True)
     loss.backward()

@@ -167,7 +167,10 @@ def _check_mixup_cross_entropy(device: str, dtype: torch.dtype, shape: tuple[int
     (1.7 * loss).backward()
     (1.7 * expected).backward()
     assert logits.grad.dtype == dtype
-    assert_close(logits.grad, logits64.grad, dtype, "d mixup_cross_entropy / d logits", reduction_length=classes)
+    # Each gradient element is lam*(p - onehot) + (1-lam)*(p - onehot[perm]), over the batch: a float32 value
+    # rounded once to the dtype, not a sum whose error grows with the classes. Scaled by sqrt(classes) as a sum
+    # would be, the bf16 bound reached the largest element at 4099 classes, so a zero gradient passed (review).
+    assert_close(logits.grad, logits64.grad, dtype, "d mixup_cross_entropy / d logits")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -228,7 +231,8 @@ def _check_soft_loss(name: str, device: str, dtype: torch.dtype, shape: tuple[in
     )
     (1.3 * loss).backward()
     (1.3 * expected).backward()
-    assert_close(student.grad, student64.grad, dtype, f"d {name} / d student_logits", reduction_length=shape[1])
+    # One float32 value per element rounded to the dtype (see _check_mixup_cross_entropy): no sqrt(classes).
+    assert_close(student.grad, student64.grad, dtype, f"d {name} / d student_logits")
     assert teacher.grad is None, f"{name} sent a gradient to the teacher logits"
 
 
