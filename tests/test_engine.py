@@ -72,12 +72,26 @@ def _student_state(path):
     return load_checkpoint(path)["student"]
 
 
+_UNINTERRUPTED_RUNS: dict[tuple[str, str], Path] = {}
+
+
+def _uninterrupted_run(tiny_imagefolder, method: str) -> Path:
+    """The module's run of `_config` with `method`, trained once under deterministic algorithms, as the runs
+    stopped and resumed are compared with it (read only; two tests trained the same one each: test review)."""
+    key = (str(tiny_imagefolder), method)
+    if key not in _UNINTERRUPTED_RUNS:
+        data = Path(tiny_imagefolder)
+        out = data.with_name(f"{data.name}-uninterrupted") / method
+        train(_config(tiny_imagefolder, out, method=method), progress=False)
+        _UNINTERRUPTED_RUNS[key] = out
+    return _UNINTERRUPTED_RUNS[key]
+
+
 @pytest.mark.parametrize("method", ["smile", "finetune"])
 def test_signal_stop_then_resume_equals_uninterrupted(tiny_imagefolder, tmp_path, monkeypatch, method):
     torch.use_deterministic_algorithms(True)
     try:
-        full = tmp_path / "full"
-        train(_config(tiny_imagefolder, full, method=method), progress=False)
+        full = _uninterrupted_run(tiny_imagefolder, method)
 
         stopped = tmp_path / "stopped"
         original_call = TrainingStep.__call__
@@ -110,8 +124,7 @@ def test_a_stop_between_log_rows_resumes_into_the_same_rows(tiny_imagefolder, tm
     curve's loss differed from an uninterrupted run's (1.55 against 1.77 in a review) though the weights matched."""
     torch.use_deterministic_algorithms(True)
     try:
-        full = tmp_path / "full"
-        train(_config(tiny_imagefolder, full), progress=False)
+        full = _uninterrupted_run(tiny_imagefolder, "smile")
         stopped = tmp_path / "stopped"
         original_call = TrainingStep.__call__
 
@@ -404,8 +417,26 @@ def test_training_with_the_dali_loader_on_cpu(tiny_imagefolder, tmp_path):
     assert (out / "last.pt").is_file()
 
 
+# Stopped runs made once per module and copied for each test that asks for the same one: a dozen tests start
+# from one of two such runs, and made anew each cost a training run (test review).
+_STOPPED_RUNS: dict[tuple, Path] = {}
+
+
 def _stopped_run(tiny_imagefolder, out, monkeypatch, iters=4, stop_after=2, **overrides):
-    """A run of `iters` iterations stopped by SIGTERM after `stop_after` steps (checkpoint at that boundary)."""
+    """A run of `iters` iterations stopped by SIGTERM after `stop_after` steps (checkpoint at that boundary).
+    A copy of the module's own when it has one with these settings: a copied run folder resumes as itself."""
+    import shutil
+
+    key = (str(tiny_imagefolder), iters, stop_after, tuple(sorted(overrides.items())))
+    if key not in _STOPPED_RUNS:
+        data = Path(tiny_imagefolder)
+        template = data.with_name(f"{data.name}-stopped-runs") / str(len(_STOPPED_RUNS))
+        _STOPPED_RUNS[key] = _train_until_stopped(tiny_imagefolder, template, monkeypatch, iters, stop_after, overrides)
+    shutil.copytree(_STOPPED_RUNS[key], out, ignore=shutil.ignore_patterns(".smile-fast.lock"))
+    return out
+
+
+def _train_until_stopped(tiny_imagefolder, out, monkeypatch, iters, stop_after, overrides):
     original_call = TrainingStep.__call__
 
     def call_then_signal(self, iteration, *batch):

@@ -61,9 +61,24 @@ def _long_run(tmp_path, out, workers: int) -> tuple[list[str], dict[str, str]]:
     return command, dict(os.environ, SMILE_FAST_CACHE=str(tmp_path / "cache"), TRITON_INTERPRET="0")
 
 
-@pytest.mark.parametrize("second", [False, True], ids=["once", "twice"])
-# SIGHUP: the terminal or ssh session that started the run closed; it ended the run with no checkpoint (review).
-@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def _signal_cases():
+    """Each signal once with its exit status, and twice: SIGHUP, the terminal or ssh session that started the run
+    closed, ended the run with no checkpoint (review). One handler serves the three, so the default run takes
+    each signal in one of the two ways (about 7 s a case on 2 cores); `-m slow` adds the other three."""
+    cases = []
+    for signum, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)):
+        for second in (False, True):
+            default = (signum, second) in ((signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGHUP, False))
+            marks = () if default else (pytest.mark.slow,)
+            cases.append(
+                pytest.param(
+                    signum, status, second, marks=marks, id=f"{int(signum)}-{status}-{'twice' if second else 'once'}"
+                )
+            )
+    return cases
+
+
+@pytest.mark.parametrize(("signum", "status", "second"), _signal_cases())
 def test_a_stop_signal_to_the_process_group_checkpoints_the_run(tmp_path, signum, status, second):
     """The training process and its two loader workers get the signal at once, as from Slurm or Ctrl-C.
     Twice: a second signal 20 ms later, which means "now", usually during the stop's checkpoint write. Its
