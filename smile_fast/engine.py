@@ -176,7 +176,7 @@ class Trainer:
                     self.folder_lock.acquire(self.run_dir)
                 self._refuse_a_checkpoint_written_meanwhile()
                 if self.resume_state is not None:
-                    refuse_a_hand_edited_config(self.run_dir, config)
+                    refuse_a_hand_edited_config(self.run_dir, self.resume_state["config"], config)
             except UserError as error:
                 refused = str(error)
         if self.dist.enabled:

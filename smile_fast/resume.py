@@ -194,7 +194,7 @@ def check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any]) -> Non
         )
 
 
-def refuse_a_hand_edited_config(run_dir: Path, resumed: TrainConfig) -> None:
+def refuse_a_hand_edited_config(run_dir: Path, recorded: Mapping[str, Any], resumed: TrainConfig) -> None:
     """A resume takes the run's settings from its checkpoint and writes config.yaml again. An edit of the file
     (`iters: 20000` to train longer) was ignored and then overwritten without a word (review); now refused, with
     the file as it is. Only the settings a resume cannot change are compared: those it may change (RESUME_MAY_CHANGE)
@@ -208,12 +208,17 @@ def refuse_a_hand_edited_config(run_dir: Path, resumed: TrainConfig) -> None:
         return  # missing or damaged: written again from the checkpoint, nothing of the user's to keep
     if not isinstance(in_file, dict):
         return
+    # The checkpoint's settings as the version of smile-fast that saved it recorded them, and as this version
+    # reads them: a file written by either is not an edit (an upgrade must not make a filled-in default one).
     # Through YAML and back, as the file was written: tuples become lists, and floats compare as read.
-    run = yaml.safe_load(yaml.safe_dump(resumed.to_dict(), sort_keys=False))
+    run = yaml.safe_load(yaml.safe_dump(dict(recorded), sort_keys=False))
+    now = yaml.safe_load(yaml.safe_dump(resumed.to_dict(), sort_keys=False))
     edited = []
     for key, value in in_file.items():
         key = str(key).replace("-", "_")
         if key in RESUME_MAY_CHANGE or key in ("out", "resume") or key not in run or value == run[key]:
+            continue
+        if value == now.get(key, run[key]):
             continue
         if key == "weights" and value == "none" and run[key] == "auto":
             continue  # written so by write_config: `auto` found no ImageNet weights
