@@ -773,6 +773,10 @@ class Trainer:
             if self.dist.enabled and a_peer_is_gone(error):
                 raise self._peer_gone(error) from None
             raise
+        finally:
+            # However the loop ends: the bar's line is ended, so that the error a run ends with (a second Ctrl-C,
+            # a divergence, a full disk) starts a line of its own rather than landing after the bar (review).
+            progress.close()
         return summary
 
     def _peer_gone(self, error: RuntimeError) -> TrainingStopped:

@@ -1648,3 +1648,28 @@ def test_the_summary_table_says_whose_images_per_second_it_counts(capsys):
         (line,) = [line for line in table.splitlines(keepends=True) if line.startswith("images/s")]
         assert line.endswith(expected), table
     assert "8 (2 processes x 4)" in (print_summary_table({**summary, "world_size": 2}) or capsys.readouterr().out)
+
+
+def test_a_run_broken_off_under_the_bar_ends_the_bars_line_first(tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    """On a terminal, a run broken off between checkpoints (a second Ctrl-C) left the bar's line open, and the
+    line saying what is kept was printed on it, after the bar (review)."""
+    from smile_fast.cli import main
+    from smile_fast.stop_signals import StopNow
+
+    original_call = TrainingStep.__call__
+
+    def second_ctrl_c(self, iteration, *batch):
+        if iteration == 1:
+            raise StopNow(signal.SIGINT)
+        return original_call(self, iteration, *batch)
+
+    monkeypatch.setattr(TrainingStep, "__call__", second_ctrl_c)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    command = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--out", str(tmp_path / "r")]
+    command += ["--model", "resnet18", "--weights", "none", "--iters", "4", "--batch-size", "4", "--device", "cpu"]
+    capsys.readouterr()
+    assert main(command) == 130
+    error = capsys.readouterr().err
+    assert "train:" in error, "no bar was drawn"
+    (line,) = [line for line in error.splitlines() if "interrupted" in line]
+    assert line.startswith("smile-fast: interrupted; "), error[-500:]
