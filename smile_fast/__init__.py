@@ -34,7 +34,8 @@ cli.py            the `smile-fast` subcommands and their arguments (__main__.py:
 
 Leaves (no policy of their own; any layer may use them): errors.py (user errors), torchrun.py (torchrun's
 variables), devices.py (--device, the process group, non-blocking copies), atomic_file.py, folder_walk.py,
-stop_signals.py, run_environment.py (the card, versions and command beside every figure).
+stop_signals.py, run_environment.py (the card, versions and command beside every figure), terminal.py (whether
+stderr can show a progress bar).
 """
 
 __version__ = "0.1.0"

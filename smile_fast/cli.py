@@ -22,6 +22,7 @@ from smile_fast.config import (
 )
 from smile_fast.errors import UserError, did_you_mean, discard_output, same_on_every_process, write_failure
 from smile_fast.output_files import check_writable, folders_to_create, remove_folders, stdout_failed, to_stdout
+from smile_fast.terminal import shows_a_bar
 from smile_fast.torchrun import torchrun_environment
 
 
@@ -574,7 +575,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             args.checkpoint,
             device=args.device,
             data_dir=args.data_dir,
-            progress=sys.stderr.isatty(),
+            progress=shows_a_bar(sys.stderr),
             workers=args.workers,
         )
     print(

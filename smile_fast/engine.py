@@ -89,6 +89,7 @@ from smile_fast.stop_signals import (
     interrupted_exit_status,
     signals_held,
 )
+from smile_fast.terminal import shows_a_bar
 
 
 def _file_identity(resume: str | Path) -> tuple[Path, tuple[int, int, int, int]] | None:
@@ -198,7 +199,7 @@ class Trainer:
             check_cuda_graph_device(self.device, self.dist)  # before the data and models are read
         # A bar on a terminal; in a batch job's log (stderr not a terminal) or with --no-progress, one line
         # per log interval instead, so that the log shows progress without a stream of carriage returns.
-        self.progress = progress and self.dist.is_main and sys.stderr.isatty()
+        self.progress = progress and self.dist.is_main and shows_a_bar(sys.stderr)
         torch.manual_seed(config.seed)
         self._build()
 

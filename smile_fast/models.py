@@ -21,6 +21,7 @@ from torch import nn
 
 from smile_fast.checkpoint import safe_load
 from smile_fast.errors import UserError, first_line
+from smile_fast.terminal import shows_a_bar
 
 # torchvision constructor name -> (weights enum name, name of the last Linear in the model).
 # IMAGENET1K_V1 is the weight set the paper's ResNet-50 results were produced with (76.1% top-1),
@@ -195,7 +196,7 @@ def build_source_model(
         try:
             if not fetch and not cached:
                 raise FileNotFoundError("not in the cache after this machine's first process fetched them")
-            bar = sys.stderr.isatty() and not quiet
+            bar = shows_a_bar(sys.stderr) and not quiet
             # torchvision initializes the model at random before it reads the weights. Not from the run's random
             # stream: when the download then fails, the fallback below must start where `--weights none` does,
             # the setting config.yaml records for such a run (its `train -c` repeat started elsewhere: review).

@@ -22,6 +22,7 @@ from smile_fast.errors import UserError
 from smile_fast.export import metadata_path, prepare_export, read_export_metadata
 from smile_fast.models import SUPPORTED_MODELS
 from smile_fast.output_files import output_path, refuse_links_and_devices
+from smile_fast.terminal import shows_a_bar
 
 
 @dataclass
@@ -283,7 +284,7 @@ def predictions_csv(
         desc="predict",
         unit="img",
         file=sys.stderr,
-        disable=rows_on_screen or not sys.stderr.isatty(),
+        disable=rows_on_screen or not shows_a_bar(sys.stderr),
     ) as bar:
         for index, best in predict(
             classifier, readable_paths, device, options.batch_size, workers, options.top_k, bar.update

@@ -20,6 +20,7 @@ LEAVES = {
     "smile_fast.folder_walk",  # os.walk that follows linked folders once
     "smile_fast.stop_signals",  # the stop-signal handling DataLoader workers share with the loop
     "smile_fast.run_environment",  # card, versions and command for a benchmark's JSON
+    "smile_fast.terminal",  # whether stderr can show a progress bar
 }
 
 # What each low layer may import from the package besides itself and the leaves, lowest first.

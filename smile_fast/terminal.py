@@ -1,0 +1,21 @@
+"""Whether a stream is a terminal that can show a progress bar."""
+
+from __future__ import annotations
+
+import os
+from typing import TextIO
+
+
+def shows_a_bar(stream: TextIO) -> bool:
+    """A terminal with room for a bar. Not a log file or pipe (those get a line per interval instead, no stream of
+    carriage returns), and not a pseudo-terminal of 0 columns, as some batch systems and `docker exec -t` give:
+    tqdm draws nothing there, and the run printed neither a bar nor its lines (review)."""
+    try:
+        if not stream.isatty():
+            return False
+    except (AttributeError, ValueError):  # not a file, or a closed one
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):  # a terminal without a descriptor or size to ask: as it says
+        return True
