@@ -507,6 +507,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides = {key: getattr(args, key) for key in TRAIN_KEYS}
         yaml_values = _protocol_named_here_wins(yaml_values, overrides, args.config)
         config = build_config(yaml_values, overrides)
+        if args.config and not config.resume and "batch_size" in yaml_values and overrides.get("batch_size") is None:
+            _note_another_global_batch(args.config, config.batch_size)
         # Checked on what this command names, not in validate(): a resumed run's dataset is its checkpoint's
         # (`--resume RUN --data-dir NEW` names no --dataset), and recorded configs are not this command's doing.
         if config.dataset == "demo" and config.data_dir and not config.resume:
@@ -525,6 +527,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except OSError as error:  # `| head` that left before the end: the run itself is done and written
             return stdout_failed(error)
     return 0
+
+
+def _note_another_global_batch(path: str, batch_size: int) -> None:
+    """`train -c` of a run's config.yaml with another number of processes: batch_size is per process, so a
+    2-process run's file trained one process on half the global batch (and the reverse twice it), without a word
+    (torchrun review). The header says how many processes trained it; the note says what keeps the batch."""
+    from smile_fast.runlog import recorded_world_size
+
+    recorded, now = recorded_world_size(path), torchrun_environment().world_size
+    if recorded is None or recorded == now or _not_the_first_process():
+        return
+    same = recorded * batch_size
+    keep = f"--batch-size {same // now} keeps it" if same % now == 0 else "no whole --batch-size per process keeps it"
+    print(
+        f"note: {path} is the settings of a run of {recorded} process{'es' if recorded > 1 else ''}, whose global "
+        f"batch was {same} ({recorded} x {batch_size}); with {now} here it is {now * batch_size}, which changes what "
+        f"the run computes: {keep}",
+        file=sys.stderr,
+    )
 
 
 _SAMPLE_RATE_PROTOCOL = ("sample_rate", "sample_draw")

@@ -51,6 +51,25 @@ def recorded_weights(run_dir: Path) -> str | None:
     return next((line[len(_WEIGHTS_LINE) :] for line in lines if line.startswith(_WEIGHTS_LINE)), None)
 
 
+_HEADER_START = "# smile-fast run settings."  # config.yaml's first line, written by write_config
+_PROCESSES_LINE = "# trained by "  # "# trained by N processes in all ...", written when N > 1
+
+
+def recorded_world_size(config_file: str | Path) -> int | None:
+    """The number of processes that trained the run whose config.yaml this is (1 when its header names none), or
+    None for a YAML file that is not a run's config.yaml."""
+    try:
+        lines = Path(config_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not lines or not lines[0].startswith(_HEADER_START):
+        return None
+    for line in lines:
+        if line.startswith(_PROCESSES_LINE) and line[len(_PROCESSES_LINE) :].split(" ")[0].isdigit():
+            return int(line[len(_PROCESSES_LINE) :].split(" ")[0])
+    return 1
+
+
 def launcher(world_size: int) -> str:
     """The command that starts smile-fast with `world_size` processes in all: under torchrun on several nodes
     (LOCAL_WORLD_SIZE processes each) `--nnodes=N --nproc_per_node=M`, run on each node."""
@@ -85,13 +104,13 @@ def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world
 
     launch = launcher(world_size)
     header = (
-        f"# smile-fast run settings. `{launch} train -c config.yaml [--out DIR]` repeats this run in a new\n"
+        f"{_HEADER_START} `{launch} train -c config.yaml [--out DIR]` repeats this run in a new\n"
         f"# folder; `{_comment_text(resume_command(run_dir, world_size))}` continues it.\n"
         f"{_WEIGHTS_LINE}{_comment_text(weights_used)}\n"
     )
     if world_size > 1:
         header += (
-            f"# trained by {world_size} processes in all (nodes x --nproc_per_node): batch_size is per process,\n"
+            f"{_PROCESSES_LINE}{world_size} processes in all (nodes x --nproc_per_node): batch_size is per process,\n"
             f"# the global batch was {world_size * config['batch_size']}\n"
         )
     settings = {key: value for key, value in config.items() if key not in _NOT_REPEATED}

@@ -488,3 +488,41 @@ def test_the_protocol_named_on_the_command_line_replaces_the_config_files_other_
     # Both protocols on the command line are still refused.
     assert main(["train", "-c", str(config_file), "--sample-rate", "0.3", "--class-fraction", "0.5"]) == 2
     assert "two different protocols" in capsys.readouterr().err
+
+
+def test_train_c_of_a_runs_config_with_another_number_of_processes_notes_the_global_batch(
+    isolated, monkeypatch, capsys
+):
+    """batch_size in config.yaml is per process: `train -c` of a 2-process run's file on one process trained on
+    half the global batch without a word (torchrun review). The header says how many processes wrote it."""
+    from _tiny_runs import tiny_config
+
+    from smile_fast.runlog import write_config
+
+    def stop_before_training(*args, **kwargs):
+        raise UserError("stopped before training by the test")
+
+    monkeypatch.setattr(smile_fast.engine, "train", stop_before_training)
+    settings = tiny_config(isolated / "data", isolated / "unused").to_dict()
+    for world_size in (1, 2):
+        (isolated / f"run{world_size}").mkdir()
+        write_config(isolated / f"run{world_size}", settings, "none", world_size=world_size)
+    (isolated / "mine.yaml").write_text("batch_size: 4\n")  # a hand-written file: nothing is known of its runs
+
+    def notes(config_file, *extra):
+        capsys.readouterr()
+        assert main(["train", "-c", str(config_file), "--out", str(isolated / "new"), *extra]) == 2
+        return [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+
+    (note,) = notes(isolated / "run2" / "config.yaml")
+    assert "a run of 2 processes, whose global batch was 8 (2 x 4); with 1 here it is 4" in note, note
+    assert note.endswith("--batch-size 8 keeps it"), note
+    assert notes(isolated / "run1" / "config.yaml") == []
+    assert notes(isolated / "mine.yaml") == []
+    assert notes(isolated / "run2" / "config.yaml", "--batch-size", "8") == [], "the command line named the batch"
+    # The other way: a 1-process run's file under torchrun with 3 processes, where no whole batch keeps 4.
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "3")):
+        monkeypatch.setenv(name, value)
+    (note,) = notes(isolated / "run1" / "config.yaml")
+    assert "a run of 1 process, whose global batch was 4 (1 x 4); with 3 here it is 12" in note, note
+    assert note.endswith("no whole --batch-size per process keeps it"), note
