@@ -651,7 +651,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         else:
             print(f"note: the run stopped at {at}; this is its model as of then")
     if metadata["classes"] is None:
-        print("note: this checkpoint predates recorded class names; label i is the dataset's i-th class")
+        print(
+            "note: this checkpoint predates recorded class names, and its run's manifest cannot show them: label i "
+            "is the i-th of the classes the run trained on, in their order then (for a --class-fraction run, of its "
+            "drawn classes, not of the dataset's)"
+        )
     print(f"load it: {load_code(metadata['model'], metadata['num_classes'], weights_file)}")
     return 0
 

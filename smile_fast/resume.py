@@ -63,8 +63,12 @@ def check_run_dir(run_dir: Path, resuming: bool) -> None:
 def check_classes(where: str | Path, state: Mapping[str, Any], classes: list[str]) -> None:
     """The dataset's classes, in label order, must be the run's: a renamed, added or removed class folder
     shifts the labels, and the checkpoint would score (or train on) the wrong ones without a word.
-    Checkpoints written before the class list was recorded are not checked."""
-    recorded = state.get("classes")
+    Checkpoints written before the class list was recorded in them are checked against their imagefolder run's
+    manifest, or else by the number of classes alone."""
+    recorded, source = state.get("classes"), ""
+    if recorded is None:
+        recorded = _classes_of_an_older_checkpoint(where, state, classes)
+        source = " (as its manifest.txt shows them: the checkpoint is older than the class names in checkpoints)"
     if recorded is None or list(recorded) == list(classes):
         return
     from smile_fast.data.images import listed
@@ -87,9 +91,38 @@ def check_classes(where: str | Path, state: Mapping[str, Any], classes: list[str
             "--nfc --notest DIR`"
         )
     raise UserError(
-        f"the dataset's classes differ from those {where} was trained on ({len(recorded)} then, {len(classes)} now; "
-        f"{'; '.join(what)}), so its labels would not match; {hint}"
+        f"the dataset's classes differ from those {where} was trained on{source} ({len(recorded)} then, "
+        f"{len(classes)} now; {'; '.join(what)}), so its labels would not match; {hint}"
     )
+
+
+def classes_in_the_runs_manifest(run_dir: Path, state: Mapping[str, Any]) -> list[str] | None:
+    """The class names of an imagefolder run as its manifest shows them (data.subsets), for a checkpoint from
+    before the names were recorded in it; None for other datasets or when the manifest cannot show them."""
+    from smile_fast.data.subsets import imagefolder_classes_in_manifest
+
+    config = state.get("config") or {}
+    if config.get("dataset") != "imagefolder" or not config.get("data_dir") or not (run_dir / "manifest.txt").is_file():
+        return None
+    return imagefolder_classes_in_manifest(run_dir / "manifest.txt", config["data_dir"])
+
+
+def _classes_of_an_older_checkpoint(where: str | Path, state: Mapping[str, Any], classes: list[str]) -> list | None:
+    """The classes of a run whose checkpoint records no class names (an older smile-fast), from its imagefolder
+    manifest; None when the manifest cannot show them. A count of classes other than the dataset's is refused here
+    in any case: it was "does not fit the model this version builds", which blamed the version (upgrade review)."""
+    recovered = classes_in_the_runs_manifest(Path(where) if Path(where).is_dir() else Path(where).parent, state)
+    if recovered is not None:
+        return recovered
+    head = (state.get("student") or {}).get("fc1.weight")
+    trained = int(head.shape[0]) if head is not None and getattr(head, "dim", lambda: 0)() == 2 else None
+    if trained is not None and trained != len(classes):
+        raise UserError(
+            f"{where} was trained on {trained} classes and the dataset has {len(classes)} now, so its labels would "
+            "not match (the checkpoint is older than the class names in checkpoints, so which classes differ cannot "
+            "be said); use the dataset as it was (--data-dir)"
+        )
+    return None
 
 
 def refuse_other_world_size(run_dir: Path, state: Mapping[str, Any], world_size: int, batch_size: int) -> None:

@@ -1673,3 +1673,49 @@ def test_a_run_broken_off_under_the_bar_ends_the_bars_line_first(tiny_imagefolde
     assert "train:" in error, "no bar was drawn"
     (line,) = [line for line in error.splitlines() if "interrupted" in line]
     assert line.startswith("smile-fast: interrupted; "), error[-500:]
+
+
+def _as_an_older_checkpoint(run_dir: Path) -> None:
+    """The run's checkpoint as a smile-fast from before class names were recorded in checkpoints wrote it."""
+    from smile_fast.checkpoint import save_atomic
+
+    state = load_checkpoint(run_dir)
+    del state["classes"]
+    save_atomic(state, run_dir / "last.pt")
+
+
+def test_an_older_checkpoint_is_checked_against_its_manifests_classes(tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    """A checkpoint without class names was scored against renamed classes without a word (0% where the run
+    scores 67%), and an added class was "does not fit the model this version builds" (upgrade review). An
+    imagefolder run's manifest shows its classes; other runs are checked by their number."""
+    import shutil
+
+    from smile_fast.cli import main
+
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
+    _as_an_older_checkpoint(out)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_imagefolder, renamed)
+    for split in ("train", "test"):
+        (renamed / split / "c3").rename(renamed / split / "navy")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data-dir", str(renamed), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "(as its manifest.txt shows them: the checkpoint is older than the class names in checkpoints)" in error
+    assert "missing now: c3; new: navy" in error, error
+    assert main(["train", "--resume", str(out), "--data-dir", str(renamed), "--device", "cpu", "--no-progress"]) == 2
+    assert "missing now: c3; new: navy" in capsys.readouterr().err
+    # The dataset as it was: scored, and exported with the class names the manifest shows.
+    assert main(["eval", str(out), "--device", "cpu"]) == 0
+    assert main(["export", str(out)]) == 0
+    assert json.loads((out / "model.json").read_text())["classes"] == ["c0", "c1", "c2", "c3"]
+    assert "predates recorded class names" not in capsys.readouterr().out
+    # Without a manifest to show the classes, another number of them is said as such.
+    (out / "manifest.txt").unlink()
+    added = tmp_path / "added"
+    shutil.copytree(tiny_imagefolder, added)
+    shutil.copytree(added / "test" / "c0", added / "test" / "c4")
+    shutil.copytree(added / "train" / "c0", added / "train" / "c4")
+    assert main(["eval", str(out), "--data-dir", str(added), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "was trained on 4 classes and the dataset has 5 now" in error and "this version" not in error, error

@@ -144,3 +144,27 @@ def read_manifest(path: str | Path) -> list[tuple[str, int]]:
             raise UserError(f"manifest {path} line {number} should be '<label><TAB><path>', got {line[:80]!r}")
         samples.append((sample_path, int(label)))
     return samples
+
+
+def imagefolder_classes_in_manifest(path: str | Path, data_dir: str | Path) -> list[str] | None:
+    """An imagefolder run's classes in label order, as its manifest shows them: each training image's class is
+    the folder under DATA_DIR/train it lies in. For checkpoints from before the class names were recorded in
+    them (their renamed classes were scored against shifted labels without a word: upgrade review). None when the
+    manifest does not show them all: unreadable, a file outside DATA_DIR/train, a label in two folders or two
+    labels in one, or a label with no image (a class with no training image in it)."""
+    try:
+        samples = read_manifest(path)
+    except UserError:
+        return None
+    root = Path(data_dir) / "train"
+    names: dict[int, str] = {}
+    for sample_path, label in samples:
+        try:
+            relative = Path(sample_path).relative_to(root)
+        except ValueError:
+            return None
+        if len(relative.parts) < 2 or names.setdefault(label, relative.parts[0]) != relative.parts[0]:
+            return None
+    if sorted(names) != list(range(len(names))) or len(set(names.values())) != len(names):
+        return None
+    return [names[label] for label in range(len(names))]
