@@ -240,8 +240,9 @@ class Trainer:
         if _file_identity(path) != (path, identity):
             raise UserError(
                 f"{path} was written by another process while this resume was starting (a run or resume of "
-                f"{self.run_dir} that has just ended); nothing was changed: run the same command again to continue "
-                "from the new checkpoint"
+                f"{self.run_dir} that has just ended, or one still going under a smile-fast too old to lock its run "
+                "folder); nothing was changed: once no other process writes the folder, run the same command again "
+                "to continue from the new checkpoint"
             )
 
     def log(self, message: str) -> None:
