@@ -35,15 +35,31 @@ def rng_seed(request) -> int:
     return seed
 
 
+_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpret_restored():
+    """Each test leaves TRITON_INTERPRET as the session started with it: a test that left it at "0" once turned the
+    kernels off for every module after it, whose kernel tests then failed far from the cause."""
+    yield
+    assert os.environ.get("TRITON_INTERPRET") == _INTERPRET_AT_START, (
+        f"the test left TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} (the session has "
+        f"{_INTERPRET_AT_START!r}): set it with monkeypatch or ops_reference_path"
+    )
+
+
 @pytest.fixture
-def ops_reference_path():
+def ops_reference_path(monkeypatch):
     """The ops' PyTorch path for the test (see _tiny_runs.ops_on_the_pytorch_path). A module whose tests train
     opts in with `pytestmark = pytest.mark.usefixtures("ops_reference_path", ...)`; its module-scoped fixtures
-    that train wrap the run in `ops_on_the_pytorch_path()` themselves (they are set up before this fixture)."""
-    from _tiny_runs import ops_on_the_pytorch_path
+    that train wrap the run in `ops_on_the_pytorch_path()` themselves (they are set up before this fixture).
 
-    with ops_on_the_pytorch_path():
-        yield
+    Set through the test's own monkeypatch, so that a test's further setenv of the variable is undone in order.
+    A context manager of its own restored "1" first when monkeypatch was set up before it (private_cache uses
+    it), and a test's monkeypatch.setenv then put back the "0" it had found: every later module ran with the
+    kernels off, and a kernel module first imported then was defined without the interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 @pytest.fixture
