@@ -177,7 +177,7 @@ class Trainer:
                     self.folder_lock.acquire(self.run_dir)
                 self._refuse_a_checkpoint_written_meanwhile()
                 if self.resume_state is not None:
-                    refuse_a_hand_edited_config(self.run_dir, self.resume_state["config"], config)
+                    refuse_a_hand_edited_config(self.run_dir, self.resume_state["config"], config, self.dist.world_size)
             except UserError as error:
                 refused = str(error)
         if self.dist.enabled:
@@ -231,7 +231,9 @@ class Trainer:
     def _refuse_a_checkpoint_written_meanwhile(self) -> None:
         """The checkpoint is read before the folder's lock can be taken (the folder is only known from it). A
         resume or run of the folder that ended in between wrote a newer last.pt, which this resume would have
-        overwritten with its continuation of the older one (review). Now refused; run again, it reads the new one."""
+        overwritten with its continuation of the older one (review). Now refused; run again, it reads the new one.
+        Under torchrun this is the main rank's read: another rank that read the file just before such a write
+        would not be noticed (a window of the ranks' start-up; a lock the ranks took in turn would close it)."""
         if self.resume_state is None or self._read_checkpoint is None:
             return
         path, identity = self._read_checkpoint
@@ -885,9 +887,12 @@ def _older_exports(run_dir: Path, iters: int) -> list[str]:
             continue
         if Path(str(run.get("checkpoint"))).resolve() != (run_dir / "last.pt").resolve():
             continue  # exported from another run's checkpoint into this folder
+        again = f"smile-fast export {shlex.quote(str(run_dir))}"
+        if metadata["weights_file"] != "model.pt":  # exported with --out: the same file again
+            again += f" --out {shlex.quote(str(run_dir / metadata['weights_file']))}"
         notes.append(
             f"note: {run_dir / metadata['weights_file']} holds the model of iteration {run['iteration']}, exported "
-            f"before the run finished; `smile-fast export {shlex.quote(str(run_dir))}` writes the final one"
+            f"before the run finished; `{again}` writes the final one"
         )
     return notes
 

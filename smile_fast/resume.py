@@ -15,7 +15,7 @@ from typing import Any
 
 from smile_fast.config import RESUME_MAY_CHANGE, TrainConfig, setting_name, validate
 from smile_fast.errors import UserError, first_line
-from smile_fast.runlog import recorded_top1
+from smile_fast.runlog import launcher, recorded_top1
 from smile_fast.stop_signals import TrainingStopped
 
 RUN_FILES = ("last.pt", "summary.json")  # a folder holding either holds a run worth keeping
@@ -96,6 +96,17 @@ def check_classes(where: str | Path, state: Mapping[str, Any], classes: list[str
     )
 
 
+def _same_number(in_file: Any, recorded: Any) -> bool:
+    """`lr: 1e-2` for 0.01: PyYAML reads the exponent without a dot as a string, which the settings take as the
+    number (diff review)."""
+    if not isinstance(in_file, str) or isinstance(recorded, bool) or not isinstance(recorded, (int, float)):
+        return False
+    try:
+        return float(in_file) == float(recorded)
+    except ValueError:
+        return False
+
+
 def classes_in_the_runs_manifest(run_dir: Path, state: Mapping[str, Any]) -> list[str] | None:
     """The class names of an imagefolder run as its manifest shows them (data.subsets), for a checkpoint from
     before the names were recorded in it; None for other datasets or when the manifest cannot show them."""
@@ -111,11 +122,13 @@ def _classes_of_an_older_checkpoint(where: str | Path, state: Mapping[str, Any],
     """The classes of a run whose checkpoint records no class names (an older smile-fast), from its imagefolder
     manifest; None when the manifest cannot show them. A count of classes other than the dataset's is refused here
     in any case: it was "does not fit the model this version builds", which blamed the version (upgrade review)."""
-    recovered = classes_in_the_runs_manifest(Path(where) if Path(where).is_dir() else Path(where).parent, state)
-    if recovered is not None:
-        return recovered
     head = (state.get("student") or {}).get("fc1.weight")
     trained = int(head.shape[0]) if head is not None and getattr(head, "dim", lambda: 0)() == 2 else None
+    recovered = classes_in_the_runs_manifest(Path(where) if Path(where).is_dir() else Path(where).parent, state)
+    # Not when the manifest shows fewer classes than the head has: a last class the run drew no image of
+    # (--train-samples, --sample-rate) leaves no label to show, and the list would then be one short (diff review).
+    if recovered is not None and (trained is None or len(recovered) == trained):
+        return recovered
     if trained is not None and trained != len(classes):
         raise UserError(
             f"{where} was trained on {trained} classes and the dataset has {len(classes)} now, so its labels would "
@@ -227,7 +240,9 @@ def check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any]) -> Non
         )
 
 
-def refuse_a_hand_edited_config(run_dir: Path, recorded: Mapping[str, Any], resumed: TrainConfig) -> None:
+def refuse_a_hand_edited_config(
+    run_dir: Path, recorded: Mapping[str, Any], resumed: TrainConfig, world_size: int = 1
+) -> None:
     """A resume takes the run's settings from its checkpoint and writes config.yaml again. An edit of the file
     (`iters: 20000` to train longer) was ignored and then overwritten without a word (review); now refused, with
     the file as it is. Only the settings a resume cannot change are compared: those it may change (RESUME_MAY_CHANGE)
@@ -251,7 +266,7 @@ def refuse_a_hand_edited_config(run_dir: Path, recorded: Mapping[str, Any], resu
         key = str(key).replace("-", "_")
         if key in RESUME_MAY_CHANGE or key in ("out", "resume") or key not in run or value == run[key]:
             continue
-        if value == now.get(key, run[key]):
+        if value == now.get(key, run[key]) or _same_number(value, run[key]):
             continue
         if key == "weights" and value == "none" and run[key] == "auto":
             continue  # written so by write_config: `auto` found no ImageNet weights
@@ -261,7 +276,7 @@ def refuse_a_hand_edited_config(run_dir: Path, recorded: Mapping[str, Any], resu
             f"{path} was edited since the run wrote it ({'; '.join(edited)}): a resume continues the run with the "
             "settings its checkpoint records, and would write over the file. To resume, undo the edit or remove the "
             f"file (it is written again); to train with the edited settings, start a new run: "
-            f"`smile-fast train -c {shlex.quote(str(path))} --out NEW`"
+            f"`{launcher(world_size)} train -c {shlex.quote(str(path))} --out NEW`"
         )
 
 

@@ -56,8 +56,9 @@ _PROCESSES_LINE = "# trained by "  # "# trained by N processes in all ...", writ
 
 
 def recorded_world_size(config_file: str | Path) -> int | None:
-    """The number of processes that trained the run whose config.yaml this is (1 when its header names none), or
-    None for a YAML file that is not a run's config.yaml."""
+    """The number of processes that trained the run whose config.yaml this is, or None when the file does not say:
+    not a run's config.yaml, or one from before the header named one process too (its 2-process runs' files then
+    had no such line either: diff review)."""
     try:
         lines = Path(config_file).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
@@ -67,7 +68,7 @@ def recorded_world_size(config_file: str | Path) -> int | None:
     for line in lines:
         if line.startswith(_PROCESSES_LINE) and line[len(_PROCESSES_LINE) :].split(" ")[0].isdigit():
             return int(line[len(_PROCESSES_LINE) :].split(" ")[0])
-    return 1
+    return None
 
 
 def launcher(world_size: int) -> str:
@@ -113,6 +114,8 @@ def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world
             f"{_PROCESSES_LINE}{world_size} processes in all (nodes x --nproc_per_node): batch_size is per process,\n"
             f"# the global batch was {world_size * config['batch_size']}\n"
         )
+    else:  # said too, so that a file without the line is known to be from before it (recorded_world_size)
+        header += f"{_PROCESSES_LINE}1 process: batch_size is the global batch\n"
     settings = {key: value for key, value in config.items() if key not in _NOT_REPEATED}
     if settings.get("weights") == "auto" and weights_used.startswith("none"):
         # `auto` found no ImageNet weights and the run started at random. Repeated with `auto` once the weights are

@@ -50,6 +50,12 @@ def tiny_config(data_dir, out, **overrides) -> TrainConfig:
     return build_config(overrides=values)
 
 
+# Whether the session's Triton kernels run under the interpreter: conftest.py sets TRITON_INTERPRET=1 unless it
+# was set before pytest started (bench/gpu_check.sh's GPU session sets 0); read here at collection, before any test
+# changes it.
+INTERPRETER_AT_START = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @contextlib.contextmanager
 def ops_on_the_pytorch_path() -> Iterator[None]:
     """The ops' PyTorch path on CPU tensors (TRITON_INTERPRET=0) while the block runs, for tests that train.

@@ -508,6 +508,11 @@ def test_train_c_of_a_runs_config_with_another_number_of_processes_notes_the_glo
         (isolated / f"run{world_size}").mkdir()
         write_config(isolated / f"run{world_size}", settings, "none", world_size=world_size)
     (isolated / "mine.yaml").write_text("batch_size: 4\n")  # a hand-written file: nothing is known of its runs
+    # A run's file from before the header named one process too: its 2-process runs' files had no line either.
+    written = (isolated / "run1" / "config.yaml").read_text()
+    one_process = "# trained by 1 process: batch_size is the global batch\n"
+    assert one_process in written
+    (isolated / "older.yaml").write_text(written.replace(one_process, ""))
 
     def notes(config_file, *extra):
         capsys.readouterr()
@@ -519,6 +524,7 @@ def test_train_c_of_a_runs_config_with_another_number_of_processes_notes_the_glo
     assert note.endswith("--batch-size 8 keeps it"), note
     assert notes(isolated / "run1" / "config.yaml") == []
     assert notes(isolated / "mine.yaml") == []
+    assert notes(isolated / "older.yaml") == []
     assert notes(isolated / "run2" / "config.yaml", "--batch-size", "8") == [], "the command line named the batch"
     # The other way: a 1-process run's file under torchrun with 3 processes, where no whole batch keeps 4.
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "3")):
@@ -526,3 +532,4 @@ def test_train_c_of_a_runs_config_with_another_number_of_processes_notes_the_glo
     (note,) = notes(isolated / "run1" / "config.yaml")
     assert "a run of 1 process, whose global batch was 4 (1 x 4); with 3 here it is 12" in note, note
     assert note.endswith("no whole --batch-size per process keeps it"), note
+    assert notes(isolated / "older.yaml") == [], "a file that does not say how many processes wrote it"

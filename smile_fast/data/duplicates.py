@@ -14,6 +14,8 @@ import sys
 from collections import defaultdict
 from typing import NamedTuple
 
+from smile_fast.terminal import shows_a_bar
+
 _CHUNK = 1 << 20
 
 
@@ -51,7 +53,7 @@ def find_duplicates(
             continue
     candidates = [entry for group in by_size.values() if len(group) > 1 for entry in group]
     by_content: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
-    show = sys.stderr.isatty() if progress is None else progress
+    show = shows_a_bar(sys.stderr) if progress is None else progress
     for entry in tqdm(candidates, desc="comparing files", unit="file", disable=not show, leave=False):
         digest = _digest(entry[1])
         if digest is not None:

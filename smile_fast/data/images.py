@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from smile_fast.atomic_file import atomic_write
+from smile_fast.terminal import shows_a_bar
 
 # Above this many files to check, check_images shows a progress bar.
 _PROGRESS_THRESHOLD = 2_000
@@ -222,7 +223,7 @@ def check_images(samples: list[tuple[str, int]], cache_dir: Path | None) -> tupl
                 total=len(to_check),
                 desc="checking images",
                 unit="img",
-                disable=len(to_check) < _PROGRESS_THRESHOLD or not sys.stderr.isatty(),  # no \r lines in a log
+                disable=len(to_check) < _PROGRESS_THRESHOLD or not shows_a_bar(sys.stderr),  # no \r lines in a log
                 leave=False,
             )
             for path, good in zip(to_check, progress):
