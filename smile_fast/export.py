@@ -172,8 +172,6 @@ def prepare_export(checkpoint: str | Path, state: dict[str, Any] | None = None) 
         from smile_fast.resume import classes_in_the_runs_manifest
 
         classes = classes_in_the_runs_manifest(run_dir, state)
-        if classes is not None and len(classes) != student.fc1.out_features:
-            classes = None
     iteration, iters = int(state["iteration"]), int(config["iters"])
     from smile_fast import __version__
 

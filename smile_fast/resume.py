@@ -109,26 +109,33 @@ def _same_number(in_file: Any, recorded: Any) -> bool:
 
 def classes_in_the_runs_manifest(run_dir: Path, state: Mapping[str, Any]) -> list[str] | None:
     """The class names of an imagefolder run as its manifest shows them (data.subsets), for a checkpoint from
-    before the names were recorded in it; None for other datasets or when the manifest cannot show them."""
+    before the names were recorded in it; None for other datasets, when the manifest cannot show them, or when it
+    shows another number than the checkpoint's head has: a last class the run drew no image of (--train-samples,
+    --sample-rate) leaves no label to show, and the list would be one short (diff review)."""
     from smile_fast.data.subsets import imagefolder_classes_in_manifest
 
     config = state.get("config") or {}
     if config.get("dataset") != "imagefolder" or not config.get("data_dir") or not (run_dir / "manifest.txt").is_file():
         return None
-    return imagefolder_classes_in_manifest(run_dir / "manifest.txt", config["data_dir"])
+    shown = imagefolder_classes_in_manifest(run_dir / "manifest.txt", config["data_dir"])
+    trained = _classes_in_the_head(state)
+    return shown if shown is not None and (trained is None or len(shown) == trained) else None
+
+
+def _classes_in_the_head(state: Mapping[str, Any]) -> int | None:
+    """The number of classes the checkpoint's target head scores (None if it holds no such head)."""
+    head = (state.get("student") or {}).get("fc1.weight")
+    return int(head.shape[0]) if head is not None and getattr(head, "dim", lambda: 0)() == 2 else None
 
 
 def _classes_of_an_older_checkpoint(where: str | Path, state: Mapping[str, Any], classes: list[str]) -> list | None:
     """The classes of a run whose checkpoint records no class names (an older smile-fast), from its imagefolder
     manifest; None when the manifest cannot show them. A count of classes other than the dataset's is refused here
     in any case: it was "does not fit the model this version builds", which blamed the version (upgrade review)."""
-    head = (state.get("student") or {}).get("fc1.weight")
-    trained = int(head.shape[0]) if head is not None and getattr(head, "dim", lambda: 0)() == 2 else None
     recovered = classes_in_the_runs_manifest(Path(where) if Path(where).is_dir() else Path(where).parent, state)
-    # Not when the manifest shows fewer classes than the head has: a last class the run drew no image of
-    # (--train-samples, --sample-rate) leaves no label to show, and the list would then be one short (diff review).
-    if recovered is not None and (trained is None or len(recovered) == trained):
+    if recovered is not None:
         return recovered
+    trained = _classes_in_the_head(state)
     if trained is not None and trained != len(classes):
         raise UserError(
             f"{where} was trained on {trained} classes and the dataset has {len(classes)} now, so its labels would "

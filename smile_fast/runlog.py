@@ -52,7 +52,7 @@ def recorded_weights(run_dir: Path) -> str | None:
 
 
 _HEADER_START = "# smile-fast run settings."  # config.yaml's first line, written by write_config
-_PROCESSES_LINE = "# trained by "  # "# trained by N processes in all ...", written when N > 1
+_PROCESSES_LINE = "# trained by "  # "# trained by N processes in all ..." or "... 1 process: ...", always written
 
 
 def recorded_world_size(config_file: str | Path) -> int | None:

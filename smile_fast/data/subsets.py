@@ -150,8 +150,9 @@ def imagefolder_classes_in_manifest(path: str | Path, data_dir: str | Path) -> l
     """An imagefolder run's classes in label order, as its manifest shows them: each training image's class is
     the folder under DATA_DIR/train it lies in. For checkpoints from before the class names were recorded in
     them (their renamed classes were scored against shifted labels without a word: upgrade review). None when the
-    manifest does not show them all: unreadable, a file outside DATA_DIR/train, a label in two folders or two
-    labels in one, or a label with no image (a class with no training image in it)."""
+    manifest does not show them: unreadable, a file outside DATA_DIR/train, a label in two folders or two labels
+    in one, or a gap in the labels. (A last class with no training image leaves no gap: the caller compares the
+    number with the checkpoint's head, resume.classes_in_the_runs_manifest.)"""
     try:
         samples = read_manifest(path)
     except UserError:
