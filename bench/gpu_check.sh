@@ -142,7 +142,7 @@ else
   MODEL=resnet18; B_SMALL=4; B_LARGE=8; SIZE=64; STEPS=2; WARMUP=1; LOADER_ITERS=3; PER_CLASS=4
   LOADER_WORKERS=2
   # Two files, so that the side-by-side processes of part 1 are exercised here too.
-  TEST_SEL=(tests/test_kernels_compile.py tests/test_kernels_bad_indices.py); TEST_K=()
+  TEST_SEL=(tests/test_kernels_compile.py tests/test_kernels_bad_inputs.py); TEST_K=()
   # CUDA graphs need a GPU: on the CPU the captured stack is debugged as its compiled step.
   [ "$STACK" = captured ] && STACK_FLAGS=(--compile)
 fi

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from smile_fast.kernels import record_launch
+from smile_fast.kernels._mixing_weight import _load_mixing_weight
 
 EMA_BLOCK = 4096
 EMA_NUM_WARPS = 8
@@ -38,7 +39,7 @@ def _ema_update_fwd_kernel(
         # 16-byte vector loads although the addresses come from memory.
         teacher_ptr = tl.multiple_of(teacher_ptr, 16)
         student_ptr = tl.multiple_of(student_ptr, 16)
-    decay = tl.load(decay_ptr)
+    decay = _load_mixing_weight(decay_ptr)
     offsets = block * BLOCK + tl.arange(0, BLOCK)
     if block * BLOCK + BLOCK <= numel:
         # Full block: no mask, so the loads can be vectorized.

@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from smile_fast.kernels import record_launch
+from smile_fast.kernels._mixing_weight import _load_mixing_weight
 
 FEATURE_BLOCK = 2048
 FEATURE_NUM_WARPS = 4
@@ -41,7 +42,7 @@ def _feature_mixup_loss_fwd_kernel(
     partner = tl.load(perm_ptr + row)
     partner_valid = (partner >= 0) & (partner < batch)  # else NaN over this sample (module docstring)
     partner = tl.where(partner_valid, partner, row)
-    lam = tl.where(partner_valid, tl.load(lam_ptr), float("nan"))
+    lam = tl.where(partner_valid, _load_mixing_weight(lam_ptr), float("nan"))
     own_start = row.to(tl.int64) * n_per_sample
     partner_start = partner.to(tl.int64) * n_per_sample
     student = tl.load(student_ptr + own_start + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -79,7 +80,7 @@ def _feature_mixup_loss_bwd_kernel(
     partner = tl.load(perm_ptr + row)
     partner_valid = (partner >= 0) & (partner < batch)  # else NaN over this sample (module docstring)
     partner = tl.where(partner_valid, partner, row)
-    lam = tl.where(partner_valid, tl.load(lam_ptr), float("nan"))
+    lam = tl.where(partner_valid, _load_mixing_weight(lam_ptr), float("nan"))
     # d loss / d difference, from the upstream gradient and the saved loss, in every program: two
     # scalar loads instead of the ten small torch launches that computed it before (measured on CPU).
     coef = tl.load(grad_loss_ptr).to(tl.float32) * coef_scale

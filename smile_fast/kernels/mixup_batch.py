@@ -5,6 +5,7 @@ import triton.language as tl
 from torch import Tensor
 
 from smile_fast.kernels import record_launch
+from smile_fast.kernels._mixing_weight import _load_mixing_weight
 
 # Elements per program. 2048 fp32 elements = 8 KiB per stream, enough bytes in flight per SM
 # for a streaming kernel with 4 warps (16 elements a thread, i.e. four 16-byte vectors).
@@ -31,7 +32,7 @@ def _mixup_batch_fwd_kernel(x_ptr, perm_ptr, lam_ptr, out_ptr, n_per_sample, bat
     # lam is 1), so that the bad perm shows up as a NaN loss: two scalar selects, no per-element work.
     partner_valid = (partner >= 0) & (partner < batch)
     partner = tl.where(partner_valid, partner, row)
-    lam = tl.where(partner_valid, tl.load(lam_ptr), float("nan"))
+    lam = tl.where(partner_valid, _load_mixing_weight(lam_ptr), float("nan"))
     own_start = row.to(tl.int64) * n_per_sample
     partner_start = partner.to(tl.int64) * n_per_sample
     own = tl.load(x_ptr + own_start + offsets, mask=mask).to(tl.float32)
@@ -57,7 +58,7 @@ def _mixup_batch_bwd_kernel(
     chunk = tl.program_id(1)
     offsets = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_per_sample
-    lam = tl.load(lam_ptr)
+    lam = _load_mixing_weight(lam_ptr)
     own_start = row.to(tl.int64) * n_per_sample
     accumulated = lam * tl.load(grad_ptr + own_start + offsets, mask=mask).to(tl.float32)
     for first in range(0, batch, PERM_BLOCK):

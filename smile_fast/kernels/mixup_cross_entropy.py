@@ -5,6 +5,7 @@ import triton.language as tl
 from torch import Tensor
 
 from smile_fast.kernels import record_launch
+from smile_fast.kernels._mixing_weight import _load_mixing_weight
 from smile_fast.kernels._rows import _row_logsumexp, row_block_size
 
 
@@ -37,7 +38,7 @@ def _mixup_cross_entropy_fwd_kernel(
     row_ptr = logits_ptr + row.to(tl.int64) * row_stride
     lse = _row_logsumexp(row_ptr, n_classes, BLOCK)
     own_target, partner_target, valid = _row_targets(target_ptr, perm_ptr, row, batch, n_classes)
-    lam = tl.load(lam_ptr)
+    lam = _load_mixing_weight(lam_ptr)
     own_logit = tl.load(row_ptr + own_target).to(tl.float32)
     partner_logit = tl.load(row_ptr + partner_target).to(tl.float32)
     loss = lse - lam * own_logit - (1.0 - lam) * partner_logit
@@ -66,9 +67,10 @@ def _mixup_cross_entropy_bwd_kernel(
     grad_row_ptr = grad_logits_ptr + row.to(tl.int64) * grad_row_stride
     lse = _row_logsumexp(row_ptr, n_classes, BLOCK)
     own_target, partner_target, valid = _row_targets(target_ptr, perm_ptr, row, batch, n_classes)
-    lam = tl.load(lam_ptr)
-    # A bad index makes the row's whole gradient NaN, as it made its loss NaN.
-    scale = tl.where(valid, tl.load(grad_loss_ptr).to(tl.float32) * inv_batch, float("nan"))
+    lam = _load_mixing_weight(lam_ptr)
+    # A bad index or lam makes the row's whole gradient NaN, as it made its loss NaN (lam alone would only
+    # reach the target columns).
+    scale = tl.where(valid & (lam == lam), tl.load(grad_loss_ptr).to(tl.float32) * inv_batch, float("nan"))
     for start in range(0, n_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_classes

@@ -13,6 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from smile_fast.kernels import record_launch
+from smile_fast.kernels._mixing_weight import _load_mixing_weight
 
 MIXUP_NORMALIZE_BLOCK = 2048
 MIXUP_NORMALIZE_NUM_WARPS = 4
@@ -55,7 +56,7 @@ def _mixup_normalize_fwd_kernel(
         # perm shows up as a NaN loss: two scalar selects, no per-element work.
         partner_valid = (partner >= 0) & (partner < batch)
         partner = tl.where(partner_valid, partner, row)
-        lam = tl.where(partner_valid, tl.load(lam_ptr), float("nan"))
+        lam = tl.where(partner_valid, _load_mixing_weight(lam_ptr), float("nan"))
         partner_start = partner.to(tl.int64) * n_per_sample
         other = tl.load(images_ptr + partner_start + offsets, mask=mask).to(tl.float32) * scale + shift
         mixed = lam * own + (1.0 - lam) * other

@@ -13,6 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from smile_fast.kernels import record_launch
+from smile_fast.kernels._mixing_weight import _load_mixing_weight
 from smile_fast.kernels._rows import _load_row_chunk, _row_logsumexp, row_block_size
 
 
@@ -46,7 +47,7 @@ def _sample_rows(
     student_lse = _row_logsumexp(student_row, n_classes, BLOCK)
     teacher_lse = _row_logsumexp(teacher_row, n_classes, BLOCK)
     partner_lse = _row_logsumexp(partner_row, n_classes, BLOCK)
-    lam = tl.load(lam_ptr)
+    lam = _load_mixing_weight(lam_ptr)
     return row, student_row, teacher_row, partner_row, student_lse, teacher_lse, partner_lse, lam, partner_valid
 
 

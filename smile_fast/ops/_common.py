@@ -46,7 +46,8 @@ def check_unit_interval(value: float | Tensor, name: str) -> None:
 
     Outside [0, 1] a mix extrapolates instead of interpolating, and a NaN would spread through the whole
     step. A Python number, or a CPU tensor outside torch.compile, is checked; reading a CUDA tensor's value
-    would synchronize the device at every call, so there it is taken as it is.
+    would synchronize the device at every call, so there the kernels turn a weight outside [0, 1] into NaN
+    (kernels/_mixing_weight.py).
     """
     if isinstance(value, Tensor):
         if value.device.type != "cpu" or torch.compiler.is_compiling():

@@ -1,4 +1,5 @@
-"""The Triton kernels with strided and out-of-range index tensors (perm, target), under TRITON_INTERPRET=1.
+"""The Triton kernels with strided and out-of-range index tensors (perm, target) and with mixing weights (lam, an
+EMA decay) outside [0, 1], under TRITON_INTERPRET=1.
 
 - A strided perm or target (a column of a stacked tensor) gives exactly what its contiguous copy gives:
   the kernels read entry b at `ptr + b`, so the launchers make them dense.
@@ -6,8 +7,10 @@
   float64 reference's values in the others, and no out-of-bounds read (garbage or a segfault under the
   interpreter, an illegal memory access on a GPU). The host cannot check CUDA index tensors without a
   device sync, so the kernels do it.
+- A lam or decay outside [0, 1], or NaN, makes every output that depends on it NaN: the host cannot read a CUDA
+  tensor's value without a device sync either, and a mix outside [0, 1] extrapolates without a sign.
 
-The launchers are called directly, not the public ops: those check CPU index tensors on the host and
+The launchers are called directly, not the public ops: those check CPU index tensors and weights on the host and
 raise before any kernel runs. Each launch is counted, to prove the kernel really ran.
 """
 
@@ -267,3 +270,44 @@ def test_out_of_range_indices_give_nan_rows(
             f"{what}: NaN or inf outside rows {nan_rows.nonzero().flatten().tolist()}"
         )
         torch.testing.assert_close(rows[~nan_rows], expected[~nan_rows], rtol=1e-5, atol=1e-6, msg=what)
+
+
+# Outputs that do not depend on the mixing weight keep their values when it is bad.
+WEIGHT_FREE_OUTPUTS = {"clean"}
+
+
+@pytest.mark.parametrize("op", list(CASES))
+@pytest.mark.parametrize("lam", [-0.25, 1.5, float("nan")])
+def test_a_mixing_weight_outside_the_unit_interval_gives_nan(rng_seed: int, op: str, lam: float) -> None:
+    for output in run_case(op, VALID_PERM, VALID_TARGET, lam, rng_seed):
+        what = f"{op} {output.what} (lam {lam})"
+        if output.what in WEIGHT_FREE_OUTPUTS:
+            assert output.actual.isfinite().all(), f"{what}: does not depend on lam, yet has NaN or inf"
+            continue
+        assert output.actual.isnan().all(), f"{what}: must be all NaN, got {output.actual.flatten()[:4].tolist()}"
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_a_mixing_weight_of_zero_is_in_range(rng_seed: int, op: str) -> None:
+    # The interval's other end, 1.0, is a case of the out-of-range indices test above.
+    for output in run_case(op, VALID_PERM, VALID_TARGET, 0.0, rng_seed):
+        what = f"{op} {output.what} (lam 0)"
+        torch.testing.assert_close(output.actual.double(), output.expected, rtol=1e-5, atol=1e-6, msg=what)
+
+
+@pytest.mark.parametrize(
+    ("decay", "in_range"), [(0.0, True), (0.75, True), (1.0, True), (-0.25, False), (1.5, False), (float("nan"), False)]
+)
+def test_an_ema_decay_outside_the_unit_interval_gives_a_nan_teacher(decay: float, in_range: bool) -> None:
+    from smile_fast.kernels.ema_update import build_ema_pointer_table, launch_ema_update
+
+    teachers = [torch.randn(37), torch.randn(3, 5)]
+    students = [torch.randn(37), torch.randn(3, 5)]
+    expected = [decay * t.double() + (1 - decay) * s.double() for t, s in zip(teachers, students, strict=True)]
+    launch("ema_update", launch_ema_update, build_ema_pointer_table(teachers, students), torch.tensor(decay))
+    for index, (teacher, want) in enumerate(zip(teachers, expected, strict=True)):
+        what = f"teacher tensor {index} (decay {decay})"
+        if in_range:
+            torch.testing.assert_close(teacher.double(), want, rtol=1e-6, atol=1e-6, msg=what)
+        else:
+            assert teacher.isnan().all(), f"{what}: must be all NaN, got {teacher.flatten()[:4].tolist()}"
