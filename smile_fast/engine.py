@@ -55,13 +55,13 @@ from smile_fast.ranks import (
 )
 from smile_fast.resume import (
     check_classes,
+    check_hand_edits_of_the_config,
     check_resume_settings,
     check_run_dir,
     drop_capture_flags,
     model_layout_check,
     moved_dataset_hint,
     rebase,
-    refuse_a_hand_edited_config,
     refuse_finished_run,
     refuse_other_world_size,
     turn_off_dependent_flags,
@@ -139,6 +139,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.resume_state: dict[str, Any] | None = None
         self._unused_out: str | None = None  # an --out given with --resume names another folder
+        self._unused_config_edits: list[str] = []  # config.yaml edits of settings a resume takes from its flags
         self._named = dict(given or {})  # the settings this command named, with their values
         self.output_lost = False  # the reader of the run's messages went away (_lose_output)
         self.previous_wall = 0.0  # a resumed run's seconds before this process (_restore)
@@ -177,7 +178,9 @@ class Trainer:
                     self.folder_lock.acquire(self.run_dir)
                 self._refuse_a_checkpoint_written_meanwhile()
                 if self.resume_state is not None:
-                    refuse_a_hand_edited_config(self.run_dir, self.resume_state["config"], config, self.dist.world_size)
+                    self._unused_config_edits = check_hand_edits_of_the_config(
+                        self.run_dir, self.resume_state["config"], config, self.dist.world_size
+                    )
             except UserError as error:
                 refused = str(error)
         if self.dist.enabled:
@@ -526,6 +529,8 @@ class Trainer:
         self.log(f"resuming {self.run_dir} at iteration {self.start_iteration}")
         if self._unused_out:
             self.log(f"(--out {self._unused_out} is not used: a resumed run continues in its own folder)")
+        for note in self._unused_config_edits:
+            self.log(note)
 
     def _lay_out_optimizer_state_like_parameters(self) -> None:
         """Give each per-parameter state tensor (SGD's momentum buffer) its parameter's memory layout.

@@ -247,33 +247,42 @@ def check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any]) -> Non
         )
 
 
-def refuse_a_hand_edited_config(
+def check_hand_edits_of_the_config(
     run_dir: Path, recorded: Mapping[str, Any], resumed: TrainConfig, world_size: int = 1
-) -> None:
-    """A resume takes the run's settings from its checkpoint and writes config.yaml again. An edit of the file
-    (`iters: 20000` to train longer) was ignored and then overwritten without a word (review); now refused, with
-    the file as it is. Only the settings a resume cannot change are compared: those it may change (RESUME_MAY_CHANGE)
-    an earlier resume may have written there itself, without a checkpoint to record them yet."""
+) -> list[str]:
+    """A resume takes the run's settings from its checkpoint and writes config.yaml again, so an edit of the file
+    was ignored and then overwritten without a word (review). An edit of a setting the resume cannot change
+    (`iters: 20000` to train longer) is refused, with the file as it is. One of a setting a resume may change
+    (RESUME_MAY_CHANGE: `eval_every`, `workers`, ...) is taken from this resume's flags instead: each such edit
+    comes back as a note naming the flag that applies it. Those are noted, not refused: an earlier resume that
+    stopped before its first checkpoint may have written them there itself."""
     import yaml
 
     path = run_dir / "config.yaml"
     try:
         in_file = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return  # missing or damaged: written again from the checkpoint, nothing of the user's to keep
+        return []  # missing or damaged: written again from the checkpoint, nothing of the user's to keep
     if not isinstance(in_file, dict):
-        return
+        return []
     # The checkpoint's settings as the version of smile-fast that saved it recorded them, and as this version
     # reads them: a file written by either is not an edit (an upgrade must not make a filled-in default one).
     # Through YAML and back, as the file was written: tuples become lists, and floats compare as read.
     run = yaml.safe_load(yaml.safe_dump(dict(recorded), sort_keys=False))
     now = yaml.safe_load(yaml.safe_dump(resumed.to_dict(), sort_keys=False))
-    edited = []
+    edited, unused = [], []
     for key, value in in_file.items():
         key = str(key).replace("-", "_")
-        if key in RESUME_MAY_CHANGE or key in ("out", "resume") or key not in run or value == run[key]:
+        if key in ("out", "resume") or key not in run or value == run[key] or _same_number(value, run[key]):
             continue
-        if value == now.get(key, run[key]) or _same_number(value, run[key]):
+        if value == now.get(key, run[key]) or _same_number(value, now.get(key, run[key])):
+            continue
+        if key in RESUME_MAY_CHANGE:
+            unused.append(
+                f"note: {path} says {key}: {value!r}, which this resume does not use: a resume takes "
+                f"{setting_name(key)} from its command line{_as_a_flag(key, value)}. It continues with "
+                f"{now.get(key)!r} and writes that into the file"
+            )
             continue
         if key == "weights" and value == "none" and run[key] == "auto":
             continue  # written so by write_config: `auto` found no ImageNet weights
@@ -285,6 +294,20 @@ def refuse_a_hand_edited_config(
             f"file (it is written again); to train with the edited settings, start a new run: "
             f"`{launcher(world_size)} train -c {shlex.quote(str(path))} --out NEW`"
         )
+    return unused
+
+
+def _as_a_flag(key: str, value: object) -> str:
+    r"""` (\`--eval-every 2\` applies it)`, or `--no-compile` for a false switch; empty for null, which no flag
+    value writes (it is the flag's default)."""
+    flag = setting_name(key)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        written = flag if value else flag.replace("--", "--no-", 1)
+    else:
+        written = f"{flag} {shlex.quote(str(value))}"
+    return f" (`{written}` applies it)"
 
 
 @contextlib.contextmanager

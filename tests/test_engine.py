@@ -1622,7 +1622,8 @@ def test_a_resume_that_finishes_names_an_export_taken_before(tiny_imagefolder, t
 
 def test_a_resume_refuses_a_hand_edited_config_yaml(tiny_imagefolder, tmp_path, monkeypatch, capsys):
     """A resume takes the run's settings from its checkpoint: an edit of config.yaml (`iters` raised to train
-    longer) was ignored and the file overwritten without a word (review). Refused now, the file kept as it is."""
+    longer) was ignored and the file overwritten without a word (review). Refused now, the file kept as it is; an
+    edit of a setting the resume takes from its flags is named, with the flag."""
     from smile_fast.cli import main
 
     out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
@@ -1640,10 +1641,23 @@ def test_a_resume_refuses_a_hand_edited_config_yaml(tiny_imagefolder, tmp_path, 
     after = {file: file.read_bytes() for file in out.iterdir() if file.is_file() and file.name != ".smile-fast.lock"}
     assert after == before, "the run folder was written"
     # What a resume may change itself (written there by an earlier resume that stopped before its checkpoint), a
-    # reformatted file and a number written as YAML reads it as a string (`1e-2`) are not edits of the run.
-    assert "\nlr: 0.01\n" in written
-    path.write_text(written.replace("\neval_every: 4\n", "\neval_every: 2\n").replace("\nlr: 0.01\n", "\nlr:   1e-2\n"))
+    # reformatted file and a number written as YAML reads it as a string (`1e-2`) are not edits of the run. The
+    # first are taken from the resume's flags, which the resume says, naming the flag that applies each.
+    assert "\nlr: 0.01\n" in written and "\nchannels_last: false\n" in written
+    path.write_text(
+        written.replace("\neval_every: 4\n", "\neval_every: 2\n")
+        .replace("\nlr: 0.01\n", "\nlr:   1e-2\n")
+        .replace("\nchannels_last: false\n", "\nchannels_last: true\n")
+    )
     assert main(["train", "--resume", str(out), "--no-progress", "--device", "cpu"]) == 0
+    error = capsys.readouterr().err
+    notes = [line for line in error.splitlines() if line.startswith(f"note: {path} says")]
+    assert len(notes) == 2, error
+    assert (
+        "eval_every: 2, which this resume does not use: a resume takes --eval-every from its command line " in notes[1]
+    )
+    assert "(`--eval-every 2` applies it). It continues with 4 and writes that into the file" in notes[1]
+    assert "channels_last: True" in notes[0] and "(`--channels-last` applies it). It continues with False" in notes[0]
     rewritten = path.read_text()
     assert "\neval_every: 4\n" in rewritten and "\nlr: 0.01\n" in rewritten, "the resume wrote the file again"
 
