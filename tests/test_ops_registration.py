@@ -4,7 +4,8 @@
   `smile_fast.kernels.LAUNCH_COUNTS`), and with the interpreter off CPU tensors take the reference.
 - `torch.library.opcheck` on every forward and backward op (schema, fake tensor, autograd registration,
   AOT dispatch).
-- `torch.compile(fullgraph=True)`: no graph break, and a new 0-d tensor lam does not recompile.
+- `torch.compile(fullgraph=True)`: no graph break, and a new 0-d tensor lam does not recompile (a new Python
+  float lam, once at most).
 """
 
 from __future__ import annotations
@@ -368,13 +369,17 @@ def compiled_calls(device: str) -> dict[str, tuple[Callable[..., object], Callab
 
 def _run(function: Callable[..., object], inputs: tuple) -> list[Tensor]:
     """Outputs, gradients of a scalar output, and the (possibly updated in place) float32 inputs."""
-    inputs = tuple(value.detach().clone().requires_grad_(value.requires_grad) for value in inputs)
+    inputs = tuple(
+        value.detach().clone().requires_grad_(value.requires_grad) if isinstance(value, Tensor) else value
+        for value in inputs
+    )
+    tensors = [value for value in inputs if isinstance(value, Tensor)]
     result = function(*inputs)
     outputs = list(result) if isinstance(result, tuple) else ([] if result is None else [result])
     if len(outputs) == 1 and outputs[0].requires_grad:
         outputs[0].backward()
-        outputs += [value.grad for value in inputs if value.requires_grad]
-    return outputs + [value.detach() for value in inputs if value.dtype == torch.float32 and value.dim() > 0]
+        outputs += [value.grad for value in tensors if value.requires_grad]
+    return outputs + [value.detach() for value in tensors if value.dtype == torch.float32 and value.dim() > 0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -394,6 +399,26 @@ def test_compile_fullgraph_without_recompiling_for_a_new_lam(rng_seed: int, devi
         for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
             torch.testing.assert_close(got, want, msg=lambda message, i=index: f"{name} compiled value {i}: {message}")
     assert counter.frame_count == 1, f"{name} compiled {counter.frame_count} times for 3 values of a 0-d tensor lam"
+
+
+@pytest.mark.parametrize("name", list(compiled_calls("cpu")))
+def test_compile_fullgraph_recompiles_once_for_python_float_lams(rng_seed: int, name: str) -> None:
+    """A Python float lam (or decay) is allowed: it was baked into the graph, guarded on its value, so each new
+    one recompiled and the ninth stopped a fullgraph step at torch's recompile limit (review). Now the second value
+    makes it a graph input, and no later one recompiles."""
+    function, make_inputs = compiled_calls("cpu")[name]
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(function, backend=counter, fullgraph=True)
+    for lam in (0.6, 0.85, 0.7, 0.55, 0.95, 0.65, 0.75, 0.9, 0.8, 1.0):
+        inputs = make_inputs(lam)
+        expected = _run(function, inputs)
+        actual = _run(compiled, inputs)
+        for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
+            torch.testing.assert_close(
+                got, want, msg=lambda message, i=index, lam=lam: f"{name} lam {lam} value {i}: {message}"
+            )
+    assert counter.frame_count <= 2, f"{name} compiled {counter.frame_count} times for 10 Python float lams"
 
 
 @pytest.mark.slow

@@ -31,7 +31,18 @@ def lam_as_tensor(lam: float | Tensor, device: torch.device) -> Tensor:
     if not isinstance(lam, numbers.Real) or isinstance(lam, bool):
         raise ValueError(f"lam must be a Python float or a 0-d tensor, got {type(lam).__name__} {lam!r}")
     check_unit_interval(lam, "lam")
-    return torch.tensor(float(lam), dtype=torch.float32, device=device)
+    return float_as_tensor(lam, device)
+
+
+def float_as_tensor(value: float, device: torch.device) -> Tensor:
+    """A Python number as a 0-d float32 tensor on `device`.
+
+    Under torch.compile `torch.tensor(value)` bakes the number into the graph, guarded on its value: every new
+    lam recompiled, and the ninth stopped a `fullgraph=True` step at torch's recompile limit (review). Scaling a
+    tensor of ones lets dynamo treat the number as a graph input instead (one recompile, then none)."""
+    if torch.compiler.is_compiling():
+        return torch.ones((), dtype=torch.float32, device=device) * value
+    return torch.tensor(float(value), dtype=torch.float32, device=device)
 
 
 def check_real(value: Tensor, name: str) -> None:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smile_fast.ops._common import check_real, check_unit_interval, use_triton
+from smile_fast.ops._common import check_real, check_unit_interval, float_as_tensor, use_triton
 
 _STUDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # As torch's own in-place ops refuse it, but before anything is written (torch's copy_ writes, then raises).
@@ -282,7 +282,7 @@ def _decay_tensor(decay: float | Tensor, device: torch.device) -> Tensor:
     if isinstance(decay, Tensor):
         return decay.detach().to(device=device, dtype=torch.float32)
     if torch.compiler.is_compiling():
-        return torch.tensor(float(decay), dtype=torch.float32, device=device)
+        return float_as_tensor(decay, device)  # not baked into the graph (a recompile per new decay)
     key = (device, float(decay))
     cached = _decay_cache.get(key)
     if cached is None:
