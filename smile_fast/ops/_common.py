@@ -115,6 +115,9 @@ def saveable(tensor: Tensor) -> Tensor:
     A tensor made under torch.inference_mode() (a teacher's outputs, say) cannot be saved for backward;
     the ops save their non-differentiable inputs (teacher, perm, lam, target) whenever the call builds
     a graph, so such a tensor is copied first, outside inference mode, where the copy is a normal tensor.
+    Not under torch.compile: dynamo cannot trace `is_inference()`, and copying every teacher tensor would cost
+    the compiled step a copy of the feature map; there such a tensor raises torch's own error, as it does for
+    torch's ops (the README says to make it under torch.no_grad() there).
     """
     if torch.compiler.is_compiling() or not tensor.is_inference():
         return tensor
