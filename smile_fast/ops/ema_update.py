@@ -308,7 +308,9 @@ def ema_update_(teacher_tensors: Sequence[Tensor], student_tensors: Sequence[Ten
         decay: Python float in [0, 1] or 0-d tensor, e.g. 0.999.
 
     No gradient flows through the update; autograd is told that the teachers changed, so a graph that
-    saved one before the update raises at backward, as after any in-place op.
+    saved one before the update raises at backward, as after any in-place op. Pairs that share tensors (a
+    teacher listed twice, a teacher that is another pair's student) are updated in the list's order in eager
+    code only: inside torch.compile every pair reads the values from before the call (the README says why).
     """
     teacher_tensors, student_tensors = _as_sequences(teacher_tensors, student_tensors)
     if len(teacher_tensors) != len(student_tensors):
