@@ -421,6 +421,59 @@ def test_compile_fullgraph_recompiles_once_for_python_float_lams(rng_seed: int, 
     assert counter.frame_count <= 2, f"{name} compiled {counter.frame_count} times for 10 Python float lams"
 
 
+def traced_calls() -> dict[str, tuple[Callable[..., object], tuple]]:
+    """Per registered op: a call of the public op with every tensor an argument (a traced function's closure must
+    not hold real tensors under a fake mode), and its inputs."""
+    batch, classes = 4, 9
+    perm, target, lam = torch.randperm(batch), torch.randint(0, classes, (batch,)), torch.tensor(0.7)
+    logits, teacher_logits = torch.randn(batch, classes), torch.randn(batch, classes)
+    features, teacher_features = torch.randn(batch, 3, 2, 2), torch.randn(batch, 3, 2, 2)
+    images = torch.randint(0, 256, (batch, 3, 4, 3), dtype=torch.uint8)
+    return {
+        "mixup_batch": (ops.mixup_batch, (features, perm, lam)),
+        "mixup_cross_entropy": (ops.mixup_cross_entropy, (logits, target, perm, lam)),
+        "soft_mixup_cross_entropy": (ops.soft_mixup_cross_entropy, (logits, teacher_logits, perm, lam)),
+        "soft_mixup_mse": (ops.soft_mixup_mse, (logits, teacher_logits, perm, lam)),
+        "feature_mixup_loss": (  # make_fx counts `form`'s default as an argument to give
+            lambda student, teacher, perm, lam: ops.feature_mixup_loss(student, teacher, perm, lam),
+            (features, teacher_features, perm, lam),
+        ),
+        "mixup_normalize_uint8": (
+            lambda images, perm, lam: ops.mixup_normalize_uint8(images, perm, lam, MEAN, STD, torch.bfloat16),
+            (images, perm, lam),
+        ),
+        "normalize_uint8": (lambda images: ops.normalize_uint8(images, MEAN, STD, torch.bfloat16), (images,)),
+        "ema_update_": (
+            lambda t0, t1, s0, s1, decay: ops.ema_update_([t0, t1], [s0, s1], decay) or t0 + t1.sum(),
+            (torch.randn(5), torch.randn(7), torch.randn(5), torch.randn(7).half(), lam),
+        ),
+    }
+
+
+@pytest.mark.parametrize("tracing_mode", ["real", "fake", "symbolic"])
+@pytest.mark.parametrize("name", list(traced_calls()))
+def test_make_fx_and_fake_tensor_mode_trace_every_op(rng_seed: int, name: str, tracing_mode: str) -> None:
+    """Tools that trace without torch.compile (make_fx, FakeTensorMode for memory estimates) met the host checks
+    of perm and lam, which read values those tensors do not have, and ema_update_'s raw addresses (ops review).
+    Traced, every call goes through its registered op, which the graph then holds."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    function, inputs = traced_calls()[name]
+    graph = make_fx(function, tracing_mode=tracing_mode)(*[value.clone() for value in inputs])
+    targets = {str(node.target) for node in graph.graph.nodes}
+    assert f"smile_fast.{name}.default" in targets, sorted(targets)
+    expected = function(*[value.clone() for value in inputs])
+    with FakeTensorMode() as mode:
+        actual = function(*[mode.from_tensor(value) for value in inputs])
+    for got, want in zip(
+        actual if isinstance(actual, tuple) else (actual,),
+        expected if isinstance(expected, tuple) else (expected,),
+        strict=True,
+    ):
+        assert (got.shape, got.dtype) == (want.shape, want.dtype), name
+
+
 @pytest.mark.slow
 def test_inductor_compiles_a_smile_step(rng_seed: int) -> None:
     """The whole SMILE loss under inductor (the trainer's --compile), forward and backward, one graph."""

@@ -34,6 +34,19 @@ def lam_as_tensor(lam: float | Tensor, device: torch.device) -> Tensor:
     return float_as_tensor(lam, device)
 
 
+def tracing() -> bool:
+    """True while torch.compile, make_fx or a FakeTensorMode traces the call: tensors then have no values to
+    read (the host-side checks of lam and perm are skipped), and the op must go through its registered custom op,
+    whose fake implementation gives the shapes (an eager call skips the dispatcher, see call_op). Under make_fx or
+    FakeTensorMode the checks raised torch's data-dependent errors, and ema_update_ read raw addresses (review)."""
+    if torch.compiler.is_compiling():
+        return True
+    return (
+        torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+        or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    )
+
+
 def float_as_tensor(value: float, device: torch.device) -> Tensor:
     """A Python number as a 0-d float32 tensor on `device`.
 
@@ -61,7 +74,7 @@ def check_unit_interval(value: float | Tensor, name: str) -> None:
     (kernels/_mixing_weight.py).
     """
     if isinstance(value, Tensor):
-        if value.device.type != "cpu" or torch.compiler.is_compiling():
+        if value.device.type != "cpu" or tracing():
             return
         value = float(value.detach())
     if not 0.0 <= value <= 1.0:  # False for NaN too
@@ -98,7 +111,7 @@ def check_index(index: Tensor, length: int, limit: int, name: str) -> None:
         raise ValueError(f"{name} must be a long tensor [{length}], got {index.dtype} {tuple(index.shape)}")
     if index.shape[0] != length:
         raise ValueError(f"{name} must have {length} entries, one per sample, got {index.shape[0]}")
-    if length and index.device.type == "cpu" and not torch.compiler.is_compiling():
+    if length and index.device.type == "cpu" and not tracing():
         low, high = torch.aminmax(index)
         if low < 0 or high >= limit:
             raise ValueError(f"{name} values must be in [0, {limit}), got values from {int(low)} to {int(high)}")
@@ -236,7 +249,8 @@ def register_autograd(
 
 
 def call_op(op: Callable[..., Tensor], eager_function: type[torch.autograd.Function], *args: object) -> Tensor:
-    """The registered custom op while torch.compile traces, the lean autograd.Function otherwise."""
-    if torch.compiler.is_compiling():
+    """The registered custom op while torch.compile, make_fx or FakeTensorMode traces, the lean
+    autograd.Function otherwise."""
+    if tracing():
         return op(*args)
     return eager_function.apply(*args)

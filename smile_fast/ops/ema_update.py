@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smile_fast.ops._common import check_real, check_unit_interval, float_as_tensor, use_triton
+from smile_fast.ops._common import check_real, check_unit_interval, float_as_tensor, tracing, use_triton
 
 _STUDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # As torch's own in-place ops refuse it, but before anything is written (torch's copy_ writes, then raises).
@@ -281,7 +281,7 @@ def _decay_tensor(decay: float | Tensor, device: torch.device) -> Tensor:
     _check_decay(decay)
     if isinstance(decay, Tensor):
         return decay.detach().to(device=device, dtype=torch.float32)
-    if torch.compiler.is_compiling():
+    if tracing():  # not cached: a tensor made while tracing (a fake one) must not serve a later eager call
         return float_as_tensor(decay, device)  # not baked into the graph (a recompile per new decay)
     key = (device, float(decay))
     cached = _decay_cache.get(key)
@@ -320,7 +320,7 @@ def ema_update_(teacher_tensors: Sequence[Tensor], student_tensors: Sequence[Ten
     if not isinstance(teacher_tensors[0], Tensor):
         _check_ema_inputs(teacher_tensors, student_tensors)  # names the entry that is no tensor
     decay_tensor = _decay_tensor(decay, teacher_tensors[0].device)
-    if torch.compiler.is_compiling():
+    if tracing():
         _check_ema_inputs(teacher_tensors, student_tensors)
         with torch.no_grad():
             _ema_update_op([t.detach() for t in teacher_tensors], [s.detach() for s in student_tensors], decay_tensor)

@@ -12,7 +12,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from smile_fast.ops._common import check_perm, check_tensors, copy_into_empty_like, lam_as_tensor, use_triton
+from smile_fast.ops._common import (
+    check_perm,
+    check_tensors,
+    copy_into_empty_like,
+    lam_as_tensor,
+    tracing,
+    use_triton,
+)
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -130,7 +137,7 @@ def mixup_normalize_uint8(
     check_perm(perm, images.shape[0])
     device = images.device
     # Eager calls skip the custom-op dispatcher (see ops/_common.py register_autograd).
-    normalize = _mixup_normalize_uint8_op if torch.compiler.is_compiling() else _mixup_normalize_uint8_impl
+    normalize = _mixup_normalize_uint8_op if tracing() else _mixup_normalize_uint8_impl
     return normalize(
         images,
         perm.to(device),
@@ -184,5 +191,5 @@ def normalize_uint8(
         (x/255 - mean)/std as [B, 3, H, W], channels-last memory format, `out_dtype`. No gradient.
     """
     _check_inputs(images, mean, std, out_dtype)
-    normalize = _normalize_uint8_op if torch.compiler.is_compiling() else _normalize_uint8_impl
+    normalize = _normalize_uint8_op if tracing() else _normalize_uint8_impl
     return normalize(images, [float(m) for m in mean], [float(s) for s in std], out_dtype)
