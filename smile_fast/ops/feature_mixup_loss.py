@@ -79,7 +79,8 @@ def _backward_coefficient(student_feat: Tensor, form: str) -> tuple[float, bool]
     since loss = ||d|| / (H*W) gives d / (loss * (H*W)^2)) or `grad * coef_scale * d` (paper: 2 / B).
 
     An empty batch or feature map has an empty gradient, whatever the scale: max(..., 1) keeps the division
-    from raising there (the loss itself is NaN, as the other losses give for an empty batch)."""
+    from raising there. (The loss itself is NaN, as the other losses give for an empty batch, except the official
+    form's over an empty batch of non-empty maps: the norm of nothing, 0, over H*W.)"""
     if form == "official":
         area = max(student_feat.shape[-2] * student_feat.shape[-1], 1)
         return 1.0 / (area * area), True
