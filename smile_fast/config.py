@@ -133,6 +133,11 @@ def setting_name(key: str) -> str:
     return f"{key} (YAML)" if key in YAML_ONLY_SETTINGS else f"--{key.replace('_', '-')}"
 
 
+# The datasets whose `--weights auto` may start from random init when ImageNet weights cannot be had (one warning
+# line): the demo, which must run offline, and a user's own folder. A run of the paper's datasets stops instead.
+AUTO_WEIGHTS_MAY_FALL_BACK = ("demo", "imagefolder")
+
+
 # What a resumed run may change: how it runs, not what it computes (the data, model, objective and
 # schedule stay the run's own). The device could always change; the speed options are as much a
 # property of the machine, and a run started eager may be continued with the fast stack once it has

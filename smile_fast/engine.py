@@ -28,6 +28,7 @@ import torch
 from smile_fast.atomic_file import leftover_temporaries
 from smile_fast.checkpoint import load_checkpoint, save_atomic
 from smile_fast.config import (
+    AUTO_WEIGHTS_MAY_FALL_BACK,
     RESUME_MAY_CHANGE,
     TrainConfig,
     build_config,
@@ -348,6 +349,10 @@ class Trainer:
         self.method = build_method(
             config.method, config.alpha, config.gamma_fe, config.gamma_fc, config.smile_form, config.cutmix_probability
         )
+        # Before the weights are read: an offline `auto` stops there for indoor67, and the note says which file the
+        # paper started from, which is the one to copy then.
+        if self.resume_state is None and (note := paper_source_note(config.dataset, config.model, config.weights)):
+            self.log(note)
         if self.resume_state is None:
             # Under torchrun each machine's first process fetches torchvision's weights into the cache first; the
             # others then read that file, instead of each downloading it at once (and printing torch.hub's line).
@@ -365,6 +370,9 @@ class Trainer:
                 # The others read the cache only: where the first process's fetch failed, theirs would again (after
                 # as long a wait, behind a firewall that drops packets), and they fall back as it did.
                 fetch=not fetches or self.dist.local_rank == 0,
+                # A paper dataset's run from random init trains for hours far below the paper's numbers, and an
+                # offline compute node made one with a single warning line (faithfulness review): an error there.
+                random_init_fallback=config.dataset in AUTO_WEIGHTS_MAY_FALL_BACK,
             )
             if fetches and self.dist.local_rank == 0:
                 barrier(waits)
@@ -393,8 +401,6 @@ class Trainer:
                 else ""
             )
         )
-        if self.resume_state is None and (note := paper_source_note(config.dataset, config.model, config.weights)):
-            self.log(note)
         if self.dist.enabled:
             check_inputs_agree(
                 self.dist,

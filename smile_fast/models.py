@@ -170,7 +170,13 @@ def _silenced():
 
 
 def build_source_model(
-    name: str, weights: str = "auto", log=print, source_classes: int = 1000, quiet: bool = False, fetch: bool = True
+    name: str,
+    weights: str = "auto",
+    log=print,
+    source_classes: int = 1000,
+    quiet: bool = False,
+    fetch: bool = True,
+    random_init_fallback: bool = True,
 ) -> tuple[nn.Module, str]:
     """Build a torchvision classifier with the requested weights.
 
@@ -182,6 +188,8 @@ def build_source_model(
       that are not its main one (under torchrun each printed its own).
     fetch: False reads torchvision's weights from the cache only (a process whose machine's first process fetched
       them already, or failed to): not there is a failed download.
+    random_init_fallback: False makes "auto" without ImageNet weights an error, as "imagenet" is (the trainer's
+      choice for the paper's datasets, whose runs from random init end far below the paper's numbers).
     Returns (model, description of the weights actually loaded).
     """
     import torchvision
@@ -208,11 +216,17 @@ def build_source_model(
             return model, f"imagenet ({enum_name}.{member}{', cached' if cached else ', downloaded'})"
         except Exception as error:  # noqa: BLE001 - any download failure (no network, proxy, disk) lands here
             reason = first_line(error, 120)
-            if weights == "imagenet":
+            if weights == "imagenet" or not random_init_fallback:
+                why = (
+                    ""
+                    if weights == "imagenet"
+                    else " (--weights auto falls back to random init only for the demo and imagefolder datasets: a "
+                    "run of the paper's datasets from random init ends far below the paper's numbers)"
+                )
                 raise UserError(
                     f"cannot get ImageNet weights for {name} (not in {_cached_weights_file(tv_weights).parent} "
                     f"and the download failed: {reason}); copy {os.path.basename(tv_weights.url)} there "
-                    "or pass --weights none/PATH"
+                    f"or pass --weights none/PATH{why}"
                 ) from None
             log(
                 f"warning: ImageNet weights for {name} are not cached and cannot be downloaded ({reason}); "
@@ -273,11 +287,19 @@ def build_models(
     source_classes=1000,
     quiet: bool = False,
     fetch: bool = True,
+    random_init_fallback: bool = True,
 ) -> tuple[SmileNet, SourceNet, str]:
     """Student (with fc2 copied from the source head when `with_aux_head`) and the pre-trained source
-    model (the teacher's starting point). source_classes, quiet, fetch: see build_source_model."""
+    model (the teacher's starting point). source_classes, quiet, fetch, random_init_fallback: see
+    build_source_model."""
     model, description = build_source_model(
-        name, weights, log=log, source_classes=source_classes, quiet=quiet, fetch=fetch
+        name,
+        weights,
+        log=log,
+        source_classes=source_classes,
+        quiet=quiet,
+        fetch=fetch,
+        random_init_fallback=random_init_fallback,
     )
     backbone, source_head = split_torchvision(model, name)
     student = SmileNet(copy.deepcopy(backbone), num_classes, source_head if with_aux_head else None)

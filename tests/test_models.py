@@ -335,6 +335,29 @@ def test_auto_weights_offline_fall_back_to_random_init_with_one_line(offline_emp
     assert isinstance(model, torchvision.models.ResNet) and model.fc.out_features == 1000
 
 
+def test_auto_weights_offline_stop_a_run_of_a_paper_dataset(offline_empty_hub, tmp_path, capsys):
+    """An offline compute node trained `--dataset cub` from random init, for hours, far below the paper's numbers,
+    with one warning line at the start (faithfulness review). The paper's datasets stop at once now, naming the file
+    to copy; the demo and imagefolder still fall back (the test above, and every offline test run of the demo)."""
+    from _layouts import build_cub
+
+    from smile_fast.cli import main
+
+    data = build_cub(tmp_path / "data").data_dir / "CUB_200_2011"
+    out = tmp_path / "run"
+    command = ["train", "--dataset", "cub", "--data-dir", str(data), "--model", "resnet18", "--iters", "2"]
+    capsys.readouterr()
+    assert main([*command, "--batch-size", "2", "--device", "cpu", "--out", str(out), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    (line,) = [line for line in error.splitlines() if line.startswith("smile-fast: error:")]
+    assert "cannot get ImageNet weights for resnet18" in line and "resnet18-f37072fd.pth there" in line, line
+    assert "--weights auto falls back to random init only for the demo and imagefolder datasets" in line, line
+    assert "training from random init" not in error, "the fallback's warning was printed too"
+    assert not (out / "last.pt").exists() and not (out / "metrics.csv").exists()
+    with pytest.raises(UserError, match="only for the demo and imagefolder"):
+        build_source_model("resnet18", "auto", log=print, random_init_fallback=False)
+
+
 def test_a_process_that_only_reads_the_cache_falls_back_without_a_download(offline_empty_hub, resnet18_state):
     # Under torchrun the machine's other processes read what its first one fetched: where that failed, theirs would
     # fail again, after as long a wait behind a firewall that drops packets (review).
@@ -414,9 +437,13 @@ def test_an_indoor67_run_from_imagenet_says_the_paper_started_from_places365(
         weights = str(tmp_path / "places365.pt")
         torch.save(torchvision.models.resnet18(weights=None, num_classes=365).state_dict(), weights)
     config = tiny_config(layout.data_dir, tmp_path / "run", dataset="indoor67", weights=weights, iters=1, eval_every=1)
-    train(config, progress=False)
+    if weights == "auto":  # offline here: a paper dataset's run stops rather than start from random init
+        with pytest.raises(UserError, match="cannot get ImageNet weights"):
+            train(config, progress=False)
+    else:
+        train(config, progress=False)
     notes = [line for line in capsys.readouterr().err.splitlines() if "Places365" in line]
-    if weights == "auto":  # offline here: random init, which is not the paper's start either
+    if weights == "auto":  # said before the weights are read, so that it comes with the error
         assert len(notes) == 1 and PLACES365_RESNET50_URL in notes[0], notes
         assert "--weights resnet50_places365.pth.tar with --model resnet50" in notes[0], notes
     else:  # the user's own choice of weights
