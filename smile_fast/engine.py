@@ -51,6 +51,7 @@ from smile_fast.ranks import (
     long_wait_group,
     main_rank_says,
     mean_over_ranks,
+    rank_seed,
     share_buffers,
     without_source_location,
 )
@@ -420,6 +421,12 @@ class Trainer:
         self.start_iteration = 0
         if self.resume_state is not None:
             self._restore(self.resume_state)
+        elif self.dist.rank > 0:
+            # Every process seeded torch with the run's seed, so that the models start alike; from here its stream
+            # draws dropout and stochastic-depth masks, which were then the same on every rank: both halves of a
+            # 2 x 24 EfficientNet batch dropped the same units, as no 1 x 48 batch does (torchrun review). Rank 0
+            # keeps the seed's stream, so a one-process run draws what it always drew.
+            torch.manual_seed(rank_seed(config.seed, self.dist.rank))
         self.step.finalize()
         if self.step.captured is not None:
             lookahead = ", the next batch's teacher beside each step" if self.step.captured.lookahead else ""
@@ -526,9 +533,15 @@ class Trainer:
         self._lay_out_optimizer_state_like_parameters()
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if self.device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        # Each rank's own stream (see the per-rank seed in __init__); a checkpoint from before they were saved holds
+        # the main rank's only, which every rank then continues from, as it did.
+        per_rank = state.get("rng_per_rank")
+        rng_cpu, rng_cuda = state["rng_cpu"], state.get("rng_cuda")
+        if per_rank is not None and len(per_rank) == self.dist.world_size:
+            rng_cpu, rng_cuda = per_rank[self.dist.rank]
+        torch.set_rng_state(rng_cpu)
+        if self.device.type == "cuda" and rng_cuda is not None:
+            torch.cuda.set_rng_state(rng_cuda, self.device)
         self.start_iteration = int(state["iteration"])
         self.previous_wall = float(state.get("wall_seconds", 0.0))
         self.previous_train_seconds = float(state.get("train_seconds", 0.0))
@@ -602,7 +615,15 @@ class Trainer:
     def save(self, next_iteration: int, wall: float, train_seconds: float, log_interval: dict | None = None) -> None:
         """last.pt. log_interval: a stop between two metrics.csv rows gives the open row's sums, so that the
         resumed run's first row averages the same steps as an uninterrupted run's (it averaged only those since
-        the resume, a different loss on the curve: review)."""
+        the resume, a different loss on the curve: review). Called by every rank at the same iteration: the ranks'
+        random states are gathered, which the main rank writes with the rest."""
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        per_rank = [rng]
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            per_rank = [None] * self.dist.world_size
+            dist.all_gather_object(per_rank, rng)
         if not self.dist.is_main:
             return
         state = {
@@ -613,8 +634,9 @@ class Trainer:
             "teacher": self.teacher.teacher_state() if self.teacher is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "rng_cpu": rng[0],  # the main rank's, which versions before rng_per_rank read
+            "rng_cuda": rng[1],
+            "rng_per_rank": per_rank,
             "num_classes": self.num_classes,
             "classes": self.class_names,  # label i is classes[i]: eval and --resume check the dataset still agrees
             "weights_used": self.weights_description,  # what the run started from (a resume reads no weights)

@@ -315,6 +315,12 @@ def test_sigterm_to_torchrun_checkpoints_and_resume_matches_uninterrupted(folder
     _run(folder, tmp_path / "resumed", 2, 4, "smile", iters=15, resume=out)
     resumed, whole = load_checkpoint(out), load_checkpoint(tmp_path / "whole")
     assert resumed["iteration"] == 15
+    # Each rank draws its own dropout masks from its own stream (the same on every rank made both halves of a
+    # global batch drop the same units: torchrun review), and a resume continues each rank's own.
+    (rank0_cpu, _), (rank1_cpu, _) = whole["rng_per_rank"]
+    assert not torch.equal(rank0_cpu, rank1_cpu), "the ranks share one random stream"
+    for rank, ((resumed_cpu, _), (whole_cpu, _)) in enumerate(zip(resumed["rng_per_rank"], whole["rng_per_rank"])):
+        assert torch.equal(resumed_cpu, whole_cpu), f"rank {rank}'s random stream differs after the resume"
     for name, value in whole["student"].items():
         torch.testing.assert_close(
             resumed["student"][name],
