@@ -857,6 +857,21 @@ class Trainer:
         "interrupted" left the user to guess whether anything survived)."""
         return TrainingStopped(f"interrupted; {self._what_is_kept()}", exit_code=interrupted_exit_status(interrupt))
 
+    def _skipped_while_training(self) -> int:
+        """Distinct training files that failed to decode during the run, over every rank. Each rank decodes its own
+        shard, and the main rank wrote its own count only: a damaged file of another rank's shard went uncounted,
+        and `report` noted nothing (torchrun review). Every rank calls this, from _finish."""
+        paths = getattr(self.train_loader, "skipped_paths", None)
+        if paths is None:
+            return getattr(self.train_loader, "skipped_files", 0)
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, sorted(paths))
+            paths = set().union(*gathered)
+        return len(paths)
+
     def _finish(self, top1: float | None, train_seconds: float, previous_wall: float) -> dict[str, Any]:
         config = self.config
         trained = config.iters  # images per second over the whole run, evaluation excluded
@@ -878,10 +893,7 @@ class Trainer:
             # The images the top-1 is over; those listed but undecodable are counted in skipped_files too.
             "test_images": scored,
             "test_images_unreadable": len(self.test_samples) - scored,
-            "skipped_files": self.skipped_up_front
-            + getattr(self.train_loader, "skipped_files", 0)
-            + len(self.test_samples)
-            - scored,
+            "skipped_files": self.skipped_up_front + self._skipped_while_training() + len(self.test_samples) - scored,
             "amp": config.amp,
             "channels_last": config.channels_last,
             "compile": config.compile,

@@ -319,7 +319,7 @@ def test_corrupt_files_are_skipped_with_a_count(tmp_path):
 
     plan = TrainBatchPlan(len(samples), 4, seed=0)
     loader = dali.DaliTrainLoader(samples, SMALL_TRAIN, plan, "cpu")
-    assert loader.skipped_files == 2
+    assert loader.skipped_files == 2 and loader.skipped_paths == {str(truncated), str(not_an_image)}
     labels = [
         label
         for _, batch_labels in take(loader.iterate(0), 2 * plan.batches_per_epoch)
@@ -360,6 +360,7 @@ def test_a_file_damaged_past_its_header_is_left_out_not_fatal(tmp_path, caplog):
     labels = [label for _, batch in take(loader.iterate(0), 2 * plan.batches_per_epoch) for label in batch.tolist()]
     assert len(labels) == 2 * plan.batches_per_epoch * 4 and 105 not in labels
     assert loader.skipped_files == 1 and damaged in caplog.text
+    assert loader.skipped_paths == {damaged}  # what a torchrun run's ranks unite for summary.json
     # Its slot reads the next sample of the list, as the torchvision loader's does: the batches of a run that
     # starts after the failure (a resume) are the same.
     again = dali.DaliTrainLoader(samples, SMALL_TRAIN, plan, "cpu")

@@ -262,6 +262,36 @@ def test_a_crashed_rank_ends_every_rank_with_an_error(folder, tmp_path):
     assert "[rank0]: Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+def _damage_past_the_header(path) -> None:
+    """Flip bytes inside a PNG's image data: its header and end still pass the up-front check, and the decode
+    fails in the loader, while training."""
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 20
+    data[start : start + 40] = bytes(byte ^ 0xFF for byte in data[start : start + 40])
+    path.write_bytes(bytes(data))
+
+
+def test_summary_counts_the_files_every_rank_skipped(folder, tmp_path):
+    """Each rank decodes its own shard; only the main rank writes summary.json, and it counted its own skipped
+    files: a damaged file that only rank 1 met was in the log and not in skipped_files (torchrun review)."""
+    import shutil
+
+    data = tmp_path / "damaged"
+    shutil.copytree(folder / "data", data / "data")
+    shutil.copy(folder / "launch.py", data / "launch.py")
+    damaged = [data / "data" / "train" / f"c{label}" / f"{index}.png" for label in range(3) for index in (1, 4)]
+    for path in damaged:
+        _damage_past_the_header(path)
+    out = data / "run"
+    result = _run(data, out, 2, 4, "finetune", iters=4, expect_success=False, extra_args=("--eval-every", "4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    named = {str(path) for path in damaged if str(path) in result.stderr}
+    # Each rank counts its own ("(N so far)"): when no count reaches the files named in all, no rank met them all.
+    counts = [int(count) for count in re.findall(r"failed to decode \((\d+) so far\)", result.stderr)]
+    assert max(counts) < len(named), f"one rank met every damaged file; the case shows nothing: {counts}, {named}"
+    assert json.loads((out / "summary.json").read_text())["skipped_files"] == len(named) > 0
+
+
 def test_two_ranks_report_the_top1_of_their_checkpoint(folder, tmp_path):
     """With BatchNorm live and no SyncBatchNorm (CPU ranks), each rank's running statistics follow its own
     shard; the evaluation must still be the checkpoint's (the main rank's statistics), as `eval` finds it."""

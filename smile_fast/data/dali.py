@@ -463,6 +463,12 @@ class DaliTrainLoader:
         self._samples = self._fill_bad_slots(self._listed, self._bad)
         return True
 
+    @property
+    def skipped_paths(self) -> set[str]:
+        """The files skipped so far (failed the check or the decoder), by path: the ranks of a torchrun run each
+        meet those of their own shard, and the summary counts their union."""
+        return set(self._bad)
+
     def iterate(self, start_iteration: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, labels) for iterations start_iteration, start_iteration + 1, ... (never ends)."""
         iteration = start_iteration
