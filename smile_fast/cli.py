@@ -579,7 +579,7 @@ def _protocol_named_here_wins(yaml_values: dict, overrides: dict, path: str | No
 
 
 def _one_process(command: str) -> None:
-    """eval, export, predict, report, data: every process would do the whole job and print the same lines."""
+    """eval, export, predict, report, data, bench: every process would do the whole job and print the same lines."""
     if torchrun_environment().enabled:
         raise same_on_every_process(UserError(f"smile-fast {command} runs in one process; start it without torchrun"))
 
@@ -735,6 +735,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    # Each rank timed its own step on the same machine (two tables, both writing one --json: torchrun review); the
+    # benchmark compares steps of one process, not a DDP run.
+    _one_process(f"bench {args.bench_command}" if getattr(args, "bench_command", None) else "bench")
     if not getattr(args, "json", None):
         return _run_bench(args, None)
     created = folders_to_create(args.json)

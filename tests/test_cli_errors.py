@@ -308,14 +308,18 @@ def test_property_bad_numbers_are_one_line_and_status_2(argv, no_training, tmp_p
         ["predict", "no-such-run", "x.jpg"],
         ["report", "runs"],
         ["data", "verify", "--dataset", "demo"],
+        ["bench", "step", "--device", "cpu", "--model", "resnet18", "--steps", "1"],
+        ["bench", "loader", "--dataset", "demo"],
     ],
-    ids=lambda argv: argv[0],
+    ids=lambda argv: " ".join(argv[:2]) if argv[0] == "bench" else argv[0],
 )
 def test_one_process_commands_under_torchrun_are_refused(monkeypatch, capsys, argv):
-    # Every process did the whole job: report printed its table once per rank (review).
+    # Every process did the whole job: report printed its table once per rank, bench timed a step per rank and
+    # each wrote the same --json (reviews).
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(argv) == 2
-    assert f"smile-fast {argv[0]} runs in one process; start it without torchrun" in capsys.readouterr().err
+    command = " ".join(argv[:2]) if argv[0] == "bench" else argv[0]
+    assert f"smile-fast {command} runs in one process; start it without torchrun" in capsys.readouterr().err
 
 
 def test_did_you_mean_names_only_close_known_names():
