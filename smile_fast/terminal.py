@@ -9,7 +9,11 @@ from typing import TextIO
 def shows_a_bar(stream: TextIO) -> bool:
     """A terminal with room for a bar. Not a log file or pipe (those get a line per interval instead, no stream of
     carriage returns), and not a pseudo-terminal of 0 columns, as some batch systems and `docker exec -t` give:
-    tqdm draws nothing there, and the run printed neither a bar nor its lines (review)."""
+    tqdm draws nothing there, and the run printed neither a bar nor its lines (review). Not a torchrun worker other
+    than its machine's first either: they share its terminal, and each drew its own bar over the others' (torchrun
+    review: two "checking images" bars)."""
+    if os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
+        return False
     try:
         if not stream.isatty():
             return False

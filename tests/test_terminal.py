@@ -50,3 +50,15 @@ def test_a_terminal_without_a_size_to_ask_is_taken_at_its_word():
             return True
 
     assert shows_a_bar(Wrapped())
+
+
+@pytest.mark.parametrize(("local_rank", "expected"), [("0", True), ("1", False), ("3", False)])
+def test_only_the_first_torchrun_worker_of_a_machine_shows_a_bar(monkeypatch, local_rank, expected):
+    """The workers of a machine share its terminal: each drew its own "checking images" bar (torchrun review)."""
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    leader, stream = _pty_of(80)
+    try:
+        assert shows_a_bar(stream) is expected
+    finally:
+        stream.close()
+        os.close(leader)
