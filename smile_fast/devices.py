@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from smile_fast.errors import UserError, first_line
+from smile_fast.errors import UserError, first_line, same_on_every_process
 from smile_fast.torchrun import DistributedContext, torchrun_environment
 
 
@@ -24,18 +24,26 @@ def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) ->
         try:
             device = torch.device(name)
         except RuntimeError:
-            raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+            raise same_on_every_process(UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")) from None
         if device.type not in ("cpu", "cuda"):  # mps, xla, meta...: torch names them, smile-fast does not run there
-            raise UserError(f"--device {name}: smile-fast runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+            raise same_on_every_process(
+                UserError(f"--device {name}: smile-fast runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+            )
         if device.type != "cuda":
             return device
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+            # The same for every process of a machine: said once there (README), as argument errors are.
+            raise same_on_every_process(
+                UserError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+            )
         if device.index is not None and local_world_size > 1:
             # Every process would take the same GPU (NCCL then fails on a "duplicate GPU").
-            raise UserError(
-                f"--device {name} names one GPU for all {local_world_size} processes of this machine; use "
-                "--device cuda (each process takes the GPU of its LOCAL_RANK), and CUDA_VISIBLE_DEVICES to choose GPUs"
+            raise same_on_every_process(
+                UserError(
+                    f"--device {name} names one GPU for all {local_world_size} processes of this machine; use "
+                    "--device cuda (each process takes the GPU of its LOCAL_RANK), and CUDA_VISIBLE_DEVICES to "
+                    "choose GPUs"
+                )
             )
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")

@@ -421,14 +421,29 @@ def test_a_hand_launch_whose_peers_never_come_says_what_it_waits_for_then_one_li
     assert f"waiting up to 0.03 minutes for the 2 processes of WORLD_SIZE=2 to join at 127.0.0.1:{port}" in said
 
 
-@pytest.mark.parametrize("argv", [["train", "--batch-size", "0"], ["train", "--lr", "-1"], ["eval", "runs/x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--batch-size", "0"],
+        ["train", "--lr", "-1"],
+        ["eval", "runs/x"],
+        # The device is resolved before the processes meet; these came once per process too (second review).
+        ["train", "--device", "cuda", "--iters", "1"],
+        ["train", "--device", "mps", "--iters", "1"],
+    ],
+)
 def test_a_settings_error_under_torchrun_is_said_once_per_machine(monkeypatch, capsys, argv):
     """Every process torchrun starts meets the same settings error: the README promised it once per machine,
     but it came once per process, 8 lines on an 8-GPU node (torchrun review)."""
+    if "cuda" in argv:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     said = {}
     for local_rank in (0, 1):
         for variable, value in {
-            "WORLD_SIZE": "2", "RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": "2"
+            "WORLD_SIZE": "2", "RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999",
         }.items():  # fmt: skip
             monkeypatch.setenv(variable, value)
         assert main(argv) == 2

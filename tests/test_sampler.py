@@ -59,8 +59,11 @@ def test_augmentation_seeds_are_distinct_within_and_across_batches():
 
 
 def test_too_few_samples_or_bad_batch_is_a_user_error():
-    with pytest.raises(UserError, match="fewer than one global batch"):
+    with pytest.raises(UserError, match="fewer than one global batch of 8 \\(4 per rank x 2 ranks\\)") as refused:
         TrainBatchPlan(7, 4, seed=0, world_size=2)
+    assert refused.value.same_on_every_process, "every rank reads the same set: said once per machine (review)"
+    with pytest.raises(UserError, match="has 7 images, fewer than one batch of 8; lower --batch-size"):
+        TrainBatchPlan(7, 8, seed=0)
     with pytest.raises(UserError, match="batch size"):
         TrainBatchPlan(7, 0, seed=0)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from smile_fast.errors import UserError
+from smile_fast.errors import UserError, same_on_every_process
 
 # Large odd multipliers keep (seed, epoch) and (seed, iteration, slot) streams apart.
 _EPOCH_STRIDE = 1_000_003
@@ -34,9 +34,13 @@ class TrainBatchPlan:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         global_batch = batch_size * world_size
         if num_samples < global_batch:
-            raise UserError(
-                f"the training set has {num_samples} images, fewer than one global batch of {global_batch} "
-                f"({batch_size} per rank x {world_size} ranks); lower --batch-size or use more data"
+            # Said once per machine under torchrun (README): every rank reads the same training set.
+            batch = f"global batch of {global_batch} ({batch_size} per rank x {world_size} ranks)"
+            raise same_on_every_process(
+                UserError(
+                    f"the training set has {num_samples} images, fewer than one "
+                    f"{batch if world_size > 1 else f'batch of {batch_size}'}; lower --batch-size or use more data"
+                )
             )
         self.num_samples = num_samples
         self.batch_size = batch_size
