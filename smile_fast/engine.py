@@ -94,6 +94,13 @@ from smile_fast.stop_signals import (
 from smile_fast.terminal import shows_a_bar
 
 
+def _a_loader_worker_died(error: RuntimeError) -> bool:
+    """torch's errors for a DataLoader worker that ended without finishing: killed by a signal (raised by its
+    SIGCHLD handler, anywhere in the main process), or exited while the loader waited on it."""
+    text = str(error)
+    return text.startswith("DataLoader worker (pid") and ("killed by signal" in text or "exited unexpectedly" in text)
+
+
 def _file_identity(resume: str | Path) -> tuple[Path, tuple[int, int, int, int]] | None:
     """The checkpoint file `--resume` names, with what changes when it is written again (save_atomic renames a new
     file over it: a new inode), or None if there is no such file."""
@@ -809,6 +816,8 @@ class Trainer:
         except RuntimeError as error:
             if self.dist.enabled and a_peer_is_gone(error):
                 raise self._peer_gone(error) from None
+            if _a_loader_worker_died(error):
+                raise self._loader_worker_gone(error) from None
             raise
         finally:
             # However the loop ends: the bar's line is ended, so that the error a run ends with (a second Ctrl-C,
@@ -823,6 +832,17 @@ class Trainer:
         return TrainingStopped(
             f"error: another process of the run ended (its own output says why), so rank {self.dist.rank} stops too "
             f"({without_source_location(first_line(error, 300)).split('. ')[0][:100]}); {self._what_is_kept()}",
+            exit_code=1,
+        )
+
+    def _loader_worker_gone(self, error: RuntimeError) -> TrainingStopped:
+        """A DataLoader worker process died (most often the out-of-memory killer's SIGKILL, which picks a large
+        process): torch raised from wherever the main process was, a traceback of 30 lines through backward()
+        (torchrun review). One line now, with what is kept and what uses less memory."""
+        return TrainingStopped(
+            f"error: {first_line(error, 200).rstrip('. ')}: a process that loads the training images ended (a "
+            "SIGKILL is most often the out-of-memory killer; fewer --workers use less memory); "
+            f"{self._what_is_kept()}",
             exit_code=1,
         )
 

@@ -1702,6 +1702,56 @@ def test_a_run_broken_off_under_the_bar_ends_the_bars_line_first(tiny_imagefolde
     assert line.startswith("smile-fast: interrupted; "), error[-500:]
 
 
+def test_a_killed_loader_worker_is_one_line_with_the_checkpoint_kept(tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    """The out-of-memory killer's usual pick, a DataLoader worker, ended the run with torch's error raised from
+    wherever the main process was: 30 lines through backward() (torchrun review). One line now, exit 1."""
+    from smile_fast.cli import main
+
+    original_call = TrainingStep.__call__
+
+    def worker_killed(self, iteration, *batch):
+        if iteration == 3:  # torch's SIGCHLD handler raises this from inside whatever runs
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+        return original_call(self, iteration, *batch)
+
+    monkeypatch.setattr(TrainingStep, "__call__", worker_killed)
+    out = tmp_path / "r"
+    command = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--out", str(out)]
+    command += ["--model", "resnet18", "--weights", "none", "--iters", "6", "--batch-size", "4", "--device", "cpu"]
+    capsys.readouterr()
+    assert main([*command, "--eval-every", "2", "--no-progress"]) == 1
+    error = capsys.readouterr().err
+    (line,) = [line for line in error.splitlines() if line.startswith("smile-fast:")]
+    assert line.startswith("smile-fast: error: DataLoader worker (pid 4242) is killed by signal: Killed: a process"), (
+        line
+    )
+    assert "fewer --workers use less memory" in line and f"the checkpoint of iteration 2 in {out} is kept" in line
+    assert "Traceback" not in error
+    assert load_checkpoint(out)["iteration"] == 2
+
+
+def test_torch_says_a_killed_loader_worker_as_the_trainer_expects():
+    """The one-line message above keys on torch's text for a dead worker: a real one, killed as the OOM killer does."""
+    import os
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from smile_fast.engine import _a_loader_worker_died
+
+    loader = DataLoader(range(10**6), batch_size=1, num_workers=1)
+    batches = iter(loader)
+    next(batches)
+    os.kill(batches._workers[0].pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError) as died:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the SIGCHLD handler raises in here, or the next batch does
+            next(batches)
+            time.sleep(0.01)
+    assert _a_loader_worker_died(died.value), str(died.value)
+    del batches
+
+
 def _as_an_older_checkpoint(run_dir: Path) -> None:
     """The run's checkpoint as a smile-fast from before class names were recorded in checkpoints wrote it."""
     from smile_fast.checkpoint import save_atomic
