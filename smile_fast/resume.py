@@ -284,8 +284,8 @@ def check_hand_edits_of_the_config(
                 f"{now.get(key)!r} and writes that into the file"
             )
             continue
-        if key == "weights" and value == "none" and run[key] == "auto":
-            continue  # written so by write_config: `auto` found no ImageNet weights
+        if key == "weights" and value in ("none", "imagenet") and run[key] == "auto":
+            continue  # written so by write_config: what `auto` found
         edited.append(f"{key}: {value!r} there, {run[key]!r} in the run's checkpoint")
     if edited:
         raise UserError(

@@ -122,6 +122,11 @@ def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world
         # cached, it would start from ImageNet: another run, not this one (review).
         settings["weights"] = "none"
         header += "# --weights auto found no ImageNet weights, so the run started from random init: weights: none\n"
+    elif settings.get("weights") == "auto" and weights_used.startswith("imagenet"):
+        # The other way round: repeated where the weights cannot be had, `auto` would start from random init
+        # (README walkthrough review); `imagenet` stops there instead, as the run needs them.
+        settings["weights"] = "imagenet"
+        header += "# --weights auto found ImageNet weights, so a repeat needs them too: weights: imagenet\n"
     write_text_atomic(run_dir / "config.yaml", header + yaml.safe_dump(settings, sort_keys=False))
 
 

@@ -414,6 +414,41 @@ def test_a_run_whose_auto_weights_fell_back_records_none_for_its_repeat(offline_
         torch.testing.assert_close(repeat[name], value, rtol=0, atol=0, msg=f"{name} differs in the repeat")
 
 
+@pytest.mark.usefixtures("private_cache")
+@pytest.mark.usefixtures("ops_reference_path")
+def test_a_run_whose_auto_weights_were_imagenet_records_imagenet_for_its_repeat(
+    offline_empty_hub, resnet18_state, tmp_path, capsys
+):
+    """config.yaml said `weights: auto` for a run from ImageNet weights: repeated on a machine without them, it
+    trained from random init with one warning, another run (README walkthrough review). It says imagenet now, and
+    its resume does not take that for a hand edit."""
+    from _tiny_runs import tiny_config, write_tiny_imagefolder
+
+    from smile_fast.cli import main
+    from smile_fast.config import load_yaml
+    from smile_fast.engine import train
+
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cache.mkdir(parents=True)
+    weights_file = cache / os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
+    torch.save(resnet18_state, weights_file)
+    data = write_tiny_imagefolder(tmp_path / "data")
+    run = tmp_path / "run"
+    train(tiny_config(data, run, weights="auto", iters=2, eval_every=1), progress=False)
+    assert load_yaml(run / "config.yaml")["weights"] == "imagenet"
+    assert "# --weights auto found ImageNet weights, so a repeat needs them too" in (run / "config.yaml").read_text()
+    weights_file.unlink()  # another machine
+    capsys.readouterr()
+    assert main(["train", "-c", str(run / "config.yaml"), "--out", str(tmp_path / "repeat"), "--iters", "1"]) == 2
+    assert "cannot get ImageNet weights for resnet18" in capsys.readouterr().err
+    from smile_fast.checkpoint import load_checkpoint
+    from smile_fast.resume import check_hand_edits_of_the_config
+
+    state = load_checkpoint(run)
+    assert state["config"]["weights"] == "auto"
+    assert check_hand_edits_of_the_config(run, state["config"], tiny_config(data, run, weights="auto")) == []
+
+
 def test_none_weights_are_random_init():
     model, description = build_source_model("resnet18", "none", log=lambda line: pytest.fail(line))
     assert description == "none"
