@@ -909,6 +909,7 @@ class Trainer:
             "train_images_per_sec": trained * config.batch_size * self.dist.world_size / max(train_seconds, 1e-9),
             "wall_seconds": previous_wall + time.perf_counter() - self.started,
             "loader": self.loader_kind,
+            "workers": self.workers,  # resolved: config.yaml keeps what was given (null: the machine's default)
             "train_images": len(self.train_samples),
             # The images the top-1 is over; those listed but undecodable are counted in skipped_files too.
             "test_images": scored,

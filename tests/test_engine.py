@@ -66,6 +66,7 @@ def test_run_folder_is_complete(tiny_imagefolder, tmp_path, monkeypatch):
     for key in ("method", "dataset", "iters", "test_top1", "train_images_per_sec", "wall_seconds", "world_size"):
         assert key in written, f"summary.json lacks {key}"
     assert written["iters"] == 6 and written["method"] == "smile" and written["world_size"] == 1
+    assert written["workers"] == 0, "the loader's resolved workers (README: summary.json says what they resolved to)"
     assert 0.0 <= summary["test_top1"] <= 100.0
     manifest_lines = (out / "manifest.txt").read_text().splitlines()
     assert len(manifest_lines) == 32, "the manifest must list every training image"
@@ -420,6 +421,7 @@ def test_training_with_the_dali_loader_on_cpu(tiny_imagefolder, tmp_path):
     written = json.loads((out / "summary.json").read_text())
     assert written["iters"] == 6 and 0.0 <= summary["test_top1"] <= 100.0
     assert written["loader"] == "dali", "the run fell back to another loader"  # else all above holds (review)
+    assert written["workers"] == 2
     assert (out / "last.pt").is_file()
 
 
