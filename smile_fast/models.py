@@ -208,11 +208,14 @@ def build_source_model(
             # torchvision initializes the model at random before it reads the weights. Not from the run's random
             # stream: when the download then fails, the fallback below must start where `--weights none` does,
             # the setting config.yaml records for such a run (its `train -c` repeat started elsewhere: review).
-            # torch.hub writes its "Downloading: ..." line to stdout, where a run's table and a script's parse of it
-            # go (offline, before the warning that nothing could be downloaded): to stderr with the other messages.
-            messages = _silenced() if quiet else contextlib.redirect_stdout(sys.stderr)
+            # torch.hub writes its "Downloading: ... to PATH" line to stdout, where a run's table and a script's parse
+            # of it go. It is held and said on stderr, with the other messages, once the download has worked: offline
+            # it claimed a download that never happened, a line before the one saying so (README walkthrough review).
+            said_by_torch_hub = io.StringIO()
+            messages = _silenced() if quiet else contextlib.redirect_stdout(said_by_torch_hub)
             with messages, torch.random.fork_rng(devices=[]):
                 model = getattr(torchvision.models, name)(weights=tv_weights, progress=bar)
+            sys.stderr.write(said_by_torch_hub.getvalue())
             return model, f"imagenet ({enum_name}.{member}{', cached' if cached else ', downloaded'})"
         except Exception as error:  # noqa: BLE001 - any download failure (no network, proxy, disk) lands here
             reason = first_line(error, 120)

@@ -419,7 +419,8 @@ def test_one_process_per_machine_fetches_the_weights_and_the_others_stay_quiet(f
         command, env=_environment(tmp_path / "record", blocked), capture_output=True, text=True, timeout=600
     )
     output = result.stdout + result.stderr
-    assert output.count('Downloading: "https://download.pytorch.org/models/resnet18') == 1, output[-3000:]
+    # torch.hub's "Downloading: ..." line is said once a download works: this one fails, on every rank.
+    assert "Downloading: " not in output, output[-3000:]
     if weights == "auto":
         assert result.returncode == 0, output[-3000:]
         assert output.count("warning: ImageNet weights for resnet18 are not cached") == 1

@@ -326,7 +326,8 @@ def test_auto_weights_offline_fall_back_to_random_init_with_one_line(offline_emp
     lines: list[str] = []
     model, description = build_source_model("resnet18", "auto", log=lines.append)
     printed = capsys.readouterr()
-    assert printed.out == "" and "Downloading: " in printed.err, "torch.hub's line goes with the messages, on stderr"
+    # torch.hub's "Downloading: ..." line claimed a download that never happened, a line before this one's warning.
+    assert printed.out == "" and "Downloading: " not in printed.err, printed
     assert offline_empty_hub, "a download was attempted (and failed)"
     assert len(lines) == 1, f"expected exactly one log line, got {lines}"
     assert "random init" in lines[0] and "resnet18" in lines[0]
@@ -356,6 +357,20 @@ def test_auto_weights_offline_stop_a_run_of_a_paper_dataset(offline_empty_hub, t
     assert not (out / "last.pt").exists() and not (out / "metrics.csv").exists()
     with pytest.raises(UserError, match="only for the demo and imagefolder"):
         build_source_model("resnet18", "auto", log=print, random_init_fallback=False)
+
+
+def test_a_download_that_works_says_torch_hubs_line_on_stderr(offline_empty_hub, resnet18_state, monkeypatch, capsys):
+    """torch.hub prints "Downloading: URL to PATH" on stdout, where a run's table goes: held, and said on stderr
+    once the download has worked."""
+
+    def download(url, destination, *args, **kwargs):
+        torch.save(resnet18_state, destination)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    model, description = build_source_model("resnet18", "auto", log=lambda line: pytest.fail(line))
+    printed = capsys.readouterr()
+    assert description.endswith("downloaded)") and torch.equal(model.fc.weight, resnet18_state["fc.weight"])
+    assert printed.out == "" and printed.err.count('Downloading: "https://download.pytorch.org/models/resnet18') == 1
 
 
 def test_a_process_that_only_reads_the_cache_falls_back_without_a_download(offline_empty_hub, resnet18_state):
