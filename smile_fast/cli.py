@@ -636,28 +636,39 @@ def _cmd_export(args: argparse.Namespace) -> int:
         remove_folders(created)  # a failed export leaves nothing behind, the folders it made for itself included
         print(f"smile-fast: error: could not write the export {out}: {write_failure(error)}", file=sys.stderr)
         return EXIT_WRITE_FAILED
-    run = metadata["run"]
-    top1 = f", test top-1 {run['test_top1']:.2f}%" if run["test_top1"] is not None else ""
-    print(
-        f"wrote {weights_file}: {metadata['model']} fine-tuned on {run['dataset']} with {run['method']} "
-        f"({metadata['num_classes']} classes, iteration {run['iteration']} of {run['iters']}{top1})"
-    )
-    print(f"wrote {metadata_file}: the class names in label order and the test transform")
-    if not run["finished"]:
-        at = f"iteration {run['iteration']} of {run['iters']}"
-        writer = run_in_progress(Path(run["checkpoint"]).parent)  # the lock a training run holds on its folder
-        if writer:
-            print(f"note: the run is still training ({writer}); this is its model as of its last checkpoint, {at}")
-        else:
-            print(f"note: the run stopped at {at}; this is its model as of then")
-    if metadata["classes"] is None:
+
+    def say_what_was_written(stream) -> int:
+        run = metadata["run"]
+        top1 = f", test top-1 {run['test_top1']:.2f}%" if run["test_top1"] is not None else ""
         print(
-            "note: this checkpoint predates recorded class names, and its run's manifest cannot show them: label i "
-            "is the i-th of the classes the run trained on, in their order then (for a --class-fraction run, of its "
-            "drawn classes, not of the dataset's)"
+            f"wrote {weights_file}: {metadata['model']} fine-tuned on {run['dataset']} with {run['method']} "
+            f"({metadata['num_classes']} classes, iteration {run['iteration']} of {run['iters']}{top1})",
+            file=stream,
         )
-    print(f"load it: {load_code(metadata['model'], metadata['num_classes'], weights_file)}")
-    return 0
+        print(f"wrote {metadata_file}: the class names in label order and the test transform", file=stream)
+        if not run["finished"]:
+            at = f"iteration {run['iteration']} of {run['iters']}"
+            writer = run_in_progress(Path(run["checkpoint"]).parent)  # the lock a training run holds on its folder
+            if writer:
+                print(
+                    f"note: the run is still training ({writer}); this is its model as of its last checkpoint, {at}",
+                    file=stream,
+                )
+            else:
+                print(f"note: the run stopped at {at}; this is its model as of then", file=stream)
+        if metadata["classes"] is None:
+            print(
+                "note: this checkpoint predates recorded class names, and its run's manifest cannot show them: "
+                "label i is the i-th of the classes the run trained on, in their order then (for a --class-fraction "
+                "run, of its drawn classes, not of the dataset's)",
+                file=stream,
+            )
+        print(f"load it: {load_code(metadata['model'], metadata['num_classes'], weights_file)}", file=stream)
+        return 0
+
+    # Through to_stdout: `smile-fast export RUN | head -1` ended now and then with a BrokenPipeError traceback,
+    # exit 1 (README walkthrough review), where predict and report end quietly.
+    return to_stdout(say_what_was_written)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -238,6 +238,35 @@ def test_an_export_replaces_an_earlier_export_whole_or_not_at_all(finished_run, 
     assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) != before
 
 
+def test_a_reader_that_stops_early_ends_export_quietly(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    """`smile-fast export RUN | head -1` ended now and then with a BrokenPipeError traceback and exit 1 (README
+    walkthrough review): a pipe whose reader is already gone makes it happen every time."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from smile_fast.cli import main; "
+        f"sys.exit(main(['export', {str(run_dir)!r}, '--out', {str(tmp_path / 'model.pt')!r}]))"
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        writer = subprocess.run(
+            [sys.executable, "-c", script],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "0"},
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in writer.stderr and "Broken pipe" not in writer.stderr, writer.stderr
+    assert writer.returncode == 141, writer.stderr
+    assert (tmp_path / "model.pt").is_file(), "the export itself is written before anything is said"
+
+
 def test_export_names(finished_run, tmp_path):
     run_dir, _ = finished_run
     # Names that differ after a dot keep their own .json; a trailing slash names a folder.
