@@ -376,7 +376,7 @@ class Trainer:
                 log=self.log,
                 quiet=not self.dist.is_main,
                 # The others read the cache only: where the first process's fetch failed, theirs would again (after
-                # as long a wait, behind a firewall that drops packets), and they fall back as it did.
+                # as long a wait, behind a firewall that drops packets), and they fall back, or stop, as it did.
                 fetch=not fetches or self.dist.local_rank == 0,
                 # A paper dataset's run from random init trains for hours far below the paper's numbers, and an
                 # offline compute node made one with a single warning line (faithfulness review): an error there.
@@ -540,15 +540,24 @@ class Trainer:
         self._lay_out_optimizer_state_like_parameters()
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        # Each rank's own stream (see the per-rank seed in __init__); a checkpoint from before they were saved holds
-        # the main rank's only, which every rank then continues from, as it did.
+        # Each rank's own stream (see the per-rank seed in __init__).
         per_rank = state.get("rng_per_rank")
         rng_cpu, rng_cuda = state["rng_cpu"], state.get("rng_cuda")
-        if per_rank is not None and len(per_rank) == self.dist.world_size:
+        own_state = per_rank is not None and len(per_rank) == self.dist.world_size
+        if own_state:
             rng_cpu, rng_cuda = per_rank[self.dist.rank]
-        torch.set_rng_state(rng_cpu)
-        if self.device.type == "cuda" and rng_cuda is not None:
-            torch.cuda.set_rng_state(rng_cuda, self.device)
+        # A rank above 0 without a state of its own (the checkpoint is from before they were saved, or from a CPU run
+        # resumed on GPUs, with no CUDA state) would draw the main rank's masks again, in that run for good: its
+        # stream starts afresh from the seed, the rank and the iteration (diff review).
+        resumed_seed = rank_seed(self.config.seed, self.dist.rank, int(state["iteration"]))
+        if own_state or self.dist.rank == 0:
+            torch.set_rng_state(rng_cpu)
+            if self.device.type == "cuda" and rng_cuda is not None:
+                torch.cuda.set_rng_state(rng_cuda, self.device)
+            elif self.device.type == "cuda" and self.dist.rank > 0:
+                torch.cuda.manual_seed(resumed_seed)
+        else:
+            torch.manual_seed(resumed_seed)  # the CPU's and every CUDA device's
         self.start_iteration = int(state["iteration"])
         self.previous_wall = float(state.get("wall_seconds", 0.0))
         self.previous_train_seconds = float(state.get("train_seconds", 0.0))
@@ -658,6 +667,8 @@ class Trainer:
                 save_atomic(state, path)
             self.last_saved_iteration = next_iteration
         except (OSError, RuntimeError) as error:  # torch.save says "unexpected pos" when the disk is full
+            if isinstance(error, RuntimeError) and _a_loader_worker_died(error):
+                raise  # raised by torch's SIGCHLD handler during the write, not by it: said as such by run()
             raise _write_failed(path, error, self.dist.world_size) from error
         except KeyboardInterrupt as interrupt:
             # A second signal (stop now) came during the write and was held until it was complete: say so,
@@ -840,7 +851,7 @@ class Trainer:
         process): torch raised from wherever the main process was, a traceback of 30 lines through backward()
         (torchrun review). One line now, with what is kept and what uses less memory."""
         return TrainingStopped(
-            f"error: {first_line(error, 200).rstrip('. ')}: a process that loads the training images ended (a "
+            f"error: {first_line(error, 200).rstrip('. ')}: a process that loads images ended (a "
             "SIGKILL is most often the out-of-memory killer; fewer --workers use less memory); "
             f"{self._what_is_kept()}",
             exit_code=1,

@@ -110,14 +110,16 @@ def share_buffers(model: torch.nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
-def rank_seed(seed: int, rank: int) -> int:
+def rank_seed(seed: int, rank: int, iteration: int | None = None) -> int:
     """torch's seed for process `rank` of a run seeded `seed` (rank 0 keeps `seed`): drawn from both, so that rank 1
-    of seed 0 is not rank 0 of seed 1, as `seed + rank` would make it."""
+    of seed 0 is not rank 0 of seed 1, as `seed + rank` would make it. With `iteration`: the seed of a rank resumed
+    there from a checkpoint that holds no random state of its own."""
     import numpy as np
 
     if rank == 0:
         return seed
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
+    entropy = [seed, rank] if iteration is None else [seed, rank, iteration]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 def mean_over_ranks(

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from smile_fast.config import RESUME_MAY_CHANGE, TrainConfig, setting_name, validate
+from smile_fast.config import RESUME_MAY_CHANGE, YAML_ONLY_SETTINGS, TrainConfig, setting_name, validate
 from smile_fast.errors import UserError, first_line
 from smile_fast.runlog import launcher, recorded_top1
 from smile_fast.stop_signals import TrainingStopped
@@ -278,10 +278,12 @@ def check_hand_edits_of_the_config(
         if value == now.get(key, run[key]) or _same_number(value, now.get(key, run[key])):
             continue
         if key in RESUME_MAY_CHANGE:
+            # An edit, or what an earlier resume that ended before its first checkpoint wrote there (its flag):
+            # the note says which value this resume uses and how to give the file's, not that anyone edited it.
             unused.append(
-                f"note: {path} says {key}: {value!r}, which this resume does not use: a resume takes "
-                f"{setting_name(key)} from its command line{_as_a_flag(key, value)}. It continues with "
-                f"{now.get(key)!r} and writes that into the file"
+                f"note: {path} says {key}: {_as_yaml(value)}, which this resume does not use (a resume takes "
+                f"{_how_a_resume_takes(key, value)}); it continues with {_as_yaml(now.get(key))} and writes that "
+                "into the file"
             )
             continue
         if key == "weights" and value in ("none", "imagenet") and run[key] == "auto":
@@ -297,17 +299,26 @@ def check_hand_edits_of_the_config(
     return unused
 
 
-def _as_a_flag(key: str, value: object) -> str:
-    r"""` (\`--eval-every 2\` applies it)`, or `--no-compile` for a false switch; empty for null, which no flag
-    value writes (it is the flag's default)."""
+def _as_yaml(value: object) -> str:
+    """A setting's value as config.yaml writes it (true, null, 0.01), not as Python prints it (True, None)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def _how_a_resume_takes(key: str, value: object) -> str:
+    """How a resume is given `key`'s `value`: its flag (`--eval-every 2`, `--channels-last`, `--no-compile`), or for
+    a setting with no flag, a YAML file of its own given with -c."""
+    if key in YAML_ONLY_SETTINGS:
+        return f"{key} from a -c FILE of its own: `-c FILE` holding `{key}: {_as_yaml(value)}` gives this value"
     flag = setting_name(key)
-    if value is None:
-        return ""
+    if value is None:  # no flag value writes null: it is the flag's default
+        return f"{flag} from its command line; without it, the default"
     if isinstance(value, bool):
         written = flag if value else flag.replace("--", "--no-", 1)
     else:
         written = f"{flag} {shlex.quote(str(value))}"
-    return f" (`{written}` applies it)"
+    return f"{flag} from its command line: `{written}` gives this value"
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ def shows_a_bar(stream: TextIO) -> bool:
     tqdm draws nothing there, and the run printed neither a bar nor its lines (review). Not a torchrun worker other
     than its machine's first either: they share its terminal, and each drew its own bar over the others' (torchrun
     review: two "checking images" bars)."""
-    if os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
+    if _a_torchrun_worker_after_the_first():
         return False
     try:
         if not stream.isatty():
@@ -23,3 +23,12 @@ def shows_a_bar(stream: TextIO) -> bool:
         return os.get_terminal_size(stream.fileno()).columns > 0
     except (AttributeError, OSError, ValueError):  # a terminal without a descriptor or size to ask: as it says
         return True
+
+
+def _a_torchrun_worker_after_the_first() -> bool:
+    """LOCAL_RANK above 0 in a launch of several processes (WORLD_SIZE > 1, as torchrun.torchrun_environment reads
+    it): a shell that exports LOCAL_RANK alone must not lose every bar of a one-process command (diff review)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1) > 1 and int(os.environ.get("LOCAL_RANK") or 0) > 0
+    except ValueError:  # malformed: torchrun_environment says so in one line; bars are the least of it
+        return False

@@ -1645,21 +1645,27 @@ def test_a_resume_refuses_a_hand_edited_config_yaml(tiny_imagefolder, tmp_path, 
     # What a resume may change itself (written there by an earlier resume that stopped before its checkpoint), a
     # reformatted file and a number written as YAML reads it as a string (`1e-2`) are not edits of the run. The
     # first are taken from the resume's flags, which the resume says, naming the flag that applies each.
-    assert "\nlr: 0.01\n" in written and "\nchannels_last: false\n" in written
+    assert "\nlr: 0.01\n" in written and "\nchannels_last: false\n" in written and "\neval_batch_size: 64\n" in written
     path.write_text(
         written.replace("\neval_every: 4\n", "\neval_every: 2\n")
         .replace("\nlr: 0.01\n", "\nlr:   1e-2\n")
         .replace("\nchannels_last: false\n", "\nchannels_last: true\n")
+        .replace("\neval_batch_size: 64\n", "\neval_batch_size: 32\n")
     )
     assert main(["train", "--resume", str(out), "--no-progress", "--device", "cpu"]) == 0
     error = capsys.readouterr().err
-    notes = [line for line in error.splitlines() if line.startswith(f"note: {path} says")]
-    assert len(notes) == 2, error
-    assert (
-        "eval_every: 2, which this resume does not use: a resume takes --eval-every from its command line " in notes[1]
+    notes = {line.split(" says ")[1].split(",")[0]: line for line in error.splitlines() if f"note: {path} says" in line}
+    assert sorted(notes) == ["channels_last: true", "eval_batch_size: 32", "eval_every: 2"], error
+    assert notes["eval_every: 2"].endswith(
+        "which this resume does not use (a resume takes --eval-every from its command line: `--eval-every 2` gives "
+        "this value); it continues with 4 and writes that into the file"
     )
-    assert "(`--eval-every 2` applies it). It continues with 4 and writes that into the file" in notes[1]
-    assert "channels_last: True" in notes[0] and "(`--channels-last` applies it). It continues with False" in notes[0]
+    assert "`--channels-last` gives this value); it continues with false" in notes["channels_last: true"]
+    # A setting with no flag: a -c file of its own (the note named a flag `eval_batch_size (YAML)`: diff review).
+    assert (
+        "takes eval_batch_size from a -c FILE of its own: `-c FILE` holding `eval_batch_size: 32`"
+        in (notes["eval_batch_size: 32"])
+    )
     rewritten = path.read_text()
     assert "\neval_every: 4\n" in rewritten and "\nlr: 0.01\n" in rewritten, "the resume wrote the file again"
 

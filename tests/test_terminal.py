@@ -52,9 +52,17 @@ def test_a_terminal_without_a_size_to_ask_is_taken_at_its_word():
     assert shows_a_bar(Wrapped())
 
 
-@pytest.mark.parametrize(("local_rank", "expected"), [("0", True), ("1", False), ("3", False)])
-def test_only_the_first_torchrun_worker_of_a_machine_shows_a_bar(monkeypatch, local_rank, expected):
-    """The workers of a machine share its terminal: each drew its own "checking images" bar (torchrun review)."""
+@pytest.mark.parametrize(
+    ("world_size", "local_rank", "expected"),
+    [("2", "0", True), ("2", "1", False), ("4", "3", False), (None, "1", True), ("1", "1", True)],
+)
+def test_only_the_first_torchrun_worker_of_a_machine_shows_a_bar(monkeypatch, world_size, local_rank, expected):
+    """The workers of a machine share its terminal: each drew its own "checking images" bar (torchrun review). A
+    LOCAL_RANK without a launch of several processes is no torchrun worker (diff review)."""
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     leader, stream = _pty_of(80)
     try:

@@ -69,7 +69,7 @@ def check_unit_interval(value: float | Tensor, name: str) -> None:
     """Raise a clear error when a mixing weight (lam, an EMA decay) is outside [0, 1] or NaN.
 
     Outside [0, 1] a mix extrapolates instead of interpolating, and a NaN would spread through the whole
-    step. A Python number, or a CPU tensor outside torch.compile, is checked; reading a CUDA tensor's value
+    step. A Python number, or a CPU tensor outside tracing (see tracing()), is checked; reading a CUDA tensor's value
     would synchronize the device at every call, so there the kernels turn a weight outside [0, 1] into NaN
     (kernels/_mixing_weight.py).
     """
@@ -101,7 +101,7 @@ def check_float(tensor: Tensor, name: str) -> None:
 def check_index(index: Tensor, length: int, limit: int, name: str) -> None:
     """Raise a clear error when `index` is not a long tensor [length] of values in [0, limit).
 
-    The values are checked only where that is free: a CPU tensor, outside torch.compile. Checking a CUDA
+    The values are checked only where that is free: a CPU tensor, outside tracing (see tracing()). Checking a CUDA
     tensor's values would synchronize the device at every call, so there the kernels turn an out-of-range
     value into NaN in the rows it touches (they never read out of bounds).
     """
