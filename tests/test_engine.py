@@ -1378,9 +1378,11 @@ def _saving_trainer(run_dir):
     """Just what Trainer.save reads, for the tests of what happens around the write."""
     from types import SimpleNamespace
 
+    from smile_fast.torchrun import DistributedContext
+
     model = torch.nn.Linear(2, 2)
     return SimpleNamespace(
-        dist=SimpleNamespace(is_main=True, world_size=1),
+        dist=DistributedContext(),  # one process
         config=SimpleNamespace(to_dict=lambda: {}),
         student=model,
         teacher=None,
