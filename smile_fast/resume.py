@@ -253,9 +253,10 @@ def check_hand_edits_of_the_config(
     """A resume takes the run's settings from its checkpoint and writes config.yaml again, so an edit of the file
     was ignored and then overwritten without a word (review). An edit of a setting the resume cannot change
     (`iters: 20000` to train longer) is refused, with the file as it is. One of a setting a resume may change
-    (RESUME_MAY_CHANGE: `eval_every`, `workers`, ...) is taken from this resume's flags instead: each such edit
-    comes back as a note naming the flag that applies it. Those are noted, not refused: an earlier resume that
-    stopped before its first checkpoint may have written them there itself."""
+    (RESUME_MAY_CHANGE: `eval_every`, `workers`, ...) is taken from this resume's flags instead: each value of the
+    file it does not use comes back as a note saying how to give it (a flag, or a -c file for a setting without
+    one). Those are noted, not refused: an earlier resume that stopped before its first checkpoint may have written
+    them there itself."""
     import yaml
 
     path = run_dir / "config.yaml"
