@@ -42,7 +42,7 @@ from smile_fast.devices import cpu_has_fast_bfloat16, setup_distributed
 from smile_fast.errors import UserError, discard_output, first_line, same_on_every_process, write_failure
 from smile_fast.evaluation import count_correct, eval_progress_bar
 from smile_fast.methods import build_method
-from smile_fast.models import build_models, checkpoint_source_classes, paper_source_note
+from smile_fast.models import build_source_model, checkpoint_source_classes, paper_source_note, student_and_source
 from smile_fast.ranks import (
     StopAgreement,
     a_peer_is_gone,
@@ -293,6 +293,54 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------------------------- set-up
+    def _read_source_model(self) -> None:
+        """The pre-trained classifier the run starts from (self._source_model, and self.weights_description), read
+        once the dataset's layout is found and before its images are checked: a paper dataset's run without its
+        ImageNet weights, or with a weights file of another model, stopped only after the header checks, minutes
+        on a first Food-101 run (review). The heads for the dataset's classes are made once those are known."""
+        config = self.config
+        self.method = build_method(
+            config.method, config.alpha, config.gamma_fe, config.gamma_fc, config.smile_form, config.cutmix_probability
+        )
+        # Before the weights are read: an offline `auto` stops there for indoor67, and the note says which file the
+        # paper started from, which is the one to copy then.
+        if self.resume_state is None and (note := paper_source_note(config.dataset, config.model, config.weights)):
+            self.log(note)
+        if self.resume_state is None:
+            # Under torchrun each machine's first process fetches torchvision's weights into the cache first; the
+            # others then read that file, instead of each downloading it at once (and printing torch.hub's line).
+            fetches = self.dist.enabled and config.weights in ("auto", "imagenet")
+            waits = long_wait_group() if fetches else None  # every rank makes it (a collective)
+            if fetches and self.dist.local_rank != 0:
+                barrier(waits)
+            self._source_model, self.weights_description = build_source_model(
+                config.model,
+                config.weights,
+                log=self.log,
+                quiet=not self.dist.is_main,
+                # The others read the cache only: where the first process's fetch failed, theirs would again (after
+                # as long a wait, behind a firewall that drops packets), and they fall back, or stop, as it did.
+                fetch=not fetches or self.dist.local_rank == 0,
+                # A paper dataset's run from random init trains for hours far below the paper's numbers, and an
+                # offline compute node made one with a single warning line (faithfulness review): an error there.
+                random_init_fallback=config.dataset in AUTO_WEIGHTS_MAY_FALL_BACK,
+            )
+            if fetches and self.dist.local_rank == 0:
+                barrier(waits)
+        else:
+            # Every weight comes from the checkpoint: the pre-trained ones are neither read nor downloaded again
+            # (offline, that attempt said "training from random init" of a run that had started from ImageNet).
+            self._source_model, _ = build_source_model(
+                config.model,
+                "none",
+                source_classes=checkpoint_source_classes(self.resume_state),
+            )
+            self.weights_description = (
+                self.resume_state.get("weights_used")  # checkpoints from before this record: config.yaml's
+                or recorded_weights(self.run_dir)
+                or f"--weights {config.weights} (what it loaded is not recorded)"
+            )
+
     def _build(self) -> None:
         config, device = self.config, self.device
         from smile_fast.data.images import check_images, listed, skipped_message
@@ -308,7 +356,9 @@ class Trainer:
         from_manifest = self.resume_state is not None and manifest.is_file()
         with moved_dataset_hint(config, "--resume" if self.resume_state is not None else None):
             early = partial(check_classes, self.run_dir, self.resume_state) if self.resume_state is not None else None
-            splits, self.train_spec, self.test_spec, skipped = prepare_data(config, log=self.log, check_classes=early)
+            splits, self.train_spec, self.test_spec, skipped = prepare_data(
+                config, log=self.log, check_classes=early, before_image_checks=self._read_source_model
+            )
         if self.resume_state is not None:  # the drawn classes of a --class-fraction run
             check_classes(self.run_dir, self.resume_state, splits.classes)
         self.class_names = list(splits.classes)
@@ -354,51 +404,10 @@ class Trainer:
             raise UserError("no readable test images: there is nothing to evaluate the run on")
         self.train_samples = train_samples
 
-        self.method = build_method(
-            config.method, config.alpha, config.gamma_fe, config.gamma_fc, config.smile_form, config.cutmix_probability
+        student, source = student_and_source(
+            self._source_model, config.model, self.num_classes, with_aux_head=self.method.uses_teacher
         )
-        # Before the weights are read: an offline `auto` stops there for indoor67, and the note says which file the
-        # paper started from, which is the one to copy then.
-        if self.resume_state is None and (note := paper_source_note(config.dataset, config.model, config.weights)):
-            self.log(note)
-        if self.resume_state is None:
-            # Under torchrun each machine's first process fetches torchvision's weights into the cache first; the
-            # others then read that file, instead of each downloading it at once (and printing torch.hub's line).
-            fetches = self.dist.enabled and config.weights in ("auto", "imagenet")
-            waits = long_wait_group() if fetches else None  # every rank makes it (a collective)
-            if fetches and self.dist.local_rank != 0:
-                barrier(waits)
-            student, source, self.weights_description = build_models(
-                config.model,
-                self.num_classes,
-                config.weights,
-                with_aux_head=self.method.uses_teacher,
-                log=self.log,
-                quiet=not self.dist.is_main,
-                # The others read the cache only: where the first process's fetch failed, theirs would again (after
-                # as long a wait, behind a firewall that drops packets), and they fall back, or stop, as it did.
-                fetch=not fetches or self.dist.local_rank == 0,
-                # A paper dataset's run from random init trains for hours far below the paper's numbers, and an
-                # offline compute node made one with a single warning line (faithfulness review): an error there.
-                random_init_fallback=config.dataset in AUTO_WEIGHTS_MAY_FALL_BACK,
-            )
-            if fetches and self.dist.local_rank == 0:
-                barrier(waits)
-        else:
-            # Every weight comes from the checkpoint: the pre-trained ones are neither read nor downloaded again
-            # (offline, that attempt said "training from random init" of a run that had started from ImageNet).
-            student, source, _ = build_models(
-                config.model,
-                self.num_classes,
-                "none",
-                with_aux_head=self.method.uses_teacher,
-                source_classes=checkpoint_source_classes(self.resume_state),
-            )
-            self.weights_description = (
-                self.resume_state.get("weights_used")  # checkpoints from before this record: config.yaml's
-                or recorded_weights(self.run_dir)
-                or f"--weights {config.weights} (what it loaded is not recorded)"
-            )
+        del self._source_model
         world = self.dist.world_size
         self.log(
             f"model {config.model}, weights: {self.weights_description}; {self.num_classes} classes, "

@@ -304,10 +304,21 @@ def build_models(
         fetch=fetch,
         random_init_fallback=random_init_fallback,
     )
+    student, source = student_and_source(model, name, num_classes, with_aux_head)
+    return student, source, description
+
+
+def student_and_source(
+    model: nn.Module, name: str, num_classes: int, with_aux_head: bool = True
+) -> tuple[SmileNet, SourceNet]:
+    """The student (a new `num_classes` head, and fc2 copied from the source head when `with_aux_head`) and the
+    source model (the teacher's starting point) from a classifier build_source_model made. Apart from it so that
+    a run reads its weights before it knows the dataset's classes (a weights error then comes before minutes of
+    image checks)."""
     backbone, source_head = split_torchvision(model, name)
     student = SmileNet(copy.deepcopy(backbone), num_classes, source_head if with_aux_head else None)
     source = SourceNet(backbone, source_head)
-    return student, source, description
+    return student, source
 
 
 # ---------------------------------------------------------------------------------------------

@@ -336,10 +336,27 @@ def test_auto_weights_offline_fall_back_to_random_init_with_one_line(offline_emp
     assert isinstance(model, torchvision.models.ResNet) and model.fc.out_features == 1000
 
 
-def test_auto_weights_offline_stop_a_run_of_a_paper_dataset(offline_empty_hub, tmp_path, capsys):
+@pytest.fixture
+def checked_images(monkeypatch) -> list:
+    """The file lists that prepare_data's image check was asked to read (the minutes of a first large run)."""
+    import smile_fast.data.images
+
+    checked = []
+    check = smile_fast.data.images.check_images
+
+    def recording(samples, *args, **kwargs):
+        checked.append(samples)
+        return check(samples, *args, **kwargs)
+
+    monkeypatch.setattr(smile_fast.data.images, "check_images", recording)
+    return checked
+
+
+def test_auto_weights_offline_stop_a_run_of_a_paper_dataset(offline_empty_hub, checked_images, tmp_path, capsys):
     """An offline compute node trained `--dataset cub` from random init, for hours, far below the paper's numbers,
     with one warning line at the start (faithfulness review). The paper's datasets stop at once now, naming the file
-    to copy; the demo and imagefolder still fall back (the test above, and every offline test run of the demo)."""
+    to copy; the demo and imagefolder still fall back (the test above, and every offline test run of the demo).
+    "At once" is before the images are checked: that came first, minutes on a first Food-101 run (review)."""
     from _layouts import build_cub
 
     from smile_fast.cli import main
@@ -355,6 +372,27 @@ def test_auto_weights_offline_stop_a_run_of_a_paper_dataset(offline_empty_hub, t
     assert "--weights auto falls back to random init only for the demo and imagefolder datasets" in line, line
     assert "training from random init" not in error, "the fallback's warning was printed too"
     assert not (out / "last.pt").exists() and not (out / "metrics.csv").exists()
+    assert checked_images == [], "the images were checked before the weights were read"
+    # A data folder that is not the dataset's is still said first: it is found without reading a file.
+    assert main([*command, "--data-dir", str(tmp_path), "--out", str(out)]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("smile-fast: error:")]
+    assert "ImageNet" not in line and "CUB" in line, line
+
+
+def test_a_weights_file_of_another_model_stops_a_run_before_its_images_are_checked(checked_images, tmp_path, capsys):
+    from _tiny_runs import write_tiny_imagefolder
+
+    from smile_fast.cli import main
+
+    weights = tmp_path / "resnet34.pt"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), weights)
+    data = write_tiny_imagefolder(tmp_path / "data")
+    command = ["train", "--dataset", "imagefolder", "--data-dir", str(data), "--model", "resnet18"]
+    capsys.readouterr()
+    assert main([*command, "--weights", str(weights), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("smile-fast: error:")]
+    assert f"weights file {weights} does not match resnet18" in line, line
+    assert checked_images == [], "the images were checked before the weights were read"
     with pytest.raises(UserError, match="only for the demo and imagefolder"):
         build_source_model("resnet18", "auto", log=print, random_init_fallback=False)
 

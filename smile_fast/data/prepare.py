@@ -20,7 +20,9 @@ class PreparedData(NamedTuple):
     skipped: list[str]  # the dataset's files that are missing or cannot be read
 
 
-def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True, check_classes=None) -> PreparedData:
+def prepare_data(
+    config: TrainConfig, log=None, *, with_train: bool = True, check_classes=None, before_image_checks=None
+) -> PreparedData:
     """The dataset's readable files after the subset protocol, and the train/test TransformSpecs of the config.
 
     Files are checked (a header read, cached per file) before the protocol draws its subset, so that a
@@ -34,6 +36,9 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True, chec
     check_classes(classes): called on the dataset's class list before any file is checked when no class subset
     is drawn (a resume or eval of a run on another dataset fails at once, not after minutes of header checks
     with lines about its skipped files); with --class-fraction the caller checks the drawn classes after.
+
+    before_image_checks(): called once the dataset's layout is found, before its files are checked (a run reads
+    its weights there, so that a weights error comes at once rather than after minutes of header checks).
     """
     from dataclasses import replace
 
@@ -50,6 +55,8 @@ def prepare_data(config: TrainConfig, log=None, *, with_train: bool = True, chec
         splits = load_dataset(config.dataset, config.data_dir, with_train=with_train)
     if check_classes is not None and config.class_fraction is None and not splits.test_only:
         check_classes(splits.classes)
+    if before_image_checks is not None:
+        before_image_checks()
     cache = image_checks_dir()
     train, bad_train = check_images(splits.train, cache) if with_train else ([], [])
     test, bad_test = check_images(splits.test, cache)
