@@ -38,6 +38,7 @@ from smile_fast.config import (
 from smile_fast.data.cache import image_checks_dir
 from smile_fast.data.prepare import prepare_data, stderr_line
 from smile_fast.data.sampler import TrainBatchPlan
+from smile_fast.data.worker_signals import LoaderWorkerDied
 from smile_fast.devices import cpu_has_fast_bfloat16, setup_distributed
 from smile_fast.errors import UserError, discard_output, first_line, same_on_every_process, write_failure
 from smile_fast.evaluation import count_correct, eval_progress_bar
@@ -96,7 +97,10 @@ from smile_fast.terminal import shows_a_bar
 
 def _a_loader_worker_died(error: RuntimeError) -> bool:
     """torch's errors for a DataLoader worker that ended without finishing: killed by a signal (raised by its
-    SIGCHLD handler, anywhere in the main process), or exited while the loader waited on it."""
+    SIGCHLD handler, anywhere in the main process), or exited while the loader waited on it; and ours for one that
+    died while a batch of it was being received (worker_signals.batches_from)."""
+    if isinstance(error, LoaderWorkerDied):
+        return True
     text = str(error)
     return text.startswith("DataLoader worker (pid") and ("killed by signal" in text or "exited unexpectedly" in text)
 

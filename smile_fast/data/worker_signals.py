@@ -26,6 +26,8 @@ import atexit
 import multiprocessing.util  # registers its exit handler now, so that the one below is registered after it
 import os
 import signal
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from smile_fast.stop_signals import STOP_SIGNALS as _STOP_SIGNALS
@@ -78,3 +80,48 @@ def end_leftover_workers() -> None:
 
 
 atexit.register(end_leftover_workers)
+
+
+class LoaderWorkerDied(RuntimeError):
+    """A DataLoader worker ended while the training process was receiving a batch from it. Worded as torch words
+    the error its SIGCHLD handler raises for a dead worker, which is what the process gets when the death comes
+    while it is busy elsewhere."""
+
+
+# How long a connection broken off by a worker waits for that worker's exit to be seen. Its socket closes as it
+# dies, a moment before the kernel reports the death.
+_DEATH_SEEN_WITHIN_SECONDS = 2.0
+
+
+def batches_from(loader: Iterable) -> Iterator:
+    """The batches of a DataLoader. A worker killed (the out-of-memory killer's SIGKILL) while the batches it had
+    sent were waiting in the queue broke the training process's next read of one: a ConnectionResetError from
+    inside multiprocessing (its tensors' file descriptors are fetched from the worker), not torch's "worker is
+    killed" error, so that the run ended with a traceback (seen on this CPU when a test killed a worker a second
+    after its first batch). Such an error, with a worker found dead, is raised as LoaderWorkerDied."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (ConnectionError, EOFError, FileNotFoundError) as error:
+            died = _a_dead_worker(getattr(batches, "_workers", ()))
+            if died is None:
+                raise
+            raise died from error
+        yield batch
+
+
+def _a_dead_worker(workers) -> LoaderWorkerDied | None:
+    deadline = time.monotonic() + _DEATH_SEEN_WITHIN_SECONDS
+    while True:
+        for worker in workers:
+            code = worker.exitcode
+            if code is None or code == 0:
+                continue
+            how = f"is killed by signal: {signal.strsignal(-code)}." if code < 0 else f"exited with status {code}."
+            return LoaderWorkerDied(f"DataLoader worker (pid {worker.pid}) {how}")
+        if not workers or time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
