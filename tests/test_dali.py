@@ -344,6 +344,36 @@ def _damaged_inside(source: str, target: Path) -> str:
     return str(target)
 
 
+@pytest.mark.parametrize(
+    ("loader", "workers"),
+    [
+        pytest.param("torchvision", 0, id="torchvision-in-process"),
+        pytest.param("torchvision", 1, id="torchvision-1-worker"),
+        pytest.param("dali", None, marks=needs_dali, id="dali"),
+    ],
+)
+def test_a_training_set_that_no_decoder_reads_is_one_line_from_either_loader(loader, workers, tmp_path):
+    """Every file passes the header check and fails to decode: DALI said so in one line, the torchvision loader
+    with a worker's traceback and exit 1 (datasets review)."""
+    from smile_fast.data.images import check_images
+    from smile_fast.data.torchvision import TorchvisionTrainLoader
+
+    samples = write_images(tmp_path / "source", 5)
+    samples = [(_damaged_inside(path, tmp_path / f"{index}.jpg"), label) for index, (path, label) in enumerate(samples)]
+    assert check_images(samples, cache_dir=None)[1] == [], "the header check must pass them (else no test)"
+    plan = TrainBatchPlan(len(samples), 2, seed=0)
+    if loader == "dali":
+        built = dali.DaliTrainLoader(samples, SMALL_TRAIN, plan, "cpu")
+    else:
+        built = TorchvisionTrainLoader(samples, SMALL_TRAIN, plan, "cpu", num_workers=workers)
+    with pytest.raises(UserError) as error:
+        take(built.iterate(0), 1)
+    assert str(error.value) == (
+        "none of the 5 training images can be decoded; check the dataset files (`smile-fast data verify --decode` "
+        "names the reason for each)"
+    )
+
+
 @needs_dali
 def test_a_file_damaged_past_its_header_is_left_out_not_fatal(tmp_path, caplog):
     """DALI stopped the whole pipeline on such a file: the run ended with a traceback naming no file, and a resume

@@ -44,6 +44,7 @@ import torch
 from smile_fast.data.crop_geometry import CropWindow, crop_window, resized_size
 from smile_fast.data.encoded_images import BatchReader
 from smile_fast.data.host_crop import crop_on_host, normalize_on_host, one_torch_thread
+from smile_fast.data.images import nothing_decodes
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
 from smile_fast.devices import to_device_async
@@ -458,7 +459,7 @@ class DaliTrainLoader:
             return False
         self._bad.update(bad)
         if len(self._bad) >= len(self._listed):
-            raise UserError(f"none of the {len(self._listed)} training images can be decoded; check the dataset files")
+            raise UserError(nothing_decodes(len(self._listed)))
         self.skipped_files += len(bad)
         self._samples = self._fill_bad_slots(self._listed, self._bad)
         return True

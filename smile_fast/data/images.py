@@ -162,6 +162,14 @@ def _write_cache(cache_file: Path, entries: dict[str, list]) -> None:
         pass
 
 
+def nothing_decodes(count: int) -> str:
+    """Both loaders' error for a training set whose every file passed the header check and fails to decode."""
+    return (
+        f"none of the {count} training images can be decoded; check the dataset files (`smile-fast data verify "
+        "--decode` names the reason for each)"
+    )
+
+
 def listed(names: list[str]) -> str:
     """The first three names, and "..." when there are more: how messages show a list of files or classes."""
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")

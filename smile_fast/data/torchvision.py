@@ -20,10 +20,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from smile_fast.data.images import listed, load_rgb
+from smile_fast.data.images import listed, load_rgb, nothing_decodes
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec, build_torchvision_transform, normalize_imagenet
-from smile_fast.data.worker_signals import leave_stop_signals_to_the_parent
+from smile_fast.data.worker_signals import batches_from, leave_stop_signals_to_the_parent
+from smile_fast.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,12 @@ class _TrainImages(Dataset):
             # The window comes from the seed alone (and the substitute's size), as on the DALI path; the
             # transform draws nothing from torch's generator, so no per-sample seeding or fork_rng is needed.
             return self.transform(image, augment_seed), label, failed
-        raise RuntimeError("no image of the training set could be decoded")
+        raise _NothingDecodes(f"none of the {len(self.samples)} training images can be decoded")
+
+
+class _NothingDecodes(RuntimeError):
+    """Raised in a worker; torch raises it again in the training process, with the worker's traceback as its
+    text, which iterate() replaces with the one line the DALI loader says."""
 
 
 def _collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -165,8 +171,15 @@ class TorchvisionTrainLoader:
             generator=_private_generator(),
             worker_init_fn=leave_stop_signals_to_the_parent,
         )
+        try:
+            yield from self._batches(loader)
+        except _NothingDecodes:
+            # A traceback from the worker and exit 1 (review); files the header check passes and no decoder reads.
+            raise UserError(nothing_decodes(len(self.dataset))) from None
+
+    def _batches(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         non_blocking = self.pin_memory and self.device.type == "cuda"
-        for images, labels, failed in loader:
+        for images, labels, failed in batches_from(loader):
             for path in failed:
                 if path not in self.skipped_paths:
                     self.skipped_paths.add(path)
@@ -244,7 +257,7 @@ def eval_batches(
         worker_init_fn=leave_stop_signals_to_the_parent,
     )
     start = 0  # the batches come in order (no shuffle): batch k holds shard[start : start + len(batch)]
-    for images, labels, ok in loader:
+    for images, labels, ok in batches_from(loader):
         if not bool(ok.all()):
             # Named, so that the file can be found: a header check passed it (its middle is what is damaged).
             failed = [shard[start + int(index)][0] for index in (~ok).nonzero().flatten()]
