@@ -511,11 +511,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             _note_another_global_batch(args.config, config.batch_size)
         # Checked on what this command names, not in validate(): a resumed run's dataset is its checkpoint's
         # (`--resume RUN --data-dir NEW` names no --dataset), and recorded configs are not this command's doing.
-        if config.dataset == "demo" and config.data_dir and not config.resume:
-            raise UserError(
-                f"--data-dir {config.data_dir} was given with the built-in demo dataset, which would ignore it: "
-                "name the dataset (--dataset imagefolder for ROOT/train/<class>/ and ROOT/test/<class>/)"
-            )
+        if not config.resume:
+            _refuse_a_data_dir_for_the_demo(config.dataset, config.data_dir)
     except UserError as error:
         raise same_on_every_process(error) from None
     named = set(yaml_values) | {key for key, value in overrides.items() if value is not None}
@@ -819,6 +816,7 @@ def _bench_loader(args: argparse.Namespace) -> dict:
     from smile_fast.devices import resolve_device
 
     # Before the data is read (minutes of header checks on a large dataset, for a typo).
+    _refuse_a_data_dir_for_the_demo(args.dataset, args.data_dir)
     if args.workers is not None and args.workers < 0:  # DataLoader's own error is a traceback
         raise UserError(f"--workers must be at least 0 (0: decode in this process), got {args.workers}")
     if args.iterations < 1 or args.warmup < 0 or args.batch_size < 1:
@@ -863,6 +861,16 @@ def _bench_loader(args: argparse.Namespace) -> dict:
     return result
 
 
+def _refuse_a_data_dir_for_the_demo(dataset: str, data_dir: str | None) -> None:
+    """The demo is built in: a --data-dir beside it (or without --dataset, whose default is the demo) was ignored,
+    and `data verify` and `bench loader` then reported on the demo as if on the user's folder (review)."""
+    if dataset == "demo" and data_dir:
+        raise UserError(
+            f"--data-dir {data_dir} was given with the built-in demo dataset, which would ignore it: "
+            "name the dataset (--dataset imagefolder for ROOT/train/<class>/ and ROOT/test/<class>/)"
+        )
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     _one_process("data")
     if args.data_command == "prepare":
@@ -872,6 +880,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     elif args.data_command == "verify":
         from smile_fast.data.verify import verify_dataset
 
+        _refuse_a_data_dir_for_the_demo(args.dataset, args.data_dir)
         if args.dataset == "demo":
             from smile_fast.data.demo import demo_dataset_root
 

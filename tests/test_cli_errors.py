@@ -240,6 +240,19 @@ RUN_CASES = {
         lambda t: ["bench", "step", "--device", "cpu", "--model", "resnet18", "--batch-size", "1"],
         ["--batch-size 1", "--methods finetune"],
     ),
+    # The demo is built in: a folder beside it was ignored (data verify and bench loader reported on the demo).
+    "train-data-dir-for-the-demo": (
+        lambda t: ["train", "--data-dir", str(_image_folder(t / "data")), "--no-progress"],
+        ["{tmp}/data", "--dataset imagefolder"],
+    ),
+    "verify-data-dir-for-the-demo": (
+        lambda t: ["data", "verify", "--dataset", "demo", "--data-dir", str(_image_folder(t / "data"))],
+        ["{tmp}/data", "--dataset imagefolder"],
+    ),
+    "bench-loader-data-dir-without-dataset": (
+        lambda t: ["bench", "loader", "--device", "cpu", "--data-dir", str(_image_folder(t / "data"))],
+        ["{tmp}/data", "--dataset imagefolder"],
+    ),
     "cuda-graph-on-cpu": (
         lambda t: _train_imagefolder(t, "--model", "resnet18", "--weights", "none", "--device", "cpu", "--cuda-graph"),
         ["--cuda-graph", "CUDA"],
