@@ -496,6 +496,12 @@ def test_verify_duplicates_finds_leaked_test_images_and_pictures_under_two_class
     leak_line = "1 test image(s) are also training images, so the top-1 scores images the model trained on: "
     assert f"{leak_line}{leaked} = {train_cat}" in text
     assert "1 picture(s) under two or more classes: " in text and str(two_classes) in text and "(dog, eel)" in text
+    # One picture in many files (a "photo unavailable" placeholder of a scraped set) made one line of 100 KB.
+    for index in range(6):
+        shutil.copy(train_dog, tmp_path / "data" / "train" / "cat" / f"placeholder-{index}{train_dog.suffix}")
+    many = verify_dataset("imagefolder", tmp_path / "data", cache_dir=tmp_path / "cache", duplicates=True).text
+    (line,) = [line for line in many.splitlines() if "under two or more classes" in line]
+    assert " = ... (8 files) (cat, dog, eel)" in line and line.count(" = ") == 3 and "placeholder-5" not in line, line
     assert "1 extra copies of images within one split and class" in text
     assert "same-size" not in text
     assert (
@@ -583,6 +589,20 @@ def test_a_folder_inside_the_dataset_names_the_data_dir_to_give(tmp_path: Path, 
     archive.write_bytes(b"\x1f\x8b")
     with pytest.raises(UserError, match="is a file, not a folder"):
         load_dataset(name, archive)
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"), [("aircraft", "fgvc-aircraft-2013b"), ("cub", "CUB_200_2011"), ("food101", "food-101")]
+)
+def test_an_archive_extracted_into_a_folder_of_its_name_names_the_data_dir_to_give(tmp_path, name, folder):
+    """~/data/CUB_200_2011/CUB_200_2011/images.txt with --data-dir ~/data: "expected .../CUB_200_2011/images.txt
+    but found neither" named a folder the user could see (datasets review)."""
+    BUILDERS[name](tmp_path / "data" / folder)
+    with pytest.raises(
+        UserError, match=f"one folder further down: give --data-dir {tmp_path / 'data' / folder / folder}"
+    ):
+        load_dataset(name, tmp_path / "data")
+    assert load_dataset(name, tmp_path / "data" / folder).train  # the folder it names is the right one
 
 
 def test_verify_says_ok_with_a_class_it_cannot_learn(tmp_path: Path, capsys, private_cache):

@@ -137,6 +137,8 @@ def _find_root(name: str, data_dir: Path, folder: str, marker: str) -> Path:
         return data_dir
     if (data_dir / folder / marker).exists():
         return data_dir / folder
+    if (data_dir / folder / folder / marker).exists():  # an archive extracted into a folder of its own name
+        raise _fail(name, f"the dataset is one folder further down: give --data-dir {data_dir / folder / folder}")
     # A folder inside the dataset (its images/ or data/) was given: name the one to give instead. Only where the
     # parent is the dataset's own folder by name, or the folder given is the marker itself: a marker as plain as
     # aircraft's data/ is found above many folders that have nothing to do with the dataset.
