@@ -10,7 +10,7 @@ import torch
 
 from smile_fast.checkpoint import load_checkpoint
 from smile_fast.config import build_config, channels_last_default
-from smile_fast.data.prepare import prepare_data
+from smile_fast.data.prepare import prepare_data, stderr_line
 from smile_fast.devices import resolve_device
 from smile_fast.errors import UserError
 from smile_fast.models import SmileNet, build_models, checkpoint_source_classes
@@ -55,17 +55,40 @@ def student_from_checkpoint(state: dict[str, Any], where, num_classes: int | Non
     return student
 
 
-def _the_runs_classes(splits, recorded: list[str]):
+def _the_runs_classes(splits, recorded: list[str], log):
     """A test-only folder's images of the run's classes, labelled in the run's order; its other class folders
-    are left out. A class of the run with no folder there stays missing, for check_classes to name."""
+    are left out, with a note when they hold images. A class of the run without a folder there is an error that
+    says to add one (an empty one for a class without images), unless the folder's names are the run's stored
+    otherwise (Unicode NFC/NFD), which check_classes names."""
+    import unicodedata
     from dataclasses import replace
 
-    if any(name not in splits.classes for name in recorded):
-        return splits
+    from smile_fast.data.datasets import classes_without_images
+    from smile_fast.data.images import listed
+
+    missing = [name for name in recorded if name not in splits.classes]
+    if missing:
+        stored_otherwise = {unicodedata.normalize("NFC", name) for name in splits.classes}
+        if any(unicodedata.normalize("NFC", name) in stored_otherwise for name in missing):
+            return splits
+        # "the dataset's classes differ ... use the dataset as it was" did not say what to do (datasets review).
+        raise UserError(
+            f"{splits.root / 'test'} has no folder for {len(missing)} of the run's {len(recorded)} classes "
+            f"({listed(missing)}): give every class of the run a folder there, an empty one for a class without "
+            "images"
+        )
     label_of = {name: label for label, name in enumerate(recorded)}
     test = [
         (image, label_of[splits.classes[label]]) for image, label in splits.test if splits.classes[label] in label_of
     ]
+    if left_out := len(splits.test) - len(test):
+        others = sorted({splits.classes[label] for _, label in splits.test if splits.classes[label] not in label_of})
+        log(
+            f"note: {left_out} image(s) in {len(others)} folder(s) of {splits.root / 'test'} that are not classes "
+            f"of the run are left out: {listed(others)}"
+        )
+    if empty := classes_without_images(recorded, test):
+        log(f"warning: {len(empty)} class(es) have no test image, so the top-1 does not score them: {listed(empty)}")
     return replace(splits, classes=recorded, test=test)
 
 
@@ -97,7 +120,7 @@ def evaluate_checkpoint(
             config, log=log, with_train=False, check_classes=partial(check_classes, path, state)
         )
     if splits.test_only and state.get("classes"):
-        splits = _the_runs_classes(splits, list(state["classes"]))
+        splits = _the_runs_classes(splits, list(state["classes"]), log or stderr_line)
     check_classes(path, state, splits.classes)  # the drawn classes of a --class-fraction run
     # At the dataset's class count: a checkpoint from before class names were recorded, with another count,
     # is then a layout error rather than a score against shifted labels.

@@ -1117,13 +1117,30 @@ def test_eval_scores_a_folder_of_new_test_images_without_train(tmp_path):
     shutil.copytree(data / "test", every / "test")
     for name in kept:
         shutil.copytree(data / "test" / name, only_the_runs / "test" / name)
+    others = sorted(set(os.listdir(data / "test")) - set(kept))
     for folder in (every, only_the_runs):
         said = []
         result = evaluate_checkpoint(str(out), device="cpu", data_dir=str(folder), log=said.append)
-        assert said == [] and result["test_images"] == summary["test_images"] == 6
+        assert result["test_images"] == summary["test_images"] == 6
         assert result["test_top1"] == pytest.approx(summary["test_top1"])
+        if folder == every:  # left out, and said (review)
+            assert said == [
+                f"note: 6 image(s) in 2 folder(s) of {every / 'test'} that are not classes of the run are left out: "
+                f"{', '.join(others)}"
+            ]
+        else:
+            assert said == []
+    (only_the_runs / "test" / "zebra").mkdir()  # an empty folder of no class of the run: nothing to say
+    for image in (only_the_runs / "test" / kept[1]).iterdir():
+        image.unlink()  # a class of the run without test images: said, as for a training run's test split
+    said = []
+    result = evaluate_checkpoint(str(out), device="cpu", data_dir=str(only_the_runs), log=said.append)
+    assert result["test_images"] == 3
+    assert said == [f"warning: 1 class(es) have no test image, so the top-1 does not score them: {kept[1]}"], said
     shutil.rmtree(only_the_runs / "test" / kept[1])
-    with pytest.raises(UserError, match=f"the dataset's classes differ.*missing now: {kept[1]}"):
+    # "the dataset's classes differ ... use the dataset as it was" did not say to add the folder (review).
+    missing = f"{only_the_runs / 'test'} has no folder for 1 of the run's 2 classes \\({kept[1]}\\): give every"
+    with pytest.raises(UserError, match=missing):
         evaluate_checkpoint(str(out), device="cpu", data_dir=str(only_the_runs))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="expected the folder .*empty/test"):  # no test/ either: the layout's error
