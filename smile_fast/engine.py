@@ -360,7 +360,7 @@ class Trainer:
         from_manifest = self.resume_state is not None and manifest.is_file()
         with moved_dataset_hint(config, "--resume" if self.resume_state is not None else None):
             early = partial(check_classes, self.run_dir, self.resume_state) if self.resume_state is not None else None
-            splits, self.train_spec, self.test_spec, skipped = prepare_data(
+            splits, self.train_spec, self.test_spec, skipped, _ = prepare_data(
                 config, log=self.log, check_classes=early, before_image_checks=self._read_source_model
             )
         if self.resume_state is not None:  # the drawn classes of a --class-fraction run

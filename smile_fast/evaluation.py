@@ -116,7 +116,7 @@ def evaluate_checkpoint(
     config = build_config(values)
     device_obj = resolve_device(config.device)
     with moved_dataset_hint(config, "eval"):
-        splits, _, test_spec, _ = prepare_data(
+        splits, _, test_spec, _, _ = prepare_data(
             config, log=log, with_train=False, check_classes=partial(check_classes, path, state)
         )
     if splits.test_only and state.get("classes"):

@@ -147,10 +147,11 @@ def test_bench_loader_counts_the_files_the_up_front_check_left_out(tmp_path, cap
 
     data = write_tiny_imagefolder(tmp_path / "data")
     (data / "train" / "c1" / "2.jpg").write_bytes(b"not a jpeg")
+    (data / "test" / "c1" / "0.jpg").write_bytes(b"not a jpeg")  # read by no loader here: not counted (review)
     out = tmp_path / "loader.json"
     argv = ["bench", "loader", "--loader", "torchvision", "--dataset", "imagefolder", "--data-dir", str(data)]
     argv += ["--device", "cpu", "--batch-size", "4", "--iterations", "2", "--warmup", "1", "--workers", "0"]
     assert main([*argv, "--json", str(out)]) == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
     assert result["skipped_files"] == 1 and result["num_samples"] == 31
-    assert "1 unreadable" in capsys.readouterr().err
+    assert "2 unreadable" in capsys.readouterr().err

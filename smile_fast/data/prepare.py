@@ -18,6 +18,7 @@ class PreparedData(NamedTuple):
     train_spec: TransformSpec
     test_spec: TransformSpec
     skipped: list[str]  # the dataset's files that are missing or cannot be read
+    skipped_train: list[str]  # those of them in the training split (what `bench loader` counts)
 
 
 def prepare_data(
@@ -95,7 +96,7 @@ def prepare_data(
     mode = config.resize_mode or splits.resize  # set by the config's resolution (the dataset's unless YAML says)
     train_spec = TransformSpec(mode, config.resize_size, config.crop_size, train=True)
     test_spec = TransformSpec(mode, config.resize_size, config.crop_size, train=False)
-    return PreparedData(splits, train_spec, test_spec, bad_train + bad_test)
+    return PreparedData(splits, train_spec, test_spec, bad_train + bad_test, bad_train)
 
 
 def stderr_line(message: str) -> None:
