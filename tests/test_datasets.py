@@ -645,3 +645,19 @@ def test_verify_decode_finds_files_damaged_past_their_header(tmp_path: Path, cap
 
     many = [path for path, _ in expected.train] * 20 + [str(png)]  # past the in-process threshold: the pool
     assert list(decode_failures(many)) == [str(png)]
+
+
+def test_an_imagefolder_zipped_on_a_mac_or_with_a_val_folder(tmp_path: Path):
+    """A zip made on a Mac holds __MACOSX/ with the files' resource forks: it became a class of train/, and the
+    error then asked for an empty test/__MACOSX. A folder with val/ instead of test/ was told test/ does not exist,
+    without the rename (datasets review). And a --data-dir with `..` is named without it, as the run records it."""
+    expected = build_imagefolder(tmp_path / "data")
+    fork = tmp_path / "data" / "train" / "__MACOSX" / "cat" / "._img000.jpg"
+    fork.parent.mkdir(parents=True)
+    fork.write_bytes(b"\x00\x05\x16\x07")
+    splits = load_dataset("imagefolder", tmp_path / "data")
+    assert splits.classes == expected.classes and splits.train == expected.train
+    (tmp_path / "data" / "test").rename(tmp_path / "data" / "val")
+    with pytest.raises(UserError, match="rename val/ to test/") as error:
+        load_dataset("imagefolder", tmp_path / "elsewhere" / ".." / "data")
+    assert f"expected the folder {tmp_path / 'data' / 'test'};" in str(error.value)

@@ -410,10 +410,18 @@ def _load_imagefolder(data_dir: Path, with_train: bool = True) -> DatasetSplits:
         )
 
     def split(split_name: str) -> dict[str, list[str]]:
+        named_otherwise = [name for name in ("val", "valid", "validation") if (data_dir / name).is_dir()]
+        if split_name == "test" and not (data_dir / "test").exists() and named_otherwise:
+            raise _fail(
+                "imagefolder",
+                f"expected the folder {data_dir / 'test'}; the test images are read from test/, so rename "
+                f"{named_otherwise[0]}/ to test/ (or link it)",
+            )
         split_dir = _require_dir("imagefolder", data_dir / split_name)
         files_by_class = {}
         for class_dir in sorted(split_dir.iterdir()):
-            if not class_dir.is_dir() or class_dir.name.startswith("."):
+            # __MACOSX: the resource forks a zip made on a Mac holds, which became a class of their own (review).
+            if not class_dir.is_dir() or class_dir.name.startswith(".") or class_dir.name == "__MACOSX":
                 continue
             files_by_class[class_dir.name] = images_under(class_dir)
         if not files_by_class:
@@ -483,7 +491,7 @@ def load_dataset(name: str, data_dir: str | Path, *, with_train: bool = True) ->
     """
     if name not in _LOADERS:
         raise UserError(f"unknown dataset {name!r}; valid names are: {', '.join(DATASET_NAMES)}")
-    data_dir = Path(data_dir).expanduser().absolute()
+    data_dir = Path(os.path.abspath(Path(data_dir).expanduser()))  # as config.resolve writes it: no ..
     if name == "imagefolder":
         return _load_imagefolder(data_dir, with_train=with_train)
     return _LOADERS[name](data_dir)
