@@ -99,6 +99,36 @@ def build_cars(base: Path, num_classes: int = 3, train_per_class: int = 3, test_
     return Expected(base, classes, expected["train"], expected["test"])
 
 
+def build_cars_original(
+    base: Path, num_classes: int = 3, train_per_class: int = 3, test_per_class: int = 2
+) -> Expected:
+    """stanford_cars/ as the original release had it: car_ims/ with every image, and cars_annos.mat listing each
+    one's path, class and split (test 0/1), both splits interleaved as in the real file."""
+    import scipy.io
+
+    root = base / "stanford_cars"
+    classes = [f"Maker Model {2000 + i}" for i in range(num_classes)]
+    class_names = np.empty((1, num_classes), dtype=object)
+    class_names[0, :] = classes
+    fields = [("relative_im_path", "O")] + [(name, "O") for name in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")]
+    fields += [("class", "O"), ("test", "O")]
+    records, expected = [], {"train": [], "test": []}
+    for index in range(max(train_per_class, test_per_class) * num_classes * 2):
+        label, test = index % num_classes, (index // num_classes) % 2
+        split = "test" if test else "train"
+        if len(expected[split]) >= (test_per_class if test else train_per_class) * num_classes:
+            continue
+        relative = f"car_ims/{len(records) + 1:06d}.jpg"
+        path = write_image(root / relative, _size(len(records) + 1), seed=len(records) + 1)
+        records.append((relative, 1, 2, 10, 9, label + 1, test))
+        expected[split].append((str(path), label))
+    annotations = np.empty((1, len(records)), dtype=fields)
+    for i, record in enumerate(records):
+        annotations[0, i] = record
+    scipy.io.savemat(root / "cars_annos.mat", {"annotations": annotations, "class_names": class_names})
+    return Expected(base, classes, expected["train"], expected["test"])
+
+
 def build_aircraft(base: Path) -> Expected:
     """fgvc-aircraft-2013b/data/ with images/, variants.txt and the variant-level split lists."""
     data = base / "fgvc-aircraft-2013b" / "data"

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _layouts import BUILDERS, build_cars, build_cub, build_food101, build_imagefolder, build_indoor67, write_image
+from _layouts import (
+    BUILDERS,
+    build_cars,
+    build_cars_original,
+    build_cub,
+    build_food101,
+    build_imagefolder,
+    build_indoor67,
+    write_image,
+)
 from PIL import Image
 
 from smile_fast.data.datasets import DATASET_NAMES, load_dataset
@@ -661,3 +670,28 @@ def test_an_imagefolder_zipped_on_a_mac_or_with_a_val_folder(tmp_path: Path):
     with pytest.raises(UserError, match="rename val/ to test/") as error:
         load_dataset("imagefolder", tmp_path / "elsewhere" / ".." / "data")
     assert f"expected the folder {tmp_path / 'data' / 'test'};" in str(error.value)
+
+
+def test_cars_reads_the_original_release_car_ims_and_cars_annos_mat(tmp_path: Path, capsys, private_cache):
+    """The original release (car_ims/ and cars_annos.mat, the file with both splits) was refused with a message
+    naming only torchvision's layout (datasets review)."""
+    from smile_fast.cli import main
+
+    expected = build_cars_original(tmp_path)
+    for data_dir in (tmp_path, tmp_path / "stanford_cars"):
+        splits = load_dataset("cars", data_dir)
+        assert splits.classes == expected.classes
+        assert splits.train == expected.train and splits.test == expected.test
+    assert main(["data", "verify", "--dataset", "cars", "--data-dir", str(tmp_path)]) == 0
+    assert "train: 9 images listed, 9 readable" in capsys.readouterr().out
+    (tmp_path / "stanford_cars" / "cars_annos.mat").unlink()
+    with pytest.raises(UserError, match="devkit.*the original release's car_ims/ with cars_annos.mat is read too"):
+        load_dataset("cars", tmp_path)
+
+
+def test_cars_finds_the_test_labels_in_the_devkit_folder_too(tmp_path: Path):
+    expected = build_cars(tmp_path)
+    root = tmp_path / "stanford_cars"
+    (root / "cars_test_annos_withlabels.mat").rename(root / "devkit" / "cars_test_annos_withlabels.mat")
+    splits = load_dataset("cars", tmp_path)
+    assert splits.train == expected.train and splits.test == expected.test

@@ -29,7 +29,8 @@ _WHERE = {
         "the official Stanford download (ai.stanford.edu) is gone; get a copy from Kaggle (torchvision 0.20's "
         "StanfordCars docs point there: https://pytorch.org/vision/0.20/generated/"
         "torchvision.datasets.StanfordCars.html) holding devkit/ (or car_devkit/devkit/), cars_train/, cars_test/ "
-        "and cars_test_annos_withlabels.mat, in a stanford_cars folder"
+        "and cars_test_annos_withlabels.mat, in a stanford_cars folder; the original release's car_ims/ with "
+        "cars_annos.mat is read too"
     ),
     "aircraft": (
         "download fgvc-aircraft-2013b.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ and extract it"
@@ -235,9 +236,9 @@ def _parse_int(name: str, path: Path, text: str) -> int:
 
 def _load_cars(data_dir: Path) -> DatasetSplits:
     import numpy as np
-    import scipy.io
 
-    # torchvision's layout has devkit/ beside the image folders; the Kaggle copy has car_devkit/devkit/.
+    # torchvision's layout has devkit/ beside the image folders; the Kaggle copy has car_devkit/devkit/; the original
+    # release (the one whose every image is in car_ims/) lists both splits in cars_annos.mat.
     try:
         root = _find_root("cars", data_dir, "stanford_cars", "devkit")
         devkit = root / "devkit"
@@ -247,23 +248,20 @@ def _load_cars(data_dir: Path) -> DatasetSplits:
         except UserError as kaggle_layout:
             if _INSIDE in str(kaggle_layout):  # a folder of the Kaggle copy was given: say which to give instead
                 raise kaggle_layout from None
-            raise torchvision_layout from None  # names the usual layout; the message lists the Kaggle one too
+            try:
+                original_root = _find_root("cars", data_dir, "stanford_cars", "cars_annos.mat")
+            except UserError:
+                raise torchvision_layout from None  # names the usual layout; the message's end names the others
+            return _load_cars_original(original_root)
         devkit = root / "car_devkit" / "devkit"
 
-    def load_mat(path: Path) -> dict:
-        _require_file("cars", path)
-        try:
-            return scipy.io.loadmat(str(path), squeeze_me=True)
-        except Exception as error:  # scipy raises several unrelated types for a corrupt file
-            raise _fail("cars", f"cannot read {path} as a MATLAB file ({error})") from None
-
-    meta = load_mat(devkit / "cars_meta.mat")
+    meta = _load_cars_mat(devkit / "cars_meta.mat")
     if "class_names" not in meta:
         raise _fail("cars", f"{devkit / 'cars_meta.mat'} has no 'class_names' field")
     classes = [str(name) for name in np.atleast_1d(meta["class_names"]).tolist()]
 
     def split(annotations_path: Path, image_folder: str) -> list[tuple[str, int]]:
-        content = load_mat(annotations_path)
+        content = _load_cars_mat(annotations_path)
         annotations = content.get("annotations")
         fields = getattr(getattr(annotations, "dtype", None), "names", None) or ()
         if annotations is None or "fname" not in fields or "class" not in fields:
@@ -282,7 +280,48 @@ def _load_cars(data_dir: Path) -> DatasetSplits:
         return samples
 
     train = split(devkit / "cars_train_annos.mat", "cars_train")
-    test = split(root / "cars_test_annos_withlabels.mat", "cars_test")
+    # Beside devkit/ in torchvision's layout; some copies put it in devkit/ with the other annotations (review).
+    test_annotations = root / "cars_test_annos_withlabels.mat"
+    if not test_annotations.exists() and (devkit / test_annotations.name).is_file():
+        test_annotations = devkit / test_annotations.name
+    test = split(test_annotations, "cars_test")
+    return DatasetSplits("cars", root, classes, train, test)
+
+
+def _load_cars_mat(path: Path) -> dict:
+    import scipy.io
+
+    _require_file("cars", path)
+    try:
+        return scipy.io.loadmat(str(path), squeeze_me=True)
+    except Exception as error:  # scipy raises several unrelated types for a corrupt file
+        raise _fail("cars", f"cannot read {path} as a MATLAB file ({error})") from None
+
+
+def _load_cars_original(root: Path) -> DatasetSplits:
+    """The original release: car_ims/ with all 16,185 images and cars_annos.mat, whose annotations give each
+    image's path, class (1-based, the devkit's order) and split (test 1 or 0): the same 8,144 / 8,041 split as the
+    devkit's files, under other file names."""
+    import numpy as np
+
+    annos_path = root / "cars_annos.mat"
+    content = _load_cars_mat(annos_path)
+    annotations = content.get("annotations")
+    fields = getattr(getattr(annotations, "dtype", None), "names", None) or ()
+    if annotations is None or not {"relative_im_path", "class", "test"} <= set(fields) or "class_names" not in content:
+        raise _fail(
+            "cars",
+            f"{annos_path} should hold 'class_names' and an 'annotations' struct with 'relative_im_path', "
+            "'class' and 'test'",
+        )
+    classes = [str(name) for name in np.atleast_1d(content["class_names"]).tolist()]
+    train, test = [], []
+    for annotation in np.atleast_1d(annotations):
+        label = int(annotation["class"]) - 1
+        if not 0 <= label < len(classes):
+            raise _fail("cars", f"{annos_path} has class {label + 1}, outside 1..{len(classes)}")
+        (test if int(annotation["test"]) else train).append((str(root / str(annotation["relative_im_path"])), label))
+    _check_first_image("cars", train, annos_path)
     return DatasetSplits("cars", root, classes, train, test)
 
 
