@@ -88,13 +88,13 @@ LAUNCHER = textwrap.dedent(
         sys.argv[sys.argv.index("--data-dir") + 1] = os.environ["RANK1_DATA_DIR"]
     if os.environ.get(f"WEIGHTS_RANK{os.environ.get('RANK', '0')}"):
         from smile_fast import engine
-        original_build = engine.build_models
+        original_build = engine.build_source_model
 
         def build_with_other_weights(*args, **kwargs):
-            student, source, _ = original_build(*args, **kwargs)
-            return student, source, os.environ[f"WEIGHTS_RANK{os.environ.get('RANK', '0')}"]
+            model, _ = original_build(*args, **kwargs)
+            return model, os.environ[f"WEIGHTS_RANK{os.environ.get('RANK', '0')}"]
 
-        engine.build_models = build_with_other_weights
+        engine.build_source_model = build_with_other_weights
     from smile_fast.cli import main
     sys.exit(main(sys.argv[1:]))
     """
