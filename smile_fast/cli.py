@@ -169,6 +169,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--log-every", type=_integer, help="log a metrics row every N iterations (default 10)")
     flag("--out", help="run folder (default runs/<time>-<dataset>-<method>)")
     flag("--resume", help="continue a stopped run: its run folder or last.pt")
+    flag(
+        "--auto-resume",
+        action="store_true",
+        help="continue the run in --out from its last.pt when it has one, else start it there: one command for the "
+        "first start and every restart (torchrun --max-restarts, a requeued batch job)",
+    )
     flag("--alpha", type=float, help="Beta(alpha, alpha) for lam (default 0.2)")
     flag("--gamma-fe", type=float, help="weight of the feature mixup loss (default 0.01)")
     flag("--gamma-fc", type=float, help="weight of the source-label mixup loss (default 0.1)")
@@ -513,10 +519,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # (`--resume RUN --data-dir NEW` names no --dataset), and recorded configs are not this command's doing.
         if not config.resume:
             _refuse_a_data_dir_for_the_demo(config.dataset, config.data_dir)
+        if args.auto_resume:
+            _resume_if_the_folder_has_a_checkpoint(config)
     except UserError as error:
         raise same_on_every_process(error) from None
     named = set(yaml_values) | {key for key, value in overrides.items() if value is not None}
-    summary = train(config, progress=not args.no_progress, given={key: getattr(config, key) for key in named})
+    given = {key: getattr(config, key) for key in named}
+    summary = train(config, progress=not args.no_progress, given=given, start_over_an_unsaved_run=args.auto_resume)
     if torchrun_environment().is_main:  # under torchrun every rank returns; the table is printed once
         try:
             print_summary_table(summary)
@@ -524,6 +533,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except OSError as error:  # `| head` that left before the end: the run itself is done and written
             return stdout_failed(error)
     return 0
+
+
+def _resume_if_the_folder_has_a_checkpoint(config) -> None:
+    """--auto-resume: a resume of --out when it holds last.pt (the command's other flags then checked as a resume
+    checks them), else a new run there. torchrun's restarted workers and a requeued batch job run the command they
+    were given again; without it the restart found the checkpoint and was refused, and no one command both started
+    and resumed (torchrun review)."""
+    if config.resume:
+        raise UserError("--auto-resume continues the run in --out when it has a checkpoint: give it without --resume")
+    if not config.out:
+        raise UserError(
+            "--auto-resume needs --out: the run folder a restart looks in (a default folder's name is the time of "
+            "each start)"
+        )
+    if (Path(config.out) / "last.pt").is_file():
+        config.resume = config.out
 
 
 def _note_another_global_batch(path: str, batch_size: int) -> None:

@@ -62,6 +62,7 @@ from smile_fast.resume import (
     check_resume_settings,
     check_run_dir,
     drop_capture_flags,
+    holds_logged_metrics,
     model_layout_check,
     moved_dataset_hint,
     rebase,
@@ -143,11 +144,15 @@ class Trainer:
         progress: bool = True,
         given: Mapping[str, Any] | None = None,
         folder_lock: RunFolderLock | None = None,
+        start_over_an_unsaved_run: bool = False,
     ):
         """given: the settings this invocation named (flags, YAML), with their values; with `config.resume`
         those in RESUME_MAY_CHANGE replace the run's own, and any other that differs is an error.
         folder_lock: taken on the run folder by the main rank before it reads or writes it (the caller releases
-        it; by default the lock goes when the Trainer does)."""
+        it; by default the lock goes when the Trainer does).
+        start_over_an_unsaved_run: a new run may start in a folder whose run ended before its first checkpoint
+        (--auto-resume: the restart of such a run has nothing to resume and starts it again)."""
+        self._start_over_an_unsaved_run = start_over_an_unsaved_run
         self.folder_lock = folder_lock if folder_lock is not None else RunFolderLock()
         self.started = time.perf_counter()
         self.resume_state: dict[str, Any] | None = None
@@ -181,12 +186,16 @@ class Trainer:
                 raise same_on_every_process(error) from None
         # Only the main rank reads the folder (other nodes may not even see it); the others learn its verdict,
         # so that a refused folder is one line from each rank rather than the others' DDP tracebacks.
-        refused = None
+        refused, starts_again = None, False
         if self.dist.is_main:
             try:
                 if not (self.folder_lock.held and self.folder_lock.run_dir == self.run_dir):  # not our own lock
                     refuse_a_folder_in_use(self.run_dir)
-                check_run_dir(self.run_dir, resuming=self.resume_state is not None)
+                check_run_dir(
+                    self.run_dir, self.resume_state is not None, start_over_an_unsaved_run=start_over_an_unsaved_run
+                )
+                starts_again = start_over_an_unsaved_run and self.resume_state is None
+                starts_again = starts_again and self.run_dir.is_dir() and holds_logged_metrics(self.run_dir)
                 if self.run_dir.is_dir():  # another process writing it (a run, a resume) is refused here
                     self.folder_lock.acquire(self.run_dir)
                 self._refuse_a_checkpoint_written_meanwhile()
@@ -201,6 +210,11 @@ class Trainer:
         if refused:
             raise same_on_every_process(UserError(refused))
         self._log = log or stderr_line
+        if starts_again:
+            self.log(
+                f"note: --auto-resume: {self.run_dir} holds no checkpoint (its run ended before the first), so the "
+                "run starts there again"
+            )
         if self.resume_state is not None:
             dropped = drop_capture_flags(config, self.device, self.dist, given)
             if dropped:
@@ -524,7 +538,7 @@ class Trainer:
                     # Looked at again under the lock: another run may have made this folder, and even finished
                     # in it, while this one was starting (minutes of file checks on a large dataset). Its files
                     # would have been overwritten (review).
-                    check_run_dir(self.run_dir, resuming=False)
+                    check_run_dir(self.run_dir, False, start_over_an_unsaved_run=self._start_over_an_unsaved_run)
             except UserError:
                 if self.resume_state is not None or self._default_name is None:
                     raise
@@ -1009,10 +1023,14 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 
 def train(
-    config: TrainConfig, log=None, progress: bool = True, given: Mapping[str, Any] | None = None
+    config: TrainConfig,
+    log=None,
+    progress: bool = True,
+    given: Mapping[str, Any] | None = None,
+    start_over_an_unsaved_run: bool = False,
 ) -> dict[str, Any]:
     """Run one training job and return its summary (also written to the run folder's summary.json).
-    given: the settings the command line and YAML named (see Trainer)."""
+    given, start_over_an_unsaved_run: see Trainer."""
     import torch.distributed as dist
 
     # Under torchrun the Trainer joins the process group; it is left again however the run ends, a failed
@@ -1020,7 +1038,14 @@ def train(
     joined_before = dist.is_available() and dist.is_initialized()
     folder_lock = RunFolderLock()
     try:
-        return Trainer(config, log=log, progress=progress, given=given, folder_lock=folder_lock).run()
+        return Trainer(
+            config,
+            log=log,
+            progress=progress,
+            given=given,
+            folder_lock=folder_lock,
+            start_over_an_unsaved_run=start_over_an_unsaved_run,
+        ).run()
     finally:
         folder_lock.release()  # now, also when the start failed and its traceback keeps the Trainer alive
         if not joined_before and dist.is_available() and dist.is_initialized():

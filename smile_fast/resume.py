@@ -21,19 +21,28 @@ from smile_fast.stop_signals import TrainingStopped
 RUN_FILES = ("last.pt", "summary.json")  # a folder holding either holds a run worth keeping
 
 
-def check_run_dir(run_dir: Path, resuming: bool) -> None:
+def holds_logged_metrics(run_dir: Path) -> bool:
+    """Whether the folder's metrics.csv has a row below its header (a run trained there)."""
+    metrics = run_dir / "metrics.csv"
+    return metrics.is_file() and len(metrics.read_text(encoding="utf-8", errors="replace").splitlines()) > 1
+
+
+def check_run_dir(run_dir: Path, resuming: bool, start_over_an_unsaved_run: bool = False) -> None:
     """One-line errors, before any data is read, for a run folder that cannot be used.
 
     A new run never writes into a folder that holds another run's checkpoint, summary or logged metrics
     (it would replace them); a folder left by a start that failed before training holds none of those.
+    start_over_an_unsaved_run: except the metrics of a run that ended before its first checkpoint (--auto-resume,
+    whose restart of that run starts it again).
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"the run folder {run_dir} is a file; give another --out")
     if not resuming and run_dir.is_dir():
         found = [name for name in RUN_FILES if (run_dir / name).exists()]
-        metrics = run_dir / "metrics.csv"
-        if metrics.is_file() and len(metrics.read_text(encoding="utf-8", errors="replace").splitlines()) > 1:
+        if holds_logged_metrics(run_dir):
             found.append("metrics.csv")
+        if found == ["metrics.csv"] and start_over_an_unsaved_run:
+            found = []  # its metrics.csv is written again from the start
         if found == ["metrics.csv"]:
             # A run that ended before its first checkpoint (it diverged, or was killed): its log is kept,
             # but there is nothing to resume.

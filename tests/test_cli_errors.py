@@ -253,6 +253,11 @@ RUN_CASES = {
         lambda t: ["bench", "loader", "--device", "cpu", "--data-dir", str(_image_folder(t / "data"))],
         ["{tmp}/data", "--dataset imagefolder"],
     ),
+    "auto-resume-without-out": (lambda t: ["train", "--auto-resume", "--no-progress"], ["--auto-resume needs --out"]),
+    "auto-resume-with-resume": (
+        lambda t: ["train", "--auto-resume", "--resume", str(t / "old-run"), "--no-progress"],
+        ["without --resume"],
+    ),
     "cuda-graph-on-cpu": (
         lambda t: _train_imagefolder(t, "--model", "resnet18", "--weights", "none", "--device", "cpu", "--cuda-graph"),
         ["--cuda-graph", "CUDA"],

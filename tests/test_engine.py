@@ -126,6 +126,73 @@ def test_signal_stop_then_resume_equals_uninterrupted(tiny_imagefolder, tmp_path
         torch.use_deterministic_algorithms(False)
 
 
+def test_auto_resume_is_one_command_for_the_start_and_every_restart(tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    """torchrun's restarted workers (--max-restarts) and a requeued batch job run the command they were given again:
+    it found the checkpoint and was refused, and no command both started and resumed (torchrun review).
+    --auto-resume starts the run, continues it from its checkpoint, and says a finished one is finished (exit 0)."""
+    from smile_fast.cli import main
+
+    out = tmp_path / "run"
+    command = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--out", str(out)]
+    command += ["--model", "resnet18", "--weights", "none", "--iters", "4", "--batch-size", "4", "--device", "cpu"]
+    command += ["--eval-every", "2", "--no-progress", "--auto-resume"]
+    original_call = TrainingStep.__call__
+
+    def preempted(self, iteration, *batch):
+        result = original_call(self, iteration, *batch)
+        if iteration == 0:  # the scheduler's SIGTERM after the first step: a checkpoint of iteration 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingStep, "__call__", preempted)
+        assert main(command) == 128 + signal.SIGTERM
+    assert load_checkpoint(out)["iteration"] == 1
+    capsys.readouterr()
+    assert main(command) == 0
+    error = capsys.readouterr().err
+    assert f"resuming {out} at iteration 1" in error, error
+    assert json.loads((out / "summary.json").read_text())["iters"] == 4
+    assert [int(row["iteration"]) for row in csv.DictReader((out / "metrics.csv").open())][-1] == 4
+    finished = load_checkpoint(out)
+    assert main(command) == 0  # a requeue after the end: nothing to do, and nothing changed
+    assert "already finished its 4 iterations" in capsys.readouterr().err
+    again = load_checkpoint(out)
+    for name, value in finished["student"].items():
+        assert torch.equal(again["student"][name], value), name
+
+
+def test_auto_resume_starts_again_a_run_that_ended_before_its_first_checkpoint(
+    tiny_imagefolder, tmp_path, monkeypatch, capsys
+):
+    """Its restart has nothing to resume: a new run in the same folder, said, where a plain new run is refused."""
+    from smile_fast.cli import main
+
+    out = tmp_path / "run"
+    command = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--out", str(out)]
+    command += ["--model", "resnet18", "--weights", "none", "--iters", "2", "--batch-size", "4", "--device", "cpu"]
+    command += ["--eval-every", "2", "--log-every", "1", "--no-progress"]
+    original_call = TrainingStep.__call__
+
+    def crashed(self, iteration, *batch):
+        if iteration == 1:
+            raise RuntimeError("a crash after the first logged row (test)")
+        return original_call(self, iteration, *batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingStep, "__call__", crashed)
+        with pytest.raises(RuntimeError, match="a crash after the first logged row"):
+            main(command)
+    assert not (out / "last.pt").exists() and len((out / "metrics.csv").read_text().splitlines()) == 2
+    capsys.readouterr()
+    assert main(command) == 2
+    assert "ended before its first checkpoint" in capsys.readouterr().err
+    assert main([*command, "--auto-resume"]) == 0
+    assert f"note: --auto-resume: {out} holds no checkpoint" in capsys.readouterr().err
+    assert load_checkpoint(out)["iteration"] == 2
+    assert [int(row["iteration"]) for row in csv.DictReader((out / "metrics.csv").open())] == [1, 2]
+
+
 def test_a_stop_between_log_rows_resumes_into_the_same_rows(tiny_imagefolder, tmp_path, monkeypatch):
     """Stopped at iteration 5 (rows come at 2, 3, 4 and 6), the resumed run's row 6 averaged step 6 alone: the
     curve's loss differed from an uninterrupted run's (1.55 against 1.77 in a review) though the weights matched."""
