@@ -61,6 +61,22 @@ def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) ->
     return device
 
 
+def _store_of_this_attempt(timeout: datetime.timedelta) -> dict:
+    """init_process_group's store for workers that torchrun restarted (--max-restarts), under a prefix of their own.
+
+    The restarted workers meet in the store the first ones used, where those left the addresses of their
+    connections: a new worker read a dead one's and gloo's connect was refused (torchrun restart test, 2 of 3
+    restarts here; torch issue 167288 reports it with NCCL). First starts use torch's own rendezvous, unchanged."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt in ("", "0"):
+        return {}
+    import torch.distributed as dist
+    from torch.distributed.rendezvous import rendezvous
+
+    store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+    return {"store": dist.PrefixStore(f"smile-fast/attempt-{attempt}", store), "rank": rank, "world_size": world_size}
+
+
 def setup_distributed(device_name: str, timeout_minutes: float = 10.0) -> tuple[DistributedContext, torch.device]:
     """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on CPUs).
 
@@ -94,10 +110,10 @@ def setup_distributed(device_name: str, timeout_minutes: float = 10.0) -> tuple[
                 file=sys.stderr,
                 flush=True,
             )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         try:
             dist.init_process_group(
-                backend="nccl" if device.type == "cuda" else "gloo",
-                timeout=datetime.timedelta(minutes=timeout_minutes),
+                backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout, **_store_of_this_attempt(timeout)
             )
         except (dist.DistStoreError, dist.DistNetworkError) as error:
             reason = first_line(error)

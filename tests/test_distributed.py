@@ -81,6 +81,18 @@ LAUNCHER = textwrap.dedent(
             return original_call(self, iteration, *batch)
 
         TrainingStep.__call__ = crash_at_second_step
+    if os.environ.get("EXIT_ONCE_RANK") == os.environ.get("RANK"):  # a crash that a restart does not meet again
+        from smile_fast.step import TrainingStep
+        step_call = TrainingStep.__call__
+
+        def exit_once(self, iteration, *batch):
+            marker = os.path.join(os.environ["RECORD_DIR"], "exited-once")
+            if iteration == int(os.environ["EXIT_ONCE_AT"]) and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+            return step_call(self, iteration, *batch)
+
+        TrainingStep.__call__ = exit_once
     with open(os.path.join(os.environ["RECORD_DIR"], f"pid-rank{os.environ.get('RANK', '0')}"), "w") as f:
         f.write(str(os.getpid()))
     # Rank 1 as on a node with its own copies: another data folder, or a weights cache it could not read.
@@ -467,3 +479,22 @@ def test_each_rank_says_what_stopped_it_and_which_checkpoint_is_kept(folder, tmp
     assert output.count(f"interrupted; the checkpoint of iteration {kept} in ") == 1, output[-3000:]
     said = re.findall(r"interrupted; rank 0's checkpoint of iteration (\d+) in \S+ is kept \(the one before it", output)
     assert len(said) == 1 and 0 < int(said[0]) <= kept, output[-3000:]
+
+
+def test_torchrun_max_restarts_with_auto_resume_continue_from_the_checkpoint(folder, tmp_path):
+    """torchrun restarts every worker with the command it was given: without --auto-resume a restart found the
+    checkpoint and was refused, and the run was lost after its restarts (torchrun review). Rank 1 dies once at
+    its 4th step; the restart continues from the checkpoint of iteration 2."""
+    out = tmp_path / "run"
+    command = _command(folder, out, 2, 4, "finetune", iters=6, extra_args=["--eval-every", "2", "--auto-resume"])
+    command.insert(command.index("--standalone"), "--max-restarts=1")
+    env = _environment(tmp_path / "record", {"EXIT_ONCE_RANK": "1", "EXIT_ONCE_AT": "3"})
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert (tmp_path / "record" / "exited-once").exists(), "rank 1 did not die: the test tested nothing"
+    assert f"resuming {out} at iteration 2" in output, output[-3000:]
+    assert json.loads((out / "summary.json").read_text())["iters"] == 6
+    with (out / "metrics.csv").open() as stream:
+        iterations = [int(row["iteration"]) for row in csv.DictReader(stream)]
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 6, iterations
