@@ -48,7 +48,7 @@ from smile_fast.data.images import nothing_decodes
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
 from smile_fast.devices import to_device_async
-from smile_fast.errors import UserError
+from smile_fast.errors import UserError, raise_an_interrupt_inside
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
         import nvidia.dali.plugin.pytorch  # noqa: F401
-    except Exception:  # a broken install raises more than ImportError (OSError on a missing library)
+    except Exception as error:  # a broken install raises more than ImportError (OSError on a missing library)
+        raise_an_interrupt_inside(error)  # not cached: a Ctrl-C during the import is not a missing DALI
         return False
     return True
 
@@ -592,6 +593,7 @@ def _decode_problem(device: torch.device) -> str | None:
             images, _ = batches.next()
             batches.close()
     except Exception as error:  # noqa: BLE001 - DALI reports a missing library as any of several errors
+        raise_an_interrupt_inside(error)
         message = str(error).strip().splitlines()
         return f"{type(error).__name__}: {message[0] if message else 'no message'}"
     if tuple(images.shape) != (1, 3, 8, 8) or not torch.isfinite(images).all():
