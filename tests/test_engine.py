@@ -1214,6 +1214,35 @@ def test_eval_scores_a_folder_of_new_test_images_without_train(tmp_path):
         evaluate_checkpoint(str(out), device="cpu", data_dir=str(tmp_path / "empty"))
 
 
+def test_weights_that_became_infinite_under_a_finite_loss_do_not_replace_the_last_good_checkpoint(
+    tiny_imagefolder, tmp_path, monkeypatch, capsys
+):
+    """--lr 1e6 overflowed a BatchNorm running variance while the logged loss was still finite: that checkpoint was
+    written over the last usable one, which the divergence message then called good, and eval and --resume refused
+    it (failure review). The weights are checked before each write now."""
+    from smile_fast.cli import main
+
+    original_call = TrainingStep.__call__
+
+    def overflowing(self, iteration, *batch):
+        result = original_call(self, iteration, *batch)
+        if iteration == 2:  # the third step: a running variance overflows, the loss does not see it yet
+            bn = next(module for module in self.student.modules() if isinstance(module, torch.nn.BatchNorm2d))
+            bn.running_var[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(TrainingStep, "__call__", overflowing)
+    out = tmp_path / "run"
+    command = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--out", str(out)]
+    command += ["--model", "resnet18", "--weights", "none", "--iters", "6", "--batch-size", "4", "--device", "cpu"]
+    capsys.readouterr()
+    assert main([*command, "--eval-every", "2", "--log-every", "2", "--no-progress"]) == 3
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("smile-fast:")]
+    assert "the weights became NaN or infinite (student." in line and "running_var), with the logged loss" in line
+    assert f"before iteration 4; the last good checkpoint (iteration 2) is kept in {out}" in line, line
+    assert load_checkpoint(out)["iteration"] == 2  # and it loads: finite
+
+
 @pytest.mark.parametrize("part", ["student", "teacher", "optimizer"])
 def test_a_checkpoint_damaged_into_nan_is_refused_as_damaged(tiny_imagefolder, tmp_path, monkeypatch, part):
     """Random bytes inside last.pt can still unpickle: eval scored the damaged model without a word, and the
