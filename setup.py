@@ -28,5 +28,5 @@ setup(
         "dali": ["nvidia-dali-cuda130"],
         "dev": ["pytest>=7.3", "pytest-benchmark>=4", "ruff>=0.5", "hypothesis>=6"],
     },
-    entry_points={"console_scripts": ["smile-fast=smile_fast.cli:main"]},
+    entry_points={"console_scripts": ["smile-fast=smile_fast.cli:console_main"]},
 )

@@ -1,7 +1,5 @@
 """`python -m smile_fast ...` (what torchrun runs: `torchrun --nproc_per_node=N -m smile_fast train ...`)."""
 
-import sys
+from smile_fast.cli import console_main
 
-from smile_fast.cli import main
-
-sys.exit(main())
+console_main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -526,6 +527,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     named = set(yaml_values) | {key for key, value in overrides.items() if value is not None}
     given = {key: getattr(config, key) for key in named}
     summary = train(config, progress=not args.no_progress, given=given, start_over_an_unsaved_run=args.auto_resume)
+    _a_stop_signal_now_exits_with(0)  # the run is finished and written: from here a stop signal is exit 0
     if torchrun_environment().is_main:  # under torchrun every rank returns; the table is printed once
         try:
             print_summary_table(summary)
@@ -1004,6 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
         from smile_fast.stop_signals import TrainingStopped
 
         if isinstance(error, TrainingStopped):
+            _a_stop_signal_now_exits_with(error.exit_code)  # its checkpoint is written (or kept) and its status known
             if getattr(error, "same_on_every_process", False) and _not_the_first_process():
                 return error.exit_code
             try:
@@ -1014,5 +1017,42 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+# Set by console_main: this process ends when the command does, so a finished command may take over stop signals.
+_A_PROCESS_OF_ITS_OWN = False
+
+
+def console_main() -> None:
+    """The `smile-fast` command and `python -m smile_fast`: main(), then its status however the process ends."""
+    global _A_PROCESS_OF_ITS_OWN
+    _A_PROCESS_OF_ITS_OWN = True
+    status = main()
+    _a_stop_signal_now_exits_with(status)
+    sys.exit(status)
+
+
+def _a_stop_signal_now_exits_with(status: int) -> None:
+    """Once the command has finished (its files written, its status decided), a stop signal during the interpreter's
+    teardown (DALI's exit hook alone took 1.5 s) turned a finished run's exit 0 into 143, or printed a
+    KeyboardInterrupt from an exit hook (failure review). It now ends the process at once with the command's own
+    status. Not in main(), which tests and library users call in a process that goes on."""
+    import signal
+
+    from smile_fast.stop_signals import STOP_SIGNALS
+
+    if not _A_PROCESS_OF_ITS_OWN:
+        return
+
+    def exit_now(signum, frame) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nothing more to say anyway
+                pass
+        os._exit(status)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, exit_now)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -246,3 +246,41 @@ def test_a_failing_evaluation_ends_its_loader_workers():
     assert caught.value.__traceback__ is not None
     workers = [child for child in multiprocessing.active_children() if child.is_alive()]
     assert not workers, f"loader workers still running after the evaluation failed: {workers}"
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_a_stop_signal_after_the_command_finished_exits_with_its_status(status):
+    """A SIGTERM during the interpreter's teardown after a finished run (DALI's exit hook alone takes 1.5 s) made
+    its exit 0 a 143, and a SIGINT there printed a KeyboardInterrupt from an exit hook (failure review)."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from smile_fast import cli\n"
+        "cli._A_PROCESS_OF_ITS_OWN = True\n"
+        f"cli._a_stop_signal_now_exits_with({status})\n"
+        "print('finished', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(30)\n"
+        "sys.exit(99)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == status and result.stdout == "finished\n", result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_sigterm_right_after_a_finished_runs_summary_is_exit_0(tmp_path):
+    """As a scheduler's stop lands: after the summary table, during the interpreter's teardown (it was 143)."""
+    from _tiny_runs import write_tiny_imagefolder
+
+    data = write_tiny_imagefolder(tmp_path / "data")
+    command = [sys.executable, "-m", "smile_fast", "train", "--dataset", "imagefolder", "--data-dir", str(data)]
+    command += ["--model", "resnet18", "--weights", "none", "--iters", "1", "--batch-size", "4", "--device", "cpu"]
+    command += ["--out", str(tmp_path / "run"), "--no-progress"]
+    env = dict(os.environ, SMILE_FAST_CACHE=str(tmp_path / "cache"))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in process.stdout:
+        if line.startswith("run folder"):
+            process.send_signal(signal.SIGTERM)
+            break
+    process.stdout.read()
+    assert process.wait(timeout=120) == 0, process.stderr.read()[-2000:]
+    assert (tmp_path / "run" / "summary.json").is_file()
