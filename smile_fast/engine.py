@@ -253,7 +253,7 @@ class Trainer:
         turn_off_dependent_flags(saved, given)
         try:  # the run's settings and this command's: the same in every process of a torchrun launch
             config = build_config(saved)
-            check_resume_settings(config, given)
+            check_resume_settings(config, given, self.resume_state.get("weights_used"))
         except UserError as error:
             raise same_on_every_process(error) from None
         return config, given

@@ -240,13 +240,18 @@ def _given_and_recorded(key: str, value: Any, recorded: Any) -> str:
     return f"{name} {value} (the run has {recorded})"
 
 
-def check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any]) -> None:
+def check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any], weights_used: str | None = None) -> None:
     """A resumed run keeps its own data, model, objective and schedule: naming the same values again is
-    fine (re-running the original command with --resume), a different one is an error, not ignored."""
+    fine (re-running the original command with --resume), a different one is an error, not ignored.
+    weights_used: what the run's `--weights auto` loaded (its checkpoint's record): `--weights none` or `imagenet`
+    naming that is the run's own setting, as its config.yaml writes it (`--resume RUN -c RUN/config.yaml` of a run
+    that fell back to random init was refused: failure review)."""
     differ = [
         _given_and_recorded(key, value, getattr(resumed, key))
         for key, value in given.items()
-        if key not in RESUME_MAY_CHANGE and getattr(resumed, key) != value
+        if key not in RESUME_MAY_CHANGE
+        and getattr(resumed, key) != value
+        and not (key == "weights" and _what_auto_loaded(resumed.weights, weights_used) == value)
     ]
     if differ:
         allowed = ", ".join(setting_name(key) for key in RESUME_MAY_CHANGE)
@@ -254,6 +259,13 @@ def check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any]) -> Non
             f"--resume continues a run with its own settings, and these differ from it: {'; '.join(differ)}. "
             f"Leave them out, or start a new run (another --out). A resumed run may change only {allowed}"
         )
+
+
+def _what_auto_loaded(weights: str, weights_used: str | None) -> str | None:
+    """ "none" or "imagenet" for a run whose `--weights auto` loaded that (as write_config records it), else None."""
+    if weights != "auto" or not weights_used:
+        return None
+    return "imagenet" if weights_used.startswith("imagenet") else "none" if weights_used.startswith("none") else None
 
 
 def check_hand_edits_of_the_config(

@@ -457,6 +457,15 @@ def test_a_run_whose_auto_weights_fell_back_records_none_for_its_repeat(offline_
     written = (tmp_path / "run" / "config.yaml").read_text()
     assert load_yaml(tmp_path / "run" / "config.yaml")["weights"] == "none"
     assert "# --weights auto found no ImageNet weights, so the run started from random init" in written
+    # And the run's own config.yaml with its resume: `none` was refused as another setting (failure review).
+    from smile_fast.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--resume", str(run), "-c", str(run / "config.yaml"), "--no-progress"]) == 0
+    with pytest.raises(UserError, match="--weights imagenet \\(the run has auto\\)"):  # not what auto loaded
+        train(
+            tiny_config(data, run, weights="imagenet", resume=str(run)), progress=False, given={"weights": "imagenet"}
+        )
     # And that repeat is this run: the failed attempt's own random init used none of the run's random stream
     # (it did, so `train -c config.yaml` started from other weights: review).
     train(tiny_config(data, tmp_path / "repeat", weights="none", iters=1, eval_every=1), progress=False)
