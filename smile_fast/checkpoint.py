@@ -57,6 +57,25 @@ def safe_load(path: Path, what: str) -> Any:
         raise UserError(f"cannot read {what} {path}: {not_written_by_torch} ({reason})") from None
 
 
+def _last_evaluated_iteration(metrics: Path) -> int | None:
+    """The last iteration metrics.csv has a test top-1 for (a checkpoint was written there), or None."""
+    import csv
+
+    try:
+        with metrics.open(newline="", encoding="utf-8", errors="replace") as stream:
+            rows = list(csv.DictReader(stream))
+    except (OSError, csv.Error):
+        return None
+    evaluated = None
+    for row in rows:
+        try:
+            if row.get("test_top1") and row.get("iteration"):
+                evaluated = int(row["iteration"])
+        except (TypeError, ValueError):  # a row cut short by a kill mid-write
+            continue
+    return evaluated
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a smile-fast checkpoint safely; a run folder may be given instead of its last.pt."""
     given = path = Path(path)
@@ -74,6 +93,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise UserError(
                 f"{path.parent} is still training ({holder}) and holds no checkpoint yet: one is written at each "
                 "evaluation (--eval-every) and when the run is stopped; try again after its first evaluation"
+            )
+        if (evaluated := _last_evaluated_iteration(path.parent / "metrics.csv")) is not None:
+            # A checkpoint was written at that evaluation and is gone since: "ended before the first" misled (review).
+            raise UserError(
+                f"{path} is gone: metrics.csv shows the evaluation of iteration {evaluated}, when one was written "
+                "(deleted or moved since?); put it back from a copy of the run folder, or start a new run"
             )
         if (path.parent / "metrics.csv").is_file():
             raise UserError(

@@ -201,7 +201,9 @@ class MetricsLog:
         """Remove rows logged after `iteration`: a resumed run restarts from the checkpoint taken there."""
         if not self.path.is_file():
             return
-        with self.path.open(newline="") as stream:
+        # errors="replace": a byte the disk or an editor damaged stopped the resume with a UnicodeDecodeError
+        # traceback (failure review); the row it is in is kept, or dropped, as any other.
+        with self.path.open(newline="", encoding="utf-8", errors="replace") as stream:
             rows = list(csv.reader(stream))
         # A row cut short (the run was killed mid-write) is dropped with the rows after the checkpoint.
         header = rows[0] if rows else list(self.COLUMNS)
@@ -222,7 +224,7 @@ class MetricsLog:
             writer.writerow([_format(row.get(column)) for column in self.COLUMNS])
 
     def rows(self) -> list[dict[str, str]]:
-        with self.path.open(newline="") as stream:
+        with self.path.open(newline="", encoding="utf-8", errors="replace") as stream:
             return list(csv.DictReader(stream))
 
 

@@ -631,6 +631,21 @@ def test_a_resume_without_its_manifest_says_so_and_writes_it_again(tiny_imagefol
     del trainer
 
 
+def test_a_deleted_checkpoint_is_said_as_gone_and_a_damaged_metrics_byte_does_not_stop_a_resume(
+    tiny_imagefolder, tmp_path, monkeypatch
+):
+    """A last.pt deleted after an evaluation wrote it was "its run ended before the first one"; a non-UTF-8 byte in
+    metrics.csv stopped --resume with a UnicodeDecodeError traceback (failure review)."""
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
+    with (out / "metrics.csv").open("ab") as stream:
+        stream.write(b"2,0.01,\xff\xfe,,,,,,,,\n")  # a damaged row of the stop's iteration
+    summary = train(_config(tiny_imagefolder, out, iters=4, eval_every=4, resume=str(out)), progress=False)
+    assert summary["iters"] == 4
+    (out / "last.pt").unlink()
+    with pytest.raises(UserError, match="last.pt is gone: metrics.csv shows the evaluation of iteration 4"):
+        evaluate_checkpoint(str(out), device="cpu")
+
+
 def test_a_resume_removes_the_temporary_files_a_killed_write_left(tiny_imagefolder, tmp_path, monkeypatch):
     """A process killed mid-write (SIGKILL) leaves `.last.pt.XXXX.tmp`, a checkpoint's size, beside the intact
     last.pt; resuming kept it for good (review). The resume removes such files of the run's own, and says so;
