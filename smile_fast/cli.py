@@ -194,6 +194,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# As train takes it: a script that passes it to every command was refused by eval and predict (failure review).
+NO_PROGRESS_HELP = "no progress bar (there is none either when stderr is not a terminal)"
 WORKERS_HELP = "image decoding processes (default: as train's loader picks them, its CPUs, at most 16)"
 
 FUSED_INPUT_HELP = (
@@ -328,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=WORKERS_HELP,
     )
+    evaluate.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 
     export = commands.add_parser(
         "export",
@@ -380,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
             "CSV is replaced"
         ),
     )
+    predict.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 
     report = commands.add_parser(
         "report",
@@ -620,7 +624,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             args.checkpoint,
             device=args.device,
             data_dir=args.data_dir,
-            progress=shows_a_bar(sys.stderr),
+            progress=shows_a_bar(sys.stderr) and not args.no_progress,
             workers=args.workers,
         )
     print(

@@ -256,7 +256,7 @@ def predictions_csv(
     classifier: Classifier, paths: list[str], device: torch.device, options, stream
 ) -> tuple[int, list[str]]:
     """Write one CSV row per readable image of `paths` to `stream`, in order (options: top_k, batch_size,
-    workers, None for the loader's default).
+    workers, None for the loader's default, and no_progress).
 
     Returns the number of rows and the paths that are not readable images (each once): a header
     check finds most before the model runs, the loader the rest (a header that reads, pixels that do not)."""
@@ -284,7 +284,7 @@ def predictions_csv(
         desc="predict",
         unit="img",
         file=sys.stderr,
-        disable=rows_on_screen or not shows_a_bar(sys.stderr),
+        disable=rows_on_screen or not shows_a_bar(sys.stderr) or getattr(options, "no_progress", False),
     ) as bar:
         for index, best in predict(
             classifier, readable_paths, device, options.batch_size, workers, options.top_k, bar.update

@@ -86,3 +86,12 @@ def test_smile_fast_alone_shows_the_commands_and_trains_nothing(capsys, tmp_path
     with pytest.raises(SystemExit) as exited:
         main(["--version"])
     assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"smile-fast {__version__}"
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict"])
+def test_the_commands_with_a_progress_bar_take_no_progress(command):
+    """A script that passes --no-progress to every command was refused by eval and predict (failure review)."""
+    from smile_fast.cli import build_parser
+
+    positional = {"train": [], "eval": ["RUN"], "predict": ["RUN", "IMAGES"]}[command]
+    assert build_parser().parse_args([command, *positional, "--no-progress"]).no_progress is True
