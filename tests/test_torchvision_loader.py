@@ -235,3 +235,16 @@ def test_the_transform_refuses_an_unknown_output():
 
     with pytest.raises(ValueError, match="output"):
         build_torchvision_transform(TRAIN_SPEC, output="half")
+
+
+def test_a_training_file_deleted_during_the_run_is_said_as_gone_not_undecodable(tmp_path, caplog):
+    samples = flat_samples(tmp_path, 6)
+    Path(samples[1][0]).unlink()  # after the up-front check: deleted while the run goes on
+    Path(samples[2][0]).write_bytes(b"not an image")
+    loader = TorchvisionTrainLoader(samples, TRAIN_SPEC, TrainBatchPlan(6, 6, seed=0), "cpu", num_workers=0)
+    with caplog.at_level("WARNING"):
+        next(iter(loader.iterate(0)))
+    gone = [record.getMessage() for record in caplog.records if samples[1][0] in record.getMessage()]
+    broken = [record.getMessage() for record in caplog.records if samples[2][0] in record.getMessage()]
+    assert len(gone) == 1 and "that is gone (deleted or moved)" in gone[0], caplog.text
+    assert len(broken) == 1 and "that failed to decode" in broken[0], caplog.text

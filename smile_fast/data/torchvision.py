@@ -15,6 +15,7 @@ deterministically) and counted; it never stops a run.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -183,8 +184,11 @@ class TorchvisionTrainLoader:
             for path in failed:
                 if path not in self.skipped_paths:
                     self.skipped_paths.add(path)
+                    # A file deleted during the run was "failed to decode" (failure review).
+                    what = "that failed to decode" if os.path.exists(path) else "that is gone (deleted or moved)"
                     logger.warning(
-                        "skipping an image file that failed to decode (%d so far), another sample takes its place: %s",
+                        "skipping an image file %s (%d so far), another sample takes its place: %s",
+                        what,
                         len(self.skipped_paths),
                         path,
                     )
