@@ -93,7 +93,7 @@ def test_cli_flags_reach_the_config_over_yaml(tmp_path, monkeypatch, capsys):
     """Through `main`: the YAML file, then the flags; `train` itself is replaced by a recorder."""
     seen: list[TrainConfig] = []
 
-    def fake_train(config, progress=True, given=None):
+    def fake_train(config, progress=True, given=None, start_over_an_unsaved_run=False):
         seen.append(config)
         return {
             "method": config.method,
@@ -160,7 +160,7 @@ def test_speed_flags_and_yaml_reach_the_config(flag, unset, tmp_path, monkeypatc
     to help) and teacher-fused-conv is left to the device (None: see the test above)."""
     seen: list[TrainConfig] = []
 
-    def fake_train(config, progress=True, given=None):
+    def fake_train(config, progress=True, given=None, start_over_an_unsaved_run=False):
         seen.append(config)
         return {
             "method": config.method,
