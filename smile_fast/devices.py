@@ -70,6 +70,10 @@ def _store_of_this_attempt(timeout: datetime.timedelta) -> dict:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     if attempt in ("", "0"):
         return {}
+    # Each machine's torchrun counts its own restarts: a machine restarted because another's worker failed keeps its
+    # count, and its workers would wait under another prefix (diff review). One machine only, where all agree.
+    if os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):
+        return {}
     import torch.distributed as dist
     from torch.distributed.rendezvous import rendezvous
 

@@ -51,3 +51,19 @@ def test_devices_smile_fast_does_not_run_on_are_one_line(name):
     # torch.device() accepts mps, xla and meta; moving a model there failed later with a traceback.
     with pytest.raises(UserError, match=r"use auto, cpu, cuda or cuda:N"):
         resolve_device(name)
+
+
+def test_restarted_workers_get_a_store_prefix_only_where_every_rank_is_on_this_machine(monkeypatch):
+    """Each machine's torchrun counts its own restarts: a prefix from that count would part the ranks of several
+    machines (diff review). A first start takes torch's own rendezvous."""
+    import datetime
+
+    from smile_fast.devices import _store_of_this_attempt
+
+    timeout = datetime.timedelta(seconds=5)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert _store_of_this_attempt(timeout) == {}
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _store_of_this_attempt(timeout) == {}
