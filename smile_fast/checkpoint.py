@@ -57,7 +57,7 @@ def safe_load(path: Path, what: str) -> Any:
         raise UserError(f"cannot read {what} {path}: {not_written_by_torch} ({reason})") from None
 
 
-def _last_evaluated_iteration(metrics: Path) -> int | None:
+def last_evaluated_iteration(metrics: Path) -> int | None:
     """The last iteration metrics.csv has a test top-1 for (a checkpoint was written there), or None."""
     import csv
 
@@ -94,13 +94,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"{path.parent} is still training ({holder}) and holds no checkpoint yet: one is written at each "
                 "evaluation (--eval-every) and when the run is stopped; try again after its first evaluation"
             )
-        if (evaluated := _last_evaluated_iteration(path.parent / "metrics.csv")) is not None:
-            # A checkpoint was written at that evaluation and is gone since: "ended before the first" misled (review).
+        evaluated = last_evaluated_iteration(path.parent / "metrics.csv") if path.name == "last.pt" else None
+        if evaluated is not None:
+            # A checkpoint written at that evaluation and gone since: "ended before the first" misled (review). Unless
+            # the run stopped as diverged right there, which writes none (its own message said so).
             raise UserError(
-                f"{path} is gone: metrics.csv shows the evaluation of iteration {evaluated}, when one was written "
-                "(deleted or moved since?); put it back from a copy of the run folder, or start a new run"
+                f"{path} is not there, though metrics.csv shows the evaluation of iteration {evaluated}, after which "
+                "one is written unless the run stopped as diverged: if it did not, put it back from a copy of the "
+                "run folder; else start a new run"
             )
-        if (path.parent / "metrics.csv").is_file():
+        if path.name == "last.pt" and (path.parent / "metrics.csv").is_file():
             raise UserError(
                 f"{path.parent} holds no checkpoint: its run ended before the first one (written at each "
                 "evaluation, --eval-every), so there is nothing to resume or evaluate; start a new run"

@@ -42,6 +42,15 @@ def check_run_dir(run_dir: Path, resuming: bool, start_over_an_unsaved_run: bool
         if holds_logged_metrics(run_dir):
             found.append("metrics.csv")
         if found == ["metrics.csv"] and start_over_an_unsaved_run:
+            from smile_fast.checkpoint import last_evaluated_iteration
+
+            # Not a run whose checkpoint was written and is gone since (a scratch purge before a requeue): starting
+            # it over would have written its history over without a word (diff review).
+            if (evaluated := last_evaluated_iteration(run_dir / "metrics.csv")) is not None:
+                raise UserError(
+                    f"{run_dir} holds no last.pt, though metrics.csv shows the evaluation of iteration {evaluated}, "
+                    "where one is written: put it back from a copy of the run folder, or give another --out"
+                )
             found = []  # its metrics.csv is written again from the start
         if found == ["metrics.csv"]:
             # A run that ended before its first checkpoint (it diverged, or was killed): its log is kept,

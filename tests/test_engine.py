@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -642,8 +643,14 @@ def test_a_deleted_checkpoint_is_said_as_gone_and_a_damaged_metrics_byte_does_no
     summary = train(_config(tiny_imagefolder, out, iters=4, eval_every=4, resume=str(out)), progress=False)
     assert summary["iters"] == 4
     (out / "last.pt").unlink()
-    with pytest.raises(UserError, match="last.pt is gone: metrics.csv shows the evaluation of iteration 4"):
+    with pytest.raises(UserError, match="last.pt is not there, though metrics.csv shows the evaluation of iteration 4"):
         evaluate_checkpoint(str(out), device="cpu")
+    with pytest.raises(UserError, match="checkpoint .*best.pt does not exist"):  # another name: not "gone"
+        evaluate_checkpoint(str(out / "best.pt"), device="cpu")
+    # Nor does --auto-resume start such a run over, writing its history over (diff review).
+    (out / "summary.json").unlink()
+    with pytest.raises(UserError, match="holds no last.pt, though metrics.csv shows the evaluation of iteration 4"):
+        train(_config(tiny_imagefolder, out, iters=4, eval_every=4), progress=False, start_over_an_unsaved_run=True)
 
 
 def test_a_resume_removes_the_temporary_files_a_killed_write_left(tiny_imagefolder, tmp_path, monkeypatch):
@@ -1253,7 +1260,7 @@ def test_weights_that_became_infinite_under_a_finite_loss_do_not_replace_the_las
     capsys.readouterr()
     assert main([*command, "--eval-every", "2", "--log-every", "2", "--no-progress"]) == 3
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("smile-fast:")]
-    assert "the weights became NaN or infinite (student." in line and "running_var), with the logged loss" in line
+    assert "the weights became NaN or infinite (student." in line and "running_var) before iteration 4" in line
     assert f"before iteration 4; the last good checkpoint (iteration 2) is kept in {out}" in line, line
     assert load_checkpoint(out)["iteration"] == 2  # and it loads: finite
 
@@ -1509,7 +1516,7 @@ def _saving_trainer(run_dir):
     from smile_fast.torchrun import DistributedContext
 
     model = torch.nn.Linear(2, 2)
-    return SimpleNamespace(
+    trainer = SimpleNamespace(
         dist=DistributedContext(),  # one process
         config=SimpleNamespace(to_dict=lambda: {}),
         student=model,
@@ -1521,7 +1528,10 @@ def _saving_trainer(run_dir):
         class_names=["a", "b"],
         run_dir=run_dir,
         weights_description="none",
+        agreed_checkpoint_iteration=None,
     )
+    trainer._refuse_non_finite_weights = partial(Trainer._refuse_non_finite_weights, trainer)
+    return trainer
 
 
 @pytest.mark.parametrize("write", ["completes", "fails: disk full"])
@@ -1912,16 +1922,18 @@ def test_a_killed_loader_worker_is_said_as_the_trainer_expects(noticed):
 
 
 class _QueueOfADeadWorker:
-    """A DataLoader iterator's stand-in: its next batch is one a worker sent, fetched from that worker."""
+    """A DataLoader iterator's stand-in: its next batch is one a worker sent, fetched from that worker (on CUDA by
+    the pin-memory thread, which the broken read ends)."""
 
-    def __init__(self, workers):
+    def __init__(self, workers, error=None):
         self._workers = workers
+        self._error = error or ConnectionResetError(104, "Connection reset by peer")
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        raise ConnectionResetError(104, "Connection reset by peer")
+        raise self._error
 
 
 def test_batches_from_says_a_broken_read_of_a_dead_workers_batch_as_its_death(monkeypatch):
@@ -1936,6 +1948,11 @@ def test_batches_from_says_a_broken_read_of_a_dead_workers_batch_as_its_death(mo
         next(worker_signals.batches_from(_QueueOfADeadWorker([worker])))
     assert str(died.value) == f"DataLoader worker (pid {worker.pid}) is killed by signal: Killed."
     assert isinstance(died.value.__cause__, ConnectionResetError)
+    pinning_ended = RuntimeError("Pin memory thread exited unexpectedly")
+    with pytest.raises(worker_signals.LoaderWorkerDied):
+        next(worker_signals.batches_from(_QueueOfADeadWorker([worker], pinning_ended)))
+    with pytest.raises(RuntimeError, match="another error"):  # any other RuntimeError stays what it is, at once
+        next(worker_signals.batches_from(_QueueOfADeadWorker([worker], RuntimeError("another error"))))
     # With every worker alive it is not a death: the error stays what it is.
     monkeypatch.setattr(worker_signals, "_DEATH_SEEN_WITHIN_SECONDS", 0.2)
     alive = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
