@@ -1010,13 +1010,15 @@ def main(argv: list[str] | None = None) -> int:
         from smile_fast.stop_signals import TrainingStopped
 
         if isinstance(error, TrainingStopped):
-            _a_stop_signal_now_exits_with(error.exit_code)  # its checkpoint is written (or kept) and its status known
             if getattr(error, "same_on_every_process", False) and _not_the_first_process():
                 return error.exit_code
             try:
                 print(f"smile-fast: {error}", file=sys.stderr)
             except OSError:  # its reader is gone (a closed terminal: the SIGHUP that stopped the run)
                 discard_output(sys.stderr)
+            # Its checkpoint is written (or kept) and its status known. After the message: until then StopSignal
+            # keeps ignoring torchrun's late copy of the signal, so that the message is said (diff review).
+            _a_stop_signal_now_exits_with(error.exit_code)
             return error.exit_code
         raise
 
@@ -1050,7 +1052,7 @@ def _a_stop_signal_now_exits_with(status: int) -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except (OSError, ValueError):  # a closed pipe or stream: nothing more to say anyway
+            except Exception:  # noqa: BLE001 - a closed pipe, or a write the signal broke into (reentrant call)
                 pass
         os._exit(status)
 

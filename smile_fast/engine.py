@@ -671,8 +671,9 @@ class Trainer:
             where = main_rank_says(where)
         if where is None:
             return
-        what = f"the weights became NaN or infinite ({where}), with the logged loss still finite,"
-        raise TrainingStopped(_diverged_message(self, what, iteration, self.agreed_checkpoint_iteration), 3)
+        what = f"the weights became NaN or infinite ({where})"
+        stopped = TrainingStopped(_diverged_message(self, what, iteration, self.agreed_checkpoint_iteration), 3)
+        raise same_on_every_process(stopped)  # every rank has the main rank's verdict: said once per machine
 
     def save(self, next_iteration: int, wall: float, train_seconds: float, log_interval: dict | None = None) -> None:
         """last.pt. log_interval: a stop between two metrics.csv rows gives the open row's sums, so that the

@@ -105,7 +105,11 @@ def batches_from(loader: Iterable) -> Iterator:
             batch = next(batches)
         except StopIteration:
             return
-        except (ConnectionError, EOFError, FileNotFoundError) as error:
+        except (ConnectionError, EOFError, FileNotFoundError, RuntimeError) as error:
+            # On CUDA the pin-memory thread reads the batches, and the same broken read ended it instead: torch then
+            # says "Pin memory thread exited unexpectedly" (diff review).
+            if isinstance(error, RuntimeError) and "Pin memory thread exited unexpectedly" not in str(error):
+                raise
             died = _a_dead_worker(getattr(batches, "_workers", ()))
             if died is None:
                 raise
