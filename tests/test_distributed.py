@@ -81,7 +81,7 @@ LAUNCHER = textwrap.dedent(
             return original_call(self, iteration, *batch)
 
         TrainingStep.__call__ = crash_at_second_step
-    if os.environ.get("EXIT_ONCE_RANK") == os.environ.get("RANK"):  # a crash that a restart does not meet again
+    if "EXIT_ONCE_RANK" in os.environ and os.environ["EXIT_ONCE_RANK"] == os.environ.get("RANK"):  # once only
         from smile_fast.step import TrainingStep
         step_call = TrainingStep.__call__
 
