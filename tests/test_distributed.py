@@ -481,6 +481,7 @@ def test_each_rank_says_what_stopped_it_and_which_checkpoint_is_kept(folder, tmp
     assert len(said) == 1 and 0 < int(said[0]) <= kept, output[-3000:]
 
 
+@pytest.mark.slow  # two torchrun launches, 20 s idle: the suite neared its 15 minutes (stop 29)
 def test_torchrun_max_restarts_with_auto_resume_continue_from_the_checkpoint(folder, tmp_path):
     """torchrun restarts every worker with the command it was given: without --auto-resume a restart found the
     checkpoint and was refused, and the run was lost after its restarts (torchrun review). Rank 1 dies once at

@@ -1902,7 +1902,10 @@ os._exit(0)  # no shutdown of the dead loader, whose handler may raise again
 """
 
 
-@pytest.mark.parametrize("noticed", ["torch's SIGCHLD handler", "received"])
+@pytest.mark.parametrize(
+    "noticed",
+    ["torch's SIGCHLD handler", pytest.param("received", marks=pytest.mark.slow)],  # as above, less often
+)
 def test_a_killed_loader_worker_is_said_as_the_trainer_expects(noticed):
     """The one-line message above keys on the error for a dead worker: a real one, killed as the OOM killer does.
     torch's SIGCHLD handler raises its own, wherever the process is. A death while the worker's batches waited in
