@@ -15,7 +15,7 @@ from typing import Any
 
 from smile_fast.config import RESUME_MAY_CHANGE, YAML_ONLY_SETTINGS, TrainConfig, setting_name, validate
 from smile_fast.errors import UserError, first_line
-from smile_fast.runlog import launcher, recorded_top1
+from smile_fast.runlog import auto_weights_resolved_to, launcher, recorded_top1
 from smile_fast.stop_signals import TrainingStopped
 
 RUN_FILES = ("last.pt", "summary.json")  # a folder holding either holds a run worth keeping
@@ -260,7 +260,7 @@ def check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any], weight
         for key, value in given.items()
         if key not in RESUME_MAY_CHANGE
         and getattr(resumed, key) != value
-        and not (key == "weights" and _what_auto_loaded(resumed.weights, weights_used) == value)
+        and not (key == "weights" and auto_weights_resolved_to(resumed.weights, weights_used) == value)
     ]
     if differ:
         allowed = ", ".join(setting_name(key) for key in RESUME_MAY_CHANGE)
@@ -268,13 +268,6 @@ def check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any], weight
             f"--resume continues a run with its own settings, and these differ from it: {'; '.join(differ)}. "
             f"Leave them out, or start a new run (another --out). A resumed run may change only {allowed}"
         )
-
-
-def _what_auto_loaded(weights: str, weights_used: str | None) -> str | None:
-    """ "none" or "imagenet" for a run whose `--weights auto` loaded that (as write_config records it), else None."""
-    if weights != "auto" or not weights_used:
-        return None
-    return "imagenet" if weights_used.startswith("imagenet") else "none" if weights_used.startswith("none") else None
 
 
 def check_hand_edits_of_the_config(

@@ -98,6 +98,14 @@ def _comment_text(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\r", "\\r").replace("\n", "\\n")
 
 
+def auto_weights_resolved_to(weights: str | None, weights_used: str | None) -> str | None:
+    """ "none" or "imagenet", what a run's `--weights auto` loaded (its description of the weights used), as
+    config.yaml records it for a repeat and a resume accepts it; None for a run not of `auto`."""
+    if weights != "auto" or not weights_used:
+        return None
+    return "imagenet" if weights_used.startswith("imagenet") else "none" if weights_used.startswith("none") else None
+
+
 def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world_size: int = 1) -> None:
     """config.yaml: every resolved setting of the run, reusable as `smile-fast train -c config.yaml`.
     With several processes the commands name torchrun: batch_size is per process."""
@@ -117,12 +125,13 @@ def write_config(run_dir: Path, config: dict[str, Any], weights_used: str, world
     else:  # said too, so that a file without the line is known to be from before it (recorded_world_size)
         header += f"{_PROCESSES_LINE}1 process: batch_size is the global batch\n"
     settings = {key: value for key, value in config.items() if key not in _NOT_REPEATED}
-    if settings.get("weights") == "auto" and weights_used.startswith("none"):
+    resolved = auto_weights_resolved_to(settings.get("weights"), weights_used)
+    if resolved == "none":
         # `auto` found no ImageNet weights and the run started at random. Repeated with `auto` once the weights are
         # cached, it would start from ImageNet: another run, not this one (review).
         settings["weights"] = "none"
         header += "# --weights auto found no ImageNet weights, so the run started from random init: weights: none\n"
-    elif settings.get("weights") == "auto" and weights_used.startswith("imagenet"):
+    elif resolved == "imagenet":
         # The other way round: repeated where the weights cannot be had, `auto` would start from random init
         # (README walkthrough review); `imagenet` stops there instead, as the run needs them.
         settings["weights"] = "imagenet"
