@@ -72,6 +72,7 @@ def build_step_runner(
     fused_input: bool = False,
     cudnn_benchmark: bool = False,
     teacher_fused_conv: bool | None = None,  # None: the product's default (config.teacher_fused_conv_default)
+    teacher_stem_kernel: bool = False,
     fold_teacher_bn: bool = True,
     teacher_stream: bool = True,
     num_classes: int = 200,
@@ -97,6 +98,7 @@ def build_step_runner(
             fused_input=fused_input,
             cudnn_benchmark=cudnn_benchmark,
             teacher_fused_conv=teacher_fused_conv,
+            teacher_stem_kernel=teacher_stem_kernel,
             device=str(device),
             fold_teacher_bn=fold_teacher_bn,
             teacher_stream=teacher_stream,
@@ -371,7 +373,7 @@ def build_authors_style_runner(
 
 
 def _note_ignored_flags(
-    *, amp, amp_dtype, compile, compile_mode, device, cudnn_benchmark, teacher_fused_conv, methods
+    *, amp, amp_dtype, compile, compile_mode, device, cudnn_benchmark, teacher_fused_conv, teacher_stem_kernel, methods
 ) -> None:
     """One line on stderr for each flag this benchmark will not act on, as train says it: a figure measured
     without what the command line asked for must not pass for one measured with it."""
@@ -382,8 +384,11 @@ def _note_ignored_flags(
         notes.append(f"--compile-mode {compile_mode} has no effect without --compile; the steps run eagerly")
     if cudnn_benchmark and device.type != "cuda":
         notes.append("--cudnn-benchmark is a CUDA setting; it has no effect on this device")
-    if teacher_fused_conv and not any(build_method(name).uses_teacher for name in methods):
-        notes.append("--teacher-fused-conv has no effect: none of --methods has a teacher (only smile does)")
+    for flag, given in (("--teacher-fused-conv", teacher_fused_conv), ("--teacher-stem-kernel", teacher_stem_kernel)):
+        if given and not any(build_method(name).uses_teacher for name in methods):
+            notes.append(f"{flag} has no effect: none of --methods has a teacher (only smile does)")
+    if teacher_stem_kernel and not (device.type == "cuda" and amp):
+        notes.append("--teacher-stem-kernel runs its Triton kernel on CUDA with --amp; here the stem is PyTorch's")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
@@ -404,6 +409,7 @@ def run_step_benchmark(
     fused_input: bool = False,
     cudnn_benchmark: bool = False,
     teacher_fused_conv: bool | None = None,
+    teacher_stem_kernel: bool = False,
     device: str = "auto",
     steps: int = 20,
     warmup: int = 5,
@@ -432,7 +438,8 @@ def run_step_benchmark(
     device_obj = resolve_device(device)
     _note_ignored_flags(
         amp=amp, amp_dtype=amp_dtype, compile=compile, compile_mode=compile_mode, device=device_obj,
-        cudnn_benchmark=cudnn_benchmark, teacher_fused_conv=teacher_fused_conv, methods=methods,
+        cudnn_benchmark=cudnn_benchmark, teacher_fused_conv=teacher_fused_conv,
+        teacher_stem_kernel=teacher_stem_kernel, methods=methods,
     )  # fmt: skip
     if cuda_graph:
         # Three eager steps, then the captures; the teacher's EMA graph is captured at the first EMA
@@ -440,9 +447,10 @@ def run_step_benchmark(
         warmup = max(warmup, 11)
     if channels_last is None:
         channels_last = channels_last_default(device_obj)
-    if teacher_fused_conv is None:  # the product's default, so that the figures are the product's
-        teacher_fused_conv = "smile" in methods and teacher_fused_conv_default(
-            model, device_obj, amp=amp, fold_teacher_bn=fold_teacher_bn
+    if teacher_fused_conv is None:  # the product's default, so that the figures are the product's (as train's)
+        teacher_fused_conv = "smile" in methods and (
+            teacher_stem_kernel
+            or teacher_fused_conv_default(model, device_obj, amp=amp, fold_teacher_bn=fold_teacher_bn)
         )
     settings = dict(
         model=model,
@@ -459,6 +467,7 @@ def run_step_benchmark(
         fused_input=fused_input,
         cudnn_benchmark=cudnn_benchmark,
         teacher_fused_conv=teacher_fused_conv,
+        teacher_stem_kernel=teacher_stem_kernel,
         device=device_obj,
         steps=steps,
         warmup=warmup,
@@ -482,6 +491,11 @@ def run_step_benchmark(
         "cudnn_benchmark": cudnn_benchmark and device_obj.type == "cuda",
         # What was timed: only a method with a teacher has the teacher's convolutions to fuse.
         "teacher_fused_conv": bool(teacher_fused_conv) and any(build_method(name).uses_teacher for name in methods),
+        # What was timed: the kernel runs on CUDA with AMP only (elsewhere the stem is PyTorch's, as a note said).
+        "teacher_stem_kernel": teacher_stem_kernel
+        and amp
+        and device_obj.type == "cuda"
+        and any(build_method(name).uses_teacher for name in methods),
         "fold_teacher_bn": fold_teacher_bn,
         "teacher_stream": teacher_stream and device_obj.type == "cuda",
         "steps": steps,
@@ -560,7 +574,8 @@ def format_step_table(result: dict[str, Any]) -> str:
         f"{' in the background' if result.get('teacher_background') else ''}"
         f"{', fused uint8 input' if result.get('fused_input') else ''}"
         f"{', cudnn benchmark' if result.get('cudnn_benchmark') else ''}"
-        f"{', teacher fused conv' if result.get('teacher_fused_conv') else ''})",
+        f"{', teacher fused conv' if result.get('teacher_fused_conv') else ''}"
+        f"{', teacher stem kernel' if result.get('teacher_stem_kernel') else ''})",
         f"{'method':<22} {'ms/step':>9} {'images/s':>10}",
     ]
     for key in result:

@@ -154,6 +154,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--fused-input", action=argparse.BooleanOptionalAction, default=None, help=FUSED_INPUT_HELP)
     flag("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None, help=CUDNN_BENCHMARK_HELP)
     flag("--teacher-fused-conv", action=argparse.BooleanOptionalAction, default=None, help=TEACHER_FUSED_CONV_HELP)
+    flag("--teacher-stem-kernel", action=argparse.BooleanOptionalAction, default=None, help=TEACHER_STEM_KERNEL_HELP)
     flag(
         "--loader",
         choices=LOADER_CHOICES,
@@ -215,6 +216,12 @@ TEACHER_FUSED_CONV_HELP = (
     "kernel (cuDNN; plain PyTorch ops on a CPU); same weights and results up to rounding (default: on with "
     "CUDA and --amp, where the teacher's forward went from 4.14 to 2.22 ms at batch 48 on an H100, bench/RESULTS.md; "
     "off otherwise)"
+)
+
+TEACHER_STEM_KERNEL_HELP = (
+    "SMILE, with the fused teacher convolutions: the teacher's stem (7x7 convolution on 3 channels, bias, ReLU) as "
+    "a Triton kernel of ours, on CUDA with --amp (PyTorch's convolution elsewhere); same results up to rounding. "
+    "Off by default: not yet timed against cuDNN's on a GPU"
 )
 
 
@@ -299,6 +306,7 @@ TRAIN_KEYS = (
     "fused_input",
     "cudnn_benchmark",
     "teacher_fused_conv",
+    "teacher_stem_kernel",
 )
 
 
@@ -434,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     step.add_argument(
         "--teacher-fused-conv", action=argparse.BooleanOptionalAction, default=None, help=TEACHER_FUSED_CONV_HELP
+    )
+    step.add_argument(
+        "--teacher-stem-kernel", action=argparse.BooleanOptionalAction, default=False, help=TEACHER_STEM_KERNEL_HELP
     )
     step.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     step.add_argument("--steps", type=_integer, default=20, help="timed steps per method")
@@ -808,6 +819,7 @@ def _run_bench(args: argparse.Namespace, json_path: Path | None) -> int:
             fused_input=args.fused_input,
             cudnn_benchmark=args.cudnn_benchmark,
             teacher_fused_conv=args.teacher_fused_conv,
+            teacher_stem_kernel=args.teacher_stem_kernel,
             device=args.device,
             steps=args.steps,
             warmup=args.warmup,

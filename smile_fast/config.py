@@ -93,6 +93,9 @@ class TrainConfig:
     # Folded ResNet teacher: bias, residual add and ReLU in cuDNN's epilogue. None: on where it was measured
     # to help (resolve_for_device), else off.
     teacher_fused_conv: bool | None = None
+    # With the fused teacher trunk: its stem (the 7x7 convolution on 3 channels, bias and ReLU) as a Triton kernel
+    # of ours (stem_conv.py) on CUDA with --amp. Off until a GPU has measured it against cuDNN's (bench/RESULTS.md).
+    teacher_stem_kernel: bool = False
     teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
     sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch, as on one GPU
     loader: str = "auto"
@@ -156,6 +159,7 @@ RESUME_MAY_CHANGE = (
     "fused_input",
     "cudnn_benchmark",
     "teacher_fused_conv",
+    "teacher_stem_kernel",
     "channels_last",  # a memory layout: the same arithmetic (a run resolved it for the device it started on)
     "eval_batch_size",  # evaluation is in eval mode: its batch changes results only by rounding
     "log_every",
@@ -312,9 +316,10 @@ def resolve_for_device(config: TrainConfig, device) -> TrainConfig:
     channels_last_default and teacher_fused_conv_default."""
     if config.channels_last is None:
         config.channels_last = channels_last_default(device)
-    if config.teacher_fused_conv is None:
-        config.teacher_fused_conv = config.method == "smile" and teacher_fused_conv_default(
-            config.model, device, amp=config.amp, fold_teacher_bn=config.fold_teacher_bn
+    if config.teacher_fused_conv is None:  # --teacher-stem-kernel runs inside the fused trunk: it asks for it
+        config.teacher_fused_conv = config.method == "smile" and (
+            config.teacher_stem_kernel
+            or teacher_fused_conv_default(config.model, device, amp=config.amp, fold_teacher_bn=config.fold_teacher_bn)
         )
     return config
 
@@ -354,6 +359,7 @@ METHODS_READING = {
             "fold_teacher_bn",
             "teacher_stream",
             "teacher_fused_conv",
+            "teacher_stem_kernel",
             "teacher_lookahead",
             "teacher_background",
         )
@@ -457,11 +463,19 @@ def validate(config: TrainConfig) -> None:
         "--teacher-background sets the priority of --teacher-lookahead's streams; give --teacher-lookahead with it",
     )
     # Checked here, before any data or model is read; TrainingStep checks the teacher's structure itself.
+    for flag, given in (
+        ("--teacher-fused-conv", config.teacher_fused_conv),
+        ("--teacher-stem-kernel", config.teacher_stem_kernel),
+    ):
+        _check(
+            not given or (config.model.startswith("resnet") and config.fold_teacher_bn),
+            f"{flag} needs a BatchNorm-folded torchvision ResNet teacher "
+            f"(--model resnet*, teacher BN folded); got --model {config.model}"
+            + ("" if config.fold_teacher_bn else " with the teacher's BatchNorms unfolded"),
+        )
     _check(
-        not config.teacher_fused_conv or (config.model.startswith("resnet") and config.fold_teacher_bn),
-        "--teacher-fused-conv needs a BatchNorm-folded torchvision ResNet teacher "
-        f"(--model resnet*, teacher BN folded); got --model {config.model}"
-        + ("" if config.fold_teacher_bn else " with the teacher's BatchNorms unfolded"),
+        not config.teacher_stem_kernel or config.teacher_fused_conv is not False,
+        "--teacher-stem-kernel runs the teacher's stem inside its fused trunk; drop --no-teacher-fused-conv",
     )
     if config.cuda_graph:
         _check(

@@ -981,6 +981,11 @@ class Trainer:
             "compile": config.compile,
             "cudnn_benchmark": config.cudnn_benchmark and self.device.type == "cuda",
             "teacher_fused_conv": self.teacher is not None and self.teacher.fused_conv,
+            # Whether the kernel ran: on a CPU, or without --amp, the stem stays PyTorch's (a note said so).
+            "teacher_stem_kernel": self.teacher is not None
+            and self.teacher.stem_kernel
+            and self.device.type == "cuda"
+            and config.amp,
             "seed": config.seed,
             "run_dir": str(self.run_dir),
             # The card, the versions, the commit and the command, as every benchmark JSON gives them; on a

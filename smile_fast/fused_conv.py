@@ -72,7 +72,7 @@ def conv_bias_act_reference(
     return torch.relu(y)
 
 
-def _output_format(x: Tensor) -> torch.memory_format:
+def output_format(x: Tensor) -> torch.memory_format:
     # The layout the fake implementation promises, decided from the input alone. A tensor that is both
     # contiguous and channels-last (one pixel, or one channel) counts as contiguous.
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -91,7 +91,7 @@ def _dense_strides(shape: tuple[int, ...], memory_format: torch.memory_format) -
     return (channels * height * width, height * width, width, 1)
 
 
-def _in_layout(y: Tensor, memory_format: torch.memory_format) -> Tensor:
+def in_layout(y: Tensor, memory_format: torch.memory_format) -> Tensor:
     """`y` with exactly the strides torch.empty gives its shape in `memory_format` (what compiled code
     was told by the fake implementation); only dimensions of size 1 may differ without a copy."""
     expected = _dense_strides(tuple(y.shape), memory_format)
@@ -136,20 +136,20 @@ def _conv_bias_act_impl(
     dilation: list[int],
     groups: int,
 ) -> Tensor:
-    memory_format = _output_format(x)
+    memory_format = output_format(x)
     if _use_cudnn(x):
         # The case is only built once some convolution has failed: while all fuse, no bookkeeping per call.
         if not _unfused or _case(x, weight, residual, stride, padding, dilation, groups, memory_format) not in _unfused:
             try:
                 fused = _cudnn_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups)
-                return _in_layout(fused, memory_format)
+                return in_layout(fused, memory_format)
             except RuntimeError as error:  # no fused engine for this case: stay correct, and say so once
                 case = _case(x, weight, residual, stride, padding, dilation, groups, memory_format)
                 _unfused[case] = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 log = logger.warning if len(_unfused) == 1 else logger.debug
                 log("cuDNN cannot fuse %s (%s): it runs as separate kernels", case, _unfused[case])
     reference = conv_bias_act_reference(x, weight, bias, residual, stride, padding, dilation, groups)
-    return _in_layout(reference, memory_format)
+    return in_layout(reference, memory_format)
 
 
 _conv_bias_act_op = torch.library.custom_op("smile_fast::conv_bias_act", _conv_bias_act_impl, mutates_args=())
@@ -161,7 +161,7 @@ def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, gr
     for dim in range(2):
         extent = dilation[dim] * (weight.shape[2 + dim] - 1) + 1
         sizes.append((x.shape[2 + dim] + 2 * padding[dim] - extent) // stride[dim] + 1)
-    return torch.empty(sizes, dtype=x.dtype, device=x.device, memory_format=_output_format(x))
+    return torch.empty(sizes, dtype=x.dtype, device=x.device, memory_format=output_format(x))
 
 
 def conv_bias_act(
@@ -221,7 +221,7 @@ def fusable_resnet_trunk(trunk: nn.Module) -> str | None:
     return None
 
 
-def fused_resnet_trunk(trunk: nn.Sequential, images: Tensor) -> Tensor:
+def fused_resnet_trunk(trunk: nn.Sequential, images: Tensor, stem_kernel: bool = False) -> Tensor:
     """The forward of a BN-folded torchvision ResNet trunk (see `fusable_resnet_trunk`) with its own modules
     and weights, each convolution with its bias, ReLU and residual add as one `conv_bias_act`.
 
@@ -234,10 +234,16 @@ def fused_resnet_trunk(trunk: nn.Sequential, images: Tensor) -> Tensor:
     With channels-last weights (the teacher on a CPU, whose input stays NCHW) the images are made
     channels-last first, as a plain convolution with those weights does internally; each op lays its
     output out like its input, so they would otherwise be copied back to NCHW at every convolution.
+    With `stem_kernel` the stem runs as smile_fast.stem_conv's Triton kernel (`--teacher-stem-kernel`).
     """
-    if _output_format(trunk[0].weight) == torch.channels_last and _output_format(images) != torch.channels_last:
+    if output_format(trunk[0].weight) == torch.channels_last and output_format(images) != torch.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    x = conv_bias_act(trunk[0], images)
+    if stem_kernel:  # our Triton kernel for the stem (stem_conv.py); the caller checked stem_kernel_problem
+        from smile_fast.stem_conv import stem_conv_bias_relu
+
+        x = stem_conv_bias_relu(trunk[0], images)
+    else:
+        x = conv_bias_act(trunk[0], images)
     x = trunk[3](x)
     for stage in trunk[4:]:
         for block in stage:

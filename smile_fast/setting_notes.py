@@ -41,6 +41,11 @@ def setting_notes(
         notes.append(f"note: --compile-mode {config.compile_mode} has no effect without --compile; the run is eager")
     if config.cudnn_benchmark and device_type != "cuda":
         notes.append(f"note: --cudnn-benchmark is a CUDA setting; it has no effect on {device_type}")
+    if config.teacher_stem_kernel and config.method == "smile" and not (device_type == "cuda" and config.amp):
+        notes.append(
+            "note: --teacher-stem-kernel runs its Triton kernel on CUDA with --amp; here the teacher's stem is "
+            "PyTorch's convolution"
+        )
     if not resuming and (ignored := settings_the_method_ignores(config.method, named)):
         notes.append(f"note: --method {config.method} does not use {', '.join(ignored)}; the run trains without them")
     if config.amp and device_type == "cpu" and not fast_bfloat16():

@@ -105,6 +105,8 @@ class TrainingStep:
                 self.teacher.use_compute_dtype(self.amp_dtype)
             if config.teacher_fused_conv and (problem := self.teacher.use_fused_conv()):
                 raise UserError(f"--teacher-fused-conv needs a BatchNorm-folded torchvision ResNet teacher: {problem}")
+            if config.teacher_stem_kernel and (problem := self.teacher.use_stem_kernel()):
+                raise UserError(f"--teacher-stem-kernel cannot run this teacher's stem: {problem}")
         self.optimizer = torch.optim.SGD(
             self.student.parameters(),
             lr=config.lr,

@@ -13,7 +13,8 @@
   for weights that change once in `every` iterations. The outputs are the same bits: autocast's casts
   round the same float32 values the same way.
 - With `use_fused_conv` a folded ResNet teacher runs each convolution with its bias, ReLU and residual
-  add in one cuDNN kernel (fused_conv.py), from the same weights.
+  add in one cuDNN kernel (fused_conv.py), from the same weights; with `use_stem_kernel` too, its stem
+  runs as a Triton kernel of ours (stem_conv.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from smile_fast.fused_conv import fusable_resnet_trunk, fused_resnet_trunk
 from smile_fast.models import FoldedBackbone, SmileNet, SourceNet
 from smile_fast.ops import ema_update_
+from smile_fast.stem_conv import stem_kernel_problem
 
 
 class MeanTeacher(nn.Module):
@@ -50,6 +52,7 @@ class MeanTeacher(nn.Module):
         self.folded = FoldedBackbone(self.model.backbone) if fold_batchnorm else None
         self.low_precision: nn.ModuleDict | None = None  # the fold and fc in the AMP dtype, see use_compute_dtype
         self.fused_conv = False  # see use_fused_conv
+        self.stem_kernel = False  # see use_stem_kernel
         self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         # A weak reference, not an attribute holding the module: nn.Module would register the student
         # as the teacher's submodule (its parameters, state_dict and .to() would follow).
@@ -105,8 +108,21 @@ class MeanTeacher(nn.Module):
         self.fused_conv = True
         return None
 
+    def use_stem_kernel(self) -> str | None:
+        """Run the fused trunk's stem as stem_conv.py's Triton kernel (after `use_fused_conv`); returns why it
+        cannot, or None. The kernel runs for bfloat16 and float16 (`use_compute_dtype`) on CUDA; otherwise the
+        stem is PyTorch's convolution, bias and ReLU."""
+        if not self.fused_conv:
+            return "the teacher does not run the fused trunk (fused_conv.py)"
+        if problem := stem_kernel_problem(self.folded.folded.trunk[0]):
+            return problem
+        self.stem_kernel = True
+        return None
+
     def _features(self, backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return fused_resnet_trunk(backbone.trunk, images) if self.fused_conv else backbone(images)
+        if self.fused_conv:
+            return fused_resnet_trunk(backbone.trunk, images, stem_kernel=self.stem_kernel)
+        return backbone(images)
 
     @torch.no_grad()
     def _refresh_low_precision(self) -> None:

@@ -370,7 +370,9 @@ def test_teacher_fused_conv_trains_as_the_plain_loop(tiny_imagefolder, tmp_path,
     # On the CPU both forwards give the same numbers to rounding: only a count shows which one ran (test review).
     fused_forwards = []
     original = teacher.fused_resnet_trunk
-    monkeypatch.setattr(teacher, "fused_resnet_trunk", lambda *args: fused_forwards.append(1) or original(*args))
+    monkeypatch.setattr(
+        teacher, "fused_resnet_trunk", lambda *args, **kwargs: fused_forwards.append(1) or original(*args, **kwargs)
+    )
     settings = dict(iters=4, ema_every=2, eval_every=4)
     plain = tmp_path / "plain"
     train(_config(tiny_imagefolder, plain, **settings), progress=False)

@@ -228,7 +228,11 @@ def test_teacher_with_fused_conv_follows_updates_and_loads(amp_dtype, cpu_refere
     # On the CPU the fused forward gives the plain one's numbers to rounding: only a count shows it ran (review).
     fused_forwards = []
     original = teacher_module.fused_resnet_trunk
-    monkeypatch.setattr(teacher_module, "fused_resnet_trunk", lambda *args: fused_forwards.append(1) or original(*args))
+    monkeypatch.setattr(
+        teacher_module,
+        "fused_resnet_trunk",
+        lambda *args, **kwargs: fused_forwards.append(1) or original(*args, **kwargs),
+    )
     images = torch.randn(2, 3, 48, 48)
 
     tolerance = 3e-2 if amp_dtype is not None else 1e-5  # a few bf16 roundings (0.012 seen); float32's
