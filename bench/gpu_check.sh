@@ -24,12 +24,14 @@
 #     Inductor's code and autotune caches still miss (the file keeps the unique name in its metadata),
 #     so autotuning runs again. The kernels and their speed are the same. What it saves is unmeasured.
 # The investigations of the open work are extra parts, each a few minutes: capture, fused, overlap,
-# stages, autotune, pybench, cudnn, fusedconv, teacher, ddp. Name them (PARTS=capture,pybench) or run everything with
+# stem, stages, autotune, pybench, cudnn, fusedconv, teacher, ddp. Name them (PARTS=capture,pybench) or run everything with
 # PARTS=all; BUDGET=0 lifts the budget (for a lease call with its own timeout, keep one).
 #   1. the GPU tests (fused ops on CUDA, real Triton)       -> log.txt, tests_group*.txt
 #   3a. step time finetune vs SMILE, ResNet-50, bf16, batch 48, full stack ($STACK, below) + eager fp32
 #       baseline -> step_b48.json
 #   3b. the same at batch 256                               -> step_b256.json
+#   3l. the teacher's stem as our Triton kernel (--teacher-stem-kernel) against cuDNN's, each launch candidate,
+#       batch 48 and 256 -> teacher_stem_b*.json; 3m. step48's and step256's stack with it -> step_b*_stem_kernel.json
 #   3e. the step captured by hand (--cuda-graph; --teacher-lookahead with and without --teacher-background,
 #       and neither), batch 48 and 256 -> step_capture[_lookahead|_background]_b*.json
 #   3f. the same captured step with --fused-input (uint8 batches, normalize+mix in one kernel), batch 48
@@ -66,7 +68,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEN
 [ -d /tmp/dali-site/nvidia/dali ] && export PYTHONPATH="$PYTHONPATH:/tmp/dali-site"
 LOG="$OUT/log.txt"
 # PARTS picks what to run, e.g. PARTS=capture,fused or PARTS=step48,step256 STACK=reduce-overhead.
-ALL_PARTS="tests,step48,step256,overlap,stages,autotune,capture,fused,ops,pybench,cudnn,fusedconv,teacher,loader,dali,ddp"
+ALL_PARTS="tests,step48,step256,stem,overlap,stages,autotune,capture,fused,ops,pybench,cudnn,fusedconv,teacher,loader,dali,ddp"
 PARTS="${PARTS:-tests,step48,step256,ops,loader,dali}"
 [ "$PARTS" = all ] && PARTS="$ALL_PARTS"
 for name in ${PARTS//,/ }; do
@@ -135,7 +137,8 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   MODEL=resnet50; B_SMALL=48; B_LARGE=256; SIZE=224; STEPS=15; WARMUP=4; LOADER_ITERS=100; PER_CLASS=64
   LOADER_WORKERS=$(nproc)  # issue 4's goal is stated for the machine's 16 CPU threads
   TEST_SEL=(tests/test_ops_*.py tests/test_kernels_*.py tests/test_torchvision_loader.py tests/test_teacher.py
-    tests/test_bench_step.py tests/test_fused_conv.py tests/test_engine.py tests/test_predict.py); TEST_K=(-k cuda)
+    tests/test_bench_step.py tests/test_fused_conv.py tests/test_stem_conv.py tests/test_engine.py tests/test_predict.py)
+  TEST_K=(-k cuda)
 else
   GPU=0; export TRITON_INTERPRET=0  # parts 1-2 below set it to 1 for themselves: kernels via the interpreter
   TS=4
@@ -162,6 +165,7 @@ declare -A EXPECT=(
   [tests]=60      # m: the slowest of the 4 processes is the predict test, whose fixture trains on the CPU (46 s)
   [step48]=102    # m 2026-11-28 (88 s the day before), cold Inductor cache, the eager fp32 baseline included
   [step256]=95    # m, cold Inductor cache (92 s 2026-11-28)
+  [stem]=200      # est.: 2 x 30 s for the stem's probe (7 Triton compilations each), 2 x 70 s for the steps
   [capture]=231   # m: its tests 75 s, then six compiled runs that found step48/256's cache
   [fused]=92      # m 2026-11-28: both methods compiled again for the uint8 input
   [overlap]=32    # m
@@ -233,6 +237,24 @@ say "3b. step time batch $B_LARGE (AMP bf16, channels-last, ${STACK_FLAGS[*]})"
 limited $(( $([ "$STACK" = eager ] && echo 50 || echo 170) * TS )) "$PY" -m smile_fast bench step --model "$MODEL" \
   --batch-size "$B_LARGE" --image-size "$SIZE" --amp --channels-last "${STACK_FLAGS[@]}" --methods finetune,smile \
   --steps "$STEPS" --warmup "$WARMUP" --json "$OUT/step_b256.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
+fi
+
+if part stem; then
+# The teacher's stem as our Triton kernel (--teacher-stem-kernel, smile_fast/kernels/stem_conv.py; off by default
+# until this part has run): first the op alone against cuDNN's fused stem, with each launch candidate
+# (STEM_CONV_CANDIDATES; the fastest should become STEM_CONV_CONFIG), and the whole forward with and without it;
+# then step48's and step256's stack with the flag (compare with step_b48.json / step_b256.json of the same call).
+for batch in "$B_SMALL" "$B_LARGE"; do
+  say "3l. the teacher's stem: cuDNN's against our Triton kernel's launch candidates, batch $batch"
+  limited $((45 * TS)) "$PY" bench/teacher_stages.py --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" \
+    --stem-only --json "$OUT/teacher_stem_b$batch.json" 2>&1 | grep -v Warning | tail -n 16 | tee -a "$LOG"
+done
+for batch in "$B_SMALL" "$B_LARGE"; do
+  say "3m. step time batch $batch, the stack of step48/256 with --teacher-stem-kernel"
+  limited $((90 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" --amp \
+    --channels-last "${STACK_FLAGS[@]}" --teacher-stem-kernel --methods finetune,smile --steps "$STEPS" \
+    --warmup "$WARMUP" --json "$OUT/step_b${batch}_stem_kernel.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
+done
 fi
 
 if part overlap; then

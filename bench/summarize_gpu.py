@@ -142,6 +142,13 @@ def main() -> None:
         lines += step_lines("step b{batch} --no-teacher-fused-conv", unfused)
         if small and small.get("teacher_fused_conv"):  # off by default on a CPU: then nothing to compare
             lines += with_and_without_lines("--teacher-fused-conv (the small-batch step's stack)", unfused, small)
+    for batch in (48, 256):  # --teacher-stem-kernel (part stem) against the default stack of the same call
+        stem = _load(out / f"step_b{batch}_stem_kernel.json")
+        if stem:
+            lines += step_lines("step b{batch} --teacher-stem-kernel", stem)
+            lines += with_and_without_lines(
+                f"--teacher-stem-kernel (batch {batch})", _load(out / f"step_b{batch}.json"), stem
+            )
     for name in ("step_b48.json", "step_b256.json"):
         for problem in (_load(out / name) or {}).get("cudnn_fusion_problems") or []:
             lines.append(f"  not fused by cuDNN ({name}): {problem}")
@@ -206,7 +213,8 @@ def main() -> None:
             lines.append(f"  {name:<40} {value:9.2f} ms" + (f"  {ratio:.3f}x" if ratio else ""))
         for problem in overlap.get("cudnn_fusion_problems") or []:
             lines.append(f"  not fused by cuDNN: {problem}")
-    for path in sorted(out.glob("teacher_stages*.json")) + sorted(out.glob("teacher_inductor*.json")):
+    probes = ("teacher_stages*.json", "teacher_stem*.json", "teacher_inductor*.json")
+    for path in [path for pattern in probes for path in sorted(out.glob(pattern))]:
         stages = _load(path)
         if stages:
             from teacher_stages import report_lines  # this folder's probe (it imports torch)

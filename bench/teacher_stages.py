@@ -40,7 +40,9 @@ from overlap_probe import _backbone, _capture, _timed_ms, add_probe_arguments  #
 
 from smile_fast.fused_conv import conv_bias_act, cudnn_fusion_problems, fused_resnet_trunk, projection_without_bias
 from smile_fast.models import FoldedBackbone
+from smile_fast.ops._common import use_triton
 from smile_fast.run_environment import environment
+from smile_fast.stem_conv import stem_kernel_problem
 
 
 @dataclass
@@ -85,6 +87,9 @@ def alternatives(
       channels to 4 or 8, and the weights likewise, the padding's copy included. Three channels give a
       channels-last convolution a reduction of 147 that tensor cores take badly (the stem ran at 31 TFLOP/s on
       the H200); NVIDIA's MLPerf ResNet-50 pads the first convolution's input to 4 channels for this reason.
+    - "triton_m128_k32_w4_s3" and the like: for the stem, the whole op as our Triton kernel
+      (smile_fast/kernels/stem_conv.py, `--teacher-stem-kernel`) with each candidate tile size, warps and
+      stages (STEM_CONV_CANDIDATES), each checked against the fused op's output first.
     """
     weight = module.weight
 
@@ -111,7 +116,40 @@ def alternatives(
     if fused and residual is None and module.in_channels == 3 and module.groups == 1:
         for channels in (4, 8):
             others[f"pad{channels}"] = _padded_stem(module, x, channels)
+    if fused and residual is None and stem_kernel_problem(module) is None and _stem_kernel_runs(x, module):
+        others.update(_triton_stems(module, x))
     return others
+
+
+def _stem_kernel_runs(x: torch.Tensor, module: torch.nn.Conv2d) -> bool:
+    """The kernel multiplies bf16 or fp16, on CUDA (or on CPU tensors under TRITON_INTERPRET=1, to debug this)."""
+    return x.dtype in (torch.bfloat16, torch.float16) and module.weight.dtype == x.dtype and use_triton(x)
+
+
+def _triton_stems(module: torch.nn.Conv2d, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """The stem as our Triton kernel, one runner per candidate launch configuration, each checked once against
+    the fused op's output (a configuration that computed something else must not pass for a fast one)."""
+    from smile_fast.kernels.stem_conv import STEM_CONV_CANDIDATES, launch_stem_conv_bias_relu
+
+    expected = conv_bias_act(module, x).float()
+    scale = max(expected.abs().max().item(), 1.0)
+    memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
+    runners = {}
+    for config in STEM_CONV_CANDIDATES:
+
+        def run(config=config):
+            out = torch.empty(expected.shape, dtype=x.dtype, device=x.device)
+            if memory_format is not None:
+                out = out.contiguous(memory_format=memory_format)
+            launch_stem_conv_bias_relu(x, module.weight, module.bias, out, module.stride, module.padding, config)
+            return out
+
+        difference = (run().float() - expected).abs().max().item()
+        if not difference <= 0.02 * scale:
+            raise SystemExit(f"teacher_stages.py: the Triton stem with {config} differs by {difference:g} of {scale:g}")
+        name = f"triton_m{config.block_m}_k{config.block_k}_w{config.num_warps}_s{config.num_stages}"
+        runners[name] = run
+    return runners
 
 
 def _padded_stem(module: torch.nn.Conv2d, x: torch.Tensor, channels: int) -> Callable[[], torch.Tensor]:
@@ -266,6 +304,7 @@ def profile(
     inductor_modes: tuple[str, ...] = (),
     walk_ops: bool = True,
     inductor_fused_modes: tuple[str, ...] = (),
+    stem_only: bool = False,
 ) -> dict[str, object]:
     """The probe's figures as a dict (what --json writes)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -283,6 +322,8 @@ def profile(
             ops, out = fused_forward_ops(trunk, images, with_alternatives)
             _check_walk(out, expected, device)
             for op in ops:
+                if stem_only and op.stage != "stem":
+                    continue
                 ms = _op_ms(op.run, device, repeats, steps, rounds)
                 row = {
                     "name": op.name,
@@ -307,6 +348,9 @@ def profile(
             whole_ms = _timed_ms(graph.replay, device, steps, rounds)
         else:
             whole_ms = _timed_ms(whole, device, steps, rounds)
+        stem_kernel = None  # the whole forward with --teacher-stem-kernel's stem, where the kernel runs
+        if stem_kernel_problem(trunk[0]) is None and _stem_kernel_runs(images, trunk[0]):
+            stem_kernel = _whole_with_stem_kernel(trunk, images, expected, device, steps, rounds)
         inductor = [
             _inductor_forward(trunk, images, expected, mode, device, steps, rounds, fused=True)
             for mode in inductor_fused_modes
@@ -334,7 +378,8 @@ def profile(
                 entry["ops"] += 1
                 entry["fused_us"] += row["us"]
                 entry["us"] += row[key]
-    total_gflop = sum(row["gflop"] for row in rows) or 2 * _forward_macs(trunk, images) / 1e9
+    # Over every convolution (the hooks count them when the walk timed only some ops, or none).
+    total_gflop = (0 if stem_only else sum(row["gflop"] for row in rows)) or 2 * _forward_macs(trunk, images) / 1e9
     return {
         **environment(device),
         "model": model,
@@ -344,12 +389,14 @@ def profile(
         "repeats": repeats,
         "timing": "CUDA graph replay" if device.type == "cuda" else "eager",
         "ops": rows,
+        "stem_only": stem_only,  # the ops of the stem alone were timed (--stem-only)
         "stages": stages,
         "alternatives": compared,
         "sum_of_ops_ms": total_us / 1e3,
         "whole_forward_ms": whole_ms,
         "total_gflop": total_gflop,
         "whole_forward_tflops": total_gflop / whole_ms,
+        "whole_forward_stem_kernel": stem_kernel,
         "inductor": inductor,
         "cudnn_fusion_problems": cudnn_fusion_problems(),
     }
@@ -370,6 +417,24 @@ def _forward_macs(trunk: torch.nn.Sequential, images: torch.Tensor) -> int:
         for handle in handles:
             handle.remove()
     return sum(macs) * images.shape[0]
+
+
+def _whole_with_stem_kernel(trunk, images, expected, device, steps, rounds) -> dict[str, float]:
+    """The whole fused forward with its stem as our Triton kernel (`--teacher-stem-kernel`), timed as the
+    fused forward is, and how far its output is from the fused forward's (bf16 rounding of the stem's output)."""
+    out = fused_resnet_trunk(trunk, images, stem_kernel=True)
+    scale = expected.float().abs().max().item()
+    difference = (out.float() - expected.float()).abs().max().item()
+
+    def whole() -> None:
+        fused_resnet_trunk(trunk, images, stem_kernel=True)
+
+    if device.type == "cuda":
+        graph = _capture(whole)
+        ms = _timed_ms(graph.replay, device, steps, rounds)
+    else:
+        ms = _timed_ms(whole, device, steps, rounds)
+    return {"ms": ms, "max_difference": difference, "scale": scale}
 
 
 def _check_walk(out: torch.Tensor, expected: torch.Tensor, device: torch.device) -> None:
@@ -393,12 +458,13 @@ def _check_walk(out: torch.Tensor, expected: torch.Tensor, device: torch.device)
 def report_lines(results: dict[str, object], top: int = 12) -> list[str]:
     """The figures as text: per stage, then the ops that take the most time."""
     ops = "" if results["ops"] else ", whole forwards only"
+    whose = "the stem's" if results.get("stem_only") else "its"
     lines = [
         f"{results['device_name']}: the fused teacher's forward, {results['model']} batch {results['batch_size']} at "
         f"{results['image_size']} px, {results['dtype']}, channels-last ({results['timing']}{ops})",
         f"  whole forward {results['whole_forward_ms']:.3f} ms ({results['whole_forward_tflops']:.1f} TFLOP/s over "
         f"{results['total_gflop']:.1f} GFLOP)"
-        + (f"; sum of its ops {results['sum_of_ops_ms']:.3f} ms" if ops == "" else ""),
+        + (f"; sum of {whose} ops {results['sum_of_ops_ms']:.3f} ms" if ops == "" else ""),
     ]
     if results["ops"]:
         lines.append(f"  {'stage':8s} {'ops':>4s} {'us':>9s} {'share':>6s} {'GFLOP':>8s} {'TFLOP/s':>8s}")
@@ -424,10 +490,20 @@ def report_lines(results: dict[str, object], top: int = 12) -> list[str]:
         "pad4": "the stem on 4 channels (3 + zeros, the copy into them included)",
         "pad8": "the stem on 8 channels (3 + zeros, the copy into them included)",
     }
+    for other in results.get("alternatives") or {}:
+        if other.startswith("triton_"):
+            _, m, k, w, s = other.split("_")
+            names[other] = f"our Triton stem (BLOCK_M {m[1:]}, BLOCK_K {k[1:]}, {w[1:]} warps, {s[1:]} stages)"
     for other, entry in (results.get("alternatives") or {}).items():
         lines.append(
             f"  {names.get(other, other)} on the {entry['ops']} convolutions it can run: {entry['us']:.1f} us "
             f"against {entry['fused_us']:.1f} us fused ({entry['us'] / entry['fused_us']:.2f}x)"
+        )
+    if stem_kernel := results.get("whole_forward_stem_kernel"):
+        lines.append(
+            f"  whole forward with our Triton stem (--teacher-stem-kernel, default launch): {stem_kernel['ms']:.3f} ms "
+            f"against {results['whole_forward_ms']:.3f} ({stem_kernel['ms'] / results['whole_forward_ms']:.3f}x), "
+            f"max difference {stem_kernel['max_difference']:.3g} of {stem_kernel['scale']:.3g}"
         )
     for run in results.get("inductor") or []:
         what = "the fused forward" if run.get("forward") == "fused" else "unfused modules"
@@ -449,6 +525,9 @@ def main() -> None:
         "--no-alternatives", dest="alternatives", action="store_false", help="time only the product's fused ops"
     )
     parser.add_argument("--no-ops", dest="walk_ops", action="store_false", help="time only the whole forward(s)")
+    parser.add_argument(
+        "--stem-only", action="store_true", help="time only the stem's ops (and their alternatives) and the wholes"
+    )
     parser.add_argument(
         "--inductor",
         default="",
@@ -479,6 +558,7 @@ def main() -> None:
         inductor_modes=modes,
         walk_ops=args.walk_ops,
         inductor_fused_modes=fused_modes,
+        stem_only=args.stem_only,
     )
     print("\n".join(report_lines(results)))
     if args.json:

@@ -14,9 +14,24 @@ import torch
 import torchvision
 
 from smile_fast.fused_conv import fused_resnet_trunk
+from smile_fast.kernels import stem_conv as stem_kernel
+from smile_fast.kernels.stem_conv import StemConvConfig
 from smile_fast.models import FoldedBackbone
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
+TWO_CANDIDATES = (StemConvConfig(64, 32, 4, 3), StemConvConfig(128, 16, 4, 4))
+
+
+@pytest.fixture(autouse=True)
+def one_triton_stem_candidate(monkeypatch):
+    """The probe runs the Triton stem with every launch candidate on a bf16 teacher, here under Triton's interpreter
+    (0.4 s a launch, about 20 launches a candidate): one candidate is enough to check the rows, except where a test
+    asks for more."""
+    monkeypatch.setattr(stem_kernel, "STEM_CONV_CANDIDATES", (stem_kernel.STEM_CONV_CONFIG,))
+
+
+def _row_name(config: StemConvConfig) -> str:
+    return f"triton_m{config.block_m}_k{config.block_k}_w{config.num_warps}_s{config.num_stages}"
 
 
 def _load(name: str):
@@ -187,7 +202,9 @@ def _module_name(op_name: str) -> str:
 def test_the_alternatives_totals_and_the_inductor_forward_add_up(capsys):
     results = teacher_stages.profile("resnet50", batch_size=1, image_size=32, repeats=1, steps=1, rounds=1)
     rows, compared = results["ops"], results["alternatives"]
-    assert set(compared) == {"conv", "gemm", "gemm_bias_relu", "pad4", "pad8"}
+    # The probe's teacher is bf16: under the interpreter (conftest) the Triton stem's candidates run too.
+    tritons = {_row_name(config) for config in stem_kernel.STEM_CONV_CANDIDATES}
+    assert set(compared) == {"conv", "gemm", "gemm_bias_relu", "pad4", "pad8"} | tritons
     for name, entry in compared.items():
         having = [row for row in rows if f"{name}_us" in row]
         assert entry["ops"] == len(having) and entry["us"] == pytest.approx(sum(row[f"{name}_us"] for row in having))
@@ -217,3 +234,27 @@ def test_the_alternatives_totals_and_the_inductor_forward_add_up(capsys):
     assert "whole forwards only" in lines[0]
     assert sum(line.lstrip().startswith("Inductor default, ") for line in lines) == 2
     assert any("Inductor default, the fused forward:" in line for line in lines)
+
+
+def test_the_stem_probe_times_each_checked_triton_candidate_and_the_forward_with_it(monkeypatch):
+    """--stem-only (gpu_check part stem): the stem's ops alone, each Triton launch candidate beside cuDNN's stem,
+    and the whole forward with and without the kernel; the arithmetic is still the whole forward's."""
+    monkeypatch.setattr(stem_kernel, "STEM_CONV_CANDIDATES", TWO_CANDIDATES)
+    results = teacher_stages.profile(
+        "resnet18", batch_size=1, image_size=32, repeats=1, steps=1, rounds=1, stem_only=True
+    )
+    assert [row["name"] for row in results["ops"]] == ["stem", "maxpool"]
+    stem = results["ops"][0]
+    assert all(stem[f"{_row_name(config)}_us"] > 0 for config in TWO_CANDIDATES)
+    with_kernel = results["whole_forward_stem_kernel"]
+    assert with_kernel["ms"] > 0 and with_kernel["max_difference"] <= 0.05 * with_kernel["scale"]
+    assert results["total_gflop"] > 10 * stem["gflop"]  # every convolution's, not the stem's alone
+    text = "\n".join(teacher_stages.report_lines(results))
+    assert "our Triton stem (BLOCK_M 128, BLOCK_K 16, 4 warps, 4 stages)" in text
+    assert "whole forward with our Triton stem" in text and "sum of the stem's ops" in text
+
+
+def test_a_triton_candidate_that_computes_something_else_stops_the_probe(monkeypatch):
+    monkeypatch.setattr(stem_kernel, "launch_stem_conv_bias_relu", lambda x, weight, bias, out, *rest: out.zero_())
+    with pytest.raises(SystemExit, match="the Triton stem with StemConvConfig"):
+        teacher_stages.profile("resnet18", batch_size=1, image_size=32, repeats=1, steps=1, rounds=1, stem_only=True)
