@@ -523,6 +523,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from smile_fast.config import build_config, load_yaml
     from smile_fast.engine import train
     from smile_fast.runlog import print_summary_table
+    from smile_fast.stop_signals import TrainingStopped
 
     try:  # the settings: every process torchrun starts reads the same, and meets the same errors
         yaml_values = load_yaml(args.config) if args.config else {}
@@ -537,7 +538,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             _refuse_a_data_dir_for_the_demo(config.dataset, config.data_dir)
         if args.auto_resume:
             _resume_if_the_folder_has_a_checkpoint(config)
-    except UserError as error:
+    except (UserError, TrainingStopped) as error:  # a finished run is a TrainingStopped with exit 0
         raise same_on_every_process(error) from None
     named = set(yaml_values) | {key for key, value in overrides.items() if value is not None}
     given = {key: getattr(config, key) for key in named}
@@ -554,7 +555,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _resume_if_the_folder_has_a_checkpoint(config) -> None:
     """--auto-resume: a resume of --out when it holds last.pt (the command's other flags then checked as a resume
-    checks them), else a new run there. torchrun's restarted workers and a requeued batch job run the command they
+    checks them), "already finished" (exit 0) when it holds a finished run whose last.pt is gone, else a new run
+    there. torchrun's restarted workers and a requeued batch job run the command they
     were given again; without it the restart found the checkpoint and was refused, and no one command both started
     and resumed (torchrun review)."""
     if config.resume:
@@ -566,6 +568,10 @@ def _resume_if_the_folder_has_a_checkpoint(config) -> None:
         )
     if (Path(config.out) / "last.pt").is_file():
         config.resume = config.out
+    else:  # a finished run whose last.pt is gone is finished all the same: exit 0, as with it
+        from smile_fast.resume import refuse_finished_run_without_its_checkpoint
+
+        refuse_finished_run_without_its_checkpoint(Path(config.out))
 
 
 def _note_another_global_batch(path: str, batch_size: int) -> None:

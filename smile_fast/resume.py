@@ -15,7 +15,7 @@ from typing import Any
 
 from smile_fast.config import RESUME_MAY_CHANGE, YAML_ONLY_SETTINGS, TrainConfig, setting_name, validate
 from smile_fast.errors import UserError, first_line
-from smile_fast.runlog import auto_weights_resolved_to, launcher, recorded_top1
+from smile_fast.runlog import auto_weights_resolved_to, launcher, recorded_number, recorded_summary, recorded_top1
 from smile_fast.stop_signals import TrainingStopped
 
 RUN_FILES = ("last.pt", "summary.json")  # a folder holding either holds a run worth keeping
@@ -191,6 +191,24 @@ def refuse_finished_run(run_dir: Path, state: Mapping[str, Any], iters: int) -> 
     raise TrainingStopped(
         f"{run_dir} already finished its {iters} iterations{result}; nothing to resume. "
         f"`smile-fast eval {run_dir}` tests its checkpoint again",
+        exit_code=0,
+    )
+
+
+def refuse_finished_run_without_its_checkpoint(run_dir: Path) -> None:
+    """--auto-resume of a folder whose run finished (summary.json) and whose last.pt is gone since (a clean-up that
+    kept the results, a scratch purge before a requeue): the restart was "holds a finished run; give another --out",
+    exit 2, where the same run with its last.pt is "already finished", exit 0, so a requeued job failed for a run
+    that was done. Said as finished here too; without last.pt, `eval` has no checkpoint to score."""
+    if (Path(run_dir) / "last.pt").is_file() or not (Path(run_dir) / "summary.json").is_file():
+        return
+    summary = recorded_summary(run_dir)
+    iters, top1 = recorded_number(summary, "iters"), recorded_number(summary, "test_top1")
+    what = f"finished its {iters} iterations" if iters is not None else "finished (summary.json)"
+    result = f" (test top-1 {top1:.2f}%)" if top1 is not None else ""
+    raise TrainingStopped(
+        f"{run_dir} already {what}{result}; nothing to resume. Its last.pt is gone, so `smile-fast eval` cannot "
+        "test it again unless a copy is put back",
         exit_code=0,
     )
 

@@ -163,6 +163,26 @@ def test_auto_resume_is_one_command_for_the_start_and_every_restart(tiny_imagefo
         assert torch.equal(again["student"][name], value), name
 
 
+def test_auto_resume_says_a_finished_run_whose_checkpoint_is_gone_is_finished(tiny_imagefolder, tmp_path, capsys):
+    """A requeue of a finished run whose last.pt was removed since (a clean-up that kept the results) was "holds a
+    finished run; give another --out", exit 2, where the same run with its last.pt is "already finished", exit 0."""
+    from smile_fast.cli import main
+
+    out = tmp_path / "run"
+    command = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--out", str(out)]
+    command += ["--model", "resnet18", "--weights", "none", "--iters", "2", "--batch-size", "4", "--device", "cpu"]
+    command += ["--method", "finetune", "--eval-every", "2", "--no-progress", "--auto-resume"]
+    assert main(command) == 0
+    (out / "last.pt").unlink()
+    summary = (out / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert main(command) == 0
+    error = capsys.readouterr().err
+    assert f"smile-fast: {out} already finished its 2 iterations (test top-1 " in error, error
+    assert "nothing to resume. Its last.pt is gone" in error and len(error.strip().splitlines()) == 1, error
+    assert (out / "summary.json").read_bytes() == summary and not (out / "last.pt").exists()
+
+
 def test_auto_resume_starts_again_a_run_that_ended_before_its_first_checkpoint(
     tiny_imagefolder, tmp_path, monkeypatch, capsys
 ):
