@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shlex
 import signal
 import sys
@@ -987,7 +988,9 @@ class Trainer:
             and self.device.type == "cuda"
             and config.amp,
             "seed": config.seed,
-            "run_dir": str(self.run_dir),
+            # Absolute (as config.yaml's data_dir): a relative --out named the folder only from where the run started,
+            # which no reader of the summary (report, a script collecting runs) knows.
+            "run_dir": os.path.abspath(self.run_dir),
             # The card, the versions, the commit and the command, as every benchmark JSON gives them; on a
             # resumed run, those of the process that finished it.
             **environment(self.device),

@@ -628,6 +628,20 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(tiny_imagefold
     assert (Path(f"{first}-3") / "last.pt").read_bytes() == b"theirs"
 
 
+def test_the_summary_names_the_run_folder_absolute_when_out_is_relative(tiny_imagefolder, tmp_path, monkeypatch):
+    """summary.json's run_dir was `--out` as typed: `runs/a`, which names the folder only from where the run
+    started (a script that collects summaries, `report`'s copy check)."""
+    from smile_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    command = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--out", "runs/./a"]
+    command += ["--model", "resnet18", "--weights", "none", "--iters", "1", "--batch-size", "4", "--device", "cpu"]
+    command += ["--method", "finetune", "--eval-every", "1", "--no-progress"]
+    assert main(command) == 0
+    recorded = json.loads((tmp_path / "runs" / "a" / "summary.json").read_text())["run_dir"]
+    assert recorded == os.path.join(os.getcwd(), "runs", "a"), recorded
+
+
 @pytest.mark.parametrize("in_the_way", ["metrics.csv", "config.yaml", "manifest.txt"])
 def test_a_folder_where_a_run_file_goes_is_one_line_not_a_traceback(tiny_imagefolder, tmp_path, in_the_way):
     """Writes that fail while the run folder is set up (a folder in a file's place, a full disk, a file size
