@@ -181,7 +181,7 @@ class Trainer:
             self.run_dir = Path(main_rank_says(str(self.run_dir)))
         if self.resume_state is not None:
             try:
-                refuse_finished_run(self.run_dir, self.resume_state, config.iters)
+                refuse_finished_run(self.run_dir, self.resume_state, config.iters, config.resume)
                 refuse_other_world_size(self.run_dir, self.resume_state, self.dist.world_size, config.batch_size)
             except (UserError, TrainingStopped) as error:  # a finished run is a TrainingStopped with exit 0
                 raise same_on_every_process(error) from None

@@ -180,12 +180,32 @@ def refuse_other_world_size(run_dir: Path, state: Mapping[str, Any], world_size:
     )
 
 
-def refuse_finished_run(run_dir: Path, state: Mapping[str, Any], iters: int) -> None:
+def refuse_finished_run(
+    run_dir: Path, state: Mapping[str, Any], iters: int, checkpoint: str | Path | None = None
+) -> None:
     """--resume of a run that already did all its iterations: nothing to do, and its results stay as they are.
     Unless it has no summary.json (stopped after its last checkpoint, before the summary): the resume then
-    scores the checkpoint again and writes the summary (Trainer.run)."""
-    if int(state["iteration"]) < iters or not (Path(run_dir) / "summary.json").is_file():
+    scores the checkpoint again and writes the summary (Trainer.run).
+    checkpoint: the file --resume names. One of an earlier iteration in a finished run's folder (`--resume
+    RUN/other.pt`, a copy kept from before the end) continued there and wrote over the finished run's last.pt,
+    metrics.csv and summary.json without a word (review): refused, since a resume writes into its checkpoint's
+    folder (--out is not used), with how to go on from it in a folder of its own."""
+    if not (Path(run_dir) / "summary.json").is_file():
         return
+    if int(state["iteration"]) < iters:
+        named = Path(checkpoint) if checkpoint is not None else Path(run_dir) / "last.pt"
+        if named.is_dir():
+            named = named / "last.pt"
+        world_size = int(state.get("world_size") or 1)
+        go_on = (
+            f"mkdir NEW && cp {shlex.quote(str(named))} NEW/last.pt && "
+            f"cp {shlex.quote(str(Path(run_dir) / 'manifest.txt'))} NEW/ && {launcher(world_size)} train --resume NEW"
+        )
+        raise UserError(
+            f"{run_dir} holds a finished run (summary.json), and resuming {named} (iteration {int(state['iteration'])} "
+            f"of {iters}) would write over its last.pt, metrics.csv and summary.json, since a resume continues in "
+            f"its checkpoint's folder; to go on from that checkpoint, copy it into a folder of its own: `{go_on}`"
+        )
     top1 = recorded_top1(run_dir)
     result = f" (test top-1 {top1:.2f}%)" if top1 is not None else ""
     raise TrainingStopped(

@@ -654,6 +654,39 @@ def test_a_folder_where_a_run_file_goes_is_one_line_not_a_traceback(tiny_imagefo
     assert "no checkpoint had been written yet" in str(stopped.value)
 
 
+def test_a_resume_of_an_earlier_checkpoint_in_a_finished_run_folder_is_refused(
+    tiny_imagefolder, tmp_path, monkeypatch, capsys
+):
+    """`--resume RUN/other.pt` (a copy kept from before the end) of a finished run continued in RUN and wrote over
+    its last.pt, metrics.csv and summary.json without a word, where `--resume RUN` says the run is finished. Refused
+    in one line, exit 2; the way it gives, a folder of the checkpoint's own, continues the run."""
+    import shlex
+    import shutil
+
+    from smile_fast.cli import main
+
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
+    shutil.copy(out / "last.pt", out / "other.pt")
+    train(_config(tiny_imagefolder, out, iters=4, eval_every=4, resume=str(out)), progress=False)
+    kept = {name: (out / name).read_bytes() for name in ("last.pt", "metrics.csv", "summary.json")}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out / "other.pt"), "--device", "cpu", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert error.startswith(f"smile-fast: error: {out} holds a finished run (summary.json), and resuming ")
+    assert "(iteration 2 of 4) would write over its last.pt, metrics.csv and summary.json" in error, error
+    assert {name: (out / name).read_bytes() for name in kept} == kept, "the finished run's files changed"
+
+    new = tmp_path / "new"
+    command = error.split("`")[-2].replace("NEW", str(new))
+    assert command.startswith("mkdir ") and command.endswith(f"smile-fast train --resume {new}"), command
+    for step in command.split(" && ")[:-1]:  # mkdir and the copies, as a shell would run them
+        name, *args = shlex.split(step)
+        new.mkdir() if name == "mkdir" else shutil.copy(*args)
+    assert main(["train", "--resume", str(new), "--device", "cpu", "--no-progress"]) == 0
+    assert load_checkpoint(new)["iteration"] == 4 and json.loads((new / "summary.json").read_text())["iters"] == 4
+
+
 def test_a_resume_without_its_manifest_says_so_and_writes_it_again(tiny_imagefolder, tmp_path, monkeypatch):
     """It trained on the dataset's current listing without a word and left the folder without a manifest."""
     out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
