@@ -37,6 +37,7 @@ from smile_fast.config import (
     weights_identity,
 )
 from smile_fast.data.cache import image_checks_dir
+from smile_fast.data.images import NothingDecodes
 from smile_fast.data.prepare import prepare_data, stderr_line
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.worker_signals import LoaderWorkerDied
@@ -875,6 +876,12 @@ class Trainer:
                     self.log(f"({signal.Signals(stop.requested).name} came after the last iteration; the run finished)")
         except StopNow as interrupt:  # a second signal, between checkpoint writes
             raise self._interrupted(interrupt) from None
+        except NothingDecodes as error:
+            # The training files stopped decoding mid-run (a dataset on a network share gone bad, files replaced):
+            # the message said what to check but not that the run's last checkpoint is kept, nor how to go on.
+            if self._kept_checkpoint_iteration() is None:  # at the start of a new run: the loader's line alone
+                raise
+            raise UserError(f"{error}; {self._what_is_kept()}") from None
         except RuntimeError as error:
             if self.dist.enabled and a_peer_is_gone(error):
                 raise self._peer_gone(error) from None
@@ -927,12 +934,21 @@ class Trainer:
                 f"rank 0's checkpoint of iteration {known} in {self.run_dir} is kept (the one before it, if rank 0 "
                 f"failed or was killed while writing it; a later one, if rank 0 wrote one as it stopped); {resume}"
             )
+        saved = self._kept_checkpoint_iteration()
+        if saved is None:
+            return "no checkpoint was written yet (the first comes with the first evaluation); start a new run"
+        return f"the checkpoint of iteration {saved} in {self.run_dir} is kept; {resume}"
+
+    def _kept_checkpoint_iteration(self) -> int | None:
+        """The iteration of the checkpoint _what_is_kept names, or None when it names none: on the main rank its
+        own last write (or the one a resume started from) while last.pt is there, on the others the last one every
+        rank knows of."""
+        if not self.dist.is_main:
+            return self.agreed_checkpoint_iteration
         saved = self.last_saved_iteration  # this run's own write
         if saved is None and self.resume_state is not None:
             saved = self.start_iteration  # a resume's: the one it started from
-        if saved is None or not (self.run_dir / "last.pt").is_file():
-            return "no checkpoint was written yet (the first comes with the first evaluation); start a new run"
-        return f"the checkpoint of iteration {saved} in {self.run_dir} is kept; {resume}"
+        return saved if saved is not None and (self.run_dir / "last.pt").is_file() else None
 
     def _interrupted(self, interrupt: StopNow) -> TrainingStopped:
         """A second stop signal broke the run off between checkpoints: say what is kept and how to go on (a bare

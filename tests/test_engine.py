@@ -925,6 +925,41 @@ def test_a_resume_names_each_broken_training_image_once_and_counts_them_all(tmp_
     assert summary["skipped_files"] == 3 and summary["train_images"] == 29
 
 
+def test_training_images_that_stop_decoding_mid_run_name_the_kept_checkpoint(tiny_imagefolder, tmp_path, monkeypatch):
+    """The loader's "none of the training images can be decoded" said what to check, and nothing of the checkpoint
+    the run had written before (mid-run failures name it and the resume command). At the start of a new run, with
+    no checkpoint, the loader's line is said alone."""
+    import smile_fast.data.torchvision
+
+    def undecodable(path):
+        raise OSError(f"cannot identify image file {path!r} (test)")
+
+    settings = dict(iters=4, eval_every=2, method="finetune", loader="torchvision", workers=0)
+    original_call = TrainingStep.__call__
+
+    def files_go_bad_after_the_checkpoint(self, iteration, *batch):
+        if iteration == 2:  # the evaluation of iteration 2 wrote last.pt; the batch of iteration 3 fails
+            monkeypatch.setattr(smile_fast.data.torchvision, "load_rgb", undecodable)
+        return original_call(self, iteration, *batch)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingStep, "__call__", files_go_bad_after_the_checkpoint)
+        with pytest.raises(UserError) as error:
+            train(_config(tiny_imagefolder, out, **settings), progress=False)
+    assert str(error.value) == (
+        "none of the 32 training images can be decoded; check the dataset files (`smile-fast data verify --decode` "
+        f"names the reason for each); the checkpoint of iteration 2 in {out} is kept; continue with "
+        f"`smile-fast train --resume {out}`"
+    )
+    assert load_checkpoint(out)["iteration"] == 2
+
+    # A new run while the files still fail (monkeypatch keeps load_rgb until the test ends): no checkpoint to name.
+    with pytest.raises(UserError) as error:
+        train(_config(tiny_imagefolder, tmp_path / "new", **settings), progress=False)
+    assert str(error.value).endswith("(`smile-fast data verify --decode` names the reason for each)"), error.value
+
+
 def test_a_test_split_with_no_readable_image_is_refused_before_training(tmp_path, capsys):
     """It was found at the first evaluation, after --eval-every iterations, and left a run folder behind."""
     from smile_fast.cli import main

@@ -460,7 +460,7 @@ class DaliTrainLoader:
             return False
         self._bad.update(bad)
         if len(self._bad) >= len(self._listed):
-            raise UserError(nothing_decodes(len(self._listed)))
+            raise nothing_decodes(len(self._listed))
         self.skipped_files += len(bad)
         self._samples = self._fill_bad_slots(self._listed, self._bad)
         return True

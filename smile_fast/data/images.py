@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from smile_fast.atomic_file import atomic_write
+from smile_fast.errors import UserError
 from smile_fast.terminal import shows_a_bar
 
 # Above this many files to check, check_images shows a progress bar.
@@ -162,9 +163,14 @@ def _write_cache(cache_file: Path, entries: dict[str, list]) -> None:
         pass
 
 
-def nothing_decodes(count: int) -> str:
-    """Both loaders' error for a training set whose every file passed the header check and fails to decode."""
-    return (
+class NothingDecodes(UserError):
+    """Both loaders' error for a training set whose every file passed the header check and fails to decode: a class
+    of its own, so that the loop can add the checkpoint a run met it after (Trainer.run)."""
+
+
+def nothing_decodes(count: int) -> NothingDecodes:
+    """NothingDecodes for a training set of `count` files."""
+    return NothingDecodes(
         f"none of the {count} training images can be decoded; check the dataset files (`smile-fast data verify "
         "--decode` names the reason for each)"
     )

@@ -25,7 +25,6 @@ from smile_fast.data.images import listed, load_rgb, nothing_decodes
 from smile_fast.data.sampler import TrainBatchPlan
 from smile_fast.data.transforms import TransformSpec, build_torchvision_transform, normalize_imagenet
 from smile_fast.data.worker_signals import batches_from, leave_stop_signals_to_the_parent
-from smile_fast.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +175,7 @@ class TorchvisionTrainLoader:
             yield from self._batches(loader)
         except _NothingDecodes:
             # A traceback from the worker and exit 1 (review); files the header check passes and no decoder reads.
-            raise UserError(nothing_decodes(len(self.dataset))) from None
+            raise nothing_decodes(len(self.dataset)) from None
 
     def _batches(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         non_blocking = self.pin_memory and self.device.type == "cuda"
