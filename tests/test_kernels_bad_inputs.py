@@ -1,5 +1,6 @@
 """The Triton kernels with strided and out-of-range index tensors (perm, target) and with mixing weights (lam, an
-EMA decay) outside [0, 1], under TRITON_INTERPRET=1.
+EMA decay) outside [0, 1]: on CPU tensors under TRITON_INTERPRET=1 (CI), and on a GPU as compiled kernels (the `cuda`
+cases, which gpu_check.sh's part tests runs; there an out-of-bounds read is an illegal memory access).
 
 - A strided perm or target (a column of a stacked tensor) gives exactly what its contiguous copy gives:
   the kernels read entry b at `ptr + b`, so the launchers make them dense.
@@ -26,9 +27,24 @@ from torch import Tensor
 
 from smile_fast.kernels import LAUNCH_COUNTS, has_triton, triton_interpret_enabled
 
-pytestmark = pytest.mark.skipif(
-    not (has_triton() and triton_interpret_enabled()), reason="needs triton and TRITON_INTERPRET=1 (conftest.py)"
-)
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not (has_triton() and triton_interpret_enabled()),
+            reason="needs triton and TRITON_INTERPRET=1 (conftest.py)",
+        ),
+    ),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every tensor the test makes (the cases build theirs with torch's factories) is made on this device."""
+    with torch.device(request.param):
+        yield request.param
+
 
 BATCH = 5
 N_CLASSES = 7
@@ -237,9 +253,9 @@ def strided(index: list[int]) -> Tensor:
 
 
 @pytest.mark.parametrize("op", list(CASES))
-def test_strided_index_tensors_give_the_dense_result(rng_seed: int, op: str) -> None:
+def test_strided_index_tensors_give_the_dense_result(device: str, rng_seed: int, op: str) -> None:
     perm, target = strided(VALID_PERM), strided(VALID_TARGET)
-    assert perm.stride(0) == 2 and target.stride(0) == 2
+    assert perm.stride(0) == 2 and target.stride(0) == 2 and perm.device.type == device
     from_strided = run_case(op, perm, target, 0.3, rng_seed)
     from_dense = run_case(op, VALID_PERM, VALID_TARGET, 0.3, rng_seed)
     for strided_output, dense_output in zip(from_strided, from_dense, strict=True):
@@ -258,7 +274,7 @@ BAD_INDEX_CASES = [pytest.param(op, BAD_PERM, VALID_TARGET, id=f"{op}-bad-perm")
 @pytest.mark.parametrize(("op", "perm", "target"), BAD_INDEX_CASES)
 @pytest.mark.parametrize("lam", [0.3, 1.0])
 def test_out_of_range_indices_give_nan_rows(
-    rng_seed: int, op: str, perm: list[int], target: list[int], lam: float
+    device: str, rng_seed: int, op: str, perm: list[int], target: list[int], lam: float
 ) -> None:
     for output in run_case(op, perm, target, lam, rng_seed):
         what = f"{op} {output.what} (lam {lam})"
@@ -278,7 +294,7 @@ WEIGHT_FREE_OUTPUTS = {"clean"}
 
 @pytest.mark.parametrize("op", list(CASES))
 @pytest.mark.parametrize("lam", [-0.25, 1.5, float("nan")])
-def test_a_mixing_weight_outside_the_unit_interval_gives_nan(rng_seed: int, op: str, lam: float) -> None:
+def test_a_mixing_weight_outside_the_unit_interval_gives_nan(device: str, rng_seed: int, op: str, lam: float) -> None:
     for output in run_case(op, VALID_PERM, VALID_TARGET, lam, rng_seed):
         what = f"{op} {output.what} (lam {lam})"
         if output.what in WEIGHT_FREE_OUTPUTS:
@@ -288,7 +304,7 @@ def test_a_mixing_weight_outside_the_unit_interval_gives_nan(rng_seed: int, op: 
 
 
 @pytest.mark.parametrize("op", list(CASES))
-def test_a_mixing_weight_of_zero_is_in_range(rng_seed: int, op: str) -> None:
+def test_a_mixing_weight_of_zero_is_in_range(device: str, rng_seed: int, op: str) -> None:
     # The interval's other end, 1.0, is a case of the out-of-range indices test above.
     for output in run_case(op, VALID_PERM, VALID_TARGET, 0.0, rng_seed):
         what = f"{op} {output.what} (lam 0)"
@@ -298,7 +314,7 @@ def test_a_mixing_weight_of_zero_is_in_range(rng_seed: int, op: str) -> None:
 @pytest.mark.parametrize(
     ("decay", "in_range"), [(0.0, True), (0.75, True), (1.0, True), (-0.25, False), (1.5, False), (float("nan"), False)]
 )
-def test_an_ema_decay_outside_the_unit_interval_gives_a_nan_teacher(decay: float, in_range: bool) -> None:
+def test_an_ema_decay_outside_the_unit_interval_gives_a_nan_teacher(device: str, decay: float, in_range: bool) -> None:
     from smile_fast.kernels.ema_update import build_ema_pointer_table, launch_ema_update
 
     teachers = [torch.randn(37), torch.randn(3, 5)]
