@@ -249,11 +249,13 @@ for batch in "$B_SMALL" "$B_LARGE"; do
   limited $((45 * TS)) "$PY" bench/teacher_stages.py --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" \
     --stem-only --json "$OUT/teacher_stem_b$batch.json" 2>&1 | grep -v Warning | tail -n 16 | tee -a "$LOG"
 done
-for batch in "$B_SMALL" "$B_LARGE"; do
-  say "3m. step time batch $batch, the stack of step48/256 with --teacher-stem-kernel"
+# Named as step48's and step256's files are, whatever the batch (small ones on a CPU), so that the summary pairs them.
+for pair in "$B_SMALL:48" "$B_LARGE:256"; do
+  batch=${pair%%:*}
+  say "3m. step time batch $batch, the stack of step${pair##*:} with --teacher-stem-kernel"
   limited $((90 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" --amp \
     --channels-last "${STACK_FLAGS[@]}" --teacher-stem-kernel --methods finetune,smile --steps "$STEPS" \
-    --warmup "$WARMUP" --json "$OUT/step_b${batch}_stem_kernel.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
+    --warmup "$WARMUP" --json "$OUT/step_b${pair##*:}_stem_kernel.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
 done
 fi
 

@@ -147,7 +147,7 @@ def main() -> None:
         if stem:
             lines += step_lines("step b{batch} --teacher-stem-kernel", stem)
             lines += with_and_without_lines(
-                f"--teacher-stem-kernel (batch {batch})", _load(out / f"step_b{batch}.json"), stem
+                f"--teacher-stem-kernel (step_b{batch}.json's stack)", _load(out / f"step_b{batch}.json"), stem
             )
     for name in ("step_b48.json", "step_b256.json"):
         for problem in (_load(out / name) or {}).get("cudnn_fusion_problems") or []:
