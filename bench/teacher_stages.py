@@ -87,9 +87,9 @@ def alternatives(
       channels to 4 or 8, and the weights likewise, the padding's copy included. Three channels give a
       channels-last convolution a reduction of 147 that tensor cores take badly (the stem ran at 31 TFLOP/s on
       the H200); NVIDIA's MLPerf ResNet-50 pads the first convolution's input to 4 channels for this reason.
-    - "triton_m128_k32_w4_s3" and the like: for the stem, the whole op as our Triton kernel
-      (smile_fast/kernels/stem_conv.py, `--teacher-stem-kernel`) with each candidate tile size, warps and
-      stages (STEM_CONV_CANDIDATES), each checked against the fused op's output first.
+    - "triton_m128_k32_w4" and the like: for the stem, the whole op as our Triton kernel
+      (smile_fast/kernels/stem_conv.py, `--teacher-stem-kernel`) with each candidate tile size and warps
+      (STEM_CONV_CANDIDATES), each checked against the fused op's output first.
     """
     weight = module.weight
 
@@ -138,16 +138,16 @@ def _triton_stems(module: torch.nn.Conv2d, x: torch.Tensor) -> dict[str, Callabl
     for config in STEM_CONV_CANDIDATES:
 
         def run(config=config):
-            out = torch.empty(expected.shape, dtype=x.dtype, device=x.device)
-            if memory_format is not None:
-                out = out.contiguous(memory_format=memory_format)
+            # Allocated in its layout at once, as the op does: a copy into it would be timed with the kernel (review).
+            layout = memory_format or torch.contiguous_format
+            out = torch.empty(expected.shape, dtype=x.dtype, device=x.device, memory_format=layout)
             launch_stem_conv_bias_relu(x, module.weight, module.bias, out, module.stride, module.padding, config)
             return out
 
         difference = (run().float() - expected).abs().max().item()
         if not difference <= 0.02 * scale:
             raise SystemExit(f"teacher_stages.py: the Triton stem with {config} differs by {difference:g} of {scale:g}")
-        name = f"triton_m{config.block_m}_k{config.block_k}_w{config.num_warps}_s{config.num_stages}"
+        name = f"triton_m{config.block_m}_k{config.block_k}_w{config.num_warps}"
         runners[name] = run
     return runners
 
@@ -492,8 +492,8 @@ def report_lines(results: dict[str, object], top: int = 12) -> list[str]:
     }
     for other in results.get("alternatives") or {}:
         if other.startswith("triton_"):
-            _, m, k, w, s = other.split("_")
-            names[other] = f"our Triton stem (BLOCK_M {m[1:]}, BLOCK_K {k[1:]}, {w[1:]} warps, {s[1:]} stages)"
+            _, m, k, w = other.split("_")
+            names[other] = f"our Triton stem (BLOCK_M {m[1:]}, BLOCK_K {k[1:]}, {w[1:]} warps)"
     for other, entry in (results.get("alternatives") or {}).items():
         lines.append(
             f"  {names.get(other, other)} on the {entry['ops']} convolutions it can run: {entry['us']:.1f} us "

@@ -475,7 +475,9 @@ def validate(config: TrainConfig) -> None:
         )
     _check(
         not config.teacher_stem_kernel or config.teacher_fused_conv is not False,
-        "--teacher-stem-kernel runs the teacher's stem inside its fused trunk; drop --no-teacher-fused-conv",
+        "--teacher-stem-kernel runs the teacher's stem inside its fused trunk, which this run has off "
+        "(--no-teacher-fused-conv, or recorded off in the config.yaml of a run started without it); give "
+        "--teacher-fused-conv with it",
     )
     if config.cuda_graph:
         _check(

@@ -20,14 +20,15 @@ from smile_fast.fused_conv import conv_bias_act_reference, in_layout, output_for
 from smile_fast.ops._common import use_triton
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # tl.dot's inputs; float32 would be TF32 on a GPU
-# The kernel keeps a tile of BLOCK_M pixels x all output channels in registers, and unrolls the reduction.
-_MAX_OUT_CHANNELS = 256
+# The kernel keeps a tile of BLOCK_M pixels x all output channels in registers, and unrolls the reduction. At 256
+# output channels its float32 tile spilled heavily (3.3 KB of stack per thread, triton 3.6, sm_90; review).
+_MAX_OUT_CHANNELS = 128
 _MAX_REDUCTION = 1024
 
 
 def stem_kernel_problem(conv: nn.Module) -> str | None:
     """None when the kernel covers `conv` (a biased, zero-padded, ungrouped nn.Conv2d of dilation 1 with a power
-    of two from 16 to 256 output channels and a small reduction); else what does not fit."""
+    of two from 16 to 128 output channels and a small reduction); else what does not fit."""
     if not isinstance(conv, nn.Conv2d) or conv.bias is None:
         return "the stem is not a convolution with a bias"
     zero_padded = conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)  # not "same" or "valid"
@@ -35,14 +36,25 @@ def stem_kernel_problem(conv: nn.Module) -> str | None:
         return "the stem convolution is grouped, dilated or not zero-padded"
     out_channels, in_channels, kernel_h, kernel_w = conv.weight.shape
     if out_channels < 16 or out_channels > _MAX_OUT_CHANNELS or out_channels & (out_channels - 1):
-        return f"the stem has {out_channels} output channels (the kernel takes a power of two from 16 to 256)"
+        return f"the stem has {out_channels} output channels (the kernel takes a power of two from 16 to 128)"
     if in_channels * kernel_h * kernel_w > _MAX_REDUCTION:
         return f"the stem's reduction is {in_channels * kernel_h * kernel_w} long (the kernel takes {_MAX_REDUCTION})"
     return None
 
 
-def _runs_the_kernel(x: Tensor, weight: Tensor) -> bool:
-    return x.dtype in _KERNEL_DTYPES and weight.dtype == x.dtype and x.dim() == 4 and use_triton(x)
+def _runs_the_kernel(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
+    # Inputs that do not fit (another channel count, another device) go to PyTorch's ops, which raise their own
+    # errors: the kernel would read out of bounds (an illegal memory access on a GPU; review).
+    return (
+        x.dtype in _KERNEL_DTYPES
+        and weight.dtype == x.dtype
+        and x.dim() == 4
+        and weight.dim() == 4
+        and x.shape[1] == weight.shape[1]
+        and bias.shape == (weight.shape[0],)
+        and x.device == weight.device == bias.device
+        and use_triton(x)
+    )
 
 
 def _out_shape(x: Tensor, weight: Tensor, stride, padding) -> list:
@@ -54,7 +66,7 @@ def _out_shape(x: Tensor, weight: Tensor, stride, padding) -> list:
 
 def _stem_conv_impl(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int]) -> Tensor:
     memory_format = output_format(x)
-    if _runs_the_kernel(x, weight):
+    if _runs_the_kernel(x, weight, bias):
         from smile_fast.kernels.stem_conv import launch_stem_conv_bias_relu
 
         shape = _out_shape(x, weight, stride, padding)

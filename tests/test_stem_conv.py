@@ -68,6 +68,32 @@ def test_the_kernel_matches_float64(device, dtype, case, channels_last, rng_seed
 
 
 @needs_kernel
+@pytest.mark.parametrize("weight_channels_last", [False, True], ids=["weight-nchw", "weight-nhwc"])
+def test_a_crop_of_a_bigger_batch_a_strided_bias_and_either_weight_layout(weight_channels_last, rng_seed):
+    """Any strides: a crop whose batch stride is not H x W x C and that starts inside its storage, a bias that is a
+    strided view, the weight in either layout (the launcher packs it)."""
+    big = torch.randn(4, 3, 21, 26).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x = big[1:3, :, 2:-1, 1:]
+    conv = _stem(3, 32, 7, 2, 3, torch.bfloat16, weight_channels_last)
+    bias = torch.randn(64).to(torch.bfloat16)[::2]
+    with torch.no_grad():
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+        y = stem_conv_bias_relu(conv, x)
+    expected = torch.relu(F.conv2d(x.double(), conv.weight.double(), bias.double(), 2, 3))
+    assert (y.double() - expected).abs().max().item() <= TOLERANCES[torch.bfloat16] * expected.abs().max().item()
+
+
+def test_inputs_the_kernel_does_not_fit_get_pytorchs_error_not_a_launch():
+    """A channel count that differs from the weight's would make the kernel read past the image (an illegal memory
+    access on a GPU): PyTorch's convolution runs instead and names the mismatch."""
+    conv = _stem(3, 16, 3, 1, 1, torch.bfloat16, True)
+    launches = LAUNCH_COUNTS["stem_conv_bias_relu"]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="channels"):
+        stem_conv_bias_relu(conv, torch.randn(1, 4, 6, 6).to(torch.bfloat16))
+    assert LAUNCH_COUNTS["stem_conv_bias_relu"] == launches
+
+
+@needs_kernel
 def test_a_nan_input_stays_nan_through_the_relu(rng_seed):
     """torch.relu keeps NaN; a ReLU written as max(x, 0) would turn a NaN pixel's outputs into zeros."""
     conv = _stem(3, 16, 3, 1, 1, torch.bfloat16, True)
@@ -116,7 +142,7 @@ def test_a_call_that_needs_gradients_is_refused():
         (nn.Conv2d(3, 64, 3, padding=1, padding_mode="reflect"), "zero-padded"),
         (nn.Conv2d(3, 48, 7), "48 output channels"),
         (nn.Conv2d(3, 8, 7), "8 output channels"),
-        (nn.Conv2d(3, 512, 7), "512 output channels"),
+        (nn.Conv2d(3, 256, 7), "256 output channels"),
         (nn.Conv2d(64, 64, 7), "3136 long"),
         (nn.Linear(3, 64), "not a convolution"),
     ],
@@ -233,7 +259,7 @@ def test_the_flag_runs_the_teachers_stem_kernel_with_the_fused_trunk(rng_seed):
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
-        (dict(teacher_fused_conv=False), "drop --no-teacher-fused-conv"),
+        (dict(teacher_fused_conv=False), "give --teacher-fused-conv with it"),
         (dict(model="efficientnet_b0"), "--model efficientnet_b0"),
         (dict(fold_teacher_bn=False), "BatchNorms unfolded"),
     ],

@@ -19,7 +19,7 @@ from smile_fast.kernels.stem_conv import StemConvConfig
 from smile_fast.models import FoldedBackbone
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-TWO_CANDIDATES = (StemConvConfig(64, 32, 4, 3), StemConvConfig(128, 16, 4, 4))
+TWO_CANDIDATES = (StemConvConfig(64, 32, 4), StemConvConfig(128, 16, 4))
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,7 @@ def one_triton_stem_candidate(monkeypatch):
 
 
 def _row_name(config: StemConvConfig) -> str:
-    return f"triton_m{config.block_m}_k{config.block_k}_w{config.num_warps}_s{config.num_stages}"
+    return f"triton_m{config.block_m}_k{config.block_k}_w{config.num_warps}"
 
 
 def _load(name: str):
@@ -250,7 +250,7 @@ def test_the_stem_probe_times_each_checked_triton_candidate_and_the_forward_with
     assert with_kernel["ms"] > 0 and with_kernel["max_difference"] <= 0.05 * with_kernel["scale"]
     assert results["total_gflop"] > 10 * stem["gflop"]  # every convolution's, not the stem's alone
     text = "\n".join(teacher_stages.report_lines(results))
-    assert "our Triton stem (BLOCK_M 128, BLOCK_K 16, 4 warps, 4 stages)" in text
+    assert "our Triton stem (BLOCK_M 128, BLOCK_K 16, 4 warps)" in text
     assert "whole forward with our Triton stem" in text and "sum of the stem's ops" in text
 
 

@@ -31,26 +31,30 @@ from smile_fast.kernels import record_launch, triton_interpret_enabled
 
 
 class StemConvConfig(NamedTuple):
-    """The kernel's tile sizes and launch settings."""
+    """The kernel's tile sizes and warps. No pipeline stages: the reduction loop is unrolled whole (static_range),
+    so there is no loop for Triton to pipeline (the PTX for 1 and 3 stages was the same, triton 3.6, review)."""
 
     block_m: int = 128
     block_k: int = 32
     num_warps: int = 4
-    num_stages: int = 3
 
 
-# Not tuned on a GPU yet (the twenty-ninth session had none): bench/teacher_stages.py times the candidates
-# below against cuDNN, and the fastest becomes the default.
+# Not tuned on a GPU yet (the thirtieth session had none): bench/teacher_stages.py times the candidates below
+# against cuDNN, and the fastest becomes the default. Registers per thread compiled for sm_90 with triton 3.6
+# (before the weight was packed; review): 64/32/4 180, 128/32/4 186, 128/16/4 152, 128/32/8 136, 256/32/8 171,
+# 256/16/8 145 (no spills). The gather of the image is latency-bound, so occupancy may decide.
 STEM_CONV_CONFIG = StemConvConfig()
 STEM_CONV_CANDIDATES = (
-    StemConvConfig(64, 32, 4, 3),
-    StemConvConfig(128, 32, 4, 3),
-    StemConvConfig(128, 16, 4, 4),
-    StemConvConfig(128, 64, 4, 2),
-    StemConvConfig(128, 32, 8, 3),
-    StemConvConfig(256, 32, 8, 3),
-    StemConvConfig(256, 16, 8, 4),
+    StemConvConfig(64, 32, 4),
+    StemConvConfig(64, 16, 4),
+    StemConvConfig(128, 32, 4),
+    StemConvConfig(128, 16, 4),
+    StemConvConfig(128, 32, 8),
+    StemConvConfig(256, 32, 8),
+    StemConvConfig(256, 16, 8),
 )
+# The packed weight's rows are padded to a multiple of this, the largest BLOCK_K, so that no weight load needs a mask.
+_PACKED_ROWS_MULTIPLE = 64
 
 
 @triton.jit
@@ -68,10 +72,6 @@ def _stem_conv_bias_relu_kernel(
     sxc,
     sxh,
     sxw,
-    swo,
-    swc,
-    swh,
-    sww,
     syn,
     syc,
     syh,
@@ -113,8 +113,8 @@ def _stem_conv_bias_relu_kernel(
         inside = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
         a_ok = m_ok[:, None] & k_ok[None, :] & inside
         a = tl.load(x_pixel[:, None] + ih * sxh + iw * sxw + (c * sxc)[None, :], mask=a_ok, other=0.0)
-        w_offsets = (c * swc + kh * swh + kw * sww)[:, None] + oc[None, :] * swo
-        w = tl.load(w_ptr + w_offsets, mask=k_ok[:, None], other=0.0)
+        # The packed weight: row k holds the OUT_CHANNELS weights of reduction index k, zero past REDUCTION.
+        w = tl.load(w_ptr + k[:, None] * OUT_CHANNELS + oc[None, :])
         if DOT_IN_FLOAT32:
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -138,22 +138,35 @@ def launch_stem_conv_bias_relu(
     """Fill `out` [N, OC, OH, OW] (any strides) with relu(conv2d(x, weight, bias, stride, padding)).
 
     x [N, C, H, W] and weight [OC, C, KH, KW] in one dtype (bfloat16 or float16: tl.dot's inputs), any strides;
-    bias [OC]; OC a power of two from 16 (the caller checks, see stem_conv.stem_kernel_problem).
+    bias [OC]; OC a power of two from 16 to 128 (the caller checks, see stem_conv.stem_kernel_problem).
     """
     config = config or STEM_CONV_CONFIG
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = weight.shape
+    packed = pack_weight(weight)
+    bias = bias.contiguous()  # read at b_ptr + oc
     _, _, out_height, out_width = out.shape
     pixels = batch * out_height * out_width
     grid = (triton.cdiv(pixels, config.block_m),)
     _stem_conv_bias_relu_kernel[grid](
-        x, weight, bias, out,
+        x, packed, bias, out,
         pixels, height, width, out_height, out_width,
-        *x.stride(), *weight.stride(), *out.stride(),
+        *x.stride(), *out.stride(),
         CHANNELS=channels, KERNEL_H=kernel_h, KERNEL_W=kernel_w,
         STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         OUT_CHANNELS=out_channels, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
         DOT_IN_FLOAT32=x.dtype == torch.bfloat16 and triton_interpret_enabled(),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps,
     )  # fmt: skip
     record_launch("stem_conv_bias_relu")
+
+
+def pack_weight(weight: Tensor) -> Tensor:
+    """[OC, C, KH, KW] -> [K, OC] contiguous, row k = (kh, kw, c) in the kernel's reduction order, zero rows up to a
+    multiple of 64. One small copy per call (147 x 64 elements for a ResNet stem), which follows the teacher's EMA
+    updates with no cache to invalidate. Read in place, the weight was a gather of 2-byte loads in every program,
+    with lanes along the output channels 147 elements apart on triton 3.8 (review)."""
+    out_channels = weight.shape[0]
+    rows = weight.permute(2, 3, 1, 0).reshape(-1, out_channels)  # (kh, kw, c) x OC, a view for channels-last
+    padding = -rows.shape[0] % _PACKED_ROWS_MULTIPLE
+    return torch.nn.functional.pad(rows, (0, 0, 0, padding)).contiguous()
