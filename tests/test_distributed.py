@@ -336,6 +336,10 @@ def _slow_run_past_iteration_2(folder, out, record) -> subprocess.Popen:
     return process
 
 
+# Slow (48 s on 2 cores, the heaviest default test at the thirtieth session): the default run keeps each part of it
+# cheaper, a signal to torchrun and its workers checkpointing, a one-process stop and resume equal to a run never
+# stopped, and two gloo ranks equal to one process.
+@pytest.mark.slow
 def test_sigterm_to_torchrun_checkpoints_and_resume_matches_uninterrupted(folder, tmp_path):
     """SIGTERM to torchrun reaches every rank; they stop at one step boundary, rank 0 writes last.pt, and
     the resumed 2-process run ends with the weights of a run never stopped."""

@@ -310,7 +310,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_imagefolder, tmp_pat
     assert load_checkpoint(out)["iteration"] == 3, "the checkpoint from the last good evaluation must be kept"
 
 
-@pytest.mark.parametrize("background", [False, True])
+# Without background: slow (15-23 s), the suite being near its 15 minutes; the case with it runs the same lookahead
+# through the same loop, and more.
+@pytest.mark.parametrize("background", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_captured_step_with_teacher_lookahead_trains_as_the_plain_loop(
     tiny_imagefolder, tmp_path, monkeypatch, background
 ):
