@@ -352,11 +352,21 @@ def check_hand_edits_of_the_config(
             continue  # written so by write_config: what `auto` found
         edited.append(f"{key}: {value!r} there, {run[key]!r} in the run's checkpoint")
     if edited:
+        written_in = run.get("out")
+        copied = ""
+        if isinstance(written_in, str) and written_in and os.path.abspath(written_in) != os.path.abspath(run_dir):
+            # The checkpoint was written for another folder: another run's last.pt copied here disagrees with the
+            # folder's config.yaml too, which the message called a hand edit alone (review). config.yaml does not
+            # record its folder, so the two cannot be told apart (a run folder moved or copied whole is the third case).
+            copied = (
+                f" (or {Path(run_dir) / 'last.pt'} was copied here from another run: it was written for --out "
+                f"{written_in}; then resume that run in a folder of its own, with its config.yaml and manifest.txt)"
+            )
         raise UserError(
             f"{path} was edited since the run wrote it ({'; '.join(edited)}): a resume continues the run with the "
             "settings its checkpoint records, and would write over the file. To resume, undo the edit or remove the "
             f"file (it is written again); to train with the edited settings, start a new run: "
-            f"`{launcher(world_size)} train -c {shlex.quote(str(path))} --out NEW`"
+            f"`{launcher(world_size)} train -c {shlex.quote(str(path))} --out NEW`{copied}"
         )
     return unused
 

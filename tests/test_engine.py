@@ -1868,6 +1868,26 @@ def test_a_resume_that_finishes_names_an_export_taken_before(tiny_imagefolder, t
     assert _older_exports(out, 4) == []
 
 
+def test_a_checkpoint_written_under_another_folders_name_is_not_called_an_edit(
+    tiny_imagefolder, tmp_path, monkeypatch, capsys
+):
+    """Another run's last.pt copied into a folder: its settings differ from the folder's config.yaml, which the
+    resume called a hand edit of the file alone (review). The checkpoint records the folder it was written for;
+    config.yaml does not, so the message names both possibilities."""
+    from smile_fast.cli import main
+
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
+    path = out / "config.yaml"
+    path.write_text(path.read_text().replace("\niters: 4\n", "\niters: 8\n"))  # as another run's would differ
+    written_for = load_checkpoint(out)["config"]["out"]  # _stopped_run copies a run trained in another folder
+    assert os.path.abspath(written_for) != os.path.abspath(out)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--no-progress", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert f"{path} was edited since the run wrote it (iters: 8 there, 4 in the run's checkpoint)" in error
+    assert f"(or {out / 'last.pt'} was copied here from another run: it was written for --out {written_for};" in error
+
+
 def test_a_resume_refuses_a_hand_edited_config_yaml(tiny_imagefolder, tmp_path, monkeypatch, capsys):
     """A resume takes the run's settings from its checkpoint: an edit of config.yaml (`iters` raised to train
     longer) was ignored and the file overwritten without a word (review). Refused now, the file kept as it is; an
