@@ -1868,7 +1868,7 @@ def test_a_resume_that_finishes_names_an_export_taken_before(tiny_imagefolder, t
     assert _older_exports(out, 4) == []
 
 
-def test_a_checkpoint_written_under_another_folders_name_is_not_called_an_edit(
+def test_a_checkpoint_written_for_another_folder_may_be_a_copy_the_message_says(
     tiny_imagefolder, tmp_path, monkeypatch, capsys
 ):
     """Another run's last.pt copied into a folder: its settings differ from the folder's config.yaml, which the
