@@ -387,7 +387,8 @@ def _note_ignored_flags(
     for flag, given in (("--teacher-fused-conv", teacher_fused_conv), ("--teacher-stem-kernel", teacher_stem_kernel)):
         if given and not any(build_method(name).uses_teacher for name in methods):
             notes.append(f"{flag} has no effect: none of --methods has a teacher (only smile does)")
-    if teacher_stem_kernel and not (device.type == "cuda" and amp):
+    with_teacher = any(build_method(name).uses_teacher for name in methods)
+    if teacher_stem_kernel and with_teacher and not (device.type == "cuda" and amp):
         notes.append("--teacher-stem-kernel runs its Triton kernel on CUDA with --amp; here the stem is PyTorch's")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

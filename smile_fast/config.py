@@ -463,9 +463,11 @@ def validate(config: TrainConfig) -> None:
         "--teacher-background sets the priority of --teacher-lookahead's streams; give --teacher-lookahead with it",
     )
     # Checked here, before any data or model is read; TrainingStep checks the teacher's structure itself.
+    # The stem kernel's flag first: given with a model it cannot run, it had turned the fused trunk on, and the error
+    # named --teacher-fused-conv, which the user had not given (review).
     for flag, given in (
-        ("--teacher-fused-conv", config.teacher_fused_conv),
         ("--teacher-stem-kernel", config.teacher_stem_kernel),
+        ("--teacher-fused-conv", config.teacher_fused_conv),
     ):
         _check(
             not given or (config.model.startswith("resnet") and config.fold_teacher_bn),
@@ -473,11 +475,13 @@ def validate(config: TrainConfig) -> None:
             f"(--model resnet*, teacher BN folded); got --model {config.model}"
             + ("" if config.fold_teacher_bn else " with the teacher's BatchNorms unfolded"),
         )
+    # Only for SMILE: another method ignores both (a note says so), and its resolved teacher_fused_conv is off, which
+    # with the stem flag refused the resume, and the -c repeat, of a finetune run started with it (review).
     _check(
-        not config.teacher_stem_kernel or config.teacher_fused_conv is not False,
+        not config.teacher_stem_kernel or config.teacher_fused_conv is not False or config.method != "smile",
         "--teacher-stem-kernel runs the teacher's stem inside its fused trunk, which this run has off "
-        "(--no-teacher-fused-conv, or recorded off in the config.yaml of a run started without it); give "
-        "--teacher-fused-conv with it",
+        "(--no-teacher-fused-conv, or recorded off by a run started without it): give --teacher-fused-conv with "
+        "it, or --no-teacher-stem-kernel",
     )
     if config.cuda_graph:
         _check(

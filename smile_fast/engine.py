@@ -203,7 +203,11 @@ class Trainer:
                 self._refuse_a_checkpoint_written_meanwhile()
                 if self.resume_state is not None:
                     self._unused_config_edits = check_hand_edits_of_the_config(
-                        self.run_dir, self.resume_state["config"], config, self.dist.world_size
+                        self.run_dir,
+                        self.resume_state["config"],
+                        config,
+                        self.dist.world_size,
+                        written_in=self.resume_state.get("run_dir"),
                     )
             except UserError as error:
                 refused = str(error)
@@ -707,6 +711,9 @@ class Trainer:
             "classes": self.class_names,  # label i is classes[i]: eval and --resume check the dataset still agrees
             "weights_used": self.weights_description,  # what the run started from (a resume reads no weights)
             "world_size": self.dist.world_size,  # --batch-size is per process (see resume.refuse_other_world_size)
+            # The folder it was written in: a resume tells another run's last.pt copied into a folder from an edit of
+            # that folder's config.yaml by it (resume.check_hand_edits_of_the_config). Absolute: --out may be relative.
+            "run_dir": os.path.abspath(self.run_dir),
             "wall_seconds": wall,
             "train_seconds": train_seconds,
             "log_interval": log_interval,

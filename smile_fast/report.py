@@ -335,6 +335,9 @@ def _irrelevant(run: Run) -> set[str]:
     unused.update(settings_unread_by(method))  # two finetune runs with different --alpha are one setting
     if not settings.get("amp"):
         unused.add("amp_dtype")
+    if not settings.get("amp") or (run.device is not None and not run.device.startswith("cuda")):
+        # The stem kernel runs on CUDA with AMP only: elsewhere the runs with and without it computed the same (review).
+        unused.add("teacher_stem_kernel")
     if not settings.get("compile"):
         unused.add("compile_mode")
     if not settings.get("cuda_graph"):

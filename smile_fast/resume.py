@@ -197,9 +197,11 @@ def refuse_finished_run(
         if named.is_dir():
             named = named / "last.pt"
         world_size = int(state.get("world_size") or 1)
+        # metrics.csv too: the resume keeps its rows up to the checkpoint, so that NEW's curves start at the beginning.
+        files = " ".join(shlex.quote(str(Path(run_dir) / name)) for name in ("manifest.txt", "metrics.csv"))
         go_on = (
-            f"mkdir NEW && cp {shlex.quote(str(named))} NEW/last.pt && "
-            f"cp {shlex.quote(str(Path(run_dir) / 'manifest.txt'))} NEW/ && {launcher(world_size)} train --resume NEW"
+            f"mkdir NEW && cp {shlex.quote(str(named))} NEW/last.pt && cp {files} NEW/ && "
+            f"{launcher(world_size)} train --resume NEW"
         )
         raise UserError(
             f"{run_dir} holds a finished run (summary.json), and resuming {named} (iteration {int(state['iteration'])} "
@@ -309,7 +311,11 @@ def check_resume_settings(resumed: TrainConfig, given: Mapping[str, Any], weight
 
 
 def check_hand_edits_of_the_config(
-    run_dir: Path, recorded: Mapping[str, Any], resumed: TrainConfig, world_size: int = 1
+    run_dir: Path,
+    recorded: Mapping[str, Any],
+    resumed: TrainConfig,
+    world_size: int = 1,
+    written_in: str | None = None,
 ) -> list[str]:
     """A resume takes the run's settings from its checkpoint and writes config.yaml again, so an edit of the file
     was ignored and then overwritten without a word (review). An edit of a setting the resume cannot change
@@ -317,7 +323,9 @@ def check_hand_edits_of_the_config(
     (RESUME_MAY_CHANGE: `eval_every`, `workers`, ...) is taken from this resume's flags instead: each value of the
     file it does not use comes back as a note saying how to give it (a flag, or a -c file for a setting without
     one). Those are noted, not refused: an earlier resume that stopped before its first checkpoint may have written
-    them there itself."""
+    them there itself.
+    written_in: the absolute folder the checkpoint was written in (checkpoints of this version record it): when it is
+    another, the refusal says that last.pt may have been copied from that run."""
     import yaml
 
     path = run_dir / "config.yaml"
@@ -352,15 +360,14 @@ def check_hand_edits_of_the_config(
             continue  # written so by write_config: what `auto` found
         edited.append(f"{key}: {value!r} there, {run[key]!r} in the run's checkpoint")
     if edited:
-        written_in = run.get("out")
         copied = ""
-        if isinstance(written_in, str) and written_in and os.path.abspath(written_in) != os.path.abspath(run_dir):
-            # The checkpoint was written for another folder: another run's last.pt copied here disagrees with the
-            # folder's config.yaml too, which the message called a hand edit alone (review). config.yaml does not
-            # record its folder, so the two cannot be told apart (a run folder moved or copied whole is the third case).
+        if isinstance(written_in, str) and os.path.abspath(written_in) != os.path.abspath(run_dir):
+            # Another run's last.pt copied here disagrees with this folder's config.yaml too, which the message called
+            # a hand edit alone (review). config.yaml does not record its folder, so the two cannot be told apart: a
+            # run folder moved or copied whole is a third case.
             copied = (
-                f" (or {Path(run_dir) / 'last.pt'} was copied here from another run: it was written for --out "
-                f"{written_in}; then resume that run in a folder of its own, with its config.yaml and manifest.txt)"
+                f" (or {Path(run_dir) / 'last.pt'} was copied here from another run: it was written in {written_in}; "
+                "then resume that run in a folder of its own, with its config.yaml and manifest.txt)"
             )
         raise UserError(
             f"{path} was edited since the run wrote it ({'; '.join(edited)}): a resume continues the run with the "

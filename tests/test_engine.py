@@ -684,9 +684,17 @@ def test_a_resume_of_an_earlier_checkpoint_in_a_finished_run_folder_is_refused(
     assert command.startswith("mkdir ") and command.endswith(f"smile-fast train --resume {new}"), command
     for step in command.split(" && ")[:-1]:  # mkdir and the copies, as a shell would run them
         name, *args = shlex.split(step)
-        new.mkdir() if name == "mkdir" else shutil.copy(*args)
+        if name == "mkdir":
+            new.mkdir()
+        else:
+            *sources, target = args
+            for source in sources:
+                shutil.copy(source, target)
     assert main(["train", "--resume", str(new), "--device", "cpu", "--no-progress"]) == 0
     assert load_checkpoint(new)["iteration"] == 4 and json.loads((new / "summary.json").read_text())["iters"] == 4
+    # metrics.csv was copied too, so that the new folder's curves start at the run's beginning (review).
+    first_rows = kept["metrics.csv"].decode().splitlines()[:2]
+    assert (new / "metrics.csv").read_text().splitlines()[:2] == first_rows
 
 
 def test_a_resume_without_its_manifest_says_so_and_writes_it_again(tiny_imagefolder, tmp_path, monkeypatch):
@@ -1872,20 +1880,29 @@ def test_a_checkpoint_written_for_another_folder_may_be_a_copy_the_message_says(
     tiny_imagefolder, tmp_path, monkeypatch, capsys
 ):
     """Another run's last.pt copied into a folder: its settings differ from the folder's config.yaml, which the
-    resume called a hand edit of the file alone (review). The checkpoint records the folder it was written for;
-    config.yaml does not, so the message names both possibilities."""
+    resume called a hand edit of the file alone (review). The checkpoint records the folder it was written in;
+    config.yaml does not, so the message names both possibilities, and only where that folder is another."""
     from smile_fast.cli import main
 
     out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
     path = out / "config.yaml"
     path.write_text(path.read_text().replace("\niters: 4\n", "\niters: 8\n"))  # as another run's would differ
-    written_for = load_checkpoint(out)["config"]["out"]  # _stopped_run copies a run trained in another folder
-    assert os.path.abspath(written_for) != os.path.abspath(out)
+    written_in = load_checkpoint(out)["run_dir"]  # _stopped_run copies a run trained in another folder
+    assert os.path.isabs(written_in) and written_in != str(out)
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--no-progress", "--device", "cpu"]) == 2
     error = capsys.readouterr().err
     assert f"{path} was edited since the run wrote it (iters: 8 there, 4 in the run's checkpoint)" in error
-    assert f"(or {out / 'last.pt'} was copied here from another run: it was written for --out {written_for};" in error
+    assert f"(or {out / 'last.pt'} was copied here from another run: it was written in {written_in};" in error
+    # Written in this very folder, resumed by a relative path from elsewhere: an edit, and nothing else is said (the
+    # first version compared the recorded --out, relative to where the run started, and said "copied" here).
+    state = torch.load(out / "last.pt", weights_only=False)
+    state["run_dir"] = os.path.abspath(out)
+    torch.save(state, out / "last.pt")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", "run", "--no-progress", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "was edited since the run wrote it" in error and "copied here" not in error
 
 
 def test_a_resume_refuses_a_hand_edited_config_yaml(tiny_imagefolder, tmp_path, monkeypatch, capsys):

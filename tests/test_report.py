@@ -182,6 +182,21 @@ def test_process_and_device_settings_a_run_never_read_do_not_split_it(real_run, 
     assert len(csv_rows(out)) == 2, "on a GPU the teacher's stream is the run's own setting"
 
 
+def test_the_stem_kernel_splits_only_runs_it_ran_in(real_run, tmp_path, capsys):
+    """--teacher-stem-kernel runs its kernel on CUDA with --amp only: elsewhere runs with and without it computed the
+    same, and report showed them as two settings (review)."""
+    copy_run(real_run, tmp_path / "a", seed=0, top1=60.0, teacher_stem_kernel=True)
+    copy_run(real_run, tmp_path / "b", seed=1, top1=62.0, teacher_stem_kernel=False)
+    _, out, _ = report(capsys, str(tmp_path), "--format", "csv")
+    [row] = csv_rows(out)
+    assert row["runs"] == "2", row
+    for name, seed, on in (("gpu_on", 2, True), ("gpu_off", 3, False)):
+        gpu = copy_run(real_run, tmp_path / name, seed=seed, top1=64.0, amp=True, teacher_stem_kernel=on)
+        copy_summary(gpu, device="cuda:0")
+    _, out, _ = report(capsys, str(tmp_path), "--format", "csv")
+    assert len(csv_rows(out)) == 3, "on a GPU with AMP the kernel is the run's own setting"
+
+
 def test_sync_bn_does_not_split_cpu_runs_of_several_processes(real_run, tmp_path, capsys):
     """CPU processes never synchronize BatchNorm (SyncBatchNorm is GPU-only), so --sync-bn is unread there."""
     for name, seed, sync_bn in (("a", 0, True), ("b", 1, False)):

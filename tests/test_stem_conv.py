@@ -260,8 +260,8 @@ def test_the_flag_runs_the_teachers_stem_kernel_with_the_fused_trunk(rng_seed):
     ("overrides", "says"),
     [
         (dict(teacher_fused_conv=False), "give --teacher-fused-conv with it"),
-        (dict(model="efficientnet_b0"), "--model efficientnet_b0"),
-        (dict(fold_teacher_bn=False), "BatchNorms unfolded"),
+        (dict(model="efficientnet_b0"), "^--teacher-stem-kernel needs .* --model efficientnet_b0"),
+        (dict(fold_teacher_bn=False), "^--teacher-stem-kernel needs .* BatchNorms unfolded"),
     ],
 )
 def test_what_the_flag_cannot_run_with_is_a_one_line_error(overrides, says):
@@ -282,3 +282,30 @@ def test_a_run_where_the_kernel_cannot_run_says_so():
     assert any(said in note for note in notes(_config(teacher_stem_kernel=True), "cuda"))
     assert not any(said in note for note in notes(_config(teacher_stem_kernel=True, amp=True), "cuda"))
     assert not any(said in note for note in notes(_config(teacher_stem_kernel=True, method="finetune"), "cpu"))
+
+
+def test_another_method_with_the_flag_starts_resumes_and_repeats():
+    """finetune ignores the flag (a note says so) and records the fused trunk off: that pair refused the run's resume
+    and the `-c config.yaml` repeat its header gives (review)."""
+    from smile_fast.config import build_config, resolve_for_device
+
+    config = _config(method="finetune", teacher_stem_kernel=True)
+    resolve_for_device(config, torch.device("cpu"))
+    assert config.teacher_stem_kernel and config.teacher_fused_conv is False
+    again = build_config(overrides=config.to_dict())  # what a resume and a -c repeat read back
+    assert again.teacher_stem_kernel and again.method == "finetune"
+    _config(method="finetune", teacher_stem_kernel=True, teacher_fused_conv=False)  # nor with the flag said off
+
+
+def test_bench_step_of_a_method_without_a_teacher_runs_with_the_flag(capsys):
+    """It said the flag had no effect, then refused the configuration (review)."""
+    from smile_fast.bench_step import run_step_benchmark
+
+    result = run_step_benchmark(
+        model="resnet18", batch_size=2, image_size=32, device="cpu", steps=1, warmup=0,
+        methods=("finetune",), teacher_stem_kernel=True,
+    )  # fmt: skip
+    assert result["teacher_stem_kernel"] is False and result["finetune_ms_per_step"] > 0
+    said = capsys.readouterr().err
+    assert "--teacher-stem-kernel has no effect: none of --methods has a teacher" in said
+    assert "runs its Triton kernel on CUDA" not in said
