@@ -94,6 +94,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"{path.parent} is still training ({holder}) and holds no checkpoint yet: one is written at each "
                 "evaluation (--eval-every) and when the run is stopped; try again after its first evaluation"
             )
+        if path.name == "last.pt" and (path.parent / "summary.json").is_file():
+            # A finished run whose last.pt was removed since (a clean-up that kept the results): said as finished, as
+            # --auto-resume says it, not as a run whose checkpoint is missing (review).
+            raise UserError(
+                f"{path.parent} holds a finished run (summary.json) whose last.pt is gone: there is nothing to resume, "
+                "and eval and export need that file; put it back from a copy of the run folder"
+            )
         evaluated = last_evaluated_iteration(path.parent / "metrics.csv") if path.name == "last.pt" else None
         if evaluated is not None:
             # A checkpoint written at that evaluation and gone since: "ended before the first" misled (review). Unless

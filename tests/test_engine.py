@@ -722,12 +722,15 @@ def test_a_deleted_checkpoint_is_said_as_gone_and_a_damaged_metrics_byte_does_no
     summary = train(_config(tiny_imagefolder, out, iters=4, eval_every=4, resume=str(out)), progress=False)
     assert summary["iters"] == 4
     (out / "last.pt").unlink()
-    with pytest.raises(UserError, match="last.pt is not there, though metrics.csv shows the evaluation of iteration 4"):
+    # Finished (summary.json): said so, as --auto-resume says it (user review).
+    with pytest.raises(UserError, match="holds a finished run \\(summary.json\\) whose last.pt is gone"):
         evaluate_checkpoint(str(out), device="cpu")
     with pytest.raises(UserError, match="checkpoint .*best.pt does not exist"):  # another name: not "gone"
         evaluate_checkpoint(str(out / "best.pt"), device="cpu")
+    (out / "summary.json").unlink()  # a run stopped after that evaluation
+    with pytest.raises(UserError, match="last.pt is not there, though metrics.csv shows the evaluation of iteration 4"):
+        evaluate_checkpoint(str(out), device="cpu")
     # Nor does --auto-resume start such a run over, writing its history over (diff review).
-    (out / "summary.json").unlink()
     with pytest.raises(UserError, match="holds no last.pt, though metrics.csv shows the evaluation of iteration 4"):
         train(_config(tiny_imagefolder, out, iters=4, eval_every=4), progress=False, start_over_an_unsaved_run=True)
 
