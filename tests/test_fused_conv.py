@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from _compiled_teacher import graphs_of_the_compiled_teacher
 from torch import nn
 
 from smile_fast import fused_conv
@@ -256,27 +257,11 @@ def test_teacher_with_fused_conv_follows_updates_and_loads(amp_dtype, cpu_refere
 
 def test_compiled_fused_teacher_takes_the_op_whole_and_never_recompiles(cpu_reference_ops, rng_seed):
     """fullgraph: the op is one node for torch.compile; an EMA update changes weights, not graphs."""
-    import torch._dynamo.testing
-
     student, source, _ = build_models("resnet18", 4, weights="none", log=lambda message: None)
     teacher = MeanTeacher(source, decay=0.9)
     teacher.use_compute_dtype(torch.bfloat16)
     assert teacher.use_fused_conv() is None
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    graphs = []
-
-    def backend(graph_module, example_inputs):
-        graphs.append(str(graph_module.graph))
-        return counter(graph_module, example_inputs)
-
-    compiled = torch.compile(teacher, backend=backend, fullgraph=True)
-    images = torch.randn(2, 3, 32, 32)
-    for _ in range(3):
-        features, logits = compiled(images)
-        eager_features, eager_logits = teacher(images)
-        assert torch.equal(features, eager_features) and torch.equal(logits, eager_logits)
-        teacher.update(student)
-    assert counter.frame_count == 1
+    graphs = graphs_of_the_compiled_teacher(teacher, lambda: teacher.update(student), torch.randn(2, 3, 32, 32))
     # The fused trunk's op is in the graph, once per convolution with an epilogue: ResNet-18's stem and two per
     # block. The same numbers from the plain modules would not show which forward was compiled (review).
     assert graphs[0].count("smile_fast.conv_bias_act") == 1 + 2 * 8, graphs[0]
