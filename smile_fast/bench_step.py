@@ -384,10 +384,10 @@ def _note_ignored_flags(
         notes.append(f"--compile-mode {compile_mode} has no effect without --compile; the steps run eagerly")
     if cudnn_benchmark and device.type != "cuda":
         notes.append("--cudnn-benchmark is a CUDA setting; it has no effect on this device")
-    for flag, given in (("--teacher-fused-conv", teacher_fused_conv), ("--teacher-stem-kernel", teacher_stem_kernel)):
-        if given and not any(build_method(name).uses_teacher for name in methods):
-            notes.append(f"{flag} has no effect: none of --methods has a teacher (only smile does)")
     with_teacher = any(build_method(name).uses_teacher for name in methods)
+    for flag, given in (("--teacher-fused-conv", teacher_fused_conv), ("--teacher-stem-kernel", teacher_stem_kernel)):
+        if given and not with_teacher:
+            notes.append(f"{flag} has no effect: none of --methods has a teacher (only smile does)")
     if teacher_stem_kernel and with_teacher and not (device.type == "cuda" and amp):
         notes.append("--teacher-stem-kernel runs its Triton kernel on CUDA with --amp; here the stem is PyTorch's")
     for note in notes:

@@ -4,9 +4,10 @@ A ResNet-50 stem is a 7x7 convolution of stride 2 on 3 channels: its reduction i
 and on the H200 cuDNN ran it at 31 TFLOP/s (332 us of the teacher's 2.02 ms forward at batch 48, bf16,
 channels-last; bench/RESULTS.md, twenty-sixth session). Here each program computes BLOCK_M output pixels x
 all output channels as one matrix product: the A tile gathers, for each pixel, its 147 input values straight
-from the image (zero outside it, the convolution's padding), the B tile is the weight read in the same
-(kh, kw, c) order, and the bias and ReLU are applied before the single store. Nothing is unfolded into memory,
-and the reduction is padded only to the next multiple of BLOCK_K (160 for the stem with BLOCK_K 32).
+from the image (zero outside it, the convolution's padding), the B tile is the weight packed in the same
+(kh, kw, c) order (pack_weight), and the bias and ReLU are applied before the single store. Nothing is
+unfolded into memory, and the reduction is padded only to the next multiple of BLOCK_K (160 for the stem with
+BLOCK_K 32).
 
 Strides are arguments, so any layout of input, weight and output works; channels-last is the fast one (each
 pixel's 7 x 3 values of one kernel row are 21 consecutive elements, and each output tile is one contiguous
