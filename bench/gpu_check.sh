@@ -162,10 +162,10 @@ BUDGET="${BUDGET:-$([ "$GPU" = 1 ] && echo 350 || echo 0)}"
 # computes at the H100's rate) unless it says H100; "est.": not measured in this form yet. Replace them with
 # part_seconds.tsv's figures after each lease.
 declare -A EXPECT=(
-  [tests]=60      # m: the slowest of the 4 processes is the predict test, whose fixture trains on the CPU (46 s)
+  [tests]=85      # m 2026-11-28, 30th session: 83 s (60 s before the stem and bad-input CUDA cases)
   [step48]=102    # m 2026-11-28 (88 s the day before), cold Inductor cache, the eager fp32 baseline included
   [step256]=95    # m, cold Inductor cache (92 s 2026-11-28)
-  [stem]=200      # est.: 2 x 30 s for the stem's probe (7 Triton compilations each), 2 x 70 s for the steps
+  [stem]=115      # m 2026-11-28, 30th session: 111 s (after step48/256 of another call had filled Inductor's cache)
   [capture]=231   # m: its tests 75 s, then six compiled runs that found step48/256's cache
   [fused]=92      # m 2026-11-28: both methods compiled again for the uint8 input
   [overlap]=32    # m

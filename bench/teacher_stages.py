@@ -116,7 +116,10 @@ def alternatives(
     if fused and residual is None and module.in_channels == 3 and module.groups == 1:
         for channels in (4, 8):
             others[f"pad{channels}"] = _padded_stem(module, x, channels)
-    if fused and residual is None and stem_kernel_problem(module) is None and _stem_kernel_runs(x, module):
+    # The stem alone (3 input channels), as the padded variants: the kernel also takes 10 other convolutions of a
+    # ResNet-50, and their 70 more compilations and timings cut part stages off at its limit (H200, thirtieth session).
+    stem = module.in_channels == 3 and module.groups == 1
+    if fused and residual is None and stem and stem_kernel_problem(module) is None and _stem_kernel_runs(x, module):
         others.update(_triton_stems(module, x))
     return others
 
