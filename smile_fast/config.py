@@ -94,7 +94,8 @@ class TrainConfig:
     # to help (resolve_for_device), else off.
     teacher_fused_conv: bool | None = None
     # With the fused teacher trunk: its stem (the 7x7 convolution on 3 channels, bias and ReLU) as a Triton kernel
-    # of ours (stem_conv.py) on CUDA with --amp. Off until a GPU has measured it against cuDNN's (bench/RESULTS.md).
+    # of ours (stem_conv.py) on CUDA with --amp. 4.3x cuDNN's stem on an H200 (bench/RESULTS.md); off until made the
+    # default with CUDA and AMP, as teacher_fused_conv is.
     teacher_stem_kernel: bool = False
     teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
     sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch, as on one GPU

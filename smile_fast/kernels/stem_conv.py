@@ -40,8 +40,9 @@ class StemConvConfig(NamedTuple):
     num_warps: int = 4
 
 
-# Not tuned on a GPU yet (the thirtieth session had none): bench/teacher_stages.py times the candidates below
-# against cuDNN, and the fastest becomes the default. Registers per thread compiled for sm_90 with triton 3.6
+# bench/teacher_stages.py times the candidates below against cuDNN's stem. On the H200 (thirtieth session,
+# bench/RESULTS.md) the default, 128/32/4, was the fastest at batch 48 and 256: 84.6 and 415.5 us, against cuDNN's
+# 367.3 and 1,932.3. 8 warps were slower at every tile size. Registers per thread compiled for sm_90 with triton 3.6
 # (before the weight was packed; review): 64/32/4 180, 128/32/4 186, 128/16/4 152, 128/32/8 136, 256/32/8 171,
 # 256/16/8 145 (no spills). The gather of the image is latency-bound, so occupancy may decide.
 STEM_CONV_CONFIG = StemConvConfig()
