@@ -31,7 +31,8 @@
 #       baseline -> step_b48.json
 #   3b. the same at batch 256                               -> step_b256.json
 #   3l. the teacher's stem as our Triton kernel (--teacher-stem-kernel) against cuDNN's, each launch candidate,
-#       batch 48 and 256 -> teacher_stem_b*.json; 3m. step48's and step256's stack with it -> step_b*_stem_kernel.json
+#       batch 48 and 256 -> teacher_stem_b*.json; 3m. step48's and step256's stack without it (on by default with
+#       CUDA and AMP) -> step_b*_no_stem_kernel.json
 #   3e. the step captured by hand (--cuda-graph; --teacher-lookahead with and without --teacher-background,
 #       and neither), batch 48 and 256 -> step_capture[_lookahead|_background]_b*.json
 #   3f. the same captured step with --fused-input (uint8 batches, normalize+mix in one kernel), batch 48
@@ -240,10 +241,10 @@ limited $(( $([ "$STACK" = eager ] && echo 50 || echo 170) * TS )) "$PY" -m smil
 fi
 
 if part stem; then
-# The teacher's stem as our Triton kernel (--teacher-stem-kernel, smile_fast/kernels/stem_conv.py; off by default
-# until this part has run): first the op alone against cuDNN's fused stem, with each launch candidate
-# (STEM_CONV_CANDIDATES; the fastest should become STEM_CONV_CONFIG), and the whole forward with and without it;
-# then step48's and step256's stack with the flag (compare with step_b48.json / step_b256.json of the same call).
+# The teacher's stem as our Triton kernel (--teacher-stem-kernel, smile_fast/kernels/stem_conv.py; on by default
+# with CUDA and AMP): first the op alone against cuDNN's fused stem, with each launch candidate
+# (STEM_CONV_CANDIDATES; the fastest should be STEM_CONV_CONFIG), and the whole forward with and without it;
+# then step48's and step256's stack without it (compare with step_b48.json / step_b256.json of the same call).
 for batch in "$B_SMALL" "$B_LARGE"; do
   say "3l. the teacher's stem: cuDNN's against our Triton kernel's launch candidates, batch $batch"
   limited $((45 * TS)) "$PY" bench/teacher_stages.py --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" \
@@ -252,10 +253,11 @@ done
 # Named as step48's and step256's files are, whatever the batch (small ones on a CPU), so that the summary pairs them.
 for pair in "$B_SMALL:48" "$B_LARGE:256"; do
   batch=${pair%%:*}
-  say "3m. step time batch $batch, the stack of step${pair##*:} with --teacher-stem-kernel"
+  say "3m. step time batch $batch, the stack of step${pair##*:} with --no-teacher-stem-kernel"
   limited $((90 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" --amp \
-    --channels-last "${STACK_FLAGS[@]}" --teacher-stem-kernel --methods finetune,smile --steps "$STEPS" \
-    --warmup "$WARMUP" --json "$OUT/step_b${pair##*:}_stem_kernel.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"
+    --channels-last "${STACK_FLAGS[@]}" --no-teacher-stem-kernel --methods finetune,smile --steps "$STEPS" \
+    --warmup "$WARMUP" --json "$OUT/step_b${pair##*:}_no_stem_kernel.json" 2>&1 | grep -v Warning | tail -n 8 \
+    | tee -a "$LOG"
 done
 fi
 
@@ -370,7 +372,7 @@ if part fusedconv; then
 # On by default with CUDA and AMP since the H100 run of 2026-11-27 (the teacher's forward 4.14 -> 2.22 ms):
 # this part times step48's stack without it, in the same run, to keep the figure current. step_b48.json's
 # cudnn_fusion_problems lists the convolutions cuDNN could not fuse (empty: all fused).
-say "3h. step time batch $B_SMALL, step48's stack with --no-teacher-fused-conv"
+say "3h. step time batch $B_SMALL, step48's stack with --no-teacher-fused-conv (and so without the stem kernel)"
 limited $((150 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$B_SMALL" --image-size "$SIZE" --amp \
   --channels-last "${STACK_FLAGS[@]}" --no-teacher-fused-conv --methods finetune,smile --steps "$STEPS" --warmup "$WARMUP" \
   --json "$OUT/step_b48_no_teacher_fused_conv.json" 2>&1 | grep -v Warning | tail -n 8 | tee -a "$LOG"

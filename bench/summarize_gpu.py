@@ -136,19 +136,21 @@ def main() -> None:
         lines += with_and_without_lines(
             "--cudnn-benchmark (the small-batch step's stack)", _load(out / "step_b48.json"), cudnn
         )
-    # --teacher-fused-conv is on by default with CUDA and AMP, so part 3h times the step without it.
+    # --teacher-fused-conv is on by default with CUDA and AMP, so part 3h times the step without it (and so without
+    # the stem kernel, which runs inside the fused trunk).
     unfused, small = _load(out / "step_b48_no_teacher_fused_conv.json"), _load(out / "step_b48.json")
     if unfused:
         lines += step_lines("step b{batch} --no-teacher-fused-conv", unfused)
         if small and small.get("teacher_fused_conv"):  # off by default on a CPU: then nothing to compare
-            lines += with_and_without_lines("--teacher-fused-conv (the small-batch step's stack)", unfused, small)
-    for batch in (48, 256):  # --teacher-stem-kernel (part stem) against the default stack of the same call
-        stem = _load(out / f"step_b{batch}_stem_kernel.json")
-        if stem:
-            lines += step_lines("step b{batch} --teacher-stem-kernel", stem)
-            lines += with_and_without_lines(
-                f"--teacher-stem-kernel (step_b{batch}.json's stack)", _load(out / f"step_b{batch}.json"), stem
-            )
+            what = "--teacher-fused-conv" + (" and its stem kernel" if small.get("teacher_stem_kernel") else "")
+            lines += with_and_without_lines(f"{what} (the small-batch step's stack)", unfused, small)
+    for batch in (48, 256):  # --teacher-stem-kernel is on by default with CUDA and AMP: part stem times it off
+        without = _load(out / f"step_b{batch}_no_stem_kernel.json")
+        if without:
+            lines += step_lines("step b{batch} --no-teacher-stem-kernel", without)
+            with_it = _load(out / f"step_b{batch}.json")
+            if with_it and with_it.get("teacher_stem_kernel"):  # off on a CPU: then nothing to compare
+                lines += with_and_without_lines(f"--teacher-stem-kernel (step_b{batch}.json's stack)", without, with_it)
     for name in ("step_b48.json", "step_b256.json"):
         for problem in (_load(out / name) or {}).get("cudnn_fusion_problems") or []:
             lines.append(f"  not fused by cuDNN ({name}): {problem}")

@@ -28,7 +28,7 @@ from smile_fast.bench_step import (
     spread_update,
     teacher_step_figure,
 )
-from smile_fast.config import TrainConfig, teacher_fused_conv_default
+from smile_fast.config import TrainConfig, resolve_teacher_kernels
 from smile_fast.run_environment import environment
 
 ON_GPU = torch.cuda.is_available()
@@ -95,6 +95,10 @@ def test_smile_over_finetune_step_time(benchmark):
     per_step = {"finetune": per_step_seconds(timed["finetune"], WARMUP, None).seconds, "smile": smile.seconds}
     ratio = per_step["smile"] / per_step["finetune"]
     quartiles = ratio_quartiles(spread_update(timed["smile"], WARMUP, ema_every, smile), timed["finetune"])
+    # What TrainingStep resolved from the defaults (None), so the JSON says which teacher was timed.
+    fused_conv, stem_kernel = resolve_teacher_kernels(
+        True, SETTINGS["model"], DEVICE, amp=SETTINGS["amp"], fold_teacher_bn=True, fused_conv=None, stem_kernel=None
+    )
     benchmark.extra_info.update(
         **environment(DEVICE),
         finetune_ms_per_step=1000 * per_step["finetune"],
@@ -107,10 +111,8 @@ def test_smile_over_finetune_step_time(benchmark):
         smile_ema_update_samples=smile.update_samples,
         **SETTINGS,
         stack=STACK if ON_GPU else "eager",
-        # What TrainingStep resolved from its default (None), so the JSON says which teacher was timed.
-        teacher_fused_conv=teacher_fused_conv_default(
-            SETTINGS["model"], DEVICE, amp=SETTINGS["amp"], fold_teacher_bn=True
-        ),
+        teacher_fused_conv=fused_conv,
+        teacher_stem_kernel=stem_kernel,
     )
     report(
         f"SMILE / finetune step time on {benchmark.extra_info['device_name']}: {ratio:.3f} (limit {LIMIT}; per-round "

@@ -29,7 +29,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from smile_fast.config import TrainConfig, build_config, channels_last_default, teacher_fused_conv_default
+from smile_fast.config import (
+    TrainConfig,
+    build_config,
+    channels_last_default,
+    resolve_teacher_kernels,
+    stem_kernel_runs_on,
+)
 from smile_fast.data.transforms import normalize_imagenet
 from smile_fast.devices import resolve_device
 from smile_fast.errors import UserError
@@ -71,8 +77,8 @@ def build_step_runner(
     teacher_background: bool = False,
     fused_input: bool = False,
     cudnn_benchmark: bool = False,
-    teacher_fused_conv: bool | None = None,  # None: the product's default (config.teacher_fused_conv_default)
-    teacher_stem_kernel: bool = False,
+    teacher_fused_conv: bool | None = None,  # None: the product's default (config.resolve_teacher_kernels)
+    teacher_stem_kernel: bool | None = None,  # None: the product's default (config.resolve_teacher_kernels)
     fold_teacher_bn: bool = True,
     teacher_stream: bool = True,
     num_classes: int = 200,
@@ -388,8 +394,10 @@ def _note_ignored_flags(
     for flag, given in (("--teacher-fused-conv", teacher_fused_conv), ("--teacher-stem-kernel", teacher_stem_kernel)):
         if given and not with_teacher:
             notes.append(f"{flag} has no effect: none of --methods has a teacher (only smile does)")
-    if teacher_stem_kernel and with_teacher and not (device.type == "cuda" and amp):
-        notes.append("--teacher-stem-kernel runs its Triton kernel on CUDA with --amp; here the stem is PyTorch's")
+    if teacher_stem_kernel and with_teacher and not stem_kernel_runs_on(device, amp=amp):
+        notes.append(
+            "--teacher-stem-kernel runs its Triton kernel on CUDA with --amp (and Triton); here the stem is PyTorch's"
+        )
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
@@ -410,7 +418,7 @@ def run_step_benchmark(
     fused_input: bool = False,
     cudnn_benchmark: bool = False,
     teacher_fused_conv: bool | None = None,
-    teacher_stem_kernel: bool = False,
+    teacher_stem_kernel: bool | None = None,  # None: the product's default (config.resolve_teacher_kernels)
     device: str = "auto",
     steps: int = 20,
     warmup: int = 5,
@@ -448,11 +456,16 @@ def run_step_benchmark(
         warmup = max(warmup, 11)
     if channels_last is None:
         channels_last = channels_last_default(device_obj)
-    if teacher_fused_conv is None:  # the product's default, so that the figures are the product's (as train's)
-        teacher_fused_conv = "smile" in methods and (
-            teacher_stem_kernel
-            or teacher_fused_conv_default(model, device_obj, amp=amp, fold_teacher_bn=fold_teacher_bn)
-        )
+    # The product's defaults where no flag says, so that the figures are the product's (as train's).
+    teacher_fused_conv, teacher_stem_kernel = resolve_teacher_kernels(
+        "smile" in methods,
+        model,
+        device_obj,
+        amp=amp,
+        fold_teacher_bn=fold_teacher_bn,
+        fused_conv=teacher_fused_conv,
+        stem_kernel=teacher_stem_kernel,
+    )
     settings = dict(
         model=model,
         batch_size=batch_size,
@@ -494,8 +507,7 @@ def run_step_benchmark(
         "teacher_fused_conv": bool(teacher_fused_conv) and any(build_method(name).uses_teacher for name in methods),
         # What was timed: the kernel runs on CUDA with AMP only (elsewhere the stem is PyTorch's, as a note said).
         "teacher_stem_kernel": teacher_stem_kernel
-        and amp
-        and device_obj.type == "cuda"
+        and stem_kernel_runs_on(device_obj, amp=amp)
         and any(build_method(name).uses_teacher for name in methods),
         "fold_teacher_bn": fold_teacher_bn,
         "teacher_stream": teacher_stream and device_obj.type == "cuda",

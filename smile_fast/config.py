@@ -94,9 +94,9 @@ class TrainConfig:
     # to help (resolve_for_device), else off.
     teacher_fused_conv: bool | None = None
     # With the fused teacher trunk: its stem (the 7x7 convolution on 3 channels, bias and ReLU) as a Triton kernel
-    # of ours (stem_conv.py) on CUDA with --amp. 4.3x cuDNN's stem on an H200 (bench/RESULTS.md); off until made the
-    # default with CUDA and AMP, as teacher_fused_conv is.
-    teacher_stem_kernel: bool = False
+    # of ours (stem_conv.py) on CUDA with --amp. None: on where the fused trunk is and the kernel can run
+    # (resolve_for_device); 4.3x cuDNN's stem on an H200 (bench/RESULTS.md).
+    teacher_stem_kernel: bool | None = None
     teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
     sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch, as on one GPU
     loader: str = "auto"
@@ -314,15 +314,35 @@ def channels_last_default(device) -> bool:
 
 def resolve_for_device(config: TrainConfig, device) -> TrainConfig:
     """Fill the defaults that depend on the device the run got (known only once it is set up): see
-    channels_last_default and teacher_fused_conv_default."""
+    channels_last_default and resolve_teacher_kernels."""
     if config.channels_last is None:
         config.channels_last = channels_last_default(device)
-    if config.teacher_fused_conv is None:  # --teacher-stem-kernel runs inside the fused trunk: it asks for it
-        config.teacher_fused_conv = config.method == "smile" and (
-            config.teacher_stem_kernel
-            or teacher_fused_conv_default(config.model, device, amp=config.amp, fold_teacher_bn=config.fold_teacher_bn)
-        )
+    config.teacher_fused_conv, config.teacher_stem_kernel = resolve_teacher_kernels(
+        config.method == "smile",
+        config.model,
+        device,
+        amp=config.amp,
+        fold_teacher_bn=config.fold_teacher_bn,
+        fused_conv=config.teacher_fused_conv,
+        stem_kernel=config.teacher_stem_kernel,
+    )
     return config
+
+
+def resolve_teacher_kernels(
+    with_teacher: bool, model: str, device, *, amp: bool, fold_teacher_bn: bool, fused_conv, stem_kernel
+) -> tuple[bool, bool]:
+    """--teacher-fused-conv and --teacher-stem-kernel as given (True, False) or left to their defaults (None), for
+    `train` and `bench step` alike, so that the benchmark times the teacher a run gets. Both are off without a
+    teacher. The stem kernel runs inside the fused trunk: given on, it turns the trunk on; left unset, it follows
+    the trunk (so --no-teacher-fused-conv alone turns both off)."""
+    if fused_conv is None:
+        fused_conv = with_teacher and (
+            bool(stem_kernel) or teacher_fused_conv_default(model, device, amp=amp, fold_teacher_bn=fold_teacher_bn)
+        )
+    if stem_kernel is None:
+        stem_kernel = with_teacher and bool(fused_conv) and stem_kernel_runs_on(device, amp=amp)
+    return bool(fused_conv), bool(stem_kernel)
 
 
 def teacher_fused_conv_default(model: str, device, *, amp: bool, fold_teacher_bn: bool) -> bool:
@@ -336,6 +356,23 @@ def teacher_fused_conv_default(model: str, device, *, amp: bool, fold_teacher_bn
     both against the unfused teacher (tests/test_fused_conv.py), so it is on there too.
     """
     return device.type == "cuda" and amp and fold_teacher_bn and model.startswith("resnet")
+
+
+def stem_kernel_runs_on(device, *, amp: bool) -> bool:
+    """Whether --teacher-stem-kernel's Triton kernel (stem_conv.py) runs here: CUDA, AMP's bfloat16 or float16, and
+    Triton importable. Elsewhere the stem is PyTorch's convolution, which a run's record and a note must say.
+
+    Also the flag's default: on wherever it runs, as measured on an H200 (bench/RESULTS.md, thirtieth session). The
+    stem took 84.6 us against cuDNN's 367.3 at batch 48, the teacher's forward 1.845 -> 1.566 ms, and the full
+    stack's SMILE / finetune ratio 1.176 -> 1.164 at batch 48 and 1.212 -> 1.166 at batch 256. Measured with bf16;
+    float16 runs the same kernel, which the CUDA tests check in both dtypes against float64
+    (tests/test_stem_conv.py). Every torchvision ResNet's stem fits the kernel (stem_kernel_problem).
+    """
+    if device.type != "cuda" or not amp:
+        return False
+    from smile_fast.kernels import has_triton
+
+    return has_triton()
 
 
 def _check(condition: bool, message: str) -> None:

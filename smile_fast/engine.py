@@ -34,6 +34,7 @@ from smile_fast.config import (
     TrainConfig,
     build_config,
     resolve_for_device,
+    stem_kernel_runs_on,
     weights_identity,
 )
 from smile_fast.data.cache import image_checks_dir
@@ -1008,8 +1009,7 @@ class Trainer:
             # Whether the kernel ran: on a CPU, or without --amp, the stem stays PyTorch's (a note said so).
             "teacher_stem_kernel": self.teacher is not None
             and self.teacher.stem_kernel
-            and self.device.type == "cuda"
-            and config.amp,
+            and stem_kernel_runs_on(self.device, amp=config.amp),
             "seed": config.seed,
             # Absolute (as config.yaml's data_dir): a relative --out named the folder only from where the run started,
             # which no reader of the summary (report, a script collecting runs) knows.

@@ -303,9 +303,12 @@ def _settings(recorded: dict[str, Any], summary: dict[str, Any]) -> dict[str, An
     settings.update({key: value for key, value in recorded.items() if key not in FIELD_NAMES})
     if isinstance(summary.get("loader"), str):
         settings["loader"] = summary["loader"]
-    for resolved_on_the_device in ("channels_last", "teacher_fused_conv"):  # None in a config.yaml before they were
+    for resolved_on_the_device in ("channels_last", "teacher_fused_conv", "teacher_stem_kernel"):
+        # None in a config.yaml before they were recorded resolved
         if settings.get(resolved_on_the_device) is None and isinstance(summary.get(resolved_on_the_device), bool):
             settings[resolved_on_the_device] = summary[resolved_on_the_device]
+    if settings.get("teacher_stem_kernel") is None:  # a run from before the kernel existed ran without it
+        settings["teacher_stem_kernel"] = False
     if settings.get("sample_rate") == 1.0:  # every training image, as without --sample-rate
         settings["sample_rate"] = None
     if settings.get("class_fraction") == 1.0:  # every class, in their order: the same manifest as without it (review)

@@ -251,16 +251,24 @@ def rebase(samples: list[tuple[str, int]], old_root: str | None, new_root: str |
 
 # The capture flags, in the order validate() ties them together: each later one needs the one before.
 _CAPTURE_FLAGS = ("cuda_graph", "teacher_lookahead", "teacher_background")
+# The same for the teacher's kernels: the stem kernel runs inside the fused trunk. Every CUDA run with --amp records
+# both on by default, so `--resume RUN --no-teacher-fused-conv` was refused for the stem flag the user never typed.
+_TEACHER_KERNEL_FLAGS = ("teacher_fused_conv", "teacher_stem_kernel")
+DEPENDENT_FLAGS = (_CAPTURE_FLAGS, _TEACHER_KERNEL_FLAGS)  # chains: each flag needs the ones before it on
 
 
 def turn_off_dependent_flags(saved: dict[str, Any], given: Mapping[str, Any]) -> None:
     """`--resume RUN --no-cuda-graph` turns off the run's recorded lookahead flags with it (and
-    `--no-teacher-lookahead` its background flag), since each needs the one before; flags named again are kept."""
-    for position, key in enumerate(_CAPTURE_FLAGS):
-        if not saved.get(key):
-            for later in _CAPTURE_FLAGS[position + 1 :]:
-                if later not in given:
-                    saved[later] = False
+    `--no-teacher-lookahead` its background flag), since each needs the one before; `--no-teacher-fused-conv` the
+    stem kernel. Flags named again are kept (and validated)."""
+    for chain in DEPENDENT_FLAGS:
+        for position, key in enumerate(chain):
+            # None (a run from before the setting was recorded) is left to the device, as a new run's default.
+            off = not saved.get(key) if chain is _CAPTURE_FLAGS else saved.get(key) is False
+            if off:
+                for later in chain[position + 1 :]:
+                    if later not in given:
+                        saved[later] = False
 
 
 def drop_capture_flags(config: TrainConfig, device, dist, given: Mapping[str, Any] | None) -> list[str]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from smile_fast.config import PAPER_BATCH, TrainConfig, settings_the_method_ignores
+import torch
+
+from smile_fast.config import PAPER_BATCH, TrainConfig, settings_the_method_ignores, stem_kernel_runs_on
 
 
 def setting_notes(
@@ -41,10 +43,15 @@ def setting_notes(
         notes.append(f"note: --compile-mode {config.compile_mode} has no effect without --compile; the run is eager")
     if config.cudnn_benchmark and device_type != "cuda":
         notes.append(f"note: --cudnn-benchmark is a CUDA setting; it has no effect on {device_type}")
-    if config.teacher_stem_kernel and config.method == "smile" and not (device_type == "cuda" and config.amp):
+    # Given on where it cannot run (its default is on only where it can: config.stem_kernel_runs_on).
+    if (
+        config.teacher_stem_kernel
+        and config.method == "smile"
+        and not stem_kernel_runs_on(torch.device(device_type), amp=config.amp)
+    ):
         notes.append(
-            "note: --teacher-stem-kernel runs its Triton kernel on CUDA with --amp; here the teacher's stem is "
-            "PyTorch's convolution"
+            "note: --teacher-stem-kernel runs its Triton kernel on CUDA with --amp (and Triton installed); here the "
+            "teacher's stem is PyTorch's convolution"
         )
     if not resuming and (ignored := settings_the_method_ignores(config.method, named)):
         notes.append(f"note: --method {config.method} does not use {', '.join(ignored)}; the run trains without them")

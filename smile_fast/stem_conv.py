@@ -4,7 +4,8 @@ The stem of a ResNet-50 teacher took 18% of its forward on the H200 (366 us of 2
 channels-last), cuDNN's convolution alone 332 us of it, at 31 TFLOP/s: its 3 input channels give a reduction
 of only 147 (bench/RESULTS.md, twenty-sixth session). kernels/stem_conv.py computes it as an implicit GEMM
 with the bias and ReLU in its epilogue. On the H200 it took 84.6 us against cuDNN's 367.3 (bench/RESULTS.md,
-thirtieth session, part stem of bench/gpu_check.sh); it is still off unless asked for, until made the default.
+thirtieth session, part stem of bench/gpu_check.sh), so it is on by default where it runs
+(config.stem_kernel_runs_on).
 
 `stem_conv_bias_relu` is a torch.library custom op, so that torch.compile and CUDA graphs take the launch whole.
 It runs the kernel on CUDA (and on CPU tensors under TRITON_INTERPRET=1, how the tests run it); elsewhere, or

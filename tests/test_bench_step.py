@@ -168,6 +168,27 @@ def test_teacher_fused_conv_is_recorded_and_refused_where_it_cannot_apply(tmp_pa
     assert json.loads(out.read_text())["teacher_fused_conv"] is False
 
 
+def test_the_stem_kernel_follows_the_products_default_unless_given(tmp_path, monkeypatch):
+    """Unasked, bench step times the teacher a run gets (config.resolve_teacher_kernels): on where the kernel runs,
+    which this CPU stands in for here. The flag given off, or the fused trunk off, times it without."""
+    import smile_fast.bench_step
+    import smile_fast.config
+
+    for module in (smile_fast.config, smile_fast.bench_step):
+        monkeypatch.setattr(module, "stem_kernel_runs_on", lambda device, amp: True)
+    out = tmp_path / "step.json"
+    argv = ["bench", "step", "--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--device", "cpu"]
+    argv += ["--steps", "1", "--warmup", "0", "--methods", "finetune,smile", "--json", str(out)]
+    for flags, expected in (
+        (["--teacher-fused-conv"], True),
+        (["--teacher-fused-conv", "--no-teacher-stem-kernel"], False),
+        (["--no-teacher-fused-conv"], False),
+    ):
+        assert main([*argv, *flags]) == 0
+        result = json.loads(out.read_text())
+        assert result["teacher_stem_kernel"] is expected, (flags, result)
+
+
 def test_smiles_per_step_figure_spreads_its_teacher_update_over_ema_every_steps():
     """A median alone leaves out the teacher update every 10th SMILE step pays; a run pays it."""
     from smile_fast.bench_step import StepFigure, per_step_seconds, ratio_quartiles

@@ -154,6 +154,35 @@ def test_teacher_fused_conv_defaults_to_where_it_was_measured_to_help():
     assert resolved(cpu, teacher_fused_conv=True) is True, "a given value stands"
 
 
+def test_teacher_stem_kernel_defaults_to_where_it_runs(monkeypatch):
+    """On with the fused trunk on CUDA with AMP and Triton (H200: the stem 367 -> 85 us at batch 48, the full
+    stack's SMILE / finetune 1.176 -> 1.164); off wherever the trunk is off or the kernel cannot run, which a run's
+    record must say. A given value stands, and the flag given on turns the trunk on."""
+    import smile_fast.kernels
+    from smile_fast.config import resolve_for_device
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def resolved(device, **overrides):
+        config = resolve_for_device(build_config(overrides=overrides), device)
+        return config.teacher_fused_conv, config.teacher_stem_kernel
+
+    assert build_config().teacher_stem_kernel is None, "decided once the device is known, not before"
+    assert resolved(cuda, amp=True) == (True, True)
+    assert resolved(cuda, amp=True, amp_dtype="float16") == (True, True)
+    assert resolved(cpu, amp=True) == (False, False)
+    assert resolved(cuda) == (False, False), "float32: the kernel takes bfloat16 and float16"
+    assert resolved(cuda, amp=True, model="efficientnet_b4") == (False, False)
+    assert resolved(cuda, amp=True, fold_teacher_bn=False) == (False, False)
+    assert resolved(cuda, amp=True, method="finetune") == (False, False), "no teacher"
+    assert resolved(cuda, amp=True, teacher_fused_conv=False) == (False, False), "the stem follows the trunk off"
+    assert resolved(cuda, amp=True, teacher_stem_kernel=False) == (True, False), "a given value stands"
+    assert resolved(cpu, teacher_stem_kernel=True) == (True, True), "given on, it asks for the trunk"
+    assert resolved(cpu, teacher_fused_conv=True) == (True, False), "the trunk on a CPU, the stem PyTorch's"
+    monkeypatch.setattr(smile_fast.kernels, "has_triton", lambda: False)
+    assert resolved(cuda, amp=True) == (True, False), "no Triton: the stem would be PyTorch's, and so recorded"
+
+
 @pytest.mark.parametrize(("flag", "unset"), [("cudnn-benchmark", False), ("teacher-fused-conv", None)])
 def test_speed_flags_and_yaml_reach_the_config(flag, unset, tmp_path, monkeypatch):
     """A YAML key turns a speed option on, the flag off again; unset, cudnn-benchmark is off (not measured
@@ -179,6 +208,31 @@ def test_speed_flags_and_yaml_reach_the_config(flag, unset, tmp_path, monkeypatc
     assert main(["train", "--no-progress"]) == 0
     key = flag.replace("-", "_")
     assert [getattr(config, key) for config in seen] == [True, False, unset]
+
+
+def test_no_teacher_fused_conv_on_a_yaml_recording_the_stem_kernel_turns_both_off(tmp_path, monkeypatch, capsys):
+    """A CUDA run with --amp records the fused trunk and the stem kernel on; repeating it with `-c config.yaml
+    --no-teacher-fused-conv` was refused for the stem flag the user never typed. Naming the stem flag is still
+    checked, and --no-cuda-graph takes the YAML's lookahead flags with it the same way."""
+    seen: list[TrainConfig] = []
+
+    def fake_train(config, progress=True, given=None, start_over_an_unsaved_run=False):
+        seen.append(config)
+        return {"method": config.method, "iters": 1, "test_top1": None, "train_images_per_sec": 1.0,
+                "run_dir": "x", "weights": "none"}  # fmt: skip
+
+    monkeypatch.setattr(smile_fast.engine, "train", fake_train)
+    path = tmp_path / "config.yaml"
+    path.write_text("teacher_fused_conv: true\nteacher_stem_kernel: true\ncuda_graph: true\nteacher_lookahead: true\n")
+    assert main(["train", "-c", str(path), "--no-teacher-fused-conv", "--no-cuda-graph", "--no-progress"]) == 0
+    [config] = seen
+    assert (config.teacher_fused_conv, config.teacher_stem_kernel) == (False, False)
+    assert (config.cuda_graph, config.teacher_lookahead) == (False, False)
+    assert main(["train", "-c", str(path), "--no-teacher-fused-conv", "--teacher-stem-kernel", "--no-progress"]) == 2
+    assert "--teacher-stem-kernel runs the teacher's stem inside its fused trunk" in capsys.readouterr().err
+    path.write_text("teacher_lookahead: true\n")  # nothing turned off here: the YAML's own mistake, said as ever
+    assert main(["train", "-c", str(path), "--no-teacher-fused-conv", "--no-progress"]) == 2
+    assert "--teacher-lookahead runs the teacher inside the captured step" in capsys.readouterr().err
 
 
 def test_yaml_null_means_the_default_and_exponent_floats_are_numbers(tmp_path):

@@ -885,6 +885,38 @@ def test_resume_on_a_cpu_of_a_captured_run_runs_without_its_capture_flags(
     assert load_checkpoint(out)["iteration"] == 2
 
 
+def test_resume_with_no_teacher_fused_conv_turns_the_recorded_stem_kernel_off(
+    tiny_imagefolder, tmp_path, monkeypatch, capsys
+):
+    """Every SMILE run on CUDA with --amp records the stem kernel on by default, and the kernel runs inside the fused
+    trunk: `--resume RUN --no-teacher-fused-conv` was refused for the stem flag the user never typed. It turns the
+    recorded stem kernel off with the trunk; naming the stem flag again is still the usual error."""
+    import shutil
+
+    from smile_fast.checkpoint import save_atomic
+    from smile_fast.cli import main
+
+    stopped = _stopped_run(tiny_imagefolder, tmp_path / "stopped", monkeypatch, iters=2, stop_after=1)
+    state = load_checkpoint(stopped / "last.pt")
+    state["config"].update(teacher_fused_conv=True, teacher_stem_kernel=True)  # as a GPU run with --amp writes it
+    save_atomic(state, stopped / "last.pt")
+
+    def resume(name, *flags):
+        out = tmp_path / name
+        shutil.copytree(stopped, out)
+        code = main(["train", "--resume", str(out), "--no-progress", "--device", "cpu", *flags])
+        return out, code, capsys.readouterr().err
+
+    out, code, err = resume("off", "--no-teacher-fused-conv")
+    assert code == 0, err
+    assert load_checkpoint(out)["iteration"] == 2
+    recorded = load_checkpoint(out)["config"]
+    assert recorded["teacher_fused_conv"] is False and recorded["teacher_stem_kernel"] is False, recorded
+
+    out, code, err = resume("named", "--no-teacher-fused-conv", "--teacher-stem-kernel")
+    assert code == 2 and "--teacher-stem-kernel runs the teacher's stem inside its fused trunk" in err, err
+
+
 def test_resume_and_eval_read_no_pretrained_weights(tiny_imagefolder, tmp_path, monkeypatch, capsys):
     """Every weight of a resumed run comes from its checkpoint: the pre-trained file may be gone (offline, an
     ImageNet download used to be tried again, and its failure logged as "training from random init"). A

@@ -100,3 +100,33 @@ def test_the_loader_dataset_is_the_same_whatever_the_number_of_processes(tmp_pat
     assert len(set(one.values())) == len(one)  # each image drew its own pixels
     maker.make(tmp_path / "other", classes=2, per_class=4, seed=4, processes=2)
     assert _digests(tmp_path / "other") != one
+
+
+def test_the_summary_sets_the_stem_kernel_against_the_default_step_of_the_same_call(tmp_path, monkeypatch, capsys):
+    """The stem kernel is on by default with CUDA and AMP, so part stem times the stack without it: the summary pairs
+    step_b48.json (with it) with step_b48_no_stem_kernel.json as "without -> with", and says nothing where the
+    default ran without it (a CPU). The files are the H200's of the thirtieth session (bench/results), the default
+    then without the kernel and the flag's run with it, named as gpu_check names them now."""
+    import json
+    import shutil
+
+    results, out = ROOT / "bench" / "results", tmp_path / "out"
+    out.mkdir()
+    shutil.copy(results / "2026-11-28-h200-30th-call1-step_b48.json", out / "step_b48_no_stem_kernel.json")
+    shutil.copy(results / "2026-11-28-h200-30th-call2-step_b48_stem_kernel.json", out / "step_b48.json")
+    spec = importlib.util.spec_from_file_location("summarize_gpu", ROOT / "bench" / "summarize_gpu.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+
+    def summary() -> str:
+        monkeypatch.setattr(sys, "argv", ["summarize_gpu.py", str(out)])
+        summarize.main()
+        return capsys.readouterr().out
+
+    text = summary()
+    assert "step b48 --no-teacher-stem-kernel:" in text, text
+    assert "--teacher-stem-kernel (step_b48.json's stack) at batch 48, ms/step without -> with:" in text, text
+    assert "smile 11.57 -> 11.29 (-2.4%)" in text, text
+    default = json.loads((out / "step_b48.json").read_text())
+    (out / "step_b48.json").write_text(json.dumps(dict(default, teacher_stem_kernel=False)))
+    assert "without -> with" not in summary()
