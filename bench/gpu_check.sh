@@ -24,7 +24,7 @@
 #     Inductor's code and autotune caches still miss (the file keeps the unique name in its metadata),
 #     so autotuning runs again. The kernels and their speed are the same. What it saves is unmeasured.
 # The investigations of the open work are extra parts, each a few minutes: capture, fused, overlap,
-# stem, stages, autotune, pybench, cudnn, fusedconv, teacher, ddp. Name them (PARTS=capture,pybench) or run everything with
+# stem, pointwise, stages, autotune, pybench, cudnn, fusedconv, teacher, ddp. Name them (PARTS=capture,pybench) or run everything with
 # PARTS=all; BUDGET=0 lifts the budget (for a lease call with its own timeout, keep one).
 #   1. the GPU tests (fused ops on CUDA, real Triton)       -> log.txt, tests_group*.txt
 #   3a. step time finetune vs SMILE, ResNet-50, bf16, batch 48, full stack ($STACK, below) + eager fp32
@@ -33,6 +33,9 @@
 #   3l. the teacher's stem as our Triton kernel (--teacher-stem-kernel) against cuDNN's, each launch candidate,
 #       batch 48 and 256 -> teacher_stem_b*.json; 3m. step48's and step256's stack without it (on by default with
 #       CUDA and AMP) -> step_b*_no_stem_kernel.json
+#   3n. each bottleneck's conv3 (and conv1) as our Triton 1x1 GEMM (pointwise_conv.py) against cuDNN's fused op,
+#       each launch candidate, batch 48 and 256 -> teacher_pointwise_b*.json; 3o. step48's and step256's stack
+#       with bench step's --teacher-pointwise-kernel -> step_b*_pointwise_kernel.json
 #   3e. the step captured by hand (--cuda-graph; --teacher-lookahead with and without --teacher-background,
 #       and neither), batch 48 and 256 -> step_capture[_lookahead|_background]_b*.json
 #   3f. the same captured step with --fused-input (uint8 batches, normalize+mix in one kernel), batch 48
@@ -69,7 +72,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEN
 [ -d /tmp/dali-site/nvidia/dali ] && export PYTHONPATH="$PYTHONPATH:/tmp/dali-site"
 LOG="$OUT/log.txt"
 # PARTS picks what to run, e.g. PARTS=capture,fused or PARTS=step48,step256 STACK=reduce-overhead.
-ALL_PARTS="tests,step48,step256,stem,overlap,stages,autotune,capture,fused,ops,pybench,cudnn,fusedconv,teacher,loader,dali,ddp"
+ALL_PARTS="tests,step48,step256,stem,pointwise,overlap,stages,autotune,capture,fused,ops,pybench,cudnn,fusedconv,teacher,loader,dali,ddp"
 PARTS="${PARTS:-tests,step48,step256,ops,loader,dali}"
 [ "$PARTS" = all ] && PARTS="$ALL_PARTS"
 for name in ${PARTS//,/ }; do
@@ -138,7 +141,8 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   MODEL=resnet50; B_SMALL=48; B_LARGE=256; SIZE=224; STEPS=15; WARMUP=4; LOADER_ITERS=100; PER_CLASS=64
   LOADER_WORKERS=$(nproc)  # issue 4's goal is stated for the machine's 16 CPU threads
   TEST_SEL=(tests/test_ops_*.py tests/test_kernels_*.py tests/test_torchvision_loader.py tests/test_teacher.py
-    tests/test_bench_step.py tests/test_fused_conv.py tests/test_stem_conv.py tests/test_engine.py tests/test_predict.py)
+    tests/test_bench_step.py tests/test_fused_conv.py tests/test_stem_conv.py tests/test_pointwise_conv.py
+    tests/test_pointwise_teacher.py tests/test_engine.py tests/test_predict.py)
   TEST_K=(-k cuda)
 else
   GPU=0; export TRITON_INTERPRET=0  # parts 1-2 below set it to 1 for themselves: kernels via the interpreter
@@ -163,10 +167,12 @@ BUDGET="${BUDGET:-$([ "$GPU" = 1 ] && echo 350 || echo 0)}"
 # computes at the H100's rate) unless it says H100; "est.": not measured in this form yet. Replace them with
 # part_seconds.tsv's figures after each lease.
 declare -A EXPECT=(
-  [tests]=85      # m 2026-11-28, 30th session: 83 s (60 s before the stem and bad-input CUDA cases)
+  [tests]=95      # m 2026-11-28, 30th session: 83 s (60 s before the stem and bad-input CUDA cases); est. +10 s
+                  # for the pointwise kernel's CUDA cases (31st session)
   [step48]=102    # m 2026-11-28 (88 s the day before), cold Inductor cache, the eager fp32 baseline included
   [step256]=95    # m, cold Inductor cache (92 s 2026-11-28)
   [stem]=115      # m 2026-11-28, 30th session: 111 s (after step48/256 of another call had filled Inductor's cache)
+  [pointwise]=140 # est.: as part stem (111 s), with 8 launch candidates on 32 convolutions (4 + 7 shapes) a batch
   [capture]=231   # m: its tests 75 s, then six compiled runs that found step48/256's cache
   [fused]=92      # m 2026-11-28: both methods compiled again for the uint8 input
   [overlap]=32    # m
@@ -257,6 +263,28 @@ for pair in "$B_SMALL:48" "$B_LARGE:256"; do
   limited $((90 * TS)) "$PY" -m smile_fast bench step --model "$MODEL" --batch-size "$batch" --image-size "$SIZE" --amp \
     --channels-last "${STACK_FLAGS[@]}" --no-teacher-stem-kernel --methods finetune,smile --steps "$STEPS" \
     --warmup "$WARMUP" --json "$OUT/step_b${pair##*:}_no_stem_kernel.json" 2>&1 | grep -v Warning | tail -n 8 \
+    | tee -a "$LOG"
+done
+fi
+
+if part pointwise; then
+# Each bottleneck's last convolution (1x1, bias, residual, ReLU) as our Triton GEMM (smile_fast/pointwise_conv.py;
+# only `bench step --teacher-pointwise-kernel` runs it until this part has timed it). cuDNN's fused conv3 took
+# 462.8 us of the forward at batch 48 against 260.9 for its convolution alone (twenty-sixth session). First the
+# fused 1x1 convolutions alone, each beside the kernel's launch candidates (POINTWISE_CONV_CANDIDATES; the fastest
+# should become POINTWISE_CONV_CONFIG), and the whole forward with it; then step48's and step256's stack with it
+# (compare with step_b48.json / step_b256.json of the same call). ResNet-50 on a CPU too: ResNet-18 has no bottleneck.
+for batch in "$B_SMALL" "$B_LARGE"; do
+  say "3n. the teacher's 1x1 convolutions: cuDNN's fused against our Triton GEMM's launch candidates, batch $batch"
+  limited $((60 * TS)) "$PY" bench/teacher_stages.py --model resnet50 --batch-size "$batch" --image-size "$SIZE" \
+    --pointwise-only --json "$OUT/teacher_pointwise_b$batch.json" 2>&1 | grep -v Warning | tail -n 16 | tee -a "$LOG"
+done
+for pair in "$B_SMALL:48" "$B_LARGE:256"; do
+  batch=${pair%%:*}
+  say "3o. step time batch $batch, the stack of step${pair##*:} with --teacher-pointwise-kernel"
+  limited $((90 * TS)) "$PY" -m smile_fast bench step --model resnet50 --batch-size "$batch" --image-size "$SIZE" --amp \
+    --channels-last "${STACK_FLAGS[@]}" --teacher-pointwise-kernel --methods finetune,smile --steps "$STEPS" \
+    --warmup "$WARMUP" --json "$OUT/step_b${pair##*:}_pointwise_kernel.json" 2>&1 | grep -v Warning | tail -n 8 \
     | tee -a "$LOG"
 done
 fi

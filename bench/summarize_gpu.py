@@ -151,6 +151,16 @@ def main() -> None:
             with_it = _load(out / f"step_b{batch}.json")
             if with_it and with_it.get("teacher_stem_kernel"):  # off on a CPU: then nothing to compare
                 lines += with_and_without_lines(f"--teacher-stem-kernel (step_b{batch}.json's stack)", without, with_it)
+    for batch in (48, 256):  # bench step's --teacher-pointwise-kernel (part pointwise) against the default stack
+        pointwise = _load(out / f"step_b{batch}_pointwise_kernel.json")
+        if pointwise:
+            lines += step_lines("step b{batch} --teacher-pointwise-kernel", pointwise)
+            if pointwise.get("teacher_pointwise_kernel"):  # off on a CPU: then nothing to compare
+                lines += with_and_without_lines(
+                    f"--teacher-pointwise-kernel (step_b{batch}.json's stack)",
+                    _load(out / f"step_b{batch}.json"),
+                    pointwise,
+                )
     for name in ("step_b48.json", "step_b256.json"):
         for problem in (_load(out / name) or {}).get("cudnn_fusion_problems") or []:
             lines.append(f"  not fused by cuDNN ({name}): {problem}")
@@ -215,7 +225,7 @@ def main() -> None:
             lines.append(f"  {name:<40} {value:9.2f} ms" + (f"  {ratio:.3f}x" if ratio else ""))
         for problem in overlap.get("cudnn_fusion_problems") or []:
             lines.append(f"  not fused by cuDNN: {problem}")
-    probes = ("teacher_stages*.json", "teacher_stem*.json", "teacher_inductor*.json")
+    probes = ("teacher_stages*.json", "teacher_stem*.json", "teacher_pointwise*.json", "teacher_inductor*.json")
     for path in [path for pattern in probes for path in sorted(out.glob(pattern))]:
         stages = _load(path)
         if stages:

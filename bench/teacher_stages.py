@@ -53,6 +53,8 @@ class Op:
     flops: int
     bytes: int
     shape: str  # "in -> out", NCHW sizes whatever the layout
+    # A fused 1x1 convolution of stride 1 (a bottleneck's conv1 or conv3): what --pointwise-only walks.
+    pointwise: bool = False
     # Other ways to compute the op (or its costliest part) on the same input, timed beside it: they say whether
     # another library's kernels would run this shape faster than cuDNN's fused one (see `alternatives`).
     others: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
@@ -74,7 +76,12 @@ def conv_flops(conv: torch.nn.Conv2d, out: torch.Tensor) -> int:
 
 
 def alternatives(
-    module: torch.nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None, fused: bool
+    module: torch.nn.Conv2d,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    fused: bool,
+    residual_bias: torch.Tensor | None = None,
+    pointwise: bool = False,
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """Other kernels for one convolution of the teacher, each on the op's own input:
     - "conv": cuDNN's convolution alone, without bias, residual or ReLU (what the epilogue costs);
@@ -90,6 +97,10 @@ def alternatives(
     - "triton_m128_k32_w4" and the like: for the stem, the whole op as our Triton kernel
       (smile_fast/kernels/stem_conv.py, `--teacher-stem-kernel`) with each candidate tile size and warps
       (STEM_CONV_CANDIDATES), each checked against the fused op's output first.
+    - "pw_m128_n128_k64_w8_s3" and the like, with `pointwise` (--pointwise-only): for a fused 1x1 convolution of
+      stride 1 (a bottleneck's conv1, and conv3 with its residual), the whole op as our Triton GEMM
+      (smile_fast/kernels/pointwise_conv.py, `bench step --teacher-pointwise-kernel`) with each candidate launch
+      (POINTWISE_CONV_CANDIDATES), each checked against the fused op's output first.
     """
     weight = module.weight
 
@@ -121,7 +132,58 @@ def alternatives(
     stem = module.in_channels == 3 and module.groups == 1
     if fused and residual is None and stem and stem_kernel_problem(module) is None and _stem_kernel_runs(x, module):
         others.update(_triton_stems(module, x))
+    if pointwise and fused and _pointwise_kernel_runs(x, module):
+        others.update(_triton_pointwise(module, x, residual, residual_bias))
     return others
+
+
+def _one_by_one(module: torch.nn.Conv2d) -> bool:
+    """A 1x1 convolution of stride 1, unpadded and ungrouped: a GEMM on a channels-last input."""
+    return (
+        tuple(module.kernel_size) == (1, 1)
+        and tuple(module.stride) == (1, 1)
+        and tuple(module.padding) == (0, 0)
+        and module.groups == 1
+    )
+
+
+def _pointwise_kernel_runs(x: torch.Tensor, module: torch.nn.Conv2d) -> bool:
+    from smile_fast.pointwise_conv import pointwise_kernel_problem
+
+    return (
+        pointwise_kernel_problem(module) is None
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and _stem_kernel_runs(x, module)  # the same dtypes and devices
+    )
+
+
+def _triton_pointwise(
+    module: torch.nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None, residual_bias: torch.Tensor | None
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """A fused 1x1 convolution as our Triton GEMM, one runner per candidate launch configuration, each checked once
+    against the fused op's output (as _triton_stems)."""
+    from smile_fast.kernels.pointwise_conv import POINTWISE_CONV_CANDIDATES, launch_pointwise_conv_bias_act
+
+    expected = conv_bias_act(module, x, residual, residual_bias).float()
+    scale = max(expected.abs().max().item(), 1.0)
+    bias = module.bias if residual_bias is None else module.bias + residual_bias  # as the op adds them, once
+    runners = {}
+    for config in POINTWISE_CONV_CANDIDATES:
+
+        def run(config=config):
+            out = torch.empty(expected.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+            launch_pointwise_conv_bias_act(x, module.weight, bias, residual, out, config)
+            return out
+
+        difference = (run().float() - expected).abs().max().item()
+        if not difference <= 0.02 * scale:
+            raise SystemExit(
+                f"teacher_stages.py: the Triton pointwise convolution with {config} differs by {difference:g} of "
+                f"{scale:g}"
+            )
+        name = f"pw_m{config.block_m}_n{config.block_n}_k{config.block_k}_w{config.num_warps}_s{config.num_stages}"
+        runners[name] = run
+    return runners
 
 
 def _stem_kernel_runs(x: torch.Tensor, module: torch.nn.Conv2d) -> bool:
@@ -181,11 +243,11 @@ def _padded_stem(module: torch.nn.Conv2d, x: torch.Tensor, channels: int) -> Cal
 
 
 def fused_forward_ops(
-    trunk: torch.nn.Sequential, images: torch.Tensor, with_alternatives: bool = False
+    trunk: torch.nn.Sequential, images: torch.Tensor, with_alternatives: bool = False, pointwise: bool = False
 ) -> tuple[list[Op], torch.Tensor]:
     """The ops of fused_resnet_trunk(trunk, images), in order, each run once to get the next one's input;
     returns them and the forward's output. With `with_alternatives`, each convolution also carries the other
-    kernels `alternatives` gives for it."""
+    kernels `alternatives` gives for it (with `pointwise`, our Triton GEMM's candidates too)."""
     ops: list[Op] = []
 
     def conv(name: str, stage: str, module: torch.nn.Conv2d, x, residual=None, residual_bias=None, fused: bool = True):
@@ -200,8 +262,10 @@ def fused_forward_ops(
 
         out = run()
         moved = _nbytes(x, module.weight, module.bias if fused else None, residual, out)
-        others = alternatives(module, x, residual, fused) if with_alternatives else {}
-        ops.append(Op(name, stage, run, conv_flops(module, out), moved, f"{_sizes(x)} -> {_sizes(out)}", others))
+        others = alternatives(module, x, residual, fused, residual_bias, pointwise) if with_alternatives else {}
+        shape = f"{_sizes(x)} -> {_sizes(out)}"
+        pointwise_op = fused and _one_by_one(module)
+        ops.append(Op(name, stage, run, conv_flops(module, out), moved, shape, pointwise_op, others))
         return out
 
     if trunk[0].weight.is_contiguous(memory_format=torch.channels_last) and images.dim() == 4:
@@ -308,8 +372,10 @@ def profile(
     walk_ops: bool = True,
     inductor_fused_modes: tuple[str, ...] = (),
     stem_only: bool = False,
+    pointwise_only: bool = False,
 ) -> dict[str, object]:
-    """The probe's figures as a dict (what --json writes)."""
+    """The probe's figures as a dict (what --json writes). stem_only / pointwise_only: walk only the stem's ops, or
+    only the fused 1x1 convolutions of stride 1 (with our Triton GEMM's candidates beside them)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
     build = getattr(torchvision.models, model)
@@ -322,10 +388,12 @@ def profile(
     with torch.no_grad():
         expected = fused_resnet_trunk(trunk, images)
         if walk_ops:
-            ops, out = fused_forward_ops(trunk, images, with_alternatives)
+            ops, out = fused_forward_ops(trunk, images, with_alternatives, pointwise=pointwise_only)
             _check_walk(out, expected, device)
             for op in ops:
                 if stem_only and op.stage != "stem":
+                    continue
+                if pointwise_only and not op.pointwise:
                     continue
                 ms = _op_ms(op.run, device, repeats, steps, rounds)
                 row = {
@@ -352,8 +420,18 @@ def profile(
         else:
             whole_ms = _timed_ms(whole, device, steps, rounds)
         stem_kernel = None  # the whole forward with --teacher-stem-kernel's stem, where the kernel runs
-        if stem_kernel_problem(trunk[0]) is None and _stem_kernel_runs(images, trunk[0]):
-            stem_kernel = _whole_with_stem_kernel(trunk, images, expected, device, steps, rounds)
+        kernels_run = _stem_kernel_runs(images, trunk[0])
+        if stem_kernel_problem(trunk[0]) is None and kernels_run:
+            stem_kernel = _whole_with_kernels(trunk, images, expected, device, steps, rounds, stem_kernel=True)
+        pointwise_kernel = None  # and with bench step's --teacher-pointwise-kernel too (a Bottleneck ResNet)
+        if pointwise_only and kernels_run and _pointwise_trunk(trunk):
+            pointwise_kernel = {
+                "alone": _whole_with_kernels(trunk, images, expected, device, steps, rounds, pointwise_kernel=True)
+            }
+            if stem_kernel is not None:  # both of ours: the teacher bench step times with the flag (stem default)
+                pointwise_kernel["with_stem_kernel"] = _whole_with_kernels(
+                    trunk, images, expected, device, steps, rounds, stem_kernel=True, pointwise_kernel=True
+                )
         inductor = [
             _inductor_forward(trunk, images, expected, mode, device, steps, rounds, fused=True)
             for mode in inductor_fused_modes
@@ -382,7 +460,8 @@ def profile(
                 entry["fused_us"] += row["us"]
                 entry["us"] += row[key]
     # Over every convolution (the hooks count them when the walk timed only some ops, or none).
-    total_gflop = (0 if stem_only else sum(row["gflop"] for row in rows)) or 2 * _forward_macs(trunk, images) / 1e9
+    walked_all = not (stem_only or pointwise_only)
+    total_gflop = (sum(row["gflop"] for row in rows) if walked_all else 0) or 2 * _forward_macs(trunk, images) / 1e9
     return {
         **environment(device),
         "model": model,
@@ -393,6 +472,7 @@ def profile(
         "timing": "CUDA graph replay" if device.type == "cuda" else "eager",
         "ops": rows,
         "stem_only": stem_only,  # the ops of the stem alone were timed (--stem-only)
+        "pointwise_only": pointwise_only,  # the fused 1x1 convolutions alone were timed (--pointwise-only)
         "stages": stages,
         "alternatives": compared,
         "sum_of_ops_ms": total_us / 1e3,
@@ -400,6 +480,7 @@ def profile(
         "total_gflop": total_gflop,
         "whole_forward_tflops": total_gflop / whole_ms,
         "whole_forward_stem_kernel": stem_kernel,
+        "whole_forward_pointwise_kernel": pointwise_kernel,
         "inductor": inductor,
         "cudnn_fusion_problems": cudnn_fusion_problems(),
     }
@@ -422,15 +503,26 @@ def _forward_macs(trunk: torch.nn.Sequential, images: torch.Tensor) -> int:
     return sum(macs) * images.shape[0]
 
 
-def _whole_with_stem_kernel(trunk, images, expected, device, steps, rounds) -> dict[str, float]:
-    """The whole fused forward with its stem as our Triton kernel (`--teacher-stem-kernel`), timed as the
-    fused forward is, and how far its output is from the fused forward's (bf16 rounding of the stem's output)."""
-    out = fused_resnet_trunk(trunk, images, stem_kernel=True)
+def _pointwise_trunk(trunk: torch.nn.Sequential) -> bool:
+    """Whether every bottleneck's conv3 fits our Triton GEMM (False for a ResNet-18 or -34: no bottlenecks)."""
+    from smile_fast.pointwise_conv import pointwise_kernel_problem
+
+    convs = [b.conv3 for stage in trunk[4:] for b in stage if isinstance(b, torchvision.models.resnet.Bottleneck)]
+    return bool(convs) and all(pointwise_kernel_problem(conv) is None for conv in convs)
+
+
+def _whole_with_kernels(
+    trunk, images, expected, device, steps, rounds, stem_kernel: bool = False, pointwise_kernel: bool = False
+) -> dict[str, float]:
+    """The whole fused forward with our Triton kernels (`--teacher-stem-kernel`, `--teacher-pointwise-kernel`),
+    timed as the fused forward is, and how far its output is from the fused forward's (bf16 rounding)."""
+    kernels = dict(stem_kernel=stem_kernel, pointwise_kernel=pointwise_kernel)
+    out = fused_resnet_trunk(trunk, images, **kernels)
     scale = expected.float().abs().max().item()
     difference = (out.float() - expected.float()).abs().max().item()
 
     def whole() -> None:
-        fused_resnet_trunk(trunk, images, stem_kernel=True)
+        fused_resnet_trunk(trunk, images, **kernels)
 
     if device.type == "cuda":
         graph = _capture(whole)
@@ -462,6 +554,7 @@ def report_lines(results: dict[str, object], top: int = 12) -> list[str]:
     """The figures as text: per stage, then the ops that take the most time."""
     ops = "" if results["ops"] else ", whole forwards only"
     whose = "the stem's" if results.get("stem_only") else "its"
+    whose = "the 1x1 convolutions'" if results.get("pointwise_only") else whose
     lines = [
         f"{results['device_name']}: the fused teacher's forward, {results['model']} batch {results['batch_size']} at "
         f"{results['image_size']} px, {results['dtype']}, channels-last ({results['timing']}{ops})",
@@ -497,6 +590,9 @@ def report_lines(results: dict[str, object], top: int = 12) -> list[str]:
         if other.startswith("triton_"):
             _, m, k, w = other.split("_")
             names[other] = f"our Triton stem (BLOCK_M {m[1:]}, BLOCK_K {k[1:]}, {w[1:]} warps)"
+        if other.startswith("pw_"):
+            _, m, n, k, w, stages = other.split("_")
+            names[other] = f"our Triton 1x1 GEMM ({m[1:]}x{n[1:]}x{k[1:]}, {w[1:]} warps, {stages[1:]} stages)"
     for other, entry in (results.get("alternatives") or {}).items():
         lines.append(
             f"  {names.get(other, other)} on the {entry['ops']} convolutions it can run: {entry['us']:.1f} us "
@@ -507,6 +603,15 @@ def report_lines(results: dict[str, object], top: int = 12) -> list[str]:
             f"  whole forward with our Triton stem (--teacher-stem-kernel, default launch): {stem_kernel['ms']:.3f} ms "
             f"against {results['whole_forward_ms']:.3f} ({stem_kernel['ms'] / results['whole_forward_ms']:.3f}x), "
             f"max difference {stem_kernel['max_difference']:.3g} of {stem_kernel['scale']:.3g}"
+        )
+    for what, run in ((results.get("whole_forward_pointwise_kernel")) or {}).items():
+        label = "our Triton 1x1 GEMM for conv3 (--teacher-pointwise-kernel)" + (
+            " and our stem" if what == "with_stem_kernel" else ""
+        )
+        lines.append(
+            f"  whole forward with {label}: {run['ms']:.3f} ms against {results['whole_forward_ms']:.3f} "
+            f"({run['ms'] / results['whole_forward_ms']:.3f}x), max difference {run['max_difference']:.3g} of "
+            f"{run['scale']:.3g}"
         )
     for run in results.get("inductor") or []:
         what = "the fused forward" if run.get("forward") == "fused" else "unfused modules"
@@ -530,6 +635,12 @@ def main() -> None:
     parser.add_argument("--no-ops", dest="walk_ops", action="store_false", help="time only the whole forward(s)")
     parser.add_argument(
         "--stem-only", action="store_true", help="time only the stem's ops (and their alternatives) and the wholes"
+    )
+    parser.add_argument(
+        "--pointwise-only",
+        action="store_true",
+        help="time only the fused 1x1 convolutions of stride 1, beside our Triton GEMM's launch candidates, and the "
+        "whole forwards with it",
     )
     parser.add_argument(
         "--inductor",
@@ -562,6 +673,7 @@ def main() -> None:
         walk_ops=args.walk_ops,
         inductor_fused_modes=fused_modes,
         stem_only=args.stem_only,
+        pointwise_only=args.pointwise_only,
     )
     print("\n".join(report_lines(results)))
     if args.json:

@@ -9,6 +9,7 @@ models.py       backbones with SMILE's heads, weights loading, BatchNorm folding
 teacher.py      the mean teacher: EMA, the frozen BN-folded copy
 fused_conv.py   the folded teacher's convolutions with bias, residual add and ReLU in one kernel
 stem_conv.py    the folded teacher's stem as a Triton kernel of ours (--teacher-stem-kernel)
+pointwise_conv.py  the folded teacher's 1x1 conv3 (bias, residual, ReLU) as a Triton kernel of ours
 methods/        training objectives: finetune, mixup, cutmix, smile (batch, student, teacher -> loss)
 data/           datasets from their official layouts, subset protocols, the demo, the loaders (DALI, torchvision),
                 image checks, `data verify`

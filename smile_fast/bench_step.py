@@ -82,6 +82,7 @@ def build_step_runner(
     fold_teacher_bn: bool = True,
     teacher_stream: bool = True,
     num_classes: int = 200,
+    teacher_pointwise_kernel: bool = False,  # a candidate under measurement: bench step only (see run_step_benchmark)
 ) -> list[float]:
     """A function that runs one iteration of `method_name` with the product's TrainingStep on synthetic
     data and waits for the device; each call is the next iteration (so EMA updates fall every 10th)."""
@@ -116,6 +117,8 @@ def build_step_runner(
     torch.manual_seed(0)
     student, source, _ = build_models(model, num_classes, "none", with_aux_head=method.uses_teacher, log=lambda m: None)
     step = TrainingStep(config, method, student, source, device)
+    if teacher_pointwise_kernel and step.teacher is not None and (problem := step.teacher.use_pointwise_kernel()):
+        raise UserError(f"--teacher-pointwise-kernel cannot run this teacher: {problem}")
     step.finalize()
     pixels, labels = _synthetic_batch(batch_size, image_size, num_classes, device)
     counter = iter(range(10**9))
@@ -426,8 +429,13 @@ def run_step_benchmark(
     baseline: str | None = None,
     fold_teacher_bn: bool = True,
     teacher_stream: bool = True,
+    teacher_pointwise_kernel: bool = False,
 ) -> dict[str, Any]:
-    """Time each method's step; returns the figures `smile-fast bench step --json` writes."""
+    """Time each method's step; returns the figures `smile-fast bench step --json` writes.
+
+    teacher_pointwise_kernel: each bottleneck's last convolution of the fused teacher as our Triton kernel
+    (pointwise_conv.py). A candidate toward SMILE / finetune <= 1.15 that only this benchmark runs until a GPU
+    has timed it; like the stem kernel it turns the fused trunk on when teacher_fused_conv is not given."""
     if steps < 1:
         raise UserError(f"--steps must be at least 1 (the figures are medians of timed steps), got {steps}")
     if warmup < 0:
@@ -450,6 +458,14 @@ def run_step_benchmark(
         cudnn_benchmark=cudnn_benchmark, teacher_fused_conv=teacher_fused_conv,
         teacher_stem_kernel=teacher_stem_kernel, methods=methods,
     )  # fmt: skip
+    if teacher_pointwise_kernel and "smile" in methods and not stem_kernel_runs_on(device_obj, amp=amp):
+        print(
+            "note: --teacher-pointwise-kernel runs its Triton kernel on CUDA with --amp (and Triton); here the "
+            "convolution is PyTorch's",
+            file=sys.stderr,
+        )
+    if teacher_pointwise_kernel and teacher_fused_conv is None:
+        teacher_fused_conv = "smile" in methods  # the kernel runs inside the fused trunk
     if cuda_graph:
         # Three eager steps, then the captures; the teacher's EMA graph is captured at the first EMA
         # iteration after those (iteration 10), which must not fall among the timed steps.
@@ -487,6 +503,7 @@ def run_step_benchmark(
         warmup=warmup,
         fold_teacher_bn=fold_teacher_bn,
         teacher_stream=teacher_stream,
+        teacher_pointwise_kernel=teacher_pointwise_kernel and "smile" in methods,
     )
     result: dict[str, Any] = {
         **environment(device_obj),
@@ -507,6 +524,9 @@ def run_step_benchmark(
         "teacher_fused_conv": bool(teacher_fused_conv) and any(build_method(name).uses_teacher for name in methods),
         # What was timed: the kernel runs on CUDA with AMP only (elsewhere the stem is PyTorch's, as a note said).
         "teacher_stem_kernel": teacher_stem_kernel
+        and stem_kernel_runs_on(device_obj, amp=amp)
+        and any(build_method(name).uses_teacher for name in methods),
+        "teacher_pointwise_kernel": teacher_pointwise_kernel
         and stem_kernel_runs_on(device_obj, amp=amp)
         and any(build_method(name).uses_teacher for name in methods),
         "fold_teacher_bn": fold_teacher_bn,
@@ -588,7 +608,8 @@ def format_step_table(result: dict[str, Any]) -> str:
         f"{', fused uint8 input' if result.get('fused_input') else ''}"
         f"{', cudnn benchmark' if result.get('cudnn_benchmark') else ''}"
         f"{', teacher fused conv' if result.get('teacher_fused_conv') else ''}"
-        f"{', teacher stem kernel' if result.get('teacher_stem_kernel') else ''})",
+        f"{', teacher stem kernel' if result.get('teacher_stem_kernel') else ''}"
+        f"{', teacher pointwise kernel' if result.get('teacher_pointwise_kernel') else ''})",
         f"{'method':<22} {'ms/step':>9} {'images/s':>10}",
     ]
     for key in result:

@@ -447,6 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument(
         "--teacher-stem-kernel", action=argparse.BooleanOptionalAction, default=None, help=TEACHER_STEM_KERNEL_HELP
     )
+    step.add_argument(
+        "--teacher-pointwise-kernel",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="SMILE, bottleneck ResNet: each block's last convolution of the fused teacher (1x1, bias, residual, "
+        "ReLU) as a Triton kernel of ours, on CUDA with --amp; a candidate timed here before train gets it "
+        "(default: off, not yet timed on a GPU)",
+    )
     step.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     step.add_argument("--steps", type=_integer, default=20, help="timed steps per method")
     step.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
@@ -846,6 +854,7 @@ def _run_bench(args: argparse.Namespace, json_path: Path | None) -> int:
             cudnn_benchmark=args.cudnn_benchmark,
             teacher_fused_conv=args.teacher_fused_conv,
             teacher_stem_kernel=args.teacher_stem_kernel,
+            teacher_pointwise_kernel=args.teacher_pointwise_kernel,
             device=args.device,
             steps=args.steps,
             warmup=args.warmup,

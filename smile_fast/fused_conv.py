@@ -221,7 +221,9 @@ def fusable_resnet_trunk(trunk: nn.Module) -> str | None:
     return None
 
 
-def fused_resnet_trunk(trunk: nn.Sequential, images: Tensor, stem_kernel: bool = False) -> Tensor:
+def fused_resnet_trunk(
+    trunk: nn.Sequential, images: Tensor, stem_kernel: bool = False, pointwise_kernel: bool = False
+) -> Tensor:
     """The forward of a BN-folded torchvision ResNet trunk (see `fusable_resnet_trunk`) with its own modules
     and weights, each convolution with its bias, ReLU and residual add as one `conv_bias_act`.
 
@@ -234,10 +236,14 @@ def fused_resnet_trunk(trunk: nn.Sequential, images: Tensor, stem_kernel: bool =
     With channels-last weights (the teacher on a CPU, whose input stays NCHW) the images are made
     channels-last first, as a plain convolution with those weights does internally; each op lays its
     output out like its input, so they would otherwise be copied back to NCHW at every convolution.
-    With `stem_kernel` the stem runs as smile_fast.stem_conv's Triton kernel (`--teacher-stem-kernel`).
+    With `stem_kernel` the stem runs as smile_fast.stem_conv's Triton kernel (`--teacher-stem-kernel`), and with
+    `pointwise_kernel` each bottleneck's last convolution (1x1, bias, residual, ReLU) as smile_fast.pointwise_conv's
+    (a candidate timed by bench/teacher_stages.py and `bench step --teacher-pointwise-kernel`; no train flag yet).
     """
     if output_format(trunk[0].weight) == torch.channels_last and output_format(images) != torch.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
+    if pointwise_kernel:  # the caller checked pointwise_kernel_problem for every bottleneck's conv3
+        from smile_fast.pointwise_conv import pointwise_conv_bias_act
     if stem_kernel:  # our Triton kernel for the stem (stem_conv.py); the caller checked stem_kernel_problem
         from smile_fast.stem_conv import stem_conv_bias_relu
 
@@ -253,7 +259,8 @@ def fused_resnet_trunk(trunk: nn.Sequential, images: Tensor, stem_kernel: bool =
             y = conv_bias_act(block.conv1, x)
             if isinstance(block, Bottleneck):
                 y = conv_bias_act(block.conv2, y)
-                x = conv_bias_act(block.conv3, y, shortcut, shortcut_bias)
+                last = pointwise_conv_bias_act if pointwise_kernel else conv_bias_act
+                x = last(block.conv3, y, shortcut, shortcut_bias)
             else:
                 x = conv_bias_act(block.conv2, y, shortcut, shortcut_bias)
     return x

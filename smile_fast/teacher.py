@@ -14,7 +14,8 @@
   round the same float32 values the same way.
 - With `use_fused_conv` a folded ResNet teacher runs each convolution with its bias, ReLU and residual
   add in one cuDNN kernel (fused_conv.py), from the same weights; with `use_stem_kernel` too, its stem
-  runs as a Triton kernel of ours (stem_conv.py).
+  runs as a Triton kernel of ours (stem_conv.py), and with `use_pointwise_kernel` each bottleneck's last
+  convolution (pointwise_conv.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import weakref
 
 import torch
 from torch import nn
+from torchvision.models.resnet import Bottleneck
 
 from smile_fast.fused_conv import fusable_resnet_trunk, fused_resnet_trunk
 from smile_fast.models import FoldedBackbone, SmileNet, SourceNet
@@ -53,6 +55,7 @@ class MeanTeacher(nn.Module):
         self.low_precision: nn.ModuleDict | None = None  # the fold and fc in the AMP dtype, see use_compute_dtype
         self.fused_conv = False  # see use_fused_conv
         self.stem_kernel = False  # see use_stem_kernel
+        self.pointwise_kernel = False  # see use_pointwise_kernel
         self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         # A weak reference, not an attribute holding the module: nn.Module would register the student
         # as the teacher's submodule (its parameters, state_dict and .to() would follow).
@@ -119,9 +122,29 @@ class MeanTeacher(nn.Module):
         self.stem_kernel = True
         return None
 
+    def use_pointwise_kernel(self) -> str | None:
+        """Run each bottleneck's last convolution (1x1, bias, residual add, ReLU) in the fused trunk as
+        pointwise_conv.py's Triton kernel (after `use_fused_conv`); returns why it cannot, or None. As the stem
+        kernel, it runs for bfloat16 and float16 on CUDA; elsewhere the convolution is PyTorch's."""
+        from smile_fast.pointwise_conv import pointwise_kernel_problem
+
+        if not self.fused_conv:
+            return "the teacher does not run the fused trunk (fused_conv.py)"
+        blocks = [block for stage in self.folded.folded.trunk[4:] for block in stage]
+        last_convs = [block.conv3 for block in blocks if isinstance(block, Bottleneck)]
+        if not last_convs:
+            return "the teacher has no bottleneck blocks (a ResNet-18 or -34)"
+        for conv in last_convs:
+            if problem := pointwise_kernel_problem(conv):
+                return problem
+        self.pointwise_kernel = True
+        return None
+
     def _features(self, backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
         if self.fused_conv:
-            return fused_resnet_trunk(backbone.trunk, images, stem_kernel=self.stem_kernel)
+            return fused_resnet_trunk(
+                backbone.trunk, images, stem_kernel=self.stem_kernel, pointwise_kernel=self.pointwise_kernel
+            )
         return backbone(images)
 
     @torch.no_grad()

@@ -27,7 +27,7 @@ LEAVES = {
 ALLOWED = {
     "kernels": set(),
     "ops": {"kernels"},
-    "models": {"ops", "kernels"},  # models.py, teacher.py, fused_conv.py and stem_conv.py: one layer
+    "models": {"ops", "kernels"},  # models.py, teacher.py, fused_conv.py, stem_conv.py, pointwise_conv.py: one layer
     "methods": {"models", "ops", "kernels"},
     "data": set(),
 }
@@ -44,7 +44,13 @@ def _layer(module: str) -> str | None:
     parts = module.split(".")
     if len(parts) > 1 and parts[1] in ("kernels", "ops", "methods", "data"):
         return parts[1]
-    if module in ("smile_fast.models", "smile_fast.teacher", "smile_fast.fused_conv", "smile_fast.stem_conv"):
+    if module in (
+        "smile_fast.models",
+        "smile_fast.teacher",
+        "smile_fast.fused_conv",
+        "smile_fast.stem_conv",
+        "smile_fast.pointwise_conv",
+    ):
         return "models"
     return None  # engine level: may import anything
 

@@ -261,3 +261,39 @@ def test_a_triton_candidate_that_computes_something_else_stops_the_probe(monkeyp
     monkeypatch.setattr(stem_kernel, "launch_stem_conv_bias_relu", lambda x, weight, bias, out, *rest: out.zero_())
     with pytest.raises(SystemExit, match="the Triton stem with StemConvConfig"):
         teacher_stages.profile("resnet18", batch_size=1, image_size=32, repeats=1, steps=1, rounds=1, stem_only=True)
+
+
+@pytest.mark.slow  # about 55 s here: a ResNet-50's 32 convolutions and 3 whole forwards through the interpreter
+def test_the_pointwise_probe_times_each_checked_triton_candidate_and_the_forward_with_it(monkeypatch):
+    """--pointwise-only (gpu_check part pointwise): the fused 1x1 convolutions alone (each bottleneck's conv1 and
+    conv3), each beside our Triton GEMM's candidates, and the whole forward with it, alone and with our stem."""
+    from smile_fast.kernels import pointwise_conv as pointwise_kernel
+
+    # Large tiles: the interpreter runs each program in turn, so fewer programs are faster here.
+    candidate = pointwise_kernel.PointwiseConvConfig(128, 256, 64, 2, 4, 2)
+    monkeypatch.setattr(pointwise_kernel, "POINTWISE_CONV_CANDIDATES", (candidate,))
+    results = teacher_stages.profile(
+        "resnet50", batch_size=1, image_size=32, repeats=1, steps=1, rounds=1, pointwise_only=True
+    )
+    names = [row["name"] for row in results["ops"]]
+    assert len(names) == 32 and all(name.endswith((".conv1", ".conv3")) for name in names), names
+    row_name = "pw_m128_n256_k64_w4_s2"
+    assert all(row[f"{row_name}_us"] > 0 for row in results["ops"])
+    wholes = results["whole_forward_pointwise_kernel"]
+    assert set(wholes) == {"alone", "with_stem_kernel"}
+    for run in wholes.values():  # bf16 rounding through 16 blocks (the interpreter rounds bf16 toward zero)
+        assert run["ms"] > 0 and run["max_difference"] <= 0.1 * run["scale"], run
+    text = "\n".join(teacher_stages.report_lines(results))
+    assert "our Triton 1x1 GEMM (128x256x64, 4 warps, 2 stages) on the 32 convolutions it can run" in text, text
+    assert "whole forward with our Triton 1x1 GEMM for conv3 (--teacher-pointwise-kernel) and our stem" in text
+    assert "sum of the 1x1 convolutions' ops" in text
+
+
+def test_a_pointwise_candidate_that_computes_something_else_stops_the_probe(monkeypatch):
+    from smile_fast.kernels import pointwise_conv as pointwise_kernel
+
+    monkeypatch.setattr(pointwise_kernel, "launch_pointwise_conv_bias_act", lambda *args: args[4].zero_())
+    with pytest.raises(SystemExit, match="the Triton pointwise convolution with PointwiseConvConfig"):
+        teacher_stages.profile(
+            "resnet50", batch_size=1, image_size=32, repeats=1, steps=1, rounds=1, pointwise_only=True
+        )
