@@ -70,6 +70,7 @@ from smile_fast.resume import (
     moved_dataset_hint,
     rebase,
     refuse_finished_run,
+    refuse_going_back_over_a_newer_checkpoint,
     refuse_other_world_size,
     turn_off_dependent_flags,
 )
@@ -184,6 +185,7 @@ class Trainer:
         if self.resume_state is not None:
             try:
                 refuse_finished_run(self.run_dir, self.resume_state, config.iters, config.resume)
+                refuse_going_back_over_a_newer_checkpoint(self.run_dir, self.resume_state, config.resume)
                 refuse_other_world_size(self.run_dir, self.resume_state, self.dist.world_size, config.batch_size)
             except (UserError, TrainingStopped) as error:  # a finished run is a TrainingStopped with exit 0
                 raise same_on_every_process(error) from None

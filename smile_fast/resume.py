@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from smile_fast.config import RESUME_MAY_CHANGE, YAML_ONLY_SETTINGS, TrainConfig, setting_name, validate
 from smile_fast.errors import UserError, first_line
 from smile_fast.runlog import auto_weights_resolved_to, launcher, recorded_number, recorded_summary, recorded_top1
@@ -196,17 +198,11 @@ def refuse_finished_run(
         named = Path(checkpoint) if checkpoint is not None else Path(run_dir) / "last.pt"
         if named.is_dir():
             named = named / "last.pt"
-        world_size = int(state.get("world_size") or 1)
-        # metrics.csv too: the resume keeps its rows up to the checkpoint, so that NEW's curves start at the beginning.
-        files = " ".join(shlex.quote(str(Path(run_dir) / name)) for name in ("manifest.txt", "metrics.csv"))
-        go_on = (
-            f"mkdir NEW && cp {shlex.quote(str(named))} NEW/last.pt && cp {files} NEW/ && "
-            f"{launcher(world_size)} train --resume NEW"
-        )
         raise UserError(
             f"{run_dir} holds a finished run (summary.json), and resuming {named} (iteration {int(state['iteration'])} "
             f"of {iters}) would write over its last.pt, metrics.csv and summary.json, since a resume continues in "
-            f"its checkpoint's folder; to go on from that checkpoint, copy it into a folder of its own: `{go_on}`"
+            f"its checkpoint's folder; to go on from that checkpoint, copy it into a folder of its own: "
+            f"`{_go_on_in_a_folder_of_its_own(run_dir, named, state)}`"
         )
     top1 = recorded_top1(run_dir)
     result = f" (test top-1 {top1:.2f}%)" if top1 is not None else ""
@@ -214,6 +210,46 @@ def refuse_finished_run(
         f"{run_dir} already finished its {iters} iterations{result}; nothing to resume. "
         f"`smile-fast eval {run_dir}` tests its checkpoint again",
         exit_code=0,
+    )
+
+
+def refuse_going_back_over_a_newer_checkpoint(
+    run_dir: Path, state: Mapping[str, Any], checkpoint: str | Path | None
+) -> None:
+    """`--resume RUN/older.pt` (a copy kept from earlier) of an unfinished run whose last.pt is at a later
+    iteration: the resume continued in RUN from the older iteration and wrote over last.pt at its first checkpoint,
+    and over metrics.csv's later rows, without a word: the later training was lost. Refused as the same resume of a
+    finished run is (refuse_finished_run), with how to go on from the older checkpoint in a folder of its own.
+    A last.pt that cannot be read, or is not later, is no loss: the resume goes on."""
+    if checkpoint is None or Path(checkpoint).is_dir():
+        return
+    named, last = Path(checkpoint), Path(run_dir) / "last.pt"
+    if not last.is_file() or named.resolve() == last.resolve():
+        return
+    try:  # memory-mapped: the iteration without reading the weights (a ResNet-50's file is about 300 MB)
+        later = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("iteration")
+    except Exception:  # noqa: BLE001 - a damaged or foreign last.pt: nothing of worth to keep from being written over
+        return
+    if not isinstance(later, int) or later <= int(state["iteration"]):
+        return
+    go_on = _go_on_in_a_folder_of_its_own(run_dir, named, state)
+    go_on_from_last = f"{launcher(int(state.get('world_size') or 1))} train --resume {shlex.quote(str(run_dir))}"
+    raise UserError(
+        f"{run_dir}/last.pt is at iteration {later}, and resuming {named} (iteration {int(state['iteration'])}) would "
+        "write over it and over metrics.csv's later rows, since a resume continues in its checkpoint's folder; to go "
+        f"on from {named.name}, copy it into a folder of its own: `{go_on}`; or `{go_on_from_last}` to go on from "
+        f"iteration {later}"
+    )
+
+
+def _go_on_in_a_folder_of_its_own(run_dir: Path, named: Path, state: Mapping[str, Any]) -> str:
+    """The commands that continue checkpoint `named` of RUN in a new folder NEW."""
+    world_size = int(state.get("world_size") or 1)
+    # metrics.csv too: the resume keeps its rows up to the checkpoint, so that NEW's curves start at the beginning.
+    files = " ".join(shlex.quote(str(Path(run_dir) / name)) for name in ("manifest.txt", "metrics.csv"))
+    return (
+        f"mkdir NEW && cp {shlex.quote(str(named))} NEW/last.pt && cp {files} NEW/ && "
+        f"{launcher(world_size)} train --resume NEW"
     )
 
 

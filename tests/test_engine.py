@@ -697,6 +697,46 @@ def test_a_resume_of_an_earlier_checkpoint_in_a_finished_run_folder_is_refused(
     assert (new / "metrics.csv").read_text().splitlines()[:2] == first_rows
 
 
+def test_a_resume_of_an_older_checkpoint_over_a_later_last_pt_is_refused(
+    tiny_imagefolder, tmp_path, monkeypatch, capsys
+):
+    """`--resume RUN/older.pt` (a copy kept from earlier) of an unfinished run whose last.pt is later continued in
+    RUN from the older iteration and wrote over last.pt and metrics.csv's later rows without a word. Refused in one
+    line, exit 2, with the two ways on: the older checkpoint in a folder of its own (which runs), or RUN itself."""
+    import shlex
+    import shutil
+
+    from smile_fast.cli import main
+
+    out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=6, stop_after=2)
+    shutil.copy(out / "last.pt", out / "older.pt")
+    _train_until_stopped(tiny_imagefolder, out, monkeypatch, 6, 4, {"resume": str(out)})  # last.pt now at 4
+    kept = {name: (out / name).read_bytes() for name in ("last.pt", "metrics.csv")}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out / "older.pt"), "--device", "cpu", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert f"{out}/last.pt is at iteration 4, and resuming {out / 'older.pt'} (iteration 2) would write over" in error
+    assert error.rstrip().endswith(f"`smile-fast train --resume {out}` to go on from iteration 4"), error
+    assert {name: (out / name).read_bytes() for name in kept} == kept, "the run's later files changed"
+
+    new = tmp_path / "new"
+    command = error.split("`")[1].replace("NEW", str(new))
+    assert command.startswith("mkdir ") and command.endswith(f"smile-fast train --resume {new}"), command
+    for step in command.split(" && ")[:-1]:  # mkdir and the copies, as a shell would run them
+        name, *args = shlex.split(step)
+        if name == "mkdir":
+            new.mkdir()
+        else:
+            *sources, target = args
+            for source in sources:
+                shutil.copy(source, target)
+    assert main(["train", "--resume", str(new), "--device", "cpu", "--no-progress"]) == 0
+    assert load_checkpoint(new)["iteration"] == 6
+    assert main(["train", "--resume", str(out), "--device", "cpu", "--no-progress"]) == 0  # RUN itself goes on
+    assert load_checkpoint(out)["iteration"] == 6
+
+
 def test_a_resume_without_its_manifest_says_so_and_writes_it_again(tiny_imagefolder, tmp_path, monkeypatch):
     """It trained on the dataset's current listing without a word and left the folder without a manifest."""
     out = _stopped_run(tiny_imagefolder, tmp_path / "run", monkeypatch, iters=4, stop_after=2)
