@@ -87,8 +87,10 @@ def launcher(world_size: int) -> str:
 
 def resume_command(run_dir: str | Path, world_size: int = 1) -> str:
     """What continues a stopped run: under torchrun the same number of processes (a plain `smile-fast train
-    --resume` of a 2-process run is refused, since the global batch would change)."""
-    return f"{launcher(world_size)} train --resume {shlex.quote(str(run_dir))}"
+    --resume` of a 2-process run is refused, since the global batch would change). The folder absolute: a relative
+    --out named it only from where the run started, and config.yaml's header and the messages are read from anywhere
+    (a batch job's log, another shell)."""
+    return f"{launcher(world_size)} train --resume {shlex.quote(os.path.abspath(run_dir))}"
 
 
 def _comment_text(text: str) -> str:

@@ -1896,6 +1896,8 @@ def test_the_resume_command_names_the_launch_the_run_had(tmp_path, monkeypatch):
 
     run = tmp_path / "run 1"
     assert resume_command(run, 1) == f"smile-fast train --resume '{run}'"
+    monkeypatch.chdir(tmp_path)  # a relative --out: the command works from anywhere (config.yaml, a job's log)
+    assert resume_command("runs/a", 1) == f"smile-fast train --resume {tmp_path / 'runs' / 'a'}"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun on one node: 2 processes
     assert resume_command(run, 2) == f"torchrun --nproc_per_node=2 -m smile_fast train --resume '{run}'"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # two nodes of 4: each node runs the same command
