@@ -581,7 +581,7 @@ def _resume_if_the_folder_has_a_checkpoint(config) -> None:
     else:  # a finished run whose last.pt is gone is finished all the same: exit 0, as with it
         from smile_fast.resume import refuse_finished_run_without_its_checkpoint
 
-        refuse_finished_run_without_its_checkpoint(Path(config.out))
+        refuse_finished_run_without_its_checkpoint(Path(config.out), config.iters)
 
 
 def _note_another_global_batch(path: str, batch_size: int) -> None:

@@ -253,15 +253,23 @@ def _go_on_in_a_folder_of_its_own(run_dir: Path, named: Path, state: Mapping[str
     )
 
 
-def refuse_finished_run_without_its_checkpoint(run_dir: Path) -> None:
+def refuse_finished_run_without_its_checkpoint(run_dir: Path, asked_iters: int | None = None) -> None:
     """--auto-resume of a folder whose run finished (summary.json) and whose last.pt is gone since (a clean-up that
     kept the results, a scratch purge before a requeue): the restart was "holds a finished run; give another --out",
     exit 2, where the same run with its last.pt is "already finished", exit 0, so a requeued job failed for a run
-    that was done. Said as finished here too; without last.pt, `eval` has no checkpoint to score."""
+    that was done. Said as finished here too; without last.pt, `eval` has no checkpoint to score.
+    asked_iters: the command's --iters. Another count than the run's was "finished" too, exit 0, where with last.pt
+    it is refused as a setting the resume cannot change; here it is refused as well, since nothing can go on."""
     if (Path(run_dir) / "last.pt").is_file() or not (Path(run_dir) / "summary.json").is_file():
         return
     summary = recorded_summary(run_dir)
     iters, top1 = recorded_number(summary, "iters"), recorded_number(summary, "test_top1")
+    if asked_iters is not None and iters is not None and int(iters) != asked_iters:
+        raise UserError(
+            f"{run_dir} holds a run that finished its {int(iters)} iterations (summary.json), not the --iters "
+            f"{asked_iters} this command asks for, and its last.pt is gone, so it cannot go on; give another --out "
+            "for a new run"
+        )
     what = f"finished its {iters} iterations" if iters is not None else "finished (summary.json)"
     result = f" (test top-1 {top1:.2f}%)" if top1 is not None else ""
     raise TrainingStopped(

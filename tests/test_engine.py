@@ -181,6 +181,11 @@ def test_auto_resume_says_a_finished_run_whose_checkpoint_is_gone_is_finished(ti
     assert f"smile-fast: {out} already finished its 2 iterations (test top-1 " in error, error
     assert "nothing to resume. Its last.pt is gone" in error and len(error.strip().splitlines()) == 1, error
     assert (out / "summary.json").read_bytes() == summary and not (out / "last.pt").exists()
+    # More iterations asked for: not "finished" (exit 0), as with last.pt it is refused; nothing can go on.
+    assert main([*command, "--iters", "4"]) == 2
+    error = capsys.readouterr().err
+    assert f"{out} holds a run that finished its 2 iterations (summary.json), not the --iters 4" in error, error
+    assert (out / "summary.json").read_bytes() == summary
 
 
 def test_auto_resume_starts_again_a_run_that_ended_before_its_first_checkpoint(
