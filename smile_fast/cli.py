@@ -539,6 +539,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides = {key: getattr(args, key) for key in TRAIN_KEYS}
         yaml_values = _protocol_named_here_wins(yaml_values, overrides, args.config)
         yaml_values = _flags_turned_off_here_take_what_needs_them(yaml_values, overrides)
+        auto_resumed = args.auto_resume and _a_checkpoint_in_out(yaml_values, overrides)
+        if auto_resumed:  # named before the settings are checked: see _a_checkpoint_in_out
+            overrides = {**overrides, "resume": str(overrides.get("out") or yaml_values.get("out"))}
         config = build_config(yaml_values, overrides)
         if args.config and not config.resume and "batch_size" in yaml_values and overrides.get("batch_size") is None:
             _note_another_global_batch(args.config, config.batch_size)
@@ -547,7 +550,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not config.resume:
             _refuse_a_data_dir_for_the_demo(config.dataset, config.data_dir)
         if args.auto_resume:
-            _resume_if_the_folder_has_a_checkpoint(config)
+            _resume_if_the_folder_has_a_checkpoint(config, auto_resumed)
     except (UserError, TrainingStopped) as error:  # a finished run is a TrainingStopped with exit 0
         raise same_on_every_process(error) from None
     named = set(yaml_values) | {key for key, value in overrides.items() if value is not None}
@@ -563,12 +566,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resume_if_the_folder_has_a_checkpoint(config) -> None:
+def _a_checkpoint_in_out(yaml_values: dict, overrides: dict) -> bool:
+    """--auto-resume: whether --out (a flag or YAML) holds a checkpoint to resume, and no --resume was given (that is
+    refused in _resume_if_the_folder_has_a_checkpoint). The resume is then named before the settings are checked:
+    checked as a new run's, a --weights FILE deleted since the run started blocked every restart, though a resume
+    reads its checkpoint's weights, not the file."""
+    if overrides.get("resume") or yaml_values.get("resume"):
+        return False
+    out = overrides.get("out") or yaml_values.get("out")
+    return bool(out) and (Path(out) / "last.pt").is_file()
+
+
+def _resume_if_the_folder_has_a_checkpoint(config, resumed_already: bool = False) -> None:
     """--auto-resume: a resume of --out when it holds last.pt (the command's other flags then checked as a resume
     checks them), "already finished" (exit 0) when it holds a finished run whose last.pt is gone, else a new run
     there. torchrun's restarted workers and a requeued batch job run the command they
     were given again; without it the restart found the checkpoint and was refused, and no one command both started
-    and resumed (torchrun review)."""
+    and resumed (torchrun review). resumed_already: the resume of --out was named before (_a_checkpoint_in_out)."""
+    if resumed_already:
+        return
     if config.resume:
         raise UserError("--auto-resume continues the run in --out when it has a checkpoint: give it without --resume")
     if not config.out:

@@ -188,6 +188,37 @@ def test_auto_resume_says_a_finished_run_whose_checkpoint_is_gone_is_finished(ti
     assert (out / "summary.json").read_bytes() == summary
 
 
+def test_auto_resume_restarts_a_run_whose_weights_file_is_gone(tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    """The restart checked its settings as a new run's first, so a --weights FILE deleted since the start (the resume
+    reads the checkpoint's weights, not the file) made every restart "no such file", exit 2."""
+    import torchvision
+
+    from smile_fast.cli import main
+
+    weights = tmp_path / "imagenet-resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = tmp_path / "run"
+    command = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--out", str(out)]
+    command += ["--model", "resnet18", "--weights", str(weights), "--iters", "4", "--batch-size", "4"]
+    command += ["--device", "cpu", "--method", "finetune", "--eval-every", "2", "--no-progress", "--auto-resume"]
+    original_call = TrainingStep.__call__
+
+    def crashed(self, iteration, *batch):
+        if iteration == 2:  # after the checkpoint of iteration 2
+            raise RuntimeError("a crash after the first checkpoint (test)")
+        return original_call(self, iteration, *batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingStep, "__call__", crashed)
+        with pytest.raises(RuntimeError, match="a crash after the first checkpoint"):
+            main(command)
+    assert load_checkpoint(out)["iteration"] == 2
+    weights.unlink()
+    capsys.readouterr()
+    assert main(command) == 0, capsys.readouterr().err
+    assert load_checkpoint(out)["iteration"] == 4
+
+
 def test_auto_resume_starts_again_a_run_that_ended_before_its_first_checkpoint(
     tiny_imagefolder, tmp_path, monkeypatch, capsys
 ):
