@@ -53,7 +53,7 @@ class Op:
     flops: int
     bytes: int
     shape: str  # "in -> out", NCHW sizes whatever the layout
-    # A fused 1x1 convolution of stride 1 (a bottleneck's conv1 or conv3): what --pointwise-only walks.
+    # A bottleneck's conv3 (a fused 1x1 convolution of stride 1 with a residual): what --pointwise-only walks.
     pointwise: bool = False
     # Other ways to compute the op (or its costliest part) on the same input, timed beside it: they say whether
     # another library's kernels would run this shape faster than cuDNN's fused one (see `alternatives`).
@@ -97,10 +97,11 @@ def alternatives(
     - "triton_m128_k32_w4" and the like: for the stem, the whole op as our Triton kernel
       (smile_fast/kernels/stem_conv.py, `--teacher-stem-kernel`) with each candidate tile size and warps
       (STEM_CONV_CANDIDATES), each checked against the fused op's output first.
-    - "pw_m128_n128_k64_w8_s3" and the like, with `pointwise` (--pointwise-only): for a fused 1x1 convolution of
-      stride 1 (a bottleneck's conv1, and conv3 with its residual), the whole op as our Triton GEMM
-      (smile_fast/kernels/pointwise_conv.py, `bench step --teacher-pointwise-kernel`) with each candidate launch
-      (POINTWISE_CONV_CANDIDATES), each checked against the fused op's output first.
+    - "pw_m128_n128_k64_w8_s3" and the like, with `pointwise` (--pointwise-only): for a bottleneck's conv3 (a
+      fused 1x1 convolution of stride 1 with its residual, what the kernel is wired to), the whole op as our Triton
+      GEMM (smile_fast/kernels/pointwise_conv.py, `bench step --teacher-pointwise-kernel`) with each candidate
+      launch (POINTWISE_CONV_CANDIDATES), each checked against the fused op's output first. Only when asked: the
+      candidates' compilations and timings on every 1x1 convolution would cut parts stem and stages off (review).
     """
     weight = module.weight
 
@@ -109,8 +110,8 @@ def alternatives(
 
     others = {"conv": conv_only}
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    pointwise = tuple(weight.shape[2:]) == (1, 1) and tuple(module.stride) == (1, 1) and module.groups == 1
-    if pointwise and channels_last and tuple(module.padding) == (0, 0):
+    one_by_one = _one_by_one(module)
+    if one_by_one and channels_last:
         pixels = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view: channels-last is (pixels, channels)
         matrix = weight.reshape(weight.shape[0], -1)
 
@@ -132,7 +133,7 @@ def alternatives(
     stem = module.in_channels == 3 and module.groups == 1
     if fused and residual is None and stem and stem_kernel_problem(module) is None and _stem_kernel_runs(x, module):
         others.update(_triton_stems(module, x))
-    if pointwise and fused and _pointwise_kernel_runs(x, module):
+    if pointwise and one_by_one and fused and residual is not None and _pointwise_kernel_runs(x, module):
         others.update(_triton_pointwise(module, x, residual, residual_bias))
     return others
 
@@ -264,7 +265,7 @@ def fused_forward_ops(
         moved = _nbytes(x, module.weight, module.bias if fused else None, residual, out)
         others = alternatives(module, x, residual, fused, residual_bias, pointwise) if with_alternatives else {}
         shape = f"{_sizes(x)} -> {_sizes(out)}"
-        pointwise_op = fused and _one_by_one(module)
+        pointwise_op = fused and residual is not None and _one_by_one(module)
         ops.append(Op(name, stage, run, conv_flops(module, out), moved, shape, pointwise_op, others))
         return out
 
@@ -375,7 +376,7 @@ def profile(
     pointwise_only: bool = False,
 ) -> dict[str, object]:
     """The probe's figures as a dict (what --json writes). stem_only / pointwise_only: walk only the stem's ops, or
-    only the fused 1x1 convolutions of stride 1 (with our Triton GEMM's candidates beside them)."""
+    only each bottleneck's conv3 (with our Triton GEMM's candidates beside them)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
     build = getattr(torchvision.models, model)
@@ -554,7 +555,7 @@ def report_lines(results: dict[str, object], top: int = 12) -> list[str]:
     """The figures as text: per stage, then the ops that take the most time."""
     ops = "" if results["ops"] else ", whole forwards only"
     whose = "the stem's" if results.get("stem_only") else "its"
-    whose = "the 1x1 convolutions'" if results.get("pointwise_only") else whose
+    whose = "the conv3's" if results.get("pointwise_only") else whose
     lines = [
         f"{results['device_name']}: the fused teacher's forward, {results['model']} batch {results['batch_size']} at "
         f"{results['image_size']} px, {results['dtype']}, channels-last ({results['timing']}{ops})",
@@ -639,8 +640,8 @@ def main() -> None:
     parser.add_argument(
         "--pointwise-only",
         action="store_true",
-        help="time only the fused 1x1 convolutions of stride 1, beside our Triton GEMM's launch candidates, and the "
-        "whole forwards with it",
+        help="time only each bottleneck's conv3 (1x1, bias, residual, ReLU), beside our Triton GEMM's launch "
+        "candidates, and the whole forwards with it",
     )
     parser.add_argument(
         "--inductor",

@@ -405,6 +405,34 @@ def _note_ignored_flags(
         print(f"note: {note}", file=sys.stderr)
 
 
+def _pointwise_kernel_asked(methods, model: str, fold_teacher_bn: bool, teacher_fused_conv, channels_last) -> bool:
+    """--teacher-pointwise-kernel given: whether the SMILE step can run it, checked before anything is built, in the
+    flag's own words (the fused trunk it turns on would otherwise be the one named, a flag the user never typed:
+    review). False, with a note, when no method has a teacher."""
+    if not any(build_method(name).uses_teacher for name in methods):
+        print("note: --teacher-pointwise-kernel has no effect: none of --methods has a teacher (only smile does)",
+              file=sys.stderr)  # fmt: skip
+        return False
+    if not (model.startswith("resnet") and fold_teacher_bn):
+        raise UserError(
+            "--teacher-pointwise-kernel needs a BatchNorm-folded torchvision ResNet teacher with bottleneck blocks "
+            f"(--model resnet50 and larger); got --model {model}"
+            + ("" if fold_teacher_bn else " with the teacher's BatchNorms unfolded")
+        )
+    if teacher_fused_conv is False:
+        raise UserError(
+            "--teacher-pointwise-kernel runs inside the fused teacher trunk, which --no-teacher-fused-conv turns off; "
+            "give one of them"
+        )
+    if channels_last is False:
+        # The kernel reads channels-last activations; NCHW ones would fall back on every call (and the JSON would
+        # say it ran: review).
+        raise UserError(
+            "--teacher-pointwise-kernel reads channels-last activations; give it without --no-channels-last"
+        )
+    return True
+
+
 def run_step_benchmark(
     *,
     model: str = "resnet50",
@@ -453,19 +481,22 @@ def run_step_benchmark(
         # The baseline hooks layer4 and swaps `fc`, as the authors' ResNet code does.
         raise UserError(f"--baseline eager-fp32 times the authors' ResNet step; use a resnet model, not {model}")
     device_obj = resolve_device(device)
+    teacher_pointwise_kernel = teacher_pointwise_kernel and _pointwise_kernel_asked(
+        methods, model, fold_teacher_bn, teacher_fused_conv, channels_last
+    )
     _note_ignored_flags(
         amp=amp, amp_dtype=amp_dtype, compile=compile, compile_mode=compile_mode, device=device_obj,
         cudnn_benchmark=cudnn_benchmark, teacher_fused_conv=teacher_fused_conv,
         teacher_stem_kernel=teacher_stem_kernel, methods=methods,
     )  # fmt: skip
-    if teacher_pointwise_kernel and "smile" in methods and not stem_kernel_runs_on(device_obj, amp=amp):
+    if teacher_pointwise_kernel and not stem_kernel_runs_on(device_obj, amp=amp):
         print(
             "note: --teacher-pointwise-kernel runs its Triton kernel on CUDA with --amp (and Triton); here the "
             "convolution is PyTorch's",
             file=sys.stderr,
         )
     if teacher_pointwise_kernel and teacher_fused_conv is None:
-        teacher_fused_conv = "smile" in methods  # the kernel runs inside the fused trunk
+        teacher_fused_conv = True  # the kernel runs inside the fused trunk
     if cuda_graph:
         # Three eager steps, then the captures; the teacher's EMA graph is captured at the first EMA
         # iteration after those (iteration 10), which must not fall among the timed steps.

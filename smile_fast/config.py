@@ -511,7 +511,9 @@ def validate(config: TrainConfig) -> None:
             not given or (config.model.startswith("resnet") and config.fold_teacher_bn),
             f"{flag} needs a BatchNorm-folded torchvision ResNet teacher "
             f"(--model resnet*, teacher BN folded); got --model {config.model}"
-            + ("" if config.fold_teacher_bn else " with the teacher's BatchNorms unfolded"),
+            + ("" if config.fold_teacher_bn else " with the teacher's BatchNorms unfolded")
+            # A CUDA run's config.yaml records both on: `-c` it with another model named the flag alone (review).
+            + "; turn it off (for a config.yaml with both on: --no-teacher-fused-conv)",
         )
     # Only for SMILE: another method ignores both (a note says so), and its resolved teacher_fused_conv is off, which
     # with the stem flag refused the resume, and the -c repeat, of a finetune run started with it (review).

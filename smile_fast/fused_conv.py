@@ -152,6 +152,22 @@ def _conv_bias_act_impl(
     return in_layout(reference, memory_format)
 
 
+def conv_bias_act_on_tensors(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """`conv_bias_act`'s arithmetic on tensors rather than a module, as the op runs it eagerly: cuDNN's fused kernel
+    on CUDA where it fuses, separate ops elsewhere. For other ops' fallbacks (pointwise_conv.py), which would
+    otherwise fall back to separate kernels where cuDNN's fused one ran before them (review)."""
+    return _conv_bias_act_impl(x, weight, bias, residual, stride, padding, dilation, groups)
+
+
 _conv_bias_act_op = torch.library.custom_op("smile_fast::conv_bias_act", _conv_bias_act_impl, mutates_args=())
 
 

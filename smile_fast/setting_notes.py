@@ -43,9 +43,11 @@ def setting_notes(
         notes.append(f"note: --compile-mode {config.compile_mode} has no effect without --compile; the run is eager")
     if config.cudnn_benchmark and device_type != "cuda":
         notes.append(f"note: --cudnn-benchmark is a CUDA setting; it has no effect on {device_type}")
-    # Given on where it cannot run (its default is on only where it can: config.stem_kernel_runs_on).
+    # Named on where it cannot run (its default is on only where it can: config.stem_kernel_runs_on). Not for a
+    # resume that did not name it: a CUDA run's record has it on, and its resume on a CPU told of a flag nobody typed.
     if (
         config.teacher_stem_kernel
+        and "teacher_stem_kernel" in named
         and config.method == "smile"
         and not stem_kernel_runs_on(torch.device(device_type), amp=config.amp)
     ):

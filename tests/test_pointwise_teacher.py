@@ -112,3 +112,32 @@ def test_bench_step_records_whether_the_kernel_ran_and_refuses_a_teacher_without
     assert main([*argv, "--model", "resnet18"]) == 2
     said = capsys.readouterr().err
     assert "--teacher-pointwise-kernel cannot run this teacher: the teacher has no bottleneck blocks" in said, said
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--model", "efficientnet_b4"], "--teacher-pointwise-kernel needs a BatchNorm-folded torchvision ResNet"),
+        (["--no-fold-teacher-bn"], "with the teacher's BatchNorms unfolded"),
+        (["--no-teacher-fused-conv"], "--teacher-pointwise-kernel runs inside the fused teacher trunk"),
+        (["--no-channels-last"], "--teacher-pointwise-kernel reads channels-last activations"),
+    ],
+    ids=["model", "fold", "trunk", "layout"],
+)
+def test_bench_step_refuses_what_the_kernel_cannot_run_in_its_own_words(flags, said, capsys):
+    """Before anything is built, naming the flag given (it had named --teacher-fused-conv, which it turns on: review),
+    and without a note first."""
+    argv = ["bench", "step", "--model", "resnet50", "--batch-size", "2", "--image-size", "32", "--device", "cpu"]
+    assert main([*argv, "--steps", "1", "--methods", "smile", "--teacher-pointwise-kernel", *flags]) == 2
+    error = capsys.readouterr().err
+    assert said in error and "note:" not in error and len(error.strip().splitlines()) == 1, error
+
+
+def test_bench_step_says_the_flag_does_nothing_without_a_teacher(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = tmp_path / "step.json"
+    argv = ["bench", "step", "--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--device", "cpu"]
+    argv += ["--steps", "1", "--warmup", "0", "--methods", "finetune", "--teacher-pointwise-kernel", "--json", str(out)]
+    assert main(argv) == 0
+    assert "note: --teacher-pointwise-kernel has no effect: none of --methods has a teacher" in capsys.readouterr().err
+    assert json.loads(out.read_text())["teacher_pointwise_kernel"] is False

@@ -263,14 +263,17 @@ def test_what_the_flag_cannot_run_with_is_a_one_line_error(overrides, says):
 def test_a_run_where_the_kernel_cannot_run_says_so():
     from smile_fast.setting_notes import setting_notes
 
-    def notes(config, device_type):
-        return setting_notes(config, device_type, 1, {}, resuming=False, fast_bfloat16=lambda: True)
+    def notes(config, device_type, named=None):
+        named = {"teacher_stem_kernel": True} if named is None else named
+        return setting_notes(config, device_type, 1, named, resuming=False, fast_bfloat16=lambda: True)
 
     said = "here the teacher's stem is PyTorch's convolution"
     assert any(said in note for note in notes(_config(teacher_stem_kernel=True, amp=True), "cpu"))
     assert any(said in note for note in notes(_config(teacher_stem_kernel=True), "cuda"))
     assert not any(said in note for note in notes(_config(teacher_stem_kernel=True, amp=True), "cuda"))
     assert not any(said in note for note in notes(_config(teacher_stem_kernel=True, method="finetune"), "cpu"))
+    # A resume on a CPU of a CUDA run, which recorded it on without its user naming it: no note (review).
+    assert not any(said in note for note in notes(_config(teacher_stem_kernel=True, amp=True), "cpu", named={}))
 
 
 def test_another_method_with_the_flag_starts_resumes_and_repeats():
