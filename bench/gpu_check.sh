@@ -33,7 +33,7 @@
 #   3l. the teacher's stem as our Triton kernel (--teacher-stem-kernel) against cuDNN's, each launch candidate,
 #       batch 48 and 256 -> teacher_stem_b*.json; 3m. step48's and step256's stack without it (on by default with
 #       CUDA and AMP) -> step_b*_no_stem_kernel.json
-#   3n. each bottleneck's conv3 (and conv1) as our Triton 1x1 GEMM (pointwise_conv.py) against cuDNN's fused op,
+#   3n. each bottleneck's conv3 as our Triton 1x1 GEMM (pointwise_conv.py) against cuDNN's fused op,
 #       each launch candidate, batch 48 and 256 -> teacher_pointwise_b*.json; 3o. step48's and step256's stack
 #       with bench step's --teacher-pointwise-kernel -> step_b*_pointwise_kernel.json
 #   3e. the step captured by hand (--cuda-graph; --teacher-lookahead with and without --teacher-background,
@@ -172,7 +172,7 @@ declare -A EXPECT=(
   [step48]=102    # m 2026-11-28 (88 s the day before), cold Inductor cache, the eager fp32 baseline included
   [step256]=95    # m, cold Inductor cache (92 s 2026-11-28)
   [stem]=115      # m 2026-11-28, 30th session: 111 s (after step48/256 of another call had filled Inductor's cache)
-  [pointwise]=140 # est.: as part stem (111 s), with 8 launch candidates on 32 convolutions (4 + 7 shapes) a batch
+  [pointwise]=140 # est.: as part stem (111 s), with 8 launch candidates on the 16 conv3's (4 shapes) a batch
   [capture]=231   # m: its tests 75 s, then six compiled runs that found step48/256's cache
   [fused]=92      # m 2026-11-28: both methods compiled again for the uint8 input
   [overlap]=32    # m
@@ -271,13 +271,13 @@ if part pointwise; then
 # Each bottleneck's last convolution (1x1, bias, residual, ReLU) as our Triton GEMM (smile_fast/pointwise_conv.py;
 # only `bench step --teacher-pointwise-kernel` runs it until this part has timed it). cuDNN's fused conv3 took
 # 462.8 us of the forward at batch 48 against 260.9 for its convolution alone (twenty-sixth session). First the
-# fused 1x1 convolutions alone, each beside the kernel's launch candidates (POINTWISE_CONV_CANDIDATES; the fastest
+# conv3's alone, each beside the kernel's launch candidates (POINTWISE_CONV_CANDIDATES; the fastest
 # should become POINTWISE_CONV_CONFIG), and the whole forward with it; then step48's and step256's stack with it
 # (compare with step_b48.json / step_b256.json of the same call). ResNet-50 on a CPU too: ResNet-18 has no bottleneck.
 for batch in "$B_SMALL" "$B_LARGE"; do
-  say "3n. the teacher's 1x1 convolutions: cuDNN's fused against our Triton GEMM's launch candidates, batch $batch"
+  say "3n. the teacher's conv3's: cuDNN's fused against our Triton GEMM's launch candidates, batch $batch"
   limited $((60 * TS)) "$PY" bench/teacher_stages.py --model resnet50 --batch-size "$batch" --image-size "$SIZE" \
-    --pointwise-only --json "$OUT/teacher_pointwise_b$batch.json" 2>&1 | grep -v Warning | tail -n 16 | tee -a "$LOG"
+    --pointwise-only --json "$OUT/teacher_pointwise_b$batch.json" 2>&1 | grep -v Warning | tail -n 20 | tee -a "$LOG"
 done
 for pair in "$B_SMALL:48" "$B_LARGE:256"; do
   batch=${pair%%:*}
