@@ -126,7 +126,7 @@ def _case(x, weight, residual, stride, padding, dilation, groups, memory_format)
     )  # fmt: skip
 
 
-def _conv_bias_act_impl(
+def conv_bias_act_on_tensors(
     x: Tensor,
     weight: Tensor,
     bias: Tensor,
@@ -136,6 +136,9 @@ def _conv_bias_act_impl(
     dilation: list[int],
     groups: int,
 ) -> Tensor:
+    """`conv_bias_act`'s arithmetic on tensors rather than a module (the registered op's implementation): cuDNN's
+    fused kernel on CUDA where it fuses, separate ops elsewhere; laid out as output_format(x). Also the fallback of
+    pointwise_conv.py's op, which would otherwise run separate kernels where this fused one ran before it (review)."""
     memory_format = output_format(x)
     if _use_cudnn(x):
         # The case is only built once some convolution has failed: while all fuse, no bookkeeping per call.
@@ -152,23 +155,7 @@ def _conv_bias_act_impl(
     return in_layout(reference, memory_format)
 
 
-def conv_bias_act_on_tensors(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    residual: Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-) -> Tensor:
-    """`conv_bias_act`'s arithmetic on tensors rather than a module, as the op runs it eagerly: cuDNN's fused kernel
-    on CUDA where it fuses, separate ops elsewhere. For other ops' fallbacks (pointwise_conv.py), which would
-    otherwise fall back to separate kernels where cuDNN's fused one ran before them (review)."""
-    return _conv_bias_act_impl(x, weight, bias, residual, stride, padding, dilation, groups)
-
-
-_conv_bias_act_op = torch.library.custom_op("smile_fast::conv_bias_act", _conv_bias_act_impl, mutates_args=())
+_conv_bias_act_op = torch.library.custom_op("smile_fast::conv_bias_act", conv_bias_act_on_tensors, mutates_args=())
 
 
 @_conv_bias_act_op.register_fake
@@ -197,7 +184,7 @@ def conv_bias_act(
     # eagerly it would add the custom-op dispatch, about 3x a plain conv's host time here.
     if torch.compiler.is_compiling():
         return _conv_bias_act_op(*args, conv.groups)
-    return _conv_bias_act_impl(*args, conv.groups)
+    return conv_bias_act_on_tensors(*args, conv.groups)
 
 
 def _folded_conv(module: nn.Module) -> bool:

@@ -692,13 +692,27 @@ def test_a_folder_where_a_run_file_goes_is_one_line_not_a_traceback(tiny_imagefo
     assert "no checkpoint had been written yet" in str(stopped.value)
 
 
+def _run_the_copies_as_a_shell_would(command: str, new: Path) -> None:
+    """The `mkdir NEW && cp ... && cp ...` of a refusal's way on (NEW replaced by `new`), less its last command."""
+    import shlex
+    import shutil
+
+    for step in command.split(" && ")[:-1]:
+        name, *args = shlex.split(step)
+        if name == "mkdir":
+            new.mkdir()
+        else:
+            *sources, target = args
+            for source in sources:
+                shutil.copy(source, target)
+
+
 def test_a_resume_of_an_earlier_checkpoint_in_a_finished_run_folder_is_refused(
     tiny_imagefolder, tmp_path, monkeypatch, capsys
 ):
     """`--resume RUN/other.pt` (a copy kept from before the end) of a finished run continued in RUN and wrote over
     its last.pt, metrics.csv and summary.json without a word, where `--resume RUN` says the run is finished. Refused
     in one line, exit 2; the way it gives, a folder of the checkpoint's own, continues the run."""
-    import shlex
     import shutil
 
     from smile_fast.cli import main
@@ -718,14 +732,7 @@ def test_a_resume_of_an_earlier_checkpoint_in_a_finished_run_folder_is_refused(
     new = tmp_path / "new"
     command = error.split("`")[-2].replace("NEW", str(new))
     assert command.startswith("mkdir ") and command.endswith(f"smile-fast train --resume {new}"), command
-    for step in command.split(" && ")[:-1]:  # mkdir and the copies, as a shell would run them
-        name, *args = shlex.split(step)
-        if name == "mkdir":
-            new.mkdir()
-        else:
-            *sources, target = args
-            for source in sources:
-                shutil.copy(source, target)
+    _run_the_copies_as_a_shell_would(command, new)
     assert main(["train", "--resume", str(new), "--device", "cpu", "--no-progress"]) == 0
     assert load_checkpoint(new)["iteration"] == 4 and json.loads((new / "summary.json").read_text())["iters"] == 4
     # metrics.csv was copied too, so that the new folder's curves start at the run's beginning (review).
@@ -739,7 +746,6 @@ def test_a_resume_of_an_older_checkpoint_over_a_later_last_pt_is_refused(
     """`--resume RUN/older.pt` (a copy kept from earlier) of an unfinished run whose last.pt is later continued in
     RUN from the older iteration and wrote over last.pt and metrics.csv's later rows without a word. Refused in one
     line, exit 2, with the two ways on: the older checkpoint in a folder of its own (which runs), or RUN itself."""
-    import shlex
     import shutil
 
     from smile_fast.cli import main
@@ -759,14 +765,7 @@ def test_a_resume_of_an_older_checkpoint_over_a_later_last_pt_is_refused(
     new = tmp_path / "new"
     command = error.split("`")[1].replace("NEW", str(new))
     assert command.startswith("mkdir ") and command.endswith(f"smile-fast train --resume {new}"), command
-    for step in command.split(" && ")[:-1]:  # mkdir and the copies, as a shell would run them
-        name, *args = shlex.split(step)
-        if name == "mkdir":
-            new.mkdir()
-        else:
-            *sources, target = args
-            for source in sources:
-                shutil.copy(source, target)
+    _run_the_copies_as_a_shell_would(command, new)
     assert main(["train", "--resume", str(new), "--device", "cpu", "--no-progress"]) == 0
     assert load_checkpoint(new)["iteration"] == 6
     assert main(["train", "--resume", str(out), "--device", "cpu", "--no-progress"]) == 0  # RUN itself goes on

@@ -10,10 +10,11 @@ import json
 import pytest
 import torch
 from _compiled_teacher import graphs_of_the_compiled_teacher
+from _teacher_kernels import assert_the_kernel_follows_the_plain_teacher, bf16_teacher
 from torch import nn
 
 from smile_fast.cli import main
-from smile_fast.kernels import LAUNCH_COUNTS, has_triton, triton_interpret_enabled
+from smile_fast.kernels import has_triton, triton_interpret_enabled
 from smile_fast.models import build_models
 from smile_fast.teacher import MeanTeacher
 
@@ -24,19 +25,7 @@ needs_kernel = pytest.mark.skipif(not KERNEL_RUNS_HERE, reason="needs Triton (a 
 
 
 def _bf16_teacher(pointwise_kernel: bool, device: str = "cpu") -> tuple[MeanTeacher, nn.Module]:
-    student, source, _ = build_models("resnet50", 4, weights="none", log=lambda message: None)
-    with torch.no_grad():
-        for layer in source.modules():  # trained-looking statistics: every folded bias non-zero
-            if isinstance(layer, nn.BatchNorm2d):
-                layer.running_mean.normal_(0, 0.1)
-                layer.bias.normal_(0, 0.1)
-    teacher = MeanTeacher(source, decay=0.9).to(device)
-    teacher.run_channels_last()
-    teacher.use_compute_dtype(torch.bfloat16)
-    assert teacher.use_fused_conv() is None
-    if pointwise_kernel:
-        assert teacher.use_pointwise_kernel() is None
-    return teacher, student.to(device)
+    return bf16_teacher("resnet50", device, MeanTeacher.use_pointwise_kernel if pointwise_kernel else None)
 
 
 def test_the_teacher_needs_the_fused_trunk_and_bottlenecks():
@@ -58,24 +47,7 @@ def test_the_teacher_with_the_kernel_gives_the_teachers_outputs_and_follows_upda
     torch.manual_seed(rng_seed)
     teacher, student = _bf16_teacher(pointwise_kernel=True, device=device)
     plain, _ = _bf16_teacher(pointwise_kernel=False, device=device)
-    plain.load_state_dict(teacher.state_dict())
-    plain.load_teacher_state(teacher.teacher_state())
-    images = torch.randn(2, 3, 32, 32, device=device)
-    for _ in range(2):
-        launches = LAUNCH_COUNTS["pointwise_conv_bias_act"]
-        features, logits = teacher(images)
-        assert LAUNCH_COUNTS["pointwise_conv_bias_act"] == launches + 16
-        expected_features, expected_logits = plain(images)
-        scale = expected_features.abs().max().item()
-        assert (features.float() - expected_features.float()).abs().max().item() <= 0.05 * scale
-        torch.testing.assert_close(logits.float(), expected_logits.float(), rtol=0.05, atol=0.05 * scale)
-        with torch.no_grad():  # move the student, so that the update changes the teacher's convolutions
-            for parameter in student.parameters():
-                parameter.add_(torch.randn_like(parameter) * 0.05)
-        with monkeypatch.context() as patch:  # the EMA's own kernel is tested elsewhere, and is slow interpreted
-            patch.setenv("TRITON_INTERPRET", "0")
-            teacher.update(student)
-            plain.update(student)
+    assert_the_kernel_follows_the_plain_teacher(teacher, plain, student, "pointwise_conv_bias_act", 16, monkeypatch)
 
 
 @pytest.mark.slow  # about 100 s here: a ResNet-50 compiled, its forwards interpreted (the op alone compiles in

@@ -2,6 +2,17 @@
 
 Each kernel module imports triton at its top, so import them only after `has_triton()` is true;
 this package itself imports without triton.
+
+bfloat16 under Triton's interpreter (how CI runs the kernels on CPU tensors), for the kernels that multiply with
+tl.dot (stem_conv.py, pointwise_conv.py):
+- tl.dot multiplies bfloat16 operands as their raw bit patterns (triton-lang/triton#11584, "not supported yet"), so
+  those kernels widen their tiles to float32 first there (their DOT_IN_FLOAT32): the products of bfloat16 values
+  are exact in float32 either way, and only the GPU's own bfloat16 dot goes untested on the CPU (float16 runs the
+  narrow dot in both places);
+- the float32 result is rounded to bfloat16 toward zero, where the GPU rounds to nearest (the interpreter does not
+  support bfloat16 arithmetic, its debugging guide says; 497 of 1,024 values differed from torch's rounding in a
+  check, thirty-first session): a bfloat16 output on the CPU can be one unit in the last place below the GPU's,
+  which the tests' tolerances allow.
 """
 
 from __future__ import annotations

@@ -16,13 +16,8 @@ channels-last tensor [N, C, H, W] is the strided matrix [N * H * W, C] with pixe
 the weight is read in place through its own strides, in any layout. Pixel offsets are computed in int64 (pixels x
 channels passes 2^31 at large batches).
 
-Triton's interpreter (how CI runs the kernels on CPU tensors) multiplies bfloat16 operands of tl.dot as their raw
-bit patterns (triton-lang/triton#11584, "not supported yet"), so there the tiles are widened to float32 first:
-the products of bfloat16 values are exact in float32 either way, and only the GPU's own bfloat16 dot goes
-untested on the CPU (float16 runs the narrow dot in both places). The interpreter also rounds the float32 result
-to bfloat16 toward zero, where the GPU rounds to nearest (the interpreter does not support bfloat16 arithmetic, its
-debugging guide says): a bfloat16 output on the CPU can be one unit in the last place below the GPU's, which the
-tests' tolerances allow. (Seen in the thirty-first session: 497 of 1,024 values differed from torch's rounding.)
+Under Triton's interpreter the bfloat16 tiles are widened to float32 before tl.dot (DOT_IN_FLOAT32), and the
+output is rounded toward zero: see smile_fast.kernels' docstring.
 """
 
 from __future__ import annotations
