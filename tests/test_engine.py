@@ -188,6 +188,21 @@ def test_auto_resume_says_a_finished_run_whose_checkpoint_is_gone_is_finished(ti
     assert (out / "summary.json").read_bytes() == summary
 
 
+def _crash_at(iteration: int, main, command: list[str], monkeypatch) -> None:
+    """Run `main(command)` with the step raising at `iteration`, as a crashed process would end the run."""
+    original_call = TrainingStep.__call__
+
+    def crashed(self, at, *batch):
+        if at == iteration:
+            raise RuntimeError(f"a crash at iteration {iteration} (test)")
+        return original_call(self, at, *batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingStep, "__call__", crashed)
+        with pytest.raises(RuntimeError, match=f"a crash at iteration {iteration}"):
+            main(command)
+
+
 def test_auto_resume_restarts_a_run_whose_weights_file_is_gone(tiny_imagefolder, tmp_path, monkeypatch, capsys):
     """The restart checked its settings as a new run's first, so a --weights FILE deleted since the start (the resume
     reads the checkpoint's weights, not the file) made every restart "no such file", exit 2."""
@@ -201,17 +216,7 @@ def test_auto_resume_restarts_a_run_whose_weights_file_is_gone(tiny_imagefolder,
     command = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--out", str(out)]
     command += ["--model", "resnet18", "--weights", str(weights), "--iters", "4", "--batch-size", "4"]
     command += ["--device", "cpu", "--method", "finetune", "--eval-every", "2", "--no-progress", "--auto-resume"]
-    original_call = TrainingStep.__call__
-
-    def crashed(self, iteration, *batch):
-        if iteration == 2:  # after the checkpoint of iteration 2
-            raise RuntimeError("a crash after the first checkpoint (test)")
-        return original_call(self, iteration, *batch)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(TrainingStep, "__call__", crashed)
-        with pytest.raises(RuntimeError, match="a crash after the first checkpoint"):
-            main(command)
+    _crash_at(2, main, command, monkeypatch)  # after the checkpoint of iteration 2
     assert load_checkpoint(out)["iteration"] == 2
     weights.unlink()
     capsys.readouterr()
@@ -229,17 +234,7 @@ def test_auto_resume_starts_again_a_run_that_ended_before_its_first_checkpoint(
     command = ["train", "--dataset", "imagefolder", "--data-dir", str(tiny_imagefolder), "--out", str(out)]
     command += ["--model", "resnet18", "--weights", "none", "--iters", "2", "--batch-size", "4", "--device", "cpu"]
     command += ["--eval-every", "2", "--log-every", "1", "--no-progress"]
-    original_call = TrainingStep.__call__
-
-    def crashed(self, iteration, *batch):
-        if iteration == 1:
-            raise RuntimeError("a crash after the first logged row (test)")
-        return original_call(self, iteration, *batch)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(TrainingStep, "__call__", crashed)
-        with pytest.raises(RuntimeError, match="a crash after the first logged row"):
-            main(command)
+    _crash_at(1, main, command, monkeypatch)  # after the first logged row, before any checkpoint
     assert not (out / "last.pt").exists() and len((out / "metrics.csv").read_text().splitlines()) == 2
     capsys.readouterr()
     assert main(command) == 2
