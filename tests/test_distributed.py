@@ -230,7 +230,11 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(folder, tmp
     assert "DistributedDataParallel" not in refused.stderr and "Connection" not in refused.stderr, refused.stderr
 
 
-@pytest.mark.parametrize("extra_args", [(), ("--fused-input",)], ids=["normalized", "fused-input"])
+@pytest.mark.parametrize(
+    "extra_args",
+    # --fused-input's ranks (13 s) marked slow: the suite took 13.5 of its 15 minutes (stop 32)
+    [pytest.param((), id="normalized"), pytest.param(("--fused-input",), id="fused-input", marks=pytest.mark.slow)],
+)
 def test_mean_teacher_stays_identical_on_every_rank(folder, tmp_path, extra_args):
     """Without --fused-input the ranks also read the data from two paths (a copy of the same files at another
     path is the same data) and describe the same ImageNet weights, one as downloaded and one as read from the
@@ -448,6 +452,7 @@ def test_one_process_per_machine_fetches_the_weights_and_the_others_stay_quiet(f
     assert "[rank1]: Traceback" not in output, output[-3000:]
 
 
+@pytest.mark.slow  # two torchrun launches, 27 s: the suite took 13.5 of its 15 minutes (stop 32)
 def test_each_rank_says_what_stopped_it_and_which_checkpoint_is_kept(folder, tmp_path):
     """A signal to one worker: the rank that only agreed to stop said "stopped by SIGTERM", a signal it never got.
     A second signal (stop now) after a checkpoint: the rank that does not write last.pt named iteration 0 as the
