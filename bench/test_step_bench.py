@@ -96,8 +96,15 @@ def test_smile_over_finetune_step_time(benchmark):
     ratio = per_step["smile"] / per_step["finetune"]
     quartiles = ratio_quartiles(spread_update(timed["smile"], WARMUP, ema_every, smile), timed["finetune"])
     # What TrainingStep resolved from the defaults (None), so the JSON says which teacher was timed.
-    fused_conv, stem_kernel = resolve_teacher_kernels(
-        True, SETTINGS["model"], DEVICE, amp=SETTINGS["amp"], fold_teacher_bn=True, fused_conv=None, stem_kernel=None
+    fused_conv, stem_kernel, pointwise_kernel = resolve_teacher_kernels(
+        True,
+        SETTINGS["model"],
+        DEVICE,
+        amp=SETTINGS["amp"],
+        fold_teacher_bn=True,
+        fused_conv=None,
+        stem_kernel=None,
+        channels_last=SETTINGS["channels_last"],
     )
     benchmark.extra_info.update(
         **environment(DEVICE),
@@ -113,6 +120,7 @@ def test_smile_over_finetune_step_time(benchmark):
         stack=STACK if ON_GPU else "eager",
         teacher_fused_conv=fused_conv,
         teacher_stem_kernel=stem_kernel,
+        teacher_pointwise_kernel=pointwise_kernel,
     )
     report(
         f"SMILE / finetune step time on {benchmark.extra_info['device_name']}: {ratio:.3f} (limit {LIMIT}; per-round "

@@ -30,9 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from smile_fast.config import (
+    BOTTLENECK_RESNETS,
     TrainConfig,
     build_config,
     channels_last_default,
+    pointwise_kernel_runs_on,
     resolve_teacher_kernels,
     stem_kernel_runs_on,
 )
@@ -82,7 +84,7 @@ def build_step_runner(
     fold_teacher_bn: bool = True,
     teacher_stream: bool = True,
     num_classes: int = 200,
-    teacher_pointwise_kernel: bool = False,  # a candidate under measurement: bench step only (see run_step_benchmark)
+    teacher_pointwise_kernel: bool | None = None,  # None: the product's default (config.resolve_teacher_kernels)
 ) -> list[float]:
     """A function that runs one iteration of `method_name` with the product's TrainingStep on synthetic
     data and waits for the device; each call is the next iteration (so EMA updates fall every 10th)."""
@@ -106,6 +108,7 @@ def build_step_runner(
             cudnn_benchmark=cudnn_benchmark,
             teacher_fused_conv=teacher_fused_conv,
             teacher_stem_kernel=teacher_stem_kernel,
+            teacher_pointwise_kernel=teacher_pointwise_kernel,
             device=str(device),
             fold_teacher_bn=fold_teacher_bn,
             teacher_stream=teacher_stream,
@@ -117,8 +120,6 @@ def build_step_runner(
     torch.manual_seed(0)
     student, source, _ = build_models(model, num_classes, "none", with_aux_head=method.uses_teacher, log=lambda m: None)
     step = TrainingStep(config, method, student, source, device)
-    if teacher_pointwise_kernel and step.teacher is not None and (problem := step.teacher.use_pointwise_kernel()):
-        raise UserError(f"--teacher-pointwise-kernel cannot run this teacher: {problem}")
     step.finalize()
     pixels, labels = _synthetic_batch(batch_size, image_size, num_classes, device)
     counter = iter(range(10**9))
@@ -382,7 +383,17 @@ def build_authors_style_runner(
 
 
 def _note_ignored_flags(
-    *, amp, amp_dtype, compile, compile_mode, device, cudnn_benchmark, teacher_fused_conv, teacher_stem_kernel, methods
+    *,
+    amp,
+    amp_dtype,
+    compile,
+    compile_mode,
+    device,
+    cudnn_benchmark,
+    teacher_fused_conv,
+    teacher_stem_kernel,
+    teacher_pointwise_kernel,
+    methods,
 ) -> None:
     """One line on stderr for each flag this benchmark will not act on, as train says it: a figure measured
     without what the command line asked for must not pass for one measured with it."""
@@ -394,29 +405,38 @@ def _note_ignored_flags(
     if cudnn_benchmark and device.type != "cuda":
         notes.append("--cudnn-benchmark is a CUDA setting; it has no effect on this device")
     with_teacher = any(build_method(name).uses_teacher for name in methods)
-    for flag, given in (("--teacher-fused-conv", teacher_fused_conv), ("--teacher-stem-kernel", teacher_stem_kernel)):
+    for flag, given in (
+        ("--teacher-fused-conv", teacher_fused_conv),
+        ("--teacher-stem-kernel", teacher_stem_kernel),
+        ("--teacher-pointwise-kernel", teacher_pointwise_kernel),
+    ):
         if given and not with_teacher:
             notes.append(f"{flag} has no effect: none of --methods has a teacher (only smile does)")
     if teacher_stem_kernel and with_teacher and not stem_kernel_runs_on(device, amp=amp):
         notes.append(
             "--teacher-stem-kernel runs its Triton kernel on CUDA with --amp (and Triton); here the stem is PyTorch's"
         )
+    if teacher_pointwise_kernel and with_teacher and not pointwise_kernel_runs_on(device, amp=amp):
+        notes.append(
+            "--teacher-pointwise-kernel runs its Triton kernel on CUDA with --amp (and Triton); here each "
+            "bottleneck's last convolution is PyTorch's"
+        )
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
 
-def _pointwise_kernel_asked(methods, model: str, fold_teacher_bn: bool, teacher_fused_conv, channels_last) -> bool:
-    """--teacher-pointwise-kernel given: whether the SMILE step can run it, checked before anything is built, in the
-    flag's own words (the fused trunk it turns on would otherwise be the one named, a flag the user never typed:
-    review). False, with a note, when no method has a teacher."""
+def _check_the_pointwise_kernel_can_run(
+    methods, model: str, fold_teacher_bn: bool, teacher_fused_conv, channels_last
+) -> None:
+    """--teacher-pointwise-kernel given: refused, before anything is built and in the flag's own words, where the
+    SMILE step cannot run it (the fused trunk it turns on would otherwise be the one named, a flag the user never
+    typed: review). Nothing to check when no method has a teacher (_note_ignored_flags says so)."""
     if not any(build_method(name).uses_teacher for name in methods):
-        print("note: --teacher-pointwise-kernel has no effect: none of --methods has a teacher (only smile does)",
-              file=sys.stderr)  # fmt: skip
-        return False
-    if not (model.startswith("resnet") and fold_teacher_bn):
+        return
+    if not (model in BOTTLENECK_RESNETS and fold_teacher_bn):
         raise UserError(
             "--teacher-pointwise-kernel needs a BatchNorm-folded torchvision ResNet teacher with bottleneck blocks "
-            f"(--model resnet50 and larger); got --model {model}"
+            f"(--model {' or '.join(BOTTLENECK_RESNETS)}); got --model {model}"
             + ("" if fold_teacher_bn else " with the teacher's BatchNorms unfolded")
         )
     if teacher_fused_conv is False:
@@ -430,7 +450,6 @@ def _pointwise_kernel_asked(methods, model: str, fold_teacher_bn: bool, teacher_
         raise UserError(
             "--teacher-pointwise-kernel reads channels-last activations; give it without --no-channels-last"
         )
-    return True
 
 
 def run_step_benchmark(
@@ -457,13 +476,9 @@ def run_step_benchmark(
     baseline: str | None = None,
     fold_teacher_bn: bool = True,
     teacher_stream: bool = True,
-    teacher_pointwise_kernel: bool = False,
+    teacher_pointwise_kernel: bool | None = None,  # None: the product's default (config.resolve_teacher_kernels)
 ) -> dict[str, Any]:
-    """Time each method's step; returns the figures `smile-fast bench step --json` writes.
-
-    teacher_pointwise_kernel: each bottleneck's last convolution of the fused teacher as our Triton kernel
-    (pointwise_conv.py). A candidate toward SMILE / finetune <= 1.15 that only this benchmark runs until a GPU
-    has timed it; like the stem kernel it turns the fused trunk on when teacher_fused_conv is not given."""
+    """Time each method's step; returns the figures `smile-fast bench step --json` writes."""
     if steps < 1:
         raise UserError(f"--steps must be at least 1 (the figures are medians of timed steps), got {steps}")
     if warmup < 0:
@@ -481,22 +496,13 @@ def run_step_benchmark(
         # The baseline hooks layer4 and swaps `fc`, as the authors' ResNet code does.
         raise UserError(f"--baseline eager-fp32 times the authors' ResNet step; use a resnet model, not {model}")
     device_obj = resolve_device(device)
-    teacher_pointwise_kernel = teacher_pointwise_kernel and _pointwise_kernel_asked(
-        methods, model, fold_teacher_bn, teacher_fused_conv, channels_last
-    )
+    if teacher_pointwise_kernel:
+        _check_the_pointwise_kernel_can_run(methods, model, fold_teacher_bn, teacher_fused_conv, channels_last)
     _note_ignored_flags(
         amp=amp, amp_dtype=amp_dtype, compile=compile, compile_mode=compile_mode, device=device_obj,
         cudnn_benchmark=cudnn_benchmark, teacher_fused_conv=teacher_fused_conv,
-        teacher_stem_kernel=teacher_stem_kernel, methods=methods,
+        teacher_stem_kernel=teacher_stem_kernel, teacher_pointwise_kernel=teacher_pointwise_kernel, methods=methods,
     )  # fmt: skip
-    if teacher_pointwise_kernel and not stem_kernel_runs_on(device_obj, amp=amp):
-        print(
-            "note: --teacher-pointwise-kernel runs its Triton kernel on CUDA with --amp (and Triton); here the "
-            "convolution is PyTorch's",
-            file=sys.stderr,
-        )
-    if teacher_pointwise_kernel and teacher_fused_conv is None:
-        teacher_fused_conv = True  # the kernel runs inside the fused trunk
     if cuda_graph:
         # Three eager steps, then the captures; the teacher's EMA graph is captured at the first EMA
         # iteration after those (iteration 10), which must not fall among the timed steps.
@@ -504,7 +510,7 @@ def run_step_benchmark(
     if channels_last is None:
         channels_last = channels_last_default(device_obj)
     # The product's defaults where no flag says, so that the figures are the product's (as train's).
-    teacher_fused_conv, teacher_stem_kernel = resolve_teacher_kernels(
+    teacher_fused_conv, teacher_stem_kernel, teacher_pointwise_kernel = resolve_teacher_kernels(
         "smile" in methods,
         model,
         device_obj,
@@ -512,6 +518,8 @@ def run_step_benchmark(
         fold_teacher_bn=fold_teacher_bn,
         fused_conv=teacher_fused_conv,
         stem_kernel=teacher_stem_kernel,
+        pointwise_kernel=teacher_pointwise_kernel,
+        channels_last=channels_last,
     )
     settings = dict(
         model=model,
@@ -534,7 +542,7 @@ def run_step_benchmark(
         warmup=warmup,
         fold_teacher_bn=fold_teacher_bn,
         teacher_stream=teacher_stream,
-        teacher_pointwise_kernel=teacher_pointwise_kernel and "smile" in methods,
+        teacher_pointwise_kernel=teacher_pointwise_kernel,
     )
     result: dict[str, Any] = {
         **environment(device_obj),
@@ -558,7 +566,7 @@ def run_step_benchmark(
         and stem_kernel_runs_on(device_obj, amp=amp)
         and any(build_method(name).uses_teacher for name in methods),
         "teacher_pointwise_kernel": teacher_pointwise_kernel
-        and stem_kernel_runs_on(device_obj, amp=amp)
+        and pointwise_kernel_runs_on(device_obj, amp=amp)
         and any(build_method(name).uses_teacher for name in methods),
         "fold_teacher_bn": fold_teacher_bn,
         "teacher_stream": teacher_stream and device_obj.type == "cuda",

@@ -156,6 +156,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--teacher-fused-conv", action=argparse.BooleanOptionalAction, default=None, help=TEACHER_FUSED_CONV_HELP)
     flag("--teacher-stem-kernel", action=argparse.BooleanOptionalAction, default=None, help=TEACHER_STEM_KERNEL_HELP)
     flag(
+        "--teacher-pointwise-kernel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=TEACHER_POINTWISE_KERNEL_HELP,
+    )
+    flag(
         "--loader",
         choices=LOADER_CHOICES,
         help="auto (default: DALI on a GPU when installed, else torchvision), dali or torchvision",
@@ -223,6 +229,14 @@ TEACHER_STEM_KERNEL_HELP = (
     "CUDA with --amp (PyTorch's convolution elsewhere); same results up to rounding. It runs in the fused teacher "
     "trunk, which it turns on when --teacher-fused-conv is not given (default: on with the fused trunk, CUDA and "
     "--amp, where it took the stem from 367 to 85 us at batch 48 on an H200, bench/RESULTS.md; off otherwise)"
+)
+
+
+TEACHER_POINTWISE_KERNEL_HELP = (
+    "SMILE, ResNet-50/101: each bottleneck's last convolution of the teacher (1x1, bias, residual add, ReLU) as a "
+    "Triton GEMM of ours, on CUDA with --amp (PyTorch's convolution elsewhere); same results up to rounding. It runs "
+    "in the fused teacher trunk, which it turns on when --teacher-fused-conv is not given (default: off; not yet "
+    "timed on a GPU against cuDNN's fused convolution it replaces, bench/RESULTS.md)"
 )
 
 
@@ -308,6 +322,7 @@ TRAIN_KEYS = (
     "cudnn_benchmark",
     "teacher_fused_conv",
     "teacher_stem_kernel",
+    "teacher_pointwise_kernel",
 )
 
 
@@ -450,10 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument(
         "--teacher-pointwise-kernel",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="SMILE, bottleneck ResNet: each block's last convolution of the fused teacher (1x1, bias, residual, "
-        "ReLU) as a Triton kernel of ours, on CUDA with --amp; a candidate timed here before train gets it "
-        "(default: off, not yet timed on a GPU)",
+        default=None,
+        help=TEACHER_POINTWISE_KERNEL_HELP,
     )
     step.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     step.add_argument("--steps", type=_integer, default=20, help="timed steps per method")

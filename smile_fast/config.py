@@ -97,6 +97,10 @@ class TrainConfig:
     # of ours (stem_conv.py) on CUDA with --amp. None: on where the fused trunk is and the kernel can run
     # (resolve_for_device); 4.3x cuDNN's stem on an H200 (bench/RESULTS.md).
     teacher_stem_kernel: bool | None = None
+    # With the fused teacher trunk of a bottleneck ResNet (50, 101): each block's last convolution (1x1, bias,
+    # residual, ReLU) as a Triton GEMM of ours (pointwise_conv.py) on CUDA with --amp. None: the default, off until a
+    # GPU times it (pointwise_kernel_default).
+    teacher_pointwise_kernel: bool | None = None
     teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
     sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch, as on one GPU
     loader: str = "auto"
@@ -161,6 +165,7 @@ RESUME_MAY_CHANGE = (
     "cudnn_benchmark",
     "teacher_fused_conv",
     "teacher_stem_kernel",
+    "teacher_pointwise_kernel",
     "channels_last",  # a memory layout: the same arithmetic (a run resolved it for the device it started on)
     "eval_batch_size",  # evaluation is in eval mode: its batch changes results only by rounding
     "log_every",
@@ -317,7 +322,7 @@ def resolve_for_device(config: TrainConfig, device) -> TrainConfig:
     channels_last_default and resolve_teacher_kernels."""
     if config.channels_last is None:
         config.channels_last = channels_last_default(device)
-    config.teacher_fused_conv, config.teacher_stem_kernel = resolve_teacher_kernels(
+    config.teacher_fused_conv, config.teacher_stem_kernel, config.teacher_pointwise_kernel = resolve_teacher_kernels(
         config.method == "smile",
         config.model,
         device,
@@ -325,24 +330,43 @@ def resolve_for_device(config: TrainConfig, device) -> TrainConfig:
         fold_teacher_bn=config.fold_teacher_bn,
         fused_conv=config.teacher_fused_conv,
         stem_kernel=config.teacher_stem_kernel,
+        pointwise_kernel=config.teacher_pointwise_kernel,
+        channels_last=config.channels_last,
     )
     return config
 
 
 def resolve_teacher_kernels(
-    with_teacher: bool, model: str, device, *, amp: bool, fold_teacher_bn: bool, fused_conv, stem_kernel
-) -> tuple[bool, bool]:
-    """--teacher-fused-conv and --teacher-stem-kernel as given (True, False) or left to their defaults (None), for
-    `train` and `bench step` alike, so that the benchmark times the teacher a run gets. Both are off without a
-    teacher. The stem kernel runs inside the fused trunk: given on, it turns the trunk on; left unset, it follows
-    the trunk (so --no-teacher-fused-conv alone turns both off)."""
+    with_teacher: bool,
+    model: str,
+    device,
+    *,
+    amp: bool,
+    fold_teacher_bn: bool,
+    fused_conv,
+    stem_kernel,
+    pointwise_kernel=None,
+    channels_last: bool = True,
+) -> tuple[bool, bool, bool]:
+    """--teacher-fused-conv, --teacher-stem-kernel and --teacher-pointwise-kernel as given (True, False) or left to
+    their defaults (None), for `train` and `bench step` alike, so that the benchmark times the teacher a run gets.
+    All are off without a teacher. Both kernels run inside the fused trunk: either given on turns the trunk on; left
+    unset, each follows the trunk (so --no-teacher-fused-conv alone turns all three off)."""
     if fused_conv is None:
         fused_conv = with_teacher and (
-            bool(stem_kernel) or teacher_fused_conv_default(model, device, amp=amp, fold_teacher_bn=fold_teacher_bn)
+            bool(stem_kernel)
+            or bool(pointwise_kernel)
+            or teacher_fused_conv_default(model, device, amp=amp, fold_teacher_bn=fold_teacher_bn)
         )
     if stem_kernel is None:
         stem_kernel = with_teacher and bool(fused_conv) and stem_kernel_runs_on(device, amp=amp)
-    return bool(fused_conv), bool(stem_kernel)
+    if pointwise_kernel is None:
+        pointwise_kernel = (
+            with_teacher
+            and bool(fused_conv)
+            and pointwise_kernel_default(model, device, amp=amp, channels_last=channels_last)
+        )
+    return bool(fused_conv), bool(stem_kernel), bool(pointwise_kernel)
 
 
 def teacher_fused_conv_default(model: str, device, *, amp: bool, fold_teacher_bn: bool) -> bool:
@@ -375,6 +399,30 @@ def stem_kernel_runs_on(device, *, amp: bool) -> bool:
     return has_triton()
 
 
+# torchvision's ResNets built of Bottleneck blocks, whose last convolution (conv3) is the 1x1 of stride 1 that
+# --teacher-pointwise-kernel runs; ResNet-18 and -34 have BasicBlocks (two 3x3 convolutions) instead.
+BOTTLENECK_RESNETS = ("resnet50", "resnet101")
+
+
+def pointwise_kernel_runs_on(device, *, amp: bool) -> bool:
+    """Whether --teacher-pointwise-kernel's Triton kernel (pointwise_conv.py) runs here: where the stem kernel's does
+    (CUDA, AMP's bfloat16 or float16, Triton importable); elsewhere each conv3 is PyTorch's, which a run's record and
+    a note must say. The kernel reads channels-last activations only: TrainingStep refuses it on CUDA with
+    --no-channels-last (a CPU teacher always runs channels-last)."""
+    return stem_kernel_runs_on(device, amp=amp)
+
+
+def pointwise_kernel_default(model: str, device, *, amp: bool, channels_last: bool) -> bool:
+    """Whether --teacher-pointwise-kernel is on when no flag says: off everywhere for now. The kernel is correct
+    (tests/test_pointwise_conv.py, tests/test_pointwise_teacher.py; on a GPU too once one runs them) but not yet timed
+    against cuDNN's fused conv3 it replaces (462.8 us for the 16 of a ResNet-50 at batch 48 on an H200, 260.9 us for
+    the convolutions alone: bench/RESULTS.md, twenty-sixth session). gpu_check's part pointwise times it; if the
+    step's ratio drops beyond drift, this becomes `model in BOTTLENECK_RESNETS and channels_last and
+    pointwise_kernel_runs_on(device, amp=amp)`, as the stem kernel's default did once timed (channels_last: a default
+    on must not meet TrainingStep's refusal of --no-channels-last on CUDA, a flag the user did not pair with it)."""
+    return False
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
@@ -398,6 +446,7 @@ METHODS_READING = {
             "teacher_stream",
             "teacher_fused_conv",
             "teacher_stem_kernel",
+            "teacher_pointwise_kernel",
             "teacher_lookahead",
             "teacher_background",
         )
@@ -501,8 +550,19 @@ def validate(config: TrainConfig) -> None:
         "--teacher-background sets the priority of --teacher-lookahead's streams; give --teacher-lookahead with it",
     )
     # Checked here, before any data or model is read; TrainingStep checks the teacher's structure itself.
-    # The stem kernel's flag first: given with a model it cannot run, it had turned the fused trunk on, and the error
-    # named --teacher-fused-conv, which the user had not given (review).
+    # The kernels' flags first, each in its own words: a bottleneck ResNet for the pointwise kernel (conv3 is what it
+    # runs; for another method, a note says the flag does nothing), any ResNet for the stem kernel.
+    _check(
+        not config.teacher_pointwise_kernel
+        or config.method != "smile"
+        or (config.model in BOTTLENECK_RESNETS and config.fold_teacher_bn),
+        "--teacher-pointwise-kernel needs a BatchNorm-folded torchvision ResNet teacher with bottleneck blocks "
+        f"(--model {' or '.join(BOTTLENECK_RESNETS)}, teacher BN folded); got --model {config.model}"
+        + ("" if config.fold_teacher_bn else " with the teacher's BatchNorms unfolded")
+        + "; turn it off with --no-teacher-pointwise-kernel",
+    )
+    # The stem kernel's flag before the trunk's: given with a model it cannot run, it had turned the fused trunk on,
+    # and the error named --teacher-fused-conv, which the user had not given (review).
     for flag, given in (
         ("--teacher-stem-kernel", config.teacher_stem_kernel),
         ("--teacher-fused-conv", config.teacher_fused_conv),
@@ -517,12 +577,16 @@ def validate(config: TrainConfig) -> None:
         )
     # Only for SMILE: another method ignores both (a note says so), and its resolved teacher_fused_conv is off, which
     # with the stem flag refused the resume, and the -c repeat, of a finetune run started with it (review).
-    _check(
-        not config.teacher_stem_kernel or config.teacher_fused_conv is not False or config.method != "smile",
-        "--teacher-stem-kernel runs the teacher's stem inside its fused trunk, which this run has off "
-        "(--no-teacher-fused-conv, or recorded off by a run started without it): give --teacher-fused-conv with "
-        "it, or --no-teacher-stem-kernel",
-    )
+    for flag, given, what in (
+        ("--teacher-stem-kernel", config.teacher_stem_kernel, "the teacher's stem"),
+        ("--teacher-pointwise-kernel", config.teacher_pointwise_kernel, "the teacher's bottleneck conv3's"),
+    ):
+        _check(
+            not given or config.teacher_fused_conv is not False or config.method != "smile",
+            f"{flag} runs {what} inside its fused trunk, which this run has off "
+            f"(--no-teacher-fused-conv, or recorded off by a run started without it): give --teacher-fused-conv with "
+            f"it, or --no-{flag[2:]}",
+        )
     if config.cuda_graph:
         _check(
             not (config.compile and config.compile_mode in GRAPH_COMPILE_MODES),

@@ -33,6 +33,7 @@ from smile_fast.config import (
     RESUME_MAY_CHANGE,
     TrainConfig,
     build_config,
+    pointwise_kernel_runs_on,
     resolve_for_device,
     stem_kernel_runs_on,
     weights_identity,
@@ -1012,6 +1013,9 @@ class Trainer:
             "teacher_stem_kernel": self.teacher is not None
             and self.teacher.stem_kernel
             and stem_kernel_runs_on(self.device, amp=config.amp),
+            "teacher_pointwise_kernel": self.teacher is not None
+            and self.teacher.pointwise_kernel
+            and pointwise_kernel_runs_on(self.device, amp=config.amp),
             "seed": config.seed,
             # Absolute (as config.yaml's data_dir): a relative --out named the folder only from where the run started,
             # which no reader of the summary (report, a script collecting runs) knows.

@@ -303,12 +303,18 @@ def _settings(recorded: dict[str, Any], summary: dict[str, Any]) -> dict[str, An
     settings.update({key: value for key, value in recorded.items() if key not in FIELD_NAMES})
     if isinstance(summary.get("loader"), str):
         settings["loader"] = summary["loader"]
-    for resolved_on_the_device in ("channels_last", "teacher_fused_conv", "teacher_stem_kernel"):
+    for resolved_on_the_device in (
+        "channels_last",
+        "teacher_fused_conv",
+        "teacher_stem_kernel",
+        "teacher_pointwise_kernel",
+    ):
         # None in a config.yaml before they were recorded resolved
         if settings.get(resolved_on_the_device) is None and isinstance(summary.get(resolved_on_the_device), bool):
             settings[resolved_on_the_device] = summary[resolved_on_the_device]
-    if settings.get("teacher_stem_kernel") is None:  # a run from before the kernel existed ran without it
-        settings["teacher_stem_kernel"] = False
+    for kernel in ("teacher_stem_kernel", "teacher_pointwise_kernel"):
+        if settings.get(kernel) is None:  # a run from before the kernel existed ran without it
+            settings[kernel] = False
     if settings.get("sample_rate") == 1.0:  # every training image, as without --sample-rate
         settings["sample_rate"] = None
     if settings.get("class_fraction") == 1.0:  # every class, in their order: the same manifest as without it (review)
@@ -339,8 +345,8 @@ def _irrelevant(run: Run) -> set[str]:
     if not settings.get("amp"):
         unused.add("amp_dtype")
     if not settings.get("amp") or (run.device is not None and not run.device.startswith("cuda")):
-        # The stem kernel runs on CUDA with AMP only: elsewhere the runs with and without it computed the same (review).
-        unused.add("teacher_stem_kernel")
+        # The kernels run on CUDA with AMP only: elsewhere the runs with and without them computed the same (review).
+        unused.update(("teacher_stem_kernel", "teacher_pointwise_kernel"))
     if not settings.get("compile"):
         unused.add("compile_mode")
     if not settings.get("cuda_graph"):

@@ -297,14 +297,16 @@ def rebase(samples: list[tuple[str, int]], old_root: str | None, new_root: str |
 _CAPTURE_FLAGS = ("cuda_graph", "teacher_lookahead", "teacher_background")
 # The same for the teacher's kernels: the stem kernel runs inside the fused trunk. Every CUDA run with --amp records
 # both on by default, so `--resume RUN --no-teacher-fused-conv` was refused for the stem flag the user never typed.
+# The pointwise kernel runs there too, beside the stem kernel (neither needs the other).
 _TEACHER_KERNEL_FLAGS = ("teacher_fused_conv", "teacher_stem_kernel")
-DEPENDENT_FLAGS = (_CAPTURE_FLAGS, _TEACHER_KERNEL_FLAGS)  # chains: each flag needs the ones before it on
+_POINTWISE_KERNEL_FLAGS = ("teacher_fused_conv", "teacher_pointwise_kernel")
+DEPENDENT_FLAGS = (_CAPTURE_FLAGS, _TEACHER_KERNEL_FLAGS, _POINTWISE_KERNEL_FLAGS)  # each flag needs the ones before
 
 
 def turn_off_dependent_flags(saved: dict[str, Any], given: Mapping[str, Any]) -> None:
     """`--resume RUN --no-cuda-graph` turns off the run's recorded lookahead flags with it (and
     `--no-teacher-lookahead` its background flag), since each needs the one before; `--no-teacher-fused-conv` the
-    stem kernel. Flags named again are kept (and validated)."""
+    stem and pointwise kernels. Flags named again are kept (and validated)."""
     for chain in DEPENDENT_FLAGS:
         for position, key in enumerate(chain):
             # None (a run from before the setting was recorded) is left to the device, as a new run's default.

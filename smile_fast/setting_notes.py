@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 
-from smile_fast.config import PAPER_BATCH, TrainConfig, settings_the_method_ignores, stem_kernel_runs_on
+from smile_fast.config import (
+    PAPER_BATCH,
+    TrainConfig,
+    pointwise_kernel_runs_on,
+    settings_the_method_ignores,
+    stem_kernel_runs_on,
+)
 
 
 def setting_notes(
@@ -54,6 +60,16 @@ def setting_notes(
         notes.append(
             "note: --teacher-stem-kernel runs its Triton kernel on CUDA with --amp (and Triton installed); here the "
             "teacher's stem is PyTorch's convolution"
+        )
+    if (
+        config.teacher_pointwise_kernel
+        and "teacher_pointwise_kernel" in named
+        and config.method == "smile"
+        and not pointwise_kernel_runs_on(torch.device(device_type), amp=config.amp)
+    ):
+        notes.append(
+            "note: --teacher-pointwise-kernel runs its Triton kernel on CUDA with --amp (and Triton installed); here "
+            "each bottleneck's last convolution is PyTorch's"
         )
     if not resuming and (ignored := settings_the_method_ignores(config.method, named)):
         notes.append(f"note: --method {config.method} does not use {', '.join(ignored)}; the run trains without them")

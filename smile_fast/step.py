@@ -107,6 +107,16 @@ class TrainingStep:
                 raise UserError(f"--teacher-fused-conv needs a BatchNorm-folded torchvision ResNet teacher: {problem}")
             if config.teacher_stem_kernel and (problem := self.teacher.use_stem_kernel()):
                 raise UserError(f"--teacher-stem-kernel cannot run this teacher's stem: {problem}")
+            if config.teacher_pointwise_kernel:
+                # NCHW activations would go to cuDNN's fused op at every call, with the record saying the kernel ran.
+                # Checked here, where the device is known: a CPU teacher runs channels-last whatever the flag says.
+                if device.type == "cuda" and not config.channels_last:
+                    raise UserError(
+                        "--teacher-pointwise-kernel reads channels-last activations, which --no-channels-last turns "
+                        "off on CUDA; give one of them"
+                    )
+                if problem := self.teacher.use_pointwise_kernel():
+                    raise UserError(f"--teacher-pointwise-kernel cannot run this teacher: {problem}")
         self.optimizer = torch.optim.SGD(
             self.student.parameters(),
             lr=config.lr,

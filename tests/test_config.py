@@ -223,10 +223,13 @@ def test_no_teacher_fused_conv_on_a_yaml_recording_the_stem_kernel_turns_both_of
 
     monkeypatch.setattr(smile_fast.engine, "train", fake_train)
     path = tmp_path / "config.yaml"
-    path.write_text("teacher_fused_conv: true\nteacher_stem_kernel: true\ncuda_graph: true\nteacher_lookahead: true\n")
+    path.write_text(
+        "teacher_fused_conv: true\nteacher_stem_kernel: true\nteacher_pointwise_kernel: true\ncuda_graph: true\n"
+        "teacher_lookahead: true\n"
+    )
     assert main(["train", "-c", str(path), "--no-teacher-fused-conv", "--no-cuda-graph", "--no-progress"]) == 0
     [config] = seen
-    assert (config.teacher_fused_conv, config.teacher_stem_kernel) == (False, False)
+    assert (config.teacher_fused_conv, config.teacher_stem_kernel, config.teacher_pointwise_kernel) == (False,) * 3
     assert (config.cuda_graph, config.teacher_lookahead) == (False, False)
     assert main(["train", "-c", str(path), "--no-teacher-fused-conv", "--teacher-stem-kernel", "--no-progress"]) == 2
     assert "--teacher-stem-kernel runs the teacher's stem inside its fused trunk" in capsys.readouterr().err

@@ -968,7 +968,8 @@ def test_resume_with_no_teacher_fused_conv_turns_the_recorded_stem_kernel_off(
 
     stopped = _stopped_run(tiny_imagefolder, tmp_path / "stopped", monkeypatch, iters=2, stop_after=1)
     state = load_checkpoint(stopped / "last.pt")
-    state["config"].update(teacher_fused_conv=True, teacher_stem_kernel=True)  # as a GPU run with --amp writes it
+    # As a GPU run with --amp writes it (and with --teacher-pointwise-kernel, which runs in the trunk too).
+    state["config"].update(teacher_fused_conv=True, teacher_stem_kernel=True, teacher_pointwise_kernel=True)
     save_atomic(state, stopped / "last.pt")
 
     def resume(name, *flags):
@@ -982,6 +983,7 @@ def test_resume_with_no_teacher_fused_conv_turns_the_recorded_stem_kernel_off(
     assert load_checkpoint(out)["iteration"] == 2
     recorded = load_checkpoint(out)["config"]
     assert recorded["teacher_fused_conv"] is False and recorded["teacher_stem_kernel"] is False, recorded
+    assert recorded["teacher_pointwise_kernel"] is False, recorded
 
     out, code, err = resume("named", "--no-teacher-fused-conv", "--teacher-stem-kernel")
     assert code == 2 and "--teacher-stem-kernel runs the teacher's stem inside its fused trunk" in err, err

@@ -1,7 +1,7 @@
-"""The teacher and the benchmark that run our Triton 1x1 GEMM for each bottleneck's last convolution
-(smile_fast/pointwise_conv.py; `bench step --teacher-pointwise-kernel`, `bench/teacher_stages.py --pointwise-only`).
-The kernel itself against float64 is tests/test_pointwise_conv.py's; here the teacher with it against the teacher
-without it, eager and compiled, what refuses it, and the benchmark's record of it."""
+"""The teacher, the training run and the benchmark that run our Triton 1x1 GEMM for each bottleneck's last convolution
+(smile_fast/pointwise_conv.py; `train`/`bench step --teacher-pointwise-kernel`, `bench/teacher_stages.py
+--pointwise-only`). The kernel itself against float64 is tests/test_pointwise_conv.py's; here the teacher with it
+against the teacher without it, eager and compiled, the flag's default and what refuses it, and the records of it."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import pytest
 import torch
 from _compiled_teacher import graphs_of_the_compiled_teacher
 from _teacher_kernels import assert_the_kernel_follows_the_plain_teacher, bf16_teacher
+from _tiny_runs import ops_on_the_pytorch_path, tiny_config, write_tiny_imagefolder
 from torch import nn
 
 from smile_fast.cli import main
+from smile_fast.config import build_config, resolve_for_device
+from smile_fast.errors import UserError
 from smile_fast.kernels import has_triton, triton_interpret_enabled
 from smile_fast.models import build_models
 from smile_fast.teacher import MeanTeacher
@@ -66,11 +69,8 @@ def test_the_compiled_teacher_takes_the_kernel_whole_and_never_recompiles(rng_se
     assert graphs[0].count("smile_fast.conv_bias_act") == 1 + 2 * 16, graphs[0]  # the stem, conv1 and conv2
 
 
-def test_bench_step_records_whether_the_kernel_ran_and_refuses_a_teacher_without_bottlenecks(
-    tmp_path, capsys, monkeypatch
-):
-    """On a CPU the flag's kernel cannot run: a note, and the JSON says it did not run; a ResNet-18 teacher has no
-    bottleneck for it, which is one clear error."""
+def test_bench_step_records_whether_the_kernel_ran(tmp_path, capsys, monkeypatch):
+    """On a CPU the flag's kernel cannot run: a note, and the JSON says it did not run."""
     # The step's other Triton ops (the EMA over ResNet-50's 25M parameters) interpreted took minutes: not what this
     # test is about, and the kernel does not run on a CPU outside the interpreter either.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -81,20 +81,18 @@ def test_bench_step_records_whether_the_kernel_ran_and_refuses_a_teacher_without
     result = json.loads(out.read_text())
     assert result["teacher_pointwise_kernel"] is False and result["teacher_fused_conv"] is True, result
     assert "note: --teacher-pointwise-kernel runs its Triton kernel on CUDA with --amp" in capsys.readouterr().err
-    assert main([*argv, "--model", "resnet18"]) == 2
-    said = capsys.readouterr().err
-    assert "--teacher-pointwise-kernel cannot run this teacher: the teacher has no bottleneck blocks" in said, said
 
 
 @pytest.mark.parametrize(
     ("flags", "said"),
     [
         (["--model", "efficientnet_b4"], "--teacher-pointwise-kernel needs a BatchNorm-folded torchvision ResNet"),
+        (["--model", "resnet18"], "ResNet teacher with bottleneck blocks (--model resnet50 or resnet101)"),
         (["--no-fold-teacher-bn"], "with the teacher's BatchNorms unfolded"),
         (["--no-teacher-fused-conv"], "--teacher-pointwise-kernel runs inside the fused teacher trunk"),
         (["--no-channels-last"], "--teacher-pointwise-kernel reads channels-last activations"),
     ],
-    ids=["model", "fold", "trunk", "layout"],
+    ids=["model", "basic-blocks", "fold", "trunk", "layout"],
 )
 def test_bench_step_refuses_what_the_kernel_cannot_run_in_its_own_words(flags, said, capsys):
     """Before anything is built, naming the flag given (it had named --teacher-fused-conv, which it turns on: review),
@@ -113,3 +111,99 @@ def test_bench_step_says_the_flag_does_nothing_without_a_teacher(tmp_path, capsy
     assert main(argv) == 0
     assert "note: --teacher-pointwise-kernel has no effect: none of --methods has a teacher" in capsys.readouterr().err
     assert json.loads(out.read_text())["teacher_pointwise_kernel"] is False
+
+
+def test_the_flag_is_off_unless_given_and_given_on_turns_the_trunk_on():
+    """Off by default everywhere until a GPU times it (config.pointwise_kernel_default), without moving the stem
+    kernel's or the trunk's defaults; given on, it asks for the fused trunk it runs in, as the stem kernel does."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def resolved(device, **overrides):
+        config = resolve_for_device(build_config(overrides=dict(model="resnet50", **overrides)), device)
+        return config.teacher_fused_conv, config.teacher_stem_kernel, config.teacher_pointwise_kernel
+
+    assert build_config().teacher_pointwise_kernel is None, "decided once the device is known, not before"
+    assert resolved(cuda, amp=True)[0] is True and resolved(cuda, amp=True)[2] is False
+    assert resolved(cpu, teacher_pointwise_kernel=True) == (True, False, True), "given on, it asks for the trunk"
+    assert resolved(cuda, amp=True, teacher_pointwise_kernel=True)[0] is True
+    assert resolved(cuda, amp=True, method="finetune", teacher_pointwise_kernel=None) == (False, False, False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (dict(model="resnet18"), "^--teacher-pointwise-kernel needs .* bottleneck blocks .*got --model resnet18"),
+        (dict(model="efficientnet_b4"), "^--teacher-pointwise-kernel needs .*got --model efficientnet_b4"),
+        (dict(fold_teacher_bn=False), "^--teacher-pointwise-kernel needs .* BatchNorms unfolded"),
+        (dict(teacher_fused_conv=False), "^--teacher-pointwise-kernel runs the teacher's bottleneck conv3's inside"),
+    ],
+    ids=["basic-blocks", "model", "fold", "trunk"],
+)
+def test_what_the_train_flag_cannot_run_with_is_a_one_line_error(overrides, says):
+    with pytest.raises(UserError, match=says):
+        build_config(overrides={"model": "resnet50", "teacher_pointwise_kernel": True, **overrides})
+
+
+def test_another_method_with_the_flag_is_a_note_not_an_error():
+    """finetune reads no teacher setting: the flag is named in the usual note, even for a ResNet-18."""
+    from smile_fast.setting_notes import setting_notes
+
+    config = build_config(overrides=dict(method="finetune", model="resnet18", teacher_pointwise_kernel=True))
+    notes = setting_notes(config, "cpu", 1, {"teacher_pointwise_kernel": True}, False, lambda: True)
+    assert any("does not use --teacher-pointwise-kernel" in note for note in notes), notes
+
+
+def test_a_run_where_the_kernel_cannot_run_says_so():
+    from smile_fast.setting_notes import setting_notes
+
+    def notes(device_type, named=None, **overrides):
+        config = build_config(overrides=dict(model="resnet50", teacher_pointwise_kernel=True, **overrides))
+        named = {"teacher_pointwise_kernel": True} if named is None else named
+        return setting_notes(config, device_type, 1, named, resuming=False, fast_bfloat16=lambda: True)
+
+    said = "here each bottleneck's last convolution is PyTorch's"
+    assert any(said in note for note in notes("cpu", amp=True))
+    assert any(said in note for note in notes("cuda")), "float32: the kernel takes bfloat16 and float16"
+    assert not any(said in note for note in notes("cuda", amp=True))
+    assert not any(said in note for note in notes("cpu", amp=True, named={})), "a resume that did not name it"
+
+
+@pytest.fixture(scope="module")
+def tiny_imagefolder(tmp_path_factory):
+    return write_tiny_imagefolder(tmp_path_factory.mktemp("tiny"))
+
+
+def test_a_training_run_with_the_flag_runs_its_teacher_through_the_op_and_records_where_the_kernel_ran(
+    tiny_imagefolder, tmp_path, monkeypatch
+):
+    """`train --teacher-pointwise-kernel` (ResNet-50): each teacher forward calls the op once per bottleneck (16),
+    and summary.json says whether the kernel ran, as for the stem kernel: not on a CPU (the op's PyTorch path)."""
+    from smile_fast import pointwise_conv
+    from smile_fast.engine import train
+
+    calls = []
+    original = pointwise_conv.pointwise_conv_bias_act
+    monkeypatch.setattr(
+        pointwise_conv, "pointwise_conv_bias_act", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    )
+    out = tmp_path / "run"
+    config = tiny_config(tiny_imagefolder, out, model="resnet50", iters=2, eval_every=2, teacher_pointwise_kernel=True)
+    with ops_on_the_pytorch_path():
+        summary = train(config, progress=False)
+    assert len(calls) == 2 * 16, "the teacher's forward of each step did not run the op"
+    assert summary["teacher_fused_conv"] is True and summary["teacher_pointwise_kernel"] is False, summary
+    assert "teacher_pointwise_kernel: true" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.skipif(not CUDA, reason="the layout is refused on CUDA only (a CPU teacher always runs channels-last)")
+def test_a_cuda_run_with_nchw_activations_refuses_the_flag():
+    """--no-channels-last on CUDA: every conv3 would go to cuDNN's fused op while the record said the kernel ran."""
+    from smile_fast.methods import build_method
+    from smile_fast.step import TrainingStep
+
+    config = build_config(
+        overrides=dict(model="resnet50", amp=True, channels_last=False, teacher_pointwise_kernel=True, device="cuda")
+    )
+    student, source, _ = build_models("resnet50", 4, weights="none", log=lambda message: None)
+    with pytest.raises(UserError, match="^--teacher-pointwise-kernel reads channels-last activations"):
+        TrainingStep(config, build_method("smile"), student, source, torch.device("cuda"))

@@ -202,14 +202,15 @@ def test_a_gpu_run_from_before_the_stem_kernel_ran_without_it(real_run, tmp_path
     groups with a run that recorded it off, not apart as a setting of its own (its default is None now)."""
     old = copy_run(real_run, tmp_path / "old", seed=0, top1=60.0, amp=True)
     config = yaml.safe_load((old / "config.yaml").read_text())
-    del config["teacher_stem_kernel"]
+    del config["teacher_stem_kernel"], config["teacher_pointwise_kernel"]
     (old / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    copy_summary(old, device="cuda:0", teacher_stem_kernel=None)
+    copy_summary(old, device="cuda:0", teacher_stem_kernel=None, teacher_pointwise_kernel=None)
     off = copy_run(real_run, tmp_path / "off", seed=1, top1=62.0, amp=True, teacher_stem_kernel=False)
     copy_summary(off, device="cuda:0")
     _, out, _ = report(capsys, str(tmp_path), "--format", "csv")
     [row] = csv_rows(out)
     assert row["runs"] == "2" and row["teacher_stem_kernel"] == "false", row
+    assert row["teacher_pointwise_kernel"] == "false", row
 
 
 def test_sync_bn_does_not_split_cpu_runs_of_several_processes(real_run, tmp_path, capsys):
