@@ -53,6 +53,7 @@ from smile_fast.ranks import (
     a_peer_is_gone,
     barrier,
     check_inputs_agree,
+    check_resumes_agree,
     long_wait_group,
     main_rank_says,
     mean_over_ranks,
@@ -175,6 +176,8 @@ class Trainer:
             config, given = self._read_resumed_run(config, given)
         self.config = config
         self.dist, self.device = setup_distributed(config.device)
+        if self.dist.enabled:  # the first collective: the checks below may end some ranks only
+            check_resumes_agree(self.dist, self.resume_state, config.resume, config.out)
         resolve_for_device(config, self.device)  # before the settings are written to the run folder
         # The default name, which a run started in the same second may take: see _claim_another_default_folder.
         self._default_name = None if config.out else default_run_dir(config.dataset, config.method)

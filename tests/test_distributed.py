@@ -95,9 +95,12 @@ LAUNCHER = textwrap.dedent(
         TrainingStep.__call__ = exit_once
     with open(os.path.join(os.environ["RECORD_DIR"], f"pid-rank{os.environ.get('RANK', '0')}"), "w") as f:
         f.write(str(os.getpid()))
-    # Rank 1 as on a node with its own copies: another data folder, or a weights cache it could not read.
+    # Rank 1 as on a node with its own copies: another data folder, another run folder (where the main rank's
+    # checkpoint is missing or stale), or a weights cache it could not read.
     if os.environ.get("RANK") == "1" and os.environ.get("RANK1_DATA_DIR"):
         sys.argv[sys.argv.index("--data-dir") + 1] = os.environ["RANK1_DATA_DIR"]
+    if os.environ.get("RANK") == "1" and os.environ.get("RANK1_OUT_DIR"):
+        sys.argv[sys.argv.index("--out") + 1] = os.environ["RANK1_OUT_DIR"]
     if os.environ.get(f"WEIGHTS_RANK{os.environ.get('RANK', '0')}"):
         from smile_fast import engine
         original_build = engine.build_source_model
@@ -404,6 +407,96 @@ def test_ranks_that_found_other_inputs_refuse_to_start(folder, tmp_path, differs
     # Once from each rank (their lines may share one line of the combined stderr); torchrun's own report follows.
     assert result.stderr.count(f"the 2 processes did not find the same inputs: {expected}.") == 2, result.stderr[-3000:]
     assert "DistributedDataParallel" not in result.stderr and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_the_ranks_compare_the_checkpoint_each_would_resume(tmp_path):
+    """No processes: what each rank would continue, as check_resumes_agree gathers it, and the line it refuses
+    with. Silent when every rank resumes the same checkpoint (a copy at another path on a node included)."""
+    from smile_fast.ranks import resumes_disagree, what_this_rank_continues
+
+    run, copy, empty = tmp_path / "run", tmp_path / "copy", tmp_path / "empty"
+    for folder in (run, copy):
+        folder.mkdir()
+    settings = {"seed": 5, "iters": 6}
+    state = {"iteration": 4, "config": settings, "run_dir": str(run)}
+    resumed = what_this_rank_continues(state, str(run), str(run))
+    assert resumed[:2] == (str(run / "last.pt"), 4)
+    same_elsewhere = what_this_rank_continues(dict(state), str(copy / "last.pt"), None)
+    assert resumes_disagree([resumed, same_elsewhere]) is None
+    new = what_this_rank_continues(None, None, str(empty))
+    assert resumes_disagree([new, new]) is None
+
+    said = resumes_disagree([resumed, new])
+    assert said.startswith(
+        f"the 2 processes would not continue the same run: rank 1 starts a new run (no checkpoint in {empty} on its "
+        f"machine), rank 0 resumes iteration 4 of {run / 'last.pt'}. A resumed run reads its checkpoint in every "
+        "process: give every node the same run folder"
+    ), said
+    stale = what_this_rank_continues({**state, "iteration": 2}, str(copy), None)
+    said = resumes_disagree([resumed, resumed, stale])
+    assert said.startswith("the 3 processes would not continue the same run: rank 2 resumes iteration 2 of "), said
+    assert f"rank 2 resumes iteration 2 of {copy / 'last.pt'}, rank 0 resumes iteration 4 of {run / 'last.pt'}" in said
+    assert "rank 1" not in said, said
+    # Another run at the same iteration: other settings, or the same settings written in another folder.
+    for other in ({**state, "config": {**settings, "seed": 6}}, {**state, "run_dir": str(copy)}):
+        said = resumes_disagree([resumed, what_this_rank_continues(other, str(copy), None)])
+        assert f"rank 1 resumes iteration 4 of {copy / 'last.pt'}, rank 0 the same iteration of another run" in said
+
+
+@pytest.mark.slow  # two torchrun launches, 24 s on 2 cores: the suite is near its 15-minute limit
+def test_ranks_that_would_resume_other_checkpoints_refuse_to_start(folder, tmp_path):
+    """Each rank reads the run folder itself: on a node without a shared filesystem (or with a stale copy of the
+    folder) --auto-resume started rank 1 anew while rank 0 resumed iteration 2: rank 0 trained on to iteration 6
+    beside a rank at other iterations, wrote that over the run's last.pt and metrics.csv, and both then hung (killed
+    after 4 minutes, before this check). Now every rank refuses, in one line, before anything is written."""
+    import contextlib
+    import hashlib
+    import signal
+
+    out = tmp_path / "run"
+    # A run that rank 1 leaves at iteration 3, with no restart: last.pt of the evaluation at iteration 2 stays.
+    stopped = _run(
+        folder,
+        out,
+        2,
+        4,
+        "finetune",
+        extra_env={"EXIT_ONCE_RANK": "1", "EXIT_ONCE_AT": "3"},
+        expect_success=False,
+        iters=6,
+        extra_args=("--eval-every", "2"),
+    )
+    assert stopped.returncode != 0 and load_checkpoint(out)["iteration"] == 2, stopped.stderr[-3000:]
+    checkpoint, metrics = hashlib.sha256((out / "last.pt").read_bytes()).hexdigest(), (out / "metrics.csv").read_text()
+
+    elsewhere = tmp_path / "rank1-node"  # rank 1's --out, as on a node where the run folder has no files
+    elsewhere.mkdir()
+    record = tmp_path / "resume-record"
+    command = _command(folder, out, 2, 4, "finetune", iters=6, extra_args=["--eval-every", "2", "--auto-resume"])
+    try:
+        result = subprocess.run(
+            command,
+            env=_environment(record, {"RANK1_OUT_DIR": str(elsewhere)}),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    except subprocess.TimeoutExpired:
+        for pid in record.glob("pid-rank*"):  # the workers run in their own session: torchrun's kill missed them
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid.read_text()), signal.SIGKILL)
+        pytest.fail("the ranks that resumed other checkpoints hung instead of refusing")
+    expected = (
+        f"the 2 processes would not continue the same run: rank 1 starts a new run (no checkpoint in {elsewhere} "
+        f"on its machine), rank 0 resumes iteration 2 of {out / 'last.pt'}."
+    )
+    assert result.returncode != 0
+    assert result.stderr.count(expected) == 2, result.stderr[-3000:]  # once from each rank
+    # The one traceback is torchrun's own report that its workers failed.
+    assert result.stderr.count("Traceback") == result.stderr.count("raise ChildFailedError("), result.stderr[-3000:]
+    assert hashlib.sha256((out / "last.pt").read_bytes()).hexdigest() == checkpoint
+    assert (out / "metrics.csv").read_text() == metrics
+    assert not any(elsewhere.iterdir())
 
 
 def test_a_stop_signal_to_torchrun_and_its_workers_together_still_checkpoints(folder, tmp_path):
