@@ -426,7 +426,7 @@ def _note_ignored_flags(
 
 
 def _check_the_pointwise_kernel_can_run(
-    methods, model: str, fold_teacher_bn: bool, teacher_fused_conv, channels_last
+    methods, model: str, fold_teacher_bn: bool, teacher_fused_conv, channels_last, device, amp: bool
 ) -> None:
     """--teacher-pointwise-kernel given: refused, before anything is built and in the flag's own words, where the
     SMILE step cannot run it (the fused trunk it turns on would otherwise be the one named, a flag the user never
@@ -444,9 +444,10 @@ def _check_the_pointwise_kernel_can_run(
             "--teacher-pointwise-kernel runs inside the fused teacher trunk, which --no-teacher-fused-conv turns off; "
             "give one of them"
         )
-    if channels_last is False:
+    if channels_last is False and pointwise_kernel_runs_on(device, amp=amp):
         # The kernel reads channels-last activations; NCHW ones would fall back on every call (and the JSON would
-        # say it ran: review).
+        # say it ran: review). Where it does not run (a CPU, whose teacher runs channels-last anyway; no --amp),
+        # train takes the pair, and so does the benchmark (review).
         raise UserError(
             "--teacher-pointwise-kernel reads channels-last activations; give it without --no-channels-last"
         )
@@ -497,7 +498,9 @@ def run_step_benchmark(
         raise UserError(f"--baseline eager-fp32 times the authors' ResNet step; use a resnet model, not {model}")
     device_obj = resolve_device(device)
     if teacher_pointwise_kernel:
-        _check_the_pointwise_kernel_can_run(methods, model, fold_teacher_bn, teacher_fused_conv, channels_last)
+        _check_the_pointwise_kernel_can_run(
+            methods, model, fold_teacher_bn, teacher_fused_conv, channels_last, device_obj, amp
+        )
     _note_ignored_flags(
         amp=amp, amp_dtype=amp_dtype, compile=compile, compile_mode=compile_mode, device=device_obj,
         cudnn_benchmark=cudnn_benchmark, teacher_fused_conv=teacher_fused_conv,

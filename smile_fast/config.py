@@ -98,8 +98,8 @@ class TrainConfig:
     # (resolve_for_device); 4.3x cuDNN's stem on an H200 (bench/RESULTS.md).
     teacher_stem_kernel: bool | None = None
     # With the fused teacher trunk of a bottleneck ResNet (50, 101): each block's last convolution (1x1, bias,
-    # residual, ReLU) as a Triton GEMM of ours (pointwise_conv.py) on CUDA with --amp. None: the default, off until a
-    # GPU times it (pointwise_kernel_default).
+    # residual, ReLU) as a Triton GEMM of ours (pointwise_conv.py) on CUDA with --amp. None: the default, off (no
+    # faster on an H200: pointwise_kernel_default).
     teacher_pointwise_kernel: bool | None = None
     teacher_stream: bool = True  # CUDA only: the teacher's forward overlaps the student's
     sync_bn: bool = True  # several CUDA processes: BatchNorm statistics over the global batch, as on one GPU
@@ -413,14 +413,30 @@ def pointwise_kernel_runs_on(device, *, amp: bool) -> bool:
 
 
 def pointwise_kernel_default(model: str, device, *, amp: bool, channels_last: bool) -> bool:
-    """Whether --teacher-pointwise-kernel is on when no flag says: off everywhere for now. The kernel is correct
-    (tests/test_pointwise_conv.py, tests/test_pointwise_teacher.py; on a GPU too once one runs them) but not yet timed
-    against cuDNN's fused conv3 it replaces (462.8 us for the 16 of a ResNet-50 at batch 48 on an H200, 260.9 us for
-    the convolutions alone: bench/RESULTS.md, twenty-sixth session). gpu_check's part pointwise times it; if the
-    step's ratio drops beyond drift, this becomes `model in BOTTLENECK_RESNETS and channels_last and
-    pointwise_kernel_runs_on(device, amp=amp)`, as the stem kernel's default did once timed (channels_last: a default
-    on must not meet TrainingStep's refusal of --no-channels-last on CUDA, a flag the user did not pair with it)."""
+    """Whether --teacher-pointwise-kernel is on when no flag says: off everywhere, as measured on an H200
+    (bench/RESULTS.md, thirty-second session). Its 16 conv3's took 512.9 us against cuDNN's fused 474.2 at batch 48
+    (2,347.8 against 2,537.0 at 256: it wins only on layer1's, 292 against 462 us, and loses on the others); the
+    teacher's whole forward did not move (1.867 against 1.840 ms at 48, 8.398 against 8.395 at 256), nor did the
+    step's SMILE / finetune beyond drift (1.165 against the default's 1.138-1.159 at 48; 1.154 against 1.162-1.175
+    at 256). It stays a flag to time again. Were it ever on by default, it would be `model in BOTTLENECK_RESNETS and
+    channels_last and pointwise_kernel_runs_on(device, amp=amp)` (channels_last: TrainingStep refuses NCHW
+    activations with it on CUDA, which a default must not meet; nor may a recorded or YAML `true` then meet
+    --no-channels-last or another model on a resume or `-c` repeat: the thirty-second session's review)."""
     return False
+
+
+def check_pointwise_kernel_model(config: TrainConfig) -> None:
+    """--teacher-pointwise-kernel for SMILE needs a BN-folded bottleneck ResNet (conv3 is what it runs); for another
+    method a note says the flag does nothing. A one-line error in the flag's own words otherwise."""
+    _check(
+        not config.teacher_pointwise_kernel
+        or config.method != "smile"
+        or (config.model in BOTTLENECK_RESNETS and config.fold_teacher_bn),
+        "--teacher-pointwise-kernel needs a BatchNorm-folded torchvision ResNet teacher with bottleneck blocks "
+        f"(--model {' or '.join(BOTTLENECK_RESNETS)}, teacher BN folded); got --model {config.model}"
+        + ("" if config.fold_teacher_bn else " with the teacher's BatchNorms unfolded")
+        + "; turn it off with --no-teacher-pointwise-kernel",
+    )
 
 
 def _check(condition: bool, message: str) -> None:
@@ -550,17 +566,11 @@ def validate(config: TrainConfig) -> None:
         "--teacher-background sets the priority of --teacher-lookahead's streams; give --teacher-lookahead with it",
     )
     # Checked here, before any data or model is read; TrainingStep checks the teacher's structure itself.
-    # The kernels' flags first, each in its own words: a bottleneck ResNet for the pointwise kernel (conv3 is what it
-    # runs; for another method, a note says the flag does nothing), any ResNet for the stem kernel.
-    _check(
-        not config.teacher_pointwise_kernel
-        or config.method != "smile"
-        or (config.model in BOTTLENECK_RESNETS and config.fold_teacher_bn),
-        "--teacher-pointwise-kernel needs a BatchNorm-folded torchvision ResNet teacher with bottleneck blocks "
-        f"(--model {' or '.join(BOTTLENECK_RESNETS)}, teacher BN folded); got --model {config.model}"
-        + ("" if config.fold_teacher_bn else " with the teacher's BatchNorms unfolded")
-        + "; turn it off with --no-teacher-pointwise-kernel",
-    )
+    # The kernels' flags first, each in its own words. Not on a resume's command line, whose model is the demo's
+    # default until the checkpoint is read (`--resume RUN --teacher-pointwise-kernel` of a ResNet-50 run was refused
+    # as a ResNet-18's: review); the engine checks the resumed run's own settings (check_pointwise_kernel_model).
+    if not config.resume:
+        check_pointwise_kernel_model(config)
     # The stem kernel's flag before the trunk's: given with a model it cannot run, it had turned the fused trunk on,
     # and the error named --teacher-fused-conv, which the user had not given (review).
     for flag, given in (
@@ -578,12 +588,12 @@ def validate(config: TrainConfig) -> None:
     # Only for SMILE: another method ignores both (a note says so), and its resolved teacher_fused_conv is off, which
     # with the stem flag refused the resume, and the -c repeat, of a finetune run started with it (review).
     for flag, given, what in (
-        ("--teacher-stem-kernel", config.teacher_stem_kernel, "the teacher's stem"),
-        ("--teacher-pointwise-kernel", config.teacher_pointwise_kernel, "the teacher's bottleneck conv3's"),
+        ("--teacher-stem-kernel", config.teacher_stem_kernel, "the stem"),
+        ("--teacher-pointwise-kernel", config.teacher_pointwise_kernel, "each bottleneck's last convolution"),
     ):
         _check(
             not given or config.teacher_fused_conv is not False or config.method != "smile",
-            f"{flag} runs {what} inside its fused trunk, which this run has off "
+            f"{flag} runs {what} inside the teacher's fused trunk, which this run has off "
             f"(--no-teacher-fused-conv, or recorded off by a run started without it): give --teacher-fused-conv with "
             f"it, or --no-{flag[2:]}",
         )

@@ -33,6 +33,7 @@ from smile_fast.config import (
     RESUME_MAY_CHANGE,
     TrainConfig,
     build_config,
+    check_pointwise_kernel_model,
     pointwise_kernel_runs_on,
     resolve_for_device,
     stem_kernel_runs_on,
@@ -266,6 +267,7 @@ class Trainer:
         turn_off_dependent_flags(saved, given)
         try:  # the run's settings and this command's: the same in every process of a torchrun launch
             config = build_config(saved)
+            check_pointwise_kernel_model(config)  # validate() leaves it to here for a resume: see there
             check_resume_settings(config, given, self.resume_state.get("weights_used"))
         except UserError as error:
             raise same_on_every_process(error) from None

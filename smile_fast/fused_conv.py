@@ -241,8 +241,7 @@ def fused_resnet_trunk(
     output out like its input, so they would otherwise be copied back to NCHW at every convolution.
     With `stem_kernel` the stem runs as smile_fast.stem_conv's Triton kernel (`--teacher-stem-kernel`), and with
     `pointwise_kernel` each bottleneck's last convolution (1x1, bias, residual, ReLU) as smile_fast.pointwise_conv's
-    (`--teacher-pointwise-kernel`, off by default until a GPU times it: bench/teacher_stages.py, gpu_check's part
-    pointwise).
+    (`--teacher-pointwise-kernel`, off by default: no faster than cuDNN's on an H200, bench/RESULTS.md).
     """
     if output_format(trunk[0].weight) == torch.channels_last and output_format(images) != torch.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)

@@ -9,9 +9,9 @@ could save 100 to 180 us of the teacher's 2.02 ms forward.
 
 What it covers: a biased nn.Conv2d with a 1x1 kernel, stride 1, no padding, dilation 1 and one group
 (`pointwise_kernel_problem`), on a dense channels-last bfloat16 or float16 input, with or without a residual of the
-output's shape (dense channels-last too). Its speed is unmeasured until a GPU times it (bench/teacher_stages.py
-will, with kernels/pointwise_conv.POINTWISE_CONV_CANDIDATES); it runs only when `--teacher-pointwise-kernel` is given
-(config.pointwise_kernel_default).
+output's shape (dense channels-last too). On an H200 it was no faster than cuDNN's fused op (bench/RESULTS.md,
+thirty-second session: faster on layer1's conv3 only, the whole forward unchanged), so it runs only when
+`--teacher-pointwise-kernel` is given (config.pointwise_kernel_default).
 
 `pointwise_conv_bias_act` is a torch.library custom op, so that torch.compile and CUDA graphs take the launch whole.
 It runs the kernel on CUDA (and on CPU tensors under TRITON_INTERPRET=1, how the tests run it); elsewhere, or for

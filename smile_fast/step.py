@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from smile_fast.config import GRAPH_COMPILE_MODES, TrainConfig, resolve_for_device
+from smile_fast.config import GRAPH_COMPILE_MODES, TrainConfig, pointwise_kernel_runs_on, resolve_for_device
 from smile_fast.errors import UserError
 from smile_fast.methods import Method, as_batch, step_generator
 from smile_fast.models import SmileNet, SourceNet
@@ -109,11 +109,15 @@ class TrainingStep:
                 raise UserError(f"--teacher-stem-kernel cannot run this teacher's stem: {problem}")
             if config.teacher_pointwise_kernel:
                 # NCHW activations would go to cuDNN's fused op at every call, with the record saying the kernel ran.
-                # Checked here, where the device is known: a CPU teacher runs channels-last whatever the flag says.
-                if device.type == "cuda" and not config.channels_last:
+                # Checked here, where the device is known, and only where the kernel runs: a CPU teacher runs
+                # channels-last whatever the flag says, and without --amp the kernel does not run at all.
+                if pointwise_kernel_runs_on(device, amp=config.amp) and not config.channels_last:
+                    # Named both ways: a run started on a CPU records channels_last off (its default there), and its
+                    # resume on CUDA has no --no-channels-last to take back (review).
                     raise UserError(
-                        "--teacher-pointwise-kernel reads channels-last activations, which --no-channels-last turns "
-                        "off on CUDA; give one of them"
+                        "--teacher-pointwise-kernel reads channels-last activations, and this run has them off on "
+                        "CUDA (--no-channels-last, or a run started on a CPU, where they are off by default): give "
+                        "--channels-last, or --no-teacher-pointwise-kernel"
                     )
                 if problem := self.teacher.use_pointwise_kernel():
                     raise UserError(f"--teacher-pointwise-kernel cannot run this teacher: {problem}")

@@ -232,7 +232,7 @@ def test_no_teacher_fused_conv_on_a_yaml_recording_the_stem_kernel_turns_both_of
     assert (config.teacher_fused_conv, config.teacher_stem_kernel, config.teacher_pointwise_kernel) == (False,) * 3
     assert (config.cuda_graph, config.teacher_lookahead) == (False, False)
     assert main(["train", "-c", str(path), "--no-teacher-fused-conv", "--teacher-stem-kernel", "--no-progress"]) == 2
-    assert "--teacher-stem-kernel runs the teacher's stem inside its fused trunk" in capsys.readouterr().err
+    assert "--teacher-stem-kernel runs the stem inside the teacher's fused trunk" in capsys.readouterr().err
     path.write_text("teacher_lookahead: true\n")  # nothing turned off here: the YAML's own mistake, said as ever
     assert main(["train", "-c", str(path), "--no-teacher-fused-conv", "--no-progress"]) == 2
     assert "--teacher-lookahead runs the teacher inside the captured step" in capsys.readouterr().err

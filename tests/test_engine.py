@@ -986,7 +986,7 @@ def test_resume_with_no_teacher_fused_conv_turns_the_recorded_stem_kernel_off(
     assert recorded["teacher_pointwise_kernel"] is False, recorded
 
     out, code, err = resume("named", "--no-teacher-fused-conv", "--teacher-stem-kernel")
-    assert code == 2 and "--teacher-stem-kernel runs the teacher's stem inside its fused trunk" in err, err
+    assert code == 2 and "--teacher-stem-kernel runs the stem inside the teacher's fused trunk" in err, err
 
 
 def test_resume_and_eval_read_no_pretrained_weights(tiny_imagefolder, tmp_path, monkeypatch, capsys):

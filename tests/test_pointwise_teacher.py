@@ -90,9 +90,8 @@ def test_bench_step_records_whether_the_kernel_ran(tmp_path, capsys, monkeypatch
         (["--model", "resnet18"], "ResNet teacher with bottleneck blocks (--model resnet50 or resnet101)"),
         (["--no-fold-teacher-bn"], "with the teacher's BatchNorms unfolded"),
         (["--no-teacher-fused-conv"], "--teacher-pointwise-kernel runs inside the fused teacher trunk"),
-        (["--no-channels-last"], "--teacher-pointwise-kernel reads channels-last activations"),
     ],
-    ids=["model", "basic-blocks", "fold", "trunk", "layout"],
+    ids=["model", "basic-blocks", "fold", "trunk"],
 )
 def test_bench_step_refuses_what_the_kernel_cannot_run_in_its_own_words(flags, said, capsys):
     """Before anything is built, naming the flag given (it had named --teacher-fused-conv, which it turns on: review),
@@ -101,6 +100,21 @@ def test_bench_step_refuses_what_the_kernel_cannot_run_in_its_own_words(flags, s
     assert main([*argv, "--steps", "1", "--methods", "smile", "--teacher-pointwise-kernel", *flags]) == 2
     error = capsys.readouterr().err
     assert said in error and "note:" not in error and len(error.strip().splitlines()) == 1, error
+
+
+def test_bench_step_refuses_nchw_activations_only_where_the_kernel_runs():
+    """With CUDA and --amp NCHW activations would go to cuDNN at every call (the JSON saying the kernel ran); on a CPU
+    (whose teacher runs channels-last anyway) or without --amp the kernel does not run, and train takes the pair."""
+    from smile_fast.bench_step import _check_the_pointwise_kernel_can_run
+
+    def check(device, amp):
+        _check_the_pointwise_kernel_can_run(("smile",), "resnet50", True, None, False, torch.device(device), amp)
+
+    if has_triton():
+        with pytest.raises(UserError, match="^--teacher-pointwise-kernel reads channels-last activations"):
+            check("cuda", amp=True)
+    check("cuda", amp=False)
+    check("cpu", amp=True)
 
 
 def test_bench_step_says_the_flag_does_nothing_without_a_teacher(tmp_path, capsys, monkeypatch):
@@ -135,7 +149,10 @@ def test_the_flag_is_off_unless_given_and_given_on_turns_the_trunk_on():
         (dict(model="resnet18"), "^--teacher-pointwise-kernel needs .* bottleneck blocks .*got --model resnet18"),
         (dict(model="efficientnet_b4"), "^--teacher-pointwise-kernel needs .*got --model efficientnet_b4"),
         (dict(fold_teacher_bn=False), "^--teacher-pointwise-kernel needs .* BatchNorms unfolded"),
-        (dict(teacher_fused_conv=False), "^--teacher-pointwise-kernel runs the teacher's bottleneck conv3's inside"),
+        (
+            dict(teacher_fused_conv=False),
+            "^--teacher-pointwise-kernel runs each bottleneck's last convolution inside the teacher's",
+        ),
     ],
     ids=["basic-blocks", "model", "fold", "trunk"],
 )
@@ -193,6 +210,32 @@ def test_a_training_run_with_the_flag_runs_its_teacher_through_the_op_and_record
     assert len(calls) == 2 * 16, "the teacher's forward of each step did not run the op"
     assert summary["teacher_fused_conv"] is True and summary["teacher_pointwise_kernel"] is False, summary
     assert "teacher_pointwise_kernel: true" in (out / "config.yaml").read_text()
+
+
+def test_a_resume_naming_the_flag_is_checked_against_the_runs_own_model(tiny_imagefolder, tmp_path, capsys):
+    """A resume's command line has the demo's ResNet-18 until the checkpoint is read: `--resume RUN
+    --teacher-pointwise-kernel` of a ResNet-50 run was refused as a ResNet-18's (review). The run's own model decides:
+    a ResNet-50 run goes on (here: already finished), a ResNet-18 run is refused in the flag's words."""
+    from smile_fast.engine import train
+
+    runs = {}
+    for model in ("resnet50", "resnet18"):
+        runs[model] = tmp_path / model
+        with ops_on_the_pytorch_path():
+            train(tiny_config(tiny_imagefolder, runs[model], model=model, iters=1, eval_every=1), progress=False)
+    capsys.readouterr()
+    for model, code, said in (
+        ("resnet50", 0, "already finished its 1 iterations"),
+        ("resnet18", 2, "--teacher-pointwise-kernel needs a BatchNorm-folded torchvision ResNet teacher with "
+         "bottleneck blocks (--model resnet50 or resnet101, teacher BN folded); got --model resnet18"),
+    ):  # fmt: skip
+        for resume in (["--resume", str(runs[model])], ["--auto-resume", "--out", str(runs[model])]):
+            # --teacher-fused-conv too: a CPU run records the fused trunk off, which the kernel needs on.
+            assert (
+                main(["train", *resume, "--teacher-pointwise-kernel", "--teacher-fused-conv", "--no-progress"]) == code
+            )
+            error = capsys.readouterr().err
+            assert said in error, error
 
 
 @pytest.mark.skipif(not CUDA, reason="the layout is refused on CUDA only (a CPU teacher always runs channels-last)")
