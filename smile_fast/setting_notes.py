@@ -49,28 +49,19 @@ def setting_notes(
         notes.append(f"note: --compile-mode {config.compile_mode} has no effect without --compile; the run is eager")
     if config.cudnn_benchmark and device_type != "cuda":
         notes.append(f"note: --cudnn-benchmark is a CUDA setting; it has no effect on {device_type}")
-    # Named on where it cannot run (its default is on only where it can: config.stem_kernel_runs_on). Not for a
-    # resume that did not name it: a CUDA run's record has it on, and its resume on a CPU told of a flag nobody typed.
-    if (
-        config.teacher_stem_kernel
-        and "teacher_stem_kernel" in named
-        and config.method == "smile"
-        and not stem_kernel_runs_on(torch.device(device_type), amp=config.amp)
+    # Named on where it cannot run (the stem kernel's default is on only where it can: config.stem_kernel_runs_on).
+    # Not for a resume that did not name it: a CUDA run's record has it on, and its resume on a CPU told of a flag
+    # nobody typed.
+    for key, runs_on, there in (
+        ("teacher_stem_kernel", stem_kernel_runs_on, "the teacher's stem is PyTorch's convolution"),
+        ("teacher_pointwise_kernel", pointwise_kernel_runs_on, "each bottleneck's last convolution is PyTorch's"),
     ):
-        notes.append(
-            "note: --teacher-stem-kernel runs its Triton kernel on CUDA with --amp (and Triton installed); here the "
-            "teacher's stem is PyTorch's convolution"
-        )
-    if (
-        config.teacher_pointwise_kernel
-        and "teacher_pointwise_kernel" in named
-        and config.method == "smile"
-        and not pointwise_kernel_runs_on(torch.device(device_type), amp=config.amp)
-    ):
-        notes.append(
-            "note: --teacher-pointwise-kernel runs its Triton kernel on CUDA with --amp (and Triton installed); here "
-            "each bottleneck's last convolution is PyTorch's"
-        )
+        if getattr(config, key) and key in named and config.method == "smile":
+            if not runs_on(torch.device(device_type), amp=config.amp):
+                notes.append(
+                    f"note: --{key.replace('_', '-')} runs its Triton kernel on CUDA with --amp (and Triton "
+                    f"installed); here {there}"
+                )
     if not resuming and (ignored := settings_the_method_ignores(config.method, named)):
         notes.append(f"note: --method {config.method} does not use {', '.join(ignored)}; the run trains without them")
     if config.amp and device_type == "cpu" and not fast_bfloat16():
