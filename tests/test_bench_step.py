@@ -168,6 +168,7 @@ def test_teacher_fused_conv_is_recorded_and_refused_where_it_cannot_apply(tmp_pa
     assert json.loads(out.read_text())["teacher_fused_conv"] is False
 
 
+@pytest.mark.slow  # 11 s: the suite took 14 min 25 s of its 15 in CI (stop 32)
 def test_the_stem_kernel_follows_the_products_default_unless_given(tmp_path, monkeypatch):
     """Unasked, bench step times the teacher a run gets (config.resolve_teacher_kernels): on where the kernel runs,
     which this CPU stands in for here. The flag given off, or the fused trunk off, times it without."""

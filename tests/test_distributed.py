@@ -290,6 +290,7 @@ def _damage_past_the_header(path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow  # 13 s: the suite took 14 min 25 s of its 15 in CI (stop 32)
 def test_summary_counts_the_files_every_rank_skipped(folder, tmp_path):
     """Each rank decodes its own shard; only the main rank writes summary.json, and it counted its own skipped
     files: a damaged file that only rank 1 met was in the log and not in skipped_files (torchrun review)."""
@@ -311,6 +312,7 @@ def test_summary_counts_the_files_every_rank_skipped(folder, tmp_path):
     assert json.loads((out / "summary.json").read_text())["skipped_files"] == len(named) > 0
 
 
+@pytest.mark.slow  # 12 s: the suite took 14 min 25 s of its 15 in CI (stop 32)
 def test_two_ranks_report_the_top1_of_their_checkpoint(folder, tmp_path):
     """With BatchNorm live and no SyncBatchNorm (CPU ranks), each rank's running statistics follow its own
     shard; the evaluation must still be the checkpoint's (the main rank's statistics), as `eval` finds it."""
@@ -384,7 +386,8 @@ def test_sigterm_to_torchrun_checkpoints_and_resume_matches_uninterrupted(folder
         )
 
 
-@pytest.mark.parametrize("differs", ["data", "weights"])
+# The weights' case (9 s) marked slow: the suite took 14 min 25 s of its 15 in CI (stop 32).
+@pytest.mark.parametrize("differs", ["data", pytest.param("weights", marks=pytest.mark.slow)])
 def test_ranks_that_found_other_inputs_refuse_to_start(folder, tmp_path, differs):
     """Each rank reads the data folder and the weights itself. A rank missing a training image, or one that
     fell back to random init, trained with the others and exited 0 (review): now every rank refuses, in one
@@ -499,6 +502,7 @@ def test_ranks_that_would_resume_other_checkpoints_refuse_to_start(folder, tmp_p
     assert not any(elsewhere.iterdir())
 
 
+@pytest.mark.slow  # 16 s: the suite took 14 min 25 s of its 15 in CI (stop 32)
 def test_a_stop_signal_to_torchrun_and_its_workers_together_still_checkpoints(folder, tmp_path):
     """Slurm's scancel (or a preemption) signals every process of the job: each worker gets SIGTERM from it, and
     again from torchrun a moment later. That copy was taken as a second signal, "stop now", and the stop lost its
@@ -518,7 +522,8 @@ def test_a_stop_signal_to_torchrun_and_its_workers_together_still_checkpoints(fo
     assert 3 <= load_checkpoint(out)["iteration"] < 15
 
 
-@pytest.mark.parametrize("weights", ["auto", "imagenet"])
+# The imagenet case (7 s) marked slow: the suite took 14 min 25 s of its 15 in CI (stop 32).
+@pytest.mark.parametrize("weights", ["auto", pytest.param("imagenet", marks=pytest.mark.slow)])
 def test_one_process_per_machine_fetches_the_weights_and_the_others_stay_quiet(folder, tmp_path, weights):
     """Every rank fetched torchvision's weights at once (N downloads of one file), and each printed torch.hub's
     "Downloading" line. Now the machine's first process fetches them and the others wait, then read the cache. Here
