@@ -1,12 +1,24 @@
 """A teacher compiled whole (fullgraph, aot_eager) and stepped through EMA updates: the check that a teacher's custom
 ops (fused_conv's, stem_conv's) reach torch.compile as one node each and that an update changes weights, not graphs.
-Shared by tests/test_fused_conv.py and tests/test_stem_conv.py."""
+Shared by tests/test_fused_conv.py, tests/test_stem_conv.py and tests/test_pointwise_teacher.py."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+from _tiny_runs import ops_on_the_pytorch_path
+
+
+def ema_update_on_the_pytorch_path(teacher, student) -> Callable[[], None]:
+    """`teacher.update(student)` with the ops on their PyTorch path: the EMA's own kernel is tested elsewhere, and is
+    slow interpreted."""
+
+    def update() -> None:
+        with ops_on_the_pytorch_path():
+            teacher.update(student)
+
+    return update
 
 
 def graphs_of_the_compiled_teacher(teacher, update: Callable[[], None], images: torch.Tensor) -> list[str]:

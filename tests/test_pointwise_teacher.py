@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from _compiled_teacher import graphs_of_the_compiled_teacher
+from _compiled_teacher import ema_update_on_the_pytorch_path, graphs_of_the_compiled_teacher
 from _teacher_kernels import assert_the_kernel_follows_the_plain_teacher, bf16_teacher
 from _tiny_runs import ops_on_the_pytorch_path, tiny_config, write_tiny_imagefolder
 from torch import nn
@@ -57,14 +57,9 @@ def test_the_teacher_with_the_kernel_gives_the_teachers_outputs_and_follows_upda
 @pytest.mark.slow  # about 100 s here: a ResNet-50 compiled, its forwards interpreted (the op alone compiles in
 # tests/test_pointwise_conv.py)
 @needs_kernel
-def test_the_compiled_teacher_takes_the_kernel_whole_and_never_recompiles(rng_seed, monkeypatch):
+def test_the_compiled_teacher_takes_the_kernel_whole_and_never_recompiles(rng_seed):
     teacher, student = _bf16_teacher(pointwise_kernel=True)
-
-    def update():
-        with monkeypatch.context() as patch:  # the EMA's own kernel is tested elsewhere, and is slow interpreted
-            patch.setenv("TRITON_INTERPRET", "0")
-            teacher.update(student)
-
+    update = ema_update_on_the_pytorch_path(teacher, student)
     graphs = graphs_of_the_compiled_teacher(teacher, update, torch.randn(2, 3, 32, 32))
     assert graphs[0].count("smile_fast.pointwise_conv_bias_act") == 16, graphs[0]
     assert graphs[0].count("smile_fast.conv_bias_act") == 1 + 2 * 16, graphs[0]  # the stem, conv1 and conv2
